@@ -1,0 +1,32 @@
+"""annomine: mine retrieval-channel disagreement, grade it with an LLM cascade, train a two-tower retriever.
+
+The `annomine` package holds what every stage shares: configuration (`config`), the Spark
+session factory (`spark`), logical tables and their schemas (`schemas`, `tables`), and the
+quarantine for bad rows (`quarantine`). Stage logic lives in `jobs/`, `spark_udfs/` and
+`training/`.
+"""
+
+__version__ = "0.1.0"
+
+
+def _prefer_spark_connect() -> None:
+    """Make module-level `pandas_udf`s Spark Connect UDFs unless a classic driver runs this process.
+
+    PySpark picks the UDF flavour (classic or Connect) when a UDF is *defined*, so the mode must
+    be known at import time. spark-submit (PYSPARK_GATEWAY_PORT) and Databricks clusters
+    (DATABRICKS_RUNTIME_VERSION) are classic; `ANNOMINE_SPARK_MODE=classic` forces classic
+    (e.g. a local classic session in tests); everything else uses Spark Connect (Sail embedded,
+    SPARK_REMOTE, Databricks Connect).
+    """
+    import os
+
+    classic = (
+        os.environ.get("ANNOMINE_SPARK_MODE") == "classic"
+        or "PYSPARK_GATEWAY_PORT" in os.environ
+        or "DATABRICKS_RUNTIME_VERSION" in os.environ
+    )
+    if not classic:
+        os.environ.setdefault("SPARK_CONNECT_MODE_ENABLED", "1")
+
+
+_prefer_spark_connect()

@@ -1,0 +1,5 @@
+import sys
+
+from annomine.cli import main
+
+sys.exit(main())

@@ -1,0 +1,238 @@
+"""Typed, validated job configuration loaded from `conf/*.yaml`.
+
+A config file has a `project` section shared by every job and one section per job. Each job
+declares a dataclass; `load_job_config` builds it from the file, expanding `${VAR}` and
+`${VAR:-default}` from the environment, applying `--set section.key=value` overrides, and
+refusing unknown keys or wrong types with an error that names the key and the file.
+
+Secrets never live here: a config names the environment variable (or secret scope) that holds
+a key, never the key itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file is invalid; the message names the file and the key."""
+
+
+@dataclass
+class ProjectConfig:
+    """Settings shared by every job: where tables live and how to reach Spark and MLflow."""
+
+    name: str = "annomine"
+    # Local Delta warehouse folder (embedded engine). Ignored for tables when `catalog` is set.
+    warehouse: str = "warehouse"
+    # Unity Catalog namespace: when `catalog` is set, tables are `catalog.schema.table`.
+    catalog: str | None = None
+    schema: str = "annomine"
+    # Spark Connect URL (sc://...). Empty: SPARK_REMOTE, an active session, or embedded Sail.
+    spark_remote: str | None = None
+    # MLflow tracking URI; empty means a SQLite store inside the warehouse.
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "annomine"
+    seed: int = 13
+    # Grade scale of human labels and judges (CrowdFlower: 1..4, the paper: 0..4).
+    min_grade: int = 1
+    max_grade: int = 4
+
+    @property
+    def warehouse_path(self) -> Path:
+        return Path(self.warehouse).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.warehouse_path / 'mlflow.db'}"
+
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+        def substitute(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set and has no default")
+
+        return _ENV_PATTERN.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_type, f"{where}.{k}"): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: must be one of {list(allowed)}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str) -> T:
+    """Build dataclass `cls` from `data`, naming `where` (file:section.key) in every error."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: required key '{f.name}' is missing")
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    return obj
+
+
+def _apply_override(doc: dict, assignment: str, path: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"{path}: override {assignment!r} must look like section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = doc
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: override {dotted!r} goes through a non-mapping value")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def read_config_document(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """The YAML document of a config file, env-expanded, with `--set` overrides applied."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            doc = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for assignment in overrides or []:
+        _apply_override(doc, assignment, path)
+    return _expand_env(doc, path)
+
+
+def load_project_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ProjectConfig:
+    doc = read_config_document(path, overrides)
+    return from_dict(ProjectConfig, doc.get("project") or {}, f"{path}:project")
+
+
+def load_job_config(path: str | os.PathLike, section: str, cls: type[T], overrides: list[str] | None = None) -> tuple[ProjectConfig, T]:
+    """(project config, job config) for `section` of the file at `path`."""
+    doc = read_config_document(path, overrides)
+    project = from_dict(ProjectConfig, doc.get("project") or {}, f"{path}:project")
+    job_doc = doc.get(section) or {}
+    if not isinstance(job_doc, dict):
+        raise ConfigError(f"{path}:{section}: must be a mapping")
+    return project, from_dict(cls, job_doc, f"{path}:{section}")
+
+
+__all__ = [
+    "ConfigError",
+    "ProjectConfig",
+    "field",
+    "from_dict",
+    "load_job_config",
+    "load_project_config",
+    "read_config_document",
+]

@@ -1,0 +1,239 @@
+"""A seeded generator of a realistic synthetic shop, in the CrowdFlower file layout.
+
+The README demo runs on this, so a fresh clone needs no external data. It writes
+`products.tsv` (product_id, title, description), `queries.tsv` (query_id, query, frequency)
+and `labels.tsv` (query_id, product_id, grade 1-4, variance) into one folder.
+
+Products have brands, types, materials, colours and sizes; queries are type, brand + type,
+attribute + type and misspelt forms with Zipf-like frequencies, so head, torso and tail exist.
+Grades follow a simple, documented rule (4 = type and every constraint match, 3 = type matches
+but one constraint does not, 2 = a related type of the same department, 1 = unrelated), with
+rater noise. A few deliberately bad rows exercise the quarantine.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+DEPARTMENTS: dict[str, dict[str, list[str]]] = {
+    "kitchen": {
+        "types": ["coffee maker", "rice cooker", "blender", "cast iron skillet", "chef knife", "mixing bowl", "toaster", "kettle"],
+        "brands": ["Cuisinart", "KitchenAid", "Hamilton Beach", "Lodge", "Oster", "Zwilling"],
+        "materials": ["stainless steel", "cast iron", "glass", "ceramic", "plastic"],
+        "features": ["dishwasher safe parts", "auto shut-off", "a 2-year warranty", "non-slip base", "easy-pour spout"],
+    },
+    "electronics": {
+        "types": ["headphones", "memory card", "hard drive", "phone case", "projector", "bluetooth speaker", "usb charger", "game controller"],
+        "brands": ["Sony", "Samsung", "SanDisk", "Seagate", "Otterbox", "Anker", "Logitech"],
+        "materials": ["aluminum", "silicone", "plastic", "rubberized"],
+        "features": ["noise cancelling", "fast charging", "a 12-hour battery", "USB-C", "water resistance"],
+    },
+    "apparel": {
+        "types": ["running shoes", "jeans", "dress shirt", "sports bra", "rain jacket", "wool socks", "cargo shorts", "sweater dress"],
+        "brands": ["Nike", "Adidas", "Levis", "Columbia", "Hanes", "Under Armour"],
+        "materials": ["cotton", "denim", "wool", "polyester", "leather"],
+        "features": ["a relaxed fit", "moisture wicking fabric", "reinforced seams", "machine washable fabric", "stretch comfort"],
+    },
+    "home": {
+        "types": ["comforter set", "wall mirror", "table runner", "decorative pillow", "storage drawer", "floor lamp", "area rug", "candle holder"],
+        "brands": ["Better Homes", "Mainstays", "Pottery Barn", "IKEA", "Threshold"],
+        "materials": ["velvet", "wood", "metal", "linen", "bamboo"],
+        "features": ["hidden zipper", "easy assembly", "fade resistant colour", "a hand-finished look", "anti-slip backing"],
+    },
+    "sports": {
+        "types": ["yoga mat", "bike lock", "golf clubs", "sleeping bag", "baseball cleats", "gym gloves", "water bottle", "camping tent"],
+        "brands": ["Coleman", "Gaiam", "Callaway", "Kryptonite", "Wilson", "CamelBak"],
+        "materials": ["foam", "steel", "nylon", "titanium", "neoprene"],
+        "features": ["a carrying strap", "all-weather use", "lightweight design", "extra padding", "a lifetime warranty"],
+    },
+    "toys": {
+        "types": ["action figure", "dollhouse", "building blocks", "board game", "plush toy", "remote control car", "puzzle", "play kitchen"],
+        "brands": ["LEGO", "Mattel", "Hasbro", "Melissa Doug", "Fisher Price"],
+        "materials": ["plastic", "wood", "plush", "cardboard"],
+        "features": ["ages 3 and up", "batteries included", "over 500 pieces", "a storage box", "non-toxic paint"],
+    },
+}
+
+COLORS = ["black", "white", "red", "blue", "green", "grey", "pink", "navy", "silver", "brown"]
+SIZES = ["small", "medium", "large", "xl", "twin", "queen", "king", "32 gb", "64 gb", "2tb", "10 inch", "12 inch"]
+LINES = ["Classic", "Pro", "Essential", "Premier", "Elite", "Signature", "Everyday", "Ultra"]
+
+
+@dataclass
+class Product:
+    product_id: str
+    department: str
+    ptype: str
+    brand: str
+    material: str
+    color: str
+    size: str
+    title: str
+    description: str
+
+
+def _pid(seed: int, i: int) -> str:
+    return hashlib.sha1(f"demo-{seed}-{i}".encode()).hexdigest()[:12]
+
+
+def _misspell(text: str, rng: random.Random) -> str:
+    words = text.split()
+    idx = max(range(len(words)), key=lambda j: len(words[j]))
+    w = words[idx]
+    if len(w) < 4:
+        return text
+    k = rng.randrange(1, len(w) - 1)
+    choice = rng.random()
+    if choice < 0.4:
+        w = w[:k] + w[k + 1:]  # drop a letter
+    elif choice < 0.7:
+        w = w[:k] + w[k] + w[k:]  # double a letter
+    else:
+        w = w[:k - 1] + w[k] + w[k - 1] + w[k + 1:]  # swap two letters
+    words[idx] = w
+    return " ".join(words)
+
+
+def generate_products(n: int, rng: random.Random, seed: int) -> list[Product]:
+    products = []
+    departments = sorted(DEPARTMENTS)
+    for i in range(n):
+        dept = departments[i % len(departments)]
+        spec = DEPARTMENTS[dept]
+        ptype = rng.choice(spec["types"])
+        brand = rng.choice(spec["brands"])
+        material = rng.choice(spec["materials"])
+        color = rng.choice(COLORS)
+        size = rng.choice(SIZES)
+        line = rng.choice(LINES)
+        title_forms = [
+            f"{brand} {line} {ptype.title()} - {color.title()}, {size.title()}",
+            f"{brand} {material.title()} {ptype.title()} ({color}, {size})",
+            f"{line} {color.title()} {ptype.title()} by {brand}",
+            f"{brand} {ptype} {material} {color} {size}",
+        ]
+        title = rng.choice(title_forms)
+        features = rng.sample(spec["features"], 2)
+        sentences = [
+            f"This {color} {ptype} from {brand} is made of {material}.",
+            f"Features {features[0]} and {features[1]}.",
+            f"Size: {size}. Part of the {line} collection.",
+        ]
+        roll = rng.random()
+        if roll < 0.15:
+            description = ""
+        elif roll < 0.3:
+            description = "<p>" + "</p><p>".join(sentences) + "</p>"
+        else:
+            description = " ".join(sentences)
+        products.append(Product(_pid(seed, i), dept, ptype, brand, material, color, size, title, description))
+    return products
+
+
+def _grade(query: dict, p: Product) -> int:
+    if p.ptype != query["ptype"]:
+        return 2 if p.department == query["department"] else 1
+    mismatches = 0
+    if query.get("brand") and query["brand"] != p.brand:
+        mismatches += 1
+    if query.get("color") and query["color"] != p.color:
+        mismatches += 1
+    if query.get("material") and query["material"] != p.material:
+        mismatches += 1
+    return 4 if mismatches == 0 else (3 if mismatches == 1 else 2)
+
+
+def generate_queries(n: int, rng: random.Random) -> list[dict]:
+    queries, seen = [], set()
+    departments = sorted(DEPARTMENTS)
+    attempts = 0
+    while len(queries) < n and attempts < n * 50:
+        attempts += 1
+        dept = rng.choice(departments)
+        spec = DEPARTMENTS[dept]
+        ptype = rng.choice(spec["types"])
+        form = rng.random()
+        q = {"department": dept, "ptype": ptype, "brand": None, "color": None, "material": None}
+        if form < 0.3:
+            text = ptype
+        elif form < 0.55:
+            q["brand"] = rng.choice(spec["brands"])
+            text = f"{q['brand'].lower()} {ptype}"
+        elif form < 0.75:
+            q["color"] = rng.choice(COLORS)
+            text = f"{q['color']} {ptype}"
+        elif form < 0.88:
+            q["material"] = rng.choice(spec["materials"])
+            text = f"{q['material']} {ptype}"
+        else:
+            q["brand"] = rng.choice(spec["brands"])
+            q["color"] = rng.choice(COLORS)
+            text = f"{q['brand'].lower()} {q['color']} {ptype}"
+        if rng.random() < 0.12:
+            text = _misspell(text, rng)
+        if text in seen:
+            continue
+        seen.add(text)
+        q["query"] = text
+        queries.append(q)
+    # Zipf-like traffic: a few head queries carry most of it.
+    order = list(range(len(queries)))
+    rng.shuffle(order)
+    for rank, idx in enumerate(order, start=1):
+        queries[idx]["frequency"] = max(1, int(5000 / rank ** 1.1))
+    return queries
+
+
+def write_demo_shop(out_dir: str | Path, n_products: int = 3000, n_queries: int = 400,
+                    n_labelled: int = 120, judged_per_query: int = 30, seed: int = 7,
+                    bad_rows: bool = True) -> dict[str, Path]:
+    """Write products.tsv, queries.tsv, labels.tsv; return their paths."""
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    products = generate_products(n_products, rng, seed)
+    queries = generate_queries(n_queries, rng)
+
+    paths = {"products": out / "products.tsv", "queries": out / "queries.tsv", "labels": out / "labels.tsv"}
+    with open(paths["products"], "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
+        w.writerow(["product_id", "title", "description"])
+        for p in products:
+            w.writerow([p.product_id, p.title, p.description])
+        if bad_rows:
+            w.writerow(["", "Product without an id", "lost id"])
+            w.writerow([_pid(seed, 10**6), "", "a product with an empty title"])
+            w.writerow([products[0].product_id, products[0].title + " (conflicting copy)", "different content, same id"])
+            w.writerow([_pid(seed, 10**6 + 1), "Broken \ufffd encoding \ufffd title", ""])
+
+    by_type: dict[str, list[Product]] = {}
+    for p in products:
+        by_type.setdefault(p.ptype, []).append(p)
+    with open(paths["queries"], "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, delimiter="\t")
+        w.writerow(["query_id", "query", "frequency"])
+        for i, q in enumerate(queries):
+            w.writerow([str(i), q["query"], q["frequency"]])
+
+    labelled = rng.sample(range(len(queries)), min(n_labelled, len(queries)))
+    with open(paths["labels"], "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, delimiter="\t")
+        w.writerow(["query_id", "product_id", "grade", "variance"])
+        for qi in sorted(labelled):
+            q = queries[qi]
+            same_type = by_type.get(q["ptype"], [])
+            dept_items = [p for p in products if p.department == q["department"] and p.ptype != q["ptype"]]
+            pool = rng.sample(same_type, min(len(same_type), judged_per_query * 2 // 3))
+            pool += rng.sample(dept_items, min(len(dept_items), judged_per_query // 6))
+            pool += rng.sample(products, judged_per_query // 6)
+            for p in {p.product_id: p for p in pool}.values():
+                grade = _grade(q, p)
+                noisy = rng.random() < 0.08
+                if noisy:
+                    grade = min(4, max(1, grade + rng.choice([-1, 1])))
+                w.writerow([str(qi), p.product_id, grade, round(0.471 if noisy else 0.0, 3)])
+    return paths

@@ -1,0 +1,56 @@
+"""What every job entry point shares: argument parsing, config loading, session and tables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import TypeVar
+
+from annomine.config import ProjectConfig, load_job_config
+from annomine.spark import get_spark
+from annomine.tables import TableStore
+
+T = TypeVar("T")
+
+DEFAULT_CONF = "conf/local.yaml"
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("ANNOMINE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("py4j", "urllib3", "httpx", "filelock", "alembic", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--conf", default=os.environ.get("ANNOMINE_CONF", DEFAULT_CONF),
+                        help="config file (default: $ANNOMINE_CONF or conf/local.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set mine.max_positives=20")
+    return parser
+
+
+@dataclass
+class JobContext:
+    project: ProjectConfig
+    spark: object
+    tables: TableStore
+
+
+def open_context(project: ProjectConfig) -> JobContext:
+    """Start (or join) the Spark session and register the existing tables."""
+    spark = get_spark(project)
+    tables = TableStore(spark, project)
+    tables.register_all()
+    return JobContext(project, spark, tables)
+
+
+def load(args: argparse.Namespace, section: str, cls: type[T]) -> tuple[ProjectConfig, T]:
+    return load_job_config(args.conf, section, cls, args.overrides)

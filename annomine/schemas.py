@@ -1,0 +1,148 @@
+"""Schemas of every annomine table, in one place.
+
+Sail does not enforce Delta schemas, so `annomine.tables` checks each DataFrame against these
+before writing. Each entry: the logical table name, its schema (a DDL string), its key (the
+columns MERGE matches on; one row per key), and the job that writes it. `docs/tables.md`
+describes them for users.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pyspark.sql import types as T
+
+_SIMPLE_TYPES = {
+    "string": T.StringType(),
+    "int": T.IntegerType(),
+    "bigint": T.LongType(),
+    "long": T.LongType(),
+    "double": T.DoubleType(),
+    "float": T.FloatType(),
+    "boolean": T.BooleanType(),
+    "timestamp": T.TimestampType(),
+    "date": T.DateType(),
+}
+
+
+def parse_type(text: str) -> T.DataType:
+    text = text.strip().lower()
+    if text in _SIMPLE_TYPES:
+        return _SIMPLE_TYPES[text]
+    match = re.fullmatch(r"array<(.+)>", text)
+    if match:
+        return T.ArrayType(parse_type(match.group(1)), containsNull=True)
+    match = re.fullmatch(r"map<([^,]+),(.+)>", text)
+    if match:
+        return T.MapType(parse_type(match.group(1)), parse_type(match.group(2)), valueContainsNull=True)
+    raise ValueError(f"unsupported column type {text!r}")
+
+
+def parse_schema(ddl: str) -> T.StructType:
+    """'a string, b array<float>' -> StructType (all nullable: Delta keeps nullability loose)."""
+    fields = []
+    for part in re.split(r",(?![^<]*>)", ddl):
+        part = part.strip()
+        if not part:
+            continue
+        name, type_text = part.split(None, 1)
+        fields.append(T.StructField(name, parse_type(type_text), nullable=True))
+    return T.StructType(fields)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    ddl: str
+    key: tuple[str, ...]
+    written_by: str
+    description: str
+
+    @property
+    def schema(self) -> T.StructType:
+        return parse_schema(self.ddl)
+
+    @property
+    def columns(self) -> list[str]:
+        return [f.name for f in self.schema.fields]
+
+
+TABLES: dict[str, TableSpec] = {}
+
+
+def _register(spec: TableSpec) -> TableSpec:
+    TABLES[spec.name] = spec
+    return spec
+
+
+PRODUCTS = _register(TableSpec(
+    "products",
+    "product_id string, title string, description string, brand string, category string, "
+    "attributes string, text string, content_hash string, source string, ingested_at timestamp",
+    key=("product_id",),
+    written_by="ingest",
+    description="Bronze catalog: one row per product. `text` is the normalised title + attributes + description used by every model.",
+))
+
+QUERIES = _register(TableSpec(
+    "queries",
+    "query_id string, query string, frequency bigint, segment string, origin string, source string, ingested_at timestamp",
+    key=("query_id",),
+    written_by="ingest, channels (built query log)",
+    description="Queries to mine for. `origin` is 'labelled' (human-judged set), 'log' (user traffic) or 'built' (query-log builder). `segment` is head/torso/tail by frequency.",
+))
+
+HUMAN_LABELS = _register(TableSpec(
+    "human_labels",
+    "query_id string, product_id string, grade int, variance double, source string, ingested_at timestamp",
+    key=("query_id", "product_id"),
+    written_by="ingest",
+    description="Human relevance grades (calibration of the judge cascade and evaluation).",
+))
+
+QUARANTINE = _register(TableSpec(
+    "quarantine",
+    "target_table string, source string, record_key string, reason string, raw string, quarantined_at timestamp",
+    key=("target_table", "source", "record_key", "reason"),
+    written_by="ingest",
+    description="Rows refused by a job, with the reason and the raw row as JSON. Nothing is dropped silently.",
+))
+
+RETRIEVAL_LOGS = _register(TableSpec(
+    "retrieval_logs",
+    "run_id string, query_id string, query string, channel string, product_id string, rank int, "
+    "score double, logged_at timestamp, source string",
+    key=("run_id", "query_id", "channel", "product_id"),
+    written_by="channels, ingest (users' own logs)",
+    description="Top-K results per query and channel (lexical, bm25, ann) with 1-based ranks.",
+))
+
+PRODUCT_EMBEDDINGS = _register(TableSpec(
+    "product_embeddings",
+    "product_id string, model string, content_hash string, embedding array<float>",
+    key=("product_id", "model"),
+    written_by="channels",
+    description="Item embeddings of the ANN channel's encoder.",
+))
+
+MINED_CANDIDATES = _register(TableSpec(
+    "mined_candidates",
+    "query_id string, query string, product_id string, "
+    "rank_lexical int, score_lexical double, rank_bm25 int, score_bm25 double, rank_ann int, score_ann double, "
+    "n_channels int, best_rank int, worst_rank int, rank_spread int, token_similarity double, "
+    "candidate_class string, level int, polarity string, segment string, mined_at timestamp",
+    key=("query_id", "product_id"),
+    written_by="mine",
+    description="One row per mined (query, product) candidate with per-channel rank metadata, the set-logic class and its difficulty level 1-5.",
+))
+
+ANNOTATIONS = _register(TableSpec(
+    "annotations",
+    "query_id string, product_id string, judge_version string, grade int, confidence double, "
+    "deciding_tier string, tier_outputs string, latency_ms double, prompt_tokens bigint, "
+    "completion_tokens bigint, error string, annotated_at timestamp",
+    key=("query_id", "product_id", "judge_version"),
+    written_by="annotate",
+    description="Graded relevance from the judge cascade; `error` is set (and grade null) when every attempt failed.",
+))

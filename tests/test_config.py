@@ -1,0 +1,80 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from annomine.config import ConfigError, load_job_config, load_project_config
+
+
+@dataclass
+class Inner:
+    k: int = 5
+
+
+@dataclass
+class DemoJob:
+    threshold: float = 0.5
+    name: str = "x"
+    flags: list[str] = field(default_factory=list)
+    inner: Inner = field(default_factory=Inner)
+    maybe: int | None = None
+
+    def validate(self):
+        if not 0 <= self.threshold <= 1:
+            raise ValueError("threshold must be within 0..1")
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_loads_typed_sections_with_env_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("WH", "/tmp/wh-x")
+    p = _write(tmp_path, "project: {warehouse: '${WH}', schema: '${NOPE:-dflt}'}\njob: {threshold: 0.25, inner: {k: 7}}\n")
+    project, job = load_job_config(p, "job", DemoJob, ["job.name=hello", "job.maybe=3"])
+    assert project.warehouse == "/tmp/wh-x" and project.schema == "dflt"
+    assert job.threshold == 0.25 and job.inner.k == 7 and job.name == "hello" and job.maybe == 3
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    p = _write(tmp_path, "job: {treshold: 0.3}\n")
+    with pytest.raises(ConfigError) as err:
+        load_job_config(p, "job", DemoJob)
+    assert str(p) in str(err.value) and "treshold" in str(err.value) and "job" in str(err.value)
+
+
+def test_wrong_type_and_failed_validation_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match=r"job\.inner\.k: expected an integer"):
+        load_job_config(_write(tmp_path, "job: {inner: {k: many}}\n"), "job", DemoJob)
+    with pytest.raises(ConfigError, match="threshold must be within"):
+        load_job_config(_write(tmp_path, "job: {threshold: 3}\n"), "job", DemoJob)
+
+
+def test_missing_env_without_default_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="ANNOMINE_SURELY_UNSET"):
+        load_project_config(_write(tmp_path, "project: {warehouse: '${ANNOMINE_SURELY_UNSET}'}\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_project_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("name", ["local", "crowdflower", "databricks"])
+def test_shipped_configs_load(name, monkeypatch):
+    from pathlib import Path
+
+    from annomine.cli import STAGES
+
+    root = Path(__file__).resolve().parents[1]
+    project = load_project_config(root / "conf" / f"{name}.yaml")
+    assert project.schema
+    import importlib
+
+    import yaml
+
+    doc = yaml.safe_load((root / "conf" / f"{name}.yaml").read_text())
+    for section in doc:
+        if section == "project":
+            continue
+        module = importlib.import_module(STAGES[section][0]) if section in STAGES else None
+        if module is not None and hasattr(module, "CONFIG_CLASS"):
+            load_job_config(root / "conf" / f"{name}.yaml", section, module.CONFIG_CLASS)
