@@ -1,0 +1,91 @@
+"""When is a pipeline stage current? A fingerprint of what it read, recorded after it ran.
+
+A stage's fingerprint hashes its config section (and the project section), the Delta versions of
+its input tables, and the contents of the artefact pointer files it reads (the current judge, the
+trained models) or the source files it ingests. Versions are taken *after* the stage ran, so a
+stage that also writes one of its inputs (channels appends built queries to `queries`) is still
+current on the next run. A stage is skipped when its fingerprint matches the recorded one and
+every output it declares still exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from annomine.tables import TableStore
+
+
+@dataclass
+class StageSpec:
+    name: str
+    module: str
+    input_tables: list[str] = field(default_factory=list)
+    output_tables: list[str] = field(default_factory=list)
+    # Files read (pointer files, source files) and written, relative to the warehouse or absolute.
+    input_files: Callable[[object, object], list[Path]] = lambda project, cfg: []
+    output_files: Callable[[object, object], list[Path]] = lambda project, cfg: []
+
+
+def _file_digest(path: Path) -> str:
+    if not path.exists():
+        return "absent"
+    if path.is_dir():
+        return f"dir:{path.stat().st_mtime_ns}"
+    if path.stat().st_size > 8 * 1024 * 1024:  # big source files: size + mtime is enough
+        stat = path.stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fingerprint(stage: StageSpec, tables: TableStore, project, cfg, config_doc: dict) -> dict:
+    return {
+        "config": hashlib.sha256(json.dumps([config_doc.get("project"), config_doc.get(stage.name)], sort_keys=True,
+                                            default=str).encode()).hexdigest(),
+        "tables": {name: tables.version(name) for name in sorted(set(stage.input_tables))},
+        "files": {str(p): _file_digest(Path(p)) for p in stage.input_files(project, cfg)},
+    }
+
+
+class PipelineState:
+    """The record of the last successful run of each stage, in `<warehouse>/pipeline_state.json`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.state = json.loads(path.read_text()) if path.exists() else {}
+
+    def is_current(self, stage: StageSpec, tables: TableStore, project, cfg, config_doc: dict) -> tuple[bool, str]:
+        recorded = self.state.get(stage.name)
+        if not recorded:
+            return False, "never ran"
+        for name in stage.output_tables:
+            if not tables.exists(name):
+                return False, f"output table {name} is missing"
+        for path in stage.output_files(project, cfg):
+            if not Path(path).exists():
+                return False, f"output {path} is missing"
+        now = fingerprint(stage, tables, project, cfg, config_doc)
+        for part in ("config", "tables", "files"):
+            if now[part] != recorded["fingerprint"].get(part):
+                changed = part if part == "config" else [k for k in now[part] if now[part][k] != recorded["fingerprint"].get(part, {}).get(k)]
+                return False, f"inputs changed: {changed}"
+        return True, f"current (ran {recorded['finished_at']})"
+
+    def record(self, stage: StageSpec, tables: TableStore, project, cfg, config_doc: dict, seconds: float) -> None:
+        self.state[stage.name] = {
+            "fingerprint": fingerprint(stage, tables, project, cfg, config_doc),
+            "outputs": {name: tables.version(name) for name in stage.output_tables},
+            "seconds": round(seconds, 1),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True))
+        tmp.replace(self.path)
+
+    def forget(self, name: str) -> None:
+        self.state.pop(name, None)
