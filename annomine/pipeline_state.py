@@ -62,7 +62,7 @@ class PipelineState:
         recorded = self.state.get(stage.name)
         if not recorded:
             return False, "never ran"
-        for name in stage.output_tables:
+        for name in recorded.get("outputs", {}):
             if not tables.exists(name):
                 return False, f"output table {name} is missing"
         for path in stage.output_files(project, cfg):
@@ -78,7 +78,8 @@ class PipelineState:
     def record(self, stage: StageSpec, tables: TableStore, project, cfg, config_doc: dict, seconds: float) -> None:
         self.state[stage.name] = {
             "fingerprint": fingerprint(stage, tables, project, cfg, config_doc),
-            "outputs": {name: tables.version(name) for name in stage.output_tables},
+            # The output tables this run produced (a stage may skip an optional one, e.g. no labels file).
+            "outputs": {name: tables.version(name) for name in stage.output_tables if tables.exists(name)},
             "seconds": round(seconds, 1),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

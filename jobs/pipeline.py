@@ -1,4 +1,10 @@
-"""Stage `pipeline`: every stage in order on one config, in one Spark session."""
+"""Stage `pipeline`: every stage in order, in one Spark session, skipping the ones that are current.
+
+A stage is current when its config section, the Delta versions of its input tables and the
+artefacts it reads (the current judge, trained models, source files) are what they were when it
+last finished, and its outputs still exist (`annomine/pipeline_state.py`). `--force` re-runs
+everything, `--from STAGE` re-runs from a stage on, `--only` runs a subset.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +12,96 @@ import importlib
 import logging
 import sys
 import time
+from pathlib import Path
 
-from annomine.config import load_job_config, load_project_config
+from annomine.config import load_job_config, load_project_config, read_config_document
+from annomine.pipeline_state import PipelineState, StageSpec
 from annomine.runtime import job_parser, open_context, setup_logging
 
 log = logging.getLogger("annomine.pipeline")
 
-# (config section, job module). A stage whose module is absent is skipped with a notice.
-STAGE_ORDER = [
-    ("ingest", "jobs.ingest"),
-    ("channels", "jobs.channels"),
-    ("mine", "jobs.mine"),
-    ("annotate", "jobs.annotate"),
-    ("curriculum", "jobs.curriculum"),
-    ("train", "jobs.train"),
-    ("evaluate", "jobs.evaluate"),
+
+def _source_files(project, cfg) -> list[Path]:
+    return [Path(src.path) for src in (cfg.products, cfg.queries, cfg.labels, cfg.retrieval_logs) if src is not None]
+
+
+def _wh(*parts: str):
+    return lambda project, cfg: [project.warehouse_path.joinpath(*parts)]
+
+
+STAGES: list[StageSpec] = [
+    StageSpec("ingest", "jobs.ingest", [], ["products", "queries", "human_labels"], input_files=_source_files),
+    StageSpec("channels", "jobs.channels", ["products", "queries"], ["retrieval_logs"]),
+    StageSpec("mine", "jobs.mine", ["retrieval_logs", "products", "queries"], ["mined_candidates"]),
+    StageSpec("judge", "jobs.judge", ["human_labels", "products", "queries"], [], output_files=_wh("judges", "current.json")),
+    StageSpec("annotate", "jobs.annotate", ["mined_candidates", "products", "queries"], ["annotations"],
+              input_files=_wh("judges", "current.json")),
+    StageSpec("curriculum", "jobs.curriculum", ["mined_candidates", "annotations", "products", "queries"], []),
+    StageSpec("train", "jobs.train", [], [], output_files=_wh("models", "best.json")),
+    StageSpec("evaluate", "jobs.evaluate", ["human_labels", "products", "queries"], [],
+              input_files=_wh("models", "best.json")),
 ]
+
+
+def _load_module(spec: StageSpec):
+    try:
+        return importlib.import_module(spec.module)
+    except ModuleNotFoundError as exc:
+        if exc.name == spec.module:
+            return None
+        raise
+
+
+def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_from: str | None = None,
+                 only: list[str] | None = None) -> dict:
+    project = load_project_config(conf, overrides)
+    config_doc = read_config_document(conf, overrides)
+    ctx = open_context(project)
+    state = PipelineState(project.warehouse_path / "pipeline_state.json")
+    names = [s.name for s in STAGES]
+    if start_from and start_from not in names:
+        raise SystemExit(f"--from: unknown stage {start_from!r}; stages: {names}")
+    rerun = force
+    summary = {}
+    results = {}
+    for spec in STAGES:
+        if only and spec.name not in only:
+            continue
+        if start_from == spec.name:
+            rerun = True
+        module = _load_module(spec)
+        if module is None:
+            print(f"[pipeline] {spec.name}: not available in this version, skipped", flush=True)
+            continue
+        _, cfg = load_job_config(conf, spec.name, module.CONFIG_CLASS, overrides)
+        current, why = state.is_current(spec, ctx.tables, project, cfg, config_doc)
+        if current and not rerun:
+            print(f"[pipeline] {spec.name}: skipped, {why}", flush=True)
+            summary[spec.name] = "skipped"
+            continue
+        # Once a stage re-runs, everything after it sees new inputs anyway; fingerprints decide.
+        print(f"[pipeline] {spec.name}: running ({why})", flush=True)
+        started = time.time()
+        results[spec.name] = module.run(ctx, cfg)
+        seconds = time.time() - started
+        state.record(spec, ctx.tables, project, cfg, config_doc, seconds)
+        summary[spec.name] = f"{seconds:.0f}s"
+        print(f"[pipeline] {spec.name}: done in {seconds:.1f}s", flush=True)
+    print("[pipeline] " + ", ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
+    return results
+
+
+CONFIG_CLASS = None  # the pipeline has no section of its own
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = job_parser("annomine pipeline", __doc__)
     parser.add_argument("--only", nargs="*", help="run only these stages")
+    parser.add_argument("--from", dest="start_from", help="re-run this stage and every later one")
+    parser.add_argument("--force", action="store_true", help="re-run every stage")
     args = parser.parse_args(argv)
-    project = load_project_config(args.conf, args.overrides)
-    ctx = open_context(project)
-    for section, module_name in STAGE_ORDER:
-        if args.only and section not in args.only:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                print(f"[pipeline] {section}: not available in this version, skipped")
-                continue
-            raise
-        _, cfg = load_job_config(args.conf, section, module.CONFIG_CLASS, args.overrides)
-        started = time.time()
-        print(f"[pipeline] {section}: running")
-        module.run(ctx, cfg)
-        print(f"[pipeline] {section}: done in {time.time() - started:.1f}s")
+    run_pipeline(args.conf, args.overrides, force=args.force, start_from=args.start_from, only=args.only)
     return 0
 
 

@@ -1,0 +1,92 @@
+"""Two-tower training throughput vs sentence-transformers' MultipleNegativesRankingLoss.
+
+Same model (all-MiniLM-L6-v2), same (query, product) pairs, same batch size and threads, measured
+in one run, so the ratio is meaningful even when absolute speed moves with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+from annomine.demo_shop import generate_products
+from annomine.encoders import minilm_path
+from annomine.text import product_text
+from common import Timer, emit
+
+
+def pairs(n: int) -> list[tuple[str, str]]:
+    products = generate_products(n, random.Random(3), seed=3)
+    return [(f"{p.brand.lower()} {p.ptype}", product_text(p.title, None, p.description)) for p in products]
+
+
+def train_annomine(data, batch_size: int, steps_warmup: int = 1) -> float:
+    from training.losses import MNRLoss
+    from training.model import TwoTower
+
+    torch.manual_seed(0)
+    model = TwoTower.from_base("minilm", shared=True, query_max_len=16, item_max_len=64).train()
+    loss_fn = MNRLoss(scale=20.0, margin_delta=None)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    batches = [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+
+    def step(batch):
+        q, d = model(model.tokenize([b[0] for b in batch], "query"), model.tokenize([b[1] for b in batch], "item"))
+        loss = loss_fn(q, d)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for b in batches[:steps_warmup]:
+        step(b)
+    with Timer() as t:
+        for b in batches[steps_warmup:]:
+            step(b)
+    return sum(len(b) for b in batches[steps_warmup:]) / t.seconds
+
+
+def train_sentence_transformers(data, batch_size: int, steps_warmup: int = 1) -> float:
+    from sentence_transformers import SentenceTransformer, losses
+
+    torch.manual_seed(0)
+    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    model.max_seq_length = 64
+    loss_fn = losses.MultipleNegativesRankingLoss(model, scale=20.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    model.train()
+    batches = [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+
+    def step(batch):
+        q = model.tokenize([b[0] for b in batch])
+        d = model.tokenize([b[1] for b in batch])
+        loss = loss_fn([q, d], None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for b in batches[:steps_warmup]:
+        step(b)
+    with Timer() as t:
+        for b in batches[steps_warmup:]:
+            step(b)
+    return sum(len(b) for b in batches[steps_warmup:]) / t.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--examples", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    data = pairs(args.examples + args.batch_size)
+    ours = train_annomine(data, args.batch_size)
+    st = train_sentence_transformers(data, args.batch_size)
+    threads = torch.get_num_threads()
+    emit(f"two-tower MNR training, MiniLM, batch {args.batch_size}, q16/i64 tokens, {threads} threads", round(ours, 1), "examples/s")
+    emit(f"sentence-transformers MNRL training, MiniLM, batch {args.batch_size}, 64 tokens, {threads} threads", round(st, 1), "examples/s")
+    emit("two-tower / sentence-transformers training speed ratio (same run)", round(ours / st, 2), "x")
+
+
+if __name__ == "__main__":
+    main()
