@@ -14,7 +14,7 @@ TRAINING = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
 ]
-DEV = ["pytest>=8", "pytest-timeout>=2.3"]
+DEV = ["pytest>=8", "pytest-timeout>=2.3", "databricks-bundles==1.22.1"]
 
 setup(
     name="annomine",

@@ -20,7 +20,13 @@ def _prefer_spark_connect() -> None:
     """
     import os
 
-    classic = (
+    # `spark-submit --remote sc://...` (or SPARK_REMOTE) drives a Spark Connect server although a
+    # Py4J gateway exists: Connect wins.
+    remote = "SPARK_REMOTE" in os.environ or any(
+        '"spark.remote"' in os.environ.get(f"PYSPARK_REMOTE_INIT_CONF_{i}", "")
+        for i in range(int(os.environ.get("PYSPARK_REMOTE_INIT_CONF_LEN", "0") or 0))
+    )
+    classic = not remote and (
         os.environ.get("ANNOMINE_SPARK_MODE") == "classic"
         or "PYSPARK_GATEWAY_PORT" in os.environ
         or "DATABRICKS_RUNTIME_VERSION" in os.environ

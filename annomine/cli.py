@@ -16,6 +16,7 @@ STAGES = {
     "evaluate": ("jobs.evaluate", "FAISS retrieval + NDCG@10 on human labels, against baselines"),
     "pipeline": ("jobs.pipeline", "every stage in order, skipping those whose outputs are current"),
     "llm-server": ("jobs.llm_server", "a loopback OpenAI-compatible server (tests and the demo)"),
+    "sql": ("annomine.sql_runner", "create the curated views and run the example queries in sql/"),
 }
 
 

@@ -49,6 +49,30 @@ def _start_embedded_server() -> str:
     return f"sc://127.0.0.1:{port}"
 
 
+def _submit_remote() -> str | None:
+    """The `--remote sc://...` URL spark-submit hands to the Python driver, if any."""
+    import json
+
+    for i in range(int(os.environ.get("PYSPARK_REMOTE_INIT_CONF_LEN", "0") or 0)):
+        try:
+            url = json.loads(os.environ.get(f"PYSPARK_REMOTE_INIT_CONF_{i}", "{}")).get("spark.remote")
+        except ValueError:
+            continue
+        if url:
+            return url
+    return None
+
+
+def _classic_driver() -> bool:
+    """A JVM driver runs this process (spark-submit without --remote, a Databricks cluster); the same
+    rule `annomine/__init__.py` applied when it chose the UDF flavour."""
+    return "SPARK_CONNECT_MODE_ENABLED" not in os.environ and (
+        os.environ.get("ANNOMINE_SPARK_MODE") == "classic"
+        or "PYSPARK_GATEWAY_PORT" in os.environ
+        or "DATABRICKS_RUNTIME_VERSION" in os.environ
+    )
+
+
 def get_spark(project: ProjectConfig | None = None):
     """The session for this process (created once and reused)."""
     global _session
@@ -61,7 +85,12 @@ def get_spark(project: ProjectConfig | None = None):
             return _session
         from pyspark.sql import SparkSession
 
-        remote = (project.spark_remote if project else None) or os.environ.get("SPARK_REMOTE")
+        remote = (project.spark_remote if project else None) or os.environ.get("SPARK_REMOTE") or _submit_remote()
+        if not remote and _classic_driver():
+            # spark-submit / Databricks: the session of the cluster the driver was started on.
+            _session = SparkSession.builder.getOrCreate()
+            _session.conf.set("spark.sql.session.timeZone", "UTC")
+            return _session
         if not remote:
             remote = _start_embedded_server()
         _session = SparkSession.builder.remote(remote).getOrCreate()
