@@ -1,0 +1,106 @@
+"""Channel `ann`: dense retrieval with a MiniLM bi-encoder and a FAISS inner-product index.
+
+Item embeddings are computed once (the job caches them in `product_embeddings`) and handed in;
+queries are encoded on the fly with the same encoder (loaded once per process and cached). The
+index is `flat` (exact inner product, fine up to ~100k items), `hnsw` (graph ANN for big
+catalogs) or `auto` (hnsw above 100k items). It pickles as FAISS's own serialisation, so a
+job builds it once and ships it to the workers.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+_ENCODERS: dict[tuple[str, int], object] = {}
+_LOCK = threading.Lock()
+HNSW_ABOVE = 100_000
+
+
+def shared_encoder(name: str, max_length: int):
+    """One TextEncoder per (model, max_length) per process."""
+    with _LOCK:
+        key = (name, int(max_length))
+        if key not in _ENCODERS:
+            from annomine.encoders import TextEncoder
+
+            _ENCODERS[key] = TextEncoder(name, max_length=max_length)
+        return _ENCODERS[key]
+
+
+def _build_index(embeddings: np.ndarray, kind: str):
+    import faiss
+
+    dim = embeddings.shape[1]
+    if kind == "auto":
+        kind = "hnsw" if len(embeddings) > HNSW_ABOVE else "flat"
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+    else:
+        raise ValueError(f"unknown FAISS index kind {kind!r}; use flat, hnsw or auto")
+    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    return index, kind
+
+
+class ANNRetriever:
+    channel = "ann"
+
+    def __init__(self, product_ids: list[str], embeddings: np.ndarray, encoder: str = "minilm", max_length: int = 64,
+                 index: str = "flat"):
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(product_ids):
+            raise ValueError(f"embeddings must be (n_products, dim); got {embeddings.shape} for {len(product_ids)} products")
+        if not product_ids:
+            raise ValueError("ANNRetriever needs at least one product")
+        self.product_ids = np.asarray(product_ids, dtype=object)
+        self.encoder_name = encoder
+        self.max_length = max_length
+        self.index, self.index_kind = _build_index(embeddings, index)
+
+    @classmethod
+    def from_texts(cls, product_ids: list[str], texts: list[str], encoder: str = "minilm", max_length: int = 64,
+                   index: str = "flat") -> "ANNRetriever":
+        emb = shared_encoder(encoder, max_length).encode(list(texts))
+        return cls(product_ids, emb, encoder=encoder, max_length=max_length, index=index)
+
+    def __len__(self) -> int:
+        return len(self.product_ids)
+
+    # FAISS indexes do not pickle; ship their own byte serialisation instead.
+    def __getstate__(self):
+        import faiss
+
+        state = dict(self.__dict__)
+        state["index"] = faiss.serialize_index(self.index)
+        return state
+
+    def __setstate__(self, state):
+        import faiss
+
+        state = dict(state)
+        state["index"] = faiss.deserialize_index(state["index"])
+        self.__dict__.update(state)
+
+    def encode_queries(self, queries: list[str]) -> np.ndarray:
+        return shared_encoder(self.encoder_name, self.max_length).encode([q or "" for q in queries])
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        k_eff = min(k, len(self.product_ids))
+        if k_eff <= 0 or len(vectors) == 0:
+            return [[] for _ in range(len(vectors))]
+        if self.index_kind == "hnsw":
+            self.index.hnsw.efSearch = max(64, 2 * k_eff)
+        scores, idx = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k_eff)
+        out = []
+        for srow, irow in zip(scores, idx):
+            out.append([(str(self.product_ids[i]), float(s)) for s, i in zip(srow, irow) if i >= 0])
+        return out
+
+    def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
+        if not queries:
+            return []
+        return self.search_vectors(self.encode_queries(list(queries)), k)
