@@ -137,6 +137,15 @@ MINED_CANDIDATES = _register(TableSpec(
     description="One row per mined (query, product) candidate with per-channel rank metadata, the set-logic class and its difficulty level 1-5.",
 ))
 
+MINED_REPORT = _register(TableSpec(
+    "mined_report",
+    "dimension string, value string, candidate_class string, level int, n_candidates bigint, n_queries bigint, "
+    "mined_at timestamp",
+    key=("dimension", "value", "candidate_class"),
+    written_by="mine",
+    description="Mining report: candidates (and queries having one) per class, per channel that found them, per query segment.",
+))
+
 ANNOTATIONS = _register(TableSpec(
     "annotations",
     "query_id string, product_id string, judge_version string, grade int, confidence double, "
@@ -146,3 +155,20 @@ ANNOTATIONS = _register(TableSpec(
     written_by="annotate",
     description="Graded relevance from the judge cascade; `error` is set (and grade null) when every attempt failed.",
 ))
+
+# ---- curriculum (jobs/curriculum.py): one training-set table per model variant -------------------
+TRAIN_SET_DDL = (
+    "stage int, stage_name string, loss string, query_id string, query string, product_id string, item_text string, "
+    "label int, grade int, candidate_class string, level int, neg_product_id string, neg_text string, neg_grade int, "
+    "neg_class string, neg_level int, group_product_ids array<string>, group_texts array<string>, group_grades array<int>"
+)
+TRAIN_SET_VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar")
+for _variant in TRAIN_SET_VARIANTS:
+    _register(TableSpec(
+        f"train_set_{_variant}",
+        TRAIN_SET_DDL,
+        key=("stage", "query_id", "product_id", "neg_product_id"),
+        written_by="curriculum",
+        description=f"Training rows of the '{_variant}' model variant, per curriculum stage: pointwise (bce), "
+                    "pairs with a negative (mnr, triplet) or graded lists (roar); also written as Parquet shards.",
+    ))

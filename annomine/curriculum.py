@@ -1,0 +1,254 @@
+"""Pure DataFrame transforms of the curriculum stage: mined candidates + graded annotations -> per-stage
+training rows.
+
+Labels come from the judge's grades (grade >= positive_min_grade: positive, grade <= negative_max_grade:
+negative, in between: ambiguous, dropped), not from the set logic alone; annotation errors are dropped
+and counted; candidates without any annotation take their set-logic label only for the classes listed
+in `set_logic_fallback` (random negatives are usually not sent to the judge). The `no_llm` variant labels
+everything by set logic (positive classes: easy/hard positive). Human-labelled dev queries never reach a
+training set.
+
+Row formats by loss: `bce` pointwise (item + label), `mnr` / `triplet` pairs (positive item + a
+negative of the same query; triplet requires one), `roar` lists (the query's graded items, top grade first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+CLASSES = ("easy_positive", "hard_positive", "hard_negative", "token_similar_negative", "random_negative")
+POSITIVE_CLASSES = ("easy_positive", "hard_positive")
+LOSSES = ("bce", "mnr", "triplet", "roar")
+VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar")
+FORMAT_OF_LOSS = {"bce": "pointwise", "mnr": "pair", "triplet": "pair", "roar": "list"}
+
+# Status of a labelled candidate: only 'ok' rows reach a training set; the rest are counted.
+OK, ERROR, UNANNOTATED, AMBIGUOUS, DEV = "ok", "annotation_error", "unannotated", "ambiguous_grade", "dev_query"
+
+
+@dataclass
+class StageDef:
+    """One curriculum stage: its loss, where its positives and negatives come from, its size cap."""
+
+    name: str
+    loss: str
+    positive_classes: list[str] = field(default_factory=list)
+    negative_classes: list[str] = field(default_factory=list)
+    max_examples: int = 5000
+    max_per_query: int = 64
+    epochs: int | None = None  # None: train.epochs_per_stage
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"stage {self.name!r}: loss must be one of {list(LOSSES)}, got {self.loss!r}")
+        for c in self.positive_classes + self.negative_classes:
+            if c not in CLASSES:
+                raise ValueError(f"stage {self.name!r}: unknown candidate class {c!r}; known: {list(CLASSES)}")
+        if not self.positive_classes:
+            raise ValueError(f"stage {self.name!r}: positive_classes is empty")
+        if self.loss in ("bce", "triplet") and not self.negative_classes:
+            raise ValueError(f"stage {self.name!r}: loss {self.loss} needs negative_classes")
+        if self.max_examples < 1 or self.max_per_query < 1:
+            raise ValueError(f"stage {self.name!r}: max_examples and max_per_query must be positive")
+
+
+@dataclass
+class LabelRules:
+    positive_min_grade: int = 3
+    negative_max_grade: int = 2
+    set_logic_fallback: list[str] = field(default_factory=lambda: ["random_negative"])
+    use_annotations: bool = True
+
+
+def _hash_order(seed: int, *cols: str):
+    return F.xxhash64(F.lit(int(seed)), *[F.col(c) for c in cols])
+
+
+def latest_annotations(annotations: DataFrame, judge_version: str | None = None) -> DataFrame:
+    """One annotation per (query_id, product_id): the given judge version, else the newest one."""
+    if judge_version:
+        annotations = annotations.filter(F.col("judge_version") == judge_version)
+    w = Window.partitionBy("query_id", "product_id").orderBy(F.col("annotated_at").desc_nulls_last(),
+                                                             F.col("judge_version").desc_nulls_last())
+    return (annotations.withColumn("_rn", F.row_number().over(w)).filter(F.col("_rn") == 1)
+            .select("query_id", "product_id", "grade", F.col("error").alias("annotation_error"), "judge_version"))
+
+
+def label_candidates(mined: DataFrame, annotations: DataFrame | None, products: DataFrame,
+                     dev_query_ids: list[str], rules: LabelRules) -> DataFrame:
+    """Mined candidates with `label` (1/0/null), `grade`, `item_text` and a `status` explaining drops."""
+    cands = mined.select("query_id", "query", "product_id", "candidate_class", F.col("level").cast("int").alias("level"))
+    set_label = F.when(F.col("candidate_class").isin(*POSITIVE_CLASSES), F.lit(1)).otherwise(F.lit(0))
+    if rules.use_annotations and annotations is not None:
+        cands = cands.join(annotations, ["query_id", "product_id"], "left")
+        has_ann = F.col("judge_version").isNotNull()
+        errored = has_ann & (F.col("annotation_error").isNotNull() | F.col("grade").isNull())
+        fallback = F.col("candidate_class").isin(*rules.set_logic_fallback) if rules.set_logic_fallback else F.lit(False)
+        status = (F.when(errored, F.lit(ERROR))
+                  .when(~has_ann & ~fallback, F.lit(UNANNOTATED))
+                  .when(has_ann & (F.col("grade") > rules.negative_max_grade) & (F.col("grade") < rules.positive_min_grade),
+                        F.lit(AMBIGUOUS))
+                  .otherwise(F.lit(OK)))
+        label = (F.when(~has_ann, set_label)
+                 .when(F.col("grade") >= rules.positive_min_grade, F.lit(1))
+                 .when(F.col("grade") <= rules.negative_max_grade, F.lit(0)))
+        cands = cands.withColumn("status", status).withColumn("label", F.when(status == OK, label))
+        cands = cands.withColumn("grade", F.when(F.col("status") == OK, F.col("grade").cast("int")))
+    else:
+        cands = (cands.withColumn("grade", F.lit(None).cast("int")).withColumn("status", F.lit(OK))
+                 .withColumn("label", set_label))
+    if dev_query_ids:
+        is_dev = F.col("query_id").isin(*dev_query_ids)
+        cands = cands.withColumn("status", F.when(is_dev, F.lit(DEV)).otherwise(F.col("status")))
+        cands = cands.withColumn("label", F.when(is_dev, F.lit(None).cast("int")).otherwise(F.col("label")))
+    texts = products.select("product_id", F.col("text").alias("item_text"))
+    return (cands.join(texts, "product_id", "left")
+            .select("query_id", "query", "product_id", "item_text", F.col("label").cast("int").alias("label"),
+                    "grade", "candidate_class", "level", "status"))
+
+
+def status_counts(labelled: DataFrame) -> dict[str, int]:
+    return {r["status"]: int(r["count"]) for r in labelled.groupBy("status").count().collect()}
+
+
+_NEG_COLS = ("neg_product_id", "neg_text", "neg_grade", "neg_class", "neg_level")
+_LIST_COLS = ("group_product_ids", "group_texts", "group_grades")
+
+
+def _null_cols(df: DataFrame, names) -> DataFrame:
+    types = {"neg_grade": "int", "neg_level": "int", "group_product_ids": "array<string>",
+             "group_texts": "array<string>", "group_grades": "array<int>"}
+    for n in names:
+        df = df.withColumn(n, F.lit(None).cast(types.get(n, "string")))
+    return df
+
+
+STAGE_COLUMNS = ["query_id", "query", "product_id", "item_text", "label", "grade", "candidate_class", "level",
+                 *_NEG_COLS, *_LIST_COLS]
+
+
+def _cap(df: DataFrame, max_examples: int, seed: int, *cols: str) -> DataFrame:
+    return df.withColumn("_h", _hash_order(seed, *cols)).orderBy("_h").limit(max_examples).drop("_h")
+
+
+def pointwise_rows(ok: DataFrame, stage: StageDef, seed: int) -> DataFrame:
+    pos = ok.filter((F.col("label") == 1) & F.col("candidate_class").isin(*stage.positive_classes))
+    neg = ok.filter((F.col("label") == 0) & F.col("candidate_class").isin(*stage.negative_classes))
+    rows = pos.unionByName(neg)
+    w = Window.partitionBy("query_id").orderBy(_hash_order(seed, "product_id"))
+    rows = rows.withColumn("_k", F.row_number().over(w)).filter(F.col("_k") <= stage.max_per_query).drop("_k")
+    rows = _null_cols(rows, _NEG_COLS + _LIST_COLS)
+    return _cap(rows, stage.max_examples, seed, "query_id", "product_id").select(*STAGE_COLUMNS)
+
+
+def pair_rows(ok: DataFrame, stage: StageDef, seed: int, require_negative: bool) -> DataFrame:
+    """Each positive of a query paired with one of its negatives, cycling through the negatives."""
+    pos = ok.filter((F.col("label") == 1) & F.col("candidate_class").isin(*stage.positive_classes))
+    neg = ok.filter((F.col("label") == 0) & F.col("candidate_class").isin(*stage.negative_classes))
+    pw = Window.partitionBy("query_id").orderBy(_hash_order(seed, "product_id"))
+    pos = pos.withColumn("_pk", F.row_number().over(pw)).filter(F.col("_pk") <= stage.max_per_query)
+    nw = Window.partitionBy("query_id").orderBy(_hash_order(seed + 1, "product_id"))
+    neg = neg.withColumn("_nk", F.row_number().over(nw))
+    n_neg = neg.groupBy("query_id").agg(F.max("_nk").alias("_nn"))
+    neg = neg.select("query_id", "_nk", F.col("product_id").alias("neg_product_id"), F.col("item_text").alias("neg_text"),
+                     F.col("grade").alias("neg_grade"), F.col("candidate_class").alias("neg_class"),
+                     F.col("level").alias("neg_level"))
+    pairs = (pos.join(n_neg, "query_id", "left")
+             .withColumn("_nk", F.when(F.col("_nn") > 0, F.pmod(F.col("_pk") - 1, F.col("_nn")) + 1))
+             .join(neg, ["query_id", "_nk"], "left"))
+    if require_negative:
+        pairs = pairs.filter(F.col("neg_product_id").isNotNull())
+    pairs = _null_cols(pairs, _LIST_COLS)
+    return _cap(pairs, stage.max_examples, seed, "query_id", "product_id").select(*STAGE_COLUMNS)
+
+
+_GROUP_SCHEMA = T.StructType([
+    T.StructField("query_id", T.StringType()), T.StructField("query", T.StringType()),
+    T.StructField("product_id", T.StringType()), T.StructField("item_text", T.StringType()),
+    T.StructField("grade", T.IntegerType()), T.StructField("candidate_class", T.StringType()),
+    T.StructField("level", T.IntegerType()),
+    T.StructField("group_product_ids", T.ArrayType(T.StringType())),
+    T.StructField("group_texts", T.ArrayType(T.StringType())),
+    T.StructField("group_grades", T.ArrayType(T.IntegerType())),
+])
+
+
+def group_items(pdf: pd.DataFrame, max_group_size: int, seed: int) -> pd.DataFrame:
+    """One query's graded candidates -> one list row: top grade first, then the rest by grade (pure)."""
+    pdf = pdf[pdf["grade"].notna()].copy()
+    if pdf.empty or (pdf["label"] == 1).sum() == 0 or pdf["grade"].nunique() < 2:
+        return pd.DataFrame(columns=[f.name for f in _GROUP_SCHEMA.fields])
+    pdf["_tie"] = pd.util.hash_pandas_object(pdf["product_id"].astype(str) + f":{seed}", index=False).astype("uint64")
+    pdf = pdf.sort_values(["grade", "_tie"], ascending=[False, True])
+    # keep the top item and spread the rest over grades: round-robin by grade so small groups survive the cap
+    top, rest = pdf.iloc[:1], pdf.iloc[1:]
+    rounds = rest.groupby("grade").cumcount() + (rest["grade"] == top["grade"].iloc[0]).astype(int)
+    rest = rest.assign(_r=rounds).sort_values(["_r", "grade"], ascending=[True, False])
+    chosen = pd.concat([top, rest.iloc[:max_group_size - 1]]).sort_values(["grade", "_tie"], ascending=[False, True])
+    head = chosen.iloc[0]
+    return pd.DataFrame([{
+        "query_id": head["query_id"], "query": head["query"], "product_id": head["product_id"],
+        "item_text": head["item_text"], "grade": int(head["grade"]), "candidate_class": head["candidate_class"],
+        "level": int(head["level"]) if pd.notna(head["level"]) else None,
+        "group_product_ids": [str(x) for x in chosen["product_id"]],
+        "group_texts": [str(x) if isinstance(x, str) else "" for x in chosen["item_text"]],
+        "group_grades": [int(x) for x in chosen["grade"]],
+    }])
+
+
+def list_rows(ok: DataFrame, stage: StageDef, seed: int, max_group_size: int) -> DataFrame:
+    classes = sorted(set(stage.positive_classes) | set(stage.negative_classes))
+    pool = ok.filter(F.col("candidate_class").isin(*classes) & F.col("grade").isNotNull())
+    pool = pool.select("query_id", "query", "product_id", "item_text", "label", "grade", "candidate_class", "level")
+
+    def per_query(pdf: pd.DataFrame) -> pd.DataFrame:
+        return group_items(pdf, max_group_size, seed)
+
+    rows = pool.groupBy("query_id").applyInPandas(per_query, schema=_GROUP_SCHEMA)
+    rows = rows.withColumn("label", F.lit(1).cast("int"))
+    rows = _null_cols(rows, _NEG_COLS)
+    return _cap(rows, stage.max_examples, seed, "query_id").select(*STAGE_COLUMNS)
+
+
+def stage_rows(labelled: DataFrame, stage: StageDef, seed: int, max_group_size: int = 8) -> DataFrame:
+    """Training rows of one stage from labelled candidates (only status 'ok' rows with text)."""
+    ok = labelled.filter((F.col("status") == OK) & F.col("label").isNotNull() & F.col("item_text").isNotNull())
+    fmt = FORMAT_OF_LOSS[stage.loss]
+    if fmt == "pointwise":
+        return pointwise_rows(ok, stage, seed)
+    if fmt == "pair":
+        return pair_rows(ok, stage, seed, require_negative=stage.loss == "triplet")
+    return list_rows(ok, stage, seed, max_group_size)
+
+
+def composition(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows by difficulty level, class and grade (positive side and, for pairs, negative side)."""
+    parts = [rows.assign(side="item").groupby(["side", "candidate_class", "level", "grade", "label"], dropna=False)
+             .size().rename("rows").reset_index()]
+    negs = rows[rows["neg_product_id"].notna()]
+    if len(negs):
+        parts.append(negs.assign(side="negative", label=0)
+                     .groupby(["side", "neg_class", "neg_level", "neg_grade", "label"], dropna=False).size()
+                     .rename("rows").reset_index()
+                     .rename(columns={"neg_class": "candidate_class", "neg_level": "level", "neg_grade": "grade"}))
+    lists = rows[rows["group_grades"].notna()]
+    if len(lists):
+        grades = pd.Series([g for gs in lists["group_grades"] for g in gs], dtype="Int64")
+        parts.append(grades.value_counts().rename("rows").rename_axis("grade").reset_index()
+                     .assign(side="list_item", candidate_class=None, level=None, label=None))
+    return pd.concat(parts, ignore_index=True)
+
+
+def variant_stages(variant: str, stages: list[StageDef], mixed: StageDef, roar: StageDef) -> list[StageDef]:
+    if variant in ("curriculum", "no_llm"):
+        return list(stages)
+    if variant == "mixed":
+        return [mixed]
+    if variant == "curriculum_roar":
+        return list(stages[:-1]) + [roar]
+    raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")

@@ -1,0 +1,284 @@
+"""The evaluation report: JSON, markdown, PNG plots, MLflow logging and model registration."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+
+from annomine.evaluation.metrics import METRICS, SEGMENTS
+
+log = logging.getLogger(__name__)
+
+SHORT = {"ndcg@10": "NDCG@10", "ndcg@10_judged": "NDCG@10 judged-only", "lowest_share@10": "lowest-grade share@10",
+         "recall@100_top": "Recall@100 top-grade"}
+
+
+def clean(value):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, recursively."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, AttributeError):
+            value = list(value)
+            return clean(value)
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    return value
+
+
+def write_json(report: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(report), indent=2, ensure_ascii=False))
+    return path
+
+
+def _fmt(est: dict | None, pct: bool = False) -> str:
+    if not est or est.get("mean") is None:
+        return "n/a"
+    scale = 100.0 if pct else 1.0
+    digits = 1 if pct else 4
+    suffix = "%" if pct else ""
+    return (f"{est['mean'] * scale:.{digits}f}{suffix} "
+            f"[{est['ci_low'] * scale:.{digits}f}, {est['ci_high'] * scale:.{digits}f}]")
+
+
+def markdown(report: dict) -> str:
+    """The comparison table, per-segment NDCG@10 and the facts needed to reproduce it."""
+    conf = int(round(report["bootstrap"]["confidence"] * 100))
+    lines = [f"# Evaluation: {report['inputs'].get('n_queries_evaluated')} queries, split `{report['split']}`", ""]
+    lines += [f"Mean over queries with a {conf}% bootstrap confidence interval ({report['bootstrap']['resamples']} "
+              f"resamples of queries). Gain = grade - {report['grade_scale']['min']}; ndcg unjudged = 0 counts retrieved "
+              f"items without a label as gain 0, judged-only drops them first. Lowest-grade share: among judged items of "
+              f"the top 10 (queries without any are left out). Index: `{report['index']}`.", ""]
+    lines.append("| model | NDCG@10 (unjudged=0) | NDCG@10 judged-only | lowest-grade share@10 | Recall@100 top-grade | queries | "
+                 "judged@10 | no judged in top 10 |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for model in report["models"]:
+        m = model["metrics"]["all"]
+        judged = m.get("judged_share@10")
+        lines.append(f"| {model['label']} | {_fmt(m['ndcg@10'])} | {_fmt(m['ndcg@10_judged'])} | "
+                     f"{_fmt(m['lowest_share@10'], pct=True)} | {_fmt(m['recall@100_top'])} | {m['n_queries']} | "
+                     f"{'n/a' if judged is None else f'{judged * 100:.1f}%'} | {m['n_queries_without_judged_top10']} |")
+    lines += ["", f"## NDCG@10 (unjudged=0) by query segment", "", f"Segments: {report['segment_rule']}; "
+              f"counts {report['segment_counts']}.", ""]
+    lines.append("| model | " + " | ".join(SEGMENTS) + " |")
+    lines.append("|---|" + "---|" * len(SEGMENTS))
+    for model in report["models"]:
+        cells = [_fmt(model["metrics"].get(s, {}).get("ndcg@10")) for s in SEGMENTS]
+        lines.append(f"| {model['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Lowest-grade share@10 by query segment", ""]
+    lines.append("| model | " + " | ".join(SEGMENTS) + " |")
+    lines.append("|---|" + "---|" * len(SEGMENTS))
+    for model in report["models"]:
+        cells = [_fmt(model["metrics"].get(s, {}).get("lowest_share@10"), pct=True) for s in SEGMENTS]
+        lines.append(f"| {model['label']} | " + " | ".join(cells) + " |")
+    inputs = report["inputs"]
+    lines += ["", "## Inputs", ""]
+    for key in ("products", "queries", "labels", "n_products", "n_queries_evaluated", "n_labels",
+                "n_rejected_label_rows", "labels_for_unknown_products", "labelled_queries_not_in_queries_file"):
+        if key in inputs:
+            lines.append(f"- {key}: {inputs[key]}")
+    for model in report["models"]:
+        retrieval = model.get("retrieval", {})
+        index = retrieval.get("index") or {}
+        extra = ", ".join(f"{k}={v}" for k, v in index.items() if k.startswith("recall_vs_flat"))
+        lines.append(f"- {model['label']}: {retrieval.get('retriever')}, embeddings {retrieval.get('how', '-')}"
+                     + (f", {extra}" if extra else ""))
+    if report.get("skipped_models"):
+        lines.append(f"- skipped models: {report['skipped_models']}")
+    if report.get("registration"):
+        lines.append(f"- registration: {report['registration']}")
+    if report.get("command"):
+        lines += ["", "Command:", "", "```", report["command"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_metrics(report: dict, path: Path) -> Path:
+    """One panel per metric: bars per model for all queries and each segment, with CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = ["all"] + [s for s in SEGMENTS if any(s in m["metrics"] for m in report["models"])]
+    models = report["models"]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4.2), squeeze=False)
+    width = 0.8 / max(1, len(models))
+    x = np.arange(len(groups))
+    for ax, metric in zip(axes[0], METRICS):
+        for i, model in enumerate(models):
+            means, lows, highs = [], [], []
+            for g in groups:
+                est = model["metrics"].get(g, {}).get(metric) or {}
+                mean = est.get("mean")
+                means.append(np.nan if mean is None else mean)
+                lows.append(0 if mean is None else mean - est["ci_low"])
+                highs.append(0 if mean is None else est["ci_high"] - mean)
+            ax.bar(x + (i - (len(models) - 1) / 2) * width, means, width, yerr=[lows, highs], capsize=2, label=model["label"])
+        ax.set_xticks(x, groups)
+        ax.set_title(SHORT[metric])
+        if metric == "lowest_share@10":
+            ax.set_ylim(bottom=0)  # small shares: let the axis zoom in
+        else:
+            ax.set_ylim(0, 1)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    conf = int(round(report["bootstrap"]["confidence"] * 100))
+    fig.suptitle(f"split {report['split']}: mean over queries, {conf}% bootstrap CI (segments by {report['segment_rule'].split(';')[0].split(' (')[0]})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_grades(report: dict, path: Path) -> Path:
+    """Share of top-10 positions per grade (and unjudged), one stacked bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    keys = list(models[0]["grade_distribution@10"]) if models else []
+    colours = {"unjudged": "#bbbbbb"}
+    palette = ["#d62728", "#ff7f0e", "#bcbd22", "#2ca02c", "#1f77b4", "#9467bd"]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(models) + 1.6))
+    for row, model in enumerate(models):
+        dist = model["grade_distribution@10"]
+        total = max(1, sum(dist.values()))
+        left = 0.0
+        for j, key in enumerate(keys):
+            share = dist.get(key, 0) / total
+            ax.barh(row, share, left=left, color=colours.get(key, palette[j % len(palette)]),
+                    label=(f"grade {key}" if key != "unjudged" else key) if row == 0 else None)
+            left += share
+    ax.set_yticks(range(len(models)), [m["label"] for m in models])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of top-10 positions")
+    ax.legend(ncol=len(keys), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    ax.set_title(f"Grades of the top 10 (split {report['split']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metric_key(*parts: str) -> str:
+    """An MLflow-safe metric name: `minilm/tail/ndcg_at_10`."""
+    text = "/".join(parts).replace("@", "_at_")
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", text)[:250]
+
+
+def _use_tracking(tracking_uri: str) -> None:
+    """Tracking and registry on the project's store (never looked up from a Spark session's conf)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri("databricks-uc" if tracking_uri.startswith("databricks") else tracking_uri)
+
+
+def log_to_mlflow(report: dict, files: list[Path], tracking_uri: str, experiment: str, run_name: str = "evaluate") -> str:
+    """Log params, per-model/segment metrics and the report files; returns the run id."""
+    import mlflow
+
+    _use_tracking(tracking_uri)
+    mlflow.set_experiment(experiment)
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+        mlflow.log_params({"split": report["split"], "models": ",".join(m["label"] for m in report["models"])[:500],
+                           "index": report["index"], "n_queries": report["inputs"].get("n_queries_evaluated"),
+                           "segment_rule": report["segment_rule"][:250], "k": report["k"], "recall_k": report["recall_k"]})
+        metrics = {}
+        for model in report["models"]:
+            for group, block in model["metrics"].items():
+                for metric in METRICS:
+                    est = block.get(metric) or {}
+                    if est.get("mean") is not None:
+                        metrics[metric_key(model["label"], group, metric)] = est["mean"]
+                        metrics[metric_key(model["label"], group, metric + "_ci_low")] = est["ci_low"]
+                        metrics[metric_key(model["label"], group, metric + "_ci_high")] = est["ci_high"]
+            recall = (model.get("retrieval", {}).get("index") or {})
+            for k, v in recall.items():
+                if k.startswith("recall_vs_flat") and v is not None:
+                    metrics[metric_key(model["label"], k)] = v
+        mlflow.log_metrics(metrics)
+        for f in files:
+            mlflow.log_artifact(str(f), artifact_path="evaluation")
+        return run.info.run_id
+
+
+def _two_tower_pyfunc():
+    import mlflow.pyfunc
+
+    class TwoTowerPyfunc(mlflow.pyfunc.PythonModel):
+        """Encodes a DataFrame column `text` with the query (default) or item tower (`side` param)."""
+
+        def load_context(self, context):
+            from training.model import TwoTower
+
+            self.model = TwoTower.load(context.artifacts["model"])
+
+        def predict(self, context, model_input, params=None):
+            side = (params or {}).get("side", "query")
+            texts = model_input["text"].astype(str).tolist()
+            emb = self.model.encode_queries(texts) if side == "query" else self.model.encode_items(texts)
+            return [row.tolist() for row in emb]
+
+    return TwoTowerPyfunc()
+
+
+def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str, registered_name: str,
+                  report_file: Path | None = None) -> dict:
+    """Register the two-tower with the best dev NDCG@10 in the MLflow model registry.
+
+    The candidates are the evaluated two-towers (baselines never). Their dev NDCG@10 is the mean over
+    the evaluated queries whose split is `dev`; without dev queries nothing is registered. A model
+    with an MLflow URI is registered from it; a local folder is first logged as a pyfunc model. The
+    version carries the evaluation as tags and the report JSON as an artifact of its run.
+    """
+    import mlflow
+
+    candidates = []
+    for model in report["models"]:
+        spec = specs.get(model["label"])
+        if spec is None or spec.baseline or not spec.two_tower:
+            continue
+        dev = model.get("dev_ndcg@10")
+        if dev is not None:
+            candidates.append((dev, model, spec))
+    if not candidates:
+        return {"registered": False, "reason": "no two-tower with dev queries among the evaluated models"}
+    dev, model, spec = max(candidates, key=lambda c: c[0])
+    _use_tracking(tracking_uri)
+    mlflow.set_experiment(experiment)
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=f"register {model['label']}", nested=nested) as run:
+        if report_file is not None:
+            mlflow.log_artifact(str(report_file), artifact_path="evaluation")
+        mlflow.log_metric("dev_ndcg_at_10", dev)
+        uri = spec.model_uri
+        if not uri or not uri.startswith(("runs:/", "models:/")):
+            info = mlflow.pyfunc.log_model(name="two_tower", python_model=_two_tower_pyfunc(),
+                                           artifacts={"model": spec.path}, pip_requirements=["annomine"])
+            uri = info.model_uri
+        all_metrics = model["metrics"]["all"]
+        tags = {"dev_ndcg_at_10": f"{dev:.4f}", "evaluation_run_id": run.info.run_id, "evaluation_split": report["split"],
+                "evaluation_json": f"runs:/{run.info.run_id}/evaluation/{report_file.name}" if report_file else "",
+                "model_label": model["label"]}
+        for metric in METRICS:
+            mean = (all_metrics.get(metric) or {}).get("mean")
+            if mean is not None:
+                tags[metric_key(metric)] = f"{mean:.4f}"
+        version = mlflow.register_model(uri, registered_name, tags=tags)
+    log.info("registered %s as %s version %s (dev NDCG@10 %.4f)", model["label"], registered_name, version.version, dev)
+    return {"registered": True, "name": registered_name, "version": str(version.version), "model": model["label"],
+            "source_uri": uri, "dev_ndcg@10": dev, "run_id": run.info.run_id}

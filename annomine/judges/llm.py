@@ -1,0 +1,248 @@
+"""Tiers 2 and 3: an OpenAI-compatible chat endpoint called through the `openai` client.
+
+One request per (query, product text): the versioned prompt, JSON output (grade + reason),
+confidence from the grade token's log-probabilities (normalised over the grade tokens) when the
+endpoint returns them, else `fallback_confidence` (marked `confidence_source: fallback`).
+Transient failures (429, 5xx, timeouts, connection errors) are retried with exponential backoff
+and full jitter, honouring `Retry-After` / `retry-after-ms`; malformed or truncated answers are
+retried too, and after `max_attempts` the pair gets an error result, never an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from annomine.judges.config import LLMTierConfig
+from annomine.judges.prompt import MalformedAnswer, build_messages, parse_answer
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_KEY = "loopback-no-key"
+
+
+@dataclass
+class TierResult:
+    grade: int | None = None
+    raw_confidence: float | None = None
+    confidence: float | None = None  # calibrated
+    confidence_source: str | None = None
+    probs: dict | None = None
+    reason: str | None = None
+    latency_ms: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 0
+    error: str | None = None
+    sure: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("extra",) and v is not None}
+        d.update(self.extra)
+        return d
+
+
+def is_loopback(url: str | None) -> bool:
+    return bool(url) and any(h in url for h in ("://127.0.0.1", "://localhost", "://[::1]"))
+
+
+def resolve_api_key(cfg: LLMTierConfig, base_url: str | None) -> str:
+    """The key from the env var named in the config, or a Databricks secret scope; never logged."""
+    if cfg.api_key_env:
+        value = os.environ.get(cfg.api_key_env)
+        if value:
+            return value
+    if cfg.secret_scope and cfg.secret_key:
+        try:  # Databricks: dbutils on the driver
+            from pyspark.dbutils import DBUtils  # type: ignore
+            from pyspark.sql import SparkSession
+
+            return DBUtils(SparkSession.getActiveSession()).secrets.get(cfg.secret_scope, cfg.secret_key)
+        except Exception as exc:  # noqa: BLE001
+            raise RuntimeError(f"tier {cfg.model}: cannot read secret {cfg.secret_scope}/{cfg.secret_key}: {type(exc).__name__}") from None
+    if is_loopback(base_url):
+        return LOOPBACK_KEY
+    where = f"environment variable {cfg.api_key_env}" if cfg.api_key_env else "api_key_env / secret_scope (none configured)"
+    raise RuntimeError(f"tier {cfg.model}: no API key: {where} is not set")
+
+
+def _retry_after_seconds(exc) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            try:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def logprob_confidence(choice, grade: int, grades: list[int]) -> tuple[float | None, dict | None]:
+    """P(grade) normalised over the grade tokens at the grade token's position, from log-probs."""
+    logprobs = getattr(choice, "logprobs", None)
+    content = getattr(logprobs, "content", None) if logprobs is not None else None
+    if not content:
+        return None, None
+    wanted = {str(g) for g in grades}
+    seen_grade_key = False
+    for item in content:
+        token = (getattr(item, "token", "") or "").strip()
+        if "grade" in token:
+            seen_grade_key = True
+        if token in wanted and seen_grade_key and int(token) == grade:
+            probs: dict[int, float] = {}
+            for alt in getattr(item, "top_logprobs", None) or []:
+                t = (getattr(alt, "token", "") or "").strip()
+                if t in wanted:
+                    probs[int(t)] = max(probs.get(int(t), 0.0), math.exp(float(alt.logprob)))
+            probs.setdefault(grade, math.exp(float(item.logprob)))
+            z = sum(probs.values())
+            if z <= 0:
+                return None, None
+            probs = {g: p / z for g, p in probs.items()}
+            return probs[grade], probs
+    return None, None
+
+
+class LLMTier:
+    """A grading tier over one endpoint; the client is built lazily in the process that uses it."""
+
+    def __init__(self, name: str, cfg: LLMTierConfig, grades: list[int], base_url: str, api_key: str):
+        self.name = name
+        self.cfg = cfg
+        self.grades = list(grades)
+        self.base_url = base_url
+        self._api_key = api_key
+        self._client = None
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+
+    def __getstate__(self):  # picklable for pandas-UDF closures: no client, no lock
+        state = dict(self.__dict__)
+        state["_client"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"LLMTier({self.name}, model={self.cfg.model}, base_url={self.base_url})"
+
+    @property
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                import openai
+
+                self._client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key, max_retries=0,
+                                             timeout=self.cfg.timeout_s, default_headers=self.cfg.extra_headers or None)
+            return self._client
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2 ** attempt)) * (0.5 + self._rng.random() / 2)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.cfg.backoff_max_s))
+        return delay
+
+    def grade(self, query: str, text: str) -> TierResult:
+        import openai
+
+        messages = build_messages(query, text, self.grades, self.cfg.prompt_version)
+        result = TierResult()
+        started = time.perf_counter()
+        last_error = "no attempt"
+        for attempt in range(self.cfg.max_attempts):
+            result.attempts = attempt + 1
+            retry_after = None
+            try:
+                kwargs = dict(model=self.cfg.model, messages=messages, temperature=self.cfg.temperature,
+                              max_tokens=self.cfg.max_tokens)
+                if self.cfg.logprobs:
+                    kwargs.update(logprobs=True, top_logprobs=max(5, len(self.grades)))
+                resp = self.client.chat.completions.create(**kwargs)
+                if isinstance(resp, str) or not getattr(resp, "choices", None):
+                    raise MalformedAnswer("response is not a chat completion")
+                usage = getattr(resp, "usage", None)
+                if usage is not None:
+                    result.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+                    result.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+                choice = resp.choices[0]
+                if getattr(choice, "finish_reason", None) == "length":
+                    raise MalformedAnswer("answer truncated (finish_reason=length)")
+                grade, reason = parse_answer(choice.message.content, self.grades)
+                conf, probs = logprob_confidence(choice, grade, self.grades)
+                result.grade, result.reason, result.probs = grade, reason, probs
+                if conf is None:
+                    result.raw_confidence, result.confidence_source = self.cfg.fallback_confidence, "fallback"
+                else:
+                    result.raw_confidence, result.confidence_source = conf, "logprobs"
+                result.error = None
+                break
+            except openai.RateLimitError as exc:
+                last_error, retry_after = "429 rate limited", _retry_after_seconds(exc)
+            except openai.APITimeoutError:
+                last_error = f"timeout after {self.cfg.timeout_s:g}s"
+            except openai.APIConnectionError as exc:
+                last_error = f"connection error: {type(exc).__name__}"
+            except openai.APIStatusError as exc:
+                last_error = f"HTTP {exc.status_code}"
+                retry_after = _retry_after_seconds(exc)
+                if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
+                    result.error = f"{last_error}: {str(exc)[:200]} (not retried)"
+                    break
+            except MalformedAnswer as exc:
+                last_error = f"malformed answer: {exc}"
+            except Exception as exc:  # noqa: BLE001 - an unparseable body, a client surprise: record, retry
+                last_error = f"{type(exc).__name__}: {str(exc)[:160]}"
+            result.error = f"{last_error} (after {attempt + 1} attempt(s))"
+            if attempt + 1 < self.cfg.max_attempts:
+                time.sleep(self._backoff(attempt, retry_after))
+        result.latency_ms = (time.perf_counter() - started) * 1000.0
+        if result.error:
+            result.grade = None
+        return result
+
+    def grade_many(self, pairs: list[tuple[str, str]], concurrency: int) -> list[TierResult]:
+        """Grade de-duplicated (query, text) pairs with at most `concurrency` requests in flight."""
+        unique = list(dict.fromkeys(pairs))
+        if not unique:
+            return []
+        if concurrency <= 1 or len(unique) == 1:
+            answers = [self.grade(q, t) for q, t in unique]
+        else:
+            with ThreadPoolExecutor(max_workers=min(concurrency, len(unique)), thread_name_prefix=self.name) as pool:
+                answers = list(pool.map(lambda qt: self.grade(*qt), unique))
+        by_pair = dict(zip(unique, answers))
+        out = []
+        seen = set()
+        for pair in pairs:
+            r = by_pair[pair]
+            if pair in seen:  # a duplicate shares the answer but not the cost
+                r = TierResult(**{**r.__dict__, "latency_ms": 0.0, "prompt_tokens": 0, "completion_tokens": 0, "attempts": 0,
+                                  "extra": {"deduplicated": True}})
+            seen.add(pair)
+            out.append(r)
+        return out

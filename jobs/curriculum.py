@@ -1,0 +1,192 @@
+"""Stage `curriculum`: mined candidates + graded annotations -> per-stage training sets.
+
+For every configured model variant (curriculum, mixed, no_llm, curriculum_roar) it writes the Delta
+table `train_set_<variant>` and Parquet shards under `<shards_dir>/<variant>/stage<k>_<name>/` with a
+`manifest.json` (stages, rows, files, schema, source table versions, composition). It also writes
+the dev evaluation set used for model selection during training (`<shards_dir>/dev_eval.parquet`,
+`dev_pool.parquet`): human labels of the dev labelled queries, over their judged products plus a
+sample of other catalog items. Prints each stage's composition (rows by class, level and grade)
+and the number of candidates dropped for annotation errors, ambiguous grades or dev queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyspark.sql import functions as F
+
+from annomine import curriculum as cur
+from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
+from annomine.splits import DEV_FRACTION, SEED, split_of
+from training.shards import write_manifest, write_stage_shards
+
+log = logging.getLogger("annomine.curriculum")
+
+
+def _default_stages() -> list[cur.StageDef]:
+    return [
+        cur.StageDef("easy", "bce", ["easy_positive"], ["random_negative", "easy_positive"], max_examples=4000, max_per_query=40),
+        cur.StageDef("hard", "mnr", ["hard_positive", "hard_negative", "easy_positive"], ["hard_negative", "hard_positive"],
+                     max_examples=3000, max_per_query=30),
+        cur.StageDef("token_similar", "triplet", list(cur.CLASSES), ["token_similar_negative"], max_examples=2000, max_per_query=20),
+    ]
+
+
+@dataclass
+class CurriculumConfig:
+    variants: list[str] = field(default_factory=lambda: list(cur.VARIANTS))
+    stages: list[cur.StageDef] = field(default_factory=_default_stages)
+    mixed_stage: cur.StageDef = field(default_factory=lambda: cur.StageDef(
+        "mixed", "mnr", list(cur.CLASSES), list(cur.CLASSES), max_examples=9000, max_per_query=60))
+    roar_stage: cur.StageDef = field(default_factory=lambda: cur.StageDef(
+        "roar", "roar", list(cur.CLASSES), list(cur.CLASSES), max_examples=2000, max_per_query=20))
+    # Graded labels: >= positive_min_grade positive, <= negative_max_grade negative (project grade scale).
+    positive_min_grade: int = 3
+    negative_max_grade: int = 2
+    judge_version: str | None = None
+    set_logic_fallback: list[str] = field(default_factory=lambda: ["random_negative"])
+    max_group_size: int = 8
+    # Shards: files per stage (a multiple of every worker count you will use) and rows per row group.
+    num_files: int = 4
+    row_group_size: int = 256
+    shards_dir: str | None = None  # default <warehouse>/shards
+    dev_fraction: float = DEV_FRACTION
+    dev_seed: int = SEED
+    dev_pool_size: int = 1500
+    seed: int = 13
+
+    def validate(self) -> None:
+        for v in self.variants:
+            if v not in cur.VARIANTS:
+                raise ValueError(f"variants: unknown variant {v!r}; known: {list(cur.VARIANTS)}")
+        if not self.stages:
+            raise ValueError("stages: at least one stage is needed")
+        for s in [*self.stages, self.mixed_stage, self.roar_stage]:
+            s.validate()
+        if self.negative_max_grade >= self.positive_min_grade:
+            raise ValueError("negative_max_grade must be below positive_min_grade")
+        if self.num_files < 1 or self.row_group_size < 1:
+            raise ValueError("num_files and row_group_size must be positive")
+        for c in self.set_logic_fallback:
+            if c not in cur.CLASSES:
+                raise ValueError(f"set_logic_fallback: unknown class {c!r}")
+
+
+CONFIG_CLASS = CurriculumConfig
+
+
+def shards_root(ctx: JobContext, cfg: CurriculumConfig) -> Path:
+    return Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.warehouse_path / "shards"
+
+
+def dev_query_ids(ctx: JobContext, cfg: CurriculumConfig) -> list[str]:
+    """Dev queries among the human-labelled ones (origin 'labelled', or any query with human labels)."""
+    ids = ctx.tables.read("queries").filter(F.col("origin") == "labelled").select("query_id")
+    if ctx.tables.exists("human_labels"):
+        ids = ids.unionByName(ctx.tables.read("human_labels").select("query_id"))
+    labelled = ids.distinct().toPandas()
+    return sorted(q for q in labelled["query_id"].astype(str) if split_of(q, cfg.dev_fraction, cfg.dev_seed) == "dev")
+
+
+def write_dev_eval(ctx: JobContext, cfg: CurriculumConfig, dev_ids: list[str], root: Path) -> dict:
+    """Human labels of dev queries + a candidate pool (their judged products and a catalog sample)."""
+    if not dev_ids or not ctx.tables.exists("human_labels"):
+        return {"queries": 0, "labels": 0, "pool": 0}
+    labels = (ctx.tables.read("human_labels").filter(F.col("query_id").isin(*dev_ids))
+              .join(ctx.tables.read("queries").select("query_id", "query"), "query_id")
+              .select("query_id", "query", "product_id", F.col("grade").cast("int").alias("grade")).toPandas())
+    judged = set(labels["product_id"])
+    products = ctx.tables.read("products").select("product_id", "text")
+    judged_ids = sorted(judged)
+    others = products.filter(~F.col("product_id").isin(*judged_ids)) if judged_ids else products
+    sample = (others.withColumn("_h", F.xxhash64(F.lit(cfg.seed), F.col("product_id"))).orderBy("_h")
+              .limit(cfg.dev_pool_size).drop("_h"))
+    judged_df = products.filter(F.col("product_id").isin(*judged_ids)) if judged_ids else products.limit(0)
+    pool = judged_df.unionByName(sample).toPandas()
+    root.mkdir(parents=True, exist_ok=True)
+    labels.to_parquet(root / "dev_eval.parquet", index=False)
+    pool.to_parquet(root / "dev_pool.parquet", index=False)
+    return {"queries": int(labels["query_id"].nunique()), "labels": int(len(labels)), "pool": int(len(pool))}
+
+
+def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
+    root = shards_root(ctx, cfg)
+    sources = {t: ctx.tables.version(t) for t in ("mined_candidates", "annotations", "products", "queries", "human_labels")}
+    mined = ctx.tables.read("mined_candidates")
+    products = ctx.tables.read("products")
+    annotations = None
+    if ctx.tables.exists("annotations"):
+        annotations = cur.latest_annotations(ctx.tables.read("annotations"), cfg.judge_version)
+    elif any(v != "no_llm" for v in cfg.variants):
+        raise FileNotFoundError("table 'annotations' does not exist; run `annomine annotate` or use variants: [no_llm]")
+    dev_ids = dev_query_ids(ctx, cfg)
+    dev = write_dev_eval(ctx, cfg, dev_ids, root)
+    print(f"dev evaluation set: {dev['queries']} queries, {dev['labels']} labels, pool of {dev['pool']} items")
+    summary = {"shards_dir": str(root), "dev": dev, "variants": {}}
+    for variant in cfg.variants:
+        rules = cur.LabelRules(cfg.positive_min_grade, cfg.negative_max_grade, list(cfg.set_logic_fallback),
+                               use_annotations=variant != "no_llm")
+        labelled = cur.label_candidates(mined, annotations, products, dev_ids, rules)
+        counts = cur.status_counts(labelled)
+        print(f"[{variant}] candidates: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        stages = cur.variant_stages(variant, cfg.stages, cfg.mixed_stage, cfg.roar_stage)
+        frames, entries, skipped = [], [], []
+        for k, stage in enumerate(stages, start=1):
+            rows = cur.stage_rows(labelled, stage, cfg.seed + k, cfg.max_group_size)
+            frames.append(rows.withColumn("stage", F.lit(k).cast("int")).withColumn("stage_name", F.lit(stage.name))
+                          .withColumn("loss", F.lit(stage.loss)))
+        table = f"train_set_{variant}"
+        union = frames[0]
+        for f in frames[1:]:
+            union = union.unionByName(f)
+        ctx.tables.overwrite(table, union)
+        data = ctx.tables.read(table).toPandas()
+        for k, stage in enumerate(stages, start=1):
+            pdf = data[data["stage"] == k].drop(columns=["stage", "stage_name", "loss"])
+            if pdf.empty:
+                msg = (f"[{variant}] stage {k} '{stage.name}' has no training rows: check the mined classes "
+                       f"{stage.positive_classes} / {stage.negative_classes} and the grade thresholds")
+                print(f"WARNING {msg}; the stage is left out of the manifest")
+                log.warning(msg)
+                skipped.append({"stage": k, "name": stage.name, "loss": stage.loss})
+                continue
+            folder = f"stage{k}_{stage.name}"
+            entry = write_stage_shards(pdf, root / variant / folder, num_files=cfg.num_files,
+                                       row_group_size=cfg.row_group_size, seed=cfg.seed + k)
+            comp = cur.composition(pdf)
+            entry.update({"stage": k, "name": stage.name, "loss": stage.loss, "folder": folder, "epochs": stage.epochs,
+                          "composition": comp.astype(object).where(comp.notna(), None).to_dict(orient="records")})
+            entries.append(entry)
+            print(f"[{variant}] stage {k} {stage.name} ({stage.loss}): {entry['rows']} rows in {len(entry['files'])} files")
+            by = comp[comp["side"] == "item"].groupby(["level", "candidate_class", "grade", "label"], dropna=False)["rows"].sum()
+            for (level, cls, grade, label), n in by.items():
+                print(f"    item L{level!s:<3} {cls:<24} grade={grade!s:<4} label={label!s:<4} rows={n}")
+            neg = comp[comp["side"] == "negative"].groupby(["level", "candidate_class", "grade"], dropna=False)["rows"].sum()
+            for (level, cls, grade), n in neg.items():
+                print(f"    neg  L{level!s:<3} {cls:<24} grade={grade!s:<4} rows={n}")
+            grades = comp[comp["side"] == "list_item"]
+            for _, r in grades.iterrows():
+                print(f"    list item grade={r['grade']!s:<4} rows={r['rows']}")
+        if not entries:
+            raise ValueError(f"[{variant}] no stage has training rows; nothing to train (candidates: {counts})")
+        manifest = {"variant": variant, "stages": entries, "skipped_stages": skipped, "sources": sources, "candidate_status": counts,
+                    "table": ctx.tables.qualified_name(table), "table_version": ctx.tables.version(table)}
+        write_manifest(root / variant, manifest)
+        summary["variants"][variant] = manifest
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = job_parser("annomine curriculum", __doc__)
+    args = parser.parse_args(argv)
+    project, cfg = load(args, "curriculum", CurriculumConfig)
+    run(open_context(project), cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

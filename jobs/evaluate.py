@@ -1,0 +1,255 @@
+"""Stage `evaluate`: retrieve top-100 over the whole catalog per labelled query, score against human labels.
+
+    annomine evaluate --model M --products F --queries F --labels F --out report.json
+    annomine evaluate --models bm25,minilm,best --split dev
+
+M is `bm25`, `minilm` (zero-shot), a model folder, `best` / a variant name (<warehouse>/models/*.json),
+`variants` (all of them), or an MLflow model URI (runs:/..., models:/...). Without files, the
+ingested tables are used (products, queries, human_labels). Writes the JSON report (NDCG@10 with
+unjudged = 0 and judged-only, lowest-grade share of the judged top 10, Recall@100 of top-grade
+items, per query segment, with bootstrap CIs, plus per-query rows), a markdown report and PNG
+plots next to it, logs them to MLflow, and registers the best two-tower by dev NDCG@10.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from annomine.evaluation import inputs as inputs_lib
+from annomine.evaluation import metrics as metrics_lib
+from annomine.evaluation import report as report_lib
+from annomine.evaluation.index import IndexConfig
+from annomine.evaluation.retrievers import EncodeSettings, ModelSpec, ModelSpecError, resolve_specs, retrieve
+from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
+from annomine.splits import split_of
+
+log = logging.getLogger("annomine.evaluate")
+
+SPLITS = ("dev", "train", "all")
+
+
+@dataclass
+class EvaluateConfig:
+    # Model specs to compare (see the module doc). Registry names that do not exist yet (e.g. `best`
+    # before any training) are skipped with a notice when `skip_missing` is true.
+    models: list[str] = field(default_factory=lambda: ["bm25", "minilm"])
+    skip_missing: bool = True
+    # Files in the CrowdFlower layout; unset = the ingested tables.
+    products: str | None = None
+    queries: str | None = None
+    labels: str | None = None
+    split: str = "dev"
+    top_k: int = 100
+    # Report JSON; unset = <warehouse>/evaluation/report_<split>.json (markdown and PNGs next to it).
+    out: str | None = None
+    index: IndexConfig = field(default_factory=IndexConfig)
+    query_max_len: int = 16
+    item_max_len: int = 64
+    batch_size: int = 128
+    spark_threshold: int = 50000
+    spark_partitions: int = 4
+    cache_embeddings: bool = True
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
+    head_share: float = 0.5
+    torso_share: float = 0.8
+    mlflow: bool = True
+    register: bool = True
+    registered_model_name: str = "annomine-two-tower"
+
+    def validate(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
+        if not self.models:
+            raise ValueError("models must name at least one model")
+        if self.top_k < 10:
+            raise ValueError("top_k must be >= 10 (NDCG@10 needs ten results)")
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError("confidence must be in [0.5, 1)")
+        if self.bootstrap_resamples < 0:
+            raise ValueError("bootstrap_resamples must be >= 0")
+        if not 0 < self.head_share < self.torso_share < 1:
+            raise ValueError("need 0 < head_share < torso_share < 1")
+        self.index.validate()
+
+
+CONFIG_CLASS = EvaluateConfig
+
+
+def encode_settings(cfg: EvaluateConfig) -> EncodeSettings:
+    return EncodeSettings(query_max_len=cfg.query_max_len, item_max_len=cfg.item_max_len, batch_size=cfg.batch_size,
+                          spark_threshold=cfg.spark_threshold, spark_partitions=cfg.spark_partitions,
+                          cache=cfg.cache_embeddings, index=cfg.index)
+
+
+def load_inputs(ctx: JobContext, cfg: EvaluateConfig):
+    """(catalog, catalog facts, queries, raw labels, sources) from files or tables."""
+    if cfg.products:
+        catalog, facts = inputs_lib.catalog_from_file(cfg.products)
+    else:
+        catalog, facts = inputs_lib.catalog_from_table(ctx.tables)
+    queries = inputs_lib.queries_from_file(cfg.queries) if cfg.queries else inputs_lib.queries_from_table(ctx.tables)
+    labels = inputs_lib.labels_from_file(cfg.labels) if cfg.labels else inputs_lib.labels_from_table(ctx.tables)
+    sources = {"products": facts["source"], "queries": cfg.queries or f"table {ctx.tables.qualified_name('queries')}",
+               "labels": cfg.labels or f"table {ctx.tables.qualified_name('human_labels')}"}
+    return catalog, facts, queries, labels, sources
+
+
+def query_segments(queries: pd.DataFrame, cfg: EvaluateConfig) -> tuple[pd.Series, str]:
+    """Segment per query_id: the table's frequency segments when complete, else `assign_segments`."""
+    if "segment" in queries.columns and len(queries) and queries["segment"].notna().all():
+        return pd.Series(queries["segment"].values, index=queries["query_id"]), "frequency (segments of the queries table)"
+    seg, rule = metrics_lib.assign_segments(queries, cfg.head_share, cfg.torso_share)
+    return pd.Series(seg.values, index=queries["query_id"]), rule
+
+
+def resolve_models(ctx: JobContext, cfg: EvaluateConfig, strict: bool) -> tuple[list[ModelSpec], list[dict]]:
+    specs, skipped = [], []
+    for text in cfg.models:
+        try:
+            specs.extend(resolve_specs(text, ctx.project.warehouse, ctx.project.tracking_uri))
+        except ModelSpecError as exc:
+            if strict or not cfg.skip_missing:
+                raise
+            log.warning("model %s skipped: %s", text, exc)
+            skipped.append({"model": text, "reason": str(exc)})
+    labels = [s.label for s in specs]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ModelSpecError(f"two models share the label(s) {dupes}; name them: label=spec")
+    if not specs:
+        raise ModelSpecError(f"no model to evaluate (skipped: {skipped})")
+    return specs, skipped
+
+
+def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, command: str | None = None) -> dict:
+    started = time.time()
+    project = ctx.project
+    catalog, catalog_facts, queries, raw_labels, sources = load_inputs(ctx, cfg)
+    labels, rejected = metrics_lib.merge_labels(raw_labels, project.min_grade, project.max_grade, sources["labels"])
+    if len(rejected):
+        log.warning("%s: %d label rows rejected, e.g. %s", sources["labels"], len(rejected), rejected.head(3).to_dict("records"))
+    segments, segment_rule = query_segments(queries, cfg)
+    known_queries = set(queries["query_id"])
+    orphan = sorted(set(labels["query_id"]) - known_queries)
+    labels = labels[labels["query_id"].isin(known_queries)]
+    split = labels["query_id"].map(lambda q: split_of(q))
+    if cfg.split != "all":
+        labels = labels[split == cfg.split]
+    labels = labels.reset_index(drop=True)
+    eval_ids = sorted(labels["query_id"].unique())
+    if not eval_ids:
+        raise ValueError(f"no labelled queries in split '{cfg.split}' (labels: {sources['labels']}, queries: {sources['queries']})")
+    text_of = dict(zip(queries["query_id"], queries["query"]))
+    query_texts = [text_of[q] for q in eval_ids]
+    catalog_ids = set(catalog.ids)
+    unknown_products = int((~labels["product_id"].isin(catalog_ids)).sum())
+    if unknown_products:
+        log.warning("%d labels name products that are not in the catalog (they count as not retrieved)", unknown_products)
+    specs, skipped = resolve_models(ctx, cfg, strict_models)
+    settings = encode_settings(cfg)
+    cache_dir = project.warehouse_path / "cache" / "eval_embeddings"
+    eval_segments = segments.reindex(eval_ids)
+    seg_counts = {s: int((eval_segments == s).sum()) for s in metrics_lib.SEGMENTS}
+    print(f"evaluate: {len(eval_ids)} queries (split {cfg.split}), {len(labels)} labels, {len(catalog)} products, "
+          f"models {[s.label for s in specs]}")
+
+    models, per_query_rows = [], []
+    for spec in specs:
+        t0 = time.time()
+        ranked_lists, info = retrieve(spec, catalog, query_texts, cfg.top_k, settings, cache_dir, spark=ctx.spark)
+        ranked = dict(zip(eval_ids, ranked_lists))
+        per_query = metrics_lib.per_query_metrics(ranked, labels, project.min_grade, project.max_grade, k=10, recall_k=cfg.top_k)
+        summary = metrics_lib.summarise(per_query, segments, cfg.bootstrap_resamples, cfg.confidence, project.seed)
+        per_query["split"] = per_query["query_id"].map(split_of)
+        dev_values = per_query.loc[per_query["split"] == "dev", "ndcg@10"].dropna()
+        info["total_s"] = round(time.time() - t0, 1)
+        models.append({"label": spec.label, "spec": spec.as_dict(), "retrieval": info, "metrics": summary,
+                       "dev_ndcg@10": float(dev_values.mean()) if len(dev_values) else None,
+                       "grade_distribution@10": metrics_lib.grade_distribution(per_query, project.min_grade, project.max_grade)})
+        for row in per_query.to_dict("records"):
+            row.update({"model": spec.label, "query": text_of[row["query_id"]], "segment": segments.get(row["query_id"])})
+            per_query_rows.append(row)
+        m = summary["all"]
+        print(f"  {spec.label}: NDCG@10 {report_lib._fmt(m['ndcg@10'])}, judged-only {report_lib._fmt(m['ndcg@10_judged'])}, "
+              f"lowest-grade share {report_lib._fmt(m['lowest_share@10'], pct=True)}, "
+              f"Recall@100 top {report_lib._fmt(m['recall@100_top'])} ({info['total_s']}s)")
+
+    report = {
+        "created_at": pd.Timestamp.now("UTC").isoformat(),
+        "split": cfg.split, "k": 10, "recall_k": cfg.top_k, "index": cfg.index.kind,
+        "grade_scale": {"min": project.min_grade, "max": project.max_grade, "gain": "grade - min_grade"},
+        "metrics": metrics_lib.METRICS,
+        "bootstrap": {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": project.seed},
+        "segment_rule": segment_rule, "segment_counts": seg_counts,
+        "inputs": {**sources, "n_products": len(catalog), "catalog": catalog_facts, "n_queries_in_file": len(queries),
+                   "n_queries_evaluated": len(eval_ids), "n_label_rows": len(raw_labels), "n_labels": len(labels),
+                   "n_rejected_label_rows": len(rejected), "rejected_label_rows": rejected.head(100).to_dict("records"),
+                   "labels_for_unknown_products": unknown_products,
+                   "labelled_queries_not_in_queries_file": len(orphan)},
+        "models": models, "skipped_models": skipped, "command": command,
+        "per_query": per_query_rows,
+    }
+    out = Path(cfg.out) if cfg.out else project.warehouse_path / "evaluation" / f"report_{cfg.split}.json"
+    out = out.expanduser().resolve()
+    report_lib.write_json(report, out)
+    md = out.with_suffix(".md")
+    plots = [report_lib.plot_metrics(report, out.with_name(out.stem + "_metrics.png")),
+             report_lib.plot_grades(report, out.with_name(out.stem + "_grades_top10.png"))]
+    md.write_text(report_lib.markdown(report))
+    if cfg.mlflow:
+        report["mlflow_run_id"] = report_lib.log_to_mlflow(report, [out, md, *plots], project.tracking_uri, project.mlflow_experiment)
+        if cfg.register:
+            by_label = {s.label: s for s in specs}
+            name = cfg.registered_model_name
+            if project.catalog and "." not in name:  # Unity Catalog models live in catalog.schema
+                name = f"{project.catalog}.{project.schema}.{name}"
+            report["registration"] = report_lib.register_best(report, by_label, project.tracking_uri, project.mlflow_experiment,
+                                                              name, out)
+            print(f"  registration: {report['registration']}")
+        report_lib.write_json(report, out)
+        md.write_text(report_lib.markdown(report))
+    print(f"evaluate: report {out} (+ {md.name}, {', '.join(p.name for p in plots)}) in {time.time() - started:.0f}s")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = job_parser("annomine evaluate", __doc__)
+    parser.add_argument("--model", action="append", default=[], help="a model spec (repeatable)")
+    parser.add_argument("--models", help="comma-separated model specs, e.g. bm25,minilm,best")
+    parser.add_argument("--products", help="products file (product_id, title[, description])")
+    parser.add_argument("--queries", help="queries file (query_id, query[, frequency])")
+    parser.add_argument("--labels", help="labels file (query_id, product_id, grade[, variance])")
+    parser.add_argument("--out", help="report JSON path (markdown and PNGs are written next to it)")
+    parser.add_argument("--split", choices=SPLITS, help="labelled queries to use (annomine.splits.split_of)")
+    parser.add_argument("--index", choices=("flat", "hnsw", "ivf"), help="FAISS index (default flat)")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
+    args = parser.parse_args(argv)
+    project, cfg = load(args, "evaluate", EvaluateConfig)
+    cli_models = list(args.model) + [m for m in (args.models or "").split(",") if m.strip()]
+    if cli_models:
+        cfg.models = cli_models
+    for name in ("products", "queries", "labels", "out", "split"):
+        if getattr(args, name):
+            setattr(cfg, name, getattr(args, name))
+    if args.index:
+        cfg.index.kind = args.index
+    if args.no_mlflow:
+        cfg.mlflow = False
+    cfg.validate()
+    ctx = open_context(project)
+    command = "annomine evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    run(ctx, cfg, strict_models=bool(cli_models), command=command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Stage `judge`: train, calibrate and evaluate the relevance judge cascade.
+
+    annomine judge train     [--conf F] [--queries F --labels F --products F]
+    annomine judge calibrate [--conf F] [--judge PATH] [...same label files]
+    annomine judge eval      --queries F --labels F --products F [--judge PATH] [--split dev|all]
+
+`train` fine-tunes the tier-1 cross-encoder on the train queries (annomine.splits: dev queries are
+never trained on; a query-disjoint calibration part of the train queries is held out), fits its
+per-class isotonic calibration and thresholds on the calibration part, reports tier-1 metrics on
+dev, saves everything under `<warehouse>/judges/<version>/`, points `current.json` at it and logs
+params, metrics and a confusion-matrix PNG to MLflow. `calibrate` (re)fits the calibration of every
+enabled tier (the LLM tiers included) on the calibration split. `eval` grades the pairs of any
+files in the CrowdFlower layout with the configured cascade and prints JSON: exact agreement,
+quadratic weighted kappa, confusion matrix, escalation rate and the share settled per tier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from annomine.config import ProjectConfig
+from annomine.judges.cascade import CascadeConfig
+from annomine.judges.cross_encoder import CrossEncoderSettings
+from annomine.runtime import job_parser, load, setup_logging
+
+log = logging.getLogger("annomine.judge")
+
+
+@dataclass
+class LabelFiles:
+    queries: str
+    labels: str
+    products: str
+
+
+@dataclass
+class JudgeConfig:
+    # Tier-1 training settings.
+    model: CrossEncoderSettings = field(default_factory=CrossEncoderSettings)
+    # Human labels: files in the CrowdFlower layout; empty = the human_labels/queries/products tables.
+    labels: LabelFiles | None = None
+    # Share of train queries held out (by query) for calibration and the decision rule.
+    calibration_fraction: float = 0.25
+    # Calibrated agreement a tier must reach on a class to settle a pair without escalating.
+    target_agreement: float = 0.9
+    # The cascade used by `calibrate` and `eval` (tiers 2 and 3, loopback server, concurrency).
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    log_mlflow: bool = True
+
+    def validate(self) -> None:
+        if not 0.0 < self.calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
+        if not 0.0 < self.target_agreement <= 1.0:
+            raise ValueError(f"target_agreement must be in (0, 1], got {self.target_agreement}")
+
+
+CONFIG_CLASS = JudgeConfig
+
+
+def grades_of(project: ProjectConfig) -> list[int]:
+    return list(range(project.min_grade, project.max_grade + 1))
+
+
+def _labelled_pairs(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None):
+    from annomine.judges.data import load_pairs_from_files, load_pairs_from_tables
+
+    files = files or cfg.labels
+    if files:
+        return load_pairs_from_files(files.queries, files.labels, files.products, project.min_grade, project.max_grade)
+    from annomine.runtime import open_context
+
+    return load_pairs_from_tables(open_context(project).tables)
+
+
+def _confusion_png(metrics: dict, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(metrics["confusion_matrix"]["rows_truth_cols_pred"])
+    grades = metrics["confusion_matrix"]["grades"]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="black")
+    ax.set_xticks(range(len(grades)), grades)
+    ax.set_yticks(range(len(grades)), grades)
+    ax.set_xlabel("judge grade")
+    ax.set_ylabel("human grade")
+    ax.set_title(f"{title}\nagreement {metrics['exact_agreement']:.3f}, QWK {metrics['quadratic_weighted_kappa']:.3f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _log_mlflow(project: ProjectConfig, run_name: str, params: dict, metrics: dict, artifacts: list[Path]) -> None:
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(project.tracking_uri)
+        mlflow.set_experiment(project.mlflow_experiment)
+        with mlflow.start_run(run_name=run_name):
+            mlflow.log_params({k: str(v)[:250] for k, v in params.items()})
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)})
+            for path in artifacts:
+                mlflow.log_artifact(str(path))
+    except Exception as exc:  # noqa: BLE001 - tracking is a side channel; the judge is saved regardless
+        log.warning("MLflow logging failed: %s", exc)
+
+
+def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, set_current: bool = True) -> dict:
+    from annomine.judges.calibration import fit_calibrator
+    from annomine.judges.cross_encoder import select_decision, train_cross_encoder, version_id
+    from annomine.judges.data import assign_splits, grading_metrics
+    from annomine.judges.store import judges_root
+    from annomine.judges.store import set_current as point_current
+
+    grades = grades_of(project)
+    pairs = _labelled_pairs(project, cfg, files)
+    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed)
+    tr, cal, dev = (pairs[pairs.split == s].reset_index(drop=True) for s in ("train", "calibration", "dev"))
+    if tr.empty or cal.empty:
+        raise ValueError(f"not enough labelled queries to train and calibrate: {len(tr)} train, {len(cal)} calibration pairs")
+    log.info("judge train: %d train pairs (%d queries), %d calibration (%d), %d dev (%d)", len(tr), tr.query_id.nunique(),
+             len(cal), cal.query_id.nunique(), len(dev), dev.query_id.nunique())
+    version = version_id(cfg.model, grades, list(zip(tr.query_id, tr.product_id, tr.grade, tr.text, tr["query"])))
+    model, history = train_cross_encoder(tr, grades, cfg.model)
+    model.version = version
+    cal_probs = model.predict_proba(cal["query"].tolist(), cal["text"].tolist(), progress=True)
+    history.update(select_decision(model, cal_probs, cal["grade"]))  # decision rule chosen on calibration queries
+    cal_pred = model.decide(cal_probs)
+    cal_conf = cal_probs[np.arange(len(cal_pred)), [grades.index(int(g)) for g in cal_pred]]
+    calibrator = fit_calibrator(cal_pred, cal_conf, cal["grade"], grades, cfg.target_agreement)
+    metrics: dict = {"version": version, "history": history, "calibration": calibrator.stats,
+                     "splits": {s: {"pairs": int((pairs.split == s).sum()), "queries": int(pairs[pairs.split == s].query_id.nunique())}
+                                for s in ("train", "calibration", "dev")}}
+    folder = judges_root(project.warehouse) / version
+    model.meta = {"settings": asdict(cfg.model), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    model.save(folder)
+    calibrator.save(folder / "calibration_tier1.json")
+    artifacts = []
+    if len(dev):
+        dev_probs = model.predict_proba(dev["query"].tolist(), dev["text"].tolist(), progress=True)
+        dev_pred = model.decide(dev_probs)
+        dev_conf = calibrator.calibrate(dev_pred, dev_probs[np.arange(len(dev_pred)), [grades.index(int(g)) for g in dev_pred]])
+        dev_metrics = grading_metrics(dev["grade"], dev_pred, grades)
+        dev_metrics["would_escalate_rate"] = float(1.0 - calibrator.is_sure(dev_pred, dev_conf).mean())
+        metrics["dev_tier1"] = dev_metrics
+        artifacts.append(_confusion_png(dev_metrics, folder / "confusion_dev_tier1.png", f"tier 1 {version} on dev"))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    artifacts.append(folder / "metrics.json")
+    if set_current:
+        point_current(project.warehouse, version)
+    if cfg.log_mlflow:
+        flat = {"train_seconds": history["train_seconds"], "train_pairs_per_s": history["train_pairs_per_s"],
+                "calibration_sure_share": calibrator.stats["sure_share"]}
+        if "dev_tier1" in metrics:
+            flat.update({f"dev_{k}": v for k, v in metrics["dev_tier1"].items() if isinstance(v, (int, float))})
+        for e in history["epochs"]:
+            flat[f"loss_epoch_{e['epoch']}"] = e["loss"]
+        _log_mlflow(project, f"judge-train-{version}", dict(asdict(cfg.model), version=version, decision=model.decision,
+                                                            target_agreement=cfg.target_agreement), flat, artifacts)
+    print(json.dumps({"version": version, "path": str(folder), "decision": model.decision,
+                      "dev_tier1": {k: v for k, v in metrics.get("dev_tier1", {}).items() if k != "confusion_matrix"},
+                      "train_seconds": round(history["train_seconds"], 1)}, indent=2, default=float))
+    return metrics
+
+
+def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, judge: str | None = None,
+              only: list[str] | None = None) -> dict:
+    """Re-fit tier calibrations on the calibration split (tier 1 and every enabled LLM tier)."""
+    from annomine.judges.cascade import Cascade, calibrate_cascade
+    from annomine.judges.data import assign_splits
+    from annomine.judges.store import resolve_judge
+
+    grades = grades_of(project)
+    pairs = _labelled_pairs(project, cfg, files)
+    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed)
+    cal = pairs[pairs.split == "calibration"].reset_index(drop=True)
+    folder = resolve_judge(project.warehouse, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse) as cascade:
+        stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only)
+    print(json.dumps(stats, indent=2, default=float))
+    return stats
+
+
+def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None, judge: str | None = None,
+             split: str = "all") -> dict:
+    from annomine.judges.cascade import Cascade, cascade_metrics
+    from annomine.judges.data import assign_splits
+    from annomine.judges.store import resolve_judge
+
+    grades = grades_of(project)
+    pairs = _labelled_pairs(project, cfg, files)
+    if split != "all":
+        pairs = pairs[assign_splits(pairs, cfg.calibration_fraction, project.seed) == split].reset_index(drop=True)
+    if pairs.empty:
+        raise ValueError(f"no labelled pairs to evaluate (split={split})")
+    folder = resolve_judge(project.warehouse, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
+    started = time.time()
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse) as cascade:
+        graded = cascade.grade_frame(pairs[["query_id", "query", "product_id", "text"]], progress=True)
+        result = cascade_metrics(pairs["grade"].to_numpy(), graded, grades)
+        result["judge_version"] = cascade.version
+        result["tiers"] = cascade.tier_names
+    result["split"] = split
+    result["n_queries"] = int(pairs.query_id.nunique())
+    result["seconds"] = round(time.time() - started, 2)
+    print(json.dumps(result, indent=2, default=float))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    for noisy in ("httpx2", "httpcore", "openai"):  # one line per LLM request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parser = job_parser("annomine judge", __doc__)
+    parser.add_argument("action", choices=["train", "eval", "calibrate"])
+    parser.add_argument("--queries", help="queries file (CrowdFlower layout)")
+    parser.add_argument("--labels", help="human labels file (query_id, product_id, grade[, variance])")
+    parser.add_argument("--products", help="products file (product_id, title[, description])")
+    parser.add_argument("--judge", help="judge folder or version (default: <warehouse>/judges/current.json)")
+    parser.add_argument("--split", default="all", choices=["all", "dev", "train", "calibration"],
+                        help="eval: grade only this split of the labelled queries (default: all)")
+    parser.add_argument("--tier1-only", action="store_true", help="eval/calibrate with tier 1 alone (tiers 2-3 disabled)")
+    parser.add_argument("--tiers", help="calibrate: only these tiers, e.g. tier2,tier3 (default: every enabled tier)")
+    args = parser.parse_args(argv)
+    project, cfg = load(args, "judge", JudgeConfig)
+    given = [args.queries, args.labels, args.products]
+    if any(given) and not all(given):
+        parser.error("--queries, --labels and --products go together")
+    files = LabelFiles(args.queries, args.labels, args.products) if all(given) else None
+    if args.tier1_only:
+        cfg.cascade.tier2 = cfg.cascade.tier3 = None
+    if args.action == "train":
+        train(project, cfg, files)
+    elif args.action == "calibrate":
+        calibrate(project, cfg, files, args.judge, args.tiers.split(",") if args.tiers else None)
+    else:
+        evaluate(project, cfg, files, args.judge, args.split)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Stage `mine`: set logic over the three retrieval channels into five difficulty levels.
+
+Reads `retrieval_logs`, `products` and `queries`; writes `mined_candidates` (one row per (query,
+product) candidate: rank metadata, class, level 1-5) and `mined_report` (counts per class, per
+channel, per segment); prints the report and logs it, the rules and a PNG chart to MLflow.
+Invalid log rows go to `quarantine`. Both tables are rewritten whole, so a re-run is idempotent.
+The logic lives in `annomine.mining` (pure DataFrame transforms); this module only does I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyspark.sql import functions as F
+
+from annomine import mining
+from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
+
+log = logging.getLogger("annomine.mine")
+
+
+@dataclass
+class MineConfig(mining.MiningRules):
+    """Mining rules (see `annomine.mining.MiningRules`) plus what to read and where to report."""
+
+    # Mine these retrieval_logs runs; empty: the latest run of each channel.
+    run_ids: list[str] = field(default_factory=list)
+    # Sampling seed; null: project.seed.
+    seed: int | None = None
+    write_report_table: bool = True
+    log_mlflow: bool = True
+
+    def rules(self, project_seed: int) -> mining.MiningRules:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(mining.MiningRules)}
+        values["seed"] = project_seed if self.seed is None else self.seed
+        return mining.MiningRules(**values)
+
+
+CONFIG_CLASS = MineConfig
+
+
+def parquet_checkpoint(spark, folder: Path):
+    """A `checkpoint(df, name)` for `mining.mine_candidates`: write Parquet once, read it back."""
+    def checkpoint(df, name: str):
+        path = str(folder / name)
+        df.write.mode("overwrite").parquet(path)
+        # An empty result may leave no file to infer a schema from: read with the known one.
+        return spark.read.schema(df.schema).parquet(path)
+
+    return checkpoint
+
+
+def _log_mlflow(ctx: JobContext, cfg: MineConfig, rules: mining.MiningRules, rows: list[dict], stats: dict) -> str | None:
+    import mlflow
+
+    mlflow.set_tracking_uri(ctx.project.tracking_uri)
+    mlflow.set_experiment(ctx.project.mlflow_experiment)
+    with mlflow.start_run(run_name="mine") as run, tempfile.TemporaryDirectory() as tmp:
+        params = {k: (",".join(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(rules).items()
+                  if k != "class_quotas"}
+        params.update({f"quota_{k}": v for k, v in rules.class_quotas.items()})
+        params["run_ids"] = ",".join(cfg.run_ids) or "latest"
+        mlflow.log_params(params)
+        metrics = {f"n_{r['candidate_class']}": r["n_candidates"] for r in rows if r["dimension"] == "class"}
+        metrics.update({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics(metrics)
+        chart = mining.report_chart(rows, str(Path(tmp) / "mining_report.png"),
+                                    title=f"mined candidates ({stats['n_candidates']:,} for {stats['n_queries']:,} queries)")
+        mlflow.log_artifact(chart)
+        mlflow.log_text(mining.format_report(rows), "mining_report.txt")
+        return run.info.run_id
+
+
+def run(ctx: JobContext, cfg: MineConfig) -> dict:
+    rules = cfg.rules(ctx.project.seed)
+    started = time.time()
+    logs = ctx.tables.read("retrieval_logs")
+    good, bad = mining.split_logs(logs)
+    n_bad = bad.count()
+    if n_bad:
+        ctx.tables.merge("quarantine", mining.quarantine_rows(bad))
+        log.warning("%d retrieval_logs row(s) quarantined (see the quarantine table, target_table='mined_candidates')", n_bad)
+    products = ctx.tables.read("products")
+    n_products = products.count()
+    queries = ctx.tables.read("queries")
+    log.info("mining %s runs over a catalog of %d products", ",".join(cfg.run_ids) or "the latest", n_products)
+    checkpoint, scratch = None, None
+    if not ctx.tables.unity_catalog:
+        scratch = ctx.project.warehouse_path / "_scratch" / f"mine-{uuid.uuid4().hex[:8]}"
+        checkpoint = parquet_checkpoint(ctx.spark, scratch)
+    try:
+        mined = mining.mine_candidates(good, products, queries, rules, n_products=n_products,
+                                       run_ids=cfg.run_ids or None, checkpoint=checkpoint)
+        ctx.tables.overwrite("mined_candidates", mined)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    written = ctx.tables.read("mined_candidates")
+    report = mining.mining_report(written).withColumn("mined_at", F.current_timestamp())
+    rows = [r.asDict() for r in report.collect()]
+    totals = written.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("query_id").alias("q")).collect()[0]
+    stats = {"n_candidates": int(totals["n"]), "n_queries": int(totals["q"]), "n_quarantined_log_rows": int(n_bad),
+             "seconds": round(time.time() - started, 1)}
+    if cfg.write_report_table:
+        ctx.tables.overwrite("mined_report", report)
+    print(mining.format_report(rows))
+    print(f"mined_candidates: {stats['n_candidates']:,} candidates for {stats['n_queries']:,} queries "
+          f"in {stats['seconds']}s ({n_bad} log rows quarantined)")
+    missing = [c for c in mining.CLASSES if not any(r["dimension"] == "class" and r["candidate_class"] == c for r in rows)]
+    if missing:
+        print(f"warning: no candidates of class(es) {missing}; check the thresholds in the mine: section")
+    if cfg.log_mlflow:
+        stats["mlflow_run_id"] = _log_mlflow(ctx, cfg, rules, rows, stats)
+    stats["report"] = rows
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = job_parser("annomine mine", __doc__)
+    args = parser.parse_args(argv)
+    project, cfg = load(args, "mine", MineConfig)
+    ctx = open_context(project)
+    run(ctx, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

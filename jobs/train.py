@@ -1,0 +1,200 @@
+"""Stage `train`: the two-tower retriever through the curriculum's stages, tracked in MLflow.
+
+Reads the shards and manifest `annomine curriculum` wrote for `train.variant`, runs the same
+per-rank training function under the configured launcher (inprocess, torchrun, torch_distributor,
+horovod), resumes from the last checkpoint when a previous run of the same spec was interrupted, and
+publishes the final model:
+
+    <warehouse>/models/<variant>/model/        TwoTower folder (training.model.TwoTower.load)
+    <warehouse>/models/<variant>/run/          checkpoints, progress.json, history.json, loss_curve.png
+    <warehouse>/models/<variant>.json          {"path", "variant", "mlflow_run_id", "model_uri", ...}
+    <warehouse>/models/best.json               the same pointer for the last trained variant
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from annomine.curriculum import VARIANTS
+from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
+from training.launchers import LAUNCHERS, launch
+from training.shards import read_manifest
+
+log = logging.getLogger("annomine.train")
+
+
+@dataclass
+class BCEParams:
+    init_temperature: float = 20.0
+    learn_bias: bool = True
+
+
+@dataclass
+class MNRParams:
+    scale: float = 20.0
+    margin_delta: float | None = 0.1
+
+
+@dataclass
+class TripletParams:
+    margin: float = 0.3
+
+
+@dataclass
+class ROARParams:
+    beta: float = 0.1
+    tau: float = 0.01
+    margin_delta: float | None = 0.1
+
+
+@dataclass
+class LossesConfig:
+    bce: BCEParams = field(default_factory=BCEParams)
+    mnr: MNRParams = field(default_factory=MNRParams)
+    triplet: TripletParams = field(default_factory=TripletParams)
+    roar: ROARParams = field(default_factory=ROARParams)
+
+
+@dataclass
+class TrainConfig:
+    variant: str = "curriculum"
+    # 'minilm' (bundled all-MiniLM-L6-v2), a local HF folder, or 'tiny[:HxL]' (random BERT; tests)
+    base_model: str = "minilm"
+    shared: bool = True
+    query_max_len: int = 16
+    item_max_len: int = 64
+    batch_size: int = 64
+    lr: float = 2e-5
+    loss_lr: float = 1e-2  # learnable loss parameters (BCE temperature and bias)
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    epochs_per_stage: int = 1
+    max_steps_per_epoch: int | None = None
+    losses: LossesConfig = field(default_factory=LossesConfig)
+    launcher: str = "auto"  # auto: inprocess for 1 process, torchrun for more
+    num_proc: int = 2  # ranks; batch_size is per rank
+    threads: int | None = None  # torch threads per rank (None: torch's default)
+    bf16: bool = True  # autocast on GPU
+    resume: bool = True
+    shards_dir: str | None = None  # default <warehouse>/shards
+    dev_max_queries: int | None = None
+    shuffle_buffer: int = 2048
+    log_every: int = 10
+    log_checkpoints: bool = True
+    mlflow: bool = True
+    progress: bool = True
+    seed: int = 13
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {self.variant!r}")
+        if self.launcher not in ("auto", *LAUNCHERS):
+            raise ValueError(f"launcher must be auto or one of {list(LAUNCHERS)}, got {self.launcher!r}")
+        if self.num_proc < 1 or self.batch_size < 1 or self.epochs_per_stage < 1:
+            raise ValueError("num_proc, batch_size and epochs_per_stage must be positive")
+
+
+CONFIG_CLASS = TrainConfig
+
+
+def models_root(ctx: JobContext) -> Path:
+    return ctx.project.warehouse_path / "models"
+
+
+def build_spec(ctx: JobContext, cfg: TrainConfig) -> dict:
+    """The JSON-able spec every rank receives."""
+    shards = Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.warehouse_path / "shards"
+    losses = dataclasses.asdict(cfg.losses)
+    return {
+        "variant": cfg.variant, "shards_root": str(shards / cfg.variant), "dev_dir": str(shards),
+        "output_dir": str(models_root(ctx) / cfg.variant / "run"), "base_model": cfg.base_model, "shared": cfg.shared,
+        "query_max_len": cfg.query_max_len, "item_max_len": cfg.item_max_len, "batch_size": cfg.batch_size,
+        "lr": cfg.lr, "loss_lr": cfg.loss_lr, "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio,
+        "max_grad_norm": cfg.max_grad_norm, "epochs_per_stage": cfg.epochs_per_stage,
+        "max_steps_per_epoch": cfg.max_steps_per_epoch, "losses": losses, "threads": cfg.threads, "bf16": cfg.bf16,
+        "resume": cfg.resume, "dev_max_queries": cfg.dev_max_queries, "shuffle_buffer": cfg.shuffle_buffer,
+        "log_every": cfg.log_every, "progress": cfg.progress, "seed": cfg.seed, "min_grade": ctx.project.min_grade,
+    }
+
+
+def fingerprint(spec: dict, manifest: dict, num_proc: int) -> str:
+    """What a resumable run must share with the interrupted one: the spec, the data, the world size."""
+    volatile = {"resume", "progress", "mlflow", "log_every", "threads"}
+    stable = {k: v for k, v in spec.items() if k not in volatile}
+    text = json.dumps([stable, manifest, num_proc], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run(ctx: JobContext, cfg: TrainConfig) -> dict:
+    spec = build_spec(ctx, cfg)
+    manifest = read_manifest(spec["shards_root"])
+    run_dir = Path(spec["output_dir"])
+    fp = fingerprint(spec, manifest, cfg.num_proc)
+    fp_file = run_dir / "fingerprint.txt"
+    if run_dir.exists() and (not cfg.resume or not fp_file.is_file() or fp_file.read_text().strip() != fp):
+        log.info("starting %s afresh (no resumable run of this spec in %s)", cfg.variant, run_dir)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(fp)
+    run_id = None
+    if cfg.mlflow:
+        from training.tracking import start_run
+
+        id_file = run_dir / "mlflow_run_id"
+        previous = id_file.read_text().strip() if id_file.is_file() else None
+        params = {"train": dataclasses.asdict(cfg), "project": {"seed": ctx.project.seed, "name": ctx.project.name},
+                  "data": {"stages": [{k: s[k] for k in ("stage", "name", "loss", "rows")} for s in manifest["stages"]],
+                           "sources": manifest.get("sources")}}
+        artifact_root = str(ctx.project.warehouse_path / "mlartifacts") if ctx.project.tracking_uri.startswith("sqlite:") else None
+        run_id = start_run(ctx.project.tracking_uri, ctx.project.mlflow_experiment, f"train-{cfg.variant}", params, previous,
+                           artifact_root)
+        id_file.write_text(run_id)
+        spec["mlflow"] = {"tracking_uri": ctx.project.tracking_uri, "run_id": run_id}
+    launcher = cfg.launcher if cfg.launcher != "auto" else ("inprocess" if cfg.num_proc == 1 else "torchrun")
+    started = time.time()
+    result = launch(launcher, spec, cfg.num_proc)
+    wall = time.time() - started
+    final = models_root(ctx) / cfg.variant / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(result["final_dir"], final)
+    model_uri = None
+    if cfg.mlflow:
+        from training.tracking import log_outputs
+
+        model_uri = log_outputs(ctx.project.tracking_uri, run_id, run_dir, final, result, cfg.log_checkpoints)
+    pointer = {"path": str(final), "variant": cfg.variant, "mlflow_run_id": run_id, "model_uri": model_uri,
+               "base_model": cfg.base_model, "launcher": launcher, "num_proc": cfg.num_proc,
+               "examples": result["examples"], "train_seconds": round(result["train_seconds"], 2),
+               "examples_per_s": round(result["examples_per_s"], 2), "wall_seconds": round(wall, 1),
+               "stages": [{k: s.get(k) for k in ("stage", "name", "loss", "best_metric", "examples")} for s in result["stages"]]}
+    for name in (f"{cfg.variant}.json", "best.json"):
+        (models_root(ctx) / name).write_text(json.dumps(pointer, indent=2))
+    for s in pointer["stages"]:
+        metric = "n/a" if s["best_metric"] is None else f"{s['best_metric']:.4f}"
+        print(f"[{cfg.variant}] stage {s['stage']} {s['name']} ({s['loss']}): best dev NDCG@10 {metric}")
+    print(f"[{cfg.variant}] {result['examples']} examples in {result['train_seconds']:.1f}s of training "
+          f"({result['examples_per_s']:.1f} examples/s, {launcher} x{cfg.num_proc}); model: {final}")
+    return pointer
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = job_parser("annomine train", __doc__)
+    args = parser.parse_args(argv)
+    project, cfg = load(args, "train", TrainConfig)
+    run(open_context(project), cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""`annomine evaluate` end to end on a tiny shop: files and tables, BM25 and a tiny two-tower, MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from annomine.evaluation import metrics as M
+from annomine.evaluation.inputs import InputError, catalog_from_file, catalog_from_table
+from annomine.evaluation.retrievers import EncodeSettings, ModelSpecError, catalog_embeddings, resolve_specs
+from tests.conftest import write_tsv
+
+PRODUCTS = [
+    ["p1", "Zanzibar teapot, blue ceramic", "A <b>ceramic</b> teapot from the Zanzibar line."],
+    ["p2", "Teapot cozy", "Knitted cozy for any teapot."],
+    ["p3", "Glass teapot", ""],
+    ["p4", "Red kettle", "Stainless steel kettle, red."],
+    ["p5", "Blue kettle", "Stainless steel kettle, blue."],
+    ["p6", "Red scarf", "Wool scarf in red."],
+    ["p7", "Memory card 16 GB", "SD memory card, 16 GB."],
+    ["p8", "Memory card 32 GB", "SD memory card, 32 GB."],
+    ["p9", "Card game", "A family card game."],
+    ["p10", "Wool socks", "Warm wool socks."],
+]
+QUERIES = [["q1", "zanzibar teapot", "50"], ["q2", "red kettle", "30"], ["q3", "16 gb memory card", "15"],
+           ["q4", "wool socks", "5"]]
+LABELS = [
+    ["q1", "p1", "4", "0"], ["q1", "p2", "1", "0"], ["q1", "p3", "1", "0.2"],
+    ["q2", "p4", "4", "0"], ["q2", "p5", "2", "0"], ["q2", "p5", "3", "0"],  # duplicate: mean 2.5 -> 3
+    ["q2", "p6", "1", "0"],
+    ["q3", "p7", "4", "0"], ["q3", "p8", "3", "0"], ["q3", "p9", "1", "0"],
+    ["q4", "p10", "4", "0"], ["q4", "p6", "9", "0"],  # grade outside the scale: rejected, reported
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from training.model import TwoTower
+
+    folder = tmp_path_factory.mktemp("models") / "tiny_tower"
+    TwoTower.tiny(hidden=32, layers=1, seed=3).save(folder)
+    return folder
+
+
+@pytest.fixture
+def shop(tmp_path):
+    folder = tmp_path / "shop"
+    write_tsv(folder / "products.tsv", ["product_id", "title", "description"], PRODUCTS)
+    write_tsv(folder / "queries.tsv", ["query_id", "query", "frequency"], QUERIES)
+    write_tsv(folder / "labels.tsv", ["query_id", "product_id", "grade", "variance"], LABELS)
+    return folder
+
+
+def _conf(tmp_path, project) -> str:
+    path = tmp_path / "eval.yaml"
+    path.write_text(f"project:\n  warehouse: {project.warehouse}\n  schema: {project.schema}\n"
+                    f"  mlflow_experiment: eval-test\nevaluate:\n  bootstrap_resamples: 200\n")
+    return str(path)
+
+
+def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, tiny_model):
+    import mlflow
+
+    from jobs import evaluate
+
+    out = tmp_path / "out" / "report.json"
+    rc = evaluate.main(["--conf", _conf(tmp_path, project), "--models", f"bm25,tower={tiny_model}",
+                        "--products", str(shop / "products.tsv"), "--queries", str(shop / "queries.tsv"),
+                        "--labels", str(shop / "labels.tsv"), "--split", "all", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [m["label"] for m in report["models"]] == ["bm25", "tower"]
+    assert report["segment_rule"].startswith("frequency")
+    assert report["segment_counts"] == {"head": 1, "torso": 1, "tail": 2}
+    assert report["inputs"]["n_queries_evaluated"] == 4
+    assert report["inputs"]["n_rejected_label_rows"] == 1
+    assert report["inputs"]["rejected_label_rows"][0]["reason"] == "grade outside 1..4"
+    rows = {(r["model"], r["query_id"]): r for r in report["per_query"]}
+    assert len(rows) == 8
+    # BM25 ranks the only Zanzibar teapot first, then the two grade-1 teapots: ideal order.
+    q1 = rows[("bm25", "q1")]
+    assert q1["top10_ids"][0] == "p1" and q1["ndcg@10"] == pytest.approx(1.0)
+    assert q1["judged@10"] == 3 and q1["lowest_share@10"] == pytest.approx(2 / 3)
+    # The merged duplicate (grade 3) is what the top-10 grades show.
+    assert 3 in rows[("bm25", "q2")]["top10_grades"]
+    bm25 = report["models"][0]["metrics"]
+    for metric in M.METRICS:
+        est = bm25["all"][metric]
+        assert est["ci_low"] <= est["mean"] <= est["ci_high"]
+    assert set(bm25) >= {"all", "head", "torso", "tail"}
+    tower = report["models"][1]
+    assert tower["spec"]["two_tower"] and tower["retrieval"]["index"]["kind"] == "flat"
+    assert all(len(rows[("tower", q)]["top10_ids"]) == 10 for q in ("q1", "q2", "q3", "q4"))  # whole catalog searched
+    for name in ("report.md", "report_metrics.png", "report_grades_top10.png"):
+        assert (out.parent / name).is_file()
+    assert "| bm25 |" in out.with_suffix(".md").read_text()
+
+    # MLflow: metrics logged, and the only two-tower registered with its evaluation attached.
+    reg = report["registration"]
+    assert reg["registered"] and reg["model"] == "tower"
+    mlflow.set_tracking_uri(project.tracking_uri)
+    run = mlflow.get_run(report["mlflow_run_id"])
+    assert run.data.metrics["bm25/all/ndcg_at_10"] == pytest.approx(bm25["all"]["ndcg@10"]["mean"])
+    version = mlflow.MlflowClient().get_model_version(reg["name"], reg["version"])
+    assert version.tags["evaluation_json"].endswith("report.json")
+    assert float(version.tags["ndcg_at_10"]) == pytest.approx(tower["metrics"]["all"]["ndcg@10"]["mean"], abs=1e-4)
+    assert float(version.tags["dev_ndcg_at_10"]) == pytest.approx(tower["dev_ndcg@10"], abs=1e-4)
+
+    # The registered model resolves back through its models:/ URI to the same weights.
+    spec = resolve_specs(f"models:/{reg['name']}/{reg['version']}", project.warehouse, project.tracking_uri)[0]
+    assert spec.two_tower and spec.model_uri.startswith("models:/")
+    # A warehouse registry entry (`best`) resolves to the folder.
+    registry = project.warehouse_path / "models"
+    registry.mkdir(parents=True, exist_ok=True)
+    (registry / "best.json").write_text(json.dumps({"path": str(tiny_model), "model_uri": None}))
+    best = resolve_specs("best", project.warehouse)[0]
+    assert best.label == "best" and best.path == str(tiny_model) and best.two_tower
+    with pytest.raises(ModelSpecError, match=r"unknown model 'nope'.*known: \['best'\]"):
+        resolve_specs("nope", project.warehouse)
+
+
+def test_spark_encoding_matches_driver_and_is_cached(spark, project, shop, tiny_model):
+    catalog, _ = catalog_from_file(str(shop / "products.tsv"))
+    spec = resolve_specs(f"t={tiny_model}", project.warehouse)[0]
+    cache = project.warehouse_path / "cache"
+    driver, info = catalog_embeddings(spec, catalog, EncodeSettings(cache=False), cache, spark=spark)
+    assert info["how"] == "driver"
+    in_spark, info = catalog_embeddings(spec, catalog, EncodeSettings(spark_threshold=0, spark_partitions=3), cache, spark=spark)
+    assert info["how"] == "spark"
+    np.testing.assert_allclose(in_spark, driver, atol=1e-5)
+    again, info = catalog_embeddings(spec, catalog, EncodeSettings(spark_threshold=0), cache, spark=spark)
+    assert info["how"] == "cache"
+    np.testing.assert_array_equal(again, in_spark)
+
+
+def test_table_mode_after_ingest(ctx, shop, tiny_model, tmp_path):
+    from jobs import evaluate, ingest
+
+    sources = ingest.crowdflower_sources(str(shop))
+    ingest.run(ctx, ingest.IngestConfig(products=sources["products"], queries=sources["queries"], labels=sources["labels"]))
+    cfg = evaluate.EvaluateConfig(models=[f"tower={tiny_model}"], split="all", mlflow=False, bootstrap_resamples=50,
+                                  out=str(tmp_path / "table.json"))
+    report = evaluate.run(ctx, cfg)
+    assert report["inputs"]["products"].startswith("table ")
+    assert report["segment_rule"] == "frequency (segments of the queries table)"
+    assert report["models"][0]["retrieval"]["how"] == "spark"  # a products table is encoded in Spark
+    # The table and the file it came from are the same content: they share cached embeddings.
+    assert catalog_from_table(ctx.tables)[0].content_key == catalog_from_file(str(shop / "products.tsv"))[0].content_key
+    assert report["inputs"]["n_queries_evaluated"] == 4
+    # Ingest's Spark merge and the evaluation's pandas merge agree on every pair.
+    table = ctx.tables.read("human_labels").toPandas().set_index(["query_id", "product_id"]).sort_index()
+    raw = pd.DataFrame(LABELS, columns=["query_id", "product_id", "grade", "variance"])
+    merged = M.merge_labels(raw, 1, 4)[0].set_index(["query_id", "product_id"]).sort_index()
+    assert table["grade"].to_dict() == merged["grade"].to_dict()
+    np.testing.assert_allclose(table["variance"].to_numpy(), merged["variance"].to_numpy())
+
+
+def test_file_errors_name_the_file_and_column(tmp_path):
+    bad = write_tsv(tmp_path / "products.tsv", ["id", "title"], [["p1", "x"]])
+    with pytest.raises(InputError, match=r"products.tsv: missing required column\(s\) \['product_id'\]"):
+        catalog_from_file(str(bad))
+    with pytest.raises(InputError, match="input file not found"):
+        catalog_from_file(str(tmp_path / "nope.tsv"))

@@ -1,0 +1,148 @@
+"""Two-tower training with a tiny random BERT: stages, checkpoints, resume, DDP sync, the CLI jobs, MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from training.launchers import launch
+from training.model import TwoTower
+from training.runner import ndcg_at_k
+from training.shards import write_manifest, write_stage_shards
+
+STAGES = [("easy", "bce"), ("hard", "mnr"), ("ts", "triplet"), ("roar", "roar")]
+
+
+def make_shards(root: Path, n: int = 32, stages=STAGES) -> dict:
+    recs = []
+    for i in range(n):
+        recs.append(dict(query_id=f"q{i % 8}", query=f"red shoe {i % 8}", product_id=f"p{i}", item_text=f"red shoe item {i}",
+                         label=i % 2, grade=3 + i % 2, candidate_class="easy_positive", level=1, neg_product_id=f"n{i}",
+                         neg_text=f"blue lamp {i}", neg_grade=1, neg_class="token_similar_negative", neg_level=4,
+                         group_product_ids=[f"p{i}", f"n{i}", f"m{i}"], group_texts=[f"red shoe {i}", f"blue lamp {i}", "mug"],
+                         group_grades=[4, 2, 1]))
+    df = pd.DataFrame(recs)
+    entries = []
+    for k, (name, loss) in enumerate(stages, start=1):
+        e = write_stage_shards(df, root / "v" / f"stage{k}_{name}", num_files=2, row_group_size=8)
+        e.update(stage=k, name=name, loss=loss, folder=f"stage{k}_{name}", epochs=None)
+        entries.append(e)
+    write_manifest(root / "v", {"variant": "v", "stages": entries})
+    pd.DataFrame({"query_id": ["q1", "q1", "q2"], "query": ["red shoe 1", "red shoe 1", "red shoe 2"],
+                  "product_id": ["p1", "p9", "p2"], "grade": [4, 2, 3]}).to_parquet(root / "dev_eval.parquet")
+    pd.DataFrame({"product_id": [f"p{i}" for i in range(20)],
+                  "text": [f"red shoe item {i}" for i in range(20)]}).to_parquet(root / "dev_pool.parquet")
+    return {"shards_root": str(root / "v"), "dev_dir": str(root), "output_dir": str(root / "out"), "base_model": "tiny",
+            "batch_size": 8, "epochs_per_stage": 2, "log_every": 2, "progress": False, "seed": 3}
+
+
+def test_model_round_trip_and_normalised_output(tmp_path):
+    for shared in (True, False):
+        m = TwoTower.tiny(shared=shared)
+        q, d = m.encode_queries(["red shoe", "lamp"]), m.encode_items(["red shoe"] * 3, batch_size=2)
+        assert q.dtype == np.float32 and q.shape == (2, 32) and d.shape == (3, 32)
+        assert np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+        m.save(tmp_path / str(shared))
+        back = TwoTower.load(tmp_path / str(shared))
+        assert back.shared == shared and np.allclose(back.encode_items(["red shoe"]), d[:1], atol=1e-6)
+        # separate towers really are separate
+        assert shared or not np.allclose(m.encode_queries(["red shoe"]), m.encode_items(["red shoe"]))
+
+
+def test_ndcg_hand_computed():
+    scores = np.array([[0.9, 0.8, 0.1]])
+    gains = np.array([[0.0, 3.0, 1.0]])
+    dcg = (2 ** 0 - 1) / np.log2(2) + (2 ** 3 - 1) / np.log2(3) + (2 ** 1 - 1) / np.log2(4)
+    idcg = (2 ** 3 - 1) / np.log2(2) + (2 ** 1 - 1) / np.log2(3)
+    assert ndcg_at_k(scores, gains, [np.array([3.0, 1.0])], k=10) == pytest.approx(dcg / idcg)
+
+
+def test_stages_checkpoints_and_resume_after_crash(tmp_path):
+    spec = make_shards(tmp_path, n=16)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        launch("inprocess", {**spec, "fail_after_epoch": [2, 1]})
+    out = Path(spec["output_dir"])
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["stages"]["stage1_easy"]["done"] and progress["stages"]["stage2_hard"]["last_epoch"] == 1
+    stage1_best = (out / "stage1_easy" / "best" / "query" / "model.safetensors").stat().st_mtime_ns
+    result = launch("inprocess", spec)
+    # stage 1 was not re-trained; stage 2 resumed at epoch 2; every stage finished
+    assert (out / "stage1_easy" / "best" / "query" / "model.safetensors").stat().st_mtime_ns == stage1_best
+    history = json.loads((out / "history.json").read_text())
+    stage2_epochs = [e["epoch"] for e in history["epochs"] if e["stage"] == 2]
+    assert stage2_epochs == [1, 2]
+    assert [s["loss"] for s in result["stages"]] == ["bce", "mnr", "triplet", "roar"]
+    assert all(s["done"] and 0.0 <= s["best_metric"] <= 1.0 for s in result["stages"])
+    model = TwoTower.load(result["final_dir"])
+    assert model.encode_queries(["red shoe"]).shape == (1, 32)
+    assert any(h.get("bce_temperature") not in (None, 20.0) for h in history["steps"])
+
+
+def test_two_gloo_ranks_hold_identical_parameters_after_a_step(spark, tmp_path):
+    """TorchDistributor (local mode) runs the training function on 2 gloo processes."""
+    spec = make_shards(tmp_path, n=24, stages=[("hard", "mnr")])
+    spec.update(max_steps_per_epoch=1, epochs_per_stage=1, dump_params=True, threads=1)
+    initial = torch.cat([p.detach().reshape(-1) for p in TwoTower.tiny().parameters()])
+    result = launch("torch_distributor", spec, num_proc=2)
+    assert result["world_size"] == 2
+    out = Path(spec["output_dir"])
+    r0 = torch.load(out / "params_stage1_hard_epoch1_rank0.pt")
+    r1 = torch.load(out / "params_stage1_hard_epoch1_rank1.pt")
+    assert torch.equal(r0, r1)
+    assert not torch.allclose(r0, initial), "a step should have changed the parameters"
+
+
+def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
+    import mlflow
+
+    from jobs.curriculum import CurriculumConfig
+    from jobs.curriculum import run as run_curriculum
+    from jobs.train import TrainConfig
+    from jobs.train import run as run_train
+    from tests.test_curriculum import build_world
+
+    build_world(ctx, n_queries=16)
+    run_curriculum(ctx, CurriculumConfig(variants=["curriculum_roar"], num_files=2, row_group_size=8, dev_pool_size=10))
+    cfg = TrainConfig(variant="curriculum_roar", base_model="tiny", batch_size=8, progress=False, log_checkpoints=False,
+                      num_proc=1)
+    pointer = run_train(ctx, cfg)
+    models = ctx.project.warehouse_path / "models"
+    assert json.loads((models / "best.json").read_text())["path"] == pointer["path"]
+    assert json.loads((models / "curriculum_roar.json").read_text())["variant"] == "curriculum_roar"
+    assert Path(pointer["path"]).name == "model" and Path(pointer["path"]).parent.name == "curriculum_roar"
+    assert [s["loss"] for s in pointer["stages"]] == ["bce", "mnr", "roar"]
+    mlflow.set_tracking_uri(ctx.project.tracking_uri)
+    run = mlflow.get_run(pointer["mlflow_run_id"])
+    assert run.data.params["train.losses.bce.init_temperature"] == "20.0"
+    assert "dev_ndcg10" in run.data.metrics and "train_loss" in run.data.metrics
+    client = mlflow.tracking.MlflowClient()
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 3
+    assert "loss_curve.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert run.info.artifact_uri.startswith(ctx.project.warehouse_path.as_uri()), "artifacts belong in the warehouse"
+    encoder = mlflow.pyfunc.load_model(pointer["model_uri"])
+    emb = encoder.predict(pd.DataFrame({"text": ["red shoe", "red shoe item"], "side": ["query", "item"]}))
+    direct = TwoTower.load(pointer["path"])
+    assert np.allclose(emb.to_numpy()[0], direct.encode_queries(["red shoe"])[0], atol=1e-5)
+    assert np.allclose(emb.to_numpy()[1], direct.encode_items(["red shoe item"])[0], atol=1e-5)
+    # a second run of the same spec resumes (nothing left to train) and reuses the MLflow run
+    again = run_train(ctx, cfg)
+    assert again["mlflow_run_id"] == pointer["mlflow_run_id"] and again["examples"] == 0
+
+
+def test_horovod_launcher_is_optional(tmp_path):
+    try:
+        import horovod  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="optional extra"):
+            launch("horovod", {"output_dir": str(tmp_path)}, num_proc=2)
+        return
+    spec = make_shards(tmp_path, n=16, stages=[("hard", "mnr")])
+    spec.update(max_steps_per_epoch=1, epochs_per_stage=1, dump_params=True, threads=1)
+    launch("horovod", spec, num_proc=2)
+    out = Path(spec["output_dir"])
+    assert torch.equal(torch.load(out / "params_stage1_hard_epoch1_rank0.pt"), torch.load(out / "params_stage1_hard_epoch1_rank1.pt"))
