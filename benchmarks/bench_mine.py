@@ -38,12 +38,24 @@ def peak_rss_mib() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data", help="folder written by gen_logs.py")
+    ap.add_argument("data", nargs="?", help="folder written by gen_logs.py (default: generate one per --rows)")
+    ap.add_argument("--rows", type=int, nargs="*", default=[], help="generate logs of these sizes (catalog = rows / 10) and mine each")
     ap.add_argument("--max-positives", type=int, default=50)
     ap.add_argument("--max-negatives", type=int, default=50)
     ap.add_argument("--blocking-max-df", type=int, default=5000)
     ap.add_argument("--out", help="where to write the candidates (default: a temp folder, removed)")
     args = ap.parse_args(argv)
+    if args.data is None:
+        import subprocess
+
+        for rows in args.rows or [1_000_000]:
+            folder = Path(tempfile.mkdtemp(prefix=f"gen_{rows}_"))
+            subprocess.run([sys.executable, str(Path(__file__).with_name("gen_logs.py")), "--rows", str(rows),
+                            "--products", str(max(1000, rows // 10)), "--out", str(folder)], check=True)
+            passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.isdigit() and a != "--rows"]
+            subprocess.run([sys.executable, __file__, str(folder), *passthrough], check=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        return 0
     data = Path(args.data)
     n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((data / "logs").glob("*.parquet")))
     n_products = pq.ParquetFile(data / "products.parquet").metadata.num_rows
@@ -68,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
               "peak_rss_mib": round(peak_rss_mib()), "max_positives": rules.max_positives,
               "max_negatives": rules.max_negatives, "blocking_max_df": rules.blocking_max_df}
     print(json.dumps(result, indent=1))
+    from common import emit
+
+    emit(f"mining throughput, {n_rows:,} log rows, {n_products:,} products, caps {rules.max_positives}/{rules.max_negatives}",
+         result["log_rows_per_s"], "log rows/s", seconds=result["seconds"], candidates=result["candidates"])
+    emit(f"mining peak memory (driver + embedded engine), {n_rows:,} log rows", result["peak_rss_mib"], "MiB")
     if not args.out:
         shutil.rmtree(out.parent, ignore_errors=True)
     stop_embedded()

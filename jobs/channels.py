@@ -258,8 +258,9 @@ def _log_mlflow(ctx: JobContext, cfg: ChannelsConfig, run_id: str, stats: dict, 
     try:
         import mlflow
 
-        mlflow.set_tracking_uri(ctx.project.tracking_uri)
-        mlflow.set_experiment(ctx.project.mlflow_experiment)
+        from annomine.tracking import use_experiment
+
+        use_experiment(ctx.project)
         with mlflow.start_run(run_name=f"channels {run_id}"):
             mlflow.log_params({**{k: str(v) for k, v in dataclasses.asdict(cfg).items()}, "run_id": run_id})
             metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not np.isnan(v)}

@@ -107,8 +107,9 @@ def _log_mlflow(project: ProjectConfig, run_name: str, params: dict, metrics: di
     try:
         import mlflow
 
-        mlflow.set_tracking_uri(project.tracking_uri)
-        mlflow.set_experiment(project.mlflow_experiment)
+        from annomine.tracking import use_experiment
+
+        use_experiment(project)
         with mlflow.start_run(run_name=run_name):
             mlflow.log_params({k: str(v)[:250] for k, v in params.items()})
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)})
@@ -218,6 +219,16 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     result["seconds"] = round(time.time() - started, 2)
     print(json.dumps(result, indent=2, default=float))
     return result
+
+
+def run(ctx, cfg: JudgeConfig) -> dict:
+    """Pipeline stage: train (and calibrate) the tier-1 judge on the ingested human labels, then
+    calibrate every enabled LLM tier on the same calibration queries."""
+    metrics = train(ctx.project, cfg)
+    llm_tiers = [name for name in ("tier2", "tier3") if getattr(cfg.cascade, name) is not None]
+    if llm_tiers:
+        metrics["llm_calibration"] = calibrate(ctx.project, cfg, only=llm_tiers)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

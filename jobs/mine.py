@@ -61,8 +61,9 @@ def parquet_checkpoint(spark, folder: Path):
 def _log_mlflow(ctx: JobContext, cfg: MineConfig, rules: mining.MiningRules, rows: list[dict], stats: dict) -> str | None:
     import mlflow
 
-    mlflow.set_tracking_uri(ctx.project.tracking_uri)
-    mlflow.set_experiment(ctx.project.mlflow_experiment)
+    from annomine.tracking import use_experiment
+
+    use_experiment(ctx.project)
     with mlflow.start_run(run_name="mine") as run, tempfile.TemporaryDirectory() as tmp:
         params = {k: (",".join(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(rules).items()
                   if k != "class_quotas"}

@@ -154,7 +154,9 @@ def run(ctx: JobContext, cfg: TrainConfig) -> dict:
         params = {"train": dataclasses.asdict(cfg), "project": {"seed": ctx.project.seed, "name": ctx.project.name},
                   "data": {"stages": [{k: s[k] for k in ("stage", "name", "loss", "rows")} for s in manifest["stages"]],
                            "sources": manifest.get("sources")}}
-        artifact_root = str(ctx.project.warehouse_path / "mlartifacts") if ctx.project.tracking_uri.startswith("sqlite:") else None
+        from annomine.tracking import artifact_root as _artifact_root
+
+        artifact_root = _artifact_root(ctx.project)
         run_id = start_run(ctx.project.tracking_uri, ctx.project.mlflow_experiment, f"train-{cfg.variant}", params, previous,
                            artifact_root)
         id_file.write_text(run_id)
