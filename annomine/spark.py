@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _embedded_server = None
+_embedded_url = None
 _session = None
 
 
@@ -44,6 +45,8 @@ def _start_embedded_server() -> str:
     server.start(background=True)
     _, port = server.listening_address
     _embedded_server = server
+    global _embedded_url
+    _embedded_url = f"sc://127.0.0.1:{port}"
     atexit.register(stop_embedded)
     log.info("embedded Sail Spark Connect server on 127.0.0.1:%s", port)
     return f"sc://127.0.0.1:{port}"
@@ -73,12 +76,24 @@ def _classic_driver() -> bool:
     )
 
 
+def _alive(session) -> bool:
+    """False when the embedded server dropped this session (it ends sessions left idle too long,
+    e.g. during a long training step with no Spark work)."""
+    try:
+        session.sql("SELECT 1").collect()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: make a new session
+        log.info("the Spark Connect session expired; opening a new one")
+        return False
+
+
 def get_spark(project: ProjectConfig | None = None):
     """The session for this process (created once and reused)."""
     global _session
     with _lock:
-        if _session is not None:
+        if _session is not None and (_embedded_server is None or _alive(_session)):
             return _session
+        _session = None
         active = _active_session()
         if active is not None:
             _session = active
@@ -91,9 +106,12 @@ def get_spark(project: ProjectConfig | None = None):
             _session = SparkSession.builder.getOrCreate()
             _session.conf.set("spark.sql.session.timeZone", "UTC")
             return _session
+        if not remote and _embedded_server is not None:
+            remote = _embedded_url
         if not remote:
             remote = _start_embedded_server()
-        _session = SparkSession.builder.remote(remote).getOrCreate()
+        builder = SparkSession.builder.remote(remote)
+        _session = builder.create() if hasattr(builder, "create") else builder.getOrCreate()
         _session.conf.set("spark.sql.session.timeZone", "UTC")
         return _session
 

@@ -81,6 +81,7 @@ def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_
             continue
         # Once a stage re-runs, everything after it sees new inputs anyway; fingerprints decide.
         print(f"[pipeline] {spec.name}: running ({why})", flush=True)
+        ctx = open_context(project)  # the same session, or a new one if the engine ended an idle session
         started = time.time()
         results[spec.name] = module.run(ctx, cfg)
         seconds = time.time() - started
