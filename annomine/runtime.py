@@ -24,7 +24,7 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("py4j", "urllib3", "httpx", "filelock", "alembic", "matplotlib"):
+    for noisy in ("py4j", "urllib3", "httpx", "httpx2", "openai", "filelock", "alembic", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
