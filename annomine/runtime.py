@@ -54,3 +54,12 @@ def open_context(project: ProjectConfig) -> JobContext:
 
 def load(args: argparse.Namespace, section: str, cls: type[T]) -> tuple[ProjectConfig, T]:
     return load_job_config(args.conf, section, cls, args.overrides)
+
+
+def run_job(stage: str, description: str, cls: type[T], run, argv: list[str] | None = None) -> int:
+    """The whole `main` of a job with no options beyond --conf/--set: parse, load, open, run."""
+    setup_logging()
+    args = job_parser(f"annomine {stage}", description).parse_args(argv)
+    project, cfg = load(args, stage, cls)
+    run(open_context(project), cfg)
+    return 0

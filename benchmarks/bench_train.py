@@ -22,6 +22,16 @@ def pairs(n: int) -> list[tuple[str, str]]:
     return [(f"{p.brand.lower()} {p.ptype}", product_text(p.title, None, p.description)) for p in products]
 
 
+def examples_per_second(batches, step, steps_warmup: int) -> float:
+    """Run `step` over the batches; examples/s after the warm-up steps."""
+    for b in batches[:steps_warmup]:
+        step(b)
+    with Timer() as t:
+        for b in batches[steps_warmup:]:
+            step(b)
+    return sum(len(b) for b in batches[steps_warmup:]) / t.seconds
+
+
 def train_annomine(data, batch_size: int, steps_warmup: int = 1) -> float:
     from training.losses import MNRLoss
     from training.model import TwoTower
@@ -39,12 +49,7 @@ def train_annomine(data, batch_size: int, steps_warmup: int = 1) -> float:
         loss.backward()
         opt.step()
 
-    for b in batches[:steps_warmup]:
-        step(b)
-    with Timer() as t:
-        for b in batches[steps_warmup:]:
-            step(b)
-    return sum(len(b) for b in batches[steps_warmup:]) / t.seconds
+    return examples_per_second(batches, step, steps_warmup)
 
 
 def train_sentence_transformers(data, batch_size: int, steps_warmup: int = 1) -> float:
@@ -66,12 +71,7 @@ def train_sentence_transformers(data, batch_size: int, steps_warmup: int = 1) ->
         loss.backward()
         opt.step()
 
-    for b in batches[:steps_warmup]:
-        step(b)
-    with Timer() as t:
-        for b in batches[steps_warmup:]:
-            step(b)
-    return sum(len(b) for b in batches[steps_warmup:]) / t.seconds
+    return examples_per_second(batches, step, steps_warmup)
 
 
 def main() -> None:

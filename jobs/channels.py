@@ -32,7 +32,7 @@ from annomine.ingestion import assign_segments
 from annomine.overlap import format_summary, overlap_per_query, save_report, summarise
 from annomine.query_log import build_query_log
 from annomine.retrievers import CHANNELS
-from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
+from annomine.runtime import JobContext, run_job
 from annomine.text import strip_html
 from spark_udfs.retrieval import OUTPUT_SCHEMA, search_batches, ship
 
@@ -337,13 +337,7 @@ def run(ctx: JobContext, cfg: ChannelsConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    parser = job_parser("annomine channels", __doc__)
-    args = parser.parse_args(argv)
-    project, cfg = load(args, "channels", ChannelsConfig)
-    ctx = open_context(project)
-    run(ctx, cfg)
-    return 0
+    return run_job("channels", __doc__, ChannelsConfig, run, argv)
 
 
 if __name__ == "__main__":

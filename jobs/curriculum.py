@@ -19,7 +19,7 @@ from pathlib import Path
 from pyspark.sql import functions as F
 
 from annomine import curriculum as cur
-from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
+from annomine.runtime import JobContext, run_job
 from annomine.splits import DEV_FRACTION, SEED, split_of
 from training.shards import write_manifest, write_stage_shards
 
@@ -180,12 +180,7 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    parser = job_parser("annomine curriculum", __doc__)
-    args = parser.parse_args(argv)
-    project, cfg = load(args, "curriculum", CurriculumConfig)
-    run(open_context(project), cfg)
-    return 0
+    return run_job("curriculum", __doc__, CurriculumConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 from pyspark.sql import functions as F
 
 from annomine import mining
-from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
+from annomine.runtime import JobContext, run_job
 
 log = logging.getLogger("annomine.mine")
 
@@ -126,13 +126,7 @@ def run(ctx: JobContext, cfg: MineConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    parser = job_parser("annomine mine", __doc__)
-    args = parser.parse_args(argv)
-    project, cfg = load(args, "mine", MineConfig)
-    ctx = open_context(project)
-    run(ctx, cfg)
-    return 0
+    return run_job("mine", __doc__, MineConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from annomine.curriculum import VARIANTS
-from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
+from annomine.runtime import JobContext, load, run_job
 from training.launchers import LAUNCHERS, launch
 from training.shards import read_manifest
 
@@ -190,12 +190,7 @@ def run(ctx: JobContext, cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    parser = job_parser("annomine train", __doc__)
-    args = parser.parse_args(argv)
-    project, cfg = load(args, "train", TrainConfig)
-    run(open_context(project), cfg)
-    return 0
+    return run_job("train", __doc__, TrainConfig, run, argv)
 
 
 if __name__ == "__main__":
