@@ -74,6 +74,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-5
     loss_lr: float = 1e-2  # learnable loss parameters (BCE temperature and bias)
+    lr_by_loss: dict[str, float] = field(default_factory=dict)  # per-loss learning rate, e.g. {bce: 1.0e-5}
+    keep_start_if_better: bool = True  # a stage whose epochs all score below its starting weights on dev is dropped
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -101,6 +103,9 @@ class TrainConfig:
             raise ValueError(f"launcher must be auto or one of {list(LAUNCHERS)}, got {self.launcher!r}")
         if self.num_proc < 1 or self.batch_size < 1 or self.epochs_per_stage < 1:
             raise ValueError("num_proc, batch_size and epochs_per_stage must be positive")
+        unknown = set(self.lr_by_loss) - {"bce", "mnr", "triplet", "roar"}
+        if unknown:
+            raise ValueError(f"lr_by_loss: unknown loss {sorted(unknown)}; use bce, mnr, triplet or roar")
 
 
 CONFIG_CLASS = TrainConfig
@@ -118,7 +123,8 @@ def build_spec(ctx: JobContext, cfg: TrainConfig) -> dict:
         "variant": cfg.variant, "shards_root": str(shards / cfg.variant), "dev_dir": str(shards),
         "output_dir": str(models_root(ctx) / cfg.variant / "run"), "base_model": cfg.base_model, "shared": cfg.shared,
         "query_max_len": cfg.query_max_len, "item_max_len": cfg.item_max_len, "batch_size": cfg.batch_size,
-        "lr": cfg.lr, "loss_lr": cfg.loss_lr, "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio,
+        "lr": cfg.lr, "lr_by_loss": dict(cfg.lr_by_loss), "keep_start_if_better": cfg.keep_start_if_better,
+        "loss_lr": cfg.loss_lr, "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio,
         "max_grad_norm": cfg.max_grad_norm, "epochs_per_stage": cfg.epochs_per_stage,
         "max_steps_per_epoch": cfg.max_steps_per_epoch, "losses": losses, "threads": cfg.threads, "bf16": cfg.bf16,
         "resume": cfg.resume, "dev_max_queries": cfg.dev_max_queries, "shuffle_buffer": cfg.shuffle_buffer,
@@ -178,12 +184,14 @@ def run(ctx: JobContext, cfg: TrainConfig) -> dict:
                "base_model": cfg.base_model, "launcher": launcher, "num_proc": cfg.num_proc,
                "examples": result["examples"], "train_seconds": round(result["train_seconds"], 2),
                "examples_per_s": round(result["examples_per_s"], 2), "wall_seconds": round(wall, 1),
-               "stages": [{k: s.get(k) for k in ("stage", "name", "loss", "best_metric", "examples")} for s in result["stages"]]}
+               "stages": [{k: s.get(k) for k in ("stage", "name", "loss", "lr", "start_metric", "best_metric", "best_epoch",
+                                                 "examples")} for s in result["stages"]]}
     for name in (f"{cfg.variant}.json", "best.json"):
         (models_root(ctx) / name).write_text(json.dumps(pointer, indent=2))
     for s in pointer["stages"]:
         metric = "n/a" if s["best_metric"] is None else f"{s['best_metric']:.4f}"
-        print(f"[{cfg.variant}] stage {s['stage']} {s['name']} ({s['loss']}): best dev NDCG@10 {metric}")
+        kept = " (no epoch beat the starting weights: stage dropped)" if s.get("best_epoch") == 0 else ""
+        print(f"[{cfg.variant}] stage {s['stage']} {s['name']} ({s['loss']}): best dev NDCG@10 {metric}{kept}")
     print(f"[{cfg.variant}] {result['examples']} examples in {result['train_seconds']:.1f}s of training "
           f"({result['examples_per_s']:.1f} examples/s, {launcher} x{cfg.num_proc}); model: {final}")
     return pointer

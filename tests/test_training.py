@@ -83,6 +83,23 @@ def test_stages_checkpoints_and_resume_after_crash(tmp_path):
     assert any(h.get("bce_temperature") not in (None, 20.0) for h in history["steps"])
 
 
+def test_a_stage_that_does_not_beat_its_starting_weights_is_dropped(tmp_path):
+    """lr 0 for the BCE stage: its epochs score exactly what it started from, so its best is the start."""
+    spec = make_shards(tmp_path, n=16, stages=[("easy", "bce"), ("hard", "mnr")])
+    spec.update(epochs_per_stage=1, lr=5e-3, lr_by_loss={"bce": 0.0})
+    result = launch("inprocess", spec)
+    easy, hard = result["stages"]
+    assert easy["lr"] == 0.0 and hard["lr"] == 5e-3
+    assert easy["best_epoch"] == 0 and easy["best_metric"] == pytest.approx(easy["start_metric"])
+    assert hard["start_metric"] == pytest.approx(easy["best_metric"])  # stage 2 starts from stage 1's best
+    assert hard["best_metric"] >= hard["start_metric"]
+    out = Path(spec["output_dir"])
+    start = TwoTower.tiny()  # the same seeded random BERT the run started from
+    kept = TwoTower.load(out / "stage1_easy" / "best")
+    for a, b in zip(start.parameters(), kept.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_two_gloo_ranks_hold_identical_parameters_after_a_step(spark, tmp_path):
     """TorchDistributor (local mode) runs the training function on 2 gloo processes."""
     spec = make_shards(tmp_path, n=24, stages=[("hard", "mnr")])

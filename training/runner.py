@@ -1,7 +1,8 @@
 """The stage runner: trains the curriculum's stages in order on one rank of a process group.
 
 Each stage starts from the previous stage's best checkpoint, trains `epochs` epochs over its shards,
-evaluates NDCG@10 on the dev split after every epoch (rank 0), keeps the best epoch, and writes a
+evaluates NDCG@10 on the dev split after every epoch (rank 0), keeps the best epoch (or the starting
+weights, when no epoch beats them: `keep_start_if_better`), and writes a
 checkpoint per epoch (model, optimizer, scheduler, loss parameters). `progress.json` in the output
 folder records what is done, so a crashed run resumes from its last checkpoint: finished stages are
 skipped and the interrupted stage continues after its last saved epoch.
@@ -296,13 +297,14 @@ def run_stages(spec: dict, dist: Dist) -> dict:
     sink = MetricSink(spec, dist.is_main)
     init_from = spec.get("init_from")
     global_step = int(progress.get("global_step", 0))
+    prev_best = None  # dev NDCG@10 of the model the next stage starts from (rank 0)
     result = {"stages": [], "examples": 0, "train_seconds": 0.0}
     for entry in stages:
         key = f"stage{entry['stage']}_{entry['name']}"
         state = progress["stages"].get(key, {})
         stage_dir = out / key
         if state.get("done"):
-            init_from = state["best_dir"]
+            init_from, prev_best = state["best_dir"], state.get("best_metric")
             result["stages"].append(state)
             continue
         epochs = int(entry.get("epochs") or spec.get("epochs_per_stage", 1))
@@ -321,7 +323,8 @@ def run_stages(spec: dict, dist: Dist) -> dict:
         steps = reader.steps_per_epoch
         if spec.get("max_steps_per_epoch"):
             steps = min(steps, int(spec["max_steps_per_epoch"]))
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": spec.get("lr", 2e-5),
+        lr = (spec.get("lr_by_loss") or {}).get(entry["loss"], spec.get("lr", 2e-5))
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
                    "weight_decay": spec.get("weight_decay", 0.01)}]
         loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
         if loss_params:
@@ -337,6 +340,13 @@ def run_stages(spec: dict, dist: Dist) -> dict:
         wrapped = dist.wrap(module)
         best = state.get("best_metric")
         best_dir = stage_dir / "best"
+        if not last_epoch and dev is not None and spec.get("keep_start_if_better", True):
+            # the weights the stage starts from compete with its epochs: a stage that makes the model
+            # worse on dev is dropped (its best is the starting model) instead of being passed on
+            best = prev_best if prev_best is not None else dev.evaluate(model, progress=spec.get("progress", True))
+            model.save(best_dir)
+            state = {**state, "start_metric": best, "best_epoch": 0}
+            log.info("%s starts at dev NDCG@10 %.4f", key, best)
         stage_examples, stage_seconds = 0, 0.0
         for epoch in range(last_epoch + 1, epochs + 1):
             wrapped.train()
@@ -384,6 +394,7 @@ def run_stages(spec: dict, dist: Dist) -> dict:
                             "loss": loss_fn.state_dict(), "epoch": epoch}, ck / "state.pt")
                 if improved:
                     best = ndcg if ndcg is not None else best
+                    state["best_epoch"] = epoch
                     if best_dir.exists():
                         shutil.rmtree(best_dir)
                     shutil.copytree(ck / "model", best_dir)
@@ -395,8 +406,8 @@ def run_stages(spec: dict, dist: Dist) -> dict:
                                                  "stage": entry["stage"], "epoch": epoch})
                 log.info("%s epoch %d: loss %.4f, dev NDCG@10 %s, %.1f examples/s", key, epoch, mean_loss,
                          "n/a" if ndcg is None else f"{ndcg:.4f}", n_ex / max(elapsed, 1e-9))
-                state = {"stage": entry["stage"], "name": entry["name"], "loss": entry["loss"], "last_epoch": epoch,
-                         "best_metric": best, "best_dir": str(best_dir), "done": epoch == epochs,
+                state = {**state, "stage": entry["stage"], "name": entry["name"], "loss": entry["loss"], "last_epoch": epoch,
+                         "best_metric": best, "best_dir": str(best_dir), "done": epoch == epochs, "lr": lr,
                          "examples": state.get("examples", 0) + n_ex, "seconds": state.get("seconds", 0.0) + elapsed}
                 progress["stages"][key] = state
                 progress["global_step"] = global_step
@@ -413,6 +424,7 @@ def run_stages(spec: dict, dist: Dist) -> dict:
         if dist.is_main:
             result["stages"].append(progress["stages"][key])
         init_from = str(best_dir)
+        prev_best = progress["stages"][key].get("best_metric") if dist.is_main else None
         # release the wrapped model and optimizer before the next stage (and before the group closes)
         del wrapped, optimizer, scheduler, module, model, loss_fn
         import gc
