@@ -197,6 +197,11 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
         "models": models, "skipped_models": skipped, "command": command,
         "per_query": per_query_rows,
     }
+    report["comparisons"] = metrics_lib.compare_to_baselines(
+        pd.DataFrame(per_query_rows), [s.label for s in specs if s.baseline], [s.label for s in specs],
+        cfg.bootstrap_resamples, cfg.confidence, project.seed) if per_query_rows else []
+    for c in report["comparisons"]:
+        print(f"  {report_lib.comparison_line(c)}")
     out = Path(cfg.out) if cfg.out else project.warehouse_path / "evaluation" / f"report_{cfg.split}.json"
     out = out.expanduser().resolve()
     report_lib.write_json(report, out)

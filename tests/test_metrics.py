@@ -172,3 +172,20 @@ def test_recall_against_flat_by_hand():
     assert recall_against_flat(np.array([[1, 2, 3], [4, 5, -1]]), np.array([[3, 2, 9], [4, 6, 7]])) == pytest.approx((2 / 3 + 1 / 3) / 2)
     with pytest.raises(ValueError, match="kind must be one of"):
         IndexConfig(kind="lsh").validate()
+
+
+def test_paired_comparison_against_the_better_baseline_hand_computed():
+    rows = []
+    for q, (bm25, minilm, tt) in enumerate([(0.5, 0.6, 0.9), (0.7, 0.8, 0.8), (0.3, 0.4, float("nan"))]):
+        for model, v in (("bm25", bm25), ("minilm", minilm), ("tt", tt)):
+            rows.append({"model": model, "query_id": f"q{q}", "ndcg@10": v, "lowest_share@10": {"bm25": 0.2, "minilm": 0.1, "tt": 0.05}[model]})
+    out = M.compare_to_baselines(pd.DataFrame(rows), ["bm25", "minilm"], ["bm25", "minilm", "tt"], n_resamples=200)
+    ndcg = next(c for c in out if c["metric"] == "ndcg@10")
+    # minilm is the better baseline (0.6 mean); tt's NaN query is left out of the pair: (0.9 + 0.8) vs (0.6 + 0.8)
+    assert ndcg["against"] == "minilm" and ndcg["diff"]["n"] == 2
+    assert ndcg["model_mean"] == pytest.approx(0.85) and ndcg["baseline_mean"] == pytest.approx(0.7)
+    assert ndcg["ratio"] == pytest.approx(0.85 / 0.7) and ndcg["diff"]["mean"] == pytest.approx(0.15)
+    assert ndcg["diff"]["ci_low"] == pytest.approx(0.0) and ndcg["diff"]["ci_high"] == pytest.approx(0.3)
+    lowest = next(c for c in out if c["metric"] == "lowest_share@10")
+    assert lowest["against"] == "minilm" and lowest["ratio"] == pytest.approx(0.5)
+    assert [c["model"] for c in out] == ["tt", "tt"]  # baselines are not compared with themselves

@@ -49,6 +49,14 @@ def _fmt(est: dict | None, pct: bool = False) -> str:
             f"[{est['ci_low'] * scale:.{digits}f}, {est['ci_high'] * scale:.{digits}f}]")
 
 
+def comparison_line(c: dict) -> str:
+    """'curriculum vs minilm, ndcg@10: 0.8342 / 0.8016 = 1.041x, paired diff +0.0326 [+0.0010, +0.0650]'."""
+    d = c["diff"]
+    ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.3f}x"
+    return (f"{c['model']} vs {c['against']}, {c['metric']}: {c['model_mean']:.4f} / {c['baseline_mean']:.4f} = {ratio}, "
+            f"paired diff {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] over {d['n']} queries")
+
+
 def markdown(report: dict) -> str:
     """The comparison table, per-segment NDCG@10 and the facts needed to reproduce it."""
     conf = int(round(report["bootstrap"]["confidence"] * 100))
@@ -66,6 +74,17 @@ def markdown(report: dict) -> str:
         lines.append(f"| {model['label']} | {_fmt(m['ndcg@10'])} | {_fmt(m['ndcg@10_judged'])} | "
                      f"{_fmt(m['lowest_share@10'], pct=True)} | {_fmt(m['recall@100_top'])} | {m['n_queries']} | "
                      f"{'n/a' if judged is None else f'{judged * 100:.1f}%'} | {m['n_queries_without_judged_top10']} |")
+    if report.get("comparisons"):
+        lines += ["", "## Against the baselines, paired over the same queries", "",
+                  "NDCG@10 against the better baseline, lowest-grade share against zero-shot MiniLM; the difference's "
+                  "CI resamples queries, so it excludes 0 only when the model wins (or loses) on the same queries.", "",
+                  "| model | metric | baseline | model / baseline | ratio | paired difference [95% CI] | queries |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in report["comparisons"]:
+            d = c["diff"]
+            ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.3f}x"
+            lines.append(f"| {c['model']} | {c['metric']} | {c['against']} | {c['model_mean']:.4f} / {c['baseline_mean']:.4f} | "
+                         f"{ratio} | {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | {d['n']} |")
     lines += ["", f"## NDCG@10 (unjudged=0) by query segment", "", f"Segments: {report['segment_rule']}; "
               f"counts {report['segment_counts']}.", ""]
     lines.append("| model | " + " | ".join(SEGMENTS) + " |")
