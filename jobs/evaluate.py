@@ -202,8 +202,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
         cfg.bootstrap_resamples, cfg.confidence, project.seed) if per_query_rows else []
     for c in report["comparisons"]:
         print(f"  {report_lib.comparison_line(c)}")
-    out = Path(cfg.out) if cfg.out else project.warehouse_path / "evaluation" / f"report_{cfg.split}.json"
-    out = out.expanduser().resolve()
+    out = report_path(project, cfg)
     report_lib.write_json(report, out)
     md = out.with_suffix(".md")
     plots = [report_lib.plot_metrics(report, out.with_name(out.stem + "_metrics.png")),
@@ -223,6 +222,12 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
         md.write_text(report_lib.markdown(report))
     print(f"evaluate: report {out} (+ {md.name}, {', '.join(p.name for p in plots)}) in {time.time() - started:.0f}s")
     return report
+
+
+def report_path(project, cfg: EvaluateConfig) -> Path:
+    """Where the report goes: `evaluate.out`, else <warehouse>/evaluation/report_<split>.json."""
+    out = Path(cfg.out) if cfg.out else project.warehouse_path / "evaluation" / f"report_{cfg.split}.json"
+    return out.expanduser().resolve()
 
 
 def main(argv: list[str] | None = None) -> int:

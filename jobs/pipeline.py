@@ -9,6 +9,7 @@ everything, `--from STAGE` re-runs from a stage on, `--only` runs a subset.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
 import time
@@ -89,7 +90,33 @@ def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_
         summary[spec.name] = f"{seconds:.0f}s"
         print(f"[pipeline] {spec.name}: done in {seconds:.1f}s", flush=True)
     print("[pipeline] " + ", ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
+    print_outcome(project, conf, overrides)
     return results
+
+
+def print_outcome(project, conf: str, overrides: list[str]) -> None:
+    """The evaluation table and the final model, read back from what the stages wrote (also when skipped)."""
+    from annomine.evaluation import report as report_lib
+    from jobs import evaluate
+
+    _, eval_cfg = load_job_config(conf, "evaluate", evaluate.CONFIG_CLASS, overrides)
+    report_file = evaluate.report_path(project, eval_cfg)
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+        print(f"\n[pipeline] evaluation, split {report['split']} ({report['inputs'].get('n_queries_evaluated')} queries): "
+              f"{report_file}", flush=True)
+        print("\n".join(report_lib.model_table(report)))
+        paired = report_lib.comparison_table(report)
+        if paired:
+            print("\n" + "\n".join(paired[2:]))
+        if report.get("registration"):
+            print(f"[pipeline] registered: {report['registration']}")
+    pointer = project.warehouse_path / "models" / "best.json"
+    if pointer.is_file():
+        best = json.loads(pointer.read_text())
+        print(f"[pipeline] final model ({best.get('variant')}): {best.get('path')}"
+              + (f", MLflow {best['model_uri']}" if best.get("model_uri") else "")
+              + "; `annomine evaluate --model best` resolves it", flush=True)
 
 
 CONFIG_CLASS = None  # the pipeline has no section of its own

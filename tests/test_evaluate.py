@@ -61,7 +61,7 @@ def _conf(tmp_path, project) -> str:
     return str(path)
 
 
-def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, tiny_model):
+def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, tiny_model, capsys):
     import mlflow
 
     from jobs import evaluate
@@ -120,6 +120,22 @@ def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, ti
     assert best.label == "best" and best.path == str(tiny_model) and best.two_tower
     with pytest.raises(ModelSpecError, match=r"unknown model 'nope'.*known: \['best'\]"):
         resolve_specs("nope", project.warehouse)
+
+    # The paired comparison: the two-tower against BM25 (the only baseline), on the same queries.
+    ndcg = next(c for c in report["comparisons"] if c["metric"] == "ndcg@10")
+    diffs = [rows[("tower", q)]["ndcg@10"] - rows[("bm25", q)]["ndcg@10"] for q in ("q1", "q2", "q3", "q4")
+             if rows[("tower", q)]["ndcg@10"] is not None and rows[("bm25", q)]["ndcg@10"] is not None]
+    assert ndcg["model"] == "tower" and ndcg["against"] == "bm25" and ndcg["diff"]["n"] == len(diffs)
+    assert ndcg["diff"]["mean"] == pytest.approx(float(np.mean(diffs)))
+    assert "paired over the same queries" in out.with_suffix(".md").read_text()
+
+    # The pipeline ends by printing that table and the final model, read back from the files.
+    from jobs import pipeline
+
+    pipeline.print_outcome(project, _conf(tmp_path, project), [f"evaluate.out={out}", "evaluate.split=all"])
+    printed = capsys.readouterr().out
+    assert "| bm25 |" in printed and "| tower | ndcg@10 | bm25 |" in printed
+    assert f"final model (None): {tiny_model}" in printed and "annomine evaluate --model best" in printed
 
 
 def test_spark_encoding_matches_driver_and_is_cached(spark, project, shop, tiny_model):

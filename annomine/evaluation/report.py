@@ -57,6 +57,35 @@ def comparison_line(c: dict) -> str:
             f"paired diff {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] over {d['n']} queries")
 
 
+def model_table(report: dict) -> list[str]:
+    """The comparison table: one row per model, metrics with their CIs."""
+    lines = ["| model | NDCG@10 (unjudged=0) | NDCG@10 judged-only | lowest-grade share@10 | Recall@100 top-grade | queries | "
+             "judged@10 | no judged in top 10 |", "|---|---|---|---|---|---|---|---|"]
+    for model in report["models"]:
+        m = model["metrics"]["all"]
+        judged = m.get("judged_share@10")
+        lines.append(f"| {model['label']} | {_fmt(m['ndcg@10'])} | {_fmt(m['ndcg@10_judged'])} | "
+                     f"{_fmt(m['lowest_share@10'], pct=True)} | {_fmt(m['recall@100_top'])} | {m['n_queries']} | "
+                     f"{'n/a' if judged is None else f'{judged * 100:.1f}%'} | {m['n_queries_without_judged_top10']} |")
+    return lines
+
+
+def comparison_table(report: dict) -> list[str]:
+    """Each trained model against the baselines, paired over the same queries (empty without baselines)."""
+    if not report.get("comparisons"):
+        return []
+    lines = ["NDCG@10 against the better baseline, lowest-grade share against zero-shot MiniLM; the difference's "
+             "CI resamples queries, so it excludes 0 only when the model wins (or loses) on the same queries.", "",
+             "| model | metric | baseline | model / baseline | ratio | paired difference [95% CI] | queries |",
+             "|---|---|---|---|---|---|---|"]
+    for c in report["comparisons"]:
+        d = c["diff"]
+        ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.3f}x"
+        lines.append(f"| {c['model']} | {c['metric']} | {c['against']} | {c['model_mean']:.4f} / {c['baseline_mean']:.4f} | "
+                     f"{ratio} | {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | {d['n']} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     """The comparison table, per-segment NDCG@10 and the facts needed to reproduce it."""
     conf = int(round(report["bootstrap"]["confidence"] * 100))
@@ -65,26 +94,10 @@ def markdown(report: dict) -> str:
               f"resamples of queries). Gain = grade - {report['grade_scale']['min']}; ndcg unjudged = 0 counts retrieved "
               f"items without a label as gain 0, judged-only drops them first. Lowest-grade share: among judged items of "
               f"the top 10 (queries without any are left out). Index: `{report['index']}`.", ""]
-    lines.append("| model | NDCG@10 (unjudged=0) | NDCG@10 judged-only | lowest-grade share@10 | Recall@100 top-grade | queries | "
-                 "judged@10 | no judged in top 10 |")
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for model in report["models"]:
-        m = model["metrics"]["all"]
-        judged = m.get("judged_share@10")
-        lines.append(f"| {model['label']} | {_fmt(m['ndcg@10'])} | {_fmt(m['ndcg@10_judged'])} | "
-                     f"{_fmt(m['lowest_share@10'], pct=True)} | {_fmt(m['recall@100_top'])} | {m['n_queries']} | "
-                     f"{'n/a' if judged is None else f'{judged * 100:.1f}%'} | {m['n_queries_without_judged_top10']} |")
-    if report.get("comparisons"):
-        lines += ["", "## Against the baselines, paired over the same queries", "",
-                  "NDCG@10 against the better baseline, lowest-grade share against zero-shot MiniLM; the difference's "
-                  "CI resamples queries, so it excludes 0 only when the model wins (or loses) on the same queries.", "",
-                  "| model | metric | baseline | model / baseline | ratio | paired difference [95% CI] | queries |",
-                  "|---|---|---|---|---|---|---|"]
-        for c in report["comparisons"]:
-            d = c["diff"]
-            ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.3f}x"
-            lines.append(f"| {c['model']} | {c['metric']} | {c['against']} | {c['model_mean']:.4f} / {c['baseline_mean']:.4f} | "
-                         f"{ratio} | {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | {d['n']} |")
+    lines += model_table(report)
+    paired = comparison_table(report)
+    if paired:
+        lines += ["", "## Against the baselines, paired over the same queries", "", *paired]
     lines += ["", f"## NDCG@10 (unjudged=0) by query segment", "", f"Segments: {report['segment_rule']}; "
               f"counts {report['segment_counts']}.", ""]
     lines.append("| model | " + " | ".join(SEGMENTS) + " |")
