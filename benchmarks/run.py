@@ -51,8 +51,8 @@ def run_script(script: str, args: list[str], timeout: int) -> list[dict]:
     if proc.returncode != 0:
         print(f"[bench] {script} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
     print(f"[bench] {script}: {len(rows)} figures in {time.time() - started:.0f}s", flush=True)
-    for row in rows:
-        row["command"] = "python benchmarks/" + row["command"].split("/")[-1] if "/" in row["command"] else "python benchmarks/" + row["command"]
+    for row in rows:  # the command that reproduces the figure is the driver's call (scripts may re-invoke themselves)
+        row["command"] = " ".join(["python", f"benchmarks/{script}", *args])
     return rows
 
 
