@@ -83,11 +83,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, under 10 minutes here")
     parser.add_argument("--only", nargs="*", help="run only these scripts (e.g. bench_faiss.py)")
     parser.add_argument("--no-write", action="store_true", help="print, do not rewrite docs/benchmarks.md")
+    parser.add_argument("--mine-rows", nargs="+", help="log sizes for the mining benchmark (full run default: 1M 10M 50M; "
+                        "50M needs ~18 GiB of memory on one machine)")
     args = parser.parse_args()
     rows = []
     for script, quick, full in SUITE:
         if args.only and script not in args.only:
             continue
+        if script == "bench_mine.py" and args.mine_rows:
+            quick = full = ["--rows", *args.mine_rows]
         rows += run_script(script, quick if args.quick else full, timeout=300 if args.quick else 3600)
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     before = parse_table(text)
