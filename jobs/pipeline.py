@@ -108,7 +108,7 @@ def print_outcome(project, conf: str, overrides: list[str]) -> None:
         print("\n".join(report_lib.model_table(report)))
         paired = report_lib.comparison_table(report)
         if paired:
-            print("\n" + "\n".join(paired[2:]))
+            print("\n" + "\n".join(paired))
         if report.get("registration"):
             print(f"[pipeline] registered: {report['registration']}")
     pointer = project.warehouse_path / "models" / "best.json"

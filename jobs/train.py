@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from annomine.curriculum import VARIANTS
+from annomine.curriculum import LOSSES, VARIANTS
 from annomine.runtime import JobContext, load, run_job
 from training.launchers import LAUNCHERS, launch
 from training.shards import read_manifest
@@ -103,9 +103,9 @@ class TrainConfig:
             raise ValueError(f"launcher must be auto or one of {list(LAUNCHERS)}, got {self.launcher!r}")
         if self.num_proc < 1 or self.batch_size < 1 or self.epochs_per_stage < 1:
             raise ValueError("num_proc, batch_size and epochs_per_stage must be positive")
-        unknown = set(self.lr_by_loss) - {"bce", "mnr", "triplet", "roar"}
+        unknown = set(self.lr_by_loss) - set(LOSSES)
         if unknown:
-            raise ValueError(f"lr_by_loss: unknown loss {sorted(unknown)}; use bce, mnr, triplet or roar")
+            raise ValueError(f"lr_by_loss: unknown loss {sorted(unknown)}; use one of {list(LOSSES)}")
 
 
 CONFIG_CLASS = TrainConfig

@@ -246,22 +246,16 @@ def summarise(per_query: pd.DataFrame, segment: pd.Series | None = None, n_resam
     return result
 
 
-def paired_bootstrap(diffs, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 13) -> Estimate:
-    """Mean per-query difference (model - baseline, same queries) with a bootstrap CI over queries.
-
-    Pairing removes the between-query spread that makes two models' separate CIs overlap: the
-    question is whether the model wins on the same queries, not whether its mean lies outside the
-    baseline's interval."""
-    return bootstrap_ci(diffs, n_resamples, confidence, seed)
-
-
 def compare_to_baselines(per_query: pd.DataFrame, baselines: list[str], models: list[str], n_resamples: int = 1000,
                          confidence: float = 0.95, seed: int = 13, reference_for_lowest: str = "minilm") -> list[dict]:
     """Each non-baseline model against the better baseline on NDCG@10 and against `reference_for_lowest`
     (else the better baseline) on the lowest-grade share, paired over the queries both can score.
 
     per_query: rows of (model, query_id, metric columns). Returns one dict per (model, metric):
-    model, against, metric, model_mean, baseline_mean, ratio (of the paired means), diff (estimate)."""
+    model, against, metric, model_mean, baseline_mean, ratio (of the paired means), diff (estimate).
+
+    Pairing removes the between-query spread that makes two models' separate CIs overlap: the CI of
+    the mean per-query difference asks whether the model wins on the same queries."""
     present = [b for b in baselines if b in set(per_query["model"])]
     if not present:
         return []
@@ -277,7 +271,7 @@ def compare_to_baselines(per_query: pd.DataFrame, baselines: list[str], models: 
             if pair.empty:
                 continue
             m_mean, b_mean = float(pair["m"].mean()), float(pair["b"].mean())
-            diff = paired_bootstrap((pair["m"] - pair["b"]).tolist(), n_resamples, confidence, seed)
+            diff = bootstrap_ci((pair["m"] - pair["b"]).tolist(), n_resamples, confidence, seed)
             out.append({"model": model, "against": base, "metric": metric, "model_mean": m_mean, "baseline_mean": b_mean,
                         "ratio": m_mean / b_mean if b_mean else None, "diff": diff.as_dict()})
     return out

@@ -49,12 +49,18 @@ def _fmt(est: dict | None, pct: bool = False) -> str:
             f"[{est['ci_low'] * scale:.{digits}f}, {est['ci_high'] * scale:.{digits}f}]")
 
 
-def comparison_line(c: dict) -> str:
-    """'curriculum vs minilm, ndcg@10: 0.8342 / 0.8016 = 1.041x, paired diff +0.0326 [+0.0010, +0.0650]'."""
+def _paired_cells(c: dict) -> tuple[str, str]:
+    """(ratio, 'difference [CI]') of one paired comparison."""
     d = c["diff"]
     ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.3f}x"
+    return ratio, f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+
+
+def comparison_line(c: dict) -> str:
+    """'curriculum vs minilm, ndcg@10: 0.8342 / 0.8016 = 1.041x, paired diff +0.0326 [+0.0010, +0.0650] over 41 queries'."""
+    ratio, diff = _paired_cells(c)
     return (f"{c['model']} vs {c['against']}, {c['metric']}: {c['model_mean']:.4f} / {c['baseline_mean']:.4f} = {ratio}, "
-            f"paired diff {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] over {d['n']} queries")
+            f"paired diff {diff} over {c['diff']['n']} queries")
 
 
 def model_table(report: dict) -> list[str]:
@@ -74,15 +80,12 @@ def comparison_table(report: dict) -> list[str]:
     """Each trained model against the baselines, paired over the same queries (empty without baselines)."""
     if not report.get("comparisons"):
         return []
-    lines = ["NDCG@10 against the better baseline, lowest-grade share against zero-shot MiniLM; the difference's "
-             "CI resamples queries, so it excludes 0 only when the model wins (or loses) on the same queries.", "",
-             "| model | metric | baseline | model / baseline | ratio | paired difference [95% CI] | queries |",
+    lines = ["| model | metric | baseline | model / baseline | ratio | paired difference [95% CI] | queries |",
              "|---|---|---|---|---|---|---|"]
     for c in report["comparisons"]:
-        d = c["diff"]
-        ratio = "n/a" if c["ratio"] is None else f"{c['ratio']:.3f}x"
+        ratio, diff = _paired_cells(c)
         lines.append(f"| {c['model']} | {c['metric']} | {c['against']} | {c['model_mean']:.4f} / {c['baseline_mean']:.4f} | "
-                     f"{ratio} | {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | {d['n']} |")
+                     f"{ratio} | {diff} | {c['diff']['n']} |")
     return lines
 
 
@@ -97,7 +100,10 @@ def markdown(report: dict) -> str:
     lines += model_table(report)
     paired = comparison_table(report)
     if paired:
-        lines += ["", "## Against the baselines, paired over the same queries", "", *paired]
+        lines += ["", "## Against the baselines, paired over the same queries", "",
+                  "NDCG@10 against the better baseline, lowest-grade share against zero-shot MiniLM; the difference's "
+                  "CI resamples queries, so it excludes 0 only when the model wins (or loses) on the same queries.", "",
+                  *paired]
     lines += ["", f"## NDCG@10 (unjudged=0) by query segment", "", f"Segments: {report['segment_rule']}; "
               f"counts {report['segment_counts']}.", ""]
     lines.append("| model | " + " | ".join(SEGMENTS) + " |")
