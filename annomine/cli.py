@@ -1,31 +1,50 @@
-"""`annomine <stage> [args]`: a thin dispatcher over the `jobs/` entry points."""
+"""`annomine <stage> [args]`: a thin dispatcher over the `jobs/` entry points.
+
+A user-facing error (`annomine.errors.AnnomineError`: a bad config, a bad input file, a refused key)
+is printed as one line and the exit status is 2; `--debug` (or ANNOMINE_DEBUG=1) adds the traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
+from collections.abc import Callable
 
-STAGES = {
-    "ingest": ("jobs.ingest", "products, queries, labels (and users' retrieval logs) into bronze Delta tables"),
-    "channels": ("jobs.channels", "run the lexical, BM25 and ANN channels into retrieval_logs"),
-    "mine": ("jobs.mine", "set logic over the channels into five difficulty levels"),
-    "judge": ("jobs.judge", "train / evaluate / calibrate the relevance judge cascade"),
-    "annotate": ("jobs.annotate", "grade mined candidates with the judge cascade"),
-    "curriculum": ("jobs.curriculum", "per-stage training sets as Delta tables and Parquet shards"),
-    "train": ("jobs.train", "train the two-tower retriever through the curriculum"),
-    "evaluate": ("jobs.evaluate", "FAISS retrieval + NDCG@10 on human labels, against baselines"),
-    "pipeline": ("jobs.pipeline", "every stage in order, skipping those whose outputs are current"),
-    "llm-server": ("jobs.llm_server", "a loopback OpenAI-compatible server (tests and the demo)"),
-    "sql": ("annomine.sql_runner", "create the curated views and run the example queries in sql/"),
-}
+from annomine.errors import AnnomineError
+from annomine.stages import BY_NAME, STAGES
+
+USER_ERROR_EXIT = 2
 
 
 def usage() -> str:
-    lines = ["usage: annomine <stage> [--conf conf/local.yaml] [--set section.key=value] ...", "", "stages:"]
-    width = max(len(s) for s in STAGES)
-    lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in STAGES.items()]
+    lines = ["usage: annomine <stage> [--conf conf/local.yaml] [--set section.key=value] [--debug] ...", "",
+             "stages:"]
+    width = max(len(s.name) for s in STAGES)
+    lines += [f"  {s.name.ljust(width)}  {s.description}" for s in STAGES]
     lines.append("\n`annomine <stage> --help` shows a stage's options.")
     return "\n".join(lines)
+
+
+def guarded(prog: str, main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+    """Run a stage's `main(argv)`; a user-facing error becomes one line on stderr and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ANNOMINE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return int(main(argv) or 0)
+    except AnnomineError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        if not debug:
+            print(f"{prog}: (--debug shows the traceback; README, 'Troubleshooting', says what errors mean)",
+                  file=sys.stderr)
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     stage, rest = argv[0], argv[1:]
-    if stage not in STAGES:
+    if stage not in BY_NAME:
         print(f"annomine: unknown stage '{stage}'\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(STAGES[stage][0])
+        return USER_ERROR_EXIT
+    module = importlib.import_module(BY_NAME[stage].module)
     try:
-        return int(module.main(rest) or 0)
+        return guarded(f"annomine {stage}", module.main, rest)
     finally:
         from annomine.spark import stop_embedded
 

@@ -22,10 +22,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from annomine.errors import AnnomineError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(AnnomineError, ValueError):
     """A config file is invalid; the message names the file and the key."""
 
 
@@ -183,16 +185,37 @@ def from_dict(cls: type[T], data: dict, where: str) -> T:
 
 
 def _apply_override(doc: dict, assignment: str, path: str) -> None:
+    """Apply one `--set section.key=value`; the value is YAML (`[1, 2]`, `true`, `3e-5`)."""
     if "=" not in assignment:
-        raise ConfigError(f"{path}: override {assignment!r} must look like section.key=value")
+        raise ConfigError(f"{path}: --set {assignment!r} must look like section.key=value")
     dotted, raw = assignment.split("=", 1)
     keys = dotted.strip().split(".")
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"{path}: --set {assignment!r} must look like section.key=value (empty name)")
+    if len(keys) < 2:
+        raise ConfigError(f"{path}: --set {assignment!r} names no key inside a section (section.key=value)")
     node = doc
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
         if not isinstance(node, dict):
-            raise ConfigError(f"{path}: override {dotted!r} goes through a non-mapping value")
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            raise ConfigError(f"{path}: --set {dotted!r} goes through a value that is not a mapping")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: --set {dotted}: {raw!r} is not a valid YAML value ({str(exc).splitlines()[0]})") from exc
+
+
+def check_sections(doc: dict, path: str, extra: tuple[str, ...] = ()) -> None:
+    """Refuse a top-level key that no stage reads (a typo would otherwise be ignored)."""
+    from annomine.stages import ANCHOR_PREFIX, CONFIG_SECTIONS
+
+    known = (*CONFIG_SECTIONS, *extra)
+    unknown = [k for k in doc if k not in known and not str(k).startswith(ANCHOR_PREFIX)]
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {list(known)} "
+                          f"(keys starting with '{ANCHOR_PREFIX}' may hold YAML anchors)")
 
 
 def read_config_document(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
@@ -200,11 +223,14 @@ def read_config_document(path: str | os.PathLike, overrides: list[str] | None = 
     path = str(path)
     if not Path(path).is_file():
         raise ConfigError(f"{path}: config file not found")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            doc = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); is it the YAML config?") from exc
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for assignment in overrides or []:
@@ -214,12 +240,14 @@ def read_config_document(path: str | os.PathLike, overrides: list[str] | None = 
 
 def load_project_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ProjectConfig:
     doc = read_config_document(path, overrides)
+    check_sections(doc, str(path))
     return from_dict(ProjectConfig, doc.get("project") or {}, f"{path}:project")
 
 
 def load_job_config(path: str | os.PathLike, section: str, cls: type[T], overrides: list[str] | None = None) -> tuple[ProjectConfig, T]:
     """(project config, job config) for `section` of the file at `path`."""
     doc = read_config_document(path, overrides)
+    check_sections(doc, str(path), (section,))
     project = from_dict(ProjectConfig, doc.get("project") or {}, f"{path}:project")
     job_doc = doc.get(section) or {}
     if not isinstance(job_doc, dict):
@@ -229,6 +257,7 @@ def load_job_config(path: str | os.PathLike, section: str, cls: type[T], overrid
 
 __all__ = [
     "ConfigError",
+    "check_sections",
     "ProjectConfig",
     "field",
     "from_dict",

@@ -36,11 +36,19 @@ def _active_session():
         return None
 
 
+# Sail ends a Spark Connect session left idle this long. A stage that trains for half an hour issues no
+# Spark request meanwhile, so the embedded server keeps idle sessions for a day unless the user's own
+# SAIL_SPARK__SESSION_TIMEOUT_SECS says otherwise; a session lost anyway is replaced (`get_spark`).
+SESSION_TIMEOUT_ENV = "SAIL_SPARK__SESSION_TIMEOUT_SECS"
+EMBEDDED_SESSION_TIMEOUT_S = 86_400
+
+
 def _start_embedded_server() -> str:
     """Start Sail's Spark Connect server in-process; return its sc:// URL."""
     global _embedded_server
     from pysail.spark import SparkConnectServer
 
+    os.environ.setdefault(SESSION_TIMEOUT_ENV, str(EMBEDDED_SESSION_TIMEOUT_S))  # read when the server starts
     server = SparkConnectServer(ip="127.0.0.1", port=0)
     server.start(background=True)
     _, port = server.listening_address
@@ -83,21 +91,51 @@ def _alive(session) -> bool:
         session.sql("SELECT 1").collect()
         return True
     except Exception:  # noqa: BLE001 - any failure means: make a new session
-        log.info("the Spark Connect session expired; opening a new one")
+        log.warning("the Spark Connect session ended (idle timeout or engine restart); opening a new one")
         return False
+
+
+def _discard(session) -> None:
+    """Forget a dead Connect session, so that neither `getActiveSession` nor `getOrCreate` hands it back."""
+    try:
+        session.stop()
+    except Exception:  # noqa: BLE001 - stopping a session the server already dropped may fail
+        pass
+    from pyspark.sql.connect.session import SparkSession as ConnectSession
+
+    if ConnectSession._default_session is session:
+        ConnectSession._default_session = None
+    if getattr(ConnectSession._active_session, "session", None) is session:
+        ConnectSession._active_session.session = None
+
+
+def _server_alive() -> bool:
+    return bool(getattr(_embedded_server, "running", True))
+
+
+def _connect(remote: str):
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.remote(remote)
+    session = builder.create() if hasattr(builder, "create") else builder.getOrCreate()
+    session.conf.set("spark.sql.session.timeZone", "UTC")
+    return session
 
 
 def get_spark(project: ProjectConfig | None = None):
     """The session for this process (created once and reused)."""
     global _session
     with _lock:
-        if _session is not None and (_embedded_server is None or _alive(_session)):
-            return _session
-        _session = None
-        active = _active_session()
-        if active is not None:
-            _session = active
-            return _session
+        if _session is not None:
+            if _embedded_server is None or _alive(_session):
+                return _session
+            _discard(_session)  # the embedded server ended it: a new session on the same server
+            _session = None
+        if _embedded_server is None:  # the embedded engine's sessions are ours: never adopt a stale one
+            active = _active_session()
+            if active is not None:
+                _session = active
+                return _session
         from pyspark.sql import SparkSession
 
         remote = (project.spark_remote if project else None) or os.environ.get("SPARK_REMOTE") or _submit_remote()
@@ -107,12 +145,14 @@ def get_spark(project: ProjectConfig | None = None):
             _session.conf.set("spark.sql.session.timeZone", "UTC")
             return _session
         if not remote and _embedded_server is not None:
-            remote = _embedded_url
+            if _server_alive():
+                remote = _embedded_url
+            else:
+                log.warning("the embedded Spark Connect server stopped; starting a new one")
+                _stop_server()
         if not remote:
             remote = _start_embedded_server()
-        builder = SparkSession.builder.remote(remote)
-        _session = builder.create() if hasattr(builder, "create") else builder.getOrCreate()
-        _session.conf.set("spark.sql.session.timeZone", "UTC")
+        _session = _connect(remote)
         return _session
 
 
@@ -130,9 +170,14 @@ def stop_embedded() -> None:
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
             _session = None
-        if _embedded_server is not None:
-            try:
-                _embedded_server.stop()
-            except Exception:  # noqa: BLE001
-                pass
-            _embedded_server = None
+        _stop_server()
+
+
+def _stop_server() -> None:
+    global _embedded_server
+    if _embedded_server is not None:
+        try:
+            _embedded_server.stop()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+        _embedded_server = None

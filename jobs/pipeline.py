@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from annomine.config import load_job_config, load_project_config, read_config_document
+from annomine.config import ConfigError, load_job_config, load_project_config, read_config_document
 from annomine.pipeline_state import PipelineState, StageSpec
 from annomine.runtime import job_parser, open_context, setup_logging
 
@@ -30,6 +30,7 @@ def _wh(*parts: str):
     return lambda project, cfg: [project.warehouse_path.joinpath(*parts)]
 
 
+# Each stage's tables and files; its module and description come from `annomine.stages`.
 STAGES: list[StageSpec] = [
     StageSpec("ingest", "jobs.ingest", [], ["products", "queries", "human_labels"], input_files=_source_files),
     StageSpec("channels", "jobs.channels", ["products", "queries"], ["retrieval_logs"]),
@@ -44,24 +45,23 @@ STAGES: list[StageSpec] = [
 ]
 
 
-def _load_module(spec: StageSpec):
-    try:
-        return importlib.import_module(spec.module)
-    except ModuleNotFoundError as exc:
-        if exc.name == spec.module:
-            return None
-        raise
+def stage_configs(conf: str, overrides: list[str]) -> dict:
+    """Every stage's typed config, loaded before anything runs: a typo in the last section fails at once."""
+    return {spec.name: load_job_config(conf, spec.name, importlib.import_module(spec.module).CONFIG_CLASS, overrides)[1]
+            for spec in STAGES}
 
 
 def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_from: str | None = None,
                  only: list[str] | None = None) -> dict:
     project = load_project_config(conf, overrides)
     config_doc = read_config_document(conf, overrides)
+    names = [s.name for s in STAGES]
+    for given in ([start_from] if start_from else []) + list(only or []):
+        if given not in names:
+            raise ConfigError(f"unknown stage {given!r} (--from/--only); stages: {names}")
+    configs = stage_configs(conf, overrides)
     ctx = open_context(project)
     state = PipelineState(project.warehouse_path / "pipeline_state.json")
-    names = [s.name for s in STAGES]
-    if start_from and start_from not in names:
-        raise SystemExit(f"--from: unknown stage {start_from!r}; stages: {names}")
     rerun = force
     summary = {}
     results = {}
@@ -70,11 +70,8 @@ def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_
             continue
         if start_from == spec.name:
             rerun = True
-        module = _load_module(spec)
-        if module is None:
-            print(f"[pipeline] {spec.name}: not available in this version, skipped", flush=True)
-            continue
-        _, cfg = load_job_config(conf, spec.name, module.CONFIG_CLASS, overrides)
+        module = importlib.import_module(spec.module)
+        cfg = configs[spec.name]
         current, why = state.is_current(spec, ctx.tables, project, cfg, config_doc)
         if current and not rerun:
             print(f"[pipeline] {spec.name}: skipped, {why}", flush=True)
@@ -134,4 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from annomine.cli import guarded
+
+    sys.exit(guarded("annomine pipeline", main))

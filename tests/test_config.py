@@ -62,7 +62,7 @@ def test_missing_env_without_default_and_missing_file(tmp_path):
 def test_shipped_configs_load(name, monkeypatch):
     from pathlib import Path
 
-    from annomine.cli import STAGES
+    from annomine.stages import BY_NAME
 
     root = Path(__file__).resolve().parents[1]
     project = load_project_config(root / "conf" / f"{name}.yaml")
@@ -75,6 +75,6 @@ def test_shipped_configs_load(name, monkeypatch):
     for section in doc:
         if section == "project":
             continue
-        module = importlib.import_module(STAGES[section][0]) if section in STAGES else None
+        module = importlib.import_module(BY_NAME[section].module)  # an unknown section fails here
         if module is not None and hasattr(module, "CONFIG_CLASS"):
             load_job_config(root / "conf" / f"{name}.yaml", section, module.CONFIG_CLASS)

@@ -51,6 +51,9 @@ def ensure_experiment(tracking_uri: str, experiment: str, artifact_root: str | N
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
+    # Named outright: left unset, MLflow asks the active Spark session for it, and a Connect session the
+    # embedded engine has ended turns every MLflow call into a crash.
+    mlflow.set_registry_uri("databricks-uc" if tracking_uri.startswith("databricks") else tracking_uri)
     if artifact_root and mlflow.get_experiment_by_name(experiment) is None:
         Path(artifact_root).mkdir(parents=True, exist_ok=True)
         try:

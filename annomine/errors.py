@@ -1,0 +1,12 @@
+"""User-facing errors: a bad config, a bad input file, an endpoint that refuses the key.
+
+The CLI prints any `AnnomineError` as one line (`annomine <stage>: <message>`) and exits 2; a
+traceback follows only with `--debug` (or ANNOMINE_DEBUG=1). Anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+
+class AnnomineError(Exception):
+    """A user-facing error: the CLI prints it as one line and exits 2."""
