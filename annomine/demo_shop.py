@@ -188,52 +188,80 @@ def generate_queries(n: int, rng: random.Random) -> list[dict]:
     return queries
 
 
-def write_demo_shop(out_dir: str | Path, n_products: int = 3000, n_queries: int = 400,
-                    n_labelled: int = 120, judged_per_query: int = 30, seed: int = 7,
-                    bad_rows: bool = True) -> dict[str, Path]:
-    """Write products.tsv, queries.tsv, labels.tsv; return their paths."""
-    rng = random.Random(seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    products = generate_products(n_products, rng, seed)
-    queries = generate_queries(n_queries, rng)
+DEMO_FILES = ("products", "queries", "labels")
 
-    paths = {"products": out / "products.tsv", "queries": out / "queries.tsv", "labels": out / "labels.tsv"}
-    with open(paths["products"], "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
-        w.writerow(["product_id", "title", "description"])
-        for p in products:
-            w.writerow([p.product_id, p.title, p.description])
-        if bad_rows:
-            w.writerow(["", "Product without an id", "lost id"])
-            w.writerow([_pid(seed, 10**6), "", "a product with an empty title"])
-            w.writerow([products[0].product_id, products[0].title + " (conflicting copy)", "different content, same id"])
-            w.writerow([_pid(seed, 10**6 + 1), "Broken \ufffd encoding \ufffd title", ""])
 
+def _product_rows(products: list[Product], seed: int, bad_rows: bool) -> list[list]:
+    rows = [[p.product_id, p.title, p.description] for p in products]
+    if bad_rows:
+        rows += [
+            ["", "Product without an id", "lost id"],
+            [_pid(seed, 10**6), "", "a product with an empty title"],
+            [products[0].product_id, products[0].title + " (conflicting copy)", "different content, same id"],
+            [_pid(seed, 10**6 + 1), "Broken \ufffd encoding \ufffd title", ""],
+        ]
+    return rows
+
+
+def _label_rows(queries: list[dict], products: list[Product], rng: random.Random, n_labelled: int,
+                judged_per_query: int, unloadable: set[str]) -> list[list]:
+    """Judged (query, product) pairs; none for the products in `unloadable` (they are quarantined)."""
     by_type: dict[str, list[Product]] = {}
     for p in products:
         by_type.setdefault(p.ptype, []).append(p)
-    with open(paths["queries"], "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, delimiter="\t")
-        w.writerow(["query_id", "query", "frequency"])
-        for i, q in enumerate(queries):
-            w.writerow([str(i), q["query"], q["frequency"]])
-
+    rows = []
     labelled = rng.sample(range(len(queries)), min(n_labelled, len(queries)))
-    with open(paths["labels"], "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, delimiter="\t")
-        w.writerow(["query_id", "product_id", "grade", "variance"])
-        for qi in sorted(labelled):
-            q = queries[qi]
-            same_type = by_type.get(q["ptype"], [])
-            dept_items = [p for p in products if p.department == q["department"] and p.ptype != q["ptype"]]
-            pool = rng.sample(same_type, min(len(same_type), judged_per_query * 2 // 3))
-            pool += rng.sample(dept_items, min(len(dept_items), judged_per_query // 6))
-            pool += rng.sample(products, judged_per_query // 6)
-            for p in {p.product_id: p for p in pool}.values():
-                grade = _grade(q, p)
-                noisy = rng.random() < 0.08
-                if noisy:
-                    grade = min(4, max(1, grade + rng.choice([-1, 1])))
-                w.writerow([str(qi), p.product_id, grade, round(0.471 if noisy else 0.0, 3)])
+    for qi in sorted(labelled):
+        q = queries[qi]
+        same_type = by_type.get(q["ptype"], [])
+        dept_items = [p for p in products if p.department == q["department"] and p.ptype != q["ptype"]]
+        pool = rng.sample(same_type, min(len(same_type), judged_per_query * 2 // 3))
+        pool += rng.sample(dept_items, min(len(dept_items), judged_per_query // 6))
+        pool += rng.sample(products, judged_per_query // 6)
+        for p in {p.product_id: p for p in pool}.values():
+            grade = _grade(q, p)
+            noisy = rng.random() < 0.08  # drawn for every pair, so skipping one leaves the others unchanged
+            if noisy:
+                grade = min(4, max(1, grade + rng.choice([-1, 1])))
+            if p.product_id not in unloadable:
+                rows.append([str(qi), p.product_id, grade, round(0.471 if noisy else 0.0, 3)])
+    return rows
+
+
+def _write_new_tsv(path: Path, header: list[str], rows: list[list]) -> None:
+    """Write a TSV file that must not exist yet: the generator never overwrites a file."""
+    with open(path, "x", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def write_demo_shop(out_dir: str | Path, n_products: int = 3000, n_queries: int = 400,
+                    n_labelled: int = 120, judged_per_query: int = 30, seed: int = 7,
+                    bad_rows: bool = True, files: tuple[str, ...] = DEMO_FILES) -> dict[str, Path]:
+    """Write `files` (of products.tsv, queries.tsv, labels.tsv) into `out_dir`; return their paths.
+
+    The shop is generated whole from `seed`, so files written by separate calls fit together. A
+    file that already exists is an error (FileExistsError): nothing is ever overwritten.
+    """
+    unknown = sorted(set(files) - set(DEMO_FILES))
+    if unknown:
+        raise ValueError(f"unknown demo shop file(s) {unknown}; the demo writes {list(DEMO_FILES)}")
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    products = generate_products(n_products, rng, seed)
+    queries = generate_queries(n_queries, rng)
+    # The conflicting copy quarantines products[0] (both versions), so no label points at it.
+    unloadable = {products[0].product_id} if bad_rows else set()
+    content = {
+        "products": (["product_id", "title", "description"], _product_rows(products, seed, bad_rows)),
+        "queries": (["query_id", "query", "frequency"], [[str(i), q["query"], q["frequency"]] for i, q in enumerate(queries)]),
+        "labels": (["query_id", "product_id", "grade", "variance"],
+                   _label_rows(queries, products, rng, n_labelled, judged_per_query, unloadable)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in files:
+        paths[name] = out / f"{name}.tsv"
+        _write_new_tsv(paths[name], *content[name])
     return paths

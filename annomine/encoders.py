@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from annomine.errors import MissingInputError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,7 +35,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == MINILM:
         return str(minilm_path())
     if not Path(name_or_path).exists():
-        raise FileNotFoundError(f"model folder not found: {name_or_path} (no model hub is reachable; use 'minilm' or a local path)")
+        raise MissingInputError(f"model folder not found: {name_or_path} (no model hub is reachable; use 'minilm' or a local path)")
     return name_or_path
 
 

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class AnnomineError(Exception):
     """A user-facing error: the CLI prints it as one line and exits 2."""
+
+
+class MissingInputError(AnnomineError, FileNotFoundError):
+    """Something a stage reads is absent: a file, a table an earlier stage writes, a trained model."""

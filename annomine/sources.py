@@ -18,10 +18,12 @@ from pathlib import Path
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from annomine.errors import AnnomineError
+
 FORMATS = ("tsv", "csv", "parquet", "jsonl", "json", "delta")
 
 
-class SourceSchemaError(ValueError):
+class SourceSchemaError(AnnomineError, ValueError):
     """A source file does not have the columns a job needs."""
 
 
@@ -50,7 +52,7 @@ class SourceConfig:
             return suffix
         if path.is_dir():
             return "parquet"
-        raise ValueError(f"{self.path}: cannot tell the format from the extension; set `format`")
+        raise SourceSchemaError(f"{self.path}: cannot tell the format from the extension; set `format`")
 
 
 def read_raw(spark, source: SourceConfig) -> DataFrame:
@@ -58,7 +60,7 @@ def read_raw(spark, source: SourceConfig) -> DataFrame:
     fmt = source.resolved_format
     path = str(Path(source.path).expanduser().resolve()) if "://" not in source.path else source.path
     if "://" not in source.path and not Path(path).exists():
-        raise FileNotFoundError(f"source file not found: {source.path}")
+        raise SourceSchemaError(f"source file not found: {source.path}")
     if fmt in ("tsv", "csv"):
         return (spark.read.option("header", True).option("sep", "\t" if fmt == "tsv" else ",")
                 .option("quote", '"').option("escape", '"').option("multiLine", True).csv(path))

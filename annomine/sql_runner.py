@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from annomine.errors import MissingInputError
+
 log = logging.getLogger("annomine.sql")
 
 VIEWS_FILE = "00_views.sql"
@@ -119,7 +121,7 @@ def sql_files(sql_dir: str | os.PathLike | None = None) -> list[SqlFile]:
     """Every SQL file of the folder: the views file first, then the queries by name."""
     folder = Path(sql_dir) if sql_dir else default_sql_dir()
     if not folder.is_dir():
-        raise FileNotFoundError(f"SQL folder {folder} not found (set ANNOMINE_SQL_DIR)")
+        raise MissingInputError(f"SQL folder {folder} not found (set ANNOMINE_SQL_DIR)")
     paths = sorted(folder.glob("*.sql"), key=lambda p: (p.name != VIEWS_FILE, p.name))
     return [load_file(p) for p in paths]
 

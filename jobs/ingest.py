@@ -1,7 +1,12 @@
 """Stage `ingest`: products, queries and human labels from files into bronze Delta tables.
 
 Bad rows go to the `quarantine` table with a reason; the job prints how many rows went where and
-fails loudly only when a file lacks a required column.
+fails loudly, before any table is written, when a configured file does not exist or has no rows
+(`IngestInputError`) or lacks a required column (`SourceSchemaError`).
+
+The synthetic demo shop (`demo_shop`) is generated only into its own folder (`demo_shop.folder`,
+default data/demo): a configured file that is missing there is generated; one anywhere else is an
+error. Ingest never writes a file a user points at.
 """
 
 from __future__ import annotations
@@ -14,21 +19,31 @@ from pathlib import Path
 from pyspark.sql import functions as F
 
 from annomine import ingestion
-from annomine.demo_shop import write_demo_shop
+from annomine.demo_shop import DEMO_FILES, write_demo_shop
+from annomine.errors import AnnomineError
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 from annomine.sources import SourceConfig, read_raw, select_mapped
 
 log = logging.getLogger("annomine.ingest")
 
 
+class IngestInputError(AnnomineError):
+    """A configured input ingest cannot use: a path that does not exist, or a file without rows."""
+
+
 @dataclass
 class DemoShopConfig:
-    """Generate the synthetic shop into the configured source paths when they are missing."""
+    """Generate the synthetic shop into `folder` (the demo's own) for configured files missing there."""
 
+    folder: str = "data/demo"
     n_products: int = 3000
     n_queries: int = 400
     n_labelled: int = 120
     seed: int = 7
+
+    def validate(self) -> None:
+        if not self.folder.strip():
+            raise ValueError("folder must name the demo shop's own folder, e.g. data/demo")
 
 
 @dataclass
@@ -77,27 +92,87 @@ def _load(ctx: JobContext, table: str, good, quarantined, read_count: int) -> st
     return _report(table, read_count, loaded, sum(r["count"] for r in reasons), reasons)
 
 
+SOURCE_NAMES = ("products", "queries", "labels", "retrieval_logs")
+
+
+def _configured(cfg: IngestConfig) -> dict[str, SourceConfig]:
+    return {name: getattr(cfg, name) for name in SOURCE_NAMES if getattr(cfg, name) is not None}
+
+
+def _is_local(source: SourceConfig) -> bool:
+    return "://" not in source.path
+
+
+def demo_files_to_generate(cfg: IngestConfig) -> tuple[str, ...]:
+    """The demo shop's files to write: configured, missing, and exactly the demo's own file in its folder."""
+    if cfg.demo_shop is None:
+        return ()
+    folder = Path(cfg.demo_shop.folder).expanduser().resolve()
+    wanted = []
+    for name, source in _configured(cfg).items():
+        if name in DEMO_FILES and _is_local(source):
+            path = Path(source.path).expanduser().resolve()
+            if path == folder / f"{name}.tsv" and not path.exists():
+                wanted.append(name)
+    return tuple(wanted)
+
+
+def check_paths_exist(cfg: IngestConfig) -> None:
+    """Every configured local path exists; else an error naming the config key."""
+    for name, source in _configured(cfg).items():
+        if _is_local(source) and not Path(source.path).expanduser().exists():
+            hint = ""
+            if cfg.demo_shop is not None:
+                hint = f" (demo_shop generates its {'/'.join(f'{n}.tsv' for n in DEMO_FILES)} only into {cfg.demo_shop.folder}/)"
+            raise IngestInputError(f"ingest.{name}.path: {source.path} does not exist{hint}")
+
+
+def _read(ctx: JobContext, name: str, source: SourceConfig, required: list[str], optional: list[str]):
+    """(mapped string columns, row count); a file without rows is an error naming it."""
+    raw = read_raw(ctx.spark, source)
+    if not raw.columns or raw.limit(1).count() == 0:
+        raise IngestInputError(f"ingest.{name}.path: {source.path} has no rows (empty, or a header only)")
+    mapped = select_mapped(ingestion.as_text_columns(raw), source, required, optional)
+    return mapped, mapped.count()
+
+
+def _known_ids(ctx: JobContext, table: str, column: str):
+    if ctx.tables.exists(table):
+        return ctx.tables.read(table).select(column)
+    return ctx.spark.createDataFrame([], f"{column} string")
+
+
+# Per file: (required, optional) columns in annomine's names.
+COLUMNS = {
+    "products": (["product_id", "title"], ["description", "brand", "category", "attributes"]),
+    "queries": (["query_id", "query"], ["frequency"]),
+    "labels": (["query_id", "product_id", "grade"], ["variance"]),
+}
+
+
 def run(ctx: JobContext, cfg: IngestConfig) -> list[str]:
-    if cfg.demo_shop and cfg.products and not Path(cfg.products.path).exists():
-        folder = Path(cfg.products.path).parent
-        log.info("generating the synthetic demo shop into %s", folder)
-        write_demo_shop(folder, cfg.demo_shop.n_products, cfg.demo_shop.n_queries, cfg.demo_shop.n_labelled, seed=cfg.demo_shop.seed)
+    demo_files = demo_files_to_generate(cfg)
+    if demo_files:
+        demo = cfg.demo_shop
+        log.info("generating the synthetic demo shop (%s) into %s", ", ".join(demo_files), demo.folder)
+        write_demo_shop(demo.folder, demo.n_products, demo.n_queries, demo.n_labelled, seed=demo.seed, files=demo_files)
+    check_paths_exist(cfg)
+    # Every file is read (and checked for rows and columns) before any table is written.
+    inputs = {name: _read(ctx, name, getattr(cfg, name), *columns) for name, columns in COLUMNS.items() if getattr(cfg, name)}
     lines = []
-    if cfg.products:
-        raw = read_raw(ctx.spark, cfg.products)
-        mapped = select_mapped(raw, cfg.products, ["product_id", "title"], ["description", "brand", "category", "attributes"])
+    if "products" in inputs:
+        mapped, n = inputs["products"]
         good, bad = ingestion.validate_products(mapped, cfg.products.path)
-        lines.append(_load(ctx, "products", good, bad, mapped.count()))
-    if cfg.queries:
-        raw = read_raw(ctx.spark, cfg.queries)
-        mapped = select_mapped(raw, cfg.queries, ["query_id", "query"], ["frequency"])
+        lines.append(_load(ctx, "products", good, bad, n))
+    if "queries" in inputs:
+        mapped, n = inputs["queries"]
         good, bad = ingestion.validate_queries(mapped, cfg.queries.path, cfg.queries_origin)
-        lines.append(_load(ctx, "queries", good, bad, mapped.count()))
-    if cfg.labels:
-        raw = read_raw(ctx.spark, cfg.labels)
-        mapped = select_mapped(raw, cfg.labels, ["query_id", "product_id", "grade"], ["variance"])
-        good, bad = ingestion.validate_labels(mapped, cfg.labels.path, ctx.project.min_grade, ctx.project.max_grade)
-        lines.append(_load(ctx, "human_labels", good, bad, mapped.count()))
+        lines.append(_load(ctx, "queries", good, bad, n))
+    if "labels" in inputs:
+        mapped, n = inputs["labels"]
+        good, bad = ingestion.validate_labels(mapped, cfg.labels.path, ctx.project.min_grade, ctx.project.max_grade,
+                                              _known_ids(ctx, "queries", "query_id"), _known_ids(ctx, "products", "product_id"))
+        lines.append(_load(ctx, "human_labels", good, bad, n))
     if cfg.retrieval_logs:
         from jobs.ingest_logs import ingest_retrieval_logs  # noqa: PLC0415 - optional path
 

@@ -56,7 +56,7 @@ def test_ingest_stage_through_spark_submit_on_spark_connect(spark, tmp_path):
     conf.write_text(
         f"project: {{name: submit-test, warehouse: '{tmp_path / 'wh'}', schema: {schema}}}\n"
         "ingest:\n"
-        "  demo_shop: {n_products: 40, n_queries: 10, n_labelled: 3, seed: 7}\n"
+        f"  demo_shop: {{folder: '{shop}', n_products: 40, n_queries: 10, n_labelled: 3, seed: 7}}\n"
         f"  products: {{path: '{shop / 'products.tsv'}'}}\n"
         f"  queries: {{path: '{shop / 'queries.tsv'}'}}\n"
         f"  labels: {{path: '{shop / 'labels.tsv'}'}}\n"

@@ -58,7 +58,7 @@ def demo(spark, tmp_path_factory):
     conf.write_text(
         f"project: {{name: sqltest, warehouse: '{tmp / 'wh'}', schema: {schema}}}\n"
         "ingest:\n"
-        "  demo_shop: {n_products: 60, n_queries: 12, n_labelled: 3, seed: 7}\n"
+        f"  demo_shop: {{folder: '{tmp / 'shop'}', n_products: 60, n_queries: 12, n_labelled: 3, seed: 7}}\n"
         f"  products: {{path: '{tmp / 'shop' / 'products.tsv'}'}}\n"
         f"  queries: {{path: '{tmp / 'shop' / 'queries.tsv'}'}}\n"
         f"  labels: {{path: '{tmp / 'shop' / 'labels.tsv'}'}}\n"
