@@ -5,13 +5,18 @@ Without a workspace the bundle is checked as far as is possible offline:
   Python package of the Databricks CLI's bundle schema), which refuse unknown fields and wrong
   types, for the default config and every target;
 - top-level and target keys, `${...}` references and variables are resolved as the CLI would;
-- the task DAG respects the stages' data dependencies (jobs.pipeline.STAGES);
+- the tasks are derived-consistent with the stage list (annomine/stages.py, jobs.pipeline.STAGES):
+  every stage with a config section is a task running its module, in the stages' order, and the DAG
+  respects the stages' data dependencies;
+- what tasks share is written once (YAML anchors, `<<:` merges): no `--set` pair is repeated
+  literally, every stage task gets the shared arguments, no task restates the task template;
 - every task's python file exists, and its `main` accepts the task's parameters: argparse
   parses them and every `--set` key exists in the stage's config class (conf/databricks.yaml);
 - clusters: training on a single-node GPU cluster through TorchDistributor, the LLM key only as a
   secret reference on the cluster of the tasks that call the LLM tiers;
 - the artifact builds a wheel that holds every task's entry point;
-- every notebook is a Databricks source notebook whose stage call parses the same way.
+- the notebooks are Databricks source notebooks; the one that runs a stage (`stage` widget) passes the
+  same arguments as that stage's workflow task.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import yaml
 
 from annomine.config import load_job_config
 from annomine.docs_gen import view_docs
+from annomine.stages import BY_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks_databricks"
@@ -42,6 +48,8 @@ TARGET_KEYS = {"default", "mode", "workspace", "variables", "resources", "artifa
 KNOWN_REFS = {"workspace.file_path", "workspace.current_user.userName", "workspace.current_user.short_name",
               "workspace.root_path", "bundle.name", "bundle.target"}
 REF = re.compile(r"(?<!\$)\$\{([A-Za-z0-9_.\[\]-]+)\}")
+WORKFLOW = ROOT / "resources" / "annomine_workflow.yml"
+ANCHOR_BLOCK = "x-"  # top-level keys that only hold YAML anchors (as in annomine's config files)
 
 
 # ---- loading the bundle the way the CLI does ------------------------------------------------------
@@ -55,15 +63,45 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def top_level_anchors(text: str) -> dict[str, str | None]:
+    """Each top-level key of a YAML document and the anchor of its value (None: not anchored)."""
+    out: dict[str, str | None] = {}
+    depth, key, expecting_key = 0, None, True
+    for event in yaml.parse(text):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if depth == 1 and not expecting_key:
+                out[key], expecting_key = event.anchor, True
+            depth += 1
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)) and depth == 1:
+            if expecting_key:
+                key, expecting_key = event.value, False
+            else:
+                out[key], expecting_key = getattr(event, "anchor", None), True
+    return out
+
+
+def without_anchor_blocks(path: Path) -> dict:
+    """A bundle file as the CLI reads it: YAML anchors, aliases and `<<` merge keys resolved (its YAML
+    loader does all three), and the anchored `x-...` blocks, which only hold anchors, left out (the CLI
+    raises no "unknown field" warning for an anchored value). Such a block must be anchored."""
+    text = path.read_text()
+    for key, anchor in top_level_anchors(text).items():
+        if key.startswith(ANCHOR_BLOCK):
+            assert anchor, f"{path.name}: top-level {key!r} holds no anchor (the CLI would warn: unknown field)"
+    return {k: v for k, v in yaml.safe_load(text).items() if not k.startswith(ANCHOR_BLOCK)}
+
+
 def load_bundle() -> tuple[dict, dict[str, Path]]:
     """databricks.yml with its includes merged; also where each job was defined (for relative paths)."""
-    root = yaml.safe_load((ROOT / "databricks.yml").read_text())
+    root = without_anchor_blocks(ROOT / "databricks.yml")
     defined_in: dict[str, Path] = {}
     for pattern in root.get("include", []):
         files = sorted(ROOT.glob(pattern))
         assert files, f"include {pattern!r} matches no file"
         for path in files:
-            doc = yaml.safe_load(path.read_text())
+            doc = without_anchor_blocks(path)
             assert set(doc) <= {"resources", "targets", "variables"}, f"{path}: unexpected top-level keys {set(doc)}"
             for job in doc.get("resources", {}).get("jobs", {}):
                 defined_in[job] = path
@@ -232,6 +270,83 @@ def test_task_dag_follows_the_stage_dependencies():
     assert writers_of_views <= {stage_of[a] for a in ancestors("sql_views")}
 
 
+def test_tasks_are_derived_from_the_stage_list():
+    """annomine/stages.py (the CLI's stages), jobs.pipeline.STAGES (their tables) and the workflow agree:
+    every stage with a config section is a task running that stage's module, and nothing else is, and
+    the tasks are listed in the stages' order."""
+    from annomine.stages import CONFIG_SECTIONS, STAGES
+    from jobs.pipeline import STAGES as PIPELINE_STAGES
+
+    with_section = [s.name for s in STAGES if s.has_section]
+    assert with_section == [spec.name for spec in PIPELINE_STAGES] == list(CONFIG_SECTIONS[1:])
+    assert all(BY_NAME[spec.name].module == spec.module for spec in PIPELINE_STAGES)
+    stage_of = {k: _stage_of(t) for k, t in TASKS.items()}
+    assert sorted(set(stage_of.values())) == sorted(with_section), "every stage with a section is a task, and nothing else"
+    for key, task in TASKS.items():
+        python_file = (DEFINED_IN["annomine_pipeline"].parent / task["spark_python_task"]["python_file"]).resolve()
+        assert python_file == ROOT / (BY_NAME[stage_of[key]].module.replace(".", "/") + ".py"), key
+    positions = [with_section.index(stage_of[k]) for k in ALL_TASKS if k in TASKS]
+    assert positions == sorted(positions), "tasks are listed in the stages' order"
+    # Two tasks of one stage differ by their action: the judge's, `train` then `calibrate`.
+    for stage in with_section:
+        keys = [k for k in TASKS if stage_of[k] == stage]
+        assert keys == [stage] or all(k.startswith(f"{stage}_") for k in keys), keys
+        if len(keys) > 1:
+            actions = [TASKS[k]["spark_python_task"]["parameters"][0] for k in keys]
+            assert [f"{stage}_{a}" for a in actions] == keys
+
+
+def _workflow_source() -> tuple[dict, yaml.Node]:
+    text = WORKFLOW.read_text()
+    return yaml.safe_load(text), yaml.compose(text)
+
+
+def _child(node: yaml.Node, key: str) -> yaml.Node:
+    return next(v for k, v in node.value if k.value == key)
+
+
+def test_shared_settings_are_written_once():
+    """The sharing is real: each `--set` pair, and the config path, is written once in the workflow file
+    (YAML aliases carry it to the tasks); every stage task gets the shared arguments, in order; every
+    task merges the task template and states only what is its own."""
+    doc, tree = _workflow_source()
+    literal: dict[str, int] = {}
+    for event in yaml.parse(WORKFLOW.read_text()):
+        if isinstance(event, yaml.ScalarEvent):
+            literal[event.value] = literal.get(event.value, 0) + 1
+    values = {argv[i + 1] for argv in (t["spark_python_task"]["parameters"] for t in TASKS.values())
+              for i in range(len(argv) - 1) if argv[i] in ("--set", "--conf")}  # the --set pairs' values, the config
+    assert len(values) > 5 and all(literal.get(a) for a in values)
+    written_twice = {a for a in values if literal[a] > 1}
+    assert not written_twice, f"written more than once (use the anchor's alias): {written_twice}"
+
+    shared = doc[f"{ANCHOR_BLOCK}stage-args"]
+    assert shared[:2] == ["--conf", "${workspace.file_path}/conf/databricks.yaml"]
+    assert {a.split("=")[0] for a in shared[3::2]} == {"project.catalog", "project.schema", "project.warehouse",
+                                                      "project.mlflow_experiment"}
+    for key, task in TASKS.items():
+        argv = task["spark_python_task"]["parameters"]
+        starts = [i for i in range(len(argv)) if argv[i:i + len(shared)] == shared]
+        assert starts and starts[0] <= 1, f"{key}: the shared arguments are missing or out of order"
+        assert argv.count("--conf") == 1, key
+    assert ALL_TASKS["sql_views"]["notebook_task"]["base_parameters"]["conf"] == shared[1]
+
+    template = doc[f"{ANCHOR_BLOCK}task"]
+    tasks_node = _child(_child(_child(_child(tree, "resources"), "jobs"), "annomine_pipeline"), "tasks")
+    for node, task in zip(tasks_node.value, JOB["tasks"]):
+        merges = [k for k, _ in node.value if k.tag == "tag:yaml.org,2002:merge"]
+        assert len(merges) == 1, f"{task['task_key']}: merge the task template once (`<<: *task`)"
+        restated = {k.value for k, _ in node.value if k.value in template and task[k.value] == template[k.value]}
+        assert not restated, f"{task['task_key']} restates the template's {restated}"
+        assert set(template) <= set(task)
+    # Clusters: llm is cpu plus the key; all three share one environment.
+    clusters = {c["job_cluster_key"]: c["new_cluster"] for c in JOB["job_clusters"]}
+    assert {k: v for k, v in clusters["llm"].items() if k != "spark_env_vars"} == {
+        k: v for k, v in clusters["cpu"].items() if k != "spark_env_vars"}
+    assert clusters["llm"]["spark_env_vars"].items() > clusters["cpu"]["spark_env_vars"].items()
+    assert clusters["gpu"]["spark_env_vars"] == clusters["cpu"]["spark_env_vars"]
+
+
 def test_sql_views_task_runs_the_exploration_notebook(spark):
     task = ALL_TASKS["sql_views"]
     assert set(ALL_TASKS) - set(TASKS) == {"sql_views"}
@@ -346,7 +461,7 @@ class Widgets:
     """The part of `dbutils.widgets` the notebooks use; values given up front win over defaults."""
 
     def __init__(self, values: dict[str, str]):
-        self.values, self.defined = dict(values), {}
+        self.values, self.defined, self.choices = dict(values), {}, {}
 
     def text(self, name, default, label=None):
         self.defined[name] = default
@@ -354,6 +469,8 @@ class Widgets:
 
     def dropdown(self, name, default, choices, label=None):
         assert default in choices, f"widget {name}: default {default!r} not in {choices}"
+        assert self.values.get(name, default) in choices, f"widget {name}: {self.values[name]!r} not in {choices}"
+        self.choices[name] = list(choices)
         self.text(name, default, label)
 
     def get(self, name):
@@ -368,13 +485,13 @@ def notebook_cells(path: Path) -> list[str]:
     return [c.strip("\n") for c in text[len("# Databricks notebook source\n"):].split("\n# COMMAND ----------\n")]
 
 
-def run_notebook(path: Path, widgets: dict[str, str], spark, ns: dict | None = None) -> dict:
+def run_notebook(path: Path, widgets: dict[str, str] | Widgets, spark, ns: dict | None = None) -> dict:
     """Execute a source notebook as Databricks would, with `dbutils.widgets`, `display` and `spark`:
     %md is skipped, %pip checked (its requirements file must exist), %run executed in the same
     namespace, %sql run with its :catalog / :schema parameters bound."""
     if ns is None:
         dbutils = type("DBUtils", (), {})()
-        dbutils.widgets = Widgets(widgets)
+        dbutils.widgets = widgets if isinstance(widgets, Widgets) else Widgets(widgets)
         ns = {"__name__": "__main__", "dbutils": dbutils, "spark": spark, "displayed": []}
         ns["display"] = ns["displayed"].append
         cwd = os.getcwd()
@@ -410,38 +527,72 @@ def run_notebook(path: Path, widgets: dict[str, str], spark, ns: dict | None = N
     return ns
 
 
-STAGE_NOTEBOOKS = sorted(p for p in NOTEBOOKS.glob("0*_*.py"))
+RUN_STAGE = NOTEBOOKS / "run_stage.py"
 
 
-def test_there_is_a_notebook_per_stage_plus_exploration():
-    from jobs.pipeline import STAGES
+def test_one_notebook_runs_any_stage_plus_exploration(parse_only, spark):
+    from annomine.stages import STAGES
 
-    stages = {re.search(r"from jobs\.(\w+) import main", p.read_text()).group(1) for p in STAGE_NOTEBOOKS}
-    assert stages == {s.name for s in STAGES}
-    assert (NOTEBOOKS / "explore_curated_tables.py").is_file()
+    assert {p.name for p in NOTEBOOKS.glob("*.py")} == {"_common.py", "run_stage.py", "explore_curated_tables.py"}
     for path in NOTEBOOKS.glob("*.py"):
         cells = notebook_cells(path)
         code = "\n".join(c for c in cells if not c.lstrip().startswith("# MAGIC"))
         assert len(code.splitlines()) <= 45, f"{path.name}: notebooks stay thin; logic belongs in the package"
         if path.name != "_common.py":
             assert any(c.strip() == "# MAGIC %run ./_common" for c in cells), path.name
+    widgets = Widgets({})
+    with pytest.raises(Parsed):
+        run_notebook(RUN_STAGE, widgets, spark)
+    assert widgets.choices["stage"] == [s.name for s in STAGES if s.has_section] + ["pipeline"]
+    assert widgets.defined["stage"] == "ingest"
 
 
-@pytest.mark.parametrize("notebook", [p.name for p in STAGE_NOTEBOOKS])
-def test_stage_notebooks_pass_valid_arguments(notebook, parse_only, spark):
-    widgets = {"catalog": "main", "schema": "annomine", "input": "/Volumes/main/annomine/raw", "num_proc": "2"}
-    stage = re.search(r"from jobs\.(\w+) import main", (NOTEBOOKS / notebook).read_text()).group(1)
+def _notebook_widgets(cfg: dict, **more: str) -> dict[str, str]:
+    """The run_stage widgets a user sets to run a stage as the workflow does on `cfg`'s target."""
+    params = {p["name"]: resolve(p["default"], cfg) for p in JOB["parameters"]}
+    return {"catalog": params["catalog"], "schema": params["schema"], "input": params["input"],
+            "num_proc": str(cfg["_variables"]["gpus"]), **more}
+
+
+def _parsed_notebook(widgets: dict[str, str], spark) -> argparse.Namespace:
     with pytest.raises(Parsed) as parsed:
-        run_notebook(NOTEBOOKS / notebook, widgets, spark)
-    argv_ns = parsed.value.namespace
-    assert argv_ns.conf == str(ROOT / "conf" / "databricks.yaml")
-    assert {"project.catalog=main", "project.schema=annomine", "project.warehouse=/Volumes/main/annomine/scratch"} <= set(argv_ns.overrides)
-    module = importlib.import_module(f"jobs.{stage}")
-    load_job_config(argv_ns.conf, stage, module.CONFIG_CLASS, argv_ns.overrides)
-    if stage == "ingest":
-        assert "ingest.products.path=/Volumes/main/annomine/raw/products.parquet" in argv_ns.overrides
-    if stage == "train":
-        assert {"train.launcher=torch_distributor", "train.num_proc=2"} <= set(argv_ns.overrides)
+        run_notebook(RUN_STAGE, widgets, spark)
+    return parsed.value.namespace
+
+
+@pytest.mark.parametrize("task_key", sorted(TASKS))
+def test_run_stage_notebook_passes_the_arguments_of_the_stage_task(task_key, parse_only, spark):
+    """The interactive path and the workflow agree: run_stage with a task's stage (and the judge's action)
+    parses to the task's arguments, less the MLflow experiment (the notebook keeps the config's)."""
+    task = TASKS[task_key]
+    stage = _stage_of(task)
+    for target in ("dev", "prod"):
+        cfg = target_config(BUNDLE, target)
+        task_ns = check_stage_arguments(stage, resolve(task["spark_python_task"]["parameters"], cfg, job_params=True))
+        more = {"stage": stage, **({"action": task_ns.action} if stage == "judge" else {})}
+        ns = _parsed_notebook(_notebook_widgets(cfg, **more), spark)
+        assert ns.conf == str(ROOT / "conf" / "databricks.yaml") == task_ns.conf
+        assert {k: v for k, v in vars(ns).items() if k != "overrides"} == {
+            k: v for k, v in vars(task_ns).items() if k != "overrides"}
+        experiment = [o for o in task_ns.overrides if o.startswith("project.mlflow_experiment=")]
+        assert sorted(ns.overrides) == sorted(set(task_ns.overrides) - set(experiment)), target
+        module = importlib.import_module(BY_NAME[stage].module)
+        load_job_config(ns.conf, stage, module.CONFIG_CLASS, ns.overrides)
+
+
+def test_run_stage_notebook_runs_the_pipeline_with_every_stage_setting(parse_only, spark):
+    from jobs.pipeline import stage_configs
+
+    cfg = target_config(BUNDLE, "dev")
+    ns = _parsed_notebook(_notebook_widgets(cfg, stage="pipeline", num_proc="2", launcher="torchrun"), spark)
+    assert {"project.catalog=main", "project.schema=annomine", "project.warehouse=/Volumes/main/annomine/scratch",
+            "ingest.products.path=/Volumes/main/annomine/raw/products.parquet",
+            "train.launcher=torchrun", "train.num_proc=2"} <= set(ns.overrides)
+    configs = stage_configs(ns.conf, ns.overrides)  # every stage's section loads with them
+    assert configs["train"].num_proc == 2 and configs["ingest"].products.path.endswith("/raw/products.parquet")
+    # Empty widgets: the config's namespace and input paths, nothing overridden.
+    ns = _parsed_notebook({"stage": "ingest", "catalog": "", "schema": "", "input": ""}, spark)
+    assert ns.overrides == []
 
 
 # ---- docs ---------------------------------------------------------------------------------------

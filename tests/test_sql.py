@@ -63,8 +63,9 @@ def demo(spark, tmp_path_factory):
         f"  queries: {{path: '{tmp / 'shop' / 'queries.tsv'}'}}\n"
         f"  labels: {{path: '{tmp / 'shop' / 'labels.tsv'}'}}\n"
         "  queries_origin: log\n")
-    # Through the Databricks ingest notebook (its widgets, `%run ./_common`), which calls jobs/ingest.py's main.
-    run_notebook(NOTEBOOKS / "01_ingest.py", {"catalog": "", "schema": "", "conf": str(conf), "input": ""}, spark)
+    # Through the Databricks stage notebook (its widgets, `%run ./_common`), which calls jobs/ingest.py's main.
+    run_notebook(NOTEBOOKS / "run_stage.py", {"stage": "ingest", "catalog": "", "schema": "", "conf": str(conf), "input": ""},
+                 spark)
     project = ProjectConfig(name="sqltest", warehouse=str(tmp / "wh"), schema=schema)
     ctx = JobContext(project, spark, TableStore(spark, project))
     pids = sorted(r.product_id for r in ctx.tables.read("products").select("product_id").collect())[:6]
