@@ -21,8 +21,8 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-CLASSES = ("easy_positive", "hard_positive", "hard_negative", "token_similar_negative", "random_negative")
-POSITIVE_CLASSES = ("easy_positive", "hard_positive")
+from annomine.vocabulary import CLASSES, POSITIVE_CLASSES, RANDOM_NEGATIVE
+
 LOSSES = ("bce", "mnr", "triplet", "roar")
 VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar")
 FORMAT_OF_LOSS = {"bce": "pointwise", "mnr": "pair", "triplet": "pair", "roar": "list"}
@@ -61,7 +61,7 @@ class StageDef:
 class LabelRules:
     positive_min_grade: int = 3
     negative_max_grade: int = 2
-    set_logic_fallback: list[str] = field(default_factory=lambda: ["random_negative"])
+    set_logic_fallback: list[str] = field(default_factory=lambda: [RANDOM_NEGATIVE])
     use_annotations: bool = True
 
 

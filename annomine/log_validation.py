@@ -5,7 +5,8 @@ logged_at (run_id, query, score and logged_at may be null). Output `(good, quara
 in the `retrieval_logs` schema, `quarantined` in the quarantine table's. A row is refused, with a
 reason naming the field, when:
 
-- query_id, product_id or channel is missing, or the channel is not lexical / bm25 / ann;
+- query_id, product_id or channel is missing, or the channel is not a registered one (lexical / bm25 / ann,
+  `annomine.retrievers.registry`);
 - rank is not a positive integer, score is not a number, logged_at is not a timestamp;
 - the product is not in the catalog (when `known_products` is given);
 - within one (run_id, query_id, channel), two different products share a rank, or one product
@@ -20,7 +21,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from annomine.ingestion import _quarantine_rows
-from annomine.retrievers import CHANNELS
+from annomine.retrievers import registry
 
 LOG_COLUMNS = ["run_id", "query_id", "query", "channel", "product_id", "rank", "score", "logged_at"]
 REQUIRED = ["query_id", "channel", "product_id", "rank"]
@@ -45,6 +46,7 @@ def validate_retrieval_logs(mapped: DataFrame, source: str, default_run_id: str,
             .withColumn("product_id", F.trim("product_id"))
             .withColumn("channel", F.lower(F.trim("channel")))
             .withColumn("run_id", F.when(_blank(F.col("run_id")), F.lit(default_run_id)).otherwise(F.trim("run_id"))))
+    channels = registry.names()
     rank_text = F.trim("rank")
     # try_* casts: a bad value becomes null (then a reason) instead of failing the whole job.
     rank_num = rank_text.try_cast("double")
@@ -56,8 +58,8 @@ def validate_retrieval_logs(mapped: DataFrame, source: str, default_run_id: str,
         F.when(_blank(F.col("query_id")), F.lit("missing query_id"))
          .when(_blank(F.col("product_id")), F.lit("missing product_id"))
          .when(_blank(F.col("channel")), F.lit("missing channel"))
-         .when(~F.col("channel").isin(*CHANNELS),
-               F.concat(F.lit("unknown channel '"), F.col("channel"), F.lit(f"' (expected one of {', '.join(CHANNELS)})")))
+         .when(~F.col("channel").isin(*channels),
+               F.concat(F.lit("unknown channel '"), F.col("channel"), F.lit(f"' (expected one of {', '.join(channels)})")))
          .when(_blank(F.col("rank")), F.lit("missing rank"))
          .when(~rank_ok, F.concat(F.lit("rank must be a positive integer, got '"), F.col("rank"), F.lit("'")))
          .when(~_blank(F.col("score")) & score_num.isNull(),

@@ -60,23 +60,18 @@ pairs any channel returned are anti-joined away.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-CHANNELS = ("lexical", "bm25", "ann")
+from annomine.vocabulary import (ANN, BM25, CHANNELS, CLASS_LEVELS, EASY_POSITIVE, HARD_NEGATIVE, HARD_POSITIVE, LEXICAL,
+                                 NEGATIVE_CLASSES, POSITIVE_CLASSES, RANDOM_NEGATIVE, TOKEN_SIMILAR_NEGATIVE)
 
-CLASSES = {
-    "easy_positive": 1,
-    "hard_positive": 2,
-    "hard_negative": 3,
-    "token_similar_negative": 4,
-    "random_negative": 5,
-}
-POSITIVE_CLASSES = ("easy_positive", "hard_positive")
-NEGATIVE_CLASSES = ("hard_negative", "token_similar_negative", "random_negative")
+CLASSES = CLASS_LEVELS  # class -> difficulty level
 
 # Small English stop list: terms that carry no product meaning never block or weigh in.
 STOPWORDS = (
@@ -95,8 +90,8 @@ class MiningRules:
     easy_top_k: int = 10
     easy_channels: list[str] = field(default_factory=lambda: list(CHANNELS))
     hard_positive_top_k: int = 50
-    hard_positive_channels: list[str] = field(default_factory=lambda: ["lexical", "bm25"])
-    hard_positive_missed_by: list[str] = field(default_factory=lambda: ["ann"])
+    hard_positive_channels: list[str] = field(default_factory=lambda: [LEXICAL, BM25])
+    hard_positive_missed_by: list[str] = field(default_factory=lambda: [ANN])
     hard_negative_top_k: int = 100
     token_band_low: float = 0.2
     token_band_high: float = 0.6
@@ -108,8 +103,8 @@ class MiningRules:
     max_negatives: int = 50
     # Per-class quotas filled first; unused room of a polarity goes to its other classes.
     class_quotas: dict[str, int] = field(default_factory=lambda: {
-        "easy_positive": 25, "hard_positive": 25,
-        "hard_negative": 20, "token_similar_negative": 20, "random_negative": 10,
+        EASY_POSITIVE: 25, HARD_POSITIVE: 25,
+        HARD_NEGATIVE: 20, TOKEN_SIMILAR_NEGATIVE: 20, RANDOM_NEGATIVE: 10,
     })
     seed: int = 13
 
@@ -237,9 +232,9 @@ def channel_class(rules: MiningRules) -> Column:
     for ch in rules.hard_positive_missed_by:
         missed = missed & F.col(f"rank_{ch}").isNull()
     hard_neg = (F.col("n_channels") == 1) & (F.col("best_rank") <= rules.hard_negative_top_k)
-    return (F.when(easy, F.lit("easy_positive"))
-             .when(lexical & missed, F.lit("hard_positive"))
-             .when(hard_neg, F.lit("hard_negative")))
+    return (F.when(easy, F.lit(EASY_POSITIVE))
+             .when(lexical & missed, F.lit(HARD_POSITIVE))
+             .when(hard_neg, F.lit(HARD_NEGATIVE)))
 
 
 def classify_channel_candidates(pivoted: DataFrame, rules: MiningRules) -> DataFrame:
@@ -247,8 +242,8 @@ def classify_channel_candidates(pivoted: DataFrame, rules: MiningRules) -> DataF
     df = pivoted.withColumn("candidate_class", channel_class(rules))
     lexical_ranks = [F.col(f"rank_{ch}") for ch in rules.hard_positive_channels]
     lexical_best = F.least(*lexical_ranks) if len(lexical_ranks) > 1 else lexical_ranks[0]
-    priority = (F.when(F.col("candidate_class") == "hard_positive", lexical_best)
-                 .when(F.col("candidate_class") == "easy_positive", F.col("worst_rank"))
+    priority = (F.when(F.col("candidate_class") == HARD_POSITIVE, lexical_best)
+                 .when(F.col("candidate_class") == EASY_POSITIVE, F.col("worst_rank"))
                  .otherwise(F.col("best_rank")))
     return df.withColumn("_priority", priority.cast("double"))
 
@@ -427,7 +422,7 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     channel = score_pairs(channel, product_terms, query_terms)
 
     token = token_similar_pairs(product_terms, query_terms, returned, rules, n_products)
-    token = token.withColumn("candidate_class", F.lit("token_similar_negative")).withColumn(
+    token = token.withColumn("candidate_class", F.lit(TOKEN_SIMILAR_NEGATIVE)).withColumn(
         "_priority", (-F.col("token_similarity")).cast("double"))
     token = checkpoint(token, "token_similar")
 
@@ -435,7 +430,7 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     rand = random_negative_pairs(mined_queries, products, returned, rules, n_products)
     rand = rand.join(token.select("query_id", "product_id"), on=["query_id", "product_id"], how="left_anti")
     rand = score_pairs(rand, product_terms, query_terms)
-    rand = rand.where(F.col("token_similarity") < rules.random_max_similarity).withColumn("candidate_class", F.lit("random_negative"))
+    rand = rand.where(F.col("token_similarity") < rules.random_max_similarity).withColumn("candidate_class", F.lit(RANDOM_NEGATIVE))
 
     cols = ["query_id", "product_id", *RANK_COLUMNS, "token_similarity", "candidate_class", "_priority"]
     union = (_with_nulls_for_channels(channel).select(*cols)
@@ -474,6 +469,38 @@ def mining_report(mined: DataFrame) -> DataFrame:
                       .groupBy("value", "candidate_class", "level").agg(*agg).withColumn("dimension", F.lit("segment")))
     return (by_class.select(*REPORT_COLUMNS).unionByName(by_channel.select(*REPORT_COLUMNS))
             .unionByName(by_segment.select(*REPORT_COLUMNS)))
+
+
+# The channels that found a mined candidate, as sql/00_views.sql spells it ('lexical+bm25'): the
+# CASE list inside `filter(array(...), c -> c IS NOT NULL)` is generated from vocabulary.CHANNELS.
+_FOUND_BY = re.compile(r"(filter\(array\()(.*?)(\), c -> c IS NOT NULL\))", re.S)
+
+
+def found_by_sql(alias: str = "m", indent: str = " " * 11) -> str:
+    """One CASE per channel, in canonical order: the channel's name when it ranked the candidate."""
+    return ",".join(f"\n{indent}CASE WHEN {alias}.rank_{ch} IS NOT NULL THEN '{ch}' END" for ch in CHANNELS)
+
+
+def render_views_sql(text: str) -> str:
+    """The views file `text` with its channel list regenerated (unchanged when current)."""
+    if len(_FOUND_BY.findall(text)) != 1:
+        raise ValueError("expected exactly one `filter(array(...), c -> c IS NOT NULL)` channel list in the views file")
+    return _FOUND_BY.sub(lambda m: m.group(1) + found_by_sql() + m.group(3), text)
+
+
+def sync_views_sql(path: str | Path | None = None) -> bool:
+    """Regenerate the channel list of sql/00_views.sql in place; True when the file changed.
+
+        python -c "from annomine.mining import sync_views_sql; sync_views_sql()"
+    """
+    from annomine.sql_runner import VIEWS_FILE, default_sql_dir
+
+    path = Path(path) if path else default_sql_dir() / VIEWS_FILE
+    text = path.read_text(encoding="utf-8")
+    new = render_views_sql(text)
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
 
 
 def format_report(rows: list[dict]) -> str:

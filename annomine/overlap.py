@@ -1,8 +1,9 @@
-"""Channel overlap report: how much the lexical, BM25 and ANN channels disagree.
+"""Channel overlap report: how much the retrieval channels (lexical, BM25, ANN, ...) disagree.
 
 Per query, over each channel's top-k: the size of each set, the Jaccard similarity of every pair
-of channels and of all three, the union, and how many products only one channel finds (in total
-and per channel). `summarise` reduces that to means/medians; `format_summary` prints it.
+of channels and of all of them, the union, and how many products only one channel finds (in total
+and per channel). `summarise` reduces that to means/medians; `format_summary` prints it. Pairs are
+every pair of the channels in registry order (`annomine.retrievers.registry.pairs`).
 """
 
 from __future__ import annotations
@@ -15,25 +16,27 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from annomine.retrievers import CHANNELS
+from annomine.retrievers import registry
+from annomine.vocabulary import CHANNELS
 
-PAIRS = [("lexical", "bm25"), ("lexical", "ann"), ("bm25", "ann")]
+PAIRS = registry.pairs(CHANNELS)  # the built-in channels' pairs
 
 
 def overlap_per_query(logs: DataFrame, k: int, channels: tuple[str, ...] = CHANNELS) -> pd.DataFrame:
     """logs: rows with query_id, channel, product_id, rank (one run). Returns one row per query."""
+    pairs = registry.pairs(channels)
     top = logs.where(F.col("rank") <= k).where(F.col("channel").isin(*channels))
     flags = top.groupBy("query_id", "product_id").agg(
         *[F.max(F.when(F.col("channel") == c, 1).otherwise(0)).alias(f"in_{c}") for c in channels])
     n_in = sum(F.col(f"in_{c}") for c in channels)
     aggs = [F.count(F.lit(1)).alias("union")]
     aggs += [F.sum(f"in_{c}").alias(f"n_{c}") for c in channels]
-    aggs += [F.sum(F.col(f"in_{a}") * F.col(f"in_{b}")).alias(f"inter_{a}_{b}") for a, b in PAIRS if a in channels and b in channels]
+    aggs += [F.sum(F.col(f"in_{a}") * F.col(f"in_{b}")).alias(f"inter_{a}_{b}") for a, b in pairs]
     aggs.append(F.sum(F.when(n_in == len(channels), 1).otherwise(0)).alias("in_all"))
     aggs.append(F.sum(F.when(n_in == 1, 1).otherwise(0)).alias("only_one"))
     aggs += [F.sum(F.when((n_in == 1) & (F.col(f"in_{c}") == 1), 1).otherwise(0)).alias(f"only_{c}") for c in channels]
     pdf = flags.groupBy("query_id").agg(*aggs).toPandas()
-    for a, b in PAIRS:
+    for a, b in pairs:
         if f"inter_{a}_{b}" in pdf:
             denom = pdf[f"n_{a}"] + pdf[f"n_{b}"] - pdf[f"inter_{a}_{b}"]
             pdf[f"jaccard_{a}_{b}"] = np.where(denom > 0, pdf[f"inter_{a}_{b}"] / denom.clip(lower=1), np.nan)
@@ -60,14 +63,14 @@ def format_summary(summary: dict, title: str = "channel overlap") -> str:
     lines = [f"{title} (top-{k} per channel, {summary.get('queries', 0)} queries)"]
     if summary.get("queries", 0) == 0:
         return lines[0] + ": no results"
-    for a, b in PAIRS:
+    for a, b in registry.pairs():
         key = f"mean_jaccard_{a}_{b}"
         if key in summary:
             lines.append(f"  Jaccard {a:>7} vs {b:<7}: mean {summary[key]:.3f}  median {summary[f'median_jaccard_{a}_{b}']:.3f}")
     lines.append(f"  Jaccard all channels   : mean {summary['mean_jaccard_all']:.3f}  median {summary['median_jaccard_all']:.3f}")
     lines.append(f"  union per query        : mean {summary['mean_union']:.1f} products, found by all {summary['mean_in_all']:.1f}")
     lines.append(f"  found by only one      : mean {summary['mean_only_one']:.1f} per query ({summary['mean_only_one_share']:.1%} of the union)"
-                 + "".join(f"; only {c} {summary[f'mean_only_{c}']:.1f}" for c in CHANNELS if f"mean_only_{c}" in summary))
+                 + "".join(f"; only {c} {summary[f'mean_only_{c}']:.1f}" for c in registry.names() if f"mean_only_{c}" in summary))
     return "\n".join(lines)
 
 
@@ -88,7 +91,7 @@ def save_report(per_query: pd.DataFrame, summary: dict, folder: str | Path, name
 
         fig, ax = plt.subplots(figsize=(7, 4))
         bins = np.linspace(0, 1, 21)
-        for a, b in PAIRS:
+        for a, b in registry.pairs():
             col = f"jaccard_{a}_{b}"
             if col in per_query:
                 ax.hist(per_query[col].dropna(), bins=bins, alpha=0.5, label=f"{a} vs {b}")

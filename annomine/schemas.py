@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from pyspark.sql import types as T
 
+from annomine.vocabulary import CHANNELS
+
 _SIMPLE_TYPES = {
     "string": T.StringType(),
     "int": T.IntegerType(),
@@ -115,7 +117,7 @@ RETRIEVAL_LOGS = _register(TableSpec(
     "score double, logged_at timestamp, source string",
     key=("run_id", "query_id", "channel", "product_id"),
     written_by="channels, ingest (users' own logs)",
-    description="Top-K results per query and channel (lexical, bm25, ann) with 1-based ranks.",
+    description=f"Top-K results per query and channel ({', '.join(CHANNELS)}) with 1-based ranks.",
 ))
 
 PRODUCT_EMBEDDINGS = _register(TableSpec(
@@ -129,7 +131,7 @@ PRODUCT_EMBEDDINGS = _register(TableSpec(
 MINED_CANDIDATES = _register(TableSpec(
     "mined_candidates",
     "query_id string, query string, product_id string, "
-    "rank_lexical int, score_lexical double, rank_bm25 int, score_bm25 double, rank_ann int, score_ann double, "
+    + "".join(f"rank_{ch} int, score_{ch} double, " for ch in CHANNELS) +
     "n_channels int, best_rank int, worst_rank int, rank_spread int, token_similarity double, "
     "candidate_class string, level int, polarity string, segment string, mined_at timestamp",
     key=("query_id", "product_id"),

@@ -1,12 +1,12 @@
 """Stage `channels`: run the lexical, BM25 and ANN retrieval channels into `retrieval_logs`.
 
 1. Optionally builds a query log from the catalog (`n_built_queries`, origin 'built') into `queries`.
-2. Encodes the catalog with MiniLM into `product_embeddings` (cached by content hash: a re-run
-   only encodes new or changed products).
-3. For each channel, builds its index once on the driver, ships it to Spark workers and retrieves
-   the top-K per query in batched `mapInPandas`; results are appended to `retrieval_logs` under a
-   run id derived from the channel configuration.
-4. Prints and saves the channel overlap report (CSV/JSON/PNG, also logged to MLflow).
+2. For each channel of `channels` (looked up in the channel registry, `annomine.retrievers.registry`),
+   builds its index once on the driver, ships it to Spark workers and retrieves the top-K per query
+   in batched `mapInPandas`; results are appended to `retrieval_logs` under a run id derived from
+   the channel configuration. (The ANN channel first encodes the catalog with MiniLM into
+   `product_embeddings`, cached by content hash: a re-run only encodes new or changed products.)
+3. Prints and saves the channel overlap report (CSV/JSON/PNG, also logged to MLflow).
 
 Re-runs resume: a (query, channel) already logged for this run id and catalog is skipped; when
 the catalog changed, the channel's rows of the run are replaced (DELETE + append), so keys never
@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,9 +32,10 @@ from pyspark.sql import functions as F
 from annomine.ingestion import assign_segments
 from annomine.overlap import format_summary, overlap_per_query, save_report, summarise
 from annomine.query_log import build_query_log
-from annomine.retrievers import CHANNELS
+from annomine.retrievers import registry
+from annomine.retrievers.registry import ChannelInputs
 from annomine.runtime import JobContext, run_job
-from annomine.text import strip_html
+from annomine.vocabulary import CHANNELS
 from spark_udfs.retrieval import OUTPUT_SCHEMA, search_batches, ship
 
 log = logging.getLogger("annomine.channels")
@@ -44,6 +46,7 @@ RETRIEVER_VERSION = "1"  # bump when a retriever's ranking logic changes: a new 
 
 @dataclass
 class ChannelsConfig:
+    # Channels to run: names of the channel registry (default: the built-ins, vocabulary.CHANNELS).
     channels: list[str] = field(default_factory=lambda: list(CHANNELS))
     top_k: int = 500
     # Queries to run, by origin (labelled, log, built).
@@ -62,6 +65,8 @@ class ChannelsConfig:
     # BM25 channel.
     bm25_k1: float = 1.5
     bm25_b: float = 0.75
+    # Per-channel settings by channel name: fields of the channel's config dataclass (overrides the keys above).
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Spark: number of query partitions for mapInPandas (0: the engine's default).
     query_partitions: int = 0
     # Recompute every (query, channel) of the run even when already logged.
@@ -72,9 +77,13 @@ class ChannelsConfig:
     mlflow: bool = True
 
     def validate(self) -> None:
-        bad = [c for c in self.channels if c not in CHANNELS]
+        known = registry.names()
+        bad = [c for c in self.channels if c not in known]
         if bad or not self.channels:
-            raise ValueError(f"channels must be a non-empty subset of {list(CHANNELS)}, got {self.channels}")
+            raise ValueError(f"channels must be a non-empty subset of {list(known)}, got {self.channels}")
+        bad = [c for c in self.options if c not in known]
+        if bad:
+            raise ValueError(f"options: unknown channel(s) {bad}; channels are {list(known)}")
         bad = [o for o in self.origins if o not in ("labelled", "log", "built")]
         if bad:
             raise ValueError(f"origins must be among labelled, log, built; got {bad}")
@@ -82,19 +91,24 @@ class ChannelsConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.n_built_queries < 0:
             raise ValueError(f"n_built_queries must be >= 0, got {self.n_built_queries}")
-        if self.ann_index not in ("flat", "hnsw", "auto"):
-            raise ValueError(f"ann_index must be flat, hnsw or auto, got {self.ann_index!r}")
-        if self.report_k < 1 or self.max_length < 8 or self.embed_chunk < 1:
-            raise ValueError("report_k, embed_chunk must be >= 1 and max_length >= 8")
+        if self.report_k < 1:
+            raise ValueError(f"report_k must be >= 1, got {self.report_k}")
+        for name in known:
+            self.channel_config(name)
+
+    def channel_config(self, channel: str):
+        """The channel's config dataclass, from its keys above and `options[channel]`."""
+        return registry.get(channel).make_config(self, self.options.get(channel))
 
     @property
     def model_key(self) -> str:
         return f"{self.encoder}@{self.max_length}"
 
     def run_id(self) -> str:
-        """Deterministic per retrieval configuration (not per channel list or query set)."""
-        spec = {"v": RETRIEVER_VERSION, "top_k": self.top_k, "model": self.model_key, "ann_index": self.ann_index,
-                "bm25": [self.bm25_k1, self.bm25_b]}
+        """Deterministic per retrieval configuration of every registered channel (not per channel list or query set)."""
+        spec: dict = {"v": RETRIEVER_VERSION, "top_k": self.top_k}
+        for name in registry.names():
+            spec.update(registry.get(name).key(self.channel_config(name)))
         return "ch-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -138,69 +152,11 @@ def _value_counts(values) -> list[tuple[str, int]]:
     return sorted(pd.Series(values).value_counts().to_dict().items(), key=lambda kv: -kv[1])
 
 
-# ---- embeddings --------------------------------------------------------------------------------
-def ensure_embeddings(ctx: JobContext, products: pd.DataFrame, cfg: ChannelsConfig, stats: dict) -> np.ndarray:
-    """Item embeddings aligned with `products`, encoding only products without a current one."""
-    from tqdm import tqdm
-
-    from annomine.retrievers.ann import shared_encoder
-
-    cached: dict[str, tuple[str, np.ndarray]] = {}
-    if ctx.tables.exists("product_embeddings"):
-        rows = (ctx.tables.read("product_embeddings").where(F.col("model") == cfg.model_key)
-                .select("product_id", "content_hash", "embedding").toPandas())
-        cached = {p: (h, e) for p, h, e in zip(rows["product_id"], rows["content_hash"], rows["embedding"])}
-    hashes = products["content_hash"].fillna("").tolist()
-    todo = [i for i, (pid, h) in enumerate(zip(products["product_id"], hashes)) if pid not in cached or cached[pid][0] != h]
-    stats["products_encoded"] = len(todo)
-    stats["products_cached"] = len(products) - len(todo)
-    print(f"product embeddings ({cfg.model_key}): {len(products) - len(todo)} cached, {len(todo)} to encode")
-    if todo:
-        encoder = shared_encoder(cfg.encoder, cfg.max_length)
-        encoder.batch_size = cfg.encode_batch_size
-        texts = products["text"].fillna("").tolist()
-        started = time.time()
-        with tqdm(total=len(todo), desc="encode catalog", unit="item", mininterval=5) as bar:
-            for start in range(0, len(todo), cfg.embed_chunk):
-                idx = todo[start:start + cfg.embed_chunk]
-                emb = np.zeros((0, encoder.dim), dtype=np.float32)
-                for b in range(0, len(idx), cfg.encode_batch_size):
-                    part = encoder.encode([texts[i] for i in idx[b:b + cfg.encode_batch_size]])
-                    emb = np.concatenate([emb, part])
-                    bar.update(len(part))
-                chunk = pd.DataFrame({
-                    "product_id": [products["product_id"].iat[i] for i in idx],
-                    "model": cfg.model_key,
-                    "content_hash": [hashes[i] for i in idx],
-                    "embedding": [row.tolist() for row in emb],
-                })
-                ctx.tables.merge("product_embeddings", ctx.spark.createDataFrame(chunk, ctx.tables.spec("product_embeddings").schema))
-                for i, vec in zip(idx, emb):
-                    cached[products["product_id"].iat[i]] = (hashes[i], vec)
-        seconds = time.time() - started
-        stats["encode_seconds"] = round(seconds, 1)
-        stats["encode_items_per_s"] = round(len(todo) / max(seconds, 1e-9), 1)
-        print(f"encoded {len(todo)} products in {seconds:.1f}s ({stats['encode_items_per_s']} items/s incl. writes)")
-    return np.stack([np.asarray(cached[p][1], dtype=np.float32) for p in products["product_id"]])
-
-
 # ---- retrievers ------------------------------------------------------------------------------------
 def build_retriever(channel: str, ctx: JobContext, products: pd.DataFrame, cfg: ChannelsConfig, stats: dict):
-    pids = products["product_id"].tolist()
-    if channel == "lexical":
-        from annomine.retrievers.lexical import LexicalRetriever
-
-        attrs = products[["brand", "category", "attributes"]].fillna("").agg(" ; ".join, axis=1).tolist()
-        return LexicalRetriever(pids, products["title"].tolist(), attrs)
-    if channel == "bm25":
-        from annomine.retrievers.bm25 import BM25Retriever
-
-        texts = [f"{t or ''} {strip_html(d)}" for t, d in zip(products["title"], products["description"])]
-        return BM25Retriever(pids, texts, k1=cfg.bm25_k1, b=cfg.bm25_b)
-    from annomine.retrievers.ann import ANNRetriever
-
-    embeddings = ensure_embeddings(ctx, products, cfg, stats)
-    return ANNRetriever(pids, embeddings, encoder=cfg.encoder, max_length=cfg.max_length, index=cfg.ann_index)
+    """The registered channel's retriever over the catalog (`annomine.retrievers.registry`)."""
+    spec = registry.get(channel)
+    return spec.build(ChannelInputs(products, ctx, stats), cfg.channel_config(channel))
 
 
 def append_logs(ctx: JobContext, df) -> None:

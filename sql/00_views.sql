@@ -23,7 +23,7 @@ SELECT m.query_id, m.query, m.product_id, m.segment, m.candidate_class, m.level,
        coalesce(nullif(concat_ws('+', filter(array(
            CASE WHEN m.rank_lexical IS NOT NULL THEN 'lexical' END,
            CASE WHEN m.rank_bm25 IS NOT NULL THEN 'bm25' END,
-           CASE WHEN m.rank_ann IS NOT NULL THEN 'ann' END), c -> c IS NOT NULL)), ''), 'none') AS channels,
+           CASE WHEN m.rank_ann IS NOT NULL THEN 'ann' END), c -> c IS NOT NULL)), ''), 'none') AS channels,  -- list generated: annomine.mining.sync_views_sql
        m.n_channels, m.best_rank, m.rank_spread, m.token_similarity,
        a.judge_version, a.grade, a.confidence, a.deciding_tier, a.error,
        CASE WHEN a.query_id IS NULL THEN 'pending'

@@ -10,8 +10,12 @@ job builds it once and ships it to the workers.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
+
+from annomine.retrievers.registry import Channel, ChannelInputs
+from annomine.vocabulary import ANN
 
 _ENCODERS: dict[tuple[str, int], object] = {}
 _LOCK = threading.Lock()
@@ -47,7 +51,7 @@ def _build_index(embeddings: np.ndarray, kind: str):
 
 
 class ANNRetriever:
-    channel = "ann"
+    channel = ANN
 
     def __init__(self, product_ids: list[str], embeddings: np.ndarray, encoder: str = "minilm", max_length: int = 64,
                  index: str = "flat"):
@@ -104,3 +108,38 @@ class ANNRetriever:
         if not queries:
             return []
         return self.search_vectors(self.encode_queries(list(queries)), k)
+
+
+@dataclass(frozen=True)
+class ANNConfig:
+    encoder: str = "minilm"
+    max_length: int = 64
+    encode_batch_size: int = 128
+    embed_chunk: int = 4096
+    ann_index: str = "flat"
+
+    def validate(self) -> None:
+        if self.ann_index not in ("flat", "hnsw", "auto"):
+            raise ValueError(f"ann_index must be flat, hnsw or auto, got {self.ann_index!r}")
+        if self.max_length < 8 or self.embed_chunk < 1:
+            raise ValueError(f"embed_chunk must be >= 1 and max_length >= 8, got {self.embed_chunk} and {self.max_length}")
+
+    @property
+    def model_key(self) -> str:
+        return f"{self.encoder}@{self.max_length}"
+
+
+def build(inputs: ChannelInputs, config: ANNConfig) -> ANNRetriever:
+    """The catalog's `text` embeddings (cached in `product_embeddings`) in a FAISS index."""
+    from annomine.retrievers.embeddings import ensure_embeddings
+
+    products = inputs.products
+    embeddings = ensure_embeddings(inputs.ctx, products, config, inputs.stats)
+    return ANNRetriever(products["product_id"].tolist(), embeddings, encoder=config.encoder,
+                        max_length=config.max_length, index=config.ann_index)
+
+
+CHANNEL = Channel(
+    ANN, build, ANNConfig,
+    config_keys={f: f for f in ("encoder", "max_length", "encode_batch_size", "embed_chunk", "ann_index")},
+    run_key=lambda c: {"model": c.model_key, "ann_index": c.ann_index})

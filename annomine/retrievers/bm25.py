@@ -11,16 +11,19 @@ an empty list).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from annomine.retrievers.analysis import analyze
+from annomine.retrievers.registry import Channel, ChannelInputs
+from annomine.vocabulary import BM25
 
 log = logging.getLogger(__name__)
 
 
 class BM25Retriever:
-    channel = "bm25"
+    channel = BM25
 
     def __init__(self, product_ids: list[str], texts: list[str | None], k1: float = 1.5, b: float = 0.75):
         import bm25s
@@ -58,3 +61,22 @@ class BM25Retriever:
                 hits.append((str(self.product_ids[int(d)]), float(s)))
             out[i] = hits
         return out
+
+
+@dataclass(frozen=True)
+class BM25Config:
+    k1: float = 1.5
+    b: float = 0.75
+
+
+def build(inputs: ChannelInputs, config: BM25Config) -> BM25Retriever:
+    """Title + description (HTML stripped)."""
+    from annomine.text import strip_html
+
+    products = inputs.products
+    texts = [f"{t or ''} {strip_html(d)}" for t, d in zip(products["title"], products["description"])]
+    return BM25Retriever(products["product_id"].tolist(), texts, k1=config.k1, b=config.b)
+
+
+CHANNEL = Channel(BM25, build, BM25Config, config_keys={"k1": "bm25_k1", "b": "bm25_b"},
+                  run_key=lambda c: {"bm25": [c.k1, c.b]})

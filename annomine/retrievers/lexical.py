@@ -15,10 +15,12 @@ from collections import defaultdict
 import numpy as np
 
 from annomine.retrievers.analysis import analyze
+from annomine.retrievers.registry import Channel, ChannelInputs
+from annomine.vocabulary import LEXICAL
 
 
 class LexicalRetriever:
-    channel = "lexical"
+    channel = LEXICAL
 
     def __init__(self, product_ids: list[str], titles: list[str | None], attributes: list[str | None] | None = None):
         if attributes is None:
@@ -79,3 +81,13 @@ class LexicalRetriever:
 
     def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
         return [self.search_one(q, k) for q in queries]
+
+
+def build(inputs: ChannelInputs, config) -> LexicalRetriever:
+    """Titles, and brand ; category ; attributes as the attribute text."""
+    products = inputs.products
+    attrs = products[["brand", "category", "attributes"]].fillna("").agg(" ; ".join, axis=1).tolist()
+    return LexicalRetriever(products["product_id"].tolist(), products["title"].tolist(), attrs)
+
+
+CHANNEL = Channel(LEXICAL, build)

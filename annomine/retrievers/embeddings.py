@@ -1,0 +1,66 @@
+"""The ANN channel's item embeddings, cached in `product_embeddings` by content hash.
+
+`ensure_embeddings` returns embeddings aligned with the catalog, encoding only the products
+without a current one (new, or changed since they were encoded) and MERGEing those.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+
+def _cached(ctx, model_key: str) -> dict[str, tuple[str, np.ndarray]]:
+    from pyspark.sql import functions as F
+
+    if not ctx.tables.exists("product_embeddings"):
+        return {}
+    rows = (ctx.tables.read("product_embeddings").where(F.col("model") == model_key)
+            .select("product_id", "content_hash", "embedding").toPandas())
+    return {p: (h, e) for p, h, e in zip(rows["product_id"], rows["content_hash"], rows["embedding"])}
+
+
+def ensure_embeddings(ctx, products: pd.DataFrame, cfg, stats: dict) -> np.ndarray:
+    """Item embeddings aligned with `products`, encoding only products without a current one.
+
+    cfg: encoder, max_length, encode_batch_size, embed_chunk and model_key (`ann.ANNConfig`).
+    """
+    from tqdm import tqdm
+
+    from annomine.retrievers.ann import shared_encoder
+
+    cached = _cached(ctx, cfg.model_key)
+    hashes = products["content_hash"].fillna("").tolist()
+    todo = [i for i, (pid, h) in enumerate(zip(products["product_id"], hashes)) if pid not in cached or cached[pid][0] != h]
+    stats["products_encoded"] = len(todo)
+    stats["products_cached"] = len(products) - len(todo)
+    print(f"product embeddings ({cfg.model_key}): {len(products) - len(todo)} cached, {len(todo)} to encode")
+    if todo:
+        encoder = shared_encoder(cfg.encoder, cfg.max_length)
+        encoder.batch_size = cfg.encode_batch_size
+        texts = products["text"].fillna("").tolist()
+        started = time.time()
+        with tqdm(total=len(todo), desc="encode catalog", unit="item", mininterval=5) as bar:
+            for start in range(0, len(todo), cfg.embed_chunk):
+                idx = todo[start:start + cfg.embed_chunk]
+                emb = np.zeros((0, encoder.dim), dtype=np.float32)
+                for b in range(0, len(idx), cfg.encode_batch_size):
+                    part = encoder.encode([texts[i] for i in idx[b:b + cfg.encode_batch_size]])
+                    emb = np.concatenate([emb, part])
+                    bar.update(len(part))
+                chunk = pd.DataFrame({
+                    "product_id": [products["product_id"].iat[i] for i in idx],
+                    "model": cfg.model_key,
+                    "content_hash": [hashes[i] for i in idx],
+                    "embedding": [row.tolist() for row in emb],
+                })
+                ctx.tables.merge("product_embeddings", ctx.spark.createDataFrame(chunk, ctx.tables.spec("product_embeddings").schema))
+                for i, vec in zip(idx, emb):
+                    cached[products["product_id"].iat[i]] = (hashes[i], vec)
+        seconds = time.time() - started
+        stats["encode_seconds"] = round(seconds, 1)
+        stats["encode_items_per_s"] = round(len(todo) / max(seconds, 1e-9), 1)
+        print(f"encoded {len(todo)} products in {seconds:.1f}s ({stats['encode_items_per_s']} items/s incl. writes)")
+    return np.stack([np.asarray(cached[p][1], dtype=np.float32) for p in products["product_id"]])
