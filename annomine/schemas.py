@@ -152,10 +152,12 @@ ANNOTATIONS = _register(TableSpec(
     "annotations",
     "query_id string, product_id string, judge_version string, grade int, confidence double, "
     "deciding_tier string, tier_outputs string, latency_ms double, prompt_tokens bigint, "
-    "completion_tokens bigint, error string, annotated_at timestamp",
+    "completion_tokens bigint, error string, annotated_at timestamp, attempts int",
     key=("query_id", "product_id", "judge_version"),
     written_by="annotate",
-    description="Graded relevance from the judge cascade; `error` is set (and grade null) when every attempt failed.",
+    description="Graded relevance from the judge cascade. `error` is set (and grade null) when a tier the pair reached "
+                "failed, naming the tier and why; `attempts` counts the annotate runs that tried the pair (a failed pair "
+                "is retried while it is below `annotate.max_attempts`).",
 ))
 
 # ---- curriculum (jobs/curriculum.py): one training-set table per model variant -------------------

@@ -12,6 +12,9 @@ preceded by an explicit schema check, because Sail does not enforce Delta schema
 from __future__ import annotations
 
 import logging
+import random
+import re
+import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
 from annomine.config import ProjectConfig
+from annomine.errors import MissingInputError
 from annomine.schemas import TABLES, TableSpec
 
 log = logging.getLogger(__name__)
@@ -102,7 +106,7 @@ class TableStore:
     # ---- reads ---------------------------------------------------------------------------
     def read(self, name: str) -> DataFrame:
         if not self.exists(name):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"table '{name}' does not exist yet ({self.qualified_name(name)}); run the job that writes it: "
                 f"{self.spec(name).written_by}"
             )
@@ -147,10 +151,14 @@ class TableStore:
         else:
             self._register(name)
 
-    def merge(self, name: str, df: DataFrame, *, update: bool = True) -> None:
+    def merge(self, name: str, df: DataFrame, *, update: bool = True, update_if: str | None = None,
+              max_tries: int = 6) -> None:
         """SQL MERGE of `df` into the table on its key: update matches (or keep them), insert the rest.
 
         Source rows are de-duplicated on the key first, so a re-run never duplicates rows.
+        `update_if` (SQL over `t.` and `s.`) limits the update to the matches it holds for. A commit
+        that loses a race with another writer (`Failed to commit transaction`, Delta's
+        `Concurrent...Exception`) is retried with backoff: the MERGE is idempotent.
         """
         spec = self.spec(name)
         df = self.conform(name, df).dropDuplicates(list(spec.key))
@@ -158,9 +166,21 @@ class TableStore:
         view = f"annomine_src_{name}_{uuid.uuid4().hex[:8]}"
         df.createOrReplaceTempView(view)
         condition = " AND ".join(f"t.{k} <=> s.{k}" for k in spec.key)
-        matched = "WHEN MATCHED THEN UPDATE SET *" if update else ""
-        self.spark.sql(
-            f"MERGE INTO {self.qualified_name(name)} t USING {view} s ON {condition} "
-            f"{matched} WHEN NOT MATCHED THEN INSERT *"
-        ).collect()
-        self.spark.catalog.dropTempView(view)
+        matched = f"WHEN MATCHED{f' AND ({update_if})' if update_if else ''} THEN UPDATE SET *" if update else ""
+        sql = (f"MERGE INTO {self.qualified_name(name)} t USING {view} s ON {condition} "
+               f"{matched} WHEN NOT MATCHED THEN INSERT *")
+        try:
+            for attempt in range(max_tries):
+                try:
+                    self.spark.sql(sql).collect()
+                    break
+                except Exception as exc:  # noqa: BLE001 - only a lost commit race is retried
+                    lost_race = re.search(r"Failed to commit transaction|Concurrent\w*Exception", str(exc))
+                    if attempt + 1 == max_tries or not lost_race:
+                        raise
+                    delay = min(10.0, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
+                    log.warning("MERGE into %s lost a commit race (%s); retry %d in %.2fs", name,
+                                str(exc).splitlines()[0][:120], attempt + 1, delay)
+                    time.sleep(delay)
+        finally:
+            self.spark.catalog.dropTempView(view)

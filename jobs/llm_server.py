@@ -12,7 +12,10 @@ grade token carry the rule's confidence (higher for models whose name contains "
 
 Faults are drawn per request from a seeded generator: `429` (with Retry-After), `500`, `slow`
 (sleeps `--slow-ms` before answering), `malformed` (an answer that is not JSON), `truncated`
-(JSON cut off, finish_reason "length"), `garbage` (a response body that is not JSON at all).
+(JSON cut off, finish_reason "length"), `garbage` (a response body that is not JSON at all), `401`
+(the key is refused, and the error body echoes it back, as careless gateways do). Like vLLM or TGI,
+a `slow` request stops as soon as its client hangs up (a client timeout), so `in_flight` counts
+the requests some client is still waiting for; `abandoned` counts those that were cut short.
 `GET /stats` returns request and fault counters; `GET /v1/models` lists models.
 Only 127.0.0.1 by default; stdlib `http.server` only.
 """
@@ -24,13 +27,15 @@ import json
 import math
 import random
 import re
+import select
+import socket
 import sys
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULT_KINDS = ("429", "500", "slow", "malformed", "truncated", "garbage")
+FAULT_KINDS = ("429", "500", "slow", "malformed", "truncated", "garbage", "401")
 _WORD = re.compile(r"[a-z0-9]+")
 _DATA = re.compile(r"<<<DATA\s*(.*?)\s*DATA>>>", re.S)
 _OBEY = re.compile(r"answer\s+(?:with\s+)?(?:grade\s+)?(-?\d+)", re.I)
@@ -98,7 +103,7 @@ class _State:
         self.logprobs_supported = logprobs_supported
         self.lock = threading.Lock()
         self.stats: dict = {"requests": 0, "completions": 0, "faults": {k: 0 for k in FAULT_KINDS}, "by_model": {},
-                            "obeyed_instruction": 0, "in_flight_max": 0}
+                            "obeyed_instruction": 0, "in_flight_max": 0, "abandoned": 0}
         self.in_flight = 0
 
     def draw_fault(self) -> str | None:
@@ -134,6 +139,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _json(self, status: int, obj: dict, headers: dict | None = None):
         self._send(status, json.dumps(obj).encode(), headers)
+
+    def _wait_unless_hung_up(self, seconds: float) -> bool:
+        """Sleep like a slow model, but stop early when the client closes the connection; True if it did."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([self.connection], [], [], left)[0]:
+                try:
+                    if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                        return True
+                except OSError:
+                    return True
+                time.sleep(min(left, 0.01))  # bytes of a next request, not a hang-up: keep waiting
+        return False
 
     def do_GET(self):  # noqa: N802
         if self.path.rstrip("/") == "/stats":
@@ -179,12 +197,19 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "429":
             return self._json(429, {"error": {"message": "rate limited (injected)", "type": "rate_limit_error"}},
                               {"Retry-After": f"{st.retry_after_s:g}"})
+        if fault == "401":
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            message = f"Incorrect API key provided: {key} (header 'Authorization: Bearer {key}')"
+            return self._json(401, {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}})
         if fault == "500":
             return self._json(500, {"error": {"message": "server error (injected)", "type": "server_error"}})
         if fault == "garbage":
             return self._send(200, b"<html>upstream proxy error</html>{not json", content_type="application/json")
-        if fault == "slow":
-            time.sleep(st.slow_ms / 1000.0)
+        if fault == "slow" and self._wait_unless_hung_up(st.slow_ms / 1000.0):
+            with st.lock:
+                st.stats["abandoned"] += 1
+            self.close_connection = True
+            return None
         text = "\n".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
         data: dict = {}
         outside = text
@@ -292,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8011, help="0 picks a free port (printed)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every request")
-    parser.add_argument("--faults", default="", help="e.g. 429=0.1,500=0.05,slow=0.05,malformed=0.05,truncated=0.05,garbage=0.02")
+    parser.add_argument("--faults", default="", help="e.g. 429=0.1,500=0.05,slow=0.05,malformed=0.05,truncated=0.05,garbage=0.02"
+                                                     " (401=1.0: every key refused)")
     parser.add_argument("--slow-ms", type=float, default=3000.0, help="extra delay of a 'slow' fault")
     parser.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds sent with a 429")
     parser.add_argument("--min-grade", type=int, default=1)
@@ -317,4 +343,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from annomine.cli import guarded
+
+    sys.exit(guarded("annomine llm-server", main))

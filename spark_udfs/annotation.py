@@ -4,8 +4,9 @@ The cascade (tier-1 model folder, LLM tier settings with the key resolved on the
 calibrators) is captured in the closure; on the worker each LLM client is built lazily, the
 tier-1 model is loaded once per process, and each Arrow batch is graded with the batch's pairs
 de-duplicated and at most `concurrency` LLM requests in flight (the job sets it to
-`max_concurrency_total // partitions`). A pair that no tier could grade comes back with a null
-grade and its error; the function never raises for one bad pair.
+`max_concurrency_total // partitions`). A pair that a tier failed on comes back with a null grade
+and the error; the function never raises for one bad pair. `attempts` is the input's
+`prior_attempts` (runs that tried the pair before) plus one.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def to_annotation_rows(graded: pd.DataFrame, judge_version: str, annotated_at: p
         "completion_tokens": pd.array(graded["completion_tokens"].astype("int64"), dtype="Int64"),
         "error": graded["error"].astype(object),
         "annotated_at": annotated_at or pd.Timestamp.now(tz="UTC").tz_localize(None),
+        "attempts": pd.array(graded["prior_attempts"].fillna(0).astype("int64") + 1 if "prior_attempts" in graded
+                             else [1] * len(graded), dtype="Int32"),
         "n_tiers": pd.array(graded["n_tiers"].astype("int64"), dtype="Int32"),
         "llm_requests": pd.array(graded["llm_requests"].astype("int64"), dtype="Int32"),
     })

@@ -1,29 +1,35 @@
 """`annomine annotate` end to end: real Sail Spark, real Delta MERGE, the pandas-UDF call path and
-the loopback OpenAI server under every injected fault, plus kill-and-resume in a subprocess."""
+the loopback OpenAI server under every injected fault, kill-and-resume and a second concurrent run
+in subprocesses, an LLM outage, a refused key, retries across runs and whole-query limits."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from annomine.config import load_job_config
+from annomine.errors import AnnomineError
 from annomine.judges.calibration import Calibrator
 from annomine.judges.cross_encoder import CrossEncoderModel, build_encoder
 from annomine.runtime import JobContext
 from annomine.schemas import TABLES
-from jobs.annotate import AnnotateConfig, run
-from jobs.llm_server import rule_grade
+from annomine.locks import LockHeld, lock_path
+from jobs.annotate import AnnotateConfig, EndpointRefusedKey, TierFailureError, run
+from jobs.llm_server import LoopbackLLMServer, rule_grade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRADES = [1, 2, 3, 4]
 THINGS = ["red shoes", "oak table", "desk lamp", "phone case", "wool socks"]
+KEY = ["query_id", "product_id"]
 
 
 def _row(table, **values):
@@ -54,11 +60,15 @@ def annotations(ctx):
     return ctx.tables.read("annotations").toPandas()
 
 
-def llm_cascade_conf(faults="", latency_ms=0, **extra):
-    tier = {"timeout_s": 0.6, "max_attempts": 6, "backoff_base_s": 0.02, "backoff_max_s": 0.3}
-    return {"tier1": False, "tier2": {"model": "rule-small", **tier}, "tier3": {"model": "rule-large", **tier},
-            "llm_server": "embedded", "llm_server_faults": faults, "llm_server_latency_ms": latency_ms,
-            "llm_server_slow_ms": 900, "llm_server_retry_after_s": 0.05, "max_concurrency_total": 8, **extra}
+def llm_cascade_conf(faults="", latency_ms=0, base_url=None, max_attempts=6, **extra):
+    """Tiers 2-3 on the embedded loopback server, or on `base_url` (a server the test owns and inspects)."""
+    tier = {"timeout_s": 0.6, "max_attempts": max_attempts, "backoff_base_s": 0.02, "backoff_max_s": 0.3}
+    if base_url:
+        tier["base_url"] = base_url
+    conf = {"tier1": False, "tier2": {"model": "rule-small", **tier}, "tier3": {"model": "rule-large", **tier},
+            "llm_server_faults": faults, "llm_server_latency_ms": latency_ms, "llm_server_slow_ms": 900,
+            "llm_server_retry_after_s": 0.05, "max_concurrency_total": 8, **extra}
+    return conf if base_url else {**conf, "llm_server": "embedded"}
 
 
 def make_cfg(tmp_path, project, section: dict):
@@ -70,11 +80,13 @@ def make_cfg(tmp_path, project, section: dict):
     return path, load_job_config(path, "annotate", AnnotateConfig)[1]
 
 
-def check_exactly_once(df, expected, version):
+def check_exactly_once(df, expected, version, ghost=True):
     mine = df[df.judge_version == version]
     keys = list(zip(mine.query_id, mine.product_id))
     assert len(keys) == len(set(keys)), "a pair was annotated twice"
-    assert set(keys) == set(expected) | {("q0", "ghost")}
+    assert set(keys) == set(expected) | ({("q0", "ghost")} if ghost else set())
+    if not ghost:
+        return
     for _, r in mine.iterrows():  # graded in range, or null grade with an error
         if r.grade is None or np.isnan(r.grade):
             assert r.error
@@ -84,10 +96,11 @@ def check_exactly_once(df, expected, version):
     assert np.isnan(ghost.grade) and "product text missing" in ghost.error
 
 
-def test_annotate_under_every_fault_then_resume_is_a_noop(ctx, tmp_path):
+def test_annotate_under_every_fault_then_rerun_retries_only_the_failed(ctx, tmp_path):
     expected = seed_tables(ctx)
     faults = "429=0.1,500=0.1,slow=0.05,malformed=0.1,truncated=0.1,garbage=0.05"
-    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf(faults), "chunk_size": 15, "partitions": 2})
+    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf(faults), "chunk_size": 15, "partitions": 2,
+                                              "max_tier_failure_share": 0.3})
     stats = run(ctx, cfg)
     df = annotations(ctx)
     version = stats["judge_version"]
@@ -103,20 +116,29 @@ def test_annotate_under_every_fault_then_resume_is_a_noop(ctx, tmp_path):
     out = json.loads(graded.tier_outputs.iloc[0])
     assert "tier2" in out and out["tier2"]["confidence_source"] == "logprobs"
     assert (df.prompt_tokens > 0).sum() >= len(graded)
-    again = run(ctx, cfg)
-    assert again["missing"] == 0 and again["pairs"] == 0
-    assert len(annotations(ctx)) == len(df)
+    assert stats["errors"] == df.error.notna().sum() >= 1 and (df.attempts == 1).all()   # the ghost at least
+    again = run(ctx, cfg)   # a plain re-run retries the failed pairs, and only them
+    assert again["missing"] == again["retried"] == stats["errors"]
+    df2 = annotations(ctx)
+    assert len(df2) == len(df)
+    retried = df2.set_index(KEY).loc[list(df[df.error.notna()].set_index(KEY).index)]
+    assert (retried.attempts == 2).all()
+    kept = df2.merge(df[df.error.isna()], on=KEY, suffixes=("", "_first"))
+    assert (kept.annotated_at == kept.annotated_at_first).all() and (kept.attempts == 1).all()   # graded rows untouched
 
 
-def test_endpoint_always_malformed_records_errors(ctx, tmp_path):
+def test_endpoint_always_malformed_records_errors_and_fails_the_run(ctx, tmp_path):
     expected = seed_tables(ctx, n_queries=2, per_query=4, missing_product=True)
-    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf("malformed=0.5,truncated=0.5"), "chunk_size": 50})
-    cfg.cascade.tier2.max_attempts = cfg.cascade.tier3.max_attempts = 2
-    stats = run(ctx, cfg)
+    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf("malformed=0.5,truncated=0.5", max_attempts=2),
+                                              "chunk_size": 50})
+    with pytest.raises(TierFailureError, match="tier2 failed on 8 of 8 pairs") as failed:
+        run(ctx, cfg)
     df = annotations(ctx)
-    check_exactly_once(df, expected, stats["judge_version"])
+    check_exactly_once(df, expected, failed.value.stats["judge_version"])
     assert df.grade.isna().all() and df.error.notna().all()
-    assert df[df.product_id != "ghost"].error.str.contains("tier2: malformed answer").all()
+    real = df[df.product_id != "ghost"]
+    assert real.error.str.contains("tier2: malformed answer").all()
+    assert not real.error.str.contains("tier3").any()   # a failed tier ends the pair's climb: tier 3 is not paid for
 
 
 def _tiny_judge(folder, ctx):
@@ -153,9 +175,7 @@ def test_kill_and_resume(ctx, tmp_path):
     expected = seed_tables(ctx, n_queries=5, per_query=12)
     conf, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf("", latency_ms=150, max_concurrency_total=2),
                                                  "chunk_size": 8, "partitions": 1})
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "annomine", "annotate", "--conf", str(conf)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = start_annotate(conf)
     from deltalake import DeltaTable
 
     location = ctx.tables.location("annotations")
@@ -174,17 +194,165 @@ def test_kill_and_resume(ctx, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert 0 < committed < len(expected) + 1, f"kill came too late or never (committed={committed})"
-    stats = run(ctx, cfg)  # resume in this process
-    assert stats["missing"] == len(expected) + 1 - committed
+    before = DeltaTable(str(location)).to_pandas()
+    assert 0 < len(before) < len(expected) + 1, f"kill came too late or never (committed={committed})"
+    stats = run(ctx, cfg)  # resume in this process: the kill released the lock; failed rows (the ghost) are retried
+    assert stats["missing"] == len(expected) + 1 - before.error.isna().sum()
     ctx.tables.register_all()
     check_exactly_once(annotations(ctx), expected, stats["judge_version"])
 
 
-def test_limit_grades_exactly_that_many_across_chunks(ctx, tmp_path):
-    seed_tables(ctx, n_queries=3, per_query=8, missing_product=False)
-    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf(), "chunk_size": 4, "limit": 10})
-    first = run(ctx, cfg)
-    assert first["pairs"] == 10 and len(annotations(ctx)) == 10
+def start_annotate(conf):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "annomine", "annotate", "--conf", str(conf)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_limit_takes_whole_queries_in_query_id_order(ctx, tmp_path):
+    seed_tables(ctx, n_queries=4, per_query=8, missing_product=False)
+    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf(), "chunk_size": 4, "limit": 20})
+    first = run(ctx, cfg)   # 8 + 8 fit in 20, a third query would not: two whole queries, never 20 pairs
+    df = annotations(ctx)
+    assert first["pairs"] == 16 and df.groupby("query_id").size().to_dict() == {"q0": 8, "q1": 8}
+    cfg.limit = 5           # smaller than one query: that query whole
     second = run(ctx, cfg)
-    assert second["missing"] == 10 and len(annotations(ctx)) == 20
+    assert second["pairs"] == 8 and annotations(ctx).groupby("query_id").size().to_dict() == {"q0": 8, "q1": 8, "q2": 8}
+
+
+# ---- issue 14: an outage, a refused key, retries across runs, one run per warehouse, the concurrency cap ----
+
+def test_llm_outage_behind_tier1_is_reported_not_hidden(ctx, tmp_path):
+    """Tier 1 on, tiers 2-3 answer HTTP 500 to everything: escalated pairs are failures, not 'vote' grades."""
+    expected = seed_tables(ctx, n_queries=3, per_query=8, missing_product=False)
+    judge = _tiny_judge(tmp_path / "judge", ctx)
+    with LoopbackLLMServer(faults="500=1.0") as srv:
+        casc = llm_cascade_conf(base_url=srv.base_url, max_attempts=2)
+        casc.update(tier1=True, judge=str(judge))
+        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 50})
+        with pytest.raises(TierFailureError, match=r"tier2 failed on (\d+) of \1 pairs .*HTTP 500"):
+            run(ctx, cfg)
+        cfg.max_tier_failure_share = 1.0   # the same outage under a lenient threshold: the run ends, the summary counts it
+        stats = run(ctx, cfg)
+    df = annotations(ctx)
+    escalated = df[df.tier_outputs.map(lambda s: "tier2" in json.loads(s))]
+    settled = df[~df.index.isin(escalated.index)]
+    assert len(escalated) and len(settled) and len(df) == len(expected)
+    assert escalated.grade.isna().all() and escalated.deciding_tier.isna().all()
+    assert escalated.error.str.fullmatch(r"tier2: HTTP 500 \(after 2 attempt\(s\)\)").all()   # which tier, and why
+    assert all("tier3" not in json.loads(s) and json.loads(s)["tier1"]["grade"] in GRADES for s in escalated.tier_outputs)
+    assert settled.grade.notna().all() and (settled.deciding_tier == "tier1").all() and settled.error.isna().all()
+    assert "vote" not in set(df.deciding_tier.dropna())
+    assert stats["errors"] == stats["missing"] == stats["retried"] == len(escalated)   # retried, and still failing
+    assert stats["tiers"]["tier2"] == {"pairs": len(escalated), "failed": len(escalated),
+                                       "first_error": "HTTP 500 (after 2 attempt(s))"}
+
+
+def test_failed_pairs_are_retried_by_later_runs_up_to_max_attempts(ctx, tmp_path):
+    seed_tables(ctx, n_queries=2, per_query=4, missing_product=False)
+    with LoopbackLLMServer(faults="500=1.0") as down, LoopbackLLMServer() as up:
+        def cfg_for(server, max_attempts):
+            return make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf(base_url=server.base_url, max_attempts=2),
+                                                    "max_attempts": max_attempts, "max_tier_failure_share": 1.0})[1]
+
+        first = run(ctx, cfg_for(down, 2))
+        assert first["errors"] == 8 and (annotations(ctx).attempts == 1).all()
+        second = run(ctx, cfg_for(down, 2))   # a plain re-run retries every failed pair
+        assert second["missing"] == second["retried"] == 8 and (annotations(ctx).attempts == 2).all()
+        third = run(ctx, cfg_for(up, 2))      # two runs tried them: the cap keeps them as they are
+        assert third["missing"] == 0 and up.stats["requests"] == 0
+        fourth = run(ctx, cfg_for(up, 3))     # a higher cap lets the endpoint, now up, grade them
+        assert fourth["missing"] == fourth["graded"] == 8 and fourth["errors"] == 0
+    df = annotations(ctx)
+    assert len(df) == 8 and df.grade.notna().all() and df.error.isna().all() and (df.attempts == 3).all()
+
+
+def test_refused_key_stops_the_run_at_once_and_the_key_is_never_stored(ctx, tmp_path, monkeypatch, caplog):
+    secret = "sk-test-9fQ2mZrT7xLp4Kw8"
+    monkeypatch.setenv("ANNOMINE_TEST_LLM_KEY", secret)
+    seed_tables(ctx, n_queries=5, per_query=8, missing_product=False)
+    with LoopbackLLMServer(faults="401=1.0") as srv:
+        casc = llm_cascade_conf(base_url=srv.base_url, max_concurrency_total=4)
+        for tier in ("tier2", "tier3"):
+            casc[tier]["api_key_env"] = "ANNOMINE_TEST_LLM_KEY"
+        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 100, "partitions": 1})
+        with caplog.at_level("DEBUG"), pytest.raises(EndpointRefusedKey) as refused:
+            run(ctx, cfg)
+        requests = srv.stats["requests"]
+    message = str(refused.value)
+    assert "tier2" in message and "HTTP 401" in message and "ANNOMINE_TEST_LLM_KEY" in message and "\n" not in message
+    assert isinstance(refused.value, AnnomineError)
+    assert requests <= 4                               # the requests already in flight, then no more
+    assert secret not in message and secret not in caplog.text and "Bearer ***" in message
+    if ctx.tables.exists("annotations"):               # nothing was committed, so nothing echoes the key
+        assert len(annotations(ctx)) == 0
+
+
+def test_a_second_annotate_on_the_warehouse_is_refused_or_waits(ctx, tmp_path):
+    expected = seed_tables(ctx, n_queries=4, per_query=8, missing_product=False)
+    conf, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf("", latency_ms=150, max_concurrency_total=2),
+                                                 "chunk_size": 8, "partitions": 1})
+    proc = start_annotate(conf)
+    path = lock_path(ctx.project, "annotate")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if json.loads(path.read_text() or "{}").get("pid") == proc.pid:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        with pytest.raises(LockHeld, match=f"annotate is already running .* held by pid {proc.pid} on "):
+            run(ctx, cfg)                       # lock_wait_s: 0 -> refused at once, naming the holder
+        cfg.lock_wait_s = 240
+        waited = run(ctx, cfg)                  # waits for the first run, then finds nothing left to grade
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert waited["pairs"] == 0 and waited["llm_requests"] == 0
+    ctx.tables.register_all()
+    df = annotations(ctx)
+    check_exactly_once(df, expected, waited["judge_version"], ghost=False)
+    assert (df.attempts == 1).all() and df.grade.notna().all()
+
+
+def test_concurrent_merges_into_annotations_all_land(ctx):
+    """Sail refuses a MERGE that loses a commit race ('Failed to commit transaction'); tables.merge retries it."""
+    ctx.tables.ensure("annotations")
+    now = datetime.datetime(2026, 1, 1)
+    errors = []
+
+    def writer(w):
+        for j in range(4):
+            rows = [_row("annotations", query_id=f"q{w}", product_id=f"p{j}_{i}", judge_version="v", grade=2, confidence=0.9,
+                         deciding_tier="tier1", tier_outputs="{}", latency_ms=1.0, prompt_tokens=0, completion_tokens=0,
+                         annotated_at=now, attempts=1) for i in range(5)]
+            try:
+                ctx.tables.merge("annotations", ctx.spark.createDataFrame(rows, TABLES["annotations"].schema),
+                                 update_if="t.error IS NOT NULL")
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                errors.append(str(exc)[:200])
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(annotations(ctx)) == 3 * 4 * 5
+
+
+def test_concurrency_cap_holds_through_timeouts_and_retries(ctx, tmp_path):
+    """More partitions than the cap, and slow answers the client times out on and retries."""
+    seed_tables(ctx, n_queries=5, per_query=8, missing_product=False)
+    with LoopbackLLMServer(faults="slow=0.3", slow_ms=900) as srv:
+        casc = llm_cascade_conf(base_url=srv.base_url, max_concurrency_total=3)
+        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 100, "partitions": 4,
+                                                  "max_tier_failure_share": 0.5})
+        run(ctx, cfg)
+        stats = srv.stats
+    assert stats["abandoned"] > 0                # timeouts happened, and their pairs were retried
+    assert 2 <= stats["in_flight_max"] <= 3, stats

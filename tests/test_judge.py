@@ -64,9 +64,12 @@ def test_cascade_escalation_and_vote():
     vote = _decide({"tier1": TierResult(grade=3, confidence=0.6), "tier2": TierResult(grade=4, confidence=0.5),
                     "tier3": TierResult(grade=3, confidence=0.4)})
     assert (vote["grade"], vote["deciding_tier"]) == (3, "vote")
-    tie = _decide({"tier1": TierResult(grade=2, confidence=0.55), "tier2": TierResult(grade=4, confidence=0.7),
-                   "tier3": TierResult(error="HTTP 500 (after 4 attempt(s))")})
+    tie = _decide({"tier1": TierResult(grade=2, confidence=0.55), "tier2": TierResult(grade=4, confidence=0.7)})
     assert (tie["grade"], tie["deciding_tier"]) == (4, "vote")  # tie -> highest probability
+    # A tier that failed is not outvoted by the others: the pair carries the failure and no grade.
+    outage = _decide({"tier1": TierResult(grade=2, confidence=0.55), "tier2": TierResult(grade=4, confidence=0.7),
+                      "tier3": TierResult(error="HTTP 500 (after 4 attempt(s))")})
+    assert outage["grade"] is None and "tier3: HTTP 500" in outage["error"]
     failed = _decide({"tier2": TierResult(error="timeout"), "tier3": TierResult(error="malformed")})
     assert failed["grade"] is None and "tier2: timeout" in failed["error"] and "tier3: malformed" in failed["error"]
     alone = _decide({"tier1": TierResult(grade=1, confidence=0.3, sure=False)})

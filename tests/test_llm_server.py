@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import threading
 import time
 import urllib.request
 
@@ -10,7 +12,7 @@ import openai
 import pytest
 
 from annomine.judges.config import LLMTierConfig
-from annomine.judges.llm import LLMTier, logprob_confidence, resolve_api_key
+from annomine.judges.llm import LLMTier, logprob_confidence, redact, resolve_api_key
 from annomine.judges.prompt import DATA_END, build_messages, encode_data, parse_answer, MalformedAnswer
 from jobs.llm_server import LoopbackLLMServer, parse_faults, rule_grade
 
@@ -63,6 +65,12 @@ def test_fault_kinds_are_served_as_specified():
     with LoopbackLLMServer(faults="slow=1.0", slow_ms=1500) as srv:
         with pytest.raises(openai.APITimeoutError):
             openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=0.3).chat.completions.create(model="m", messages=msgs)
+        time.sleep(0.3)  # like vLLM, the server stops a request whose client hung up, long before its 1.5 s
+        assert srv.stats["abandoned"] == 1 and srv.stats["completions"] == 0
+    with LoopbackLLMServer(faults="401=1.0") as srv:
+        with pytest.raises(openai.AuthenticationError) as exc:
+            openai.OpenAI(base_url=srv.base_url, api_key="sk-abc12345", max_retries=0).chat.completions.create(model="m", messages=msgs)
+        assert "sk-abc12345" in str(exc.value)  # the careless gateway echoes the key: the client must redact it
 
 
 def test_retries_honour_retry_after_then_succeed():
@@ -127,3 +135,44 @@ def test_api_key_comes_from_env_and_is_never_shown(monkeypatch):
     with pytest.raises(RuntimeError, match="ANNOMINE_TEST_KEY is not set"):
         resolve_api_key(cfg, "https://example.invalid/v1")
     assert resolve_api_key(LLMTierConfig(model="m"), "http://127.0.0.1:9/v1")  # loopback needs no key
+
+
+def test_redact_removes_keys_and_tokens():
+    text = "Authorization: Bearer abc.DEF-123/x= ; key sk-proj-Q1w2E3r4 ; api_key='hunter22' ; raw KEYVALUE99 end"
+    out = redact(text, "KEYVALUE99")
+    for secret in ("abc.DEF-123", "sk-proj-Q1w2E3r4", "hunter22", "KEYVALUE99"):
+        assert secret not in out
+    assert out.endswith("raw *** end") and "Bearer ***" in out and redact(None) is None
+
+
+def test_refused_key_is_fatal_redacted_and_ends_requests():
+    secret = "sk-live-abcdEFGH12345678"
+    with LoopbackLLMServer(faults="401=1.0") as srv:
+        cfg = LLMTierConfig(model="rule-small", timeout_s=2.0, backoff_base_s=0.01)
+        t = LLMTier("tier2", cfg, GRADES, srv.base_url, secret)
+        r = t.grade("q", "p")
+        assert r.fatal and r.grade is None and r.attempts == 1 and r.error.startswith("HTTP 401")
+        assert secret not in r.error and "Bearer ***" in r.error and secret not in json.dumps(r.to_dict())
+        again = t.grade_many([("q", f"p{i}") for i in range(10)], concurrency=4)
+        assert all(x.fatal and x.error == r.error and x.attempts == 0 for x in again)
+        assert srv.stats["requests"] == 1   # after the first refusal no request is sent
+        fresh = LLMTier("tier2", cfg, GRADES, srv.base_url, secret)
+        assert all(x.fatal for x in fresh.grade_many([("q", f"p{i}") for i in range(12)], concurrency=4))
+        assert srv.stats["requests"] <= 1 + 4   # at most the requests already holding a slot
+
+
+def test_a_backoff_sleep_does_not_hold_a_slot():
+    """One slot, two pairs; the first request gets a 429 with Retry-After 1 s: the other pair goes meanwhile."""
+    seed = next(s for s in range(1000) if (lambda g: g.random() < 0.5 <= min(g.random(), g.random()))(random.Random(s)))
+    with LoopbackLLMServer(faults="429=0.5", retry_after_s=1.0, seed=seed) as srv:
+        t = tier(srv, max_attempts=3)
+        out = {}
+        pairs = [("oak table", "oak table a"), ("oak table", "oak table b")]
+        worker = threading.Thread(target=lambda: out.update(r=t.grade_many(pairs, concurrency=1)))
+        worker.start()
+        time.sleep(0.6)
+        completed_during_backoff = srv.stats["completions"]
+        worker.join()
+        assert completed_during_backoff == 1
+        assert [r.grade for r in out["r"]] == [4, 4] and srv.stats["faults"]["429"] == 1
+        assert srv.stats["in_flight_max"] == 1

@@ -4,9 +4,11 @@ Each tier gives a grade and a confidence, calibrated per predicted class (isoton
 human labels). A pair escalates to the next tier only while the calibrated confidence is below
 the threshold of its predicted class. When no tier is sure, the grades of the tiers consulted
 are put to a majority vote, a tie going to the grade whose supporter had the highest calibrated
-probability. A tier that fails (after its retries) abstains; a pair no tier could grade gets a
-null grade and the errors. `Cascade.grade_frame` is a pure pandas transform used both inside
-the annotate job's pandas UDF and by `annomine judge eval`.
+probability. A pair is graded only by the cascade the config asks for: when a tier it reaches
+fails (after that tier's retries), the pair goes no further, gets a null grade and an error naming
+each failed tier and why, and keeps the outputs of the tiers that answered in `tier_outputs` (the
+annotate job retries it in a later run). `Cascade.grade_frame` is a pure pandas transform used
+both inside the annotate job's pandas UDF and by `annomine judge eval`.
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ class Cascade:
             still = []
             for i, r in zip(pending, results):
                 outputs[i][tier.name] = r
-                if not r.sure and k < last:
+                if not r.sure and r.grade is not None and k < last:  # a failed tier ends the pair's climb
                     still.append(i)
             log.log(logging.INFO if progress else logging.DEBUG, "%s: %d pairs in %.1fs, %d escalate", tier.name,
                     len(pending), time.time() - t0, len(still))
@@ -214,23 +216,19 @@ class Cascade:
         row["prompt_tokens"] = int(sum(r.prompt_tokens for r in outs.values()))
         row["completion_tokens"] = int(sum(r.completion_tokens for r in outs.values()))
         row["llm_requests"] = int(sum(r.attempts for name, r in outs.items() if name != "tier1"))
-        sure = [(name, r) for name, r in outs.items() if r.sure and r.grade is not None]
-        if sure:
-            name, r = sure[0]
+        failed = [(name, r) for name, r in outs.items() if r.grade is None]
+        if failed or not outs:
+            row["error"] = "; ".join(f"{name}: {r.error or 'no grade'}" for name, r in failed) or "no tier ran"
+            return row
+        sure = [(name, r) for name, r in outs.items() if r.sure]
+        if sure or len(outs) == 1:
+            name, r = (sure or list(outs.items()))[0]
             row.update(grade=int(r.grade), confidence=float(r.confidence), deciding_tier=name)
             return row
-        voters = [(name, r) for name, r in outs.items() if r.grade is not None]
-        if not voters:
-            row["error"] = "; ".join(f"{name}: {r.error or 'no grade'}" for name, r in outs.items()) or "no tier ran"
-            return row
-        if len(outs) == 1:
-            name, r = voters[0]
-            row.update(grade=int(r.grade), confidence=float(r.confidence), deciding_tier=name)
-            return row
-        counts = Counter(int(r.grade) for _, r in voters)
+        counts = Counter(int(r.grade) for r in outs.values())
         top = max(counts.values())
         tied = {g for g, c in counts.items() if c == top}
-        best = max((r for _, r in voters if int(r.grade) in tied), key=lambda r: (r.confidence or 0.0))
+        best = max((r for r in outs.values() if int(r.grade) in tied), key=lambda r: (r.confidence or 0.0))
         row.update(grade=int(best.grade), confidence=float(best.confidence or 0.0), deciding_tier="vote")
         return row
 

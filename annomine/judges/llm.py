@@ -6,14 +6,21 @@ endpoint returns them, else `fallback_confidence` (marked `confidence_source: fa
 Transient failures (429, 5xx, timeouts, connection errors) are retried with exponential backoff
 and full jitter, honouring `Retry-After` / `retry-after-ms`; malformed or truncated answers are
 retried too, and after `max_attempts` the pair gets an error result, never an exception.
+A 401/403 (the key is refused) is not retried: the tier marks the result `fatal` and answers every
+later pair at once with the same error, without a request, so the job can stop. Error texts are
+redacted (the key, bearer tokens, `sk-...` strings) before they leave the tier. At most
+`concurrency` requests are open at once; a slot is held only while a request is, never through a
+backoff sleep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +32,24 @@ from annomine.judges.prompt import MalformedAnswer, build_messages, parse_answer
 log = logging.getLogger(__name__)
 
 LOOPBACK_KEY = "loopback-no-key"
+AUTH_STATUSES = (401, 403)
+_SECRET_PATTERNS = [
+    (re.compile(r"(?i)\bbearer\s+[^\s'\",}]+"), "Bearer ***"),
+    (re.compile(r"\bsk-[A-Za-z0-9_\-*]{4,}"), "sk-***"),
+    (re.compile(r"(?i)\b(api[_-]?key[\"']?\s*[:=]\s*[\"']?)[^\s'\",}]+"), r"\1***"),
+]
+
+
+def redact(text: str | None, *secrets: str | None) -> str | None:
+    """`text` without the given secrets, bearer tokens, `sk-...` keys or `api_key=...` values."""
+    if not text:
+        return text
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 @dataclass
@@ -41,10 +66,12 @@ class TierResult:
     attempts: int = 0
     error: str | None = None
     sure: bool = False
+    # The endpoint refused the key (401/403): the job must stop, not record a failed pair.
+    fatal: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("extra",) and v is not None}
+        d = {k: v for k, v in self.__dict__.items() if k != "extra" and v is not None and not (k == "fatal" and not v)}
         d.update(self.extra)
         return d
 
@@ -137,6 +164,7 @@ class LLMTier:
         self._client = None
         self._lock = threading.Lock()
         self._rng = random.Random()
+        self._fatal: str | None = None  # set by the first 401/403: later pairs fail at once
 
     def __getstate__(self):  # picklable for pandas-UDF closures: no client, no lock
         state = dict(self.__dict__)
@@ -167,7 +195,18 @@ class LLMTier:
             delay = max(delay, min(retry_after, self.cfg.backoff_max_s))
         return delay
 
-    def grade(self, query: str, text: str) -> TierResult:
+    def grade(self, query: str, text: str, slot: threading.Semaphore | None = None) -> TierResult:
+        """Grade one pair; `slot` (if given) is held around each HTTP request, not through backoff."""
+        result = self._grade(query, text, slot or contextlib.nullcontext())
+        result.error = redact(result.error, self._api_key)
+        result.reason = redact(result.reason, self._api_key)
+        return result
+
+    def _text(self, exc: Exception, limit: int) -> str:
+        """An endpoint's error text, redacted before it is cut (a cut key would escape redaction)."""
+        return redact(str(exc), self._api_key)[:limit]
+
+    def _grade(self, query: str, text: str, slot) -> TierResult:
         import openai
 
         messages = build_messages(query, text, self.grades, self.cfg.prompt_version)
@@ -182,7 +221,12 @@ class LLMTier:
                               max_tokens=self.cfg.max_tokens)
                 if self.cfg.logprobs:
                     kwargs.update(logprobs=True, top_logprobs=max(5, len(self.grades)))
-                resp = self.client.chat.completions.create(**kwargs)
+                with slot:
+                    if self._fatal:  # checked once the slot is ours: no request after a refusal
+                        result.attempts -= 1
+                        result.error, result.fatal = self._fatal, True
+                        break
+                    resp = self.client.chat.completions.create(**kwargs)
                 if isinstance(resp, str) or not getattr(resp, "choices", None):
                     raise MalformedAnswer("response is not a chat completion")
                 usage = getattr(resp, "usage", None)
@@ -210,13 +254,17 @@ class LLMTier:
             except openai.APIStatusError as exc:
                 last_error = f"HTTP {exc.status_code}"
                 retry_after = _retry_after_seconds(exc)
+                if exc.status_code in AUTH_STATUSES:
+                    self._fatal = f"{last_error}: {self._text(exc, 200)} (key refused, not retried)"
+                    result.error, result.fatal = self._fatal, True
+                    break
                 if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
-                    result.error = f"{last_error}: {str(exc)[:200]} (not retried)"
+                    result.error = f"{last_error}: {self._text(exc, 200)} (not retried)"
                     break
             except MalformedAnswer as exc:
                 last_error = f"malformed answer: {exc}"
             except Exception as exc:  # noqa: BLE001 - an unparseable body, a client surprise: record, retry
-                last_error = f"{type(exc).__name__}: {str(exc)[:160]}"
+                last_error = f"{type(exc).__name__}: {self._text(exc, 160)}"
             result.error = f"{last_error} (after {attempt + 1} attempt(s))"
             if attempt + 1 < self.cfg.max_attempts:
                 time.sleep(self._backoff(attempt, retry_after))
@@ -230,11 +278,13 @@ class LLMTier:
         unique = list(dict.fromkeys(pairs))
         if not unique:
             return []
-        if concurrency <= 1 or len(unique) == 1:
-            answers = [self.grade(q, t) for q, t in unique]
+        if len(unique) == 1:
+            answers = [self.grade(*unique[0])]
         else:
-            with ThreadPoolExecutor(max_workers=min(concurrency, len(unique)), thread_name_prefix=self.name) as pool:
-                answers = list(pool.map(lambda qt: self.grade(*qt), unique))
+            # Twice as many threads as slots: while some pairs sleep through a backoff, others use the slots.
+            slots = threading.Semaphore(max(1, concurrency))
+            with ThreadPoolExecutor(max_workers=min(2 * max(1, concurrency), len(unique)), thread_name_prefix=self.name) as pool:
+                answers = list(pool.map(lambda qt: self.grade(*qt, slot=slots), unique))
         by_pair = dict(zip(unique, answers))
         out = []
         seen = set()
