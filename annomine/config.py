@@ -32,6 +32,20 @@ class ConfigError(AnnomineError, ValueError):
 
 
 @dataclass
+class SegmentsConfig:
+    """Head / torso / tail by cumulative share of traffic: queries ordered by frequency, a query is head
+    while the traffic of the queries before it is below `head_share` of the total, torso below
+    `torso_share`, else tail. One rule for ingest, the query-log builder and the evaluation."""
+
+    head_share: float = 0.5
+    torso_share: float = 0.8
+
+    def validate(self) -> None:
+        if not 0 < self.head_share < self.torso_share < 1:
+            raise ValueError("need 0 < head_share < torso_share < 1")
+
+
+@dataclass
 class ProjectConfig:
     """Settings shared by every job: where tables live and how to reach Spark and MLflow."""
 
@@ -50,6 +64,7 @@ class ProjectConfig:
     # Grade scale of human labels and judges (CrowdFlower: 1..4, the paper: 0..4).
     min_grade: int = 1
     max_grade: int = 4
+    segments: SegmentsConfig = field(default_factory=SegmentsConfig)
 
     @property
     def warehouse_path(self) -> Path:
@@ -259,6 +274,7 @@ __all__ = [
     "ConfigError",
     "check_sections",
     "ProjectConfig",
+    "SegmentsConfig",
     "field",
     "from_dict",
     "load_job_config",

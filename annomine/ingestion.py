@@ -19,6 +19,7 @@ from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
 from annomine import text as textlib
+from annomine.config import SegmentsConfig
 
 
 @pandas_udf(T.StringType())
@@ -183,12 +184,10 @@ def validate_products(mapped: DataFrame, source: str) -> tuple[DataFrame, DataFr
     return good, quarantined
 
 
-def assign_segments(queries: DataFrame, head_share: float = 0.5, torso_share: float = 0.8) -> DataFrame:
-    """head / torso / tail by cumulative share of traffic (frequency), null where frequency is unknown.
-
-    Queries are ordered by frequency (desc, then query_id); a query is head while the traffic of all
-    queries up to and including it is <= head_share of the total, torso up to torso_share, else tail.
-    """
+def assign_segments(queries: DataFrame, rule: SegmentsConfig | None = None) -> DataFrame:
+    """head / torso / tail by cumulative share of traffic (`project.segments`), null where frequency is
+    unknown. Queries are ordered by frequency (desc, then query_id)."""
+    rule = rule or SegmentsConfig()
     known = queries.where(F.col("frequency").isNotNull())
     unknown = queries.where(F.col("frequency").isNull()).withColumn("segment", F.lit(None).cast("string"))
     order = Window.orderBy(F.col("frequency").desc(), F.col("query_id")).rowsBetween(Window.unboundedPreceding, Window.currentRow)
@@ -198,12 +197,13 @@ def assign_segments(queries: DataFrame, head_share: float = 0.5, torso_share: fl
               .withColumn("_prev", F.col("_cum") - F.col("frequency") / F.col("_total")))
     segmented = ranked.withColumn(
         "segment",
-        F.when(F.col("_prev") < head_share, "head").when(F.col("_prev") < torso_share, "torso").otherwise("tail"),
+        F.when(F.col("_prev") < rule.head_share, "head").when(F.col("_prev") < rule.torso_share, "torso").otherwise("tail"),
     ).drop("_total", "_cum", "_prev")
     return segmented.unionByName(unknown.select(*segmented.columns))
 
 
-def validate_queries(mapped: DataFrame, source: str, origin: str) -> tuple[DataFrame, DataFrame]:
+def validate_queries(mapped: DataFrame, source: str, origin: str,
+                     segments: SegmentsConfig | None = None) -> tuple[DataFrame, DataFrame]:
     """mapped: query_id, query, frequency (strings). A blank frequency is unknown (null)."""
     df = (_with_raw(mapped).withColumn("query_id", F.trim("query_id"))
                 .withColumn("query", F.trim(_repair_mojibake(F.col("query"))))
@@ -221,7 +221,7 @@ def validate_queries(mapped: DataFrame, source: str, origin: str) -> tuple[DataF
     quarantined = _quarantine_rows(df.where(F.col("_reason").isNotNull()), "queries", source, ["query_id"], None)
     good = (df.where(F.col("_reason").isNull()).dropDuplicates(["query_id"])
               .select("query_id", "query", F.col("_frequency").alias("frequency")))
-    good = assign_segments(good).select(
+    good = assign_segments(good, segments).select(
         "query_id", "query", "frequency", "segment",
         F.lit(origin).alias("origin"), F.lit(source).alias("source"), F.current_timestamp().alias("ingested_at"),
     )

@@ -54,8 +54,6 @@ class ChannelsConfig:
     # Query-log builder: how many queries to sample from the catalog (0: none).
     n_built_queries: int = 0
     built_seed: int = 13
-    head_share: float = 0.5
-    torso_share: float = 0.8
     # ANN channel.
     encoder: str = "minilm"
     max_length: int = 64
@@ -139,7 +137,7 @@ def write_built_queries(ctx: JobContext, products: pd.DataFrame, cfg: ChannelsCo
     else:
         everything = new
     with_freq = everything.where(F.col("frequency").isNotNull())
-    segmented = assign_segments(with_freq, cfg.head_share, cfg.torso_share).select(*new.columns)
+    segmented = assign_segments(with_freq, ctx.project.segments).select(*new.columns)
     ctx.tables.merge("queries", segmented)
     counts = dict(_value_counts(built["kind"]))
     if len(built) < cfg.n_built_queries:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from annomine.config import SegmentsConfig
 from annomine.evaluation import inputs as inputs_lib
 from annomine.evaluation import metrics as metrics_lib
 from annomine.evaluation import report as report_lib
-from annomine.evaluation.index import IndexConfig
 from annomine.evaluation.retrievers import EncodeSettings, ModelSpec, ModelSpecError, resolve_specs, retrieve
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 from annomine.splits import split_of
@@ -49,17 +49,10 @@ class EvaluateConfig:
     top_k: int = 100
     # Report JSON; unset = <warehouse>/evaluation/report_<split>.json (markdown and PNGs next to it).
     out: str | None = None
-    index: IndexConfig = field(default_factory=IndexConfig)
-    query_max_len: int = 16
-    item_max_len: int = 64
-    batch_size: int = 128
-    spark_threshold: int = 50000
-    spark_partitions: int = 4
-    cache_embeddings: bool = True
+    # How queries and the catalog are encoded and indexed (lengths, batch, Spark above a size, cache, FAISS index).
+    encode: EncodeSettings = field(default_factory=EncodeSettings)
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
-    head_share: float = 0.5
-    torso_share: float = 0.8
     mlflow: bool = True
     register: bool = True
     registered_model_name: str = "annomine-two-tower"
@@ -75,18 +68,10 @@ class EvaluateConfig:
             raise ValueError("confidence must be in [0.5, 1)")
         if self.bootstrap_resamples < 0:
             raise ValueError("bootstrap_resamples must be >= 0")
-        if not 0 < self.head_share < self.torso_share < 1:
-            raise ValueError("need 0 < head_share < torso_share < 1")
-        self.index.validate()
+        self.encode.index.validate()
 
 
 CONFIG_CLASS = EvaluateConfig
-
-
-def encode_settings(cfg: EvaluateConfig) -> EncodeSettings:
-    return EncodeSettings(query_max_len=cfg.query_max_len, item_max_len=cfg.item_max_len, batch_size=cfg.batch_size,
-                          spark_threshold=cfg.spark_threshold, spark_partitions=cfg.spark_partitions,
-                          cache=cfg.cache_embeddings, index=cfg.index)
 
 
 def load_inputs(ctx: JobContext, cfg: EvaluateConfig):
@@ -102,12 +87,12 @@ def load_inputs(ctx: JobContext, cfg: EvaluateConfig):
     return catalog, facts, queries, labels, sources
 
 
-def query_segments(queries: pd.DataFrame, cfg: EvaluateConfig) -> tuple[pd.Series, str]:
+def query_segments(queries: pd.DataFrame, rule: SegmentsConfig) -> tuple[pd.Series, str]:
     """Segment per query_id: the table's frequency segments when complete, else `assign_segments`."""
     if "segment" in queries.columns and len(queries) and queries["segment"].notna().all():
         return pd.Series(queries["segment"].values, index=queries["query_id"]), "frequency (segments of the queries table)"
-    seg, rule = metrics_lib.assign_segments(queries, cfg.head_share, cfg.torso_share)
-    return pd.Series(seg.values, index=queries["query_id"]), rule
+    seg, how = metrics_lib.assign_segments(queries, rule.head_share, rule.torso_share)
+    return pd.Series(seg.values, index=queries["query_id"]), how
 
 
 def resolve_models(ctx: JobContext, cfg: EvaluateConfig, strict: bool) -> tuple[list[ModelSpec], list[dict]]:
@@ -136,7 +121,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     labels, rejected = metrics_lib.merge_labels(raw_labels, project.min_grade, project.max_grade, sources["labels"])
     if len(rejected):
         log.warning("%s: %d label rows rejected, e.g. %s", sources["labels"], len(rejected), rejected.head(3).to_dict("records"))
-    segments, segment_rule = query_segments(queries, cfg)
+    segments, segment_rule = query_segments(queries, ctx.project.segments)
     known_queries = set(queries["query_id"])
     orphan = sorted(set(labels["query_id"]) - known_queries)
     labels = labels[labels["query_id"].isin(known_queries)]
@@ -154,7 +139,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     if unknown_products:
         log.warning("%d labels name products that are not in the catalog (they count as not retrieved)", unknown_products)
     specs, skipped = resolve_models(ctx, cfg, strict_models)
-    settings = encode_settings(cfg)
+    settings = cfg.encode
     cache_dir = project.warehouse_path / "cache" / "eval_embeddings"
     eval_segments = segments.reindex(eval_ids)
     seg_counts = {s: int((eval_segments == s).sum()) for s in metrics_lib.SEGMENTS}
@@ -184,7 +169,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
 
     report = {
         "created_at": pd.Timestamp.now("UTC").isoformat(),
-        "split": cfg.split, "k": 10, "recall_k": cfg.top_k, "index": cfg.index.kind,
+        "split": cfg.split, "k": 10, "recall_k": cfg.top_k, "index": cfg.encode.index.kind,
         "grade_scale": {"min": project.min_grade, "max": project.max_grade, "gain": "grade - min_grade"},
         "metrics": metrics_lib.METRICS,
         "bootstrap": {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": project.seed},
@@ -251,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name):
             setattr(cfg, name, getattr(args, name))
     if args.index:
-        cfg.index.kind = args.index
+        cfg.encode.index.kind = args.index
     if args.no_mlflow:
         cfg.mlflow = False
     cfg.validate()

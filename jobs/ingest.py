@@ -56,8 +56,6 @@ class IngestConfig:
     demo_shop: DemoShopConfig | None = None
     # Extra sources appended by later stages' needs (users' own retrieval logs).
     retrieval_logs: SourceConfig | None = None
-    head_share: float = 0.5
-    torso_share: float = 0.8
     notes: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -166,7 +164,7 @@ def run(ctx: JobContext, cfg: IngestConfig) -> list[str]:
         lines.append(_load(ctx, "products", good, bad, n))
     if "queries" in inputs:
         mapped, n = inputs["queries"]
-        good, bad = ingestion.validate_queries(mapped, cfg.queries.path, cfg.queries_origin)
+        good, bad = ingestion.validate_queries(mapped, cfg.queries.path, cfg.queries_origin, ctx.project.segments)
         lines.append(_load(ctx, "queries", good, bad, n))
     if "labels" in inputs:
         mapped, n = inputs["labels"]
