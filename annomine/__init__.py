@@ -2,8 +2,8 @@
 
 The `annomine` package holds what every stage shares: configuration (`config`), the Spark
 session factory (`spark`), logical tables and their schemas (`schemas`, `tables`), and the
-quarantine for bad rows (`quarantine`). Stage logic lives in `jobs/`, `spark_udfs/` and
-`training/`.
+checks that send bad rows to the `quarantine` table (`ingestion`, `log_validation`, `mining`).
+Stage logic lives in `jobs/`, `spark_udfs/` and `training/`.
 """
 
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ and started again loses nothing and duplicates nothing; re-running grades only w
 failed. A pair on which a tier failed keeps a null grade and the error naming the tier; the run
 stops with an error when a tier fails more than `max_tier_failure_share` of the pairs sent to it,
 and at once, writing nothing more, when an endpoint refuses the key. One annotate runs per
-warehouse at a time (annomine/locks.py). With `cascade.llm_server: embedded` the job starts the
+warehouse at a time (annomine/locks.py). With `cascade.loopback.embedded` the job starts the
 loopback OpenAI-compatible server itself (demo and tests); otherwise tiers 2-3 call the configured
 endpoints with the key from the env var (or secret scope) named in the config.
 """

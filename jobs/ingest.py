@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark.sql import functions as F
@@ -56,7 +56,6 @@ class IngestConfig:
     demo_shop: DemoShopConfig | None = None
     # Extra sources appended by later stages' needs (users' own retrieval logs).
     retrieval_logs: SourceConfig | None = None
-    notes: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.queries_origin not in ("labelled", "log", "built"):

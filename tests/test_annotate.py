@@ -24,7 +24,7 @@ from annomine.runtime import JobContext
 from annomine.schemas import TABLES
 from annomine.locks import LockHeld, lock_path
 from jobs.annotate import AnnotateConfig, EndpointRefusedKey, TierFailureError, run
-from jobs.llm_server import LoopbackLLMServer, rule_grade
+from annomine.judges.loopback_server import LoopbackLLMServer, rule_grade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRADES = [1, 2, 3, 4]
@@ -66,9 +66,9 @@ def llm_cascade_conf(faults="", latency_ms=0, base_url=None, max_attempts=6, **e
     if base_url:
         tier["base_url"] = base_url
     conf = {"tier1": False, "tier2": {"model": "rule-small", **tier}, "tier3": {"model": "rule-large", **tier},
-            "llm_server_faults": faults, "llm_server_latency_ms": latency_ms, "llm_server_slow_ms": 900,
-            "llm_server_retry_after_s": 0.05, "max_concurrency_total": 8, **extra}
-    return conf if base_url else {**conf, "llm_server": "embedded"}
+            "loopback": {"embedded": not base_url, "faults": faults, "latency_ms": latency_ms, "slow_ms": 900,
+                         "retry_after_s": 0.05}, "max_concurrency_total": 8, **extra}
+    return conf
 
 
 def make_cfg(tmp_path, project, section: dict):

@@ -31,6 +31,15 @@ def test_qwk_matches_sklearn_and_metrics_shape():
     assert grading_metrics([1, 2], [1, None], GRADES)["n_graded"] == 1
 
 
+def test_qwk_on_a_hand_computed_example_and_degenerate_cases():
+    # truth x pred counts O = [[1,1,0],[0,1,0],[0,0,1]], expected E = outer([2,1,1], [1,2,1]) / 4,
+    # weights (i-j)^2: sum(w*O) = 1, sum(w*E) = 5, so kappa = 1 - 1/5; the ungraded pair is skipped
+    assert quadratic_weighted_kappa([1, 1, 2, 3, 2], [1, 2, 2, 3, None], [1, 2, 3]) == pytest.approx(0.8)
+    assert quadratic_weighted_kappa([2, 2], [2, 2], GRADES) == 1.0          # one grade throughout
+    assert quadratic_weighted_kappa([1, 1], [2, 2], GRADES) == pytest.approx(0.0)
+    assert np.isnan(quadratic_weighted_kappa([1, 2], [None, float("nan")], GRADES))
+
+
 def test_isotonic_calibration_and_thresholds():
     rng = np.random.default_rng(1)
     n = 2000
@@ -159,7 +168,7 @@ judge:
         assert key in out
     assert out["n_pairs"] == 128 and out["share_per_tier"]["tier1"] == 1.0 and out["judge_version"] == trained["version"]
     # the cascade with loopback LLM tiers: escalated pairs are settled by tier 2/3 or a vote
-    assert judge.main(["eval", "--conf", str(conf), *files, "--set", "judge.cascade.llm_server=embedded",
+    assert judge.main(["eval", "--conf", str(conf), *files, "--set", "judge.cascade.loopback.embedded=true",
                        "--set", "judge.cascade.tier2={model: rule-small}", "--set", "judge.cascade.tier3={model: rule-large}"]) == 0
     casc = json.loads(capsys.readouterr().out)
     assert casc["n_graded"] == 128 and casc["escalation_rate"] > 0

@@ -14,7 +14,7 @@ import pytest
 from annomine.judges.config import LLMTierConfig
 from annomine.judges.llm import LLMTier, logprob_confidence, redact, resolve_api_key
 from annomine.judges.prompt import DATA_END, build_messages, encode_data, parse_answer, MalformedAnswer
-from jobs.llm_server import LoopbackLLMServer, parse_faults, rule_grade
+from annomine.judges.loopback_server import LoopbackLLMServer, parse_faults, rule_grade
 
 GRADES = [1, 2, 3, 4]
 

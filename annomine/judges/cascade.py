@@ -142,11 +142,11 @@ class Cascade:
                 base_url = tcfg.base_url
                 if not base_url:
                     if server is None:
-                        from jobs.llm_server import LoopbackLLMServer
+                        from annomine.judges.loopback_server import LoopbackLLMServer
 
-                        server = LoopbackLLMServer(latency_ms=cfg.llm_server_latency_ms, faults=cfg.llm_server_faults,
-                                                   grades=grades, seed=cfg.llm_server_seed, slow_ms=cfg.llm_server_slow_ms,
-                                                   retry_after_s=cfg.llm_server_retry_after_s).start()
+                        lb = cfg.loopback
+                        server = LoopbackLLMServer(latency_ms=lb.latency_ms, faults=lb.faults, grades=grades, seed=lb.seed,
+                                                   slow_ms=lb.slow_ms, retry_after_s=lb.retry_after_s).start()
                         log.info("embedded loopback LLM server on %s", server.base_url)
                     base_url = server.base_url
                 tiers.append(LLMTier(name, tcfg, grades, base_url, resolve_api_key(tcfg, base_url)))

@@ -11,7 +11,7 @@ class LLMTierConfig:
     scope), never from the config itself; a loopback base_url needs no key."""
 
     model: str
-    # Empty with `llm_server: embedded`: the loopback server the job starts itself.
+    # Empty with `loopback: {embedded: true}`: the loopback server the job starts itself.
     base_url: str | None = None
     api_key_env: str | None = None
     secret_scope: str | None = None
@@ -40,31 +40,42 @@ class LLMTierConfig:
 
 
 @dataclass
+class LoopbackConfig:
+    """The loopback OpenAI-compatible test server (annomine/judges/loopback_server.py; tests and the demo)."""
+
+    # Start it in this process for every tier without a base_url (stopped when the cascade closes).
+    embedded: bool = False
+    # Added to every request.
+    latency_ms: float = 0.0
+    # Injected faults, e.g. '429=0.1,500=0.05,slow=0.05' (kinds: 429, 500, slow, malformed, truncated, garbage, 401).
+    faults: str = ""
+    # Extra delay of a 'slow' fault.
+    slow_ms: float = 3000.0
+    # Retry-After seconds sent with a 429.
+    retry_after_s: float = 1.0
+    # Seed of the fault draws.
+    seed: int = 0
+
+
+@dataclass
 class CascadeConfig:
     # Tier-1 judge: a folder or version id; empty = <warehouse>/judges/current.json.
     judge: str | None = None
     tier1: bool = True
     tier2: LLMTierConfig | None = None
     tier3: LLMTierConfig | None = None
-    # 'embedded': start the loopback OpenAI server in this process for tiers without base_url.
-    llm_server: str | None = None
-    llm_server_latency_ms: float = 0.0
-    llm_server_faults: str = ""
-    llm_server_slow_ms: float = 3000.0
-    llm_server_retry_after_s: float = 1.0
-    llm_server_seed: int = 0
+    # The loopback test server, started in-process for tiers without base_url when `embedded`.
+    loopback: LoopbackConfig = field(default_factory=LoopbackConfig)
     # Concurrent LLM requests for the whole job (split across partitions / workers).
     max_concurrency_total: int = 16
     tier1_batch_size: int = 64
 
     def validate(self) -> None:
-        if self.llm_server not in (None, "embedded"):
-            raise ValueError(f"llm_server must be 'embedded' or empty, got {self.llm_server!r}")
         if not (self.tier1 or self.tier2 or self.tier3):
             raise ValueError("at least one tier must be enabled")
         if self.max_concurrency_total < 1:
             raise ValueError("max_concurrency_total must be >= 1")
         for name in ("tier2", "tier3"):
             tier = getattr(self, name)
-            if tier is not None and not tier.base_url and self.llm_server != "embedded":
-                raise ValueError(f"{name}.base_url is empty and llm_server is not 'embedded'")
+            if tier is not None and not tier.base_url and not self.loopback.embedded:
+                raise ValueError(f"{name}.base_url is empty and loopback.embedded is not true")

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from annomine.splits import bucket, split_of
-from annomine.text import normalise_query, product_text, repair_mojibake
+from annomine.text import product_text, repair_mojibake
 
 PAIR_COLUMNS = ["query_id", "query", "product_id", "text", "grade", "variance"]
 
@@ -92,10 +92,6 @@ def assign_splits(df: pd.DataFrame, calibration_fraction: float = 0.25, seed: in
     return df["query_id"].astype(str).map(which)
 
 
-def query_key(query: str) -> str:
-    return normalise_query(query)
-
-
 # ---- metrics -------------------------------------------------------------------------------
 def confusion(truth, pred, grades: list[int]) -> np.ndarray:
     index = {g: i for i, g in enumerate(grades)}
@@ -108,17 +104,17 @@ def confusion(truth, pred, grades: list[int]) -> np.ndarray:
 
 
 def quadratic_weighted_kappa(truth, pred, grades: list[int]) -> float:
-    m = confusion(truth, pred, grades).astype(float)
-    n = m.sum()
-    if n == 0:
+    """Cohen's kappa with quadratic weights over the graded pairs (an ungraded `pred` is skipped);
+    NaN with no graded pair, 1.0 when truth and prediction are all one and the same grade."""
+    pairs = [(int(t), int(p)) for t, p in zip(truth, pred) if not (p is None or (isinstance(p, float) and np.isnan(p)))]
+    if not pairs:
         return float("nan")
-    k = len(grades)
-    w = np.array([[(i - j) ** 2 for j in range(k)] for i in range(k)], dtype=float) / max((k - 1) ** 2, 1)
-    expected = np.outer(m.sum(axis=1), m.sum(axis=0)) / n
-    denom = (w * expected).sum()
-    if denom == 0:
+    if len({g for pair in pairs for g in pair}) == 1:  # no disagreement possible: sklearn's 0/0
         return 1.0
-    return float(1.0 - (w * m).sum() / denom)
+    from sklearn.metrics import cohen_kappa_score
+
+    t, p = zip(*pairs)
+    return float(cohen_kappa_score(t, p, weights="quadratic", labels=list(grades)))
 
 
 def grading_metrics(truth, pred, grades: list[int]) -> dict:
