@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from pyspark.sql import functions as F
 
@@ -34,6 +33,7 @@ from annomine.overlap import format_summary, overlap_per_query, save_report, sum
 from annomine.query_log import build_query_log
 from annomine.retrievers import registry
 from annomine.retrievers.registry import ChannelInputs
+from annomine.tracking import Tracker
 from annomine.runtime import JobContext, run_job
 from annomine.vocabulary import CHANNELS
 from spark_udfs.retrieval import OUTPUT_SCHEMA, search_batches, ship
@@ -208,22 +208,10 @@ def run_channel(ctx: JobContext, channel: str, retriever, queries: pd.DataFrame,
 
 
 # ---- the stage -------------------------------------------------------------------------------------
-def _log_mlflow(ctx: JobContext, cfg: ChannelsConfig, run_id: str, stats: dict, summary: dict, files: list[Path]) -> None:
-    try:
-        import mlflow
-
-        from annomine.tracking import use_experiment
-
-        use_experiment(ctx.project)
-        with mlflow.start_run(run_name=f"channels {run_id}"):
-            mlflow.log_params({**{k: str(v) for k, v in dataclasses.asdict(cfg).items()}, "run_id": run_id})
-            metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not np.isnan(v)}
-            metrics.update({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
-            mlflow.log_metrics({k.replace("@", "_"): v for k, v in metrics.items()})
-            for f in files:
-                mlflow.log_artifact(str(f), artifact_path="channel_overlap")
-    except Exception as exc:  # noqa: BLE001 - tracking must not lose the retrieval results
-        log.warning("could not log the channels run to MLflow (%s): %s", ctx.project.tracking_uri, exc)
+def _track(ctx: JobContext, cfg: ChannelsConfig, run_id: str, stats: dict, summary: dict, files: list[Path]) -> None:
+    with Tracker(ctx.project, cfg.mlflow).run(f"channels {run_id}", {**dataclasses.asdict(cfg), "run_id": run_id}) as run:
+        run.metrics({**summary, **stats})
+        run.artifacts(files, "channel_overlap")
 
 
 def run(ctx: JobContext, cfg: ChannelsConfig) -> dict:
@@ -284,8 +272,7 @@ def run(ctx: JobContext, cfg: ChannelsConfig) -> dict:
     files = save_report(per_query, {**summary, "run_id": run_id, "stats": stats}, folder, f"channel_overlap_{run_id}")
     print(f"overlap report: {', '.join(str(f) for f in files)}")
     stats["total_seconds"] = round(time.time() - t0, 1)
-    if cfg.mlflow:
-        _log_mlflow(ctx, cfg, run_id, stats, summary, files)
+    _track(ctx, cfg, run_id, stats, summary, files)
     print(f"channels done in {stats['total_seconds']}s")
     return {"run_id": run_id, "stats": stats, "summary": summary, "report_files": files, "per_query": per_query}
 

@@ -29,6 +29,7 @@ from annomine.config import ProjectConfig
 from annomine.judges.cascade import CascadeConfig
 from annomine.judges.cross_encoder import CrossEncoderSettings
 from annomine.runtime import job_parser, load, setup_logging
+from annomine.tracking import Tracker
 
 log = logging.getLogger("annomine.judge")
 
@@ -103,20 +104,10 @@ def _confusion_png(metrics: dict, path: Path, title: str) -> Path:
     return path
 
 
-def _log_mlflow(project: ProjectConfig, run_name: str, params: dict, metrics: dict, artifacts: list[Path]) -> None:
-    try:
-        import mlflow
-
-        from annomine.tracking import use_experiment
-
-        use_experiment(project)
-        with mlflow.start_run(run_name=run_name):
-            mlflow.log_params({k: str(v)[:250] for k, v in params.items()})
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)})
-            for path in artifacts:
-                mlflow.log_artifact(str(path))
-    except Exception as exc:  # noqa: BLE001 - tracking is a side channel; the judge is saved regardless
-        log.warning("MLflow logging failed: %s", exc)
+def _track(project: ProjectConfig, run_name: str, params: dict, metrics: dict, artifacts: list[Path]) -> None:
+    with Tracker(project).run(run_name, params) as run:
+        run.metrics(metrics)
+        run.artifacts(artifacts)
 
 
 def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, set_current: bool = True) -> dict:
@@ -169,8 +160,8 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
             flat.update({f"dev_{k}": v for k, v in metrics["dev_tier1"].items() if isinstance(v, (int, float))})
         for e in history["epochs"]:
             flat[f"loss_epoch_{e['epoch']}"] = e["loss"]
-        _log_mlflow(project, f"judge-train-{version}", dict(asdict(cfg.model), version=version, decision=model.decision,
-                                                            target_agreement=cfg.target_agreement), flat, artifacts)
+        _track(project, f"judge-train-{version}", dict(asdict(cfg.model), version=version, decision=model.decision,
+                                                      target_agreement=cfg.target_agreement), flat, artifacts)
     print(json.dumps({"version": version, "path": str(folder), "decision": model.decision,
                       "dev_tier1": {k: v for k, v in metrics.get("dev_tier1", {}).items() if k != "confusion_matrix"},
                       "train_seconds": round(history["train_seconds"], 1)}, indent=2, default=float))

@@ -23,6 +23,7 @@ from pyspark.sql import functions as F
 
 from annomine import mining
 from annomine.runtime import JobContext, run_job
+from annomine.tracking import Tracker
 
 log = logging.getLogger("annomine.mine")
 
@@ -58,26 +59,19 @@ def parquet_checkpoint(spark, folder: Path):
     return checkpoint
 
 
-def _log_mlflow(ctx: JobContext, cfg: MineConfig, rules: mining.MiningRules, rows: list[dict], stats: dict) -> str | None:
-    import mlflow
-
-    from annomine.tracking import use_experiment
-
-    use_experiment(ctx.project)
-    with mlflow.start_run(run_name="mine") as run, tempfile.TemporaryDirectory() as tmp:
-        params = {k: (",".join(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(rules).items()
-                  if k != "class_quotas"}
-        params.update({f"quota_{k}": v for k, v in rules.class_quotas.items()})
-        params["run_ids"] = ",".join(cfg.run_ids) or "latest"
-        mlflow.log_params(params)
+def _track(ctx: JobContext, cfg: MineConfig, rules: mining.MiningRules, rows: list[dict], stats: dict) -> str | None:
+    params = {k: (",".join(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(rules).items()
+              if k != "class_quotas"}
+    params.update({f"quota_{k}": v for k, v in rules.class_quotas.items()})
+    params["run_ids"] = ",".join(cfg.run_ids) or "latest"
+    with Tracker(ctx.project, cfg.log_mlflow).run("mine", params) as run, tempfile.TemporaryDirectory() as tmp:
         metrics = {f"n_{r['candidate_class']}": r["n_candidates"] for r in rows if r["dimension"] == "class"}
-        metrics.update({k: v for k, v in stats.items() if isinstance(v, (int, float))})
-        mlflow.log_metrics(metrics)
+        run.metrics({**metrics, **stats})
         chart = mining.report_chart(rows, str(Path(tmp) / "mining_report.png"),
                                     title=f"mined candidates ({stats['n_candidates']:,} for {stats['n_queries']:,} queries)")
-        mlflow.log_artifact(chart)
-        mlflow.log_text(mining.format_report(rows), "mining_report.txt")
-        return run.info.run_id
+        run.artifacts([chart])
+        run.text(mining.format_report(rows), "mining_report.txt")
+    return run.run_id
 
 
 def run(ctx: JobContext, cfg: MineConfig) -> dict:
@@ -119,8 +113,7 @@ def run(ctx: JobContext, cfg: MineConfig) -> dict:
     missing = [c for c in mining.CLASSES if not any(r["dimension"] == "class" and r["candidate_class"] == c for r in rows)]
     if missing:
         print(f"warning: no candidates of class(es) {missing}; check the thresholds in the mine: section")
-    if cfg.log_mlflow:
-        stats["mlflow_run_id"] = _log_mlflow(ctx, cfg, rules, rows, stats)
+    stats["mlflow_run_id"] = _track(ctx, cfg, rules, rows, stats)
     stats["report"] = rows
     return stats
 

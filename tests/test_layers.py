@@ -16,7 +16,6 @@ CHECKED = ("annomine", "spark_udfs", "training", "jobs")
 KNOWN_VIOLATIONS = {
     ("annomine/evaluation/report.py", "training.model"),
     ("annomine/evaluation/retrievers.py", "training.model"),
-    ("annomine/tracking.py", "training.tracking"),
 }
 
 

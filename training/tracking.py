@@ -12,11 +12,12 @@ and a pyfunc model that encodes queries or items:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from annomine.tracking import ensure_experiment, safe_params
 
 try:
     import mlflow.pyfunc
@@ -24,43 +25,6 @@ try:
     _PythonModel = mlflow.pyfunc.PythonModel
 except ImportError:  # pragma: no cover - mlflow is a core dependency
     _PythonModel = object
-
-SECRET_KEY = re.compile(r"(api_?key|token|secret|password|credential)", re.IGNORECASE)
-
-
-def flatten(prefix: str, value, out: dict) -> dict:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
-        for i, v in enumerate(value):
-            flatten(f"{prefix}.{i}", v, out)
-    else:
-        out[prefix] = value
-    return out
-
-
-def safe_params(config: dict) -> dict[str, str]:
-    """Every config value as a flat `a.b.c -> str` map; keys that look like secrets are left out."""
-    flat = flatten("", config, {})
-    return {k: json.dumps(v) if not isinstance(v, str) else v for k, v in flat.items() if not SECRET_KEY.search(k)}
-
-
-def ensure_experiment(tracking_uri: str, experiment: str, artifact_root: str | None = None) -> None:
-    """Create the experiment with its artifacts under `artifact_root` (the warehouse), not ./mlruns."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    # Named outright: left unset, MLflow asks the active Spark session for it, and a Connect session the
-    # embedded engine has ended turns every MLflow call into a crash.
-    mlflow.set_registry_uri("databricks-uc" if tracking_uri.startswith("databricks") else tracking_uri)
-    if artifact_root and mlflow.get_experiment_by_name(experiment) is None:
-        Path(artifact_root).mkdir(parents=True, exist_ok=True)
-        try:
-            mlflow.create_experiment(experiment, artifact_location=Path(artifact_root).resolve().as_uri())
-        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-            pass
-    mlflow.set_experiment(experiment)
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, run_id: str | None = None,
