@@ -263,4 +263,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from annomine.cli import guarded
+
+    sys.exit(guarded("annomine annotate", main))

@@ -2,8 +2,9 @@
 
 Reads the shards and manifest `annomine curriculum` wrote for `train.variant`, runs the same
 per-rank training function under the configured launcher (inprocess, torchrun, torch_distributor,
-horovod), resumes from the last checkpoint when a previous run of the same spec was interrupted, and
-publishes the final model:
+horovod), resumes from the last checkpoint when a previous run of the same spec was interrupted (the
+resumed run trains exactly what the uninterrupted one would have: training.runner), and publishes the
+final model. Killing the driver ends torchrun and its ranks (training.lifeline). Outputs:
 
     <warehouse>/models/<variant>/model/        TwoTower folder (training.model.TwoTower.load)
     <warehouse>/models/<variant>/run/          checkpoints, progress.json, history.json, loss_curve.png
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from annomine.curriculum import LOSSES, VARIANTS
+from annomine.locks import warehouse_lock
 from annomine.runtime import JobContext, load, run_job
 from training.launchers import LAUNCHERS, launch
 from training.shards import read_manifest
@@ -87,6 +89,8 @@ class TrainConfig:
     threads: int | None = None  # torch threads per rank (None: torch's default)
     bf16: bool = True  # autocast on GPU
     resume: bool = True
+    checkpoint_every_batches: int = 200  # a resumable checkpoint every N batches too (0: at epoch ends only)
+    lock_wait_s: float = 0.0  # another train on this warehouse: wait this long for it, then stop naming it
     shards_dir: str | None = None  # default <warehouse>/shards
     dev_max_queries: int | None = None
     shuffle_buffer: int = 2048
@@ -103,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"launcher must be auto or one of {list(LAUNCHERS)}, got {self.launcher!r}")
         if self.num_proc < 1 or self.batch_size < 1 or self.epochs_per_stage < 1:
             raise ValueError("num_proc, batch_size and epochs_per_stage must be positive")
+        if self.checkpoint_every_batches < 0:
+            raise ValueError(f"checkpoint_every_batches must be >= 0 (0: epoch ends only), got {self.checkpoint_every_batches}")
         unknown = set(self.lr_by_loss) - set(LOSSES)
         if unknown:
             raise ValueError(f"lr_by_loss: unknown loss {sorted(unknown)}; use one of {list(LOSSES)}")
@@ -127,22 +133,22 @@ def build_spec(ctx: JobContext, cfg: TrainConfig) -> dict:
         "loss_lr": cfg.loss_lr, "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio,
         "max_grad_norm": cfg.max_grad_norm, "epochs_per_stage": cfg.epochs_per_stage,
         "max_steps_per_epoch": cfg.max_steps_per_epoch, "losses": losses, "threads": cfg.threads, "bf16": cfg.bf16,
-        "resume": cfg.resume, "dev_max_queries": cfg.dev_max_queries, "shuffle_buffer": cfg.shuffle_buffer,
+        "resume": cfg.resume, "checkpoint_every_batches": cfg.checkpoint_every_batches, "dev_max_queries": cfg.dev_max_queries, "shuffle_buffer": cfg.shuffle_buffer,
         "log_every": cfg.log_every, "progress": cfg.progress, "seed": cfg.seed, "min_grade": ctx.project.min_grade,
     }
 
 
 def fingerprint(spec: dict, manifest: dict, num_proc: int) -> str:
     """What a resumable run must share with the interrupted one: the spec, the data, the world size."""
-    volatile = {"resume", "progress", "mlflow", "log_every", "threads"}
+    # a resumed run reproduces an uninterrupted one whatever its checkpoint interval
+    volatile = {"resume", "progress", "mlflow", "log_every", "threads", "checkpoint_every_batches"}
     stable = {k: v for k, v in spec.items() if k not in volatile}
     text = json.dumps([stable, manifest, num_proc], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run(ctx: JobContext, cfg: TrainConfig) -> dict:
-    spec = build_spec(ctx, cfg)
-    manifest = read_manifest(spec["shards_root"])
+def _prepare_run_dir(spec: dict, manifest: dict, cfg: TrainConfig) -> Path:
+    """The run folder: kept when it holds a resumable run of this spec, else started afresh."""
     run_dir = Path(spec["output_dir"])
     fp = fingerprint(spec, manifest, cfg.num_proc)
     fp_file = run_dir / "fingerprint.txt"
@@ -151,26 +157,27 @@ def run(ctx: JobContext, cfg: TrainConfig) -> dict:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fp_file.write_text(fp)
-    run_id = None
-    if cfg.mlflow:
-        from training.tracking import start_run
+    return run_dir
 
-        id_file = run_dir / "mlflow_run_id"
-        previous = id_file.read_text().strip() if id_file.is_file() else None
-        params = {"train": dataclasses.asdict(cfg), "project": {"seed": ctx.project.seed, "name": ctx.project.name},
-                  "data": {"stages": [{k: s[k] for k in ("stage", "name", "loss", "rows")} for s in manifest["stages"]],
-                           "sources": manifest.get("sources")}}
-        from annomine.tracking import artifact_root as _artifact_root
 
-        artifact_root = _artifact_root(ctx.project)
-        run_id = start_run(ctx.project.tracking_uri, ctx.project.mlflow_experiment, f"train-{cfg.variant}", params, previous,
-                           artifact_root)
-        id_file.write_text(run_id)
-        spec["mlflow"] = {"tracking_uri": ctx.project.tracking_uri, "run_id": run_id}
-    launcher = cfg.launcher if cfg.launcher != "auto" else ("inprocess" if cfg.num_proc == 1 else "torchrun")
-    started = time.time()
-    result = launch(launcher, spec, cfg.num_proc)
-    wall = time.time() - started
+def _start_tracking(ctx: JobContext, cfg: TrainConfig, run_dir: Path, manifest: dict) -> str:
+    """Start (or, resuming, reopen) the MLflow run; its id."""
+    from annomine.tracking import artifact_root
+    from training.tracking import start_run
+
+    id_file = run_dir / "mlflow_run_id"
+    previous = id_file.read_text().strip() if id_file.is_file() else None
+    params = {"train": dataclasses.asdict(cfg), "project": {"seed": ctx.project.seed, "name": ctx.project.name},
+              "data": {"stages": [{k: s[k] for k in ("stage", "name", "loss", "rows")} for s in manifest["stages"]],
+                       "sources": manifest.get("sources")}}
+    run_id = start_run(ctx.project.tracking_uri, ctx.project.mlflow_experiment, f"train-{cfg.variant}", params, previous,
+                       artifact_root(ctx.project))
+    id_file.write_text(run_id)
+    return run_id
+
+
+def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict) -> dict:
+    """Copy the final model into place, log it to MLflow, write the pointers; the pointer."""
     final = models_root(ctx) / cfg.variant / "model"
     if final.exists():
         shutil.rmtree(final)
@@ -179,11 +186,13 @@ def run(ctx: JobContext, cfg: TrainConfig) -> dict:
     if cfg.mlflow:
         from training.tracking import log_outputs
 
-        model_uri = log_outputs(ctx.project.tracking_uri, run_id, run_dir, final, result, cfg.log_checkpoints)
-    pointer = {"path": str(final), "variant": cfg.variant, "mlflow_run_id": run_id, "model_uri": model_uri,
-               "base_model": cfg.base_model, "launcher": launcher, "num_proc": cfg.num_proc,
-               "examples": result["examples"], "train_seconds": round(result["train_seconds"], 2),
-               "examples_per_s": round(result["examples_per_s"], 2), "wall_seconds": round(wall, 1),
+        model_uri = log_outputs(ctx.project.tracking_uri, run["run_id"], run["run_dir"], final, result, cfg.log_checkpoints)
+    # examples and seconds count the whole training of this model, across interruptions and resumes
+    pointer = {"path": str(final), "variant": cfg.variant, "mlflow_run_id": run["run_id"], "model_uri": model_uri,
+               "base_model": cfg.base_model, "launcher": run["launcher"], "num_proc": cfg.num_proc,
+               "examples": result["examples"], "examples_this_run": result.get("examples_this_run"),
+               "train_seconds": round(result["train_seconds"], 2),
+               "examples_per_s": round(result["examples_per_s"], 2), "wall_seconds": round(run["wall"], 1),
                "stages": [{k: s.get(k) for k in ("stage", "name", "loss", "lr", "start_metric", "best_metric", "best_epoch",
                                                  "examples")} for s in result["stages"]]}
     for name in (f"{cfg.variant}.json", "best.json"):
@@ -193,8 +202,29 @@ def run(ctx: JobContext, cfg: TrainConfig) -> dict:
         kept = " (no epoch beat the starting weights: stage dropped)" if s.get("best_epoch") == 0 else ""
         print(f"[{cfg.variant}] stage {s['stage']} {s['name']} ({s['loss']}): best dev NDCG@10 {metric}{kept}")
     print(f"[{cfg.variant}] {result['examples']} examples in {result['train_seconds']:.1f}s of training "
-          f"({result['examples_per_s']:.1f} examples/s, {launcher} x{cfg.num_proc}); model: {final}")
+          f"({result['examples_per_s']:.1f} examples/s, {run['launcher']} x{cfg.num_proc}); model: {final}")
     return pointer
+
+
+def run(ctx: JobContext, cfg: TrainConfig) -> dict:
+    """One `train` per warehouse at a time: a second waits `lock_wait_s`, then stops naming the holder."""
+    with warehouse_lock(ctx.project, "train", wait_s=cfg.lock_wait_s):
+        return _train(ctx, cfg)
+
+
+def _train(ctx: JobContext, cfg: TrainConfig) -> dict:
+    spec = build_spec(ctx, cfg)
+    manifest = read_manifest(spec["shards_root"])
+    run_dir = _prepare_run_dir(spec, manifest, cfg)
+    run_id = None
+    if cfg.mlflow:
+        run_id = _start_tracking(ctx, cfg, run_dir, manifest)
+        spec["mlflow"] = {"tracking_uri": ctx.project.tracking_uri, "run_id": run_id}
+    launcher = cfg.launcher if cfg.launcher != "auto" else ("inprocess" if cfg.num_proc == 1 else "torchrun")
+    started = time.time()
+    result = launch(launcher, spec, cfg.num_proc)
+    return _publish(ctx, cfg, result, {"run_id": run_id, "run_dir": run_dir, "launcher": launcher,
+                                       "wall": time.time() - started})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,4 +232,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from annomine.cli import guarded
+
+    sys.exit(guarded("annomine train", main))

@@ -18,7 +18,7 @@ from training.shards import write_manifest, write_stage_shards
 STAGES = [("easy", "bce"), ("hard", "mnr"), ("ts", "triplet"), ("roar", "roar")]
 
 
-def make_shards(root: Path, n: int = 32, stages=STAGES) -> dict:
+def make_shards(root: Path, n: int = 32, stages=STAGES, variant: str = "v") -> dict:
     recs = []
     for i in range(n):
         recs.append(dict(query_id=f"q{i % 8}", query=f"red shoe {i % 8}", product_id=f"p{i}", item_text=f"red shoe item {i}",
@@ -29,15 +29,15 @@ def make_shards(root: Path, n: int = 32, stages=STAGES) -> dict:
     df = pd.DataFrame(recs)
     entries = []
     for k, (name, loss) in enumerate(stages, start=1):
-        e = write_stage_shards(df, root / "v" / f"stage{k}_{name}", num_files=2, row_group_size=8)
+        e = write_stage_shards(df, root / variant / f"stage{k}_{name}", num_files=2, row_group_size=8)
         e.update(stage=k, name=name, loss=loss, folder=f"stage{k}_{name}", epochs=None)
         entries.append(e)
-    write_manifest(root / "v", {"variant": "v", "stages": entries})
+    write_manifest(root / variant, {"variant": variant, "stages": entries})
     pd.DataFrame({"query_id": ["q1", "q1", "q2"], "query": ["red shoe 1", "red shoe 1", "red shoe 2"],
                   "product_id": ["p1", "p9", "p2"], "grade": [4, 2, 3]}).to_parquet(root / "dev_eval.parquet")
     pd.DataFrame({"product_id": [f"p{i}" for i in range(20)],
                   "text": [f"red shoe item {i}" for i in range(20)]}).to_parquet(root / "dev_pool.parquet")
-    return {"shards_root": str(root / "v"), "dev_dir": str(root), "output_dir": str(root / "out"), "base_model": "tiny",
+    return {"shards_root": str(root / variant), "dev_dir": str(root), "output_dir": str(root / "out"), "base_model": "tiny",
             "batch_size": 8, "epochs_per_stage": 2, "log_every": 2, "progress": False, "seed": 3}
 
 
@@ -81,6 +81,51 @@ def test_stages_checkpoints_and_resume_after_crash(tmp_path):
     model = TwoTower.load(result["final_dir"])
     assert model.encode_queries(["red shoe"]).shape == (1, 32)
     assert any(h.get("bce_temperature") not in (None, 20.0) for h in history["steps"])
+
+
+def _losses(out: Path) -> tuple[list, list]:
+    history = json.loads((out / "history.json").read_text())
+    steps = [(h["step"], h["stage"], h["train_loss"], h.get("bce_temperature", 0.0)) for h in history["steps"]]
+    epochs = [(h["step"], h["stage"], h["epoch"], h["epoch_loss"], h["dev_ndcg10"]) for h in history["epochs"]]
+    return steps, epochs
+
+
+def _assert_same_training(a: tuple[dict, Path], b: tuple[dict, Path]) -> None:
+    (ra, out_a), (rb, out_b) = a, b
+    steps_a, epochs_a = _losses(out_a)
+    steps_b, epochs_b = _losses(out_b)
+    assert [s[:2] for s in steps_a] == [s[:2] for s in steps_b] and len(steps_a) == 24
+    np.testing.assert_allclose([s[2:] for s in steps_b], [s[2:] for s in steps_a], rtol=0, atol=1e-5)
+    assert [e[:3] for e in epochs_a] == [e[:3] for e in epochs_b]
+    np.testing.assert_allclose([e[3:] for e in epochs_b], [e[3:] for e in epochs_a], rtol=0, atol=1e-5)
+    for p, q in zip(TwoTower.load(ra["final_dir"]).parameters(), TwoTower.load(rb["final_dir"]).parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    assert ra["examples"] == rb["examples"] == 2 * 2 * 24
+    assert [s["examples"] for s in ra["stages"]] == [s["examples"] for s in rb["stages"]] == [48, 48]
+
+
+def test_a_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
+    """Interrupted at a stage boundary, then between two batch checkpoints, and resumed each time: the same
+    batches in the same order (dropout included), so the same losses, weights and example count."""
+    spec = make_shards(tmp_path, n=24, stages=[("easy", "bce"), ("hard", "mnr")])
+    spec.update(batch_size=4, log_every=1, checkpoint_every_batches=2)  # 6 steps per epoch, 2 epochs per stage
+
+    def at(name: str) -> dict:
+        return {**spec, "output_dir": str(tmp_path / name)}
+
+    clean = launch("inprocess", at("clean"))
+    with pytest.raises(RuntimeError, match="injected failure after stage 1 epoch 2"):
+        launch("inprocess", {**at("resumed"), "fail_after_epoch": [1, 2]})
+    # stage 2, epoch 1, batch 5: the last checkpoint is after batch 4, so batch 5 is trained again
+    with pytest.raises(RuntimeError, match="injected failure after step 17"):
+        launch("inprocess", {**at("resumed"), "fail_after_steps": 17})
+    progress = json.loads((tmp_path / "resumed" / "progress.json").read_text())
+    assert progress["global_step"] == 16
+    assert progress["stages"]["stage2_hard"]["checkpoint"]["batch"] == 4
+    resumed = launch("inprocess", at("resumed"))
+    assert resumed["examples_this_run"] == 6 * 4 + 2 * 4  # only what the checkpoints did not hold
+    _assert_same_training((clean, tmp_path / "clean"), (resumed, tmp_path / "resumed"))
+    assert sorted(p.name for p in (tmp_path / "resumed" / "stage2_hard").iterdir()) == ["best", "epoch2"]
 
 
 def test_a_stage_that_does_not_beat_its_starting_weights_is_dropped(tmp_path):
@@ -146,9 +191,11 @@ def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
     direct = TwoTower.load(pointer["path"])
     assert np.allclose(emb.to_numpy()[0], direct.encode_queries(["red shoe"])[0], atol=1e-5)
     assert np.allclose(emb.to_numpy()[1], direct.encode_items(["red shoe item"])[0], atol=1e-5)
-    # a second run of the same spec resumes (nothing left to train) and reuses the MLflow run
+    # a second run of the same spec resumes (nothing left to train) and reuses the MLflow run; the pointer
+    # still counts every example the model was trained on
     again = run_train(ctx, cfg)
-    assert again["mlflow_run_id"] == pointer["mlflow_run_id"] and again["examples"] == 0
+    assert again["mlflow_run_id"] == pointer["mlflow_run_id"] and again["examples_this_run"] == 0
+    assert again["examples"] == pointer["examples"] == pointer["examples_this_run"] > 0
 
 
 def test_horovod_launcher_is_optional(tmp_path):
@@ -163,3 +210,12 @@ def test_horovod_launcher_is_optional(tmp_path):
     launch("horovod", spec, num_proc=2)
     out = Path(spec["output_dir"])
     assert torch.equal(torch.load(out / "params_stage1_hard_epoch1_rank0.pt"), torch.load(out / "params_stage1_hard_epoch1_rank1.pt"))
+
+
+def test_a_second_train_on_the_same_warehouse_is_refused_naming_the_holder(ctx):
+    from annomine.locks import LockHeld, warehouse_lock
+    from jobs import train
+
+    with warehouse_lock(ctx.project, "train"):
+        with pytest.raises(LockHeld, match=r"train is already running on warehouse .*: held by pid \d+"):
+            train.run(ctx, train.TrainConfig(base_model="tiny", mlflow=False, num_proc=1))

@@ -12,11 +12,28 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+
+
+def _tie_to_launcher() -> None:
+    """A rank torchrun started (here or under TorchDistributor) dies with torchrun's agent and the driver.
+
+    SIGINT ends it at once too: a KeyboardInterrupt would wait for a gloo collective its peer left.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return  # inprocess (the driver itself) or Horovod
+    from training.lifeline import die_with_parent
+
+    die_with_parent()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def train_fn(spec: dict) -> dict:
     """Join the process group (if any), run the stages, release the model, leave the group."""
+    _tie_to_launcher()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -18,15 +18,18 @@
       # then: annomine train --set train.launcher=horovod --set train.num_proc=2
 
 Every launcher returns rank 0's result; torchrun's is read back from `<output_dir>/result.json`.
+torchrun's agent and ranks are tied to the calling process (`training.lifeline`): killing the driver
+(TERM, INT, HUP or KILL) ends all of them, so no orphan keeps writing the run folder a restart resumes from.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from training.lifeline import DRIVER_PID_ENV, run_tied
 
 LAUNCHERS = ("inprocess", "torchrun", "torch_distributor", "horovod")
 
@@ -55,14 +58,16 @@ def launch_torchrun(spec: dict, num_proc: int = 2) -> dict:
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2))
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           DRIVER_PID_ENV: str(os.getpid())}
     if num_proc > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_proc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_proc}",
            "-m", "training.entry", "--spec", str(spec_path)]
-    proc = subprocess.run(cmd, env=env, cwd=root)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited with status {proc.returncode}: {' '.join(cmd)}")
+    # torchrun and its ranks live and die with this process (training.lifeline)
+    returncode = run_tied(cmd, env=env, cwd=root)
+    if returncode != 0:
+        raise RuntimeError(f"torchrun exited with status {returncode}: {' '.join(cmd)}")
     return _result(spec)
 
 
@@ -79,7 +84,7 @@ def launch_horovod(spec: dict, num_proc: int = 2) -> dict:
     try:
         import horovod
     except ImportError as exc:
-        raise RuntimeError("the horovod launcher needs Horovod (optional extra); see docs/training.md for the build recipe") from exc
+        raise RuntimeError("the horovod launcher needs Horovod (optional extra); see the build recipe in this module's docstring") from exc
     from training.entry import train_fn
 
     horovod.run(train_fn, args=({**spec, "backend": "horovod"},), np=num_proc, use_gloo=True)

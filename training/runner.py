@@ -2,16 +2,21 @@
 
 Each stage starts from the previous stage's best checkpoint, trains `epochs` epochs over its shards,
 evaluates NDCG@10 on the dev split after every epoch (rank 0), keeps the best epoch (or the starting
-weights, when no epoch beats them: `keep_start_if_better`), and writes a
-checkpoint per epoch (model, optimizer, scheduler, loss parameters). `progress.json` in the output
-folder records what is done, so a crashed run resumes from its last checkpoint: finished stages are
-skipped and the interrupted stage continues after its last saved epoch.
+weights, when no epoch beats them: `keep_start_if_better`), and writes a checkpoint at every epoch end
+and every `checkpoint_every_batches` batches (0: epoch ends only). A checkpoint holds the model, the
+optimizer, scheduler and loss parameters, the data position (epoch, batches done) and, per rank, the
+random state (torch, CUDA, numpy, random) and the epoch's losses so far; `progress.json` names the last
+complete one. A resumed run skips the stages that are done, reloads the checkpoint, skips exactly the
+batches it had trained (the shard order depends only on seed, epoch and rank) and restores the random
+state, so it trains the same examples in the same order as an uninterrupted run and reaches the same
+losses and weights; a fresh stage seeds the generators from (seed, stage). Examples and seconds are
+counted per stage across resumes (`result["examples"]`; `examples_this_run` is this launch's share).
 
     <output_dir>/progress.json
-    <output_dir>/stage<k>_<name>/epoch<e>/{model/, state.pt}
+    <output_dir>/stage<k>_<name>/epoch<e>[-batch<b>]/{model/, state.pt, rank<r>.pt}   (the last checkpoint)
     <output_dir>/stage<k>_<name>/best/            (TwoTower folder of the best epoch)
     <output_dir>/final/                           (best model of the last stage)
-    <output_dir>/history.json                     (per-step and per-epoch metrics)
+    <output_dir>/history.json                     (per-step and per-epoch metrics, as of the last checkpoint)
 
 `Dist` hides the backend: none (one process), torch.distributed DDP (gloo on CPU, nccl on GPU,
 environment from torchrun or TorchDistributor) or Horovod.
@@ -19,10 +24,12 @@ environment from torchrun or TorchDistributor) or Horovod.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -282,161 +289,299 @@ def _scheduler(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def stage_key(entry: dict) -> str:
+    return f"stage{entry['stage']}_{entry['name']}"
+
+
+# ---- random state --------------------------------------------------------------------------
+def rng_state() -> dict:
+    """This process's random generators (torch, CUDA, numpy, random), to save with a checkpoint."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_all(*key: int) -> None:
+    """Seed every generator from `key`: a stage's dropout does not depend on what ran before it."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _resume_position(state: dict, stage_dir: Path) -> dict | None:
+    """Where an interrupted stage goes on: {"dir", "epoch", "batch"} (next batch to train), or None."""
+    if state.get("checkpoint"):
+        return state["checkpoint"]
+    if state.get("last_epoch"):  # progress written before batch checkpoints: epoch ends only
+        return {"dir": str(stage_dir / f"epoch{state['last_epoch']}"), "epoch": int(state["last_epoch"]) + 1, "batch": 0}
+    return None
+
+
+# ---- the runner ----------------------------------------------------------------------------
+class RunState:
+    """What the stages of one launch share: spec, process group, output folder, progress, dev set, metrics."""
+
+    def __init__(self, spec: dict, dist: Dist):
+        self.spec, self.dist = spec, dist
+        self.out = Path(spec["output_dir"])
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = _read_json(self.out / "progress.json", {"stages": {}}) if spec.get("resume", True) \
+            else {"stages": {}}
+        self.device = dist.device
+        self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported() and spec.get("bf16", True)
+        dev_dir = spec.get("dev_dir")
+        self.dev = DevSet(dev_dir, spec.get("min_grade", 1), spec.get("dev_max_queries")) \
+            if dist.is_main and dev_dir and (Path(dev_dir) / "dev_eval.parquet").is_file() else None
+        self.sink = MetricSink(spec, dist.is_main)
+        self.global_step = int(self.progress.get("global_step", 0))
+        self.examples_this_run = 0
+
+    def commit(self, key: str, state: dict) -> None:
+        """Rank 0: record a stage's state (after its checkpoint is complete on every rank)."""
+        self.progress["stages"][key] = state
+        self.progress["global_step"] = self.global_step
+        _write_json(self.out / "progress.json", self.progress)
+        self.sink.flush()
+
+    def check_failure_hooks(self, stage: int, epoch: int | None = None) -> None:
+        """Crash injection for the resume tests: `fail_after_epoch` [stage, epoch], `fail_after_steps` N."""
+        spec = self.spec
+        hit = spec.get("fail_after_epoch") == [stage, epoch] if epoch is not None \
+            else spec.get("fail_after_steps") == self.global_step
+        if hit:
+            self.dist.barrier()  # every rank's checkpoint is committed before any rank fails
+            where = f"stage {stage} epoch {epoch}" if epoch is not None else f"step {self.global_step}"
+            raise RuntimeError(f"injected failure after {where}")
+
+
+class StageTrainer:
+    """One stage: from its starting weights, or from its last checkpoint (model, optimizer, scheduler,
+    loss parameters, data position, every rank's random state and running epoch loss)."""
+
+    def __init__(self, run: RunState, entry: dict, init_from: str | None, prev_best: float | None):
+        spec = run.spec
+        self.run, self.entry, self.prev_best = run, entry, prev_best
+        self.key = stage_key(entry)
+        self.dir = run.out / self.key
+        self.best_dir = self.dir / "best"
+        self.epochs = int(entry.get("epochs") or spec.get("epochs_per_stage", 1))
+        self.state = dict(run.progress["stages"].get(self.key, {}))
+        self.pos = _resume_position(self.state, self.dir)
+        self.best = self.state.get("best_metric")
+        self.examples, self.seconds = int(self.state.get("examples", 0)), float(self.state.get("seconds", 0.0))
+        self.every = int(spec.get("checkpoint_every_batches") or 0)
+        self._build(init_from)
+
+    def _build(self, init_from: str | None) -> None:
+        spec, dist, entry = self.run.spec, self.run.dist, self.entry
+        base = Path(self.pos["dir"]) / "model" if self.pos else init_from
+        self.model = TwoTower.load(base) if base else TwoTower.from_base(
+            spec.get("base_model", "minilm"), shared=spec.get("shared", True),
+            query_max_len=spec.get("query_max_len", 16), item_max_len=spec.get("item_max_len", 64))
+        self.model.to(self.run.device).train()
+        self.loss_fn = build_loss(entry["loss"], (spec.get("losses") or {}).get(entry["loss"]))
+        self.module = TrainModule(self.model, self.loss_fn).to(self.run.device)
+        self.reader = ShardReader(stage_files(spec["shards_root"], entry), rank=dist.rank, world_size=dist.world_size,
+                                  batch_size=spec.get("batch_size", 64), seed=spec.get("seed", 13),
+                                  shuffle_buffer=spec.get("shuffle_buffer", 2048))
+        self.steps = self.reader.steps_per_epoch
+        if spec.get("max_steps_per_epoch"):
+            self.steps = min(self.steps, int(spec["max_steps_per_epoch"]))
+        self.lr = (spec.get("lr_by_loss") or {}).get(entry["loss"], spec.get("lr", 2e-5))
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.lr,
+                   "weight_decay": spec.get("weight_decay", 0.01)}]
+        loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        if loss_params:
+            groups.append({"params": loss_params, "lr": spec.get("loss_lr", 1e-2), "weight_decay": 0.0})
+        self.optimizer = dist.optimizer(torch.optim.AdamW(groups), self.module)
+        self.scheduler = _scheduler(self.optimizer, self.steps * self.epochs, spec.get("warmup_ratio", 0.1))
+        self.wrapped = None
+
+    def _restore(self) -> dict | None:
+        """Optimizer, scheduler and loss state of the checkpoint; this rank's part (random state, epoch so far)."""
+        ck = Path(self.pos["dir"])
+        saved = torch.load(ck / "state.pt", map_location=self.run.device, weights_only=False)
+        self.loss_fn.load_state_dict(saved["loss"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        mine = ck / f"rank{self.run.dist.rank}.pt"
+        log.info("resuming %s at epoch %d, batch %d (%s)", self.key, self.pos["epoch"], self.pos["batch"], ck.name)
+        return torch.load(mine, weights_only=False) if mine.is_file() else None
+
+    def _start(self) -> None:
+        """A fresh stage: its starting weights compete with its epochs on dev (`keep_start_if_better`)."""
+        run, spec = self.run, self.run.spec
+        self.state.update(stage=self.entry["stage"], name=self.entry["name"], loss=self.entry["loss"], lr=self.lr,
+                          best_dir=str(self.best_dir), last_epoch=0, done=False)
+        if run.dev is not None and spec.get("keep_start_if_better", True):
+            # a stage that makes the model worse on dev is dropped (its best is the starting model)
+            self.best = self.prev_best if self.prev_best is not None else run.dev.evaluate(
+                self.model, progress=spec.get("progress", True))
+            self.model.save(self.best_dir)
+            self.state.update(start_metric=self.best, best_epoch=0)
+            log.info("%s starts at dev NDCG@10 %.4f", self.key, self.best)
+
+    def train(self) -> None:
+        run = self.run
+        try:
+            partial = self._restore() if self.pos else self._start()
+            self.wrapped = run.dist.wrap(self.module)
+            first, start = (int(self.pos["epoch"]), int(self.pos["batch"])) if self.pos else (1, 0)
+            if partial is not None:
+                set_rng_state(partial["rng"])
+            else:
+                seed_all(run.spec.get("seed", 13), self.entry["stage"], first, start)
+            for epoch in range(first, self.epochs + 1):
+                if epoch == first:
+                    self._epoch(epoch, start, partial)
+                else:
+                    self._epoch(epoch, 0, None)
+        finally:
+            # release the wrapped model and optimizer before the next stage (and before the group closes)
+            self.wrapped = self.optimizer = self.scheduler = self.module = self.model = self.loss_fn = None
+
+    def _step(self, rows: list[dict]) -> float:
+        run, spec = self.run, self.run.spec
+        batch = _to_device(collate(rows, self.entry["loss"], self.model), run.device)
+        with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
+            loss = self.wrapped(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), spec.get("max_grad_norm", 1.0))
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def _epoch(self, epoch: int, start: int, partial: dict | None) -> None:
+        run, spec, dist = self.run, self.run.spec, self.run.dist
+        self.wrapped.train()
+        batches = self.reader.epoch(epoch - 1, start=start)
+        so_far = partial or {"losses": [], "examples": 0, "seconds": 0.0}
+        losses, n_ex, seconds = list(so_far["losses"]), int(so_far["examples"]), float(so_far["seconds"])
+        bar = range(start, self.steps)
+        if dist.is_main and spec.get("progress", True):
+            from tqdm import tqdm
+
+            bar = tqdm(bar, desc=f"{self.key} epoch {epoch}/{self.epochs}", unit="step", mininterval=5,
+                       total=self.steps, initial=start)
+        for b in bar:
+            rows = next(batches)
+            t0 = time.time()
+            losses.append(self._step(rows))
+            took = time.time() - t0
+            seconds, self.seconds = seconds + took, self.seconds + took
+            k = len(rows) * dist.world_size
+            n_ex, self.examples, run.examples_this_run = n_ex + k, self.examples + k, run.examples_this_run + k
+            run.global_step += 1
+            if run.global_step % spec.get("log_every", 10) == 0 or b == self.steps - 1:
+                self._log_step(losses, n_ex / max(seconds, 1e-9))
+            if self.every and (b + 1) % self.every == 0 and b + 1 < self.steps:
+                self._checkpoint(f"epoch{epoch}-batch{b + 1}", {"epoch": epoch, "batch": b + 1},
+                                 {"losses": losses, "examples": n_ex, "seconds": seconds})
+            run.check_failure_hooks(self.entry["stage"])
+        self._end_epoch(epoch, losses, n_ex / max(seconds, 1e-9))
+
+    def _log_step(self, losses: list[float], examples_per_s: float) -> None:
+        every = self.run.spec.get("log_every", 10)
+        metrics = {"train_loss": float(np.mean(losses[-every:])), "lr": self.scheduler.get_last_lr()[0],
+                   "examples_per_s": examples_per_s, "stage": self.entry["stage"]}
+        if self.entry["loss"] == "bce":
+            metrics["bce_temperature"] = float(self.loss_fn.temperature.detach())
+        if hasattr(self.loss_fn, "last_masked"):
+            metrics["masked_negatives"] = self.loss_fn.last_masked
+        self.run.sink.log("steps", self.run.global_step, metrics)
+
+    def _end_epoch(self, epoch: int, losses: list[float], examples_per_s: float) -> None:
+        run, spec, dist = self.run, self.run.spec, self.run.dist
+        mean_loss = dist.mean(float(np.mean(losses)) if losses else float("nan"))
+        if dist.is_main:
+            ndcg = run.dev.evaluate(self.model, progress=spec.get("progress", True)) if run.dev is not None else None
+            if self.best is None or ndcg is None or (not math.isnan(ndcg) and ndcg > self.best):
+                self.best = ndcg if ndcg is not None else self.best
+                self.state["best_epoch"] = epoch
+                if self.best_dir.exists():
+                    shutil.rmtree(self.best_dir)
+                self.model.save(self.best_dir)
+            run.sink.log("epochs", run.global_step, {"epoch_loss": mean_loss, "dev_ndcg10": ndcg,
+                                                     "epoch_examples_per_s": examples_per_s,
+                                                     "stage": self.entry["stage"], "epoch": epoch})
+            log.info("%s epoch %d: loss %.4f, dev NDCG@10 %s, %.1f examples/s", self.key, epoch, mean_loss,
+                     "n/a" if ndcg is None else f"{ndcg:.4f}", examples_per_s)
+            self.state.update(last_epoch=epoch, done=epoch == self.epochs)
+        self._checkpoint(f"epoch{epoch}", {"epoch": epoch + 1, "batch": 0}, {"losses": [], "examples": 0, "seconds": 0.0})
+        if spec.get("dump_params"):  # every rank: its parameters after the epoch (the DDP sync test)
+            flat = torch.cat([p.detach().float().cpu().reshape(-1) for p in self.module.parameters()])
+            torch.save(flat, run.out / f"params_{self.key}_epoch{epoch}_rank{dist.rank}.pt")
+        dist.barrier()
+        run.check_failure_hooks(self.entry["stage"], epoch)
+
+    def _checkpoint(self, name: str, position: dict, epoch_so_far: dict) -> None:
+        """Every rank saves its part, then rank 0 commits it in progress.json and drops the previous one.
+
+        Until the commit progress.json names the previous checkpoint, so a kill at any moment leaves a
+        complete checkpoint to resume from."""
+        run, dist = self.run, self.run.dist
+        ck = self.dir / name
+        ck.mkdir(parents=True, exist_ok=True)
+        torch.save({"rng": rng_state(), **epoch_so_far}, ck / f"rank{dist.rank}.pt")
+        if dist.is_main:
+            self.model.save(ck / "model")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "loss": self.loss_fn.state_dict(), "position": position}, ck / "state.pt")
+        dist.barrier()
+        if not dist.is_main:
+            return
+        previous = (self.state.get("checkpoint") or {}).get("dir")
+        self.state.update(best_metric=self.best, examples=self.examples, seconds=self.seconds,
+                          checkpoint={"dir": str(ck), **position})
+        run.commit(self.key, dict(self.state))
+        keep = run.spec.get("keep_all_epochs", False) and previous and "-batch" not in Path(previous).name
+        if previous and previous != str(ck) and not keep:
+            shutil.rmtree(previous, ignore_errors=True)
+
+
+def _finish(run: RunState, stages: list[dict]) -> dict:
+    """The result of the whole run (rank 0): every stage's state, examples and seconds across resumes."""
+    if not run.dist.is_main:
+        return {"stages": [], "examples": 0, "train_seconds": 0.0, "examples_this_run": run.examples_this_run}
+    states = [run.progress["stages"][stage_key(e)] for e in stages]
+    examples, seconds = sum(int(s.get("examples", 0)) for s in states), sum(float(s.get("seconds", 0.0)) for s in states)
+    final = run.out / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(states[-1]["best_dir"], final)
+    result = {"stages": states, "examples": examples, "train_seconds": seconds, "examples_this_run": run.examples_this_run,
+              "final_dir": str(final), "world_size": run.dist.world_size, "examples_per_s": examples / max(seconds, 1e-9)}
+    _write_json(run.out / "result.json", result)
+    return result
+
+
 def run_stages(spec: dict, dist: Dist) -> dict:
     """Train every stage of the manifest in order; returns the result (meaningful on rank 0)."""
     torch.manual_seed(spec.get("seed", 13))
-    out = Path(spec["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(spec["shards_root"])
-    stages = manifest["stages"]
-    progress = _read_json(out / "progress.json", {"stages": {}}) if spec.get("resume", True) else {"stages": {}}
-    device = dist.device
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and spec.get("bf16", True)
-    dev = DevSet(spec["dev_dir"], spec.get("min_grade", 1), spec.get("dev_max_queries")) if dist.is_main and spec.get("dev_dir") \
-        and (Path(spec["dev_dir"]) / "dev_eval.parquet").is_file() else None
-    sink = MetricSink(spec, dist.is_main)
-    init_from = spec.get("init_from")
-    global_step = int(progress.get("global_step", 0))
-    prev_best = None  # dev NDCG@10 of the model the next stage starts from (rank 0)
-    result = {"stages": [], "examples": 0, "train_seconds": 0.0}
+    run = RunState(spec, dist)
+    stages = read_manifest(spec["shards_root"])["stages"]
+    init_from, prev_best = spec.get("init_from"), None  # prev_best: dev NDCG@10 the next stage starts from
     for entry in stages:
-        key = f"stage{entry['stage']}_{entry['name']}"
-        state = progress["stages"].get(key, {})
-        stage_dir = out / key
-        if state.get("done"):
-            init_from, prev_best = state["best_dir"], state.get("best_metric")
-            result["stages"].append(state)
-            continue
-        epochs = int(entry.get("epochs") or spec.get("epochs_per_stage", 1))
-        last_epoch = int(state.get("last_epoch", 0))
-        resume_dir = stage_dir / f"epoch{last_epoch}" if last_epoch else None
-        base = resume_dir / "model" if resume_dir else init_from
-        model = TwoTower.load(base) if base else TwoTower.from_base(
-            spec.get("base_model", "minilm"), shared=spec.get("shared", True),
-            query_max_len=spec.get("query_max_len", 16), item_max_len=spec.get("item_max_len", 64))
-        model.to(device).train()
-        loss_fn = build_loss(entry["loss"], (spec.get("losses") or {}).get(entry["loss"]))
-        module = TrainModule(model, loss_fn).to(device)
-        reader = ShardReader(stage_files(spec["shards_root"], entry), rank=dist.rank, world_size=dist.world_size,
-                             batch_size=spec.get("batch_size", 64), seed=spec.get("seed", 13),
-                             shuffle_buffer=spec.get("shuffle_buffer", 2048))
-        steps = reader.steps_per_epoch
-        if spec.get("max_steps_per_epoch"):
-            steps = min(steps, int(spec["max_steps_per_epoch"]))
-        lr = (spec.get("lr_by_loss") or {}).get(entry["loss"], spec.get("lr", 2e-5))
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
-                   "weight_decay": spec.get("weight_decay", 0.01)}]
-        loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-        if loss_params:
-            groups.append({"params": loss_params, "lr": spec.get("loss_lr", 1e-2), "weight_decay": 0.0})
-        optimizer = dist.optimizer(torch.optim.AdamW(groups), module)
-        scheduler = _scheduler(optimizer, steps * epochs, spec.get("warmup_ratio", 0.1))
-        if resume_dir:
-            saved = torch.load(resume_dir / "state.pt", map_location=device, weights_only=False)
-            loss_fn.load_state_dict(saved["loss"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            log.info("resuming %s after epoch %d", key, last_epoch)
-        wrapped = dist.wrap(module)
-        best = state.get("best_metric")
-        best_dir = stage_dir / "best"
-        if not last_epoch and dev is not None and spec.get("keep_start_if_better", True):
-            # the weights the stage starts from compete with its epochs: a stage that makes the model
-            # worse on dev is dropped (its best is the starting model) instead of being passed on
-            best = prev_best if prev_best is not None else dev.evaluate(model, progress=spec.get("progress", True))
-            model.save(best_dir)
-            state = {**state, "start_metric": best, "best_epoch": 0}
-            log.info("%s starts at dev NDCG@10 %.4f", key, best)
-        stage_examples, stage_seconds = 0, 0.0
-        for epoch in range(last_epoch + 1, epochs + 1):
-            wrapped.train()
-            batches = reader.epoch(epoch - 1)
-            bar = range(steps)
-            if dist.is_main and spec.get("progress", True):
-                from tqdm import tqdm
-
-                bar = tqdm(bar, desc=f"{key} epoch {epoch}/{epochs}", unit="step", mininterval=5)
-            losses, t0, n_ex = [], time.time(), 0
-            for _ in bar:
-                rows = next(batches)
-                batch = _to_device(collate(rows, entry["loss"], model), device)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = wrapped(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(module.parameters(), spec.get("max_grad_norm", 1.0))
-                optimizer.step()
-                scheduler.step()
-                global_step += 1
-                n_ex += len(rows) * dist.world_size
-                losses.append(float(loss.detach()))
-                if global_step % spec.get("log_every", 10) == 0 or _ == steps - 1:
-                    elapsed = time.time() - t0
-                    metrics = {"train_loss": float(np.mean(losses[-spec.get("log_every", 10):])),
-                               "lr": scheduler.get_last_lr()[0], "examples_per_s": n_ex / max(elapsed, 1e-9),
-                               "stage": entry["stage"]}
-                    if entry["loss"] == "bce":
-                        metrics["bce_temperature"] = float(loss_fn.temperature.detach())
-                    if hasattr(loss_fn, "last_masked"):
-                        metrics["masked_negatives"] = loss_fn.last_masked
-                    sink.log("steps", global_step, metrics)
-            elapsed = time.time() - t0
-            stage_examples += n_ex
-            stage_seconds += elapsed
-            mean_loss = dist.mean(float(np.mean(losses)) if losses else float("nan"))
-            ndcg = None
-            if dist.is_main:
-                ndcg = dev.evaluate(model, progress=spec.get("progress", True)) if dev is not None else None
-                improved = best is None or ndcg is None or (not math.isnan(ndcg) and ndcg > best)
-                ck = stage_dir / f"epoch{epoch}"
-                model.save(ck / "model")
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "loss": loss_fn.state_dict(), "epoch": epoch}, ck / "state.pt")
-                if improved:
-                    best = ndcg if ndcg is not None else best
-                    state["best_epoch"] = epoch
-                    if best_dir.exists():
-                        shutil.rmtree(best_dir)
-                    shutil.copytree(ck / "model", best_dir)
-                prev = stage_dir / f"epoch{epoch - 1}"
-                if prev.exists() and not spec.get("keep_all_epochs", False):
-                    shutil.rmtree(prev)
-                sink.log("epochs", global_step, {"epoch_loss": mean_loss, "dev_ndcg10": ndcg,
-                                                 "epoch_examples_per_s": n_ex / max(elapsed, 1e-9),
-                                                 "stage": entry["stage"], "epoch": epoch})
-                log.info("%s epoch %d: loss %.4f, dev NDCG@10 %s, %.1f examples/s", key, epoch, mean_loss,
-                         "n/a" if ndcg is None else f"{ndcg:.4f}", n_ex / max(elapsed, 1e-9))
-                state = {**state, "stage": entry["stage"], "name": entry["name"], "loss": entry["loss"], "last_epoch": epoch,
-                         "best_metric": best, "best_dir": str(best_dir), "done": epoch == epochs, "lr": lr,
-                         "examples": state.get("examples", 0) + n_ex, "seconds": state.get("seconds", 0.0) + elapsed}
-                progress["stages"][key] = state
-                progress["global_step"] = global_step
-                _write_json(out / "progress.json", progress)
-                sink.flush()
-            if spec.get("dump_params"):  # every rank: its parameters after the epoch (the DDP sync test)
-                flat = torch.cat([p.detach().float().cpu().reshape(-1) for p in module.parameters()])
-                torch.save(flat, out / f"params_{key}_epoch{epoch}_rank{dist.rank}.pt")
-            dist.barrier()
-            if spec.get("fail_after_epoch") == [entry["stage"], epoch]:  # crash injection for the resume test
-                raise RuntimeError(f"injected failure after stage {entry['stage']} epoch {epoch}")
-        result["examples"] += stage_examples
-        result["train_seconds"] += stage_seconds
-        if dist.is_main:
-            result["stages"].append(progress["stages"][key])
-        init_from = str(best_dir)
-        prev_best = progress["stages"][key].get("best_metric") if dist.is_main else None
-        # release the wrapped model and optimizer before the next stage (and before the group closes)
-        del wrapped, optimizer, scheduler, module, model, loss_fn
-        import gc
-
-        gc.collect()
-    if dist.is_main:
-        final = out / "final"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(init_from, final)
-        result.update(final_dir=str(final), world_size=dist.world_size,
-                      examples_per_s=result["examples"] / max(result["train_seconds"], 1e-9))
-        _write_json(out / "result.json", result)
+        state = run.progress["stages"].get(stage_key(entry), {})
+        if not state.get("done"):
+            trainer = StageTrainer(run, entry, init_from, prev_best)
+            trainer.train()
+            state = run.progress["stages"].get(stage_key(entry), {}) if dist.is_main else {}
+            del trainer
+            gc.collect()
+        init_from = state.get("best_dir") or str(run.out / stage_key(entry) / "best")
+        prev_best = state.get("best_metric")
+    result = _finish(run, stages)
     dist.barrier()
     return result

@@ -178,9 +178,14 @@ class ShardReader:
         for j in rng.permutation(len(buffer)):
             yield buffer[j]
 
-    def epoch(self, epoch: int):
-        """Yield exactly `steps_per_epoch` batches (lists of row dicts) for this rank."""
+    def epoch(self, epoch: int, start: int = 0):
+        """Yield this rank's `steps_per_epoch` batches (lists of row dicts) of `epoch`, from batch `start` on.
+
+        The order depends only on (seed, epoch, rank), so a resumed run that skips the `start` batches
+        it had trained before its last checkpoint gets exactly the batches the uninterrupted run got.
+        """
         rows = self._rows(epoch)
-        for size in self.batch_sizes(epoch):
+        for k, size in enumerate(self.batch_sizes(epoch)):
             batch = [next(rows) for _ in range(size)]
-            yield batch
+            if k >= start:
+                yield batch
