@@ -8,8 +8,11 @@ in `set_logic_fallback` (random negatives are usually not sent to the judge). Th
 everything by set logic (positive classes: easy/hard positive). Human-labelled dev queries never reach a
 training set.
 
-Row formats by loss: `bce` pointwise (item + label), `mnr` / `triplet` pairs (positive item + a
-negative of the same query; triplet requires one), `roar` lists (the query's graded items, top grade first).
+Row formats (`ROW_FORMATS`): `pointwise` (item + label), `pair` (positive item + a negative of the same
+query when it has one), `triplet` (a pair whose negative is required), `list` (the query's graded items,
+top grade first). `FORMAT_OF_LOSS` gives each curriculum loss its format; it is the only loss knowledge
+here (core imports no torch). Each loss in `training.losses` declares its own `row_format`, and that
+registry checks at import that it matches this table.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from pyspark.sql import types as T
 
 from annomine.vocabulary import CLASSES, POSITIVE_CLASSES, RANDOM_NEGATIVE
 
-LOSSES = ("bce", "mnr", "triplet", "roar")
+ROW_FORMATS = ("pointwise", "pair", "triplet", "list")
+# Loss -> the format of its training rows (a new curriculum loss: its line here, and its training.losses module).
+FORMAT_OF_LOSS = {"bce": "pointwise", "mnr": "pair", "triplet": "triplet", "roar": "list"}
+LOSSES = tuple(FORMAT_OF_LOSS)
 VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar")
-FORMAT_OF_LOSS = {"bce": "pointwise", "mnr": "pair", "triplet": "pair", "roar": "list"}
 
 # Status of a labelled candidate: only 'ok' rows reach a training set; the rest are counted.
 OK, ERROR, UNANNOTATED, AMBIGUOUS, DEV = "ok", "annotation_error", "unannotated", "ambiguous_grade", "dev_query"
@@ -51,7 +56,7 @@ class StageDef:
                 raise ValueError(f"stage {self.name!r}: unknown candidate class {c!r}; known: {list(CLASSES)}")
         if not self.positive_classes:
             raise ValueError(f"stage {self.name!r}: positive_classes is empty")
-        if self.loss in ("bce", "triplet") and not self.negative_classes:
+        if FORMAT_OF_LOSS[self.loss] in ("pointwise", "triplet") and not self.negative_classes:
             raise ValueError(f"stage {self.name!r}: loss {self.loss} needs negative_classes")
         if self.max_examples < 1 or self.max_per_query < 1:
             raise ValueError(f"stage {self.name!r}: max_examples and max_per_query must be positive")
@@ -221,8 +226,8 @@ def stage_rows(labelled: DataFrame, stage: StageDef, seed: int, max_group_size: 
     fmt = FORMAT_OF_LOSS[stage.loss]
     if fmt == "pointwise":
         return pointwise_rows(ok, stage, seed)
-    if fmt == "pair":
-        return pair_rows(ok, stage, seed, require_negative=stage.loss == "triplet")
+    if fmt in ("pair", "triplet"):
+        return pair_rows(ok, stage, seed, require_negative=fmt == "triplet")
     return list_rows(ok, stage, seed, max_group_size)
 
 

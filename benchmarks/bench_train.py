@@ -33,8 +33,8 @@ def examples_per_second(batches, step, steps_warmup: int) -> float:
 
 
 def train_annomine(data, batch_size: int, steps_warmup: int = 1) -> float:
+    from annomine.two_tower import TwoTower
     from training.losses import MNRLoss
-    from training.model import TwoTower
 
     torch.manual_seed(0)
     model = TwoTower.from_base("minilm", shared=True, query_max_len=16, item_max_len=64).train()

@@ -6,7 +6,7 @@ horovod), resumes from the last checkpoint when a previous run of the same spec 
 resumed run trains exactly what the uninterrupted one would have: training.runner), and publishes the
 final model. Killing the driver ends torchrun and its ranks (training.lifeline). Outputs:
 
-    <warehouse>/models/<variant>/model/        TwoTower folder (training.model.TwoTower.load)
+    <warehouse>/models/<variant>/model/        TwoTower folder (annomine.two_tower.TwoTower.load)
     <warehouse>/models/<variant>/run/          checkpoints, progress.json, history.json, loss_curve.png
     <warehouse>/models/<variant>.json          {"path", "variant", "mlflow_run_id", "model_uri", ...}
     <warehouse>/models/best.json               the same pointer for the last trained variant
@@ -24,81 +24,37 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from annomine.curriculum import LOSSES, VARIANTS
+from annomine.curriculum import VARIANTS
 from annomine.locks import warehouse_lock
-from annomine.runtime import JobContext, load, run_job
+from annomine.runtime import JobContext, run_job
 from training.launchers import LAUNCHERS, launch
+from training.losses import REGISTRY as LOSS_REGISTRY
 from training.shards import read_manifest
+from training.spec import TrainSettings, TrainSpec, Tracking
 
 log = logging.getLogger("annomine.train")
 
 
-@dataclass
-class BCEParams:
-    init_temperature: float = 20.0
-    learn_bias: bool = True
+# `train.losses.<loss>.<param>`: one block per registered loss, its params dataclass (training.losses, where
+# its defaults live), e.g. losses.bce.init_temperature, losses.mnr.margin_delta (null: no false-negative mask)
+LossesConfig = dataclasses.make_dataclass(
+    "LossesConfig", [(name, loss.Params, field(default_factory=loss.Params)) for name, loss in LOSS_REGISTRY.items()])
+LossesConfig.__module__ = __name__
 
 
 @dataclass
-class MNRParams:
-    scale: float = 20.0
-    margin_delta: float | None = 0.1
+class TrainConfig(TrainSettings):
+    """The `train` section: the training settings (training.spec.TrainSettings: model, optimisation,
+    checkpoints, logging; they reach every rank in the TrainSpec) plus what only this job uses."""
 
-
-@dataclass
-class TripletParams:
-    margin: float = 0.3
-
-
-@dataclass
-class ROARParams:
-    beta: float = 0.1
-    tau: float = 0.01
-    margin_delta: float | None = 0.1
-
-
-@dataclass
-class LossesConfig:
-    bce: BCEParams = field(default_factory=BCEParams)
-    mnr: MNRParams = field(default_factory=MNRParams)
-    triplet: TripletParams = field(default_factory=TripletParams)
-    roar: ROARParams = field(default_factory=ROARParams)
-
-
-@dataclass
-class TrainConfig:
     variant: str = "curriculum"
-    # 'minilm' (bundled all-MiniLM-L6-v2), a local HF folder, or 'tiny[:HxL]' (random BERT; tests)
-    base_model: str = "minilm"
-    shared: bool = True
-    query_max_len: int = 16
-    item_max_len: int = 64
-    batch_size: int = 64
-    lr: float = 2e-5
-    loss_lr: float = 1e-2  # learnable loss parameters (BCE temperature and bias)
-    lr_by_loss: dict[str, float] = field(default_factory=dict)  # per-loss learning rate, e.g. {bce: 1.0e-5}
-    keep_start_if_better: bool = True  # a stage whose epochs all score below its starting weights on dev is dropped
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    epochs_per_stage: int = 1
-    max_steps_per_epoch: int | None = None
     losses: LossesConfig = field(default_factory=LossesConfig)
     launcher: str = "auto"  # auto: inprocess for 1 process, torchrun for more
     num_proc: int = 2  # ranks; batch_size is per rank
-    threads: int | None = None  # torch threads per rank (None: torch's default)
-    bf16: bool = True  # autocast on GPU
-    resume: bool = True
-    checkpoint_every_batches: int = 200  # a resumable checkpoint every N batches too (0: at epoch ends only)
     lock_wait_s: float = 0.0  # another train on this warehouse: wait this long for it, then stop naming it
     shards_dir: str | None = None  # default <warehouse>/shards
-    dev_max_queries: int | None = None
-    shuffle_buffer: int = 2048
-    log_every: int = 10
     log_checkpoints: bool = True
     mlflow: bool = True
-    progress: bool = True
-    seed: int = 13
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -109,9 +65,9 @@ class TrainConfig:
             raise ValueError("num_proc, batch_size and epochs_per_stage must be positive")
         if self.checkpoint_every_batches < 0:
             raise ValueError(f"checkpoint_every_batches must be >= 0 (0: epoch ends only), got {self.checkpoint_every_batches}")
-        unknown = set(self.lr_by_loss) - set(LOSSES)
+        unknown = set(self.lr_by_loss) - set(LOSS_REGISTRY)
         if unknown:
-            raise ValueError(f"lr_by_loss: unknown loss {sorted(unknown)}; use one of {list(LOSSES)}")
+            raise ValueError(f"lr_by_loss: unknown loss {sorted(unknown)}; use one of {list(LOSS_REGISTRY)}")
 
 
 CONFIG_CLASS = TrainConfig
@@ -121,35 +77,25 @@ def models_root(ctx: JobContext) -> Path:
     return ctx.project.warehouse_path / "models"
 
 
-def build_spec(ctx: JobContext, cfg: TrainConfig) -> dict:
-    """The JSON-able spec every rank receives."""
+def build_spec(ctx: JobContext, cfg: TrainConfig) -> TrainSpec:
+    """The spec every rank receives: the config's training settings, placed in this warehouse."""
     shards = Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.warehouse_path / "shards"
-    losses = dataclasses.asdict(cfg.losses)
-    return {
-        "variant": cfg.variant, "shards_root": str(shards / cfg.variant), "dev_dir": str(shards),
-        "output_dir": str(models_root(ctx) / cfg.variant / "run"), "base_model": cfg.base_model, "shared": cfg.shared,
-        "query_max_len": cfg.query_max_len, "item_max_len": cfg.item_max_len, "batch_size": cfg.batch_size,
-        "lr": cfg.lr, "lr_by_loss": dict(cfg.lr_by_loss), "keep_start_if_better": cfg.keep_start_if_better,
-        "loss_lr": cfg.loss_lr, "weight_decay": cfg.weight_decay, "warmup_ratio": cfg.warmup_ratio,
-        "max_grad_norm": cfg.max_grad_norm, "epochs_per_stage": cfg.epochs_per_stage,
-        "max_steps_per_epoch": cfg.max_steps_per_epoch, "losses": losses, "threads": cfg.threads, "bf16": cfg.bf16,
-        "resume": cfg.resume, "checkpoint_every_batches": cfg.checkpoint_every_batches, "dev_max_queries": cfg.dev_max_queries, "shuffle_buffer": cfg.shuffle_buffer,
-        "log_every": cfg.log_every, "progress": cfg.progress, "seed": cfg.seed, "min_grade": ctx.project.min_grade,
-    }
+    losses = {f.name: getattr(cfg.losses, f.name) for f in dataclasses.fields(cfg.losses)}
+    return TrainSpec.of(cfg, shards_root=str(shards / cfg.variant), dev_dir=str(shards),
+                        output_dir=str(models_root(ctx) / cfg.variant / "run"), min_grade=ctx.project.min_grade,
+                        losses=losses)
 
 
-def fingerprint(spec: dict, manifest: dict, num_proc: int) -> str:
-    """What a resumable run must share with the interrupted one: the spec, the data, the world size."""
-    # a resumed run reproduces an uninterrupted one whatever its checkpoint interval
-    volatile = {"resume", "progress", "mlflow", "log_every", "threads", "checkpoint_every_batches"}
-    stable = {k: v for k, v in spec.items() if k not in volatile}
-    text = json.dumps([stable, manifest, num_proc], sort_keys=True, default=str)
+def fingerprint(spec: TrainSpec, manifest: dict, num_proc: int) -> str:
+    """What a resumable run must share with the interrupted one: the spec (less its volatile fields:
+    threads, resume, progress, logging, checkpoint interval, MLflow run), the data, the world size."""
+    text = json.dumps([spec.resume_key(), manifest, num_proc], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _prepare_run_dir(spec: dict, manifest: dict, cfg: TrainConfig) -> Path:
+def _prepare_run_dir(spec: TrainSpec, manifest: dict, cfg: TrainConfig) -> Path:
     """The run folder: kept when it holds a resumable run of this spec, else started afresh."""
-    run_dir = Path(spec["output_dir"])
+    run_dir = Path(spec.output_dir)
     fp = fingerprint(spec, manifest, cfg.num_proc)
     fp_file = run_dir / "fingerprint.txt"
     if run_dir.exists() and (not cfg.resume or not fp_file.is_file() or fp_file.read_text().strip() != fp):
@@ -214,12 +160,12 @@ def run(ctx: JobContext, cfg: TrainConfig) -> dict:
 
 def _train(ctx: JobContext, cfg: TrainConfig) -> dict:
     spec = build_spec(ctx, cfg)
-    manifest = read_manifest(spec["shards_root"])
+    manifest = read_manifest(spec.shards_root)
     run_dir = _prepare_run_dir(spec, manifest, cfg)
     run_id = None
     if cfg.mlflow:
         run_id = _start_tracking(ctx, cfg, run_dir, manifest)
-        spec["mlflow"] = {"tracking_uri": ctx.project.tracking_uri, "run_id": run_id}
+        spec.tracking = Tracking(ctx.project.tracking_uri, run_id)
     launcher = cfg.launcher if cfg.launcher != "auto" else ("inprocess" if cfg.num_proc == 1 else "torchrun")
     started = time.time()
     result = launch(launcher, spec, cfg.num_proc)

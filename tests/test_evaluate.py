@@ -38,7 +38,7 @@ LABELS = [
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from training.model import TwoTower
+    from annomine.two_tower import TwoTower
 
     folder = tmp_path_factory.mktemp("models") / "tiny_tower"
     TwoTower.tiny(hidden=32, layers=1, seed=3).save(folder)

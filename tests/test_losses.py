@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from training.losses import BCELoss, MNRLoss, ROARLoss, TripletLoss, build_loss, false_negative_mask
+from annomine.curriculum import FORMAT_OF_LOSS
+from annomine.two_tower import TwoTower
+from training.losses import (REGISTRY, BCELoss, BCEParams, MNRLoss, ROARLoss, TripletLoss, TripletParams, build_loss,
+                             false_negative_mask)
 
 
 def unit(*rows):
@@ -97,5 +100,34 @@ def test_roar_hand_computed():
 
 def test_build_loss_refuses_unknown():
     assert isinstance(build_loss("triplet", {"margin": 0.2}), TripletLoss)
+    assert build_loss("triplet", TripletParams(margin=0.2)).margin == 0.2
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("hinge")
+
+
+def test_every_curriculum_loss_is_registered_with_the_curriculum_row_format_and_its_params():
+    assert set(REGISTRY) >= set(FORMAT_OF_LOSS)
+    for name, fmt in FORMAT_OF_LOSS.items():
+        assert REGISTRY[name].row_format == fmt and build_loss(name).params == REGISTRY[name].Params()
+    # the params dataclass holds the defaults; keyword overrides replace single fields
+    assert BCELoss().params == BCEParams() and BCELoss(learn_bias=False).params == BCEParams(learn_bias=False)
+    assert BCELoss(BCEParams(init_temperature=5.0)).temperature.item() == 5.0
+
+
+def test_each_format_collates_only_its_columns():
+    model = TwoTower.tiny()
+    row = {"query": "red shoe", "item_text": "shoe", "label": 1, "neg_text": None,
+           "group_texts": ["a", "b", "c"], "group_grades": [4, 2, 1]}
+    short = {**row, "neg_text": "lamp", "group_texts": ["a", "b"], "group_grades": [3, 1]}
+    bce = build_loss("bce").collate([row, short], model)
+    assert sorted(bce) == ["item", "label", "query"] and bce["label"].tolist() == [1.0, 1.0]
+    pair = build_loss("mnr").collate([row, short], model)
+    assert sorted(pair) == ["item", "neg", "query"] and pair["neg"]["input_ids"].size(0) == 1  # negatives present only
+    assert build_loss("mnr").collate([row], model)["neg"] is None
+    lists = build_loss("roar").collate([row, short], model)
+    assert lists["grades"].tolist() == [[4, 2, 1], [3, 1, 0]] and lists["valid"].tolist() == [[True] * 3, [True, True, False]]
+    assert lists["group"]["input_ids"].size(0) == 6
+    for name in FORMAT_OF_LOSS:
+        cols = set(REGISTRY[name].columns)
+        batch = build_loss(name).collate([{k: v for k, v in r.items() if k in cols} for r in (row, short)], model)
+        assert batch.keys() == build_loss(name).collate([row, short], model).keys()

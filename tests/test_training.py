@@ -1,24 +1,32 @@
-"""Two-tower training with a tiny random BERT: stages, checkpoints, resume, DDP sync, the CLI jobs, MLflow."""
+"""Two-tower training with a tiny random BERT: stages, checkpoints, resume, DDP sync, the CLI jobs, MLflow,
+the typed spec, and a loss defined here that trains through the runner without touching any other module."""
 
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.nn import functional as F
 
+from annomine.config import ConfigError
+from annomine.two_tower import TwoTower
+from training.callbacks import Callback
 from training.launchers import launch
-from training.model import TwoTower
+from training.losses import REGISTRY, PointwiseLoss, register
 from training.runner import ndcg_at_k
 from training.shards import write_manifest, write_stage_shards
+from training.spec import TrainSpec, Tracking
 
 STAGES = [("easy", "bce"), ("hard", "mnr"), ("ts", "triplet"), ("roar", "roar")]
 
 
-def make_shards(root: Path, n: int = 32, stages=STAGES, variant: str = "v") -> dict:
+def make_shards(root: Path, n: int = 32, stages=STAGES, variant: str = "v") -> TrainSpec:
     recs = []
     for i in range(n):
         recs.append(dict(query_id=f"q{i % 8}", query=f"red shoe {i % 8}", product_id=f"p{i}", item_text=f"red shoe item {i}",
@@ -37,8 +45,50 @@ def make_shards(root: Path, n: int = 32, stages=STAGES, variant: str = "v") -> d
                   "product_id": ["p1", "p9", "p2"], "grade": [4, 2, 3]}).to_parquet(root / "dev_eval.parquet")
     pd.DataFrame({"product_id": [f"p{i}" for i in range(20)],
                   "text": [f"red shoe item {i}" for i in range(20)]}).to_parquet(root / "dev_pool.parquet")
-    return {"shards_root": str(root / variant), "dev_dir": str(root), "output_dir": str(root / "out"), "base_model": "tiny",
-            "batch_size": 8, "epochs_per_stage": 2, "log_every": 2, "progress": False, "seed": 3}
+    return TrainSpec(shards_root=str(root / variant), dev_dir=str(root), output_dir=str(root / "out"), min_grade=1,
+                     base_model="tiny", batch_size=8, epochs_per_stage=2, log_every=2, progress=False, seed=3,
+                     checkpoint_every_batches=0)
+
+
+class FailAfter(Callback):
+    """Crash injection: after global step `step`, or after (stage, epoch) `epoch` (its checkpoint committed)."""
+
+    def __init__(self, step: int | None = None, epoch: tuple[int, int] | None = None):
+        self.step, self.epoch = step, epoch
+
+    def on_step(self, trainer, batch: int) -> None:
+        if trainer.run.global_step == self.step:
+            trainer.run.dist.barrier()  # every rank's checkpoint is committed before any rank fails
+            raise RuntimeError(f"injected failure after step {self.step}")
+
+    def on_epoch_end(self, trainer, epoch: int) -> None:
+        if (trainer.entry["stage"], epoch) == self.epoch:
+            raise RuntimeError(f"injected failure after stage {self.epoch[0]} epoch {epoch}")
+
+
+class DumpParams(Callback):
+    """Every rank saves its flattened parameters after each epoch (the DDP sync tests)."""
+
+    def on_epoch_end(self, trainer, epoch: int) -> None:
+        flat = torch.cat([p.detach().float().cpu().reshape(-1) for p in trainer.module.parameters()])
+        torch.save(flat, trainer.run.out / f"params_{trainer.key}_epoch{epoch}_rank{trainer.run.dist.rank}.pt")
+
+
+@pytest.fixture
+def callbacks_by_value():
+    """Callbacks defined here cross into TorchDistributor's and Horovod's processes pickled by value (those
+    processes cannot import this test module)."""
+    picklers = []
+    for name in ("pyspark.cloudpickle", "cloudpickle"):
+        try:
+            picklers.append(__import__(name, fromlist=["register_pickle_by_value"]))
+        except ImportError:
+            pass
+    for p in picklers:
+        p.register_pickle_by_value(sys.modules[__name__])
+    yield
+    for p in picklers:
+        p.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def test_model_round_trip_and_normalised_output(tmp_path):
@@ -65,8 +115,8 @@ def test_ndcg_hand_computed():
 def test_stages_checkpoints_and_resume_after_crash(tmp_path):
     spec = make_shards(tmp_path, n=16)
     with pytest.raises(RuntimeError, match="injected failure"):
-        launch("inprocess", {**spec, "fail_after_epoch": [2, 1]})
-    out = Path(spec["output_dir"])
+        launch("inprocess", spec, callbacks=[FailAfter(epoch=(2, 1))])
+    out = Path(spec.output_dir)
     progress = json.loads((out / "progress.json").read_text())
     assert progress["stages"]["stage1_easy"]["done"] and progress["stages"]["stage2_hard"]["last_epoch"] == 1
     stage1_best = (out / "stage1_easy" / "best" / "query" / "model.safetensors").stat().st_mtime_ns
@@ -108,17 +158,17 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
     """Interrupted at a stage boundary, then between two batch checkpoints, and resumed each time: the same
     batches in the same order (dropout included), so the same losses, weights and example count."""
     spec = make_shards(tmp_path, n=24, stages=[("easy", "bce"), ("hard", "mnr")])
-    spec.update(batch_size=4, log_every=1, checkpoint_every_batches=2)  # 6 steps per epoch, 2 epochs per stage
+    spec = replace(spec, batch_size=4, log_every=1, checkpoint_every_batches=2)  # 6 steps per epoch, 2 epochs per stage
 
-    def at(name: str) -> dict:
-        return {**spec, "output_dir": str(tmp_path / name)}
+    def at(name: str) -> TrainSpec:
+        return replace(spec, output_dir=str(tmp_path / name))
 
     clean = launch("inprocess", at("clean"))
     with pytest.raises(RuntimeError, match="injected failure after stage 1 epoch 2"):
-        launch("inprocess", {**at("resumed"), "fail_after_epoch": [1, 2]})
+        launch("inprocess", at("resumed"), callbacks=[FailAfter(epoch=(1, 2))])
     # stage 2, epoch 1, batch 5: the last checkpoint is after batch 4, so batch 5 is trained again
     with pytest.raises(RuntimeError, match="injected failure after step 17"):
-        launch("inprocess", {**at("resumed"), "fail_after_steps": 17})
+        launch("inprocess", at("resumed"), callbacks=[FailAfter(step=17)])
     progress = json.loads((tmp_path / "resumed" / "progress.json").read_text())
     assert progress["global_step"] == 16
     assert progress["stages"]["stage2_hard"]["checkpoint"]["batch"] == 4
@@ -131,28 +181,28 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
 def test_a_stage_that_does_not_beat_its_starting_weights_is_dropped(tmp_path):
     """lr 0 for the BCE stage: its epochs score exactly what it started from, so its best is the start."""
     spec = make_shards(tmp_path, n=16, stages=[("easy", "bce"), ("hard", "mnr")])
-    spec.update(epochs_per_stage=1, lr=5e-3, lr_by_loss={"bce": 0.0})
+    spec = replace(spec, epochs_per_stage=1, lr=5e-3, lr_by_loss={"bce": 0.0})
     result = launch("inprocess", spec)
     easy, hard = result["stages"]
     assert easy["lr"] == 0.0 and hard["lr"] == 5e-3
     assert easy["best_epoch"] == 0 and easy["best_metric"] == pytest.approx(easy["start_metric"])
     assert hard["start_metric"] == pytest.approx(easy["best_metric"])  # stage 2 starts from stage 1's best
     assert hard["best_metric"] >= hard["start_metric"]
-    out = Path(spec["output_dir"])
+    out = Path(spec.output_dir)
     start = TwoTower.tiny()  # the same seeded random BERT the run started from
     kept = TwoTower.load(out / "stage1_easy" / "best")
     for a, b in zip(start.parameters(), kept.parameters()):
         assert torch.equal(a, b)
 
 
-def test_two_gloo_ranks_hold_identical_parameters_after_a_step(spark, tmp_path):
+def test_two_gloo_ranks_hold_identical_parameters_after_a_step(spark, tmp_path, callbacks_by_value):
     """TorchDistributor (local mode) runs the training function on 2 gloo processes."""
     spec = make_shards(tmp_path, n=24, stages=[("hard", "mnr")])
-    spec.update(max_steps_per_epoch=1, epochs_per_stage=1, dump_params=True, threads=1)
+    spec = replace(spec, max_steps_per_epoch=1, epochs_per_stage=1, threads=1)
     initial = torch.cat([p.detach().reshape(-1) for p in TwoTower.tiny().parameters()])
-    result = launch("torch_distributor", spec, num_proc=2)
+    result = launch("torch_distributor", spec, num_proc=2, callbacks=[DumpParams()])
     assert result["world_size"] == 2
-    out = Path(spec["output_dir"])
+    out = Path(spec.output_dir)
     r0 = torch.load(out / "params_stage1_hard_epoch1_rank0.pt")
     r1 = torch.load(out / "params_stage1_hard_epoch1_rank1.pt")
     assert torch.equal(r0, r1)
@@ -198,17 +248,17 @@ def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
     assert again["examples"] == pointer["examples"] == pointer["examples_this_run"] > 0
 
 
-def test_horovod_launcher_is_optional(tmp_path):
+def test_horovod_launcher_is_optional(tmp_path, callbacks_by_value):
     try:
         import horovod  # noqa: F401
     except ImportError:
         with pytest.raises(RuntimeError, match="optional extra"):
-            launch("horovod", {"output_dir": str(tmp_path)}, num_proc=2)
+            launch("horovod", TrainSpec(shards_root=str(tmp_path), output_dir=str(tmp_path), min_grade=1), num_proc=2)
         return
     spec = make_shards(tmp_path, n=16, stages=[("hard", "mnr")])
-    spec.update(max_steps_per_epoch=1, epochs_per_stage=1, dump_params=True, threads=1)
-    launch("horovod", spec, num_proc=2)
-    out = Path(spec["output_dir"])
+    spec = replace(spec, max_steps_per_epoch=1, epochs_per_stage=1, threads=1)
+    launch("horovod", spec, num_proc=2, callbacks=[DumpParams()])
+    out = Path(spec.output_dir)
     assert torch.equal(torch.load(out / "params_stage1_hard_epoch1_rank0.pt"), torch.load(out / "params_stage1_hard_epoch1_rank1.pt"))
 
 
@@ -219,3 +269,88 @@ def test_a_second_train_on_the_same_warehouse_is_refused_naming_the_holder(ctx):
     with warehouse_lock(ctx.project, "train"):
         with pytest.raises(LockHeld, match=r"train is already running on warehouse .*: held by pid \d+"):
             train.run(ctx, train.TrainConfig(base_model="tiny", mlflow=False, num_proc=1))
+
+
+def test_the_spec_round_trips_through_json_and_refuses_unknown_keys(tmp_path):
+    from training.losses import MNRParams
+
+    spec = replace(make_shards(tmp_path, n=16, stages=[("hard", "mnr")]), losses={"mnr": MNRParams(margin_delta=None)},
+                   tracking=Tracking("sqlite:///x.db", "r1"), lr_by_loss={"mnr": 1e-4})
+    back = TrainSpec.from_json(spec.to_json())
+    assert back == spec and isinstance(back.losses["mnr"], MNRParams) and back.loss_params("bce").init_temperature == 20.0
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['fail_after_steps'\]"):
+        TrainSpec.from_dict({**spec.to_dict(), "fail_after_steps": 3})
+    with pytest.raises(ConfigError, match=r"spec.losses.mnr: unknown key\(s\) \['tau'\]"):
+        TrainSpec.from_dict({**spec.to_dict(), "losses": {"mnr": {"tau": 0.1}}})
+    with pytest.raises(ConfigError, match="required key 'output_dir'"):
+        TrainSpec.from_dict({"shards_root": "x", "min_grade": 1})
+
+
+def test_the_resume_fingerprint_ignores_only_the_volatile_fields(tmp_path):
+    from jobs.train import fingerprint
+
+    spec, manifest = make_shards(tmp_path, n=16, stages=[("hard", "mnr")]), {"stages": []}
+    same = replace(spec, threads=1, resume=False, progress=True, log_every=7, checkpoint_every_batches=3,
+                   tracking=Tracking("sqlite:///x.db", "r1"))
+    assert fingerprint(same, manifest, 1) == fingerprint(spec, manifest, 1)
+    for changed in (replace(spec, lr=1e-3), replace(spec, seed=4), replace(spec, losses={"mnr": REGISTRY["mnr"].Params(scale=5)})):
+        assert fingerprint(changed, manifest, 1) != fingerprint(spec, manifest, 1)
+    assert fingerprint(spec, manifest, 2) != fingerprint(spec, manifest, 1)
+
+
+# ---- a loss defined here: one class and its registration, no other module touched ---------------------
+@dataclass
+class CosineMarginParams:
+    margin: float = 0.5
+
+
+class CosineMarginLoss(PointwiseLoss):
+    """Pointwise: pull positives to cos 1, push negatives below `margin`."""
+
+    name = "cosine_margin"
+    Params = CosineMarginParams
+
+    def forward(self, q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cos, y = (q * d).sum(-1), labels.float()
+        return (y * (1 - cos) + (1 - y) * F.relu(cos - self.params.margin)).mean()
+
+    def step_metrics(self) -> dict[str, float]:
+        return {"cosine_margin": self.params.margin}
+
+
+@pytest.fixture
+def cosine_margin_loss():
+    register(CosineMarginLoss)
+    yield CosineMarginLoss
+    REGISTRY.pop(CosineMarginLoss.name)
+
+
+def test_a_loss_defined_in_a_test_trains_a_stage_through_the_runner(tmp_path, cosine_margin_loss):
+    spec = make_shards(tmp_path, n=16, stages=[("toy", "cosine_margin")])
+    spec = replace(spec, log_every=1, losses={"cosine_margin": CosineMarginParams(margin=0.2)})
+    result = launch("inprocess", TrainSpec.from_json(spec.to_json()))  # its params cross as JSON too
+    (stage,) = result["stages"]
+    assert stage["loss"] == "cosine_margin" and stage["done"] and stage["examples"] == 2 * 16
+    steps = json.loads((Path(spec.output_dir) / "history.json").read_text())["steps"]
+    assert len(steps) == 4 and all(h["cosine_margin"] == 0.2 and np.isfinite(h["train_loss"]) for h in steps)
+    assert TwoTower.load(result["final_dir"]).encode_queries(["red shoe"]).shape == (1, 32)
+
+
+def test_the_registry_checks_a_loss_against_the_curriculum_row_formats(cosine_margin_loss):
+    from training.losses import ListLoss, build_loss
+
+    assert isinstance(build_loss("cosine_margin", {"margin": 0.1}), CosineMarginLoss)
+
+    class WrongBCE(ListLoss):  # the curriculum writes pointwise rows for bce
+        name, Params = "bce", CosineMarginParams
+
+    with pytest.raises(TypeError, match="trains on 'list' rows but the curriculum .* writes 'pointwise' rows"):
+        register(WrongBCE)
+
+    class Again(CosineMarginLoss):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Again)
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        build_loss("hinge")

@@ -1,20 +1,25 @@
-"""The per-rank training function every launcher runs: `train_fn(spec) -> result`.
+"""The per-rank training function every launcher runs: `train_fn(spec, backend, callbacks) -> result`.
 
-`spec` is a plain JSON-able dict (see `jobs/train.py: build_spec`), so it crosses process boundaries
-unchanged: pickled by TorchDistributor and Horovod, a JSON file for torchrun
+`spec` is a `training.spec.TrainSpec` (built by `jobs/train.py: build_spec`): pickled by TorchDistributor
+and Horovod, a JSON file for torchrun
 (`python -m torch.distributed.run --nproc_per_node 2 -m training.entry --spec spec.json`).
+`backend` is the launcher's business ('horovod' under Horovod, else 'auto'), `callbacks` the caller's
+hooks (training.callbacks); neither is part of the spec.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported when a rank starts, after the environment below is set
+    from training.spec import TrainSpec
 
 
 def _tie_to_launcher() -> None:
@@ -31,18 +36,7 @@ def _tie_to_launcher() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def train_fn(spec: dict) -> dict:
-    """Join the process group (if any), run the stages, release the model, leave the group."""
-    _tie_to_launcher()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import torch
-
-    from training.runner import Dist, run_stages
-
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
+def _quiet_logging() -> None:
     logging.basicConfig(level=os.environ.get("ANNOMINE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("urllib3", "filelock", "alembic", "matplotlib", "httpx"):
@@ -54,11 +48,24 @@ def train_fn(spec: dict) -> dict:
         transformers.logging.disable_progress_bar()
     except Exception:  # noqa: BLE001 - cosmetics only
         pass
-    dist = Dist(spec.get("backend", "auto"))
-    if not dist.is_main:
-        spec = {**spec, "progress": False}
+
+
+def train_fn(spec: TrainSpec, backend: str = "auto", callbacks=()) -> dict:
+    """Join the process group (if any), run the stages, release the model, leave the group."""
+    _tie_to_launcher()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    from training.runner import Dist, run_stages
+
+    if spec.threads:
+        torch.set_num_threads(int(spec.threads))
+    _quiet_logging()
+    dist = Dist(backend)  # progress bars and dev evaluation are rank 0's only (training.runner)
     try:
-        result = run_stages(spec, dist)
+        result = run_stages(spec, dist, callbacks)
         result["rank"] = dist.rank
         return result
     finally:
@@ -71,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.entry", description=__doc__)
     parser.add_argument("--spec", required=True, help="JSON file written by `annomine train`")
     args = parser.parse_args(argv)
+    from training.spec import TrainSpec
+
     with open(args.spec, encoding="utf-8") as fh:
-        spec = json.load(fh)
+        spec = TrainSpec.from_json(fh.read(), where=args.spec)
     train_fn(spec)
     return 0
 

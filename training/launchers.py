@@ -17,7 +17,9 @@
         HOROVOD_WITHOUT_MXNET=1 pip install --no-build-isolation --no-cache-dir .
       # then: annomine train --set train.launcher=horovod --set train.num_proc=2
 
-Every launcher returns rank 0's result; torchrun's is read back from `<output_dir>/result.json`.
+Every launcher takes a `TrainSpec` and returns rank 0's result; torchrun's is read back from
+`<output_dir>/result.json`. `callbacks` (training.callbacks) reach every rank of inprocess,
+torch_distributor and horovod (pickled: they must pickle); torchrun gets only the spec's JSON, so it refuses them.
 torchrun's agent and ranks are tied to the calling process (`training.lifeline`): killing the driver
 (TERM, INT, HUP or KILL) ends all of them, so no orphan keeps writing the run folder a restart resumes from.
 """
@@ -30,33 +32,37 @@ import sys
 from pathlib import Path
 
 from training.lifeline import DRIVER_PID_ENV, run_tied
+from training.spec import TrainSpec
 
 LAUNCHERS = ("inprocess", "torchrun", "torch_distributor", "horovod")
 
 
-def _result(spec: dict) -> dict:
-    path = Path(spec["output_dir"]) / "result.json"
+def _result(spec: TrainSpec) -> dict:
+    path = Path(spec.output_dir) / "result.json"
     if not path.is_file():
         raise RuntimeError(f"training finished without a result file ({path})")
     return json.loads(path.read_text())
 
 
-def launch_inprocess(spec: dict, num_proc: int = 1) -> dict:
+def launch_inprocess(spec: TrainSpec, num_proc: int = 1, callbacks=()) -> dict:
     if num_proc != 1:
         raise ValueError("the inprocess launcher runs one process; use torchrun or torch_distributor for more")
     from training.entry import train_fn
 
     saved = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if k in os.environ}
     try:
-        return train_fn(spec)
+        return train_fn(spec, "auto", callbacks)
     finally:
         os.environ.update(saved)
 
 
-def launch_torchrun(spec: dict, num_proc: int = 2) -> dict:
-    spec_path = Path(spec["output_dir"]) / "spec.json"
+def launch_torchrun(spec: TrainSpec, num_proc: int = 2, callbacks=()) -> dict:
+    if callbacks:
+        raise ValueError("the torchrun launcher passes only the spec (JSON) to its ranks: no callbacks; "
+                         "use inprocess, torch_distributor or horovod")
+    spec_path = Path(spec.output_dir) / "spec.json"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps(spec, indent=2))
+    spec_path.write_text(spec.to_json())
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            DRIVER_PID_ENV: str(os.getpid())}
@@ -71,33 +77,37 @@ def launch_torchrun(spec: dict, num_proc: int = 2) -> dict:
     return _result(spec)
 
 
-def launch_torch_distributor(spec: dict, num_proc: int = 2, use_gpu: bool = False, local_mode: bool = True) -> dict:
+def launch_torch_distributor(spec: TrainSpec, num_proc: int = 2, callbacks=(), use_gpu: bool = False,
+                             local_mode: bool = True) -> dict:
     from pyspark.ml.torch.distributor import TorchDistributor
 
     from training.entry import train_fn
 
-    TorchDistributor(num_processes=num_proc, local_mode=local_mode, use_gpu=use_gpu).run(train_fn, spec)
+    TorchDistributor(num_processes=num_proc, local_mode=local_mode, use_gpu=use_gpu).run(
+        train_fn, spec, "auto", list(callbacks))
     return _result(spec)
 
 
-def launch_horovod(spec: dict, num_proc: int = 2) -> dict:
+def launch_horovod(spec: TrainSpec, num_proc: int = 2, callbacks=()) -> dict:
     try:
         import horovod
     except ImportError as exc:
         raise RuntimeError("the horovod launcher needs Horovod (optional extra); see the build recipe in this module's docstring") from exc
     from training.entry import train_fn
 
-    horovod.run(train_fn, args=({**spec, "backend": "horovod"},), np=num_proc, use_gloo=True)
+    horovod.run(train_fn, args=(spec, "horovod", list(callbacks)), np=num_proc, use_gloo=True)
     return _result(spec)
 
 
-def launch(launcher: str, spec: dict, num_proc: int = 1, **kwargs) -> dict:
+def launch(launcher: str, spec: TrainSpec, num_proc: int = 1, callbacks=(), **kwargs) -> dict:
     """Run `train_fn(spec)` on `num_proc` workers with the named launcher; rank 0's result."""
     fns = {"inprocess": launch_inprocess, "torchrun": launch_torchrun,
            "torch_distributor": launch_torch_distributor, "horovod": launch_horovod}
     if launcher not in fns:
         raise ValueError(f"unknown launcher {launcher!r}; known: {list(LAUNCHERS)}")
-    stale = Path(spec["output_dir"]) / "result.json"
+    if not isinstance(spec, TrainSpec):
+        raise TypeError(f"launch takes a training.spec.TrainSpec, got {type(spec).__name__}")
+    stale = Path(spec.output_dir) / "result.json"
     if stale.exists():
         stale.unlink()
-    return fns[launcher](spec, num_proc, **kwargs)
+    return fns[launcher](spec, num_proc, callbacks, **kwargs)

@@ -19,7 +19,9 @@ counted per stage across resumes (`result["examples"]`; `examples_this_run` is t
     <output_dir>/history.json                     (per-step and per-epoch metrics, as of the last checkpoint)
 
 `Dist` hides the backend: none (one process), torch.distributed DDP (gloo on CPU, nccl on GPU,
-environment from torchrun or TorchDistributor) or Horovod.
+environment from torchrun or TorchDistributor) or Horovod. The settings are a `TrainSpec` (training.spec);
+the loss of a stage, found by name in `training.losses`, collates its rows and computes itself on the
+model; `Callback`s (training.callbacks) hook into every step and epoch end.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.losses import build_loss
-from training.model import TwoTower
+from annomine.two_tower import TwoTower
+from training.callbacks import Callback, CallbackList
+from training.losses import Loss, build_loss
 from training.shards import ShardReader, read_manifest, stage_files
+from training.spec import TrainSpec
 
 log = logging.getLogger("annomine.train")
 
@@ -131,44 +135,12 @@ class Dist:
 class TrainModule(nn.Module):
     """Model + loss in one module, so DDP/Horovod synchronise the loss's parameters too."""
 
-    def __init__(self, model: TwoTower, loss: nn.Module):
+    def __init__(self, model: TwoTower, loss: Loss):
         super().__init__()
         self.model, self.loss = model, loss
 
     def forward(self, batch: dict) -> torch.Tensor:
-        m, kind = self.model, self.loss.name
-        q = m.embed(batch["query"], "query")
-        if kind == "bce":
-            return self.loss(q, m.embed(batch["item"], "item"), batch["label"])
-        if kind == "mnr":
-            neg = m.embed(batch["neg"], "item") if batch.get("neg") is not None else None
-            return self.loss(q, m.embed(batch["item"], "item"), neg)
-        if kind == "triplet":
-            return self.loss(q, m.embed(batch["item"], "item"), m.embed(batch["neg"], "item"))
-        items = m.embed(batch["group"], "item").view(q.size(0), batch["grades"].size(1), -1)
-        return self.loss(q, items, batch["grades"], batch["valid"])
-
-
-def collate(rows: list[dict], loss: str, model: TwoTower) -> dict:
-    """Row dicts from the shard reader -> token tensors for `TrainModule`."""
-    batch = {"query": model.tokenize([r["query"] or "" for r in rows], "query")}
-    if loss == "roar":
-        k = max(len(r["group_texts"]) for r in rows)
-        texts, grades, valid = [], torch.zeros(len(rows), k, dtype=torch.long), torch.zeros(len(rows), k, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            g = list(r["group_texts"])
-            texts += g + [""] * (k - len(g))
-            grades[i, :len(g)] = torch.tensor(list(r["group_grades"]), dtype=torch.long)
-            valid[i, :len(g)] = True
-        batch.update(group=model.tokenize(texts, "item"), grades=grades, valid=valid)
-        return batch
-    batch["item"] = model.tokenize([r["item_text"] or "" for r in rows], "item")
-    if loss == "bce":
-        batch["label"] = torch.tensor([float(r["label"]) for r in rows])
-    else:
-        negs = [r["neg_text"] for r in rows if r.get("neg_text") is not None]
-        batch["neg"] = model.tokenize(negs, "item") if negs else None
-    return batch
+        return self.loss.loss_on(self.model, batch)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -251,16 +223,15 @@ def _write_json(path: Path, data) -> None:
 class MetricSink:
     """Per-step and per-epoch metrics to MLflow (rank 0) and to history.json."""
 
-    def __init__(self, spec: dict, enabled: bool):
+    def __init__(self, spec: TrainSpec, enabled: bool):
         self.enabled = enabled
-        self.history_path = Path(spec["output_dir"]) / "history.json"
+        self.history_path = Path(spec.output_dir) / "history.json"
         self.history = _read_json(self.history_path, {"steps": [], "epochs": []}) if enabled else None
         self.client = None
-        ml = spec.get("mlflow") or {}
-        if enabled and ml.get("run_id"):
+        if enabled and spec.tracking is not None:
             from mlflow.tracking import MlflowClient
 
-            self.client, self.run_id = MlflowClient(ml["tracking_uri"]), ml["run_id"]
+            self.client, self.run_id = MlflowClient(spec.tracking.tracking_uri), spec.tracking.run_id
 
     def log(self, kind: str, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -329,18 +300,19 @@ def _resume_position(state: dict, stage_dir: Path) -> dict | None:
 
 # ---- the runner ----------------------------------------------------------------------------
 class RunState:
-    """What the stages of one launch share: spec, process group, output folder, progress, dev set, metrics."""
+    """What the stages of one launch share: spec, process group, output folder, progress, dev set, metrics,
+    callbacks."""
 
-    def __init__(self, spec: dict, dist: Dist):
+    def __init__(self, spec: TrainSpec, dist: Dist, callbacks: Callback | None = None):
         self.spec, self.dist = spec, dist
-        self.out = Path(spec["output_dir"])
+        self.callbacks = callbacks or CallbackList()
+        self.out = Path(spec.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.progress = _read_json(self.out / "progress.json", {"stages": {}}) if spec.get("resume", True) \
-            else {"stages": {}}
+        self.progress = _read_json(self.out / "progress.json", {"stages": {}}) if spec.resume else {"stages": {}}
         self.device = dist.device
-        self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported() and spec.get("bf16", True)
-        dev_dir = spec.get("dev_dir")
-        self.dev = DevSet(dev_dir, spec.get("min_grade", 1), spec.get("dev_max_queries")) \
+        self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported() and spec.bf16
+        dev_dir = spec.dev_dir
+        self.dev = DevSet(dev_dir, spec.min_grade, spec.dev_max_queries) \
             if dist.is_main and dev_dir and (Path(dev_dir) / "dev_eval.parquet").is_file() else None
         self.sink = MetricSink(spec, dist.is_main)
         self.global_step = int(self.progress.get("global_step", 0))
@@ -353,16 +325,6 @@ class RunState:
         _write_json(self.out / "progress.json", self.progress)
         self.sink.flush()
 
-    def check_failure_hooks(self, stage: int, epoch: int | None = None) -> None:
-        """Crash injection for the resume tests: `fail_after_epoch` [stage, epoch], `fail_after_steps` N."""
-        spec = self.spec
-        hit = spec.get("fail_after_epoch") == [stage, epoch] if epoch is not None \
-            else spec.get("fail_after_steps") == self.global_step
-        if hit:
-            self.dist.barrier()  # every rank's checkpoint is committed before any rank fails
-            where = f"stage {stage} epoch {epoch}" if epoch is not None else f"step {self.global_step}"
-            raise RuntimeError(f"injected failure after {where}")
-
 
 class StageTrainer:
     """One stage: from its starting weights, or from its last checkpoint (model, optimizer, scheduler,
@@ -374,37 +336,36 @@ class StageTrainer:
         self.key = stage_key(entry)
         self.dir = run.out / self.key
         self.best_dir = self.dir / "best"
-        self.epochs = int(entry.get("epochs") or spec.get("epochs_per_stage", 1))
+        self.epochs = int(entry.get("epochs") or spec.epochs_per_stage)
         self.state = dict(run.progress["stages"].get(self.key, {}))
         self.pos = _resume_position(self.state, self.dir)
         self.best = self.state.get("best_metric")
         self.examples, self.seconds = int(self.state.get("examples", 0)), float(self.state.get("seconds", 0.0))
-        self.every = int(spec.get("checkpoint_every_batches") or 0)
+        self.every = int(spec.checkpoint_every_batches or 0)
         self._build(init_from)
 
     def _build(self, init_from: str | None) -> None:
         spec, dist, entry = self.run.spec, self.run.dist, self.entry
         base = Path(self.pos["dir"]) / "model" if self.pos else init_from
         self.model = TwoTower.load(base) if base else TwoTower.from_base(
-            spec.get("base_model", "minilm"), shared=spec.get("shared", True),
-            query_max_len=spec.get("query_max_len", 16), item_max_len=spec.get("item_max_len", 64))
+            spec.base_model, shared=spec.shared, query_max_len=spec.query_max_len, item_max_len=spec.item_max_len)
         self.model.to(self.run.device).train()
-        self.loss_fn = build_loss(entry["loss"], (spec.get("losses") or {}).get(entry["loss"]))
+        self.loss_fn = build_loss(entry["loss"], spec.loss_params(entry["loss"]))
         self.module = TrainModule(self.model, self.loss_fn).to(self.run.device)
-        self.reader = ShardReader(stage_files(spec["shards_root"], entry), rank=dist.rank, world_size=dist.world_size,
-                                  batch_size=spec.get("batch_size", 64), seed=spec.get("seed", 13),
-                                  shuffle_buffer=spec.get("shuffle_buffer", 2048))
+        self.reader = ShardReader(stage_files(spec.shards_root, entry), rank=dist.rank, world_size=dist.world_size,
+                                  batch_size=spec.batch_size, seed=spec.seed, shuffle_buffer=spec.shuffle_buffer,
+                                  columns=list(self.loss_fn.columns))
         self.steps = self.reader.steps_per_epoch
-        if spec.get("max_steps_per_epoch"):
-            self.steps = min(self.steps, int(spec["max_steps_per_epoch"]))
-        self.lr = (spec.get("lr_by_loss") or {}).get(entry["loss"], spec.get("lr", 2e-5))
+        if spec.max_steps_per_epoch:
+            self.steps = min(self.steps, int(spec.max_steps_per_epoch))
+        self.lr = spec.lr_for(entry["loss"])
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.lr,
-                   "weight_decay": spec.get("weight_decay", 0.01)}]
+                   "weight_decay": spec.weight_decay}]
         loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if loss_params:
-            groups.append({"params": loss_params, "lr": spec.get("loss_lr", 1e-2), "weight_decay": 0.0})
+            groups.append({"params": loss_params, "lr": spec.loss_lr, "weight_decay": 0.0})
         self.optimizer = dist.optimizer(torch.optim.AdamW(groups), self.module)
-        self.scheduler = _scheduler(self.optimizer, self.steps * self.epochs, spec.get("warmup_ratio", 0.1))
+        self.scheduler = _scheduler(self.optimizer, self.steps * self.epochs, spec.warmup_ratio)
         self.wrapped = None
 
     def _restore(self) -> dict | None:
@@ -423,10 +384,10 @@ class StageTrainer:
         run, spec = self.run, self.run.spec
         self.state.update(stage=self.entry["stage"], name=self.entry["name"], loss=self.entry["loss"], lr=self.lr,
                           best_dir=str(self.best_dir), last_epoch=0, done=False)
-        if run.dev is not None and spec.get("keep_start_if_better", True):
+        if run.dev is not None and spec.keep_start_if_better:
             # a stage that makes the model worse on dev is dropped (its best is the starting model)
             self.best = self.prev_best if self.prev_best is not None else run.dev.evaluate(
-                self.model, progress=spec.get("progress", True))
+                self.model, progress=spec.progress)
             self.model.save(self.best_dir)
             self.state.update(start_metric=self.best, best_epoch=0)
             log.info("%s starts at dev NDCG@10 %.4f", self.key, self.best)
@@ -440,7 +401,7 @@ class StageTrainer:
             if partial is not None:
                 set_rng_state(partial["rng"])
             else:
-                seed_all(run.spec.get("seed", 13), self.entry["stage"], first, start)
+                seed_all(run.spec.seed, self.entry["stage"], first, start)
             for epoch in range(first, self.epochs + 1):
                 if epoch == first:
                     self._epoch(epoch, start, partial)
@@ -452,12 +413,12 @@ class StageTrainer:
 
     def _step(self, rows: list[dict]) -> float:
         run, spec = self.run, self.run.spec
-        batch = _to_device(collate(rows, self.entry["loss"], self.model), run.device)
+        batch = _to_device(self.loss_fn.collate(rows, self.model), run.device)
         with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
             loss = self.wrapped(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), spec.get("max_grad_norm", 1.0))
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), spec.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         return float(loss.detach())
@@ -469,7 +430,7 @@ class StageTrainer:
         so_far = partial or {"losses": [], "examples": 0, "seconds": 0.0}
         losses, n_ex, seconds = list(so_far["losses"]), int(so_far["examples"]), float(so_far["seconds"])
         bar = range(start, self.steps)
-        if dist.is_main and spec.get("progress", True):
+        if dist.is_main and spec.progress:
             from tqdm import tqdm
 
             bar = tqdm(bar, desc=f"{self.key} epoch {epoch}/{self.epochs}", unit="step", mininterval=5,
@@ -483,29 +444,25 @@ class StageTrainer:
             k = len(rows) * dist.world_size
             n_ex, self.examples, run.examples_this_run = n_ex + k, self.examples + k, run.examples_this_run + k
             run.global_step += 1
-            if run.global_step % spec.get("log_every", 10) == 0 or b == self.steps - 1:
+            if run.global_step % spec.log_every == 0 or b == self.steps - 1:
                 self._log_step(losses, n_ex / max(seconds, 1e-9))
             if self.every and (b + 1) % self.every == 0 and b + 1 < self.steps:
                 self._checkpoint(f"epoch{epoch}-batch{b + 1}", {"epoch": epoch, "batch": b + 1},
                                  {"losses": losses, "examples": n_ex, "seconds": seconds})
-            run.check_failure_hooks(self.entry["stage"])
+            run.callbacks.on_step(self, b)
         self._end_epoch(epoch, losses, n_ex / max(seconds, 1e-9))
 
     def _log_step(self, losses: list[float], examples_per_s: float) -> None:
-        every = self.run.spec.get("log_every", 10)
+        every = self.run.spec.log_every
         metrics = {"train_loss": float(np.mean(losses[-every:])), "lr": self.scheduler.get_last_lr()[0],
-                   "examples_per_s": examples_per_s, "stage": self.entry["stage"]}
-        if self.entry["loss"] == "bce":
-            metrics["bce_temperature"] = float(self.loss_fn.temperature.detach())
-        if hasattr(self.loss_fn, "last_masked"):
-            metrics["masked_negatives"] = self.loss_fn.last_masked
+                   "examples_per_s": examples_per_s, "stage": self.entry["stage"], **self.loss_fn.step_metrics()}
         self.run.sink.log("steps", self.run.global_step, metrics)
 
     def _end_epoch(self, epoch: int, losses: list[float], examples_per_s: float) -> None:
         run, spec, dist = self.run, self.run.spec, self.run.dist
         mean_loss = dist.mean(float(np.mean(losses)) if losses else float("nan"))
         if dist.is_main:
-            ndcg = run.dev.evaluate(self.model, progress=spec.get("progress", True)) if run.dev is not None else None
+            ndcg = run.dev.evaluate(self.model, progress=spec.progress) if run.dev is not None else None
             if self.best is None or ndcg is None or (not math.isnan(ndcg) and ndcg > self.best):
                 self.best = ndcg if ndcg is not None else self.best
                 self.state["best_epoch"] = epoch
@@ -519,11 +476,8 @@ class StageTrainer:
                      "n/a" if ndcg is None else f"{ndcg:.4f}", examples_per_s)
             self.state.update(last_epoch=epoch, done=epoch == self.epochs)
         self._checkpoint(f"epoch{epoch}", {"epoch": epoch + 1, "batch": 0}, {"losses": [], "examples": 0, "seconds": 0.0})
-        if spec.get("dump_params"):  # every rank: its parameters after the epoch (the DDP sync test)
-            flat = torch.cat([p.detach().float().cpu().reshape(-1) for p in self.module.parameters()])
-            torch.save(flat, run.out / f"params_{self.key}_epoch{epoch}_rank{dist.rank}.pt")
         dist.barrier()
-        run.check_failure_hooks(self.entry["stage"], epoch)
+        run.callbacks.on_epoch_end(self, epoch)
 
     def _checkpoint(self, name: str, position: dict, epoch_so_far: dict) -> None:
         """Every rank saves its part, then rank 0 commits it in progress.json and drops the previous one.
@@ -545,8 +499,7 @@ class StageTrainer:
         self.state.update(best_metric=self.best, examples=self.examples, seconds=self.seconds,
                           checkpoint={"dir": str(ck), **position})
         run.commit(self.key, dict(self.state))
-        keep = run.spec.get("keep_all_epochs", False) and previous and "-batch" not in Path(previous).name
-        if previous and previous != str(ck) and not keep:
+        if previous and previous != str(ck):
             shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -566,12 +519,12 @@ def _finish(run: RunState, stages: list[dict]) -> dict:
     return result
 
 
-def run_stages(spec: dict, dist: Dist) -> dict:
+def run_stages(spec: TrainSpec, dist: Dist, callbacks: list[Callback] | tuple = ()) -> dict:
     """Train every stage of the manifest in order; returns the result (meaningful on rank 0)."""
-    torch.manual_seed(spec.get("seed", 13))
-    run = RunState(spec, dist)
-    stages = read_manifest(spec["shards_root"])["stages"]
-    init_from, prev_best = spec.get("init_from"), None  # prev_best: dev NDCG@10 the next stage starts from
+    torch.manual_seed(spec.seed)
+    run = RunState(spec, dist, CallbackList(callbacks))
+    stages = read_manifest(spec.shards_root)["stages"]
+    init_from, prev_best = spec.init_from, None  # prev_best: dev NDCG@10 the next stage starts from
     for entry in stages:
         state = run.progress["stages"].get(stage_key(entry), {})
         if not state.get("done"):

@@ -45,7 +45,7 @@ class TwoTowerPyfunc(_PythonModel):
     """pyfunc wrapper: input DataFrame with `text` and optional `side` ('query' default, or 'item')."""
 
     def load_context(self, context):
-        from training.model import TwoTower
+        from annomine.two_tower import TwoTower
 
         self.model = TwoTower.load(context.artifacts["model"])
 

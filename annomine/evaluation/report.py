@@ -261,7 +261,7 @@ def _two_tower_pyfunc():
         """Encodes a DataFrame column `text` with the query (default) or item tower (`side` param)."""
 
         def load_context(self, context):
-            from training.model import TwoTower
+            from annomine.two_tower import TwoTower
 
             self.model = TwoTower.load(context.artifacts["model"])
 

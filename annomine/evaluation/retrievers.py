@@ -3,7 +3,7 @@
 A spec is one of:
 - `bm25`: the BM25 channel's retriever (`annomine.retrievers.bm25.BM25Retriever`), a baseline;
 - `minilm`: zero-shot all-MiniLM-L6-v2 (bundled weights), a baseline;
-- a local folder: a two-tower (`training.model.TwoTower`, has `twotower.json`) or a plain Hugging
+- a local folder: a two-tower (`annomine.two_tower.TwoTower`, has `twotower.json`) or a plain Hugging
   Face BERT folder (one shared tower, mean pooling);
 - `best` or a training variant name: `<warehouse>/models/<name>.json` = {"path": ..., "model_uri": ...};
   `variants` expands to every variant file there except best.json;
@@ -190,7 +190,7 @@ def load_encoder(kind: str, path: str | None, settings: EncodeSettings):
     if (folder / TWO_TOWER_META).is_file():
         import torch
 
-        from training.model import TwoTower
+        from annomine.two_tower import TwoTower
 
         return TwoTower.load(folder, device="cuda" if torch.cuda.is_available() else None)
     if (folder / "config.json").is_file():
