@@ -5,8 +5,14 @@ Labels come from the judge's grades (grade >= positive_min_grade: positive, grad
 negative, in between: ambiguous, dropped), not from the set logic alone; annotation errors are dropped
 and counted; candidates without any annotation take their set-logic label only for the classes listed
 in `set_logic_fallback` (random negatives are usually not sent to the judge). The `no_llm` variant labels
-everything by set logic (positive classes: easy/hard positive). Human-labelled dev queries never reach a
-training set.
+everything by set logic (positive classes: easy/hard positive). Human-labelled dev and test queries
+(`annomine.splits`) never reach a training set: their candidates get status `dev_query` / `test_query`.
+
+The `human` variant trains on the human labels of the train queries instead (`human_label_rows`: one MNR
+stage, a top-grade product as positive and a product of the same query graded <= negative_max_grade as
+its hard negative, the sentence-transformers recipe); `human_plus_curriculum` runs that stage first and
+then the curriculum's stages. A stage's `source` says where its rows come from: `mined` (the labelled
+candidates) or `human` (the human labels, candidate class `human_label`).
 
 Row formats (`ROW_FORMATS`): `pointwise` (item + label), `pair` (positive item + a negative of the same
 query when it has one), `triplet` (a pair whose negative is required), `list` (the query's graded items,
@@ -30,10 +36,15 @@ ROW_FORMATS = ("pointwise", "pair", "triplet", "list")
 # Loss -> the format of its training rows (a new curriculum loss: its line here, and its training.losses module).
 FORMAT_OF_LOSS = {"bce": "pointwise", "mnr": "pair", "triplet": "triplet", "roar": "list"}
 LOSSES = tuple(FORMAT_OF_LOSS)
-VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar")
+VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum")
+# Variants whose stages read the judge's annotations (the others train without any).
+HUMAN_ONLY_VARIANTS = ("human",)
+STAGE_SOURCES = ("mined", "human")
+HUMAN_LABEL = "human_label"  # candidate class of the rows of a `human` source stage
 
 # Status of a labelled candidate: only 'ok' rows reach a training set; the rest are counted.
 OK, ERROR, UNANNOTATED, AMBIGUOUS, DEV = "ok", "annotation_error", "unannotated", "ambiguous_grade", "dev_query"
+TEST = "test_query"
 
 
 @dataclass
@@ -47,13 +58,17 @@ class StageDef:
     max_examples: int = 5000
     max_per_query: int = 64
     epochs: int | None = None  # None: train.epochs_per_stage
+    source: str = "mined"  # 'mined': labelled candidates; 'human': human labels of the train queries
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"stage {self.name!r}: loss must be one of {list(LOSSES)}, got {self.loss!r}")
+        if self.source not in STAGE_SOURCES:
+            raise ValueError(f"stage {self.name!r}: source must be one of {list(STAGE_SOURCES)}, got {self.source!r}")
+        known = CLASSES if self.source == "mined" else (HUMAN_LABEL,)
         for c in self.positive_classes + self.negative_classes:
-            if c not in CLASSES:
-                raise ValueError(f"stage {self.name!r}: unknown candidate class {c!r}; known: {list(CLASSES)}")
+            if c not in known:
+                raise ValueError(f"stage {self.name!r}: unknown candidate class {c!r}; known: {list(known)}")
         if not self.positive_classes:
             raise ValueError(f"stage {self.name!r}: positive_classes is empty")
         if FORMAT_OF_LOSS[self.loss] in ("pointwise", "triplet") and not self.negative_classes:
@@ -84,9 +99,21 @@ def latest_annotations(annotations: DataFrame, judge_version: str | None = None)
             .select("query_id", "product_id", "grade", F.col("error").alias("annotation_error"), "judge_version"))
 
 
+def _mark_held_out(df: DataFrame, dev_query_ids, test_query_ids) -> DataFrame:
+    """Status `dev_query` / `test_query` and a null label for the rows of held-out queries."""
+    for ids, status in ((dev_query_ids, DEV), (test_query_ids, TEST)):
+        if ids:
+            held = F.col("query_id").isin(*ids)
+            df = df.withColumn("status", F.when(held, F.lit(status)).otherwise(F.col("status")))
+            df = df.withColumn("label", F.when(held, F.lit(None).cast("int")).otherwise(F.col("label")))
+    return df
+
+
 def label_candidates(mined: DataFrame, annotations: DataFrame | None, products: DataFrame,
-                     dev_query_ids: list[str], rules: LabelRules) -> DataFrame:
-    """Mined candidates with `label` (1/0/null), `grade`, `item_text` and a `status` explaining drops."""
+                     dev_query_ids: list[str], rules: LabelRules, test_query_ids: list[str] = ()) -> DataFrame:
+    """Mined candidates with `label` (1/0/null), `grade`, `item_text` and a `status` explaining drops.
+
+    Candidates of `dev_query_ids` / `test_query_ids` get status `dev_query` / `test_query` and no label."""
     cands = mined.select("query_id", "query", "product_id", "candidate_class", F.col("level").cast("int").alias("level"))
     set_label = F.when(F.col("candidate_class").isin(*POSITIVE_CLASSES), F.lit(1)).otherwise(F.lit(0))
     if rules.use_annotations and annotations is not None:
@@ -107,12 +134,28 @@ def label_candidates(mined: DataFrame, annotations: DataFrame | None, products: 
     else:
         cands = (cands.withColumn("grade", F.lit(None).cast("int")).withColumn("status", F.lit(OK))
                  .withColumn("label", set_label))
-    if dev_query_ids:
-        is_dev = F.col("query_id").isin(*dev_query_ids)
-        cands = cands.withColumn("status", F.when(is_dev, F.lit(DEV)).otherwise(F.col("status")))
-        cands = cands.withColumn("label", F.when(is_dev, F.lit(None).cast("int")).otherwise(F.col("label")))
+    cands = _mark_held_out(cands, dev_query_ids, test_query_ids)
     texts = products.select("product_id", F.col("text").alias("item_text"))
     return (cands.join(texts, "product_id", "left")
+            .select("query_id", "query", "product_id", "item_text", F.col("label").cast("int").alias("label"),
+                    "grade", "candidate_class", "level", "status"))
+
+
+def human_label_rows(human_labels: DataFrame, queries: DataFrame, products: DataFrame, dev_query_ids: list[str],
+                     test_query_ids: list[str], positive_min_grade: int, negative_max_grade: int) -> DataFrame:
+    """Human labels as labelled candidates (the columns of `label_candidates`, class `human_label`):
+    grade >= positive_min_grade positive, <= negative_max_grade negative, in between `ambiguous_grade`;
+    the labels of dev and test queries get status `dev_query` / `test_query` (never a training row)."""
+    grade = F.col("grade").cast("int")
+    rows = (human_labels.select("query_id", "product_id", grade.alias("grade"))
+            .join(queries.select("query_id", "query"), "query_id")
+            .withColumn("candidate_class", F.lit(HUMAN_LABEL)).withColumn("level", F.lit(None).cast("int")))
+    status = F.when((grade > negative_max_grade) & (grade < positive_min_grade), F.lit(AMBIGUOUS)).otherwise(F.lit(OK))
+    label = F.when(grade >= positive_min_grade, F.lit(1)).when(grade <= negative_max_grade, F.lit(0))
+    rows = rows.withColumn("status", status).withColumn("label", F.when(status == OK, label).cast("int"))
+    rows = _mark_held_out(rows, dev_query_ids, test_query_ids)
+    texts = products.select("product_id", F.col("text").alias("item_text"))
+    return (rows.join(texts, "product_id", "left")
             .select("query_id", "query", "product_id", "item_text", F.col("label").cast("int").alias("label"),
                     "grade", "candidate_class", "level", "status"))
 
@@ -249,11 +292,16 @@ def composition(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def variant_stages(variant: str, stages: list[StageDef], mixed: StageDef, roar: StageDef) -> list[StageDef]:
+def variant_stages(variant: str, stages: list[StageDef], mixed: StageDef, roar: StageDef,
+                   human: StageDef | None = None) -> list[StageDef]:
     if variant in ("curriculum", "no_llm"):
         return list(stages)
     if variant == "mixed":
         return [mixed]
     if variant == "curriculum_roar":
         return list(stages[:-1]) + [roar]
+    if variant in ("human", "human_plus_curriculum"):
+        if human is None:
+            raise ValueError(f"variant {variant!r} needs a human stage")
+        return [human] if variant == "human" else [human, *stages]
     raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")

@@ -9,6 +9,11 @@ attribute + type and misspelt forms with Zipf-like frequencies, so head, torso a
 Grades follow a simple, documented rule (4 = type and every constraint match, 3 = type matches
 but one constraint does not, 2 = a related type of the same department, 1 = unrelated), with
 rater noise. A few deliberately bad rows exercise the quarantine.
+
+Each labelled query is judged on what a retriever could plausibly put in its top 10 (`judged_pool`):
+every product of its type, every product of its department sharing a type or brand word with it, some
+products of other departments sharing a word (lexical distractors, grade 1) and a random sample, so
+evaluation scores retrieved products instead of counting most of them as unjudged.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,22 +209,58 @@ def _product_rows(products: list[Product], seed: int, bad_rows: bool) -> list[li
     return rows
 
 
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def words(text: str) -> set[str]:
+    """Lower-case words of a query or product text ('Seagate 2Tb Hard Drive' -> {'seagate', '2tb', 'hard', 'drive'})."""
+    return set(_WORD.findall(text.lower()))
+
+
+def product_words(p: Product) -> set[str]:
+    return words(f"{p.title} {p.description}")
+
+
+def judged_pool(query: dict, products: list[Product], vocab: list[set[str]], rng: random.Random,
+                n_sampled: int = 30) -> list[int]:
+    """Indices (catalog order) of the products judged for `query`: what a retriever could plausibly return.
+
+    - every product of the query's type (grades 2-4: what lexical and semantic retrievers rank first),
+    - every product of the query's department sharing a word of the query's type or brand with it
+      (another Sony product for 'sony headphones', a 'sweater dress' for 'dress shirt'; grade 2): the
+      words that put other types in a top 10 (a colour or a material alone does not, against the
+      type's own products),
+    - up to n_sampled // 3 products of other departments sharing any word with the query (lexical
+      distractors, grade 1),
+    - n_sampled // 6 random products of the department and n_sampled // 6 of the whole catalog.
+    `vocab[i]` is `product_words(products[i])`. Misspelt query words match nothing, as in a retriever.
+    """
+    q_words = words(query["query"])
+    key_words = q_words & (words(query["ptype"]) | words(query.get("brand") or ""))
+    chosen, distractors, dept_rest = set(), [], []
+    for i, p in enumerate(products):
+        if p.ptype == query["ptype"] or (p.department == query["department"] and key_words & vocab[i]):
+            chosen.add(i)
+        elif p.department == query["department"]:
+            dept_rest.append(i)
+        elif q_words & vocab[i]:
+            distractors.append(i)
+    chosen.update(rng.sample(distractors, min(len(distractors), n_sampled // 3)))
+    chosen.update(rng.sample(dept_rest, min(len(dept_rest), n_sampled // 6)))
+    chosen.update(rng.sample(range(len(products)), min(len(products), n_sampled // 6)))
+    return sorted(chosen)
+
+
 def _label_rows(queries: list[dict], products: list[Product], rng: random.Random, n_labelled: int,
-                judged_per_query: int, unloadable: set[str]) -> list[list]:
-    """Judged (query, product) pairs; none for the products in `unloadable` (they are quarantined)."""
-    by_type: dict[str, list[Product]] = {}
-    for p in products:
-        by_type.setdefault(p.ptype, []).append(p)
+                sampled_per_query: int, unloadable: set[str]) -> list[list]:
+    """Judged (query, product) pairs (`judged_pool`); none for the products in `unloadable` (they are quarantined)."""
+    vocab = [product_words(p) for p in products]
     rows = []
     labelled = rng.sample(range(len(queries)), min(n_labelled, len(queries)))
     for qi in sorted(labelled):
         q = queries[qi]
-        same_type = by_type.get(q["ptype"], [])
-        dept_items = [p for p in products if p.department == q["department"] and p.ptype != q["ptype"]]
-        pool = rng.sample(same_type, min(len(same_type), judged_per_query * 2 // 3))
-        pool += rng.sample(dept_items, min(len(dept_items), judged_per_query // 6))
-        pool += rng.sample(products, judged_per_query // 6)
-        for p in {p.product_id: p for p in pool}.values():
+        for i in judged_pool(q, products, vocab, rng, sampled_per_query):
+            p = products[i]
             grade = _grade(q, p)
             noisy = rng.random() < 0.08  # drawn for every pair, so skipping one leaves the others unchanged
             if noisy:
@@ -237,7 +279,7 @@ def _write_new_tsv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def write_demo_shop(out_dir: str | Path, n_products: int = 3000, n_queries: int = 400,
-                    n_labelled: int = 120, judged_per_query: int = 30, seed: int = 7,
+                    n_labelled: int = 120, sampled_per_query: int = 30, seed: int = 7,
                     bad_rows: bool = True, files: tuple[str, ...] = DEMO_FILES) -> dict[str, Path]:
     """Write `files` (of products.tsv, queries.tsv, labels.tsv) into `out_dir`; return their paths.
 
@@ -257,7 +299,7 @@ def write_demo_shop(out_dir: str | Path, n_products: int = 3000, n_queries: int 
         "products": (["product_id", "title", "description"], _product_rows(products, seed, bad_rows)),
         "queries": (["query_id", "query", "frequency"], [[str(i), q["query"], q["frequency"]] for i, q in enumerate(queries)]),
         "labels": (["query_id", "product_id", "grade", "variance"],
-                   _label_rows(queries, products, rng, n_labelled, judged_per_query, unloadable)),
+                   _label_rows(queries, products, rng, n_labelled, sampled_per_query, unloadable)),
     }
     out.mkdir(parents=True, exist_ok=True)
     paths = {}

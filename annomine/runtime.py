@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import TypeVar
 
+from annomine import quiet
 from annomine.config import ProjectConfig, load_job_config
 from annomine.spark import get_spark
 from annomine.tables import TableStore
@@ -18,14 +19,21 @@ T = TypeVar("T")
 DEFAULT_CONF = "conf/local.yaml"
 
 
-def setup_logging() -> None:
+def setup_logging(verbose: bool | None = None) -> None:
+    """Log to stderr; quiet libraries unless `verbose` (default: $ANNOMINE_VERBOSE). A job's
+    `--verbose` (job_parser) turns verbose on while its arguments are parsed."""
     logging.basicConfig(
         level=os.environ.get("ANNOMINE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("py4j", "urllib3", "httpx", "httpx2", "openai", "filelock", "alembic", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet.apply(quiet.env_verbose() if verbose is None else verbose)
+
+
+class _Verbose(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        quiet.apply(True)
 
 
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -34,6 +42,9 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="config file (default: $ANNOMINE_CONF or conf/local.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set mine.max_positives=20")
+    parser.add_argument("--verbose", action=_Verbose, nargs=0, default=quiet.env_verbose(),
+                        help="also show the engine's, loaders' and libraries' logs and warnings "
+                             "(default: quiet; $ANNOMINE_VERBOSE=1 also turns it on)")
     return parser
 
 

@@ -166,7 +166,7 @@ TRAIN_SET_DDL = (
     "label int, grade int, candidate_class string, level int, neg_product_id string, neg_text string, neg_grade int, "
     "neg_class string, neg_level int, group_product_ids array<string>, group_texts array<string>, group_grades array<int>"
 )
-TRAIN_SET_VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar")
+TRAIN_SET_VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum")  # = curriculum.VARIANTS
 for _variant in TRAIN_SET_VARIANTS:
     _register(TableSpec(
         f"train_set_{_variant}",
@@ -174,5 +174,8 @@ for _variant in TRAIN_SET_VARIANTS:
         key=("stage", "query_id", "product_id", "neg_product_id"),
         written_by="curriculum",
         description=f"Training rows of the '{_variant}' model variant, per curriculum stage: pointwise (bce), "
-                    "pairs with a negative (mnr, triplet) or graded lists (roar); also written as Parquet shards.",
+                    "pairs with a negative (mnr, triplet) or graded lists (roar); also written as Parquet shards. "
+                    "Only train-split queries (annomine.splits), never dev or test ones."
+                    + (" The human-label stage's rows have candidate_class 'human_label' and no level."
+                       if _variant.startswith("human") else ""),
     ))

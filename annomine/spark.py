@@ -49,6 +49,8 @@ def _start_embedded_server() -> str:
     from pysail.spark import SparkConnectServer
 
     os.environ.setdefault(SESSION_TIMEOUT_ENV, str(EMBEDDED_SESSION_TIMEOUT_S))  # read when the server starts
+    from annomine.quiet import engine_log_level
+    os.environ.setdefault("RUST_LOG", engine_log_level())  # Sail's own logs: errors only, unless --verbose
     server = SparkConnectServer(ip="127.0.0.1", port=0)
     server.start(background=True)
     _, port = server.listening_address

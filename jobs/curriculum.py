@@ -1,12 +1,18 @@
 """Stage `curriculum`: mined candidates + graded annotations -> per-stage training sets.
 
-For every configured model variant (curriculum, mixed, no_llm, curriculum_roar) it writes the Delta
-table `train_set_<variant>` and Parquet shards under `<shards_dir>/<variant>/stage<k>_<name>/` with a
-`manifest.json` (stages, rows, files, schema, source table versions, composition). It also writes
-the dev evaluation set used for model selection during training (`<shards_dir>/dev_eval.parquet`,
-`dev_pool.parquet`): human labels of the dev labelled queries, over their judged products plus a
-sample of other catalog items. Prints each stage's composition (rows by class, level and grade)
-and the number of candidates dropped for annotation errors, ambiguous grades or dev queries.
+For every configured model variant (curriculum, mixed, no_llm, curriculum_roar, human,
+human_plus_curriculum) it writes the Delta table `train_set_<variant>` and Parquet shards under
+`<shards_dir>/<variant>/stage<k>_<name>/` with a `manifest.json` (stages, rows, files, schema, source
+table versions, composition). `human` trains on the human labels of the train queries (one MNR stage,
+`human_stage`: a top-grade product as positive, a product of the same query graded <= negative_max_grade
+as hard negative); `human_plus_curriculum` runs that stage before the curriculum's stages.
+
+Labelled queries are split by `annomine.splits`: only `train` queries reach a training set; `dev` and
+`test` queries never do. It also writes the dev evaluation set used for model selection during training
+(`<shards_dir>/dev_eval.parquet`, `dev_pool.parquet`): human labels of the dev queries only (never test),
+over their judged products plus a sample of other catalog items. Prints each stage's composition (rows by
+class, level and grade) and the number of candidates dropped for annotation errors, ambiguous grades or
+dev / test queries.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pyspark.sql import functions as F
 
 from annomine import curriculum as cur
 from annomine.runtime import JobContext, run_job
-from annomine.splits import DEV_FRACTION, SEED, split_of
+from annomine.splits import DEV_FRACTION, SEED, TEST_FRACTION, split_of
 from training.shards import write_manifest, write_stage_shards
 
 log = logging.getLogger("annomine.curriculum")
@@ -43,6 +49,11 @@ class CurriculumConfig:
         "mixed", "mnr", list(cur.CLASSES), list(cur.CLASSES), max_examples=9000, max_per_query=60))
     roar_stage: cur.StageDef = field(default_factory=lambda: cur.StageDef(
         "roar", "roar", list(cur.CLASSES), list(cur.CLASSES), max_examples=2000, max_per_query=20))
+    # The human-label stage of the `human` / `human_plus_curriculum` variants (source: human).
+    human_stage: cur.StageDef = field(default_factory=lambda: cur.StageDef(
+        "human", "mnr", [cur.HUMAN_LABEL], [cur.HUMAN_LABEL], max_examples=5000, max_per_query=64, source="human"))
+    # Its positives: human grade >= this (None: the project's top grade); negatives: <= negative_max_grade.
+    human_positive_min_grade: int | None = None
     # Graded labels: >= positive_min_grade positive, <= negative_max_grade negative (project grade scale).
     positive_min_grade: int = 3
     negative_max_grade: int = 2
@@ -54,6 +65,7 @@ class CurriculumConfig:
     row_group_size: int = 256
     shards_dir: str | None = None  # default <warehouse>/shards
     dev_fraction: float = DEV_FRACTION
+    test_fraction: float = TEST_FRACTION
     dev_seed: int = SEED
     dev_pool_size: int = 1500
     seed: int = 13
@@ -64,8 +76,17 @@ class CurriculumConfig:
                 raise ValueError(f"variants: unknown variant {v!r}; known: {list(cur.VARIANTS)}")
         if not self.stages:
             raise ValueError("stages: at least one stage is needed")
-        for s in [*self.stages, self.mixed_stage, self.roar_stage]:
+        for s in [*self.stages, self.mixed_stage, self.roar_stage, self.human_stage]:
             s.validate()
+        for s in [*self.stages, self.mixed_stage, self.roar_stage]:
+            if s.source != "mined":
+                raise ValueError(f"stage {s.name!r}: only human_stage reads the human labels (source: mined here)")
+        if self.human_stage.source != "human":
+            raise ValueError("human_stage: source must be 'human'")
+        if self.human_positive_min_grade is not None and self.human_positive_min_grade <= self.negative_max_grade:
+            raise ValueError("human_positive_min_grade must be above negative_max_grade")
+        if not 0 <= self.test_fraction <= self.dev_fraction <= 1:
+            raise ValueError("need 0 <= test_fraction <= dev_fraction <= 1")
         if self.negative_max_grade >= self.positive_min_grade:
             raise ValueError("negative_max_grade must be below positive_min_grade")
         if self.num_files < 1 or self.row_group_size < 1:
@@ -82,13 +103,22 @@ def shards_root(ctx: JobContext, cfg: CurriculumConfig) -> Path:
     return Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.warehouse_path / "shards"
 
 
-def dev_query_ids(ctx: JobContext, cfg: CurriculumConfig) -> list[str]:
-    """Dev queries among the human-labelled ones (origin 'labelled', or any query with human labels)."""
+def labelled_splits(ctx: JobContext, cfg: CurriculumConfig) -> dict[str, list[str]]:
+    """The human-labelled queries (origin 'labelled', or any query with human labels) by split:
+    {'train': [...], 'dev': [...], 'test': [...]}."""
     ids = ctx.tables.read("queries").filter(F.col("origin") == "labelled").select("query_id")
     if ctx.tables.exists("human_labels"):
         ids = ids.unionByName(ctx.tables.read("human_labels").select("query_id"))
     labelled = ids.distinct().toPandas()
-    return sorted(q for q in labelled["query_id"].astype(str) if split_of(q, cfg.dev_fraction, cfg.dev_seed) == "dev")
+    out: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
+    for q in sorted(labelled["query_id"].astype(str)):
+        out[split_of(q, cfg.dev_fraction, cfg.dev_seed, cfg.test_fraction)].append(q)
+    return out
+
+
+def dev_query_ids(ctx: JobContext, cfg: CurriculumConfig) -> list[str]:
+    """Dev queries among the human-labelled ones: model selection (never test queries)."""
+    return labelled_splits(ctx, cfg)["dev"]
 
 
 def write_dev_eval(ctx: JobContext, cfg: CurriculumConfig, dev_ids: list[str], root: Path) -> dict:
@@ -112,6 +142,11 @@ def write_dev_eval(ctx: JobContext, cfg: CurriculumConfig, dev_ids: list[str], r
     return {"queries": int(labels["query_id"].nunique()), "labels": int(len(labels)), "pool": int(len(pool))}
 
 
+def _level(level) -> str:
+    """A difficulty level for printing ('-' for human-label rows, which have none)."""
+    return "-" if level is None or level != level else str(int(level))
+
+
 def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
     root = shards_root(ctx, cfg)
     sources = {t: ctx.tables.version(t) for t in ("mined_candidates", "annotations", "products", "queries", "human_labels")}
@@ -120,22 +155,41 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
     annotations = None
     if ctx.tables.exists("annotations"):
         annotations = cur.latest_annotations(ctx.tables.read("annotations"), cfg.judge_version)
-    elif any(v != "no_llm" for v in cfg.variants):
+    elif any(v not in ("no_llm", *cur.HUMAN_ONLY_VARIANTS) for v in cfg.variants):
         raise FileNotFoundError("table 'annotations' does not exist; run `annomine annotate` or use variants: [no_llm]")
-    dev_ids = dev_query_ids(ctx, cfg)
-    dev = write_dev_eval(ctx, cfg, dev_ids, root)
+    splits = labelled_splits(ctx, cfg)
+    dev_ids, test_ids = splits["dev"], splits["test"]
+    print(f"labelled queries: {len(splits['train'])} train, {len(dev_ids)} dev (selection), "
+          f"{len(test_ids)} test (reporting only); dev and test queries reach no training set")
+    dev = write_dev_eval(ctx, cfg, dev_ids, root)  # the selection pool: dev queries only, never test
     print(f"dev evaluation set: {dev['queries']} queries, {dev['labels']} labels, pool of {dev['pool']} items")
-    summary = {"shards_dir": str(root), "dev": dev, "variants": {}}
+    summary = {"shards_dir": str(root), "dev": dev, "splits": {k: len(v) for k, v in splits.items()}, "variants": {}}
+    human_rows = None
     for variant in cfg.variants:
-        rules = cur.LabelRules(cfg.positive_min_grade, cfg.negative_max_grade, list(cfg.set_logic_fallback),
-                               use_annotations=variant != "no_llm")
-        labelled = cur.label_candidates(mined, annotations, products, dev_ids, rules)
-        counts = cur.status_counts(labelled)
-        print(f"[{variant}] candidates: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-        stages = cur.variant_stages(variant, cfg.stages, cfg.mixed_stage, cfg.roar_stage)
+        stages = cur.variant_stages(variant, cfg.stages, cfg.mixed_stage, cfg.roar_stage, cfg.human_stage)
+        labelled, counts, human_counts = None, {}, None
+        if any(s.source == "mined" for s in stages):
+            rules = cur.LabelRules(cfg.positive_min_grade, cfg.negative_max_grade, list(cfg.set_logic_fallback),
+                                   use_annotations=variant != "no_llm")
+            labelled = cur.label_candidates(mined, annotations, products, dev_ids, rules, test_ids)
+            counts = cur.status_counts(labelled)
+            print(f"[{variant}] candidates: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        if any(s.source == "human" for s in stages):
+            if human_rows is None:
+                if not ctx.tables.exists("human_labels"):
+                    raise FileNotFoundError(f"variant {variant!r} needs table 'human_labels'; run `annomine ingest`")
+                top = cfg.human_positive_min_grade if cfg.human_positive_min_grade is not None else ctx.project.max_grade
+                human_rows = cur.human_label_rows(ctx.tables.read("human_labels"), ctx.tables.read("queries"), products,
+                                                  dev_ids, test_ids, top, cfg.negative_max_grade)
+            human_counts = cur.status_counts(human_rows)
+            print(f"[{variant}] human labels: " + ", ".join(f"{k}={v}" for k, v in sorted(human_counts.items())))
+        # A stage's seed is its position among the stages of its source: human_plus_curriculum's mined stages
+        # get the rows (and shard order) the curriculum variant's stages get.
+        seeds = [cfg.seed + sum(t.source == st.source for t in stages[:i + 1]) for i, st in enumerate(stages)]
         frames, entries, skipped = [], [], []
         for k, stage in enumerate(stages, start=1):
-            rows = cur.stage_rows(labelled, stage, cfg.seed + k, cfg.max_group_size)
+            source = human_rows if stage.source == "human" else labelled
+            rows = cur.stage_rows(source, stage, seeds[k - 1], cfg.max_group_size)
             frames.append(rows.withColumn("stage", F.lit(k).cast("int")).withColumn("stage_name", F.lit(stage.name))
                           .withColumn("loss", F.lit(stage.loss)))
         table = f"train_set_{variant}"
@@ -155,7 +209,7 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
                 continue
             folder = f"stage{k}_{stage.name}"
             entry = write_stage_shards(pdf, root / variant / folder, num_files=cfg.num_files,
-                                       row_group_size=cfg.row_group_size, seed=cfg.seed + k)
+                                       row_group_size=cfg.row_group_size, seed=seeds[k - 1])
             comp = cur.composition(pdf)
             entry.update({"stage": k, "name": stage.name, "loss": stage.loss, "folder": folder, "epochs": stage.epochs,
                           "composition": comp.astype(object).where(comp.notna(), None).to_dict(orient="records")})
@@ -163,17 +217,20 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
             print(f"[{variant}] stage {k} {stage.name} ({stage.loss}): {entry['rows']} rows in {len(entry['files'])} files")
             by = comp[comp["side"] == "item"].groupby(["level", "candidate_class", "grade", "label"], dropna=False)["rows"].sum()
             for (level, cls, grade, label), n in by.items():
-                print(f"    item L{level!s:<3} {cls:<24} grade={grade!s:<4} label={label!s:<4} rows={n}")
+                print(f"    item L{_level(level):<3} {cls:<24} grade={grade!s:<4} label={label!s:<4} rows={n}")
             neg = comp[comp["side"] == "negative"].groupby(["level", "candidate_class", "grade"], dropna=False)["rows"].sum()
             for (level, cls, grade), n in neg.items():
-                print(f"    neg  L{level!s:<3} {cls:<24} grade={grade!s:<4} rows={n}")
+                print(f"    neg  L{_level(level):<3} {cls:<24} grade={grade!s:<4} rows={n}")
             grades = comp[comp["side"] == "list_item"]
             for _, r in grades.iterrows():
                 print(f"    list item grade={r['grade']!s:<4} rows={r['rows']}")
         if not entries:
             raise ValueError(f"[{variant}] no stage has training rows; nothing to train (candidates: {counts})")
         manifest = {"variant": variant, "stages": entries, "skipped_stages": skipped, "sources": sources, "candidate_status": counts,
-                    "table": ctx.tables.qualified_name(table), "table_version": ctx.tables.version(table)}
+                    "table": ctx.tables.qualified_name(table), "table_version": ctx.tables.version(table),
+                    "labelled_queries": summary["splits"]}
+        if human_counts is not None:
+            manifest["human_label_status"] = human_counts
         write_manifest(root / variant, manifest)
         summary["variants"][variant] = manifest
     return summary

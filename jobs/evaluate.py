@@ -1,6 +1,7 @@
 """Stage `evaluate`: retrieve top-100 over the whole catalog per labelled query, score against human labels.
 
     annomine evaluate --model M --products F --queries F --labels F --out report.json
+    annomine evaluate --models bm25,minilm,best            # the test split (the default)
     annomine evaluate --models bm25,minilm,best --split dev
 
 M is `bm25`, `minilm` (zero-shot), a model folder, `best` / a variant name (<warehouse>/models/*.json),
@@ -9,6 +10,11 @@ ingested tables are used (products, queries, human_labels). Writes the JSON repo
 unjudged = 0 and judged-only, lowest-grade share of the judged top 10, Recall@100 of top-grade
 items, per query segment, with bootstrap CIs, plus per-query rows), a markdown report and PNG
 plots next to it, logs them to MLflow, and registers the best two-tower by dev NDCG@10.
+
+Splits (annomine.splits): `test` (the default) is for reporting only: no stage, epoch, setting or
+registration was chosen on it. `dev` is the selection split: the trainer's checks and the model
+registration use it, also when the report is on test (the dev queries are then ranked too, for
+`dev_ndcg@10` only, outside the report's metrics). `train`: the judge's and training sets' queries.
 """
 
 from __future__ import annotations
@@ -28,11 +34,25 @@ from annomine.evaluation import metrics as metrics_lib
 from annomine.evaluation import report as report_lib
 from annomine.evaluation.retrievers import EncodeSettings, ModelSpec, ModelSpecError, resolve_specs, retrieve
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
+from annomine.splits import SPLITS as QUERY_SPLITS
 from annomine.splits import split_of
 
 log = logging.getLogger("annomine.evaluate")
 
-SPLITS = ("dev", "train", "all")
+SPLITS = (*QUERY_SPLITS, "all")
+# What each split is for, in the printed header and the report's `split_role`.
+SPLIT_ROLES = {
+    "test": "reporting only, never used for selection (stages, epochs, settings, registration)",
+    "dev": "the selection split (stage checks, epochs, settings, registration); not an unbiased estimate",
+    "train": "the judge was trained on these queries and they may appear in training sets",
+    "all": "every labelled query (train, dev and test together)",
+}
+SELECTION_NOTES = {
+    "test": "test queries were never used for selection",
+    "dev": "these are the selection queries themselves",
+    "train": "train queries may appear in training sets",
+    "all": "these queries include the selection (dev) and training queries",
+}
 
 
 @dataclass
@@ -45,7 +65,8 @@ class EvaluateConfig:
     products: str | None = None
     queries: str | None = None
     labels: str | None = None
-    split: str = "dev"
+    # test (reporting only, never used for selection) | dev (selection) | train | all
+    split: str = "test"
     top_k: int = 100
     # Report JSON; unset = <warehouse>/evaluation/report_<split>.json (markdown and PNGs next to it).
     out: str | None = None
@@ -126,6 +147,9 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     orphan = sorted(set(labels["query_id"]) - known_queries)
     labels = labels[labels["query_id"].isin(known_queries)]
     split = labels["query_id"].map(lambda q: split_of(q))
+    # Registration selects on dev: when the report's split has no dev query, the dev queries are ranked
+    # too, for each model's `dev_ndcg@10` only (never in the report's metrics or per-query rows).
+    dev_labels = labels[split == "dev"].reset_index(drop=True) if cfg.split in ("test", "train") else labels.iloc[:0]
     if cfg.split != "all":
         labels = labels[split == cfg.split]
     labels = labels.reset_index(drop=True)
@@ -143,18 +167,28 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     cache_dir = project.warehouse_path / "cache" / "eval_embeddings"
     eval_segments = segments.reindex(eval_ids)
     seg_counts = {s: int((eval_segments == s).sum()) for s in metrics_lib.SEGMENTS}
-    print(f"evaluate: {len(eval_ids)} queries (split {cfg.split}), {len(labels)} labels, {len(catalog)} products, "
-          f"models {[s.label for s in specs]}")
+    dev_ids = sorted(dev_labels["query_id"].unique())
+    n_selection = len(dev_ids) or int(labels.loc[labels["query_id"].map(split_of) == "dev", "query_id"].nunique())
+    print(f"evaluate: {len(eval_ids)} queries (split {cfg.split}: {SPLIT_ROLES[cfg.split]}), {len(labels)} labels, "
+          f"{len(catalog)} products, models {[s.label for s in specs]}"
+          + (f"; {len(dev_ids)} dev queries ranked for the registration's dev NDCG@10 only" if dev_ids else ""))
 
     models, per_query_rows = [], []
     for spec in specs:
         t0 = time.time()
-        ranked_lists, info = retrieve(spec, catalog, query_texts, cfg.top_k, settings, cache_dir, spark=ctx.spark)
-        ranked = dict(zip(eval_ids, ranked_lists))
+        ranked_lists, info = retrieve(spec, catalog, query_texts + [text_of[q] for q in dev_ids], cfg.top_k, settings,
+                                      cache_dir, spark=ctx.spark)
+        ranked = dict(zip(eval_ids, ranked_lists[:len(eval_ids)]))
         per_query = metrics_lib.per_query_metrics(ranked, labels, project.min_grade, project.max_grade, k=10, recall_k=cfg.top_k)
         summary = metrics_lib.summarise(per_query, segments, cfg.bootstrap_resamples, cfg.confidence, project.seed)
         per_query["split"] = per_query["query_id"].map(split_of)
-        dev_values = per_query.loc[per_query["split"] == "dev", "ndcg@10"].dropna()
+        if dev_ids:  # selection only: the dev queries' metrics stay out of the report's tables
+            dev_ranked = dict(zip(dev_ids, ranked_lists[len(eval_ids):]))
+            dev_rows = metrics_lib.per_query_metrics(dev_ranked, dev_labels, project.min_grade, project.max_grade, k=10,
+                                                     recall_k=cfg.top_k)
+            dev_values = dev_rows["ndcg@10"].dropna()
+        else:
+            dev_values = per_query.loc[per_query["split"] == "dev", "ndcg@10"].dropna()
         info["total_s"] = round(time.time() - t0, 1)
         models.append({"label": spec.label, "spec": spec.as_dict(), "retrieval": info, "metrics": summary,
                        "dev_ndcg@10": float(dev_values.mean()) if len(dev_values) else None,
@@ -162,14 +196,14 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
         for row in per_query.to_dict("records"):
             row.update({"model": spec.label, "query": text_of[row["query_id"]], "segment": segments.get(row["query_id"])})
             per_query_rows.append(row)
-        m = summary["all"]
-        print(f"  {spec.label}: NDCG@10 {report_lib._fmt(m['ndcg@10'])}, judged-only {report_lib._fmt(m['ndcg@10_judged'])}, "
-              f"lowest-grade share {report_lib._fmt(m['lowest_share@10'], pct=True)}, "
-              f"Recall@100 top {report_lib._fmt(m['recall@100_top'])} ({info['total_s']}s)")
+        print(f"evaluate: {spec.label} ranked in {info['total_s']}s", flush=True)
 
     report = {
         "created_at": pd.Timestamp.now("UTC").isoformat(),
-        "split": cfg.split, "k": 10, "recall_k": cfg.top_k, "index": cfg.encode.index.kind,
+        "split": cfg.split, "split_role": SPLIT_ROLES[cfg.split],
+        "selection": {"split": "dev", "n_dev_queries": n_selection,
+                      "note": "registration and every training-time choice use dev NDCG@10; " + SELECTION_NOTES[cfg.split]},
+        "k": 10, "recall_k": cfg.top_k, "index": cfg.encode.index.kind,
         "grade_scale": {"min": project.min_grade, "max": project.max_grade, "gain": "grade - min_grade"},
         "metrics": metrics_lib.METRICS,
         "bootstrap": {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": project.seed},
@@ -185,13 +219,11 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     report["comparisons"] = metrics_lib.compare_to_baselines(
         pd.DataFrame(per_query_rows), [s.label for s in specs if s.baseline], [s.label for s in specs],
         cfg.bootstrap_resamples, cfg.confidence, project.seed) if per_query_rows else []
-    for c in report["comparisons"]:
-        print(f"  {report_lib.comparison_line(c)}")
     out = report_path(project, cfg)
     report_lib.write_json(report, out)
     md = out.with_suffix(".md")
-    plots = [report_lib.plot_metrics(report, out.with_name(out.stem + "_metrics.png")),
-             report_lib.plot_grades(report, out.with_name(out.stem + "_grades_top10.png"))]
+    plot_files = report_lib.plot_paths(out)
+    plots = [report_lib.plot_metrics(report, plot_files["metrics"]), report_lib.plot_grades(report, plot_files["grades"])]
     md.write_text(report_lib.markdown(report))
     if cfg.mlflow:
         report["mlflow_run_id"] = report_lib.log_to_mlflow(report, [out, md, *plots], project.tracking_uri, project.mlflow_experiment)
@@ -202,9 +234,9 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
                 name = f"{project.catalog}.{project.schema}.{name}"
             report["registration"] = report_lib.register_best(report, by_label, project.tracking_uri, project.mlflow_experiment,
                                                               name, out)
-            print(f"  registration: {report['registration']}")
         report_lib.write_json(report, out)
         md.write_text(report_lib.markdown(report))
+    # The table itself is printed once: by `main` when evaluate runs alone, by the pipeline's closing summary.
     print(f"evaluate: report {out} (+ {md.name}, {', '.join(p.name for p in plots)}) in {time.time() - started:.0f}s")
     return report
 
@@ -242,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.validate()
     ctx = open_context(project)
     command = "annomine evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    run(ctx, cfg, strict_models=bool(cli_models), command=command)
+    report = run(ctx, cfg, strict_models=bool(cli_models), command=command)
+    print("\n" + "\n".join(report_lib.summary(report, report_path(project, cfg))), flush=True)
     return 0
 
 

@@ -2,9 +2,9 @@
 
     annomine judge train     [--conf F] [--queries F --labels F --products F]
     annomine judge calibrate [--conf F] [--judge PATH] [...same label files]
-    annomine judge eval      --queries F --labels F --products F [--judge PATH] [--split dev|all]
+    annomine judge eval      --queries F --labels F --products F [--judge PATH] [--split dev|test|all]
 
-`train` fine-tunes the tier-1 cross-encoder on the train queries (annomine.splits: dev queries are
+`train` fine-tunes the tier-1 cross-encoder on the train queries (annomine.splits: dev and test queries are
 never trained on; a query-disjoint calibration part of the train queries is held out), fits its
 per-class isotonic calibration and thresholds on the calibration part, reports tier-1 metrics on
 dev, saves everything under `<warehouse>/judges/<version>/`, points `current.json` at it and logs
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", help="human labels file (query_id, product_id, grade[, variance])")
     parser.add_argument("--products", help="products file (product_id, title[, description])")
     parser.add_argument("--judge", help="judge folder or version (default: <warehouse>/judges/current.json)")
-    parser.add_argument("--split", default="all", choices=["all", "dev", "train", "calibration"],
+    parser.add_argument("--split", default="all", choices=["all", "dev", "test", "train", "calibration"],
                         help="eval: grade only this split of the labelled queries (default: all)")
     parser.add_argument("--tier1-only", action="store_true", help="eval/calibrate with tier 1 alone (tiers 2-3 disabled)")
     parser.add_argument("--tiers", help="calibrate: only these tiers, e.g. tier2,tier3 (default: every enabled tier)")

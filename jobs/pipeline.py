@@ -38,7 +38,7 @@ STAGES: list[StageSpec] = [
     StageSpec("judge", "jobs.judge", ["human_labels", "products", "queries"], [], output_files=_wh("judges", "current.json")),
     StageSpec("annotate", "jobs.annotate", ["mined_candidates", "products", "queries"], ["annotations"],
               input_files=_wh("judges", "current.json")),
-    StageSpec("curriculum", "jobs.curriculum", ["mined_candidates", "annotations", "products", "queries"], []),
+    StageSpec("curriculum", "jobs.curriculum", ["mined_candidates", "annotations", "human_labels", "products", "queries"], []),
     StageSpec("train", "jobs.train", [], [], output_files=_wh("models", "best.json")),
     StageSpec("evaluate", "jobs.evaluate", ["human_labels", "products", "queries"], [],
               input_files=_wh("models", "best.json")),
@@ -92,7 +92,8 @@ def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_
 
 
 def print_outcome(project, conf: str, overrides: list[str]) -> None:
-    """The evaluation table and the final model, read back from what the stages wrote (also when skipped)."""
+    """The closing summary, read back from what the stages wrote (also when they were skipped): the
+    evaluation table, the paired comparison, one plot, and the final model."""
     from annomine.evaluation import report as report_lib
     from jobs import evaluate
 
@@ -100,14 +101,7 @@ def print_outcome(project, conf: str, overrides: list[str]) -> None:
     report_file = evaluate.report_path(project, eval_cfg)
     if report_file.is_file():
         report = json.loads(report_file.read_text())
-        print(f"\n[pipeline] evaluation, split {report['split']} ({report['inputs'].get('n_queries_evaluated')} queries): "
-              f"{report_file}", flush=True)
-        print("\n".join(report_lib.model_table(report)))
-        paired = report_lib.comparison_table(report)
-        if paired:
-            print("\n" + "\n".join(paired))
-        if report.get("registration"):
-            print(f"[pipeline] registered: {report['registration']}")
+        print("\n" + "\n".join(report_lib.summary(report, report_file)), flush=True)
     pointer = project.warehouse_path / "models" / "best.json"
     if pointer.is_file():
         best = json.loads(pointer.read_text())

@@ -62,4 +62,8 @@ SELECT 'mixed' AS variant, * FROM ${namespace}.train_set_mixed
 UNION ALL
 SELECT 'no_llm' AS variant, * FROM ${namespace}.train_set_no_llm
 UNION ALL
-SELECT 'curriculum_roar' AS variant, * FROM ${namespace}.train_set_curriculum_roar;
+SELECT 'curriculum_roar' AS variant, * FROM ${namespace}.train_set_curriculum_roar
+UNION ALL
+SELECT 'human' AS variant, * FROM ${namespace}.train_set_human
+UNION ALL
+SELECT 'human_plus_curriculum' AS variant, * FROM ${namespace}.train_set_human_plus_curriculum;

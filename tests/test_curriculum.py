@@ -1,4 +1,5 @@
-"""Curriculum stage: graded labels decide, errors are counted, dev queries excluded, shards + manifest."""
+"""Curriculum stage: graded labels decide, errors are counted, dev and test queries excluded, shards + manifest,
+the human-label variants."""
 
 from __future__ import annotations
 
@@ -64,14 +65,14 @@ def build_world(ctx, n_queries: int = 12):
     return [q[0] for q in queries]
 
 
-def _labelled(ctx, rules, dev):
+def _labelled(ctx, rules, dev, test=()):
     ann = cur.latest_annotations(ctx.tables.read("annotations"))
-    return cur.label_candidates(ctx.tables.read("mined_candidates"), ann, ctx.tables.read("products"), dev, rules)
+    return cur.label_candidates(ctx.tables.read("mined_candidates"), ann, ctx.tables.read("products"), dev, rules, list(test))
 
 
 def test_graded_labels_decide_and_errors_are_counted(ctx):
     qids = build_world(ctx, n_queries=6)
-    lab = _labelled(ctx, cur.LabelRules(), ["q005"]).toPandas().set_index(["query_id", "product_id"])
+    lab = _labelled(ctx, cur.LabelRules(), ["q005"], ["q004"]).toPandas().set_index(["query_id", "product_id"])
     # a hard negative graded 4 is a positive; a hard positive graded 2 is a negative
     assert lab.loc[("q002", "p002_hn1"), "label"] == 1 and lab.loc[("q002", "p002_hn1"), "candidate_class"] == "hard_negative"
     assert lab.loc[("q002", "p002_hn1"), "status"] == "ok"
@@ -81,10 +82,11 @@ def test_graded_labels_decide_and_errors_are_counted(ctx):
     assert lab.loc[("q001", "p001_hp0"), "grade"] == 4
     # random negatives: unannotated, set-logic fallback -> negative
     assert lab.loc[("q003", "p003_rn0"), "label"] == 0 and pd.isna(lab.loc[("q003", "p003_rn0"), "grade"])
-    # dev query excluded
-    assert (lab.loc["q005", "status"] == cur.DEV).all()
+    # dev and test queries excluded
+    assert (lab.loc["q005", "status"] == cur.DEV).all() and (lab.loc["q004", "status"] == cur.TEST).all()
+    assert lab.loc[["q004", "q005"], "label"].isna().all()
     counts = lab["status"].value_counts().to_dict()
-    assert counts == {"ok": 49, "dev_query": 10, "annotation_error": 1}
+    assert counts == {"ok": 39, "dev_query": 10, "test_query": 10, "annotation_error": 1}
     # without fallback, random negatives are unannotated and dropped
     strict = _labelled(ctx, cur.LabelRules(set_logic_fallback=[]), []).toPandas()
     assert (strict[strict["candidate_class"] == "random_negative"]["status"] == cur.UNANNOTATED).all()
@@ -131,29 +133,70 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     from jobs.curriculum import CurriculumConfig, run
 
     qids = build_world(ctx, n_queries=16)
-    cfg = CurriculumConfig(variants=["curriculum", "no_llm"], num_files=2, row_group_size=4, dev_pool_size=5)
+    variants = ["curriculum", "no_llm", "human", "human_plus_curriculum"]
+    cfg = CurriculumConfig(variants=variants, num_files=2, row_group_size=4, dev_pool_size=5)
+    for stage in cfg.stages:
+        stage.max_examples = 6  # caps that bind: which rows a stage keeps depends on its seed
     summary = run(ctx, cfg)
     out = capsys.readouterr().out
     assert "annotation_error=1" in out and "stage 1 easy (bce)" in out
     dev_ids = {q for q in qids if split_of(q) == "dev"}
-    assert dev_ids, "the fixture should have dev queries"
+    test_ids = {q for q in qids if split_of(q) == "test"}
+    train_ids = set(qids) - dev_ids - test_ids
+    assert dev_ids and test_ids, "the fixture should have dev and test queries"
+    assert summary["splits"] == {"train": len(train_ids), "dev": len(dev_ids), "test": len(test_ids)}
     root = ctx.project.warehouse_path / "shards"
     manifest = json.loads((root / "curriculum" / "manifest.json").read_text())
     assert [s["loss"] for s in manifest["stages"]] == ["bce", "mnr", "triplet"]
     assert manifest["sources"]["annotations"] == ctx.tables.version("annotations")
+    assert manifest["candidate_status"]["dev_query"] == 10 * len(dev_ids)
+    assert manifest["candidate_status"]["test_query"] == 10 * len(test_ids)
     table = ctx.tables.read("train_set_curriculum").toPandas()
-    assert not set(table["query_id"]) & dev_ids
+    # no training row, in any variant, for a dev or a test query
+    for variant in variants:
+        rows = ctx.tables.read(f"train_set_{variant}").toPandas()
+        assert len(rows) and set(rows["query_id"]) <= train_ids, variant
+        shard_rows = pd.concat([pd.read_parquet(f) for f in (root / variant).glob("stage*/part-*.parquet")])
+        assert set(shard_rows["query_id"]) <= train_ids, variant
     for entry in manifest["stages"]:
         files = sorted((root / "curriculum" / entry["folder"]).glob("part-*.parquet"))
         assert len(files) == 2 and entry["rows"] == (table["stage"] == entry["stage"]).sum()
         assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == entry["rows"]
         assert all(pq.ParquetFile(f).metadata.row_group(0).num_rows == min(4, pq.ParquetFile(f).metadata.num_rows) for f in files)
         assert sum(c["rows"] for c in entry["composition"] if c["side"] == "item") == entry["rows"]
+    # the runner's selection pool: dev queries only (never test)
     dev = pd.read_parquet(root / "dev_eval.parquet")
-    assert set(dev["query_id"]) == dev_ids
+    assert set(dev["query_id"]) == dev_ids and not set(dev["query_id"]) & test_ids
     pool = pd.read_parquet(root / "dev_pool.parquet")
     assert set(dev["product_id"]) <= set(pool["product_id"])
     assert summary["variants"]["no_llm"]["candidate_status"].get("annotation_error") is None
+
+    # human: one MNR stage over the train queries' human labels, grade 4 positive, a <= 2 negative of the same query
+    human = json.loads((root / "human" / "manifest.json").read_text())
+    assert [(s["name"], s["loss"]) for s in human["stages"]] == [("human", "mnr")]
+    assert human["human_label_status"] == {"ok": 9 * len(train_ids), "ambiguous_grade": len(train_ids),
+                                           "dev_query": 10 * len(dev_ids), "test_query": 10 * len(test_ids)}
+    hrows = pd.concat([pd.read_parquet(f) for f in (root / "human" / "stage1_human").glob("part-*.parquet")])
+    labels = ctx.tables.read("human_labels").toPandas()
+    grade_of = {(q, p): g for q, p, g in zip(labels["query_id"], labels["product_id"], labels["grade"])}
+    assert len(hrows) == 3 * len(train_ids)  # every grade-4 label of a train query (3 per query here)
+    assert set(hrows["query_id"]) == train_ids and (hrows["candidate_class"] == cur.HUMAN_LABEL).all()
+    assert (hrows["label"] == 1).all() and (hrows["grade"] == 4).all()
+    assert all(grade_of[(q, p)] == 4 for q, p in zip(hrows["query_id"], hrows["product_id"]))
+    assert hrows["neg_product_id"].notna().all() and (hrows["neg_grade"] <= 2).all()
+    assert all(grade_of[(q, n)] == g for q, n, g in zip(hrows["query_id"], hrows["neg_product_id"], hrows["neg_grade"]))
+    assert "[human] human labels: " in out and "[human] candidates:" not in out
+    # human_plus_curriculum: the same human stage first, then the curriculum's stages
+    both = json.loads((root / "human_plus_curriculum" / "manifest.json").read_text())
+    assert [s["name"] for s in both["stages"]] == ["human", "easy", "hard", "token_similar"]
+    assert both["stages"][0]["rows"] == len(hrows)
+    assert [s["rows"] for s in both["stages"][1:]] == [s["rows"] for s in manifest["stages"]]
+    both_rows = ctx.tables.read("train_set_human_plus_curriculum").toPandas()
+    assert set(both_rows.loc[both_rows["stage"] == 1, "product_id"]) == set(hrows["product_id"])
+    key = ["query_id", "product_id", "neg_product_id"]
+    for k in (1, 2, 3):  # its curriculum stages are the curriculum variant's, row for row
+        mine = both_rows[both_rows["stage"] == k + 1][key].sort_values(key).reset_index(drop=True)
+        assert mine.equals(table[table["stage"] == k][key].sort_values(key).reset_index(drop=True))
     # re-run is idempotent
     run(ctx, cfg)
     assert len(ctx.tables.read("train_set_curriculum").toPandas()) == len(table)
@@ -164,3 +207,20 @@ def test_config_refuses_bad_stage():
         cur.StageDef("x", "softmax", ["easy_positive"]).validate()
     with pytest.raises(ValueError, match="unknown candidate class"):
         cur.StageDef("x", "mnr", ["easy"]).validate()
+    with pytest.raises(ValueError, match="unknown candidate class"):  # a mined stage cannot read human labels
+        cur.StageDef("x", "mnr", [cur.HUMAN_LABEL]).validate()
+    with pytest.raises(ValueError, match="unknown candidate class"):
+        cur.StageDef("x", "mnr", ["easy_positive"], source="human").validate()
+    with pytest.raises(ValueError, match="source must be one of"):
+        cur.StageDef("x", "mnr", ["easy_positive"], source="llm").validate()
+    assert {"human", "human_plus_curriculum"} <= set(cur.VARIANTS)
+    from jobs.curriculum import CurriculumConfig
+
+    cfg = CurriculumConfig()
+    assert set(cfg.variants) == set(cur.VARIANTS)
+    cfg.validate()
+    assert [s.name for s in cur.variant_stages("human_plus_curriculum", cfg.stages, cfg.mixed_stage, cfg.roar_stage,
+                                               cfg.human_stage)] == ["human", "easy", "hard", "token_similar"]
+    cfg.stages[0].source = "human"
+    with pytest.raises(ValueError):
+        cfg.validate()

@@ -25,12 +25,13 @@ PRODUCTS = [
     ["p9", "Card game", "A family card game."],
     ["p10", "Wool socks", "Warm wool socks."],
 ]
-QUERIES = [["q1", "zanzibar teapot", "50"], ["q2", "red kettle", "30"], ["q3", "16 gb memory card", "15"],
+# annomine.splits: q1 and q4 are test queries, q27 the dev (selection) query, q3 train.
+QUERIES = [["q1", "zanzibar teapot", "50"], ["q27", "red kettle", "30"], ["q3", "16 gb memory card", "15"],
            ["q4", "wool socks", "5"]]
 LABELS = [
     ["q1", "p1", "4", "0"], ["q1", "p2", "1", "0"], ["q1", "p3", "1", "0.2"],
-    ["q2", "p4", "4", "0"], ["q2", "p5", "2", "0"], ["q2", "p5", "3", "0"],  # duplicate: mean 2.5 -> 3
-    ["q2", "p6", "1", "0"],
+    ["q27", "p4", "4", "0"], ["q27", "p5", "2", "0"], ["q27", "p5", "3", "0"],  # duplicate: mean 2.5 -> 3
+    ["q27", "p6", "1", "0"],
     ["q3", "p7", "4", "0"], ["q3", "p8", "3", "0"], ["q3", "p9", "1", "0"],
     ["q4", "p10", "4", "0"], ["q4", "p6", "9", "0"],  # grade outside the scale: rejected, reported
 ]
@@ -85,7 +86,7 @@ def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, ti
     assert q1["top10_ids"][0] == "p1" and q1["ndcg@10"] == pytest.approx(1.0)
     assert q1["judged@10"] == 3 and q1["lowest_share@10"] == pytest.approx(2 / 3)
     # The merged duplicate (grade 3) is what the top-10 grades show.
-    assert 3 in rows[("bm25", "q2")]["top10_grades"]
+    assert 3 in rows[("bm25", "q27")]["top10_grades"]
     bm25 = report["models"][0]["metrics"]
     for metric in M.METRICS:
         est = bm25["all"][metric]
@@ -93,7 +94,7 @@ def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, ti
     assert set(bm25) >= {"all", "head", "torso", "tail"}
     tower = report["models"][1]
     assert tower["spec"]["two_tower"] and tower["retrieval"]["index"]["kind"] == "flat"
-    assert all(len(rows[("tower", q)]["top10_ids"]) == 10 for q in ("q1", "q2", "q3", "q4"))  # whole catalog searched
+    assert all(len(rows[("tower", q)]["top10_ids"]) == 10 for q in ("q1", "q27", "q3", "q4"))  # whole catalog searched
     for name in ("report.md", "report_metrics.png", "report_grades_top10.png"):
         assert (out.parent / name).is_file()
     assert "| bm25 |" in out.with_suffix(".md").read_text()
@@ -123,7 +124,7 @@ def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, ti
 
     # The paired comparison: the two-tower against BM25 (the only baseline), on the same queries.
     ndcg = next(c for c in report["comparisons"] if c["metric"] == "ndcg@10")
-    diffs = [rows[("tower", q)]["ndcg@10"] - rows[("bm25", q)]["ndcg@10"] for q in ("q1", "q2", "q3", "q4")
+    diffs = [rows[("tower", q)]["ndcg@10"] - rows[("bm25", q)]["ndcg@10"] for q in ("q1", "q27", "q3", "q4")
              if rows[("tower", q)]["ndcg@10"] is not None and rows[("bm25", q)]["ndcg@10"] is not None]
     assert ndcg["model"] == "tower" and ndcg["against"] == "bm25" and ndcg["diff"]["n"] == len(diffs)
     assert ndcg["diff"]["mean"] == pytest.approx(float(np.mean(diffs)))
@@ -136,6 +137,51 @@ def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, ti
     printed = capsys.readouterr().out
     assert "| bm25 |" in printed and "| tower | ndcg@10 | bm25 |" in printed
     assert f"final model (None): {tiny_model}" in printed and "annomine evaluate --model best" in printed
+
+
+def test_default_split_is_test_and_registration_selects_on_dev(spark, project, tmp_path, shop, tiny_model, capsys):
+    from annomine.splits import split_of
+    from jobs import evaluate
+
+    assert evaluate.EvaluateConfig().split == "test" and "test" in evaluate.SPLITS
+    assert [split_of(q[0]) for q in QUERIES] == ["test", "dev", "train", "test"]
+    files = ["--products", str(shop / "products.tsv"), "--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv")]
+    everything = tmp_path / "all" / "report.json"
+    assert evaluate.main(["--conf", _conf(tmp_path, project), "--models", f"tower={tiny_model}", *files, "--split", "all",
+                          "--out", str(everything), "--no-mlflow"]) == 0
+    per_query_all = {r["query_id"]: r for r in json.loads(everything.read_text())["per_query"]}
+    capsys.readouterr()
+
+    out = tmp_path / "test" / "report.json"
+    assert evaluate.main(["--conf", _conf(tmp_path, project), "--models", f"bm25,tower={tiny_model}", *files,
+                          "--out", str(out)]) == 0  # no --split: the test split
+    printed = capsys.readouterr().out
+    assert "(split test: reporting only, never used for selection" in printed
+    report = json.loads(out.read_text())
+    assert report["split"] == "test" and "never used for selection" in report["split_role"]
+    assert report["selection"]["split"] == "dev" and "test queries were never used for selection" in report["selection"]["note"]
+    assert report["selection"]["n_dev_queries"] == 1
+    # Only test queries are reported; the dev query is ranked for the registration alone.
+    assert {r["query_id"] for r in report["per_query"]} == {"q1", "q4"}
+    assert report["inputs"]["n_queries_evaluated"] == 2
+    assert {r["split"] for r in report["per_query"]} == {"test"}
+    tower = next(m for m in report["models"] if m["label"] == "tower")
+    assert tower["dev_ndcg@10"] == pytest.approx(per_query_all["q27"]["ndcg@10"])
+    reg = report["registration"]
+    assert reg["registered"] and reg["model"] == "tower" and reg["dev_ndcg@10"] == pytest.approx(tower["dev_ndcg@10"])
+    assert evaluate.report_path(project, evaluate.EvaluateConfig()).name == "report_test.json"
+
+
+def test_variants_spec_includes_the_human_variants(project, tiny_model):
+    from annomine.curriculum import VARIANTS
+
+    registry = project.warehouse_path / "models"
+    registry.mkdir(parents=True, exist_ok=True)
+    for name in ("best", "curriculum", "human", "human_plus_curriculum"):
+        (registry / f"{name}.json").write_text(json.dumps({"path": str(tiny_model), "variant": name, "model_uri": None}))
+    specs = resolve_specs("variants", project.warehouse)
+    assert [s.label for s in specs] == ["curriculum", "human", "human_plus_curriculum"]  # best.json is a pointer
+    assert all(s.two_tower and not s.baseline for s in specs) and {"human", "human_plus_curriculum"} <= set(VARIANTS)
 
 
 def test_spark_encoding_matches_driver_and_is_cached(spark, project, shop, tiny_model):

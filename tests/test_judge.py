@@ -110,7 +110,7 @@ def test_pairs_from_files_name_bad_rows(tmp_path):
     shop = _shop(tmp_path)
     pairs = load_pairs_from_files(shop / "queries.tsv", shop / "labels.tsv", shop / "products.tsv")
     assert len(pairs) == 144 and set(pairs.grade) == set(GRADES)
-    assert set(assign_splits(pairs, 0.3)) <= {"train", "calibration", "dev"}
+    assert set(assign_splits(pairs, 0.3)) <= {"train", "calibration", "dev", "test"}
     assert pairs.assign(s=assign_splits(pairs, 0.3)).groupby("query_id")["s"].nunique().max() == 1  # by query
     write_tsv(tmp_path / "bad.tsv", ["query_id", "product_id", "grade"], [["0", "p0_0", "4"], ["0", "p0_1", "7"]])
     with pytest.raises(ValueError, match=r"bad.tsv: row 3: grade '7'"):

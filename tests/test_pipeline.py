@@ -53,3 +53,83 @@ def test_a_missing_output_makes_a_stage_run_again(tmp_path, project, spark, caps
     capsys.readouterr()
     pipeline.run_pipeline(str(conf), [], only=["ingest"])
     assert "ingest: running (output table products is missing)" in capsys.readouterr().out
+
+
+def _run_ingest(conf: Path, *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RUST_LOG", "ANNOMINE_VERBOSE", "TRANSFORMERS_VERBOSITY")}
+    return subprocess.run([sys.executable, "-m", "annomine", "ingest", "--conf", str(conf), *extra],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+
+
+def test_default_output_has_no_engine_noise_and_verbose_brings_it_back(tmp_path, project):
+    conf = _conf(tmp_path, project)
+    quiet = _run_ingest(conf)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "products: 2 rows read, 2 loaded" in quiet.stdout
+    noise = ("INFO sail", "WARN sail", "UserWarning", "No Partition Defined", "warnings.warn")
+    assert not [line for line in quiet.stderr.splitlines() if any(n in line for n in noise)], quiet.stderr
+
+    loud = _run_ingest(conf, "--verbose")
+    assert loud.returncode == 0, loud.stderr
+    assert "INFO sail" in loud.stderr and "No Partition Defined" in loud.stderr
+
+
+def test_verbose_flag_restores_library_settings(monkeypatch):
+    import os
+    import warnings
+
+    from annomine import quiet
+    from annomine.runtime import job_parser
+
+    for name in (*quiet.QUIET_ENV, "TQDM_DISABLE"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    try:
+        quiet.apply(False)
+        assert os.environ["TRANSFORMERS_VERBOSITY"] == "error" and quiet.engine_log_level() == "error"
+        assert os.environ["TQDM_DISABLE"] == "1"  # pytest's stderr is not a terminal
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet.apply(False)  # catch_warnings reset the filters; apply them again inside
+            warnings.warn("WARN WindowExpression: No Partition Defined for Window operation! ...", UserWarning)
+        assert not caught
+        args = job_parser("annomine x", "").parse_args(["--verbose"])
+        assert args.verbose and quiet.is_verbose() and quiet.engine_log_level() == "info"
+        assert "TRANSFORMERS_VERBOSITY" not in os.environ and "TQDM_DISABLE" not in os.environ
+        monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's own setting wins
+        quiet.apply(False)
+        assert os.environ["TRANSFORMERS_VERBOSITY"] == "info"
+    finally:
+        quiet.apply(False)
+
+
+def test_the_closing_summary_prints_the_table_once_with_one_plot(tmp_path, project, capsys):
+    import json
+
+    from jobs import evaluate
+
+    conf = _conf(tmp_path, project)
+    _, cfg = pipeline.load_job_config(str(conf), "evaluate", evaluate.CONFIG_CLASS, [])
+    report_file = evaluate.report_path(project, cfg)
+    report_file.parent.mkdir(parents=True)
+    est = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    metrics = {"ndcg@10": est, "ndcg@10_judged": est, "lowest_share@10": est, "recall@100_top": est, "n_queries": 3,
+               "judged_share@10": 0.99, "n_queries_without_judged_top10": 0}
+    diff = {"mean": 0.1, "ci_low": 0.05, "ci_high": 0.15, "n": 3}
+    report = {"split": "dev", "inputs": {"n_queries_evaluated": 3, "n_labels": 30, "n_products": 9},
+              "models": [{"label": "bm25", "metrics": {"all": metrics}}, {"label": "curriculum", "metrics": {"all": metrics}}],
+              "comparisons": [{"model": "curriculum", "against": "bm25", "metric": "ndcg@10", "model_mean": 0.6,
+                               "baseline_mean": 0.5, "ratio": 1.2, "diff": diff}],
+              "registration": {"registered": False, "reason": "no two-tower"}}
+    report_file.write_text(json.dumps(report))
+    (report_file.parent / f"{report_file.stem}_metrics.png").write_bytes(b"png")
+    pipeline.print_outcome(project, str(conf), [])
+    out = capsys.readouterr().out
+    assert out.count("| model | NDCG@10") == 1 and "| bm25 |" in out and "| curriculum | ndcg@10 | bm25 |" in out
+    assert "99.0%" in out  # the judged share of the top 10
+    plots = [line for line in out.splitlines() if line.startswith("plot: ")]
+    assert plots == [f"plot: {report_file.parent / (report_file.stem + '_metrics.png')}"]
+    assert "not registered: no two-tower" in out

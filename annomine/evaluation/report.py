@@ -8,6 +8,7 @@ import math
 import re
 from pathlib import Path
 
+from annomine import quiet
 from annomine.evaluation.metrics import METRICS, SEGMENTS
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,40 @@ def comparison_table(report: dict) -> list[str]:
         ratio, diff = _paired_cells(c)
         lines.append(f"| {c['model']} | {c['metric']} | {c['against']} | {c['model_mean']:.4f} / {c['baseline_mean']:.4f} | "
                      f"{ratio} | {diff} | {c['diff']['n']} |")
+    return lines
+
+
+def plot_paths(report_file: Path) -> dict[str, Path]:
+    """The PNGs the evaluate stage writes next to its report JSON."""
+    report_file = Path(report_file)
+    return {"metrics": report_file.with_name(report_file.stem + "_metrics.png"),
+            "grades": report_file.with_name(report_file.stem + "_grades_top10.png")}
+
+
+def registration_line(registration: dict | None) -> str | None:
+    if not registration:
+        return None
+    if not registration.get("registered"):
+        return f"not registered: {registration.get('reason')}"
+    return (f"registered {registration['model']} as {registration['name']} version {registration['version']} "
+            f"(dev NDCG@10 {registration['dev_ndcg@10']:.4f})")
+
+
+def summary(report: dict, report_file: Path) -> list[str]:
+    """What a run ends with: the table, the paired comparison, one plot and the registration."""
+    inputs = report.get("inputs", {})
+    lines = [f"evaluation, split {report['split']}: {inputs.get('n_queries_evaluated')} queries, "
+             f"{inputs.get('n_labels')} labels, {inputs.get('n_products')} products ({report_file})", "",
+             *model_table(report)]
+    paired = comparison_table(report)
+    if paired:
+        lines += ["", *paired]
+    plot = plot_paths(report_file)["metrics"]
+    if plot.is_file():
+        lines += ["", f"plot: {plot}"]
+    registered = registration_line(report.get("registration"))
+    if registered:
+        lines.append(registered)
     return lines
 
 
@@ -316,7 +351,8 @@ def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str,
             mean = (all_metrics.get(metric) or {}).get("mean")
             if mean is not None:
                 tags[metric_key(metric)] = f"{mean:.4f}"
-        version = mlflow.register_model(uri, registered_name, tags=tags)
+        with quiet.mlflow_prints_muted():  # the registration is reported once, by the summary
+            version = mlflow.register_model(uri, registered_name, tags=tags)
     log.info("registered %s as %s version %s (dev NDCG@10 %.4f)", model["label"], registered_name, version.version, dev)
     return {"registered": True, "name": registered_name, "version": str(version.version), "model": model["label"],
             "source_uri": uri, "dev_ndcg@10": dev, "run_id": run.info.run_id}

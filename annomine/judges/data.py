@@ -83,11 +83,12 @@ def load_pairs_from_tables(tables) -> pd.DataFrame:
 
 
 def assign_splits(df: pd.DataFrame, calibration_fraction: float = 0.25, seed: int = 13) -> pd.Series:
-    """'dev' (annomine.splits: judge validation, never trained on), 'calibration' (a query-disjoint
-    part of the train queries for isotonic calibration) or 'train'."""
+    """'dev' (annomine.splits: judge validation, never trained on), 'test' (reporting only: never
+    trained, calibrated or selected on), 'calibration' (a query-disjoint part of the train queries
+    for isotonic calibration) or 'train'."""
     def which(qid: str) -> str:
-        if split_of(qid) == "dev":
-            return "dev"
+        if split_of(qid) in ("dev", "test"):
+            return split_of(qid)
         return "calibration" if bucket(qid, seed=seed + 1000) < calibration_fraction else "train"
     return df["query_id"].astype(str).map(which)
 
