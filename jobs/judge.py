@@ -5,10 +5,13 @@
     annomine judge eval      --queries F --labels F --products F [--judge PATH] [--split dev|test|all]
 
 `train` fine-tunes the tier-1 cross-encoder on the train queries (annomine.splits: dev and test queries are
-never trained on; a query-disjoint calibration part of the train queries is held out), fits its
-per-class isotonic calibration and thresholds on the calibration part, reports tier-1 metrics on
-dev, saves everything under `<warehouse>/judges/<version>/`, points `current.json` at it and logs
-params, metrics and a confusion-matrix PNG to MLflow. `calibrate` (re)fits the calibration of every
+never trained on; a query-disjoint calibration part of the train queries is held out). On the calibration
+part it fits, in order: the stack (`model.stack`: logistic regression over the cross-encoder's grades and
+cheap per-pair features, annomine/judges/stack.py), the decision rule and its cut-points on the expected
+grade, and the per-class isotonic calibration and thresholds; with `refit_on_all` it then trains again on
+train + calibration queries and keeps those fits. It reports tier-1 metrics on dev (and test, reported
+only), saves everything under `<warehouse>/judges/<version>/` (with per-pair predictions), points
+`current.json` at it and logs params, metrics, confusion-matrix and calibration PNGs to MLflow. `calibrate` (re)fits the calibration of every
 enabled tier (the LLM tiers included) on the calibration split. `eval` grades the pairs of any
 files in the CrowdFlower layout with the configured cascade and prints JSON: exact agreement,
 quadratic weighted kappa, confusion matrix, escalation rate and the share settled per tier.
@@ -51,6 +54,10 @@ class JudgeConfig:
     calibration_fraction: float = 0.25
     # Calibrated agreement a tier must reach on a class to settle a pair without escalating.
     target_agreement: float = 0.9
+    # After the decision rule, cut-points and calibration are fitted on the calibration queries (with a model
+    # trained on the train queries), train once more on train + calibration queries and keep those fits:
+    # every open training query teaches the final model (twice the training time).
+    refit_on_all: bool = False
     # The cascade used by `calibrate` and `eval` (tiers 2 and 3, loopback server, concurrency).
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     log_mlflow: bool = True
@@ -104,6 +111,66 @@ def _confusion_png(metrics: dict, path: Path, title: str) -> Path:
     return path
 
 
+def _calibration_png(conf: np.ndarray, raw_conf: np.ndarray, correct: np.ndarray, expected: np.ndarray, truth: np.ndarray,
+                     cutpoints: list[float] | None, path: Path, title: str, bins: int = 10) -> Path:
+    """Two panels: calibrated (and raw) confidence against observed agreement with the human grade, per
+    confidence bin; and the expected grade against the mean human grade, per expected-grade bin, with the
+    cut-points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for values, label, style in ((conf, "calibrated", "o-"), (raw_conf, "raw (probability of the grade)", "s--")):
+        idx = np.clip(np.digitize(values, edges) - 1, 0, bins - 1)
+        xs, ys, ns = [], [], []
+        for b in range(bins):
+            m = idx == b
+            if m.any():
+                xs.append(float(values[m].mean()))
+                ys.append(float(correct[m].mean()))
+                ns.append(int(m.sum()))
+        ax1.plot(xs, ys, style, label=label, markersize=4)
+        if label == "calibrated":
+            for x, y, n in zip(xs, ys, ns):
+                ax1.annotate(str(n), (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
+    ax1.plot([0, 1], [0, 1], color="grey", lw=0.8)
+    ax1.set_xlabel("tier-1 confidence")
+    ax1.set_ylabel("agreement with the human grade")
+    ax1.set_xlim(0, 1)
+    ax1.set_ylim(0, 1)
+    ax1.legend(fontsize=7, loc="upper left")
+    ax1.set_title("reliability (pairs per bin)", fontsize=9)
+    qs = np.unique(np.quantile(expected, np.linspace(0, 1, bins + 1)))
+    idx = np.clip(np.searchsorted(qs, expected, side="right") - 1, 0, max(len(qs) - 2, 0))
+    xs = [float(expected[idx == b].mean()) for b in np.unique(idx)]
+    ys = [float(truth[idx == b].mean()) for b in np.unique(idx)]
+    ax2.plot(xs, ys, "o-", markersize=4)
+    lo, hi = float(min(truth.min(), expected.min())), float(max(truth.max(), expected.max()))
+    ax2.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+    for c in cutpoints or []:
+        ax2.axvline(c, color="tab:red", lw=0.8, ls=":")
+    ax2.set_xlabel("expected grade (dotted: cut-points)")
+    ax2.set_ylabel("mean human grade")
+    ax2.set_title("expected grade, per decile", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _predictions_frame(df, probs: np.ndarray, pred: np.ndarray, grades: list[int]):
+    out = df[["query_id", "product_id", "grade"]].copy()
+    for j, g in enumerate(grades):
+        out[f"p_{g}"] = probs[:, j]
+    out["expected"] = probs @ np.asarray(grades, dtype=float)
+    out["pred"] = pred
+    return out
+
+
 def _track(project: ProjectConfig, run_name: str, params: dict, metrics: dict, artifacts: list[Path]) -> None:
     with Tracker(project).run(run_name, params) as run:
         run.metrics(metrics)
@@ -111,8 +178,10 @@ def _track(project: ProjectConfig, run_name: str, params: dict, metrics: dict, a
 
 
 def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, set_current: bool = True) -> dict:
+    import pandas as pd
+
     from annomine.judges.calibration import fit_calibrator
-    from annomine.judges.cross_encoder import select_decision, train_cross_encoder, version_id
+    from annomine.judges.cross_encoder import attach_stack, select_decision, train_cross_encoder, version_id
     from annomine.judges.data import assign_splits, grading_metrics
     from annomine.judges.store import judges_root
     from annomine.judges.store import set_current as point_current
@@ -123,32 +192,70 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     tr, cal, dev = (pairs[pairs.split == s].reset_index(drop=True) for s in ("train", "calibration", "dev"))
     if tr.empty or cal.empty:
         raise ValueError(f"not enough labelled queries to train and calibrate: {len(tr)} train, {len(cal)} calibration pairs")
-    log.info("judge train: %d train pairs (%d queries), %d calibration (%d), %d dev (%d)", len(tr), tr.query_id.nunique(),
-             len(cal), cal.query_id.nunique(), len(dev), dev.query_id.nunique())
-    version = version_id(cfg.model, grades, list(zip(tr.query_id, tr.product_id, tr.grade, tr.text, tr["query"])))
+    log.info("judge train: %d train pairs (%d queries), %d calibration (%d), %d dev (%d)%s", len(tr), tr.query_id.nunique(),
+             len(cal), cal.query_id.nunique(), len(dev), dev.query_id.nunique(),
+             "; refit on train + calibration" if cfg.refit_on_all else "")
+    keys = list(zip(tr.query_id, tr.product_id, tr.grade, tr.text, tr["query"]))
+    if cfg.refit_on_all:
+        keys += [("refit",) + k for k in zip(cal.query_id, cal.product_id, cal.grade, cal.text, cal["query"])]
+    version = version_id(cfg.model, grades, keys)
     model, history = train_cross_encoder(tr, grades, cfg.model)
     model.version = version
     cal_probs = model.predict_proba(cal["query"].tolist(), cal["text"].tolist(), progress=True)
-    history.update(select_decision(model, cal_probs, cal["grade"]))  # decision rule chosen on calibration queries
+    if cfg.model.stack:
+        # the stack is fitted on the calibration queries; what follows sees its out-of-fold distribution there
+        weights = 1.0 / (1.0 + cal["variance"].astype(float).fillna(0.0).to_numpy()) if cfg.model.weight_by_variance else None
+        fitted = attach_stack(model, cal, cal_probs, cfg.model, weights)
+        cal_probs = fitted.pop("oof_probs")
+        history["stack"] = fitted
+    # decision rule and cut-points chosen on the calibration queries (never on dev)
+    history.update(select_decision(model, cal_probs, cal["grade"], cal["query_id"], cfg.model.decision,
+                                   cfg.model.cutpoint_objective))
     cal_pred = model.decide(cal_probs)
     cal_conf = cal_probs[np.arange(len(cal_pred)), [grades.index(int(g)) for g in cal_pred]]
     calibrator = fit_calibrator(cal_pred, cal_conf, cal["grade"], grades, cfg.target_agreement)
+    if cfg.refit_on_all:
+        final, refit = train_cross_encoder(pd.concat([tr, cal], ignore_index=True), grades, cfg.model)
+        final.version, final.decision, final.cutpoints = version, model.decision, model.cutpoints
+        final.stack, final.biencoder = model.stack, model.biencoder
+        history["refit"] = {k: refit[k] for k in ("epochs", "train_pairs", "train_seconds", "train_pairs_per_s")}
+        history["first_train_seconds"] = history["train_seconds"]
+        history["train_seconds"] += refit["train_seconds"]
+        model = final
     metrics: dict = {"version": version, "history": history, "calibration": calibrator.stats,
                      "splits": {s: {"pairs": int((pairs.split == s).sum()), "queries": int(pairs[pairs.split == s].query_id.nunique())}
-                                for s in ("train", "calibration", "dev")}}
+                                for s in ("train", "calibration", "dev")},
+                     "trained_on": "train + calibration" if cfg.refit_on_all else "train"}
     folder = judges_root(project.warehouse) / version
-    model.meta = {"settings": asdict(cfg.model), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    model.meta = {"settings": asdict(cfg.model), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "refit_on_all": cfg.refit_on_all}
     model.save(folder)
     calibrator.save(folder / "calibration_tier1.json")
-    artifacts = []
-    if len(dev):
-        dev_probs = model.predict_proba(dev["query"].tolist(), dev["text"].tolist(), progress=True)
-        dev_pred = model.decide(dev_probs)
-        dev_conf = calibrator.calibrate(dev_pred, dev_probs[np.arange(len(dev_pred)), [grades.index(int(g)) for g in dev_pred]])
-        dev_metrics = grading_metrics(dev["grade"], dev_pred, grades)
-        dev_metrics["would_escalate_rate"] = float(1.0 - calibrator.is_sure(dev_pred, dev_conf).mean())
-        metrics["dev_tier1"] = dev_metrics
-        artifacts.append(_confusion_png(dev_metrics, folder / "confusion_dev_tier1.png", f"tier 1 {version} on dev"))
+    # the calibration split's grades come from the model trained without it (the one the fits saw)
+    _predictions_frame(cal, cal_probs, cal_pred, grades).to_parquet(folder / "predictions_calibration.parquet")
+    artifacts = [folder / "predictions_calibration.parquet"]
+    # dev: the judge's validation figures; test (when the split exists): reported only, nothing is chosen on it
+    for name, part in (("dev", dev), ("test", pairs[pairs.split == "test"].reset_index(drop=True))):
+        if not len(part):
+            continue
+        started = time.time()
+        probs = model.predict_proba(part["query"].tolist(), part["text"].tolist(), progress=True)
+        seconds = time.time() - started
+        pred = model.decide(probs)
+        raw = probs[np.arange(len(pred)), [grades.index(int(g)) for g in pred]]
+        conf = calibrator.calibrate(pred, raw)
+        part_metrics = grading_metrics(part["grade"], pred, grades)
+        part_metrics["would_escalate_rate"] = float(1.0 - calibrator.is_sure(pred, conf).mean())
+        part_metrics["pairs_per_s"] = len(part) / max(seconds, 1e-9)
+        part_metrics["n_queries"] = int(part.query_id.nunique())
+        metrics[f"{name}_tier1"] = part_metrics
+        artifacts.append(_confusion_png(part_metrics, folder / f"confusion_{name}_tier1.png", f"tier 1 {version} on {name}"))
+        truth = part["grade"].to_numpy().astype(int)
+        artifacts.append(_calibration_png(conf, raw, (pred == truth).astype(float), probs @ np.asarray(grades, float), truth,
+                                          model.cutpoints, folder / f"calibration_{name}_tier1.png",
+                                          f"tier 1 {version} on {name} (decision: {model.decision})"))
+        _predictions_frame(part, probs, pred, grades).to_parquet(folder / f"predictions_{name}.parquet")
+        artifacts.append(folder / f"predictions_{name}.parquet")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     artifacts.append(folder / "metrics.json")
     if set_current:
@@ -156,14 +263,18 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     if cfg.log_mlflow:
         flat = {"train_seconds": history["train_seconds"], "train_pairs_per_s": history["train_pairs_per_s"],
                 "calibration_sure_share": calibrator.stats["sure_share"]}
-        if "dev_tier1" in metrics:
-            flat.update({f"dev_{k}": v for k, v in metrics["dev_tier1"].items() if isinstance(v, (int, float))})
+        for name in ("dev", "test"):
+            flat.update({f"{name}_{k}": v for k, v in metrics.get(f"{name}_tier1", {}).items() if isinstance(v, (int, float))})
+        for rule, m in history.get("validation", {}).items():
+            flat.update({f"calibration_{rule}_{k}": m[k] for k in ("quadratic_weighted_kappa", "exact_agreement")})
         for e in history["epochs"]:
             flat[f"loss_epoch_{e['epoch']}"] = e["loss"]
         _track(project, f"judge-train-{version}", dict(asdict(cfg.model), version=version, decision=model.decision,
+                                                      cutpoints=model.cutpoints, refit_on_all=cfg.refit_on_all,
                                                       target_agreement=cfg.target_agreement), flat, artifacts)
-    print(json.dumps({"version": version, "path": str(folder), "decision": model.decision,
+    print(json.dumps({"version": version, "path": str(folder), "decision": model.decision, "cutpoints": model.cutpoints,
                       "dev_tier1": {k: v for k, v in metrics.get("dev_tier1", {}).items() if k != "confusion_matrix"},
+                      "test_tier1": {k: v for k, v in metrics.get("test_tier1", {}).items() if k != "confusion_matrix"},
                       "train_seconds": round(history["train_seconds"], 1)}, indent=2, default=float))
     return metrics
 
@@ -208,6 +319,7 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     result["split"] = split
     result["n_queries"] = int(pairs.query_id.nunique())
     result["seconds"] = round(time.time() - started, 2)
+    result["pairs_per_s"] = round(len(pairs) / max(time.time() - started, 1e-9), 1)
     print(json.dumps(result, indent=2, default=float))
     return result
 

@@ -150,21 +150,34 @@ def test_judge_train_and_eval_cli(tmp_path, capsys):
     conf.write_text(f"""
 project: {{warehouse: {tmp_path / 'wh'}, mlflow_experiment: test-judge}}
 judge:
-  model: {{base_model: tiny, max_length: 32, epochs: 3, batch_size: 16, learning_rate: 0.002, head_learning_rate: 0.005, threads: 1}}
+  model: {{base_model: tiny, max_length: 32, epochs: 3, batch_size: 16, learning_rate: 0.002, head_learning_rate: 0.005, threads: 1,
+          stack: true, stack_biencoder: tiny}}
   calibration_fraction: 0.3
   target_agreement: 0.8
+  refit_on_all: true
   cascade: {{tier1: true}}
 """)
     files = ["--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv"), "--products", str(shop / "products.tsv")]
     assert judge.main(["train", "--conf", str(conf), *files]) == 0
     trained = json.loads(capsys.readouterr().out)
     folder = tmp_path / "wh" / "judges" / trained["version"]
-    for name in ("judge.json", "head.pt", "calibration_tier1.json", "metrics.json", "encoder/config.json"):
+    for name in ("judge.json", "head.pt", "calibration_tier1.json", "metrics.json", "encoder/config.json",
+                 "confusion_dev_tier1.png", "calibration_dev_tier1.png", "predictions_calibration.parquet", "predictions_dev.parquet"):
         assert (folder / name).exists(), name
+    meta = json.loads((folder / "judge.json").read_text())
+    assert meta["decision"] == trained["decision"] and len(meta["cutpoints"]) == 3 and meta["refit_on_all"] is True
+    assert meta["kind"] == "stacked-cross-encoder" and (folder / "stack.json").exists() and (folder / "biencoder" / "config.json").exists()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["trained_on"] == "train + calibration" and metrics["history"]["refit"]["train_pairs"] > metrics["history"]["train_pairs"]
+    for key in ("positive_precision", "positive_recall", "negative_precision", "negative_recall", "pairs_per_s"):
+        assert key in trained["dev_tier1"], key
+    logged = {f.name for f in (tmp_path / "wh" / "mlartifacts").rglob("*.png")}  # the MLflow run's artifacts
+    assert {"confusion_dev_tier1.png", "calibration_dev_tier1.png"} <= logged, logged
     assert json.loads((tmp_path / "wh" / "judges" / "current.json").read_text())["version"] == trained["version"]
     assert judge.main(["eval", "--conf", str(conf), *files, "--judge", str(folder)]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("exact_agreement", "quadratic_weighted_kappa", "confusion_matrix", "escalation_rate", "share_per_tier"):
+    for key in ("exact_agreement", "quadratic_weighted_kappa", "confusion_matrix", "escalation_rate", "share_per_tier",
+                "positive_precision", "negative_recall", "pairs_per_s"):
         assert key in out
     assert out["n_pairs"] == 128 and out["share_per_tier"]["tier1"] == 1.0 and out["judge_version"] == trained["version"]
     # the cascade with loopback LLM tiers: escalated pairs are settled by tier 2/3 or a vote
@@ -190,3 +203,153 @@ def test_pairs_from_tables(ctx):
                                               {"query_id": "1", "product_id": "p2", "grade": 1, "variance": 0.5}))
     pairs = load_pairs_from_tables(ctx.tables)
     assert pairs[["product_id", "text", "grade"]].values.tolist() == [["p1", "Red shoes", 4], ["p2", "Lamp", 1]]
+
+
+# ---- decision rule: cut-points on the expected grade ----------------------------------------------
+def test_cutpoints_apply_fit_and_cross_validate():
+    from annomine.judges.calibration import apply_cutpoints, cross_validated_cutpoints, cutpoint_objective, fit_cutpoints
+
+    assert apply_cutpoints([1.0, 2.2, 2.9, 3.0, 3.9], [2.0, 3.0, 3.5], GRADES).tolist() == [1, 2, 2, 3, 4]
+    with pytest.raises(ValueError, match="3 cut-points"):
+        apply_cutpoints([1.0], [2.0], GRADES)
+    # a score squeezed towards the mean (as an expected grade is): midpoints under-use grades 1 and 4
+    rng = np.random.default_rng(3)
+    truth = rng.choice(GRADES, 1200, p=[0.1, 0.15, 0.15, 0.6])
+    score = 2.9 + 0.3 * (truth - 2.9) + rng.normal(0, 0.12, len(truth))
+    cuts = fit_cutpoints(score, truth, GRADES)
+    assert cuts == sorted(cuts) and len(cuts) == 3
+    fitted = cutpoint_objective(truth, apply_cutpoints(score, cuts, GRADES), GRADES)
+    midpoints = cutpoint_objective(truth, apply_cutpoints(score, [1.5, 2.5, 3.5], GRADES), GRADES)
+    assert fitted > midpoints + 0.2
+    assert fitted == pytest.approx(quadratic_weighted_kappa(truth, apply_cutpoints(score, cuts, GRADES), GRADES))
+    exact = fit_cutpoints(score, truth, GRADES, objective="exact")
+    assert cutpoint_objective(truth, apply_cutpoints(score, exact, GRADES), GRADES, "exact") >= \
+        cutpoint_objective(truth, apply_cutpoints(score, cuts, GRADES), GRADES, "exact")
+    groups = np.arange(len(truth)) // 40
+    oof = cross_validated_cutpoints(score, truth, groups, GRADES)
+    assert set(oof) <= set(GRADES) and quadratic_weighted_kappa(truth, oof, GRADES) > midpoints + 0.1
+
+
+def test_positive_negative_precision_recall():
+    m = grading_metrics([4, 4, 3, 2, 1, 1], [4, 2, 3, 3, 1, None], GRADES)
+    # graded: truth 4,4,3,2,1 / pred 4,2,3,3,1 -> positives (>= 3): TP 2, predicted 3, true 3
+    assert m["positive_precision"] == pytest.approx(2 / 3) and m["positive_recall"] == pytest.approx(2 / 3)
+    assert m["negative_precision"] == pytest.approx(1 / 2) and m["negative_recall"] == pytest.approx(1 / 2)
+    assert m["positive_min_grade"] == 3
+
+
+def test_cutpoint_decision_is_saved_loaded_and_selected(tmp_path):
+    from annomine.judges.cross_encoder import select_decision
+
+    tok, bert = build_encoder("tiny")
+    model = CrossEncoderModel(tok, bert, GRADES, max_length=16, decision="cutpoints", version="ce-cut",
+                              max_text_chars=12, cutpoints=[1.8, 2.6, 3.2])
+    probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.4, 0.3], [0.0, 0.1, 0.2, 0.7]])
+    expected = probs @ np.array(GRADES)  # 1.6, 2.9, 3.6
+    assert model.decide(probs).tolist() == [1, 3, 4]
+    assert model.decide(probs, "argmax").tolist() == [1, 3, 4] and model.decide(probs, "expected").tolist() == np.rint(expected).astype(int).tolist()
+    # the text is cut before tokenising, so a long description does not change the input
+    a = model._encode(["red shoes"], ["Red shoes | " + "x" * 500])["input_ids"]
+    b = model._encode(["red shoes"], ["Red shoes | " + "y" * 500])["input_ids"]
+    assert a.tolist() == b.tolist()
+    model.save(tmp_path / "j")
+    meta = json.loads((tmp_path / "j" / "judge.json").read_text())
+    assert meta["decision"] == "cutpoints" and meta["cutpoints"] == [1.8, 2.6, 3.2] and meta["max_text_chars"] == 12
+    again = CrossEncoderModel.load(tmp_path / "j")
+    assert again.decide(probs).tolist() == [1, 3, 4] and again.max_text_chars == 12
+    with pytest.raises(ValueError, match="no cut-points"):
+        CrossEncoderModel(tok, bert, GRADES, decision="cutpoints").decide(probs)
+    # selection on held-out pairs: cut-points are fitted and scored out-of-fold by query
+    rng = np.random.default_rng(4)
+    truth = rng.choice(GRADES, 400, p=[0.1, 0.15, 0.15, 0.6])
+    p4 = np.clip(0.45 + 0.12 * (truth - 3) + rng.normal(0, 0.05, 400), 0.01, 0.97)
+    many = np.stack([(1 - p4) * 0.3, (1 - p4) * 0.3, (1 - p4) * 0.4, p4], axis=1)
+    out = select_decision(again, many, truth, groups=np.arange(400) // 20)
+    assert out["decision"] in ("argmax", "expected", "cutpoints") and len(out["cutpoints"]) == 3
+    assert out["cutpoints_scored"] == "out-of-fold by query"
+    assert set(out["validation"]) == {"argmax", "expected", "cutpoints"}
+    assert select_decision(again, many, truth, rule="argmax")["decision"] == "argmax"
+    with pytest.raises(ValueError, match="unknown decision rule"):
+        select_decision(again, many, truth, rule="median")
+
+
+def test_length_bucketed_batches_cover_each_pair_once():
+    from annomine.judges.cross_encoder import _batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 400, 1000)
+    for bucketing in (True, False):
+        batches = _batches(np.random.default_rng(1), lengths, 16, bucketing, window=10)
+        flat = np.concatenate(batches)
+        assert sorted(flat.tolist()) == list(range(1000)) and max(len(b) for b in batches) == 16
+    spread = np.mean([np.ptp(lengths[b]) for b in _batches(np.random.default_rng(1), lengths, 16, True, window=10)])
+    assert spread < 0.5 * np.mean([np.ptp(lengths[b]) for b in _batches(np.random.default_rng(1), lengths, 16, False)])
+
+
+# ---- stacked judge features ---------------------------------------------------------------------
+def test_stack_features_and_stacker():
+    from annomine.judges.stack import Bm25Scorer, bm25_scores, coverage, fit_stacker, relative_features, stack_features, title_of
+
+    assert coverage("red shoes", "Red shoe | leather") == 1.0 and coverage("red shoes", "Blue shoes") == 0.5
+    assert coverage("", "anything") == 0.0 and title_of("Lamp | a lamp | desc") == "Lamp"
+    rel = relative_features(np.array([1.0, 2.0, 3.0, 5.0, 5.0]), np.array(["a", "a", "a", "b", "b"]))
+    assert rel["rank"].tolist() == [0.0, 0.5, 1.0, 0.5, 0.5] and rel["gap"].tolist() == [-2.0, -1.0, 0.0, 0.0, 0.0]
+    assert rel["z"][:3].mean() == pytest.approx(0.0) and rel["z"][3:].tolist() == [0.0, 0.0]
+    rng = np.random.default_rng(7)
+    rows, truth = [], []
+    for q in range(24):
+        for j in range(12):
+            g = int(rng.choice(GRADES, p=[0.15, 0.15, 0.2, 0.5]))
+            rows.append({"query_id": str(q), "query": f"red thing{q}", "product_id": f"p{q}_{j}",
+                         "text": (f"red thing{q} deluxe" if g >= 3 else f"blue widget{j}") + " | a product"})
+            truth.append(g)
+    df = pd.DataFrame(rows)
+    truth = np.array(truth)
+    scorer = Bm25Scorer(df["product_id"].tolist(), df["text"].tolist())
+    bm25 = bm25_scores(df, scorer)
+    assert (bm25[truth >= 3].mean() > bm25[truth <= 2].mean()) and bm25.min() >= 0.0
+    p4 = np.clip(0.5 + 0.1 * (truth - 3) + rng.normal(0, 0.1, len(truth)), 0.02, 0.96)
+    probs = np.stack([(1 - p4) / 3] * 3 + [p4], axis=1)
+    feats = stack_features(df, probs, GRADES, bm25=bm25)
+    for col in ("ce_p4", "ce_expected", "bm25", "cosine", "title_coverage", "ce_expected_z", "bm25_rank", "query_size"):
+        assert col in feats.columns, col
+    assert feats["cosine"].eq(0).all() and not stack_features(df, probs, GRADES, relative=False).columns.str.endswith("_z").any()
+    for kind in ("hgb", "logreg"):
+        st = fit_stacker(feats, truth, df["query_id"], GRADES, kind=kind)
+        assert len(st.cutpoints) == 3 and set(st.predict(feats)) <= set(GRADES)
+        assert st.cv["quadratic_weighted_kappa"] > 0.3, (kind, st.cv)
+    with pytest.raises(ValueError, match="unknown stacker"):
+        fit_stacker(feats, truth, df["query_id"], GRADES, kind="forest")
+
+
+def test_stacked_tier1_features_save_and_load(tmp_path):
+    from annomine.judges.cross_encoder import attach_stack
+    from annomine.judges.stack import JUDGE_FEATURES, BiEncoder, LogisticStack, fit_logistic_stack, pair_features
+
+    shop = _shop(tmp_path)
+    pairs = load_pairs_from_files(shop / "queries.tsv", shop / "labels.tsv", shop / "products.tsv")
+    tok, bert = build_encoder("tiny")
+    model = CrossEncoderModel(tok, bert, GRADES, max_length=32, version="ce-stack")
+    ce = model.ce_proba(pairs["query"].tolist(), pairs["text"].tolist())
+    bi = BiEncoder("tiny")
+    cos = bi.cosine(pairs["query"].tolist(), pairs["text"].tolist())
+    assert cos.shape == (len(pairs),) and np.all(np.abs(cos) <= 1 + 1e-6)
+    assert np.allclose(bi.cosine(pairs["query"].tolist()[:3], pairs["text"].tolist()[:3]), cos[:3], atol=1e-6)  # cached
+    feats = pair_features(pairs["query"].tolist(), pairs["text"].tolist(), ce, GRADES, bi)
+    assert list(feats.columns) == JUDGE_FEATURES
+    # the toy grades follow title overlap: coverage alone separates them, so the stack learns them
+    stack, oof = fit_logistic_stack(feats, pairs["grade"], pairs["query_id"], GRADES)
+    assert oof.shape == (len(pairs), 4) and np.allclose(oof.sum(axis=1), 1.0)
+    assert quadratic_weighted_kappa(pairs["grade"], np.array(GRADES)[oof.argmax(axis=1)], GRADES) > 0.5
+    again = LogisticStack.from_dict(json.loads(json.dumps(stack.to_dict())))
+    assert np.allclose(again.predict_proba(feats, GRADES), stack.predict_proba(feats, GRADES))
+    # attached to the judge: predict_proba is the stack's distribution, and it survives save / load
+    out = attach_stack(model, pairs, ce, CrossEncoderSettings(base_model="tiny", stack=True, stack_biencoder="tiny"))
+    assert out["oof_probs"].shape == (len(pairs), 4) and set(out["coefficients"]) == set(JUDGE_FEATURES)
+    probs = model.predict_proba(pairs["query"].tolist(), pairs["text"].tolist())
+    assert not np.allclose(probs, ce)
+    model.cutpoints, model.decision = [1.5, 2.5, 3.5], "cutpoints"
+    model.save(tmp_path / "judge")
+    loaded = CrossEncoderModel.load(tmp_path / "judge")
+    assert np.allclose(loaded.predict_proba(pairs["query"].tolist(), pairs["text"].tolist()), probs, atol=1e-5)
+    assert loaded.decide(probs).tolist() == model.decide(probs).tolist()

@@ -132,3 +132,93 @@ def fit_calibrator(pred, raw_conf, truth, grades: list[int], target_agreement: f
     cal.stats = {"per_class": stats, "n": int(len(pred)), "agreement": float(correct.mean()),
                  "sure_share": float(sure.mean()), "sure_agreement": float(correct[sure].mean()) if sure.any() else None}
     return cal
+
+
+# ---- cut-points on the expected grade ---------------------------------------------------------
+def apply_cutpoints(scores, cutpoints, grades: list[int]) -> np.ndarray:
+    """Grade `grades[k]` where k = the number of cut-points at or below the score (cut-points ascending)."""
+    cuts = np.sort(np.asarray(cutpoints, dtype=float))
+    if len(cuts) != len(grades) - 1:
+        raise ValueError(f"{len(grades)} grades need {len(grades) - 1} cut-points, got {len(cuts)}")
+    return np.asarray(grades)[np.searchsorted(cuts, np.asarray(scores, dtype=float), side="right")]
+
+
+def _kappa_exact(truth_idx: np.ndarray, pred_idx: np.ndarray, k: int) -> tuple[float, float]:
+    """(quadratic weighted kappa, exact agreement) from class indices; fast, for the cut-point search."""
+    m = np.bincount(truth_idx * k + pred_idx, minlength=k * k).reshape(k, k).astype(float)
+    n = m.sum()
+    w = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2
+    expected = np.outer(m.sum(1), m.sum(0)) / max(n, 1.0)
+    denom = (w * expected).sum()
+    kappa = 1.0 - (w * m).sum() / denom if denom > 0 else 0.0
+    return float(kappa), float(np.trace(m) / max(n, 1.0))
+
+
+def cutpoint_objective(truth, pred, grades: list[int], objective: str = "qwk") -> float:
+    """What the cut-points maximise: `qwk`, `exact`, or `qwk+exact` (their sum)."""
+    index = {g: i for i, g in enumerate(grades)}
+    t = np.array([index[int(g)] for g in truth])
+    p = np.array([index[int(g)] for g in pred])
+    kappa, exact = _kappa_exact(t, p, len(grades))
+    return {"qwk": kappa, "exact": exact, "qwk+exact": kappa + exact}[objective]
+
+
+def fit_cutpoints(scores, truth, grades: list[int], objective: str = "qwk", rounds: int = 8,
+                  n_candidates: int = 200) -> list[float]:
+    """Cut-points on a score (the expected grade) that maximise `objective` on labelled pairs.
+
+    Coordinate search: starting at the midpoints between grades, each cut-point in turn moves to the
+    best of up to `n_candidates` score quantiles between its neighbours, until a round changes nothing.
+    Ties keep the cut-point nearest the midpoint start (stable under small data changes).
+    """
+    scores = np.asarray(scores, dtype=float)
+    truth = np.asarray(truth).astype(int)
+    if len(scores) == 0:
+        raise ValueError("no labelled pairs to fit cut-points on")
+    index = {g: i for i, g in enumerate(grades)}
+    t = np.array([index[int(g)] for g in truth])
+    k = len(grades)
+    cuts = np.array([(grades[i] + grades[i + 1]) / 2.0 for i in range(k - 1)], dtype=float)
+    qs = np.unique(np.quantile(scores, np.linspace(0.0, 1.0, n_candidates)))
+    cand_all = np.unique(np.concatenate([(qs[:-1] + qs[1:]) / 2.0, cuts, [scores.min() - 1e-6, scores.max() + 1e-6]]))
+
+    def value(c: np.ndarray) -> float:
+        kappa, exact = _kappa_exact(t, np.searchsorted(c, scores, side="right"), k)
+        return {"qwk": kappa, "exact": exact, "qwk+exact": kappa + exact}[objective]
+
+    best = value(cuts)
+    for _ in range(rounds):
+        changed = False
+        for j in range(k - 1):
+            lo = cuts[j - 1] if j > 0 else -np.inf
+            hi = cuts[j + 1] if j + 1 < k - 1 else np.inf
+            cands = cand_all[(cand_all >= lo) & (cand_all <= hi)]
+            start = (grades[j] + grades[j + 1]) / 2.0
+            for c in cands[np.argsort(np.abs(cands - start), kind="stable")]:
+                trial = cuts.copy()
+                trial[j] = c
+                v = value(trial)
+                if v > best + 1e-12:
+                    best, cuts, changed = v, trial, True
+        if not changed:
+            break
+    return [float(c) for c in cuts]
+
+
+def cross_validated_cutpoints(scores, truth, groups, grades: list[int], objective: str = "qwk", folds: int = 4,
+                              seed: int = 13) -> np.ndarray:
+    """Out-of-fold grades: cut-points fitted on the other folds' groups (queries), applied to each fold.
+    An honest estimate of what fitted cut-points give on unseen queries."""
+    scores = np.asarray(scores, dtype=float)
+    truth = np.asarray(truth).astype(int)
+    groups = np.asarray(groups).astype(str)
+    uniq = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    fold_of = dict(zip(uniq[rng.permutation(len(uniq))], np.arange(len(uniq)) % max(2, min(folds, len(uniq)))))
+    f = np.array([fold_of[g] for g in groups])
+    out = np.zeros(len(scores), dtype=int)
+    for k in np.unique(f):
+        test = f == k
+        cuts = fit_cutpoints(scores[~test], truth[~test], grades, objective)
+        out[test] = apply_cutpoints(scores[test], cuts, grades)
+    return out

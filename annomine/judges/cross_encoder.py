@@ -4,10 +4,11 @@ The pair `[CLS] query [SEP] product text [SEP]` goes through BERT; the attention
 the last hidden states feeds a linear head over the grades. The loss is cross-entropy plus an
 ordinal term (squared error of the expected grade, in grade units), so the distribution is both a
 classifier and respects the order of grades, which is what quadratic weighted kappa rewards. The
-decision rule (arg-max class or rounded expected grade) is picked on the validation split.
+decision rule (arg-max class, rounded expected grade, or the expected grade against cut-points fitted
+for QWK) is picked on the calibration split (query-disjoint from training).
 
 Saved artefacts (`<warehouse>/judges/<version>/`): `encoder/` (BERT + tokenizer, HF layout),
-`head.pt`, `judge.json` (grades, max_length, decision rule, version, metrics).
+`head.pt`, `judge.json` (grades, max_length, max_text_chars, decision rule, cut-points, version, metrics).
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ class CrossEncoderSettings:
     freeze_layers: int = -1
     # With frozen layers: compute their output once per pair and train the top layers on it.
     cache_frozen: bool = True
+    # Product text cut to this many characters before tokenising (title | description snippet; 0: whole
+    # text). Stored with the model, so annotation sees the same text as training. Shorter is faster.
+    max_text_chars: int = 0
+    # Decision rule: `auto` (the best on the calibration split of argmax / expected / cutpoints, cut-points
+    # scored out-of-fold by query), or one of them outright.
+    decision: str = "auto"
+    # What the cut-points (and `auto`) maximise: qwk, exact, or qwk+exact.
+    cutpoint_objective: str = "qwk"
+    # A stacked tier 1: a logistic regression over the cross-encoder's grade distribution plus cheap per-pair
+    # evidence (query-term coverage of the title and text, bi-encoder cosine), fitted on the calibration split
+    # (annomine/judges/stack.py). Its distribution is what the decision rule and the calibration see.
+    stack: bool = False
+    stack_columns: list[str] | None = None   # default: stack.JUDGE_FEATURES
+    stack_biencoder: str = "minilm"          # the bi-encoder of the cosine feature (zero-shot)
+    stack_c: float = 0.3                     # inverse L2 strength of the logistic regression
+    # Batches of similar length (sorted within random windows of 50 batches, then shuffled): less padding.
+    length_bucketing: bool = True
 
 
 def _torch():
@@ -73,7 +91,8 @@ class CrossEncoderModel:
     """BERT + linear head; `predict_proba(queries, texts)` -> (n, n_grades) probabilities."""
 
     def __init__(self, tokenizer, bert, grades: list[int], max_length: int = 128, decision: str = "argmax",
-                 version: str | None = None, meta: dict | None = None):
+                 version: str | None = None, meta: dict | None = None, max_text_chars: int = 0,
+                 cutpoints: list[float] | None = None):
         torch = _torch()
         self.tokenizer = tokenizer
         self.bert = bert
@@ -83,10 +102,17 @@ class CrossEncoderModel:
         self.decision = decision
         self.version = version
         self.meta = meta or {}
+        self.max_text_chars = int(max_text_chars or 0)
+        # Thresholds on the expected grade for the `cutpoints` rule (len(grades) - 1, ascending).
+        self.cutpoints = [float(c) for c in cutpoints] if cutpoints else None
+        self.stack = None       # stack.LogisticStack: the distribution over grades from the features below
+        self.biencoder = None   # stack.BiEncoder: the cosine feature
         self._lock = threading.Lock()
 
     # ---- forward -----------------------------------------------------------------------
     def _encode(self, queries: list[str], texts: list[str]):
+        if self.max_text_chars > 0:
+            texts = [t[: self.max_text_chars] for t in texts]
         return self.tokenizer(list(queries), list(texts), padding=True, truncation="only_second",
                               max_length=self.max_length, return_tensors="pt")
 
@@ -97,6 +123,18 @@ class CrossEncoderModel:
         return self.head(mean_pool(hidden, enc["attention_mask"]))
 
     def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """(n, n_grades) probabilities: the cross-encoder's, or the stack's over them when there is one."""
+        probs = self.ce_proba(queries, texts, batch_size, progress)
+        if self.stack is None or not len(queries):
+            return probs
+        from annomine.judges.stack import pair_features
+
+        with self._lock:
+            feats = pair_features(list(queries), list(texts), probs, self.grades, self.biencoder, self.stack.columns)
+        return self.stack.predict_proba(feats, self.grades)
+
+    def ce_proba(self, queries: list[str], texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """The cross-encoder's own grade distribution."""
         torch = _torch()
         out = np.zeros((len(queries), len(self.grades)), dtype=np.float64)
         if not len(queries):
@@ -117,10 +155,18 @@ class CrossEncoderModel:
                 out[idx] = probs
         return out
 
-    def decide(self, probs: np.ndarray, rule: str | None = None) -> np.ndarray:
-        """Grades from probabilities with the model's decision rule."""
+    def decide(self, probs: np.ndarray, rule: str | None = None, cutpoints: list[float] | None = None) -> np.ndarray:
+        """Grades from probabilities with the model's decision rule: `argmax` (the most probable grade),
+        `expected` (the rounded expected grade) or `cutpoints` (the expected grade against fitted cut-points)."""
         rule = rule or self.decision
         grades = np.asarray(self.grades)
+        if rule == "cutpoints":
+            from annomine.judges.calibration import apply_cutpoints
+
+            cuts = cutpoints if cutpoints is not None else self.cutpoints
+            if not cuts:
+                raise ValueError("decision rule 'cutpoints' but the judge has no cut-points")
+            return apply_cutpoints(probs @ grades, cuts, self.grades)
         if rule == "expected":
             expected = probs @ grades
             return np.clip(np.rint(expected), grades.min(), grades.max()).astype(int)
@@ -134,8 +180,13 @@ class CrossEncoderModel:
         self.bert.save_pretrained(str(folder / "encoder"))
         self.tokenizer.save_pretrained(str(folder / "encoder"))
         torch.save(self.head.state_dict(), folder / "head.pt")
+        stack = None
+        if self.stack is not None:
+            (folder / "stack.json").write_text(json.dumps(self.stack.to_dict(), indent=1))
+            stack = {"file": "stack.json", "biencoder": self.biencoder.save(folder / "biencoder") if self.biencoder else None}
         meta = dict(self.meta, grades=self.grades, max_length=self.max_length, decision=self.decision, version=self.version,
-                    kind="cross-encoder")
+                    cutpoints=self.cutpoints, max_text_chars=self.max_text_chars, stack=stack,
+                    kind="stacked-cross-encoder" if stack else "cross-encoder")
         (folder / "judge.json").write_text(json.dumps(meta, indent=2, default=str))
         return folder
 
@@ -151,9 +202,16 @@ class CrossEncoderModel:
         meta = json.loads(meta_path.read_text())
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "encoder"), local_files_only=True)
         bert = AutoModel.from_pretrained(str(folder / "encoder"), local_files_only=True, add_pooling_layer=False)
-        model = cls(tokenizer, bert, meta["grades"], meta["max_length"], meta.get("decision", "argmax"), meta.get("version"), meta)
+        model = cls(tokenizer, bert, meta["grades"], meta["max_length"], meta.get("decision", "argmax"), meta.get("version"), meta,
+                    meta.get("max_text_chars", 0), meta.get("cutpoints"))
         model.head.load_state_dict(torch.load(folder / "head.pt", map_location="cpu"))
         bert.eval()
+        if meta.get("stack"):
+            from annomine.judges.stack import BiEncoder, LogisticStack
+
+            model.stack = LogisticStack.from_dict(json.loads((folder / meta["stack"]["file"]).read_text()))
+            if meta["stack"].get("biencoder"):
+                model.biencoder = BiEncoder.load(meta["stack"]["biencoder"], folder)
         return model
 
 
@@ -236,6 +294,20 @@ def _top_logits(model: CrossEncoderModel, cached: list, n_layers: int):
     return model.head(mean_pool(hidden, mask))
 
 
+def _batches(rng, lengths: np.ndarray, batch_size: int, bucketing: bool, window: int = 50) -> list[np.ndarray]:
+    """One epoch's batches: a random permutation; with `bucketing`, sorted by length within windows of
+    `window` batches and the batches shuffled, so a batch pads to similar lengths."""
+    perm = rng.permutation(len(lengths))
+    if not bucketing:
+        return [perm[s:s + batch_size] for s in range(0, len(perm), batch_size)]
+    out = []
+    for w in range(0, len(perm), batch_size * window):
+        chunk = perm[w:w + batch_size * window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        out.extend(chunk[s:s + batch_size] for s in range(0, len(chunk), batch_size))
+    return [out[i] for i in rng.permutation(len(out))]
+
+
 def train_cross_encoder(train_df, grades: list[int], settings: CrossEncoderSettings, valid_df=None,
                         progress: bool = True) -> tuple[CrossEncoderModel, dict]:
     """Fine-tune on `train_df` (query, text, grade[, variance]); pick the decision rule on `valid_df`.
@@ -249,7 +321,7 @@ def train_cross_encoder(train_df, grades: list[int], settings: CrossEncoderSetti
     np.random.seed(settings.seed)
     torch.set_num_threads(settings.threads)
     tokenizer, bert = build_encoder(settings.base_model)
-    model = CrossEncoderModel(tokenizer, bert, grades, settings.max_length)
+    model = CrossEncoderModel(tokenizer, bert, grades, settings.max_length, max_text_chars=settings.max_text_chars)
     df = train_df.reset_index(drop=True)
     if settings.max_train_pairs and len(df) > settings.max_train_pairs:
         df = df.sample(settings.max_train_pairs, random_state=settings.seed).reset_index(drop=True)
@@ -290,12 +362,11 @@ def train_cross_encoder(train_df, grades: list[int], settings: CrossEncoderSetti
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="train tier1", unit="step", mininterval=10)
+    lengths = np.array([len(q) + min(len(t), settings.max_text_chars or len(t)) for q, t in zip(queries, texts)])
     for epoch in range(settings.epochs):
         model.bert.train()
-        perm = rng.permutation(len(df))
         losses = []
-        for s in range(0, len(perm), settings.batch_size):
-            idx = perm[s:s + settings.batch_size]
+        for idx in _batches(rng, lengths, settings.batch_size, settings.length_bucketing):
             if cached is not None:
                 logits = _top_logits(model, [cached[i] for i in idx], frozen)
             else:
@@ -328,17 +399,53 @@ def train_cross_encoder(train_df, grades: list[int], settings: CrossEncoderSetti
     model.bert.eval()
     if valid_df is not None and len(valid_df):
         probs = model.predict_proba(valid_df["query"].tolist(), valid_df["text"].tolist(), progress=progress)
-        history.update(select_decision(model, probs, valid_df["grade"]))
+        groups = valid_df["query_id"] if "query_id" in valid_df.columns else None
+        history.update(select_decision(model, probs, valid_df["grade"], groups, settings.decision, settings.cutpoint_objective))
     return model, history
 
 
-def select_decision(model: CrossEncoderModel, probs: np.ndarray, truth) -> dict:
-    """Set the model's decision rule (arg-max or rounded expected grade) to the one with the best
-    quadratic weighted kappa on held-out pairs; return the comparison."""
+DECISION_RULES = ("argmax", "expected", "cutpoints")
+
+
+def select_decision(model: CrossEncoderModel, probs: np.ndarray, truth, groups=None, rule: str = "auto",
+                    objective: str = "qwk") -> dict:
+    """Fit the cut-points on held-out pairs (the calibration split) and set the model's decision rule:
+    `rule` itself, or with `auto` the rule with the best `objective` there (tie: exact agreement). The
+    cut-points are scored out-of-fold by query (`groups`), so that they do not win by being fitted on the
+    pairs they are scored on; without groups, in-sample. Returns the comparison."""
+    from annomine.judges.calibration import cross_validated_cutpoints, cutpoint_objective, fit_cutpoints
     from annomine.judges.data import grading_metrics
 
-    per_rule = {rule: grading_metrics(truth, model.decide(probs, rule), model.grades) for rule in ("argmax", "expected")}
-    best = max(per_rule, key=lambda r: (per_rule[r]["quadratic_weighted_kappa"], per_rule[r]["exact_agreement"]))
+    if rule not in ("auto", *DECISION_RULES):
+        raise ValueError(f"unknown decision rule {rule!r}; use auto, argmax, expected or cutpoints")
+    truth = np.asarray(list(truth)).astype(int)
+    expected = probs @ np.asarray(model.grades, dtype=float)
+    model.cutpoints = fit_cutpoints(expected, truth, model.grades, objective)
+    preds = {"argmax": model.decide(probs, "argmax"), "expected": model.decide(probs, "expected")}
+    if groups is not None and len(set(groups)) >= 2:
+        preds["cutpoints"] = cross_validated_cutpoints(expected, truth, groups, model.grades, objective)
+    else:
+        preds["cutpoints"] = model.decide(probs, "cutpoints")
+    per_rule = {r: grading_metrics(truth, p, model.grades) for r, p in preds.items()}
+    score = {r: (cutpoint_objective(truth, p, model.grades, objective), per_rule[r]["exact_agreement"]) for r, p in preds.items()}
+    best = max(DECISION_RULES, key=lambda r: score[r]) if rule == "auto" else rule
     model.decision = best
     return {"validation": {r: {k: v for k, v in m.items() if k != "confusion_matrix"} for r, m in per_rule.items()},
-            "decision": best}
+            "decision": best, "cutpoints": model.cutpoints, "cutpoint_objective": objective,
+            "cutpoints_scored": "out-of-fold by query" if groups is not None and len(set(groups)) >= 2 else "in-sample"}
+
+
+def attach_stack(model: CrossEncoderModel, df, ce_probs: np.ndarray, settings: CrossEncoderSettings, weights=None) -> dict:
+    """Fit the stack on held-out pairs (`df`: the calibration split, with the cross-encoder's `ce_probs` on it)
+    and attach it to `model`. Returns the out-of-fold stacked probabilities (by query) and the fit's figures."""
+    from annomine.judges.stack import JUDGE_FEATURES, BiEncoder, fit_logistic_stack, pair_features
+
+    columns = list(settings.stack_columns or JUDGE_FEATURES)
+    model.biencoder = BiEncoder(settings.stack_biencoder) if "cosine" in columns else None
+    started = time.time()
+    feats = pair_features(df["query"].tolist(), df["text"].tolist(), ce_probs, model.grades, model.biencoder, columns)
+    stack, oof = fit_logistic_stack(feats, df["grade"], df["query_id"], model.grades, columns, weights, seed=settings.seed,
+                                    C=settings.stack_c)
+    model.stack = stack
+    return {"oof_probs": oof, "columns": columns, "features_seconds": time.time() - started,
+            "coefficients": dict(zip(columns, np.round(np.asarray(stack.coef)[-1] - np.asarray(stack.coef)[0], 4).tolist()))}

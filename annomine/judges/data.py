@@ -118,7 +118,24 @@ def quadratic_weighted_kappa(truth, pred, grades: list[int]) -> float:
     return float(cohen_kappa_score(t, p, weights="quadratic", labels=list(grades)))
 
 
-def grading_metrics(truth, pred, grades: list[int]) -> dict:
+def positive_negative(truth, pred, positive_min: int) -> dict:
+    """Precision and recall of positives (grade >= positive_min) and of negatives (below it) against the
+    human grades, over the graded pairs: the curriculum's view of a grade (>= 3 positive, <= 2 negative)."""
+    pairs = [(int(t), int(p)) for t, p in zip(truth, pred) if not (p is None or (isinstance(p, float) and np.isnan(p)))]
+    t = np.array([a >= positive_min for a, _ in pairs], dtype=bool)
+    p = np.array([b >= positive_min for _, b in pairs], dtype=bool)
+
+    def ratio(a, b):
+        return float(a / b) if b else float("nan")
+
+    return {"positive_precision": ratio((t & p).sum(), p.sum()), "positive_recall": ratio((t & p).sum(), t.sum()),
+            "negative_precision": ratio((~t & ~p).sum(), (~p).sum()), "negative_recall": ratio((~t & ~p).sum(), (~t).sum()),
+            "positive_min_grade": int(positive_min)}
+
+
+def grading_metrics(truth, pred, grades: list[int], positive_min: int | None = None) -> dict:
+    """Agreement, QWK, within-one, confusion, and positive/negative precision-recall (positives: the
+    upper half of the scale unless `positive_min` is given, i.e. >= 3 on 1-4)."""
     truth = np.asarray(list(truth))
     pred_list = list(pred)
     graded = np.array([p is not None and not (isinstance(p, float) and np.isnan(p)) for p in pred_list])
@@ -134,5 +151,6 @@ def grading_metrics(truth, pred, grades: list[int]) -> dict:
         "embarrassing_recall": float(m[0, 0] / max(m[0].sum(), 1)),
         "embarrassing_precision": float(m[0, 0] / max(m[:, 0].sum(), 1)),
         "lowest_grade": lowest,
+        **positive_negative(truth, pred_list, positive_min if positive_min is not None else grades[len(grades) // 2]),
         "confusion_matrix": {"grades": grades, "rows_truth_cols_pred": m.tolist()},
     }
