@@ -205,17 +205,23 @@ def fit_cutpoints(scores, truth, grades: list[int], objective: str = "qwk", roun
     return [float(c) for c in cuts]
 
 
+def query_folds(groups, folds: int = 4, seed: int = 13) -> np.ndarray:
+    """Fold number per row, whole groups (queries) to a fold: a seeded shuffle of the groups, dealt round-robin
+    into `folds` folds (at least 2, at most one per group)."""
+    groups = np.asarray(groups).astype(str)
+    uniq = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    fold_of = dict(zip(uniq[rng.permutation(len(uniq))], np.arange(len(uniq)) % max(2, min(folds, len(uniq)))))
+    return np.array([fold_of[g] for g in groups])
+
+
 def cross_validated_cutpoints(scores, truth, groups, grades: list[int], objective: str = "qwk", folds: int = 4,
                               seed: int = 13) -> np.ndarray:
     """Out-of-fold grades: cut-points fitted on the other folds' groups (queries), applied to each fold.
     An honest estimate of what fitted cut-points give on unseen queries."""
     scores = np.asarray(scores, dtype=float)
     truth = np.asarray(truth).astype(int)
-    groups = np.asarray(groups).astype(str)
-    uniq = np.unique(groups)
-    rng = np.random.default_rng(seed)
-    fold_of = dict(zip(uniq[rng.permutation(len(uniq))], np.arange(len(uniq)) % max(2, min(folds, len(uniq)))))
-    f = np.array([fold_of[g] for g in groups])
+    f = query_folds(groups, folds, seed)
     out = np.zeros(len(scores), dtype=int)
     for k in np.unique(f):
         test = f == k

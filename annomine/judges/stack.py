@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from annomine.judges.calibration import apply_cutpoints, cutpoint_objective, fit_cutpoints
+from annomine.judges.calibration import apply_cutpoints, cutpoint_objective, fit_cutpoints, query_folds
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -181,11 +181,7 @@ def fit_stacker(feats: pd.DataFrame, truth, groups, grades: list[int], kind: str
     x = feats[columns].to_numpy(dtype=float)
     y = np.asarray(truth).astype(int)
     w = None if weights is None else np.asarray(weights, dtype=float)
-    groups = np.asarray(groups).astype(str)
-    uniq = np.unique(groups)
-    rng = np.random.default_rng(seed)
-    fold_of = dict(zip(uniq[rng.permutation(len(uniq))], np.arange(len(uniq)) % max(2, min(folds, len(uniq)))))
-    f = np.array([fold_of[g] for g in groups])
+    f = query_folds(groups, folds, seed)
     oof = np.zeros(len(y), dtype=float)
     for k in np.unique(f):
         test = f == k
@@ -328,11 +324,7 @@ def fit_logistic_stack(feats: pd.DataFrame, truth, groups, grades: list[int], co
     x = feats[columns].to_numpy(dtype=float)
     y = np.asarray(truth).astype(int)
     w = None if weights is None else np.asarray(weights, dtype=float)
-    groups = np.asarray(groups).astype(str)
-    uniq = np.unique(groups)
-    rng = np.random.default_rng(seed)
-    fold_of = dict(zip(uniq[rng.permutation(len(uniq))], np.arange(len(uniq)) % max(2, min(folds, len(uniq)))))
-    f = np.array([fold_of[g] for g in groups])
+    f = query_folds(groups, folds, seed)
 
     def fit(mask):
         pipe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
