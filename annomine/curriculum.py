@@ -11,7 +11,7 @@ everything by set logic (positive classes: easy/hard positive). Human-labelled d
 The `human` variant trains on the human labels of the train queries instead (`human_label_rows`: one MNR
 stage, a top-grade product as positive and a product of the same query graded <= negative_max_grade as
 its hard negative, the sentence-transformers recipe); `human_plus_curriculum` runs that stage first and
-then the curriculum's stages. A stage's `source` says where its rows come from: `mined` (the labelled
+then the curriculum's stages, `curriculum_then_human` the curriculum's stages first and that stage last. A stage's `source` says where its rows come from: `mined` (the labelled
 candidates) or `human` (the human labels, candidate class `human_label`).
 
 Row formats (`ROW_FORMATS`): `pointwise` (item + label), `pair` (positive item + a negative of the same
@@ -36,7 +36,7 @@ ROW_FORMATS = ("pointwise", "pair", "triplet", "list")
 # Loss -> the format of its training rows (a new curriculum loss: its line here, and its training.losses module).
 FORMAT_OF_LOSS = {"bce": "pointwise", "mnr": "pair", "triplet": "triplet", "roar": "list"}
 LOSSES = tuple(FORMAT_OF_LOSS)
-VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum")
+VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum", "curriculum_then_human")
 # Variants whose stages read the judge's annotations (the others train without any).
 HUMAN_ONLY_VARIANTS = ("human",)
 STAGE_SOURCES = ("mined", "human")
@@ -300,8 +300,8 @@ def variant_stages(variant: str, stages: list[StageDef], mixed: StageDef, roar: 
         return [mixed]
     if variant == "curriculum_roar":
         return list(stages[:-1]) + [roar]
-    if variant in ("human", "human_plus_curriculum"):
+    if variant in ("human", "human_plus_curriculum", "curriculum_then_human"):
         if human is None:
             raise ValueError(f"variant {variant!r} needs a human stage")
-        return [human] if variant == "human" else [human, *stages]
+        return {"human": [human], "human_plus_curriculum": [human, *stages], "curriculum_then_human": [*stages, human]}[variant]
     raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")

@@ -152,12 +152,14 @@ ANNOTATIONS = _register(TableSpec(
     "annotations",
     "query_id string, product_id string, judge_version string, grade int, confidence double, "
     "deciding_tier string, tier_outputs string, latency_ms double, prompt_tokens bigint, "
-    "completion_tokens bigint, error string, annotated_at timestamp, attempts int",
+    "completion_tokens bigint, error string, annotated_at timestamp, attempts int, escalation string",
     key=("query_id", "product_id", "judge_version"),
     written_by="annotate",
     description="Graded relevance from the judge cascade. `error` is set (and grade null) when a tier the pair reached "
                 "failed, naming the tier and why; `attempts` counts the annotate runs that tried the pair (a failed pair "
-                "is retried while it is below `annotate.max_attempts`).",
+                "is retried while it is below `annotate.max_attempts`); `escalation` is null (settled by the first tier), "
+                "'escalated' (the later tiers it needed were consulted) or 'budget' (it needed an LLM tier but "
+                "`annotate.llm_budget` was spent: it keeps the first tier's grade until a later run escalates it).",
 ))
 
 # ---- curriculum (jobs/curriculum.py): one training-set table per model variant -------------------
@@ -166,7 +168,8 @@ TRAIN_SET_DDL = (
     "label int, grade int, candidate_class string, level int, neg_product_id string, neg_text string, neg_grade int, "
     "neg_class string, neg_level int, group_product_ids array<string>, group_texts array<string>, group_grades array<int>"
 )
-TRAIN_SET_VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum")  # = curriculum.VARIANTS
+TRAIN_SET_VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum",
+                      "curriculum_then_human")  # = curriculum.VARIANTS
 for _variant in TRAIN_SET_VARIANTS:
     _register(TableSpec(
         f"train_set_{_variant}",

@@ -211,7 +211,7 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
             entry = write_stage_shards(pdf, root / variant / folder, num_files=cfg.num_files,
                                        row_group_size=cfg.row_group_size, seed=seeds[k - 1])
             comp = cur.composition(pdf)
-            entry.update({"stage": k, "name": stage.name, "loss": stage.loss, "folder": folder, "epochs": stage.epochs,
+            entry.update({"stage": k, "name": stage.name, "loss": stage.loss, "source": stage.source, "folder": folder, "epochs": stage.epochs,
                           "composition": comp.astype(object).where(comp.notna(), None).to_dict(orient="records")})
             entries.append(entry)
             print(f"[{variant}] stage {k} {stage.name} ({stage.loss}): {entry['rows']} rows in {len(entry['files'])} files")

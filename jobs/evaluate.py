@@ -223,7 +223,8 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     report_lib.write_json(report, out)
     md = out.with_suffix(".md")
     plot_files = report_lib.plot_paths(out)
-    plots = [report_lib.plot_metrics(report, plot_files["metrics"]), report_lib.plot_grades(report, plot_files["grades"])]
+    plots = [report_lib.plot_metrics(report, plot_files["metrics"]), report_lib.plot_grades(report, plot_files["grades"]),
+             report_lib.plot_data_curve(report, plot_files["data"])]
     md.write_text(report_lib.markdown(report))
     if cfg.mlflow:
         report["mlflow_run_id"] = report_lib.log_to_mlflow(report, [out, md, *plots], project.tracking_uri, project.mlflow_experiment)

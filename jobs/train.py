@@ -122,6 +122,18 @@ def _start_tracking(ctx: JobContext, cfg: TrainConfig, run_dir: Path, manifest: 
     return run_id
 
 
+def training_pairs(stages: list[dict], manifest: dict) -> dict[str, int]:
+    """Examples per data source (`mined`: judge-graded mined pairs, `human`: human labels) in the stages the
+    final model kept; a stage whose dev check dropped it (best epoch 0: the starting weights won) counts 0."""
+    source_of = {e["stage"]: e.get("source", "mined") for e in manifest["stages"]}
+    used = {"mined": 0, "human": 0}
+    for s in stages:
+        if s.get("best_epoch") != 0:
+            key = source_of.get(s["stage"], "mined")
+            used[key] = used.get(key, 0) + int(s.get("examples") or 0)
+    return used
+
+
 def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict) -> dict:
     """Copy the final model into place, log it to MLflow, write the pointers; the pointer."""
     final = models_root(ctx) / cfg.variant / "model"
@@ -140,7 +152,11 @@ def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict) -> dict
                "train_seconds": round(result["train_seconds"], 2),
                "examples_per_s": round(result["examples_per_s"], 2), "wall_seconds": round(run["wall"], 1),
                "stages": [{k: s.get(k) for k in ("stage", "name", "loss", "lr", "start_metric", "best_metric", "best_epoch",
-                                                 "examples")} for s in result["stages"]]}
+                                                 "examples")} for s in result["stages"]],
+               "training_pairs": training_pairs(result["stages"], run["manifest"])}
+    source_of = {e["stage"]: e.get("source", "mined") for e in run["manifest"]["stages"]}
+    for s in pointer["stages"]:
+        s["source"] = source_of.get(s["stage"], "mined")
     for name in (f"{cfg.variant}.json", "best.json"):
         (models_root(ctx) / name).write_text(json.dumps(pointer, indent=2))
     for s in pointer["stages"]:
@@ -170,7 +186,7 @@ def _train(ctx: JobContext, cfg: TrainConfig) -> dict:
     started = time.time()
     result = launch(launcher, spec, cfg.num_proc)
     return _publish(ctx, cfg, result, {"run_id": run_id, "run_dir": run_dir, "launcher": launcher,
-                                       "wall": time.time() - started})
+                                       "wall": time.time() - started, "manifest": manifest})
 
 
 def main(argv: list[str] | None = None) -> int:

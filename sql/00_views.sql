@@ -66,4 +66,6 @@ SELECT 'curriculum_roar' AS variant, * FROM ${namespace}.train_set_curriculum_ro
 UNION ALL
 SELECT 'human' AS variant, * FROM ${namespace}.train_set_human
 UNION ALL
-SELECT 'human_plus_curriculum' AS variant, * FROM ${namespace}.train_set_human_plus_curriculum;
+SELECT 'human_plus_curriculum' AS variant, * FROM ${namespace}.train_set_human_plus_curriculum
+UNION ALL
+SELECT 'curriculum_then_human' AS variant, * FROM ${namespace}.train_set_curriculum_then_human;

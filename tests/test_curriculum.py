@@ -189,6 +189,7 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     # human_plus_curriculum: the same human stage first, then the curriculum's stages
     both = json.loads((root / "human_plus_curriculum" / "manifest.json").read_text())
     assert [s["name"] for s in both["stages"]] == ["human", "easy", "hard", "token_similar"]
+    assert [s["source"] for s in both["stages"]] == ["human", "mined", "mined", "mined"]
     assert both["stages"][0]["rows"] == len(hrows)
     assert [s["rows"] for s in both["stages"][1:]] == [s["rows"] for s in manifest["stages"]]
     both_rows = ctx.tables.read("train_set_human_plus_curriculum").toPandas()
@@ -221,6 +222,8 @@ def test_config_refuses_bad_stage():
     cfg.validate()
     assert [s.name for s in cur.variant_stages("human_plus_curriculum", cfg.stages, cfg.mixed_stage, cfg.roar_stage,
                                                cfg.human_stage)] == ["human", "easy", "hard", "token_similar"]
+    assert [s.name for s in cur.variant_stages("curriculum_then_human", cfg.stages, cfg.mixed_stage, cfg.roar_stage,
+                                               cfg.human_stage)] == ["easy", "hard", "token_similar", "human"]
     cfg.stages[0].source = "human"
     with pytest.raises(ValueError):
         cfg.validate()

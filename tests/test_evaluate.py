@@ -95,7 +95,7 @@ def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, ti
     tower = report["models"][1]
     assert tower["spec"]["two_tower"] and tower["retrieval"]["index"]["kind"] == "flat"
     assert all(len(rows[("tower", q)]["top10_ids"]) == 10 for q in ("q1", "q27", "q3", "q4"))  # whole catalog searched
-    for name in ("report.md", "report_metrics.png", "report_grades_top10.png"):
+    for name in ("report.md", "report_metrics.png", "report_grades_top10.png", "report_ndcg_vs_mined_pairs.png"):
         assert (out.parent / name).is_file()
     assert "| bm25 |" in out.with_suffix(".md").read_text()
 

@@ -228,6 +228,9 @@ def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
     assert json.loads((models / "curriculum_roar.json").read_text())["variant"] == "curriculum_roar"
     assert Path(pointer["path"]).name == "model" and Path(pointer["path"]).parent.name == "curriculum_roar"
     assert [s["loss"] for s in pointer["stages"]] == ["bce", "mnr", "roar"]
+    assert {s["source"] for s in pointer["stages"]} == {"mined"}
+    kept = sum(s["examples"] for s in pointer["stages"] if s["best_epoch"] != 0)
+    assert pointer["training_pairs"] == {"mined": kept, "human": 0}
     mlflow.set_tracking_uri(ctx.project.tracking_uri)
     run = mlflow.get_run(pointer["mlflow_run_id"])
     assert run.data.params["train.losses.bce.init_temperature"] == "20.0"
@@ -246,6 +249,15 @@ def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
     again = run_train(ctx, cfg)
     assert again["mlflow_run_id"] == pointer["mlflow_run_id"] and again["examples_this_run"] == 0
     assert again["examples"] == pointer["examples"] == pointer["examples_this_run"] > 0
+
+
+def test_training_pairs_count_the_kept_stages_by_source():
+    from jobs.train import training_pairs
+
+    manifest = {"stages": [{"stage": 1, "source": "human"}, {"stage": 2, "source": "mined"}, {"stage": 3, "source": "mined"}]}
+    stages = [{"stage": 1, "examples": 40, "best_epoch": 1}, {"stage": 2, "examples": 64, "best_epoch": 0},
+              {"stage": 3, "examples": 32, "best_epoch": 1}]
+    assert training_pairs(stages, manifest) == {"mined": 32, "human": 40}  # stage 2 was dropped by its dev check
 
 
 def test_horovod_launcher_is_optional(tmp_path, callbacks_by_value):

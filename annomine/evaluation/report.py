@@ -67,13 +67,15 @@ def comparison_line(c: dict) -> str:
 def model_table(report: dict) -> list[str]:
     """The comparison table: one row per model, metrics with their CIs."""
     lines = ["| model | NDCG@10 (unjudged=0) | NDCG@10 judged-only | lowest-grade share@10 | Recall@100 top-grade | queries | "
-             "judged@10 | no judged in top 10 |", "|---|---|---|---|---|---|---|---|"]
+             "judged@10 | no judged in top 10 | trained on (mined / human pairs) |", "|---|---|---|---|---|---|---|---|---|"]
     for model in report["models"]:
         m = model["metrics"]["all"]
         judged = m.get("judged_share@10")
+        pairs = (model.get("spec") or {}).get("training_pairs")
+        trained = "-" if pairs is None else f"{pairs.get('mined', 0)} / {pairs.get('human', 0)}"
         lines.append(f"| {model['label']} | {_fmt(m['ndcg@10'])} | {_fmt(m['ndcg@10_judged'])} | "
                      f"{_fmt(m['lowest_share@10'], pct=True)} | {_fmt(m['recall@100_top'])} | {m['n_queries']} | "
-                     f"{'n/a' if judged is None else f'{judged * 100:.1f}%'} | {m['n_queries_without_judged_top10']} |")
+                     f"{'n/a' if judged is None else f'{judged * 100:.1f}%'} | {m['n_queries_without_judged_top10']} | {trained} |")
     return lines
 
 
@@ -94,7 +96,8 @@ def plot_paths(report_file: Path) -> dict[str, Path]:
     """The PNGs the evaluate stage writes next to its report JSON."""
     report_file = Path(report_file)
     return {"metrics": report_file.with_name(report_file.stem + "_metrics.png"),
-            "grades": report_file.with_name(report_file.stem + "_grades_top10.png")}
+            "grades": report_file.with_name(report_file.stem + "_grades_top10.png"),
+            "data": report_file.with_name(report_file.stem + "_ndcg_vs_mined_pairs.png")}
 
 
 def registration_line(registration: dict | None) -> str | None:
@@ -238,6 +241,49 @@ def plot_grades(report: dict, path: Path) -> Path:
     ax.set_xlabel("share of top-10 positions")
     ax.legend(ncol=len(keys), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25))
     ax.set_title(f"Grades of the top 10 (split {report['split']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_data_curve(report: dict, path: Path, metric: str = "ndcg@10") -> Path:
+    """NDCG@10 (with its CI) against the number of judge-graded mined pairs each trained model kept;
+    baselines as horizontal lines; models that also learned from human labels in another colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = iter(["#7f7f7f", "#bcbd22", "#17becf", "#8c564b"])
+    trained = []
+    for model in report["models"]:
+        est = model["metrics"].get("all", {}).get(metric) or {}
+        if est.get("mean") is None:
+            continue
+        spec = model.get("spec") or {}
+        pairs = spec.get("training_pairs")
+        if spec.get("baseline") or pairs is None:  # a baseline, or a model folder whose training data is unknown
+            colour = next(colours, "#7f7f7f")
+            what = "zero-shot" if spec.get("baseline") else "training data unknown"
+            ax.axhline(est["mean"], ls="--", lw=1, color=colour, label=f"{model['label']} ({what})")
+            ax.axhspan(est["ci_low"], est["ci_high"], color=colour, alpha=0.08)
+        else:
+            trained.append((model["label"], int(pairs.get("mined", 0)), int(pairs.get("human", 0)), est))
+    for label, mined, human, est in trained:
+        colour = "#d62728" if human else "#1f77b4"
+        ax.errorbar([mined], [est["mean"]], yerr=[[est["mean"] - est["ci_low"]], [est["ci_high"] - est["mean"]]], fmt="o",
+                    color=colour, capsize=3)
+        ax.annotate(f"{label}" + (f" (+{human} human)" if human else ""), (mined, est["mean"]), fontsize=7,
+                    textcoords="offset points", xytext=(5, 4))
+    ax.set_xlabel("judge-graded mined pairs in the kept stages")
+    ax.set_ylabel(SHORT.get(metric, metric))
+    conf = int(round(report["bootstrap"]["confidence"] * 100))
+    ax.set_title(f"split {report['split']} ({report['inputs']['n_queries_evaluated']} queries): {SHORT.get(metric, metric)}, "
+                 f"{conf}% CI; red: also human labels", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

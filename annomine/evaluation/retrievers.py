@@ -53,6 +53,8 @@ class ModelSpec:
     source: str
     path: str | None = None
     model_uri: str | None = None
+    # What a trained variant learned from (its pointer's `training_pairs`: examples per source in kept stages).
+    training_pairs: dict | None = None
 
     @property
     def baseline(self) -> bool:
@@ -64,7 +66,8 @@ class ModelSpec:
 
     def as_dict(self) -> dict:
         return {"label": self.label, "kind": self.kind, "source": self.source, "path": self.path,
-                "model_uri": self.model_uri, "baseline": self.baseline, "two_tower": self.two_tower}
+                "model_uri": self.model_uri, "baseline": self.baseline, "two_tower": self.two_tower,
+                "training_pairs": self.training_pairs}
 
 
 @dataclass
@@ -119,11 +122,12 @@ def _from_registry_file(name: str, file: Path, download_root: Path, tracking_uri
         entry = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelSpecError(f"{file}: not a readable model entry: {exc}") from exc
-    path, uri = entry.get("path"), entry.get("model_uri")
+    path, uri, pairs = entry.get("path"), entry.get("model_uri"), entry.get("training_pairs")
     if path and Path(path).exists():
-        return ModelSpec(name, "folder", str(file), path=str(_model_folder(Path(path))), model_uri=uri)
+        return ModelSpec(name, "folder", str(file), path=str(_model_folder(Path(path))), model_uri=uri, training_pairs=pairs)
     if uri:
-        return ModelSpec(name, "folder", str(file), path=str(download_mlflow_model(uri, download_root, tracking_uri)), model_uri=uri)
+        return ModelSpec(name, "folder", str(file), path=str(download_mlflow_model(uri, download_root, tracking_uri)), model_uri=uri,
+                         training_pairs=pairs)
     raise ModelSpecError(f"{file}: neither 'path' ({path!r}) exists nor a 'model_uri' is given")
 
 
