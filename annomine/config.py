@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -57,6 +57,16 @@ class ProjectConfig:
     schema: str = "annomine"
     # Spark Connect URL (sc://...). Empty: SPARK_REMOTE, an active session, or embedded Sail.
     spark_remote: str | None = None
+    # Which engine a process without an active session starts (annomine/spark.py): 'auto' (spark_remote /
+    # SPARK_REMOTE, else embedded Sail) or 'local_jvm' (classic PySpark, `local[N]`, in this process; the
+    # process must be classic: ANNOMINE_SPARK_MODE=classic before annomine is imported).
+    engine: Literal["auto", "local_jvm"] = "auto"
+    spark_master: str = "local[2]"  # the master of a local_jvm session
+    # Extra Spark settings for a session annomine creates (local_jvm), e.g. the Delta packages.
+    spark_conf: dict[str, str] = field(default_factory=dict)
+    # Table folders (no catalog): 'delta' (default; MERGE, versions, time travel) or 'parquet' (versioned
+    # Parquet folders written by annomine itself: for a JVM Spark without the Delta jars; one writer at a time).
+    table_format: Literal["delta", "parquet"] = "delta"
     # MLflow tracking URI; empty means a SQLite store inside the warehouse.
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "annomine"
@@ -65,6 +75,21 @@ class ProjectConfig:
     min_grade: int = 1
     max_grade: int = 4
     segments: SegmentsConfig = field(default_factory=SegmentsConfig)
+
+    def validate(self) -> None:
+        if self.table_format == "parquet" and self.catalog:
+            raise ValueError("table_format 'parquet' keeps tables as folders under the warehouse; "
+                             "it cannot be combined with catalog (catalog tables are Delta)")
+        if self.engine == "local_jvm" and self.spark_remote:
+            raise ValueError("engine 'local_jvm' starts a classic session in this process; spark_remote must be empty")
+        if self.engine == "local_jvm" and self.table_format == "delta" and not any(
+                "delta" in str(self.spark_conf.get(k, "")).lower() for k in ("spark.jars.packages", "spark.jars")):
+            raise ValueError("engine 'local_jvm' with table_format 'delta' needs the Delta jars: set "
+                             "spark_conf {spark.jars.packages: io.delta:delta-spark_4.2_2.13:4.4.1, spark.sql.extensions: "
+                             "io.delta.sql.DeltaSparkSessionExtension, spark.sql.catalog.spark_catalog: "
+                             "org.apache.spark.sql.delta.catalog.DeltaCatalog} (docs/spark_submit.md), or table_format: parquet")
+        if not re.fullmatch(r"local(\[(\*|\d+)(,\s*\d+)?\])?", self.spark_master.strip()):
+            raise ValueError(f"spark_master must be local, local[N] or local[*] (a local_jvm session), got {self.spark_master!r}")
 
     @property
     def warehouse_path(self) -> Path:

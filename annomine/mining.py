@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from annomine.vocabulary import (ANN, BM25, CHANNELS, CLASS_LEVELS, EASY_POSITIVE, HARD_NEGATIVE, HARD_POSITIVE, LEXICAL,
                                  NEGATIVE_CLASSES, POSITIVE_CLASSES, RANDOM_NEGATIVE, TOKEN_SIMILAR_NEGATIVE)
@@ -164,10 +165,17 @@ def split_logs(logs: DataFrame) -> tuple[DataFrame, DataFrame]:
     return marked.where(F.col("_reason").isNull()).drop("_reason"), marked.where(F.col("_reason").isNotNull())
 
 
+RAW_TIMESTAMP_FORMAT = "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX"  # 2026-01-02T12:00:00.000000Z in a UTC session
+
+
 def quarantine_rows(bad: DataFrame, target: str = "mined_candidates", source: str = "retrieval_logs") -> DataFrame:
     """Bad log rows (with `_reason`) in the quarantine table's schema."""
-    raw_cols = [c for c in bad.columns if c != "_reason"]
-    raw = F.to_json(F.struct(*[F.col(c) for c in raw_cols]))
+    raw_cols = [f for f in bad.schema.fields if f.name != "_reason"]
+    # timestamps written by an explicit pattern: to_json's own format differs between engines (Spark:
+    # milliseconds, Sail: microseconds, and Sail ignores the timestampFormat option), and the key hashes it
+    raw = F.to_json(F.struct(*[
+        F.date_format(F.col(f.name), RAW_TIMESTAMP_FORMAT).alias(f.name) if isinstance(f.dataType, T.TimestampType)
+        else F.col(f.name) for f in raw_cols]))
     key = F.concat(F.concat_ws("|", *[F.coalesce(F.col(c).cast("string"), F.lit("")) for c in LOG_KEY]),
                    F.lit("#"), F.substring(F.sha2(raw, 256), 1, 16))
     return bad.select(F.lit(target).alias("target_table"), F.lit(source).alias("source"), key.alias("record_key"),

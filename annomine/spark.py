@@ -4,7 +4,11 @@ Order of preference:
 1. an active session (spark-submit, a Databricks cluster, a notebook);
 2. a Spark Connect endpoint from the config (`project.spark_remote`) or `SPARK_REMOTE`
    (Databricks Connect sets this too);
-3. an embedded Sail server started in this process (the local default: no JVM).
+3. an embedded Sail server started in this process (the local default: no JVM), or, with
+   `project.engine: local_jvm`, a classic local PySpark session (`project.spark_master`, a JVM in this
+   process; what clusters run, without a cluster). A process is either classic or Spark Connect, never
+   both: PySpark decides per call from the environment (`annomine/__init__.py`), so a local_jvm process
+   sets ANNOMINE_SPARK_MODE=classic before annomine is imported.
 
 Job code only uses the Spark Connect-compatible API (DataFrames, SQL, pandas UDFs,
 `mapInPandas`, Delta by `format("delta")`, SQL MERGE), so the same code runs on all three.
@@ -15,9 +19,10 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 
-from annomine.config import ProjectConfig
+from annomine.config import ConfigError, ProjectConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,7 @@ _lock = threading.Lock()
 _embedded_server = None
 _embedded_url = None
 _session = None
+_own_jvm = False  # the session is a local JVM annomine started (stop_embedded stops it)
 
 
 def _active_session():
@@ -124,6 +130,40 @@ def _connect(remote: str):
     return session
 
 
+# A local JVM session's defaults: small plans need few shuffle partitions (200 would be 200 tasks per
+# shuffle on 2 cores), no UI port, UTC like every other session. `project.spark_conf` overrides them.
+LOCAL_JVM_CONF = {
+    "spark.sql.shuffle.partitions": "4",
+    "spark.default.parallelism": "4",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+}
+
+
+def _start_local_jvm(project: ProjectConfig):
+    """A classic `local[N]` session with a JVM in this process (project.engine: local_jvm)."""
+    global _own_jvm
+    if "SPARK_CONNECT_MODE_ENABLED" in os.environ:
+        raise ConfigError("project.engine is 'local_jvm', but this process was started in Spark Connect mode; "
+                          "set ANNOMINE_SPARK_MODE=classic in the environment before annomine is imported")
+    # the Python workers of pandas UDFs: this interpreter (its venv has annomine), unless the user chose one
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.master(project.spark_master).appName(f"annomine-{project.name}")
+    for key, value in {**LOCAL_JVM_CONF, **project.spark_conf}.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    from annomine.quiet import env_verbose
+    session.sparkContext.setLogLevel("INFO" if env_verbose() else "ERROR")  # classic only: the JVM's own logs
+    _own_jvm = True
+    log.info("local JVM Spark %s session (%s)", session.version, project.spark_master)
+    return session
+
+
 def get_spark(project: ProjectConfig | None = None):
     """The session for this process (created once and reused)."""
     global _session
@@ -140,6 +180,9 @@ def get_spark(project: ProjectConfig | None = None):
                 return _session
         from pyspark.sql import SparkSession
 
+        if project is not None and project.engine == "local_jvm":
+            _session = _start_local_jvm(project)
+            return _session
         remote = (project.spark_remote if project else None) or os.environ.get("SPARK_REMOTE") or _submit_remote()
         if not remote and _classic_driver():
             # spark-submit / Databricks: the session of the cluster the driver was started on.
@@ -163,9 +206,16 @@ def is_embedded() -> bool:
 
 
 def stop_embedded() -> None:
-    """Stop the session and the embedded server (tests and CLI exit call this)."""
-    global _embedded_server, _session
+    """Stop the session and the embedded server, or the local JVM annomine started (tests and CLI exit
+    call this). A session annomine joined (spark-submit, Databricks) is left alone."""
+    global _embedded_server, _session, _own_jvm
     with _lock:
+        if _session is not None and _own_jvm:
+            try:
+                _session.stop()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+            _session, _own_jvm = None, False
         if _session is not None and _embedded_server is not None:
             try:
                 _session.stop()

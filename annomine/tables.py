@@ -2,7 +2,9 @@
 
 Embedded (no `project.catalog`): each table is a Delta folder `<warehouse>/<schema>/<table>`,
 registered at start-up as `<schema>.<table>` (Sail's catalog lives in memory). On Unity Catalog
-(`project.catalog` set): tables are `<catalog>.<schema>.<table>`.
+(`project.catalog` set): tables are `<catalog>.<schema>.<table>`. With `project.table_format: parquet`
+(a JVM Spark without the Delta jars) a table folder holds versioned Parquet (annomine.parquet_tables)
+and MERGE, append and delete are emulated by rewriting the table as its next version.
 
 Writes are idempotent: a whole-table overwrite, or a SQL MERGE on the table's key. Dynamic
 partition overwrite is never used (Sail ignores it and overwrites everything). Every write is
@@ -21,6 +23,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
+from annomine import parquet_tables
 from annomine.config import ProjectConfig
 from annomine.errors import MissingInputError
 from annomine.schemas import TABLES, TableSpec
@@ -61,6 +64,8 @@ class TableStore:
         self.spark = spark
         self.project = project
         self.unity_catalog = bool(project.catalog)
+        self.format = project.table_format  # 'delta' or 'parquet' (folders only: ProjectConfig.validate)
+        self.parquet = self.format == "parquet" and not self.unity_catalog
 
     # ---- names and locations -------------------------------------------------------------
     def spec(self, name: str) -> TableSpec:
@@ -74,12 +79,14 @@ class TableStore:
         return f"{self.project.schema}.{name}"
 
     def location(self, name: str) -> Path:
-        """Delta folder of a table (embedded engine only)."""
+        """Folder of a table (no catalog): Delta, or versioned Parquet."""
         return self.project.warehouse_path / self.project.schema / name
 
     def exists(self, name: str) -> bool:
         if self.unity_catalog:
             return bool(self.spark.catalog.tableExists(self.qualified_name(name)))
+        if self.parquet:
+            return parquet_tables.exists(self.location(name))
         return (self.location(name) / "_delta_log").is_dir()
 
     def register_all(self) -> list[str]:
@@ -99,6 +106,13 @@ class TableStore:
         if self.unity_catalog:
             return
         self.spark.sql(f"CREATE SCHEMA IF NOT EXISTS {self.project.schema}")
+        if self.parquet:
+            # every version is its own folder: point the catalog entry at the current one (an external
+            # table: dropping the entry leaves the files)
+            self.spark.sql(f"DROP TABLE IF EXISTS {self.qualified_name(name)}")
+            self.spark.sql(f"CREATE TABLE {self.qualified_name(name)} ({parquet_tables.ddl(self.spec(name).schema)}) "
+                           f"USING parquet LOCATION '{parquet_tables.data_path(self.location(name))}'")
+            return
         self.spark.sql(
             f"CREATE TABLE IF NOT EXISTS {self.qualified_name(name)} USING delta LOCATION '{self.location(name)}'"
         )
@@ -112,12 +126,16 @@ class TableStore:
             )
         if self.unity_catalog:
             return self.spark.table(self.qualified_name(name))
+        if self.parquet:
+            return parquet_tables.read(self.spark, self.location(name), self.spec(name).schema)
         return self.spark.read.format("delta").load(str(self.location(name)))
 
     def version(self, name: str) -> int | None:
-        """Current Delta version of a table, or None when it does not exist."""
+        """Current version of a table (Delta's, or the Parquet pointer's), or None when it does not exist."""
         if not self.exists(name):
             return None
+        if self.parquet:
+            return parquet_tables.version(self.location(name))
         if self.unity_catalog:
             row = self.spark.sql(f"DESCRIBE HISTORY {self.qualified_name(name)} LIMIT 1").collect()[0]
             return int(row["version"])
@@ -138,11 +156,33 @@ class TableStore:
     def overwrite(self, name: str, df: DataFrame) -> None:
         """Replace the whole table with `df` (idempotent)."""
         df = self.conform(name, df)
-        if self.unity_catalog:
+        if self.parquet:
+            parquet_tables.write(df, self.location(name))
+            self._register(name)
+        elif self.unity_catalog:
             df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").saveAsTable(self.qualified_name(name))
         else:
             df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(str(self.location(name)))
             self._register(name)
+
+    def append(self, name: str, df: DataFrame) -> None:
+        """Add rows to the table (created when missing); the caller keeps the key unique."""
+        self.ensure(name)
+        df = self.conform(name, df)
+        if self.parquet:
+            self.overwrite(name, self.read(name).unionByName(df))
+        elif self.unity_catalog:
+            df.write.format("delta").mode("append").saveAsTable(self.qualified_name(name))
+        else:
+            df.write.format("delta").mode("append").save(str(self.location(name)))
+
+    def delete_where(self, name: str, condition: str) -> None:
+        """Delete the rows for which the SQL `condition` holds (the table is created when missing)."""
+        self.ensure(name)
+        if self.parquet:
+            self.overwrite(name, self.read(name).where(f"NOT coalesce(({condition}), false)"))
+        else:
+            self.spark.sql(f"DELETE FROM {self.qualified_name(name)} WHERE {condition}").collect()
 
     def ensure(self, name: str) -> None:
         """Create the table empty when it does not exist."""
@@ -163,6 +203,11 @@ class TableStore:
         spec = self.spec(name)
         df = self.conform(name, df).dropDuplicates(list(spec.key))
         self.ensure(name)
+        if self.parquet:
+            merged, changes = self._merged(name, df, update, update_if)
+            if changes.limit(1).count():  # like a Delta MERGE on Sail: nothing to change, no new version
+                self.overwrite(name, merged)
+            return
         view = f"annomine_src_{name}_{uuid.uuid4().hex[:8]}"
         df.createOrReplaceTempView(view)
         condition = " AND ".join(f"t.{k} <=> s.{k}" for k in spec.key)
@@ -184,3 +229,22 @@ class TableStore:
                     time.sleep(delay)
         finally:
             self.spark.catalog.dropTempView(view)
+
+    def _merged(self, name: str, source: DataFrame, update: bool, update_if: str | None) -> tuple[DataFrame, DataFrame]:
+        """What MERGE would leave in the table, as a DataFrame (the Parquet format's MERGE): target rows
+        without a match, matches (the source row where the update applies, else the target row), and
+        source rows without a match; and the keys MERGE would update or insert."""
+        from pyspark.sql import functions as F
+
+        spec = self.spec(name)
+        t, s = self.read(name).alias("t"), source.alias("s")
+        on = F.expr(" AND ".join(f"t.{k} <=> s.{k}" for k in spec.key))
+        take_source = F.expr(f"({update_if})") if update and update_if else F.lit(bool(update))
+        pairs = t.join(s, on, "inner")
+        matched = pairs.select(*[
+            F.when(take_source, F.col(f"s.{c}")).otherwise(F.col(f"t.{c}")).alias(c) for c in spec.columns])
+        kept = t.join(s, on, "left_anti").select(*spec.columns)
+        inserted = s.join(t, F.expr(" AND ".join(f"s.{k} <=> t.{k}" for k in spec.key)), "left_anti").select(*spec.columns)
+        keys = [F.col(f"s.{k}").alias(k) for k in spec.key]
+        changes = pairs.where(F.coalesce(take_source, F.lit(False))).select(*keys).unionByName(inserted.select(*spec.key))
+        return kept.unionByName(matched).unionByName(inserted), changes

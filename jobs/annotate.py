@@ -10,8 +10,17 @@ failed. A pair on which a tier failed keeps a null grade and the error naming th
 stops with an error when a tier fails more than `max_tier_failure_share` of the pairs sent to it,
 and at once, writing nothing more, when an endpoint refuses the key. One annotate runs per
 warehouse at a time (annomine/locks.py). With `cascade.loopback.embedded` the job starts the
-loopback OpenAI-compatible server itself (demo and tests); otherwise tiers 2-3 call the configured
+loopback OpenAI-compatible server itself (tests); a tier with `server: local` gets a llama.cpp server
+the job starts and stops (annomine/judges/local_server.py); otherwise tiers 2-3 call the configured
 endpoints with the key from the env var (or secret scope) named in the config.
+
+With `llm_budget` (LLM tier calls per run), escalation is a second pass: the chunks are graded by
+tier 1, the pairs it is unsure of are stored with its grade and `escalation = 'budget'`, and then the
+least confident of those (lowest calibrated tier-1 confidence first, from this run and earlier ones)
+are escalated, chunk by chunk, until the budget is spent; each is replaced by MERGE (a 'budget' row,
+like a failed one, may be replaced). What is left keeps tier 1's grade and is escalated by a later run.
+Without a budget, pairs escalate as they are graded, and 'budget' rows left by earlier runs are
+escalated too.
 """
 
 from __future__ import annotations
@@ -69,6 +78,9 @@ class AnnotateConfig:
     max_tier_failure_share: float = 0.05
     # When another annotate holds this warehouse: wait this long for it, then stop naming it.
     lock_wait_s: float = 0.0
+    # LLM tier calls (pairs sent to tier 2 or 3; HTTP retries not counted) per run, spent on the pairs tier 1 is
+    # least sure of; the rest keep tier 1's grade with escalation 'budget' for a later run. None: unlimited.
+    llm_budget: int | None = None
 
     def validate(self) -> None:
         if self.chunk_size < 1 or self.partitions < 1 or self.max_attempts < 1:
@@ -79,21 +91,35 @@ class AnnotateConfig:
             raise ValueError("max_tier_failure_share must be in [0, 1]")
         if self.lock_wait_s < 0:
             raise ValueError("lock_wait_s must be >= 0")
+        if self.llm_budget is not None and self.llm_budget < 0:
+            raise ValueError("llm_budget must be >= 0 (or empty: unlimited)")
 
 
 CONFIG_CLASS = AnnotateConfig
 
 
-def add_attempts_column(ctx: JobContext) -> None:
-    """Give an `annotations` table written before the `attempts` column existed that column (1: tried once)."""
-    if ctx.tables.exists("annotations") and "attempts" not in ctx.tables.read("annotations").columns:
-        log.info("annotate: adding the attempts column to the annotations table (every row tried once)")
-        ctx.tables.overwrite("annotations", ctx.tables.read("annotations").withColumn("attempts", F.lit(1).cast("int")))
+# Columns added to `annotations` after it was first written, with the value old rows get.
+ADDED_COLUMNS = {"attempts": F.lit(1).cast("int"), "escalation": F.lit(None).cast("string")}
+# A row a later run may replace: a failed one, or one whose escalation the budget deferred.
+REPLACEABLE = "t.error IS NOT NULL OR t.escalation = 'budget'"
 
 
-def pairs_to_grade(ctx: JobContext, cfg: AnnotateConfig, judge_version: str):
-    """(query_id, product_id, query, text, prior_attempts) of the source pairs this judge version has not
-    annotated yet, or whose annotation failed in fewer than `max_attempts` runs (with `retry_errors`)."""
+def add_missing_columns(ctx: JobContext) -> None:
+    """Give an `annotations` table written before a column existed that column (attempts 1: tried once; escalation null)."""
+    if not ctx.tables.exists("annotations"):
+        return
+    columns = ctx.tables.read("annotations").columns
+    missing = [c for c in ADDED_COLUMNS if c not in columns]
+    if missing:
+        log.info("annotate: adding the column(s) %s to the annotations table", missing)
+        df = ctx.tables.read("annotations")
+        for c in missing:
+            df = df.withColumn(c, ADDED_COLUMNS[c])
+        ctx.tables.overwrite("annotations", df)
+
+
+def source_pairs(ctx: JobContext, cfg: AnnotateConfig):
+    """(query_id, product_id, query, text) of every source pair."""
     src = ctx.tables.read(cfg.source)
     missing = [c for c in KEY if c not in src.columns]
     if missing:
@@ -104,7 +130,13 @@ def pairs_to_grade(ctx: JobContext, cfg: AnnotateConfig, judge_version: str):
         pairs = src.select(*KEY).join(ctx.tables.read("queries").select("query_id", "query"), "query_id", "left")
     pairs = pairs.dropDuplicates(KEY)
     products = ctx.tables.read("products").select("product_id", "text")
-    pairs = pairs.join(products, "product_id", "left").select("query_id", "product_id", "query", "text")
+    return pairs.join(products, "product_id", "left").select("query_id", "product_id", "query", "text")
+
+
+def pairs_to_grade(ctx: JobContext, cfg: AnnotateConfig, judge_version: str):
+    """(query_id, product_id, query, text, prior_attempts) of the source pairs this judge version has not
+    annotated yet, or whose annotation failed in fewer than `max_attempts` runs (with `retry_errors`)."""
+    pairs = source_pairs(ctx, cfg)
     if not ctx.tables.exists("annotations"):
         return pairs.withColumn("prior_attempts", F.lit(0))
     done = (ctx.tables.read("annotations").filter(F.col("judge_version") == judge_version)
@@ -113,6 +145,29 @@ def pairs_to_grade(ctx: JobContext, cfg: AnnotateConfig, judge_version: str):
     pairs = pairs.join(done, KEY, "left").filter(F.col("prior_attempts").isNull() | retry)
     return pairs.select("query_id", "product_id", "query", "text",
                         F.coalesce(F.col("prior_attempts"), F.lit(0)).cast("int").alias("prior_attempts"))
+
+
+def deferred_pairs(ctx: JobContext, cfg: AnnotateConfig, judge_version: str, limit: int):
+    """The `limit` pairs of this judge version whose escalation a budget deferred, least confident first, as
+    (query_id, product_id, query, text, prior_attempts); a budget escalation is not a new attempt."""
+    if not ctx.tables.exists("annotations"):
+        return None
+    waiting = (ctx.tables.read("annotations")
+               .filter((F.col("judge_version") == judge_version) & (F.col("escalation") == "budget") & F.col("error").isNull())
+               .orderBy(F.col("confidence").asc_nulls_first(), "query_id", "product_id").limit(int(limit))
+               .select(*KEY, "confidence", (F.coalesce(F.col("attempts"), F.lit(1)) - 1).cast("int").alias("prior_attempts"))
+               .toPandas())
+    if waiting.empty:
+        return None
+    keys = ctx.spark.createDataFrame(waiting[KEY + ["prior_attempts"]], "query_id string, product_id string, prior_attempts int")
+    return source_pairs(ctx, cfg).join(keys, KEY, "inner")
+
+
+def count_deferred(ctx: JobContext, judge_version: str) -> int:
+    if not ctx.tables.exists("annotations"):
+        return 0
+    return int(ctx.tables.read("annotations").filter((F.col("judge_version") == judge_version)
+                                                     & (F.col("escalation") == "budget")).count())
 
 
 def whole_queries(ctx: JobContext, pairs, limit: int):
@@ -176,12 +231,95 @@ def run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
         return _run(ctx, cfg)
 
 
-def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
-    from tqdm import tqdm
+class _Run:
+    """One annotate run's chunk loop: grade a chunk in the pandas UDF, MERGE it, keep the summary."""
 
+    def __init__(self, ctx: JobContext, cfg: AnnotateConfig, cascade, version: str, partitions: int, per_partition: int):
+        from spark_udfs.annotation import EXTRA_FIELDS, output_schema
+
+        self.ctx, self.cfg, self.cascade, self.version = ctx, cfg, cascade, version
+        self.partitions, self.per_partition = partitions, per_partition
+        self.schema = output_schema()
+        self.extra = [f.name for f in EXTRA_FIELDS]
+        self.llm_names = cascade.llm_tier_names
+        self.stats = {"pairs": 0, "graded": 0, "errors": 0, "retried": 0, "chunks": 0, "llm_requests": 0, "by_tier": {},
+                      "tiers": {}, "escalation": {"llm_budget": cfg.llm_budget, "llm_calls": 0,
+                                                  "llm_calls_per_tier": {n: 0 for n in self.llm_names},
+                                                  "escalated_pairs": 0, "deferred_by_budget": 0}}
+        # last outcome per pair in this run (a deferred pair is decided again when it escalates):
+        # (deciding tier, graded, failed, retried)
+        self.decided: dict[tuple, tuple] = {}
+        self.failure = None
+
+    def grade(self, chunk, llm_budget: int | None, partitions: int, concurrency: int) -> dict | None:
+        """Grade and commit one chunk; its per-tier counts (None when it was empty)."""
+        from spark_udfs.annotation import make_annotator
+
+        annotator = make_annotator(self.cascade, self.version, concurrency, llm_budget)
+        graded = chunk.repartition(partitions).mapInPandas(annotator, self.schema).toPandas()
+        if graded.empty:
+            return None
+        chunk_tiers = tier_counts(graded["tier_outputs"])
+        refused = refused_key(self.cascade, chunk_tiers)
+        if refused is not None:
+            raise refused
+        rows = self.ctx.spark.createDataFrame(graded.drop(columns=self.extra), schema=self.ctx.tables.spec("annotations").schema)
+        self.ctx.tables.merge("annotations", rows, update_if=REPLACEABLE)  # only a failed or deferred row is replaced
+        st = self.stats
+        st["llm_requests"] += int(graded["llm_requests"].fillna(0).sum())
+        st["chunks"] += 1
+        esc = st["escalation"]
+        esc["llm_calls"] += int(graded["llm_calls"].fillna(0).sum())
+        for name in self.llm_names:
+            esc["llm_calls_per_tier"][name] += int(chunk_tiers.get(name, {}).get("pairs", 0))
+        for q, p, d, g, e, a in zip(graded["query_id"], graded["product_id"], graded["deciding_tier"].fillna("error"),
+                                    graded["grade"].notna(), graded["error"].notna(), graded["attempts"] > 1):
+            self.decided[(q, p)] = (d, bool(g), bool(e), bool(a))
+        esc["escalated_pairs"] += int((graded["escalation"] == "escalated").sum())
+        add_tier_counts(st["tiers"], chunk_tiers)
+        log.info("annotate: chunk committed (%d pairs, %d failed, %d LLM calls)", len(graded),
+                 int(graded["error"].notna().sum()), int(graded["llm_calls"].fillna(0).sum()))
+        self.failure = tier_failure(st["tiers"], self.cfg.max_tier_failure_share, MIN_PAIRS_TO_STOP_EARLY)
+        return {"llm_calls": int(graded["llm_calls"].fillna(0).sum()), "pairs": len(graded),
+                "still_deferred": int((graded["escalation"] == "budget").sum())}
+
+    def first_pass(self, pairs, n: int) -> None:
+        """Every pair to grade, chunk by chunk; with a budget, tier 1 only (unsure pairs deferred)."""
+        from tqdm import tqdm
+
+        n_chunks = max(1, math.ceil(n / self.cfg.chunk_size))
+        keyed = pairs.withColumn("_chunk", F.pmod(F.hash("query_id", "product_id"), F.lit(n_chunks)))
+        budget = 0 if self.cfg.llm_budget is not None else None
+        for c in tqdm(range(n_chunks if n else 0), desc="annotate", unit="chunk", mininterval=5):
+            chunk = keyed.filter(F.col("_chunk") == c).drop("_chunk")
+            # Materialise the graded chunk once (each pair is sent to the LLMs exactly once), then MERGE it.
+            self.grade(chunk, budget, self.partitions, self.per_partition)
+            if self.failure:
+                return
+
+    def escalate_deferred(self) -> None:
+        """Spend the budget on the deferred pairs, least confident first (unlimited without a budget)."""
+        if not self.llm_names:
+            return
+        remaining = self.cfg.llm_budget
+        while (remaining is None or remaining > 0) and not self.failure:
+            take = self.cfg.chunk_size if remaining is None else min(self.cfg.chunk_size, remaining)
+            chunk = deferred_pairs(self.ctx, self.cfg, self.version, take)
+            if chunk is None:
+                return
+            if remaining is None:
+                done = self.grade(chunk, None, self.partitions, self.per_partition)
+            else:  # one partition: the chunk's budget holds across it
+                done = self.grade(chunk, remaining, 1, self.cascade.concurrency * self.partitions)
+            if done is None or (done["llm_calls"] == 0 and done["still_deferred"] == done["pairs"]):
+                return
+            if remaining is not None:
+                remaining -= done["llm_calls"]
+
+
+def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
     from annomine.judges.cascade import Cascade
     from annomine.judges.store import resolve_judge
-    from spark_udfs.annotation import EXTRA_FIELDS, make_annotator, output_schema
 
     project = ctx.project
     grades = list(range(project.min_grade, project.max_grade + 1))
@@ -189,53 +327,36 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
     partitions = min(cfg.partitions, cfg.cascade.max_concurrency_total)
     per_partition = cfg.cascade.max_concurrency_total // partitions
     started = time.time()
-    stats = {"pairs": 0, "graded": 0, "errors": 0, "retried": 0, "chunks": 0, "llm_requests": 0, "by_tier": {}, "tiers": {}}
-    add_attempts_column(ctx)
+    add_missing_columns(ctx)
     with Cascade.open(cfg.cascade, folder, grades, project.warehouse, concurrency=per_partition) as cascade:
         version = cascade.version
-        stats["judge_version"] = version
         pairs = pairs_to_grade(ctx, cfg, version)
         if cfg.limit is not None:
             pairs = whole_queries(ctx, pairs, cfg.limit)
         n = pairs.count()
+        job = _Run(ctx, cfg, cascade, version, partitions, per_partition)
+        stats = job.stats
+        stats["judge_version"] = version
         stats["missing"] = n
-        log.info("annotate: %d pairs to grade with judge %s (tiers %s), %d per chunk", n, version, cascade.tier_names, cfg.chunk_size)
-        if n == 0:
-            ctx.tables.ensure("annotations")
-        n_chunks = max(1, math.ceil(n / cfg.chunk_size))
-        keyed = pairs.withColumn("_chunk", F.pmod(F.hash("query_id", "product_id"), F.lit(n_chunks)))
-        annotator = make_annotator(cascade, version, per_partition)
-        schema = output_schema()
-        extra = [f.name for f in EXTRA_FIELDS]
-        failure = None
-        for c in tqdm(range(n_chunks if n else 0), desc="annotate", unit="chunk", mininterval=5):
-            chunk = keyed.filter(F.col("_chunk") == c).drop("_chunk").repartition(partitions)
-            # Materialise the graded chunk once (each pair is sent to the LLMs exactly once), then MERGE it.
-            graded = chunk.mapInPandas(annotator, schema).toPandas()
-            if graded.empty:
-                continue
-            chunk_tiers = tier_counts(graded["tier_outputs"])
-            refused = refused_key(cascade, chunk_tiers)
-            if refused is not None:
-                raise refused
-            rows = ctx.spark.createDataFrame(graded.drop(columns=extra), schema=ctx.tables.spec("annotations").schema)
-            ctx.tables.merge("annotations", rows, update_if="t.error IS NOT NULL")  # only a failed row is replaced
-            stats["llm_requests"] += int(graded["llm_requests"].fillna(0).sum())
-            stats["chunks"] += 1
-            stats["pairs"] += len(graded)
-            stats["graded"] += int(graded["grade"].notna().sum())
-            stats["errors"] += int(graded["error"].notna().sum())
-            stats["retried"] += int((graded["attempts"] > 1).sum())
-            for tier, count in graded["deciding_tier"].fillna("error").value_counts().items():
-                stats["by_tier"][tier] = stats["by_tier"].get(tier, 0) + int(count)
-            add_tier_counts(stats["tiers"], chunk_tiers)
-            log.info("annotate: chunk %d/%d committed (%d pairs, %d failed)", c + 1, n_chunks, len(graded),
-                     int(graded["error"].notna().sum()))
-            failure = tier_failure(stats["tiers"], cfg.max_tier_failure_share, MIN_PAIRS_TO_STOP_EARLY)
-            if failure:
-                break
+        log.info("annotate: %d pairs to grade with judge %s (tiers %s), %d per chunk, LLM budget %s", n, version,
+                 cascade.tier_names, cfg.chunk_size, "unlimited" if cfg.llm_budget is None else cfg.llm_budget)
+        ctx.tables.ensure("annotations")
+        job.first_pass(pairs, n)
+        job.escalate_deferred()
+        stats["escalation"]["deferred_by_budget"] = count_deferred(ctx, version)
+        stats["escalation"]["combiner"] = sorted(cascade.combiner.paths) if cascade.combiner else []
+        stats["escalation"]["escalated_pairs_decided_by"] = ("the combination of the consulted tiers" if cascade.combiner
+                                                             else f"{cascade.tier_names[0]} (no fitted combination)")
+        outcomes = list(job.decided.values())
+        stats["pairs"] = len(outcomes)
+        stats["graded"] = sum(o[1] for o in outcomes)
+        stats["errors"] = sum(o[2] for o in outcomes)
+        stats["retried"] = sum(o[3] for o in outcomes)
+        for tier, count in pd.Series([o[0] for o in outcomes], dtype=object).value_counts().items():
+            stats["by_tier"][tier] = int(count)
         if cascade.server is not None:
             stats["llm_server"] = cascade.server.stats
+        failure = job.failure
     elapsed = time.time() - started
     stats["seconds"] = round(elapsed, 2)
     stats["pairs_per_s"] = round(stats["pairs"] / elapsed, 2) if elapsed > 0 else None

@@ -159,19 +159,11 @@ def build_retriever(channel: str, ctx: JobContext, products: pd.DataFrame, cfg: 
 
 def append_logs(ctx: JobContext, df) -> None:
     """Append rows (already unique on the key by construction) to retrieval_logs."""
-    tables = ctx.tables
-    tables.ensure("retrieval_logs")
-    df = tables.conform("retrieval_logs", df)
-    if tables.unity_catalog:
-        df.write.format("delta").mode("append").saveAsTable(tables.qualified_name("retrieval_logs"))
-    else:
-        df.write.format("delta").mode("append").save(str(tables.location("retrieval_logs")))
+    ctx.tables.append("retrieval_logs", df)
 
 
 def delete_run_rows(ctx: JobContext, run_id: str, channel: str) -> None:
-    ctx.tables.ensure("retrieval_logs")
-    ctx.spark.sql(f"DELETE FROM {ctx.tables.qualified_name('retrieval_logs')} "
-                  f"WHERE run_id = '{run_id}' AND channel = '{channel}'").collect()
+    ctx.tables.delete_where("retrieval_logs", f"run_id = '{run_id}' AND channel = '{channel}'")
 
 
 def pending_queries(ctx: JobContext, queries: pd.DataFrame, run_id: str, channel: str, source: str, refresh: bool) -> pd.DataFrame:

@@ -85,7 +85,8 @@ def _load(ctx: JobContext, table: str, good, quarantined, read_count: int) -> st
     ctx.tables.merge(table, good)
     ctx.tables.merge("quarantine", quarantined)
     loaded = good.count()
-    reasons = quarantined.groupBy("reason").count().orderBy(F.desc("count")).collect()
+    # ties broken by the reason: the report reads the same on every engine and every run
+    reasons = quarantined.groupBy("reason").count().orderBy(F.desc("count"), "reason").collect()
     return _report(table, read_count, loaded, sum(r["count"] for r in reasons), reasons)
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,11 @@ class JudgeConfig:
     calibration_fraction: float = 0.25
     # Calibrated agreement a tier must reach on a class to settle a pair without escalating.
     target_agreement: float = 0.9
+    # LLM tiers are calibrated (and the combiner fitted) on at most this many calibration pairs: those tier 1 is
+    # least sure of, as those are what escalates (None: every calibration pair).
+    llm_calibration_pairs: int | None = 300
+    # The combination of the tiers' distributions is kept only when its out-of-fold QWK beats tier 1 alone by this.
+    combiner_min_gain: float = 0.01
     # After the decision rule, cut-points and calibration are fitted on the calibration queries (with a model
     # trained on the train queries), train once more on train + calibration queries and keep those fits:
     # every open training query teaches the final model (twice the training time).
@@ -67,6 +73,8 @@ class JudgeConfig:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         if not 0.0 < self.target_agreement <= 1.0:
             raise ValueError(f"target_agreement must be in (0, 1], got {self.target_agreement}")
+        if self.llm_calibration_pairs is not None and self.llm_calibration_pairs < 1:
+            raise ValueError(f"llm_calibration_pairs must be >= 1 (or empty: all), got {self.llm_calibration_pairs}")
 
 
 CONFIG_CLASS = JudgeConfig
@@ -292,15 +300,20 @@ def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None
     cal = pairs[pairs.split == "calibration"].reset_index(drop=True)
     folder = resolve_judge(project.warehouse, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     with Cascade.open(cfg.cascade, folder, grades, project.warehouse) as cascade:
-        stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only)
+        stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only, llm_pairs=cfg.llm_calibration_pairs,
+                                  combine=cfg.cascade.combine, min_gain=cfg.combiner_min_gain)
     print(json.dumps(stats, indent=2, default=float))
     return stats
 
 
 def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None, judge: str | None = None,
-             split: str = "all") -> dict:
+             split: str = "all", llm_alone_pairs: int = 0, llm_budget: int | None = None) -> dict:
+    """Grade the split's labelled pairs with the cascade: its metrics, the first tier alone, the share decided per
+    tier and the LLM calls; with `llm_alone_pairs`, each LLM tier alone on that many (seeded) pairs too, next to the
+    first tier on the same pairs. `llm_budget`: at most that many LLM calls in the cascade pass, on the pairs the
+    first tier is least sure of (the others keep its grade, as in `annotate.llm_budget`)."""
     from annomine.judges.cascade import Cascade, cascade_metrics
-    from annomine.judges.data import assign_splits
+    from annomine.judges.data import assign_splits, grading_metrics
     from annomine.judges.store import resolve_judge
 
     grades = grades_of(project)
@@ -312,14 +325,30 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     folder = resolve_judge(project.warehouse, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     started = time.time()
     with Cascade.open(cfg.cascade, folder, grades, project.warehouse) as cascade:
-        graded = cascade.grade_frame(pairs[["query_id", "query", "product_id", "text"]], progress=True)
+        graded = cascade.grade_frame(pairs[["query_id", "query", "product_id", "text"]], progress=True, llm_budget=llm_budget)
         result = cascade_metrics(pairs["grade"].to_numpy(), graded, grades)
         result["judge_version"] = cascade.version
         result["tiers"] = cascade.tier_names
+        result["llm_budget"] = llm_budget
+        result["escalated_pairs_decided_by"] = ("the combination " + ", ".join(sorted(cascade.combiner.paths))
+                                                if cascade.combiner else f"{cascade.tier_names[0]} (no fitted combination)")
+        result["seconds"] = round(time.time() - started, 2)
+        if llm_alone_pairs and cascade.llm_tier_names:
+            sample = pairs.sample(n=min(llm_alone_pairs, len(pairs)), random_state=project.seed).reset_index(drop=True)
+            qt = list(zip(sample["query"].astype(str), sample["text"].astype(str)))
+            alone = {}
+            for tier in cascade.tiers:
+                t0 = time.time()
+                res = tier.grade_many(qt, cascade.concurrency)
+                m = grading_metrics(sample["grade"].to_numpy(), [r.grade for r in res], grades)
+                alone[tier.name] = {"pairs": len(qt), "exact_agreement": m["exact_agreement"],
+                                    "quadratic_weighted_kappa": m["quadratic_weighted_kappa"], "n_graded": m["n_graded"],
+                                    "pairs_per_s": round(len(qt) / max(time.time() - t0, 1e-9), 2),
+                                    "confidence_sources": dict(Counter(str(r.confidence_source) for r in res))}
+            result["tiers_alone_on_sample"] = alone
     result["split"] = split
     result["n_queries"] = int(pairs.query_id.nunique())
-    result["seconds"] = round(time.time() - started, 2)
-    result["pairs_per_s"] = round(len(pairs) / max(time.time() - started, 1e-9), 1)
+    result["pairs_per_s"] = round(len(pairs) / max(result["seconds"], 1e-9), 1)  # the cascade's own pass
     print(json.dumps(result, indent=2, default=float))
     return result
 
@@ -348,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="eval: grade only this split of the labelled queries (default: all)")
     parser.add_argument("--tier1-only", action="store_true", help="eval/calibrate with tier 1 alone (tiers 2-3 disabled)")
     parser.add_argument("--tiers", help="calibrate: only these tiers, e.g. tier2,tier3 (default: every enabled tier)")
+    parser.add_argument("--llm-alone", type=int, default=0, metavar="N",
+                        help="eval: also grade N (seeded) pairs with each tier alone (the LLM tiers' own quality)")
+    parser.add_argument("--llm-budget", type=int, default=None, metavar="N",
+                        help="eval: at most N LLM calls in the cascade, on the pairs tier 1 is least sure of")
     args = parser.parse_args(argv)
     project, cfg = load(args, "judge", JudgeConfig)
     given = [args.queries, args.labels, args.products]
@@ -361,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "calibrate":
         calibrate(project, cfg, files, args.judge, args.tiers.split(",") if args.tiers else None)
     else:
-        evaluate(project, cfg, files, args.judge, args.split)
+        evaluate(project, cfg, files, args.judge, args.split, args.llm_alone, args.llm_budget)
     return 0
 
 

@@ -2,7 +2,7 @@
 
     annomine llm-server [--port 8011] [--latency-ms 200] [--faults 429=0.1,500=0.05,slow=0.05,malformed=0.05,truncated=0.05]
 
-For tests and the demo (no real LLM is reachable here): a command line over the server in
+The test double (fault injection, no model; `annomine llm-serve` runs a real local model): a command line over the server in
 annomine/judges/loopback_server.py, which a job also starts itself with `cascade.loopback.embedded`.
 It answers `POST /v1/chat/completions` with a deterministic grade (the share of the query's words
 found in the product text), obeys an "answer N" written outside the prompt's data block like a

@@ -18,11 +18,12 @@ from pyspark.sql import types as T
 
 from annomine.schemas import ANNOTATIONS
 
-EXTRA_FIELDS = [T.StructField("n_tiers", T.IntegerType(), True), T.StructField("llm_requests", T.IntegerType(), True)]
+EXTRA_FIELDS = [T.StructField("n_tiers", T.IntegerType(), True), T.StructField("llm_calls", T.IntegerType(), True),
+                T.StructField("llm_requests", T.IntegerType(), True)]
 
 
 def output_schema() -> T.StructType:
-    """The annotations schema plus two run statistics (tiers consulted, LLM HTTP attempts)."""
+    """The annotations schema plus three run statistics (tiers consulted, LLM tier calls, LLM HTTP attempts)."""
     return T.StructType(list(ANNOTATIONS.schema.fields) + EXTRA_FIELDS)
 
 
@@ -43,20 +44,29 @@ def to_annotation_rows(graded: pd.DataFrame, judge_version: str, annotated_at: p
         "annotated_at": annotated_at or pd.Timestamp.now(tz="UTC").tz_localize(None),
         "attempts": pd.array(graded["prior_attempts"].fillna(0).astype("int64") + 1 if "prior_attempts" in graded
                              else [1] * len(graded), dtype="Int32"),
+        "escalation": graded["escalation"].astype(object) if "escalation" in graded else None,
         "n_tiers": pd.array(graded["n_tiers"].astype("int64"), dtype="Int32"),
+        "llm_calls": pd.array(graded["llm_calls"].astype("int64"), dtype="Int32"),
         "llm_requests": pd.array(graded["llm_requests"].astype("int64"), dtype="Int32"),
     })
     return out
 
 
-def make_annotator(cascade, judge_version: str, concurrency: int) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """`df.mapInPandas(make_annotator(...), output_schema())` over (query_id, product_id, query, text)."""
+def make_annotator(cascade, judge_version: str, concurrency: int,
+                   llm_budget: int | None = None) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """`df.mapInPandas(make_annotator(...), output_schema())` over (query_id, product_id, query, text).
+
+    `llm_budget`: LLM tier calls this function may make over all its batches (the least confident pairs of
+    each batch first); the job runs a budgeted chunk as one partition, so that is the chunk's budget."""
 
     def annotate(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        remaining = llm_budget
         for pdf in batches:
             if pdf.empty:
                 continue
-            graded = cascade.grade_frame(pdf, concurrency=concurrency)
+            graded = cascade.grade_frame(pdf, concurrency=concurrency, llm_budget=remaining)
+            if remaining is not None:
+                remaining = max(0, remaining - int(graded["llm_calls"].sum()))
             yield to_annotation_rows(graded, judge_version)
 
     return annotate

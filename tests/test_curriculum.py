@@ -48,11 +48,11 @@ def build_world(ctx, n_queries: int = 12):
                 mined.append((qid, query, pid, None, None, None, None, None, None, 1, 1, 1, 0, 0.5, cls, level,
                               polarity, "head", NOW))
                 if grade is not None:
-                    ann.append((qid, pid, "v1", grade, 0.9, "llm", "{}", 1.0, 1, 1, None, NOW, 1))
+                    ann.append((qid, pid, "v1", grade, 0.9, "llm", "{}", 1.0, 1, 1, None, NOW, 1, None))
                 labels.append((qid, pid, grade or 1, 0.0, "test", NOW))
     # one annotation error, and an older judge version that the newest one supersedes
-    ann.append(("q000", "p000_ep1", "v2", None, None, "llm", "{}", 1.0, 1, 1, "timeout", NOW + dt.timedelta(days=1), 1))
-    ann.append(("q001", "p001_hp0", "v0", 1, 0.5, "llm", "{}", 1.0, 1, 1, None, NOW - dt.timedelta(days=1), 1))
+    ann.append(("q000", "p000_ep1", "v2", None, None, "llm", "{}", 1.0, 1, 1, "timeout", NOW + dt.timedelta(days=1), 1, None))
+    ann.append(("q001", "p001_hp0", "v0", 1, 0.5, "llm", "{}", 1.0, 1, 1, None, NOW - dt.timedelta(days=1), 1, None))
 
     def write(name, rows):
         tables.overwrite(name, spark.createDataFrame(rows, tables.spec(name).schema))

@@ -63,18 +63,25 @@ def test_isotonic_calibration_and_thresholds():
     assert bad.threshold(2) == NEVER
 
 
-def _decide(outs):
-    return Cascade(GRADES, [], {}, 1)._decide(outs, None)
+def _decide(outs, combiner=None):
+    cascade = Cascade(GRADES, [], {}, 1)
+    cascade.combiner = combiner
+    return cascade._decide(outs, None, "escalated" if len(outs) > 1 else None)
 
 
-def test_cascade_escalation_and_vote():
+def _dist(grade, p):
+    return {g: (p if g == grade else (1 - p) / 3) for g in GRADES}
+
+
+def test_cascade_decisions_without_a_combiner_the_first_tier_decides():
+    # No fitted combination: an escalated pair keeps the first tier's grade, whatever the LLM tiers said (they
+    # are recorded in tier_outputs); neither a "sure" later tier nor a majority overrules it.
     sure = _decide({"tier1": TierResult(grade=3, confidence=0.6, sure=False), "tier2": TierResult(grade=4, confidence=0.9, sure=True)})
-    assert (sure["grade"], sure["deciding_tier"]) == (4, "tier2")
-    vote = _decide({"tier1": TierResult(grade=3, confidence=0.6), "tier2": TierResult(grade=4, confidence=0.5),
-                    "tier3": TierResult(grade=3, confidence=0.4)})
-    assert (vote["grade"], vote["deciding_tier"]) == (3, "vote")
-    tie = _decide({"tier1": TierResult(grade=2, confidence=0.55), "tier2": TierResult(grade=4, confidence=0.7)})
-    assert (tie["grade"], tie["deciding_tier"]) == (4, "vote")  # tie -> highest probability
+    assert (sure["grade"], sure["deciding_tier"], sure["confidence"]) == (3, "tier1", 0.6)
+    assert set(json.loads(sure["tier_outputs"])) == {"tier1", "tier2"} and sure["escalation"] == "escalated"
+    majority = _decide({"tier1": TierResult(grade=3, confidence=0.6), "tier2": TierResult(grade=4, confidence=0.5),
+                        "tier3": TierResult(grade=4, confidence=0.4)})
+    assert (majority["grade"], majority["deciding_tier"]) == (3, "tier1")
     # A tier that failed is not outvoted by the others: the pair carries the failure and no grade.
     outage = _decide({"tier1": TierResult(grade=2, confidence=0.55), "tier2": TierResult(grade=4, confidence=0.7),
                       "tier3": TierResult(error="HTTP 500 (after 4 attempt(s))")})
@@ -82,7 +89,40 @@ def test_cascade_escalation_and_vote():
     failed = _decide({"tier2": TierResult(error="timeout"), "tier3": TierResult(error="malformed")})
     assert failed["grade"] is None and "tier2: timeout" in failed["error"] and "tier3: malformed" in failed["error"]
     alone = _decide({"tier1": TierResult(grade=1, confidence=0.3, sure=False)})
-    assert (alone["grade"], alone["deciding_tier"]) == (1, "tier1")
+    assert (alone["grade"], alone["deciding_tier"], alone["escalation"]) == (1, "tier1", None)
+
+
+def test_cascade_decisions_with_a_combiner_and_its_fit():
+    from annomine.judges.combiner import Combiner, distribution, fit_path
+
+    rng = np.random.default_rng(0)
+    n = 400
+    truth = rng.choice(GRADES, n, p=[0.2, 0.2, 0.2, 0.4])
+    groups = (np.arange(n) // 8).astype(str)
+    # tier 1: right 45% of the time; tier 2 (a strong LLM): right 85%; tier 2 (a weak one): always 4
+    t1 = np.where(rng.random(n) < 0.45, truth, rng.choice(GRADES, n))
+    strong = np.where(rng.random(n) < 0.85, truth, rng.choice(GRADES, n))
+    d1 = np.stack([distribution({"grade": g, "probs": _dist(g, 0.6)}, GRADES) for g in t1])
+    d_strong = np.stack([distribution({"grade": g, "probs": _dist(g, 0.8)}, GRADES) for g in strong])
+    d_weak = np.stack([distribution({"grade": 4, "probs": _dist(4, 0.9)}, GRADES) for _ in range(n)])
+    kept, report = fit_path([d1, d_strong], t1, truth, groups, ["tier1", "tier2"], GRADES)
+    assert kept is not None and report["kept"] and report["scored"] == "out-of-fold by query"
+    assert report["combined"]["quadratic_weighted_kappa"] > report["first_tier"]["quadratic_weighted_kappa"] + 0.2
+    dropped, report_weak = fit_path([d1, d_weak], t1, truth, groups, ["tier1", "tier2"], GRADES)
+    assert dropped is None and not report_weak["kept"] and "tier1 decides" in report_weak["reason"]
+    few, report_few = fit_path([d1[:10], d_strong[:10]], t1[:10], truth[:10], groups[:10], ["tier1", "tier2"], GRADES)
+    assert few is None and "too few pairs" in report_few["reason"]
+    # used by the cascade: the combination decides the pairs whose consulted tiers match its path
+    comb = Combiner(GRADES, {"tiers": []}, {"tier1+tier2": kept})
+    again = Combiner.from_dict(json.loads(json.dumps(comb.to_dict())))
+    pair = {"tier1": TierResult(grade=2, confidence=0.5, probs=_dist(2, 0.6)), "tier2": TierResult(grade=4, confidence=0.6, probs=_dist(4, 0.9))}
+    out = _decide(pair, again)
+    assert (out["grade"], out["deciding_tier"]) == (4, "combined") and 0.25 < out["confidence"] <= 1.0
+    # a path without a kept combination (tier 3 consulted too): the first tier decides
+    pair3 = dict(pair, tier3=TierResult(grade=4, confidence=0.6, probs=_dist(4, 0.9)))
+    assert (_decide(pair3, again)["grade"], _decide(pair3, again)["deciding_tier"]) == (2, "tier1")
+    # a tier without log-probabilities enters with its grade at raw_confidence, the rest spread evenly
+    assert distribution(TierResult(grade=3, raw_confidence=0.7), GRADES).tolist() == pytest.approx([0.1, 0.1, 0.7, 0.1])
 
 
 def _shop(tmp_path, n_queries=12, per_query=12):
@@ -180,13 +220,29 @@ judge:
                 "positive_precision", "negative_recall", "pairs_per_s"):
         assert key in out
     assert out["n_pairs"] == 128 and out["share_per_tier"]["tier1"] == 1.0 and out["judge_version"] == trained["version"]
-    # the cascade with loopback LLM tiers: escalated pairs are settled by tier 2/3 or a vote
-    assert judge.main(["eval", "--conf", str(conf), *files, "--set", "judge.cascade.loopback.embedded=true",
-                       "--set", "judge.cascade.tier2={model: rule-small}", "--set", "judge.cascade.tier3={model: rule-large}"]) == 0
+    # the cascade with loopback LLM tiers, nothing fitted for them: pairs escalate, and tier 1 still decides
+    llm = ["--set", "judge.cascade.loopback.embedded=true", "--set", "judge.cascade.tier2={model: rule-small}",
+           "--set", "judge.cascade.tier3={model: rule-large}"]
+    assert judge.main(["eval", "--conf", str(conf), *files, *llm]) == 0
     casc = json.loads(capsys.readouterr().out)
-    assert casc["n_graded"] == 128 and casc["escalation_rate"] > 0
-    assert sum(casc["share_per_tier"].values()) == pytest.approx(1.0)
-    assert casc["share_per_tier"]["tier1"] == pytest.approx(1.0 - casc["escalation_rate"])
+    assert casc["n_graded"] == 128 and casc["escalation_rate"] > 0 and casc["llm_calls"] > 0
+    assert sum(casc["share_per_tier"].values()) == pytest.approx(1.0) and casc["share_per_tier"]["tier1"] == 1.0
+    assert casc["quadratic_weighted_kappa"] == pytest.approx(casc["first_tier_alone"]["quadratic_weighted_kappa"])
+    # calibrate fits the LLM tiers on at most llm_calibration_pairs pairs, the least sure first, and the combiner:
+    # the loopback rule (word overlap) is what the toy grades follow, so the combination beats tier 1 and is used
+    # (on a larger shop of the same kind: 64 calibration pairs, 8 queries, of which 48 go to the LLM tiers)
+    big = _shop(tmp_path / "big", n_queries=64, per_query=8)
+    big_files = ["--queries", str(big / "queries.tsv"), "--labels", str(big / "labels.tsv"), "--products", str(big / "products.tsv")]
+    assert judge.main(["calibrate", "--conf", str(conf), *big_files, "--judge", str(folder), *llm,
+                       "--set", "judge.llm_calibration_pairs=48"]) == 0
+    cal = json.loads(capsys.readouterr().out)
+    assert cal["tier2"]["graded"] == cal["tier3"]["graded"] == 48 and "least sure" in cal["tier2"]["pairs"]
+    assert "tier1+tier2" in cal["combiner"]["kept"], cal["combiner"]
+    assert json.loads(open(cal["combiner"]["path"]).read())["paths"]
+    assert judge.main(["eval", "--conf", str(conf), *big_files, "--judge", str(folder), *llm, "--llm-alone", "20"]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["share_per_tier"]["combined"] > 0 and fitted["judge_version"] != casc["judge_version"]
+    assert fitted["tiers_alone_on_sample"]["tier2"]["pairs"] == 20 and "tier1" in fitted["tiers_alone_on_sample"]
 
 
 def test_pairs_from_tables(ctx):

@@ -5,17 +5,14 @@
 - `torch_distributor`: Spark's `TorchDistributor` (local_mode=True here, GPU workers on a cluster with
   local_mode=False, use_gpu=True). It runs on the active session: the embedded Sail Spark Connect
   session is enough in local mode (no classic SparkContext needed).
-- `horovod`: `horovod.run(train_fn, np=N)`; an optional extra imported only here (and in
-  `training.runner.Dist` for backend 'horovod'). Horovod is not installed here; its tests skip
-  without it. Build recipe (CPU/gloo, ~10 minutes; torch 2.x headers need C++17, Horovod 0.28 asks for 14):
-
-      pip download --no-deps --no-binary :all: horovod==0.28.1 && tar xzf horovod-0.28.1.tar.gz
-      cd horovod-0.28.1
-      sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' CMakeLists.txt
-      grep -rl 'c++14' horovod/torch/CMakeLists.txt | xargs -r sed -i 's/c++14/c++17/g'
-      HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
-        HOROVOD_WITHOUT_MXNET=1 pip install --no-build-isolation --no-cache-dir .
-      # then: annomine train --set train.launcher=horovod --set train.num_proc=2
+- `horovod`: the same runner with `hvd.DistributedOptimizer` (gradients averaged like DDP's, clipped
+  after the average) and rank 0's parameters and optimizer state broadcast at the start
+  (`training.runner.Dist`, backend 'horovod'). With an active classic SparkContext (spark-submit, a
+  cluster) it runs `horovod.spark.run` on the cluster's executors, one task per rank; otherwise
+  `horovod.run` starts the ranks on this machine (gloo). Horovod is an optional extra imported only
+  here: `make horovod` (scripts/build_horovod.sh) builds it once (no wheel for torch 2.x exists; the
+  sdist needs C++17 forced, about 10 minutes on 2 cores) and installs it from the wheel cache after that.
+  Then: `annomine train --set train.launcher=horovod --set train.num_proc=2`.
 
 Every launcher takes a `TrainSpec` and returns rank 0's result; torchrun's is read back from
 `<output_dir>/result.json`. `callbacks` (training.callbacks) reach every rank of inprocess,
@@ -88,14 +85,39 @@ def launch_torch_distributor(spec: TrainSpec, num_proc: int = 2, callbacks=(), u
     return _result(spec)
 
 
+def _classic_spark_context():
+    """The active classic SparkContext (spark-submit, a cluster), or None (Spark Connect, Sail, no Spark)."""
+    try:
+        from pyspark import SparkContext
+    except ImportError:
+        return None
+    return SparkContext._active_spark_context
+
+
 def launch_horovod(spec: TrainSpec, num_proc: int = 2, callbacks=()) -> dict:
     try:
         import horovod
+        import horovod.torch  # noqa: F401 - the extension must load against this torch
     except ImportError as exc:
-        raise RuntimeError("the horovod launcher needs Horovod (optional extra); see the build recipe in this module's docstring") from exc
+        raise RuntimeError("the horovod launcher needs Horovod built for this torch: run `make horovod` "
+                           "(scripts/build_horovod.sh)") from exc
     from training.entry import train_fn
 
-    horovod.run(train_fn, args=(spec, "horovod", list(callbacks)), np=num_proc, use_gloo=True)
+    args = (spec, "horovod", list(callbacks))
+    if _classic_spark_context() is not None:
+        import horovod.spark
+
+        # one Spark task per rank on the executors; their environment is the cluster's
+        horovod.spark.run(train_fn, args=args, num_proc=num_proc, use_gloo=True, verbose=0)
+        return _result(spec)
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if num_proc > 1 and saved is None:  # as torchrun's ranks: the cores shared out, not each rank using all
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_proc))
+    try:
+        horovod.run(train_fn, args=args, num_proc=num_proc, use_gloo=True, verbose=0)
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
     return _result(spec)
 
 

@@ -62,6 +62,8 @@ class Dist:
             hvd.init()
             self.hvd, self.kind = hvd, "horovod"
             self.rank, self.world_size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+            if torch.cuda.is_available():  # one GPU per local rank (Horovod's own convention)
+                torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
 
@@ -82,7 +84,15 @@ class Dist:
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return torch.device("cpu")
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, optimizer=None) -> nn.Module:
+        """Before the first step: DDP wraps the module (and broadcasts rank 0's weights); Horovod broadcasts
+        rank 0's parameters and buffers, and its optimizer state when there is one (a resumed stage).
+
+        A fresh optimizer holds no state, and every rank built it from the same spec, so there is nothing
+        to broadcast; `hvd.broadcast_optimizer_state` is not called then, because on an empty optimizer it
+        first takes a step with zero gradients to create the state, and for AdamW that step applies
+        weight decay and advances the step count (bias correction): the weights would leave the path
+        torchrun takes from the very first update."""
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -90,13 +100,31 @@ class Dist:
             return DDP(module, device_ids=ids)
         if self.kind == "horovod":
             self.hvd.broadcast_parameters(module.state_dict(), root_rank=0)
+            if optimizer is not None and optimizer.state_dict()["state"]:
+                self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         return module
 
     def optimizer(self, optimizer, module: nn.Module):
+        """Horovod: gradients are averaged by `hvd.DistributedOptimizer` (allreduce hooks, op Average, as
+        DDP averages them); the start is synchronised in `wrap`."""
         if self.kind == "horovod":
             optimizer = self.hvd.DistributedOptimizer(optimizer, named_parameters=module.named_parameters())
-            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         return optimizer
+
+    def step(self, optimizer, parameters, max_grad_norm: float) -> None:
+        """Clip the gradients averaged over the ranks, then step.
+
+        DDP has averaged them by the end of `backward`. Horovod averages them in `synchronize`, which
+        must therefore come first: clipping each rank's own gradients would clip by a different norm on
+        every rank, and the ranks' weights would drift apart."""
+        if self.kind == "horovod":
+            optimizer.synchronize()
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            with optimizer.skip_synchronize():
+                optimizer.step()
+            return
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        optimizer.step()
 
     def barrier(self) -> None:
         if self.kind == "ddp":
@@ -396,7 +424,7 @@ class StageTrainer:
         run = self.run
         try:
             partial = self._restore() if self.pos else self._start()
-            self.wrapped = run.dist.wrap(self.module)
+            self.wrapped = run.dist.wrap(self.module, self.optimizer)
             first, start = (int(self.pos["epoch"]), int(self.pos["batch"])) if self.pos else (1, 0)
             if partial is not None:
                 set_rng_state(partial["rng"])
@@ -416,10 +444,9 @@ class StageTrainer:
         batch = _to_device(self.loss_fn.collate(rows, self.model), run.device)
         with torch.autocast(device_type=run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
             loss = self.wrapped(batch)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()  # set_to_none by default (torch 2); Horovod's optimizer takes no argument
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), spec.max_grad_norm)
-        self.optimizer.step()
+        run.dist.step(self.optimizer, self.module.parameters(), spec.max_grad_norm)
         self.scheduler.step()
         return float(loss.detach())
 

@@ -75,6 +75,9 @@ def write_stage_shards(df: pd.DataFrame, folder: str | os.PathLike, *, num_files
 
     Files get near-equal row counts; each file's row groups hold `row_group_size` rows (the last
     one of a file may be shorter). Old part files in `folder` are removed first (idempotent).
+    The shuffle starts from the rows in a canonical order (sorted by their values), not from the order
+    `df` came in: a DataFrame collected from Spark arrives in whatever order the engine's partitions
+    finished, so the same rows give the same shards on every engine and every run.
     """
     if num_files < 1 or row_group_size < 1:
         raise ValueError("num_files and row_group_size must be positive")
@@ -82,8 +85,11 @@ def write_stage_shards(df: pd.DataFrame, folder: str | os.PathLike, *, num_files
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("part-*.parquet"):
         old.unlink()
-    order = np.random.default_rng(seed).permutation(len(df))
-    table = _to_table(df.iloc[order].reset_index(drop=True))
+    table = _to_table(df.reset_index(drop=True))
+    keys = [json.dumps(row, sort_keys=True, default=str) for row in table.to_pylist()]
+    canonical = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+    order = canonical[np.random.default_rng(seed).permutation(len(keys))]
+    table = table.take(pa.array(order, type=pa.int64()))
     bounds = np.linspace(0, table.num_rows, num_files + 1).astype(int)
     files = []
     for i in range(num_files):

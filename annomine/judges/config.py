@@ -11,8 +11,15 @@ class LLMTierConfig:
     scope), never from the config itself; a loopback base_url needs no key."""
 
     model: str
-    # Empty with `loopback: {embedded: true}`: the loopback server the job starts itself.
+    # Empty with `loopback: {embedded: true}` (the loopback test server) or `server: local`.
     base_url: str | None = None
+    # `local`: a llama.cpp server the job starts itself for `model`, a registered local model
+    # (annomine/judges/local_models.py: smollm2-135m, qwen2.5-coder-1.5b) or a path to a .gguf file.
+    server: str | None = None
+    # Local server only: threads, context length, and how long it may take to load the model.
+    n_threads: int = 2
+    n_ctx: int = 2048
+    startup_timeout_s: float = 180.0
     api_key_env: str | None = None
     secret_scope: str | None = None
     secret_key: str | None = None
@@ -25,6 +32,14 @@ class LLMTierConfig:
     backoff_max_s: float = 20.0
     # Ask for token log-probabilities (confidence from the grade token's distribution).
     logprobs: bool = True
+    # Alternatives per token asked for with logprobs (OpenAI allows at most 20).
+    top_logprobs: int = 10
+    # Constrain the answer to the grade JSON: `json_schema` (OpenAI, vLLM), `json_object` (a schema in
+    # llama.cpp's json_object form) or `none`; empty: json_object for `server: local`, json_schema otherwise.
+    response_format: str | None = None
+    # Requests this tier keeps open per worker process (empty: the cascade's share; a local server
+    # answers one request at a time, so it defaults to 1 there).
+    max_concurrency: int | None = None
     # Confidence when the endpoint gives no log-probabilities (stated in tier_outputs as 'fallback').
     fallback_confidence: float = 0.7
     # Escalation threshold while the tier has no calibration of its own.
@@ -37,6 +52,24 @@ class LLMTierConfig:
             raise ValueError("max_attempts must be >= 1")
         if not 0.0 <= self.fallback_confidence <= 1.0:
             raise ValueError("fallback_confidence must be in [0, 1]")
+        if self.server not in (None, "local"):
+            raise ValueError(f"server must be 'local' or empty, got {self.server!r}")
+        if self.server == "local" and self.base_url:
+            raise ValueError("server: local starts its own endpoint: leave base_url empty")
+        if self.response_format not in (None, "json_schema", "json_object", "none"):
+            raise ValueError(f"response_format must be json_schema, json_object or none, got {self.response_format!r}")
+        if self.n_threads < 1 or self.n_ctx < 256 or not 1 <= self.top_logprobs <= 20:
+            raise ValueError("n_threads must be >= 1, n_ctx >= 256 and top_logprobs in [1, 20]")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+
+    @property
+    def effective_response_format(self) -> str:
+        return self.response_format or ("json_object" if self.server == "local" else "json_schema")
+
+    @property
+    def effective_max_concurrency(self) -> int | None:
+        return self.max_concurrency or (1 if self.server == "local" else None)
 
 
 @dataclass
@@ -69,6 +102,10 @@ class CascadeConfig:
     # Concurrent LLM requests for the whole job (split across partitions / workers).
     max_concurrency_total: int = 16
     tier1_batch_size: int = 64
+    # Decide escalated pairs with the fitted combination of every consulted tier's grade distribution
+    # (annomine/judges/combiner.py; fitted by `annomine judge calibrate`, kept only when it beats the first
+    # tier alone). Without one, or with false, the first tier decides every pair and LLM grades are recorded only.
+    combine: bool = True
 
     def validate(self) -> None:
         if not (self.tier1 or self.tier2 or self.tier3):
@@ -77,5 +114,5 @@ class CascadeConfig:
             raise ValueError("max_concurrency_total must be >= 1")
         for name in ("tier2", "tier3"):
             tier = getattr(self, name)
-            if tier is not None and not tier.base_url and not self.loopback.embedded:
-                raise ValueError(f"{name}.base_url is empty and loopback.embedded is not true")
+            if tier is not None and not tier.base_url and tier.server != "local" and not self.loopback.embedded:
+                raise ValueError(f"{name}.base_url is empty, {name}.server is not 'local' and loopback.embedded is not true")

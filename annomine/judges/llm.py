@@ -1,8 +1,14 @@
 """Tiers 2 and 3: an OpenAI-compatible chat endpoint called through the `openai` client.
 
-One request per (query, product text): the versioned prompt, JSON output (grade + reason),
-confidence from the grade token's log-probabilities (normalised over the grade tokens) when the
-endpoint returns them, else `fallback_confidence` (marked `confidence_source: fallback`).
+One request per (query, product text): the versioned prompt, JSON output (grade first, then reason)
+constrained by `response_format` (a JSON schema whose grade is an enum of the scale; `json_schema` for
+OpenAI / vLLM, llama.cpp's `json_object` + schema for the local server, or none). The grade
+distribution comes from the grade token's log-probabilities: the top alternatives at that position
+that are grade tokens, their probabilities summed per grade (" 4" and "4" are one grade) and
+normalised over the grades; the tier reports it (`probs`), its expected grade and the confidence
+P(grade). An endpoint that returns no log-probabilities (or none at the grade token) gives
+`fallback_confidence` (marked `confidence_source: fallback`) and no distribution; the combiner then
+spreads the rest of the mass evenly over the other grades.
 Transient failures (429, 5xx, timeouts, connection errors) are retried with exponential backoff
 and full jitter, honouring `Retry-After` / `retry-after-ms`; malformed or truncated answers are
 retried too, and after `max_attempts` the pair gets an error result, never an exception.
@@ -59,6 +65,7 @@ class TierResult:
     confidence: float | None = None  # calibrated
     confidence_source: str | None = None
     probs: dict | None = None
+    expected_grade: float | None = None
     reason: str | None = None
     latency_ms: float = 0.0
     prompt_tokens: int = 0
@@ -125,8 +132,18 @@ def _retry_after_seconds(exc) -> float | None:
     return None
 
 
+def _grade_token(token: str, wanted: set[str]) -> str | None:
+    t = (token or "").strip().strip('"')
+    return t if t in wanted else None
+
+
 def logprob_confidence(choice, grade: int, grades: list[int]) -> tuple[float | None, dict | None]:
-    """P(grade) normalised over the grade tokens at the grade token's position, from log-probs."""
+    """(P(grade), distribution over the grades) at the grade token's position, from the answer's log-probs.
+
+    The grade token is the first token after the `grade` key that is a grade (with or without a leading
+    space or quote). The alternatives there that are grade tokens are summed per grade and normalised
+    over the grades; grades absent from the top alternatives get probability 0. None, None when the
+    endpoint returned no log-probabilities or the grade token is not among them."""
     logprobs = getattr(choice, "logprobs", None)
     content = getattr(logprobs, "content", None) if logprobs is not None else None
     if not content:
@@ -134,22 +151,56 @@ def logprob_confidence(choice, grade: int, grades: list[int]) -> tuple[float | N
     wanted = {str(g) for g in grades}
     seen_grade_key = False
     for item in content:
-        token = (getattr(item, "token", "") or "").strip()
+        token = getattr(item, "token", "") or ""
         if "grade" in token:
             seen_grade_key = True
-        if token in wanted and seen_grade_key and int(token) == grade:
-            probs: dict[int, float] = {}
-            for alt in getattr(item, "top_logprobs", None) or []:
-                t = (getattr(alt, "token", "") or "").strip()
-                if t in wanted:
-                    probs[int(t)] = max(probs.get(int(t), 0.0), math.exp(float(alt.logprob)))
-            probs.setdefault(grade, math.exp(float(item.logprob)))
-            z = sum(probs.values())
-            if z <= 0:
-                return None, None
-            probs = {g: p / z for g, p in probs.items()}
-            return probs[grade], probs
+            continue
+        found = _grade_token(token, wanted) if seen_grade_key else None
+        if found is None:
+            continue
+        if int(found) != grade:
+            return None, None  # the JSON's grade is not the token's: no trustworthy distribution
+        mass = {g: 0.0 for g in grades}
+        seen: set[str] = set()
+        for alt in list(getattr(item, "top_logprobs", None) or []) + [item]:
+            t = getattr(alt, "token", "") or ""
+            g = _grade_token(t, wanted)
+            if g is None or t in seen:
+                continue
+            seen.add(t)
+            mass[int(g)] += math.exp(float(alt.logprob))
+        z = sum(mass.values())
+        if z <= 0:
+            return None, None
+        probs = {g: p / z for g, p in mass.items()}
+        return probs[grade], probs
     return None, None
+
+
+# The reason's length cap in llama.cpp's grammar (a small model otherwise writes until max_tokens, and a
+# truncated answer is a malformed one); OpenAI's strict schemas take no maxLength, the prompt asks for 15 words.
+REASON_MAX_CHARS = 80
+
+
+def grade_schema(grades: list[int], reason_max_chars: int | None = None) -> dict:
+    """The answer's JSON schema: `grade` first (its token is read before the reason is written), an enum of the scale."""
+    reason: dict = {"type": "string"}
+    if reason_max_chars:
+        reason["maxLength"] = int(reason_max_chars)
+    return {"type": "object", "properties": {"grade": {"type": "integer", "enum": list(grades)}, "reason": reason},
+            "required": ["grade", "reason"], "additionalProperties": False}
+
+
+def response_format(kind: str, grades: list[int]) -> dict | None:
+    if kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "relevance_grade", "strict": True, "schema": grade_schema(grades)}}
+    if kind == "json_object":  # llama.cpp: the schema compiled into a grammar
+        return {"type": "json_object", "schema": grade_schema(grades, REASON_MAX_CHARS)}
+    return None
+
+
+def expected_grade(probs: dict | None) -> float | None:
+    return float(sum(float(g) * p for g, p in probs.items())) if probs else None
 
 
 class LLMTier:
@@ -220,7 +271,10 @@ class LLMTier:
                 kwargs = dict(model=self.cfg.model, messages=messages, temperature=self.cfg.temperature,
                               max_tokens=self.cfg.max_tokens)
                 if self.cfg.logprobs:
-                    kwargs.update(logprobs=True, top_logprobs=max(5, len(self.grades)))
+                    kwargs.update(logprobs=True, top_logprobs=max(self.cfg.top_logprobs, len(self.grades)))
+                fmt = response_format(self.cfg.effective_response_format, self.grades)
+                if fmt is not None:
+                    kwargs["response_format"] = fmt
                 with slot:
                     if self._fatal:  # checked once the slot is ours: no request after a refusal
                         result.attempts -= 1
@@ -239,6 +293,7 @@ class LLMTier:
                 grade, reason = parse_answer(choice.message.content, self.grades)
                 conf, probs = logprob_confidence(choice, grade, self.grades)
                 result.grade, result.reason, result.probs = grade, reason, probs
+                result.expected_grade = expected_grade(probs)
                 if conf is None:
                     result.raw_confidence, result.confidence_source = self.cfg.fallback_confidence, "fallback"
                 else:
@@ -278,6 +333,8 @@ class LLMTier:
         unique = list(dict.fromkeys(pairs))
         if not unique:
             return []
+        if self.cfg.effective_max_concurrency:
+            concurrency = min(max(1, concurrency), self.cfg.effective_max_concurrency)
         if len(unique) == 1:
             answers = [self.grade(*unique[0])]
         else:

@@ -1,0 +1,80 @@
+"""Local LLM tier throughput: a packaged GGUF model on the managed llama.cpp server, through the tier client.
+
+    python benchmarks/bench_llm_local.py --model smollm2-135m --pairs 40 --n-threads 2
+    python benchmarks/bench_llm_local.py --model qwen2.5-coder-1.5b --pairs 40 --n-threads 2 --labels ../shared/data/crowdflower
+
+The call path of a `server: local` tier (annomine/judges/local_server.py + `LLMTier.grade_many`: the prompt,
+the JSON-schema constraint, log-probabilities), one request at a time (the server answers one at a time).
+Pairs are CrowdFlower's labelled (query, product) pairs when `--labels` names the folder (then agreement with
+the human grade is reported too), else generated demo-shop pairs. Reports server start-up seconds, pairs/s
+after the first request (whose prompt prefix is not cached yet), tokens per pair and the confidence sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from annomine.judges.config import LLMTierConfig  # noqa: E402
+from annomine.judges.llm import LOOPBACK_KEY, LLMTier  # noqa: E402
+from annomine.judges.local_models import resolve_model  # noqa: E402
+from annomine.judges.local_server import LocalLLMServer  # noqa: E402
+from common import emit  # noqa: E402
+
+
+def demo_pairs(n: int) -> tuple[list[tuple[str, str]], list[int] | None]:
+    from annomine.demo_shop import generate_products
+    from annomine.text import product_text
+
+    rng = random.Random(5)
+    products = generate_products(n, rng, seed=5)
+    return [(f"{p.brand.lower()} {p.ptype}", product_text(p.title, None, p.description)) for p in products], None
+
+
+def labelled_pairs(folder: Path, n: int) -> tuple[list[tuple[str, str]], list[int]]:
+    from annomine.judges.data import load_pairs_from_files
+
+    df = load_pairs_from_files(folder / "queries.tsv", folder / "labels.tsv", folder / "products.tsv")
+    df = df.sample(n=min(n, len(df)), random_state=13)
+    return list(zip(df["query"].astype(str), df["text"].astype(str))), df["grade"].astype(int).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--n-threads", type=int, default=2)
+    parser.add_argument("--labels", help="folder with queries.tsv, labels.tsv, products.tsv (CrowdFlower layout)")
+    args = parser.parse_args()
+    pairs, truth = labelled_pairs(Path(args.labels), args.pairs + 1) if args.labels else demo_pairs(args.pairs + 1)
+    started = time.perf_counter()
+    with LocalLLMServer(resolve_model(args.model), args.model, n_threads=args.n_threads, startup_timeout_s=600) as srv:
+        startup = time.perf_counter() - started
+        tier = LLMTier("tier2", LLMTierConfig(model=args.model, server="local", timeout_s=300), [1, 2, 3, 4], srv.base_url, LOOPBACK_KEY)
+        first = tier.grade(*pairs[0])  # fills the prompt-prefix cache (the system prompt)
+        t0 = time.perf_counter()
+        results = tier.grade_many(pairs[1:], 1)
+        seconds = time.perf_counter() - t0
+    ok = [r for r in results if r.grade is not None]
+    sources = dict(Counter(str(r.confidence_source) for r in results))
+    extra = {"pairs": len(results), "graded": len(ok), "confidence_sources": sources, "n_threads": args.n_threads,
+             "first_request_s": round(first.latency_ms / 1000.0, 2),
+             "prompt_tokens_per_pair": round(sum(r.prompt_tokens for r in ok) / max(len(ok), 1), 1),
+             "completion_tokens_per_pair": round(sum(r.completion_tokens for r in ok) / max(len(ok), 1), 1),
+             "grades": dict(Counter(r.grade for r in ok))}
+    if truth is not None:
+        agree = [r.grade == t for r, t in zip(results, truth[1:]) if r.grade is not None]
+        extra["exact_agreement_with_humans"] = round(sum(agree) / max(len(agree), 1), 3)
+    emit(f"local LLM tier {args.model}, {args.n_threads} threads, through the tier client", round(len(results) / seconds, 3),
+         "pairs/s", **extra)
+    emit(f"local LLM server start-up ({args.model}, model load included)", round(startup, 1), "s")
+
+
+if __name__ == "__main__":
+    main()
