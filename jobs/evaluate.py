@@ -40,6 +40,8 @@ from annomine.splits import split_of
 log = logging.getLogger("annomine.evaluate")
 
 SPLITS = (*QUERY_SPLITS, "all")
+# Trained variants every other model is also compared with (paired NDCG@10): what a user with labels would do.
+HUMAN_REFERENCES = ("human",)
 # What each split is for, in the printed header and the report's `split_role`.
 SPLIT_ROLES = {
     "test": "reporting only, never used for selection (stages, epochs, settings, registration)",
@@ -218,7 +220,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     }
     report["comparisons"] = metrics_lib.compare_to_baselines(
         pd.DataFrame(per_query_rows), [s.label for s in specs if s.baseline], [s.label for s in specs],
-        cfg.bootstrap_resamples, cfg.confidence, project.seed) if per_query_rows else []
+        cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=HUMAN_REFERENCES) if per_query_rows else []
     out = report_path(project, cfg)
     report_lib.write_json(report, out)
     md = out.with_suffix(".md")

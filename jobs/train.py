@@ -4,7 +4,7 @@ Reads the shards and manifest `annomine curriculum` wrote for `train.variant`, r
 per-rank training function under the configured launcher (inprocess, torchrun, torch_distributor,
 horovod), resumes from the last checkpoint when a previous run of the same spec was interrupted (the
 resumed run trains exactly what the uninterrupted one would have: training.runner), and publishes the
-final model. Killing the driver ends torchrun and its ranks (training.lifeline). Outputs:
+final model. Killing the driver ends torchrun and its ranks (annomine.lifeline). Outputs:
 
     <warehouse>/models/<variant>/model/        TwoTower folder (annomine.two_tower.TwoTower.load)
     <warehouse>/models/<variant>/run/          checkpoints, progress.json, history.json, loss_curve.png

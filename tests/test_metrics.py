@@ -189,3 +189,16 @@ def test_paired_comparison_against_the_better_baseline_hand_computed():
     lowest = next(c for c in out if c["metric"] == "lowest_share@10")
     assert lowest["against"] == "minilm" and lowest["ratio"] == pytest.approx(0.5)
     assert [c["model"] for c in out] == ["tt", "tt"]  # baselines are not compared with themselves
+
+
+def test_every_model_is_also_compared_with_the_human_variant_on_ndcg():
+    rows = []
+    for q, (minilm, human, tt) in enumerate([(0.5, 0.6, 0.9), (0.7, 0.6, 0.8)]):
+        for model, v in (("minilm", minilm), ("human", human), ("tt", tt)):
+            rows.append({"model": model, "query_id": f"q{q}", "ndcg@10": v, "lowest_share@10": 0.1})
+    out = M.compare_to_baselines(pd.DataFrame(rows), ["minilm"], ["minilm", "human", "tt"], n_resamples=200,
+                                 also_against=("human", "absent"))
+    vs_human = [c for c in out if c["against"] == "human"]
+    assert [(c["model"], c["metric"]) for c in vs_human] == [("tt", "ndcg@10")]  # never human against itself
+    assert vs_human[0]["diff"]["mean"] == pytest.approx(0.25) and vs_human[0]["ratio"] == pytest.approx(0.85 / 0.6)
+    assert {c["against"] for c in out if c["model"] == "human"} == {"minilm"}

@@ -29,7 +29,7 @@ def _tie_to_launcher() -> None:
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return  # inprocess (the driver itself) or Horovod
-    from training.lifeline import die_with_parent
+    from annomine.lifeline import die_with_parent
 
     die_with_parent()
     if threading.current_thread() is threading.main_thread():

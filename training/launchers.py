@@ -17,7 +17,7 @@
 Every launcher takes a `TrainSpec` and returns rank 0's result; torchrun's is read back from
 `<output_dir>/result.json`. `callbacks` (training.callbacks) reach every rank of inprocess,
 torch_distributor and horovod (pickled: they must pickle); torchrun gets only the spec's JSON, so it refuses them.
-torchrun's agent and ranks are tied to the calling process (`training.lifeline`): killing the driver
+torchrun's agent and ranks are tied to the calling process (`annomine.lifeline`): killing the driver
 (TERM, INT, HUP or KILL) ends all of them, so no orphan keeps writing the run folder a restart resumes from.
 """
 
@@ -28,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-from training.lifeline import DRIVER_PID_ENV, run_tied
+from annomine.lifeline import DRIVER_PID_ENV, run_tied
 from training.spec import TrainSpec
 
 LAUNCHERS = ("inprocess", "torchrun", "torch_distributor", "horovod")
@@ -67,7 +67,7 @@ def launch_torchrun(spec: TrainSpec, num_proc: int = 2, callbacks=()) -> dict:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_proc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_proc}",
            "-m", "training.entry", "--spec", str(spec_path)]
-    # torchrun and its ranks live and die with this process (training.lifeline)
+    # torchrun and its ranks live and die with this process (annomine.lifeline)
     returncode = run_tied(cmd, env=env, cwd=root)
     if returncode != 0:
         raise RuntimeError(f"torchrun exited with status {returncode}: {' '.join(cmd)}")

@@ -247,9 +247,12 @@ def summarise(per_query: pd.DataFrame, segment: pd.Series | None = None, n_resam
 
 
 def compare_to_baselines(per_query: pd.DataFrame, baselines: list[str], models: list[str], n_resamples: int = 1000,
-                         confidence: float = 0.95, seed: int = 13, reference_for_lowest: str = "minilm") -> list[dict]:
+                         confidence: float = 0.95, seed: int = 13, reference_for_lowest: str = "minilm",
+                         also_against: tuple[str, ...] = ()) -> list[dict]:
     """Each non-baseline model against the better baseline on NDCG@10 and against `reference_for_lowest`
-    (else the better baseline) on the lowest-grade share, paired over the queries both can score.
+    (else the better baseline) on the lowest-grade share, paired over the queries both can score; and on
+    NDCG@10 against each evaluated model named in `also_against` (e.g. `human`: fine-tuning on the labels
+    a user already has, the alternative the pipeline has to beat).
 
     per_query: rows of (model, query_id, metric columns). Returns one dict per (model, metric):
     model, against, metric, model_mean, baseline_mean, ratio (of the paired means), diff (estimate).
@@ -266,7 +269,8 @@ def compare_to_baselines(per_query: pd.DataFrame, baselines: list[str], models: 
     for model in models:
         if model in baselines or model not in wide:
             continue
-        for metric, base in against.items():
+        refs = list(against.items()) + [("ndcg@10", r) for r in also_against if r in wide and r != model]
+        for metric, base in refs:
             pair = pd.concat([wide[model][metric].rename("m"), wide[base][metric].rename("b")], axis=1).dropna()
             if pair.empty:
                 continue

@@ -9,7 +9,7 @@ completions return log-probabilities). It serves `/v1/models` and `/v1/chat/comp
 model's own chat template and honours `response_format: {type: json_object, schema: ...}` by
 compiling the schema into a grammar.
 
-It never outlives the job: it is started through `training/lifeline.py` (the same wrapper that ties
+It never outlives the job: it is started through `annomine/lifeline.py` (the same wrapper that ties
 torchrun to `annomine train`), in a session of its own, with the kernel asked to SIGTERM it when the
 thread that started it exits (Linux `PR_SET_PDEATHSIG`: this covers a SIGKILLed parent too; start it
 from a thread that lives as long as the server should, e.g. the main thread); `stop()` (the context
@@ -105,7 +105,7 @@ class LocalLLMServer:
                                    "(or pip install -e '.[llm]')")
         if not self.model_path.is_file():
             raise LocalServerError(f"local LLM server: model file {self.model_path} does not exist")
-        from training import lifeline
+        from annomine import lifeline
 
         self.port = self.port or free_port(self.host)
         self._log_dir = Path(tempfile.mkdtemp(prefix="annomine-llama-"))

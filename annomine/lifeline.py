@@ -1,7 +1,7 @@
 """Tie the training processes to the driver that launched them: no rank outlives `annomine train`.
 
 Driver side, `run_tied(cmd)`: the launcher (torchrun) runs in a session and process group of its own,
-through `python training/lifeline.py PID CMD`, which asks the kernel for SIGTERM when the driver dies
+through `python annomine/lifeline.py PID CMD`, which asks the kernel for SIGTERM when the driver dies
 (Linux `PR_SET_PDEATHSIG`, kept across exec; so this holds for a SIGKILLed driver too; torchrun
 answers SIGTERM by stopping its workers) and then execs CMD, and
 SIGTERM, SIGINT and SIGHUP sent to the driver are forwarded to that group. The driver then waits for
@@ -148,7 +148,7 @@ def die_with_parent(poll: float = 1.0) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """`python training/lifeline.py DRIVER_PID CMD...`: exec CMD, to get SIGTERM when the driver dies.
+    """`python annomine/lifeline.py DRIVER_PID CMD...`: exec CMD, to get SIGTERM when the driver dies.
 
     The parent-death request survives exec; it is made here rather than in a preexec_fn."""
     driver, cmd = int(argv[0]), argv[1:]
