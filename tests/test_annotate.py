@@ -382,6 +382,8 @@ def test_llm_budget_escalates_the_least_sure_first_and_later_runs_go_on(ctx, tmp
         assert df[df.escalation == "budget"].grade.notna().all()                 # deferred pairs keep tier 1's grade
         assert first["escalation"]["deferred_by_budget"] == (df.escalation == "budget").sum()
         assert first["pairs"] == len(df) == 24 and (df.attempts == 1).all()
+        # no combination was fitted: tier 1 decides the escalated pairs, and the summary says so
+        assert first["escalation"]["combiner"] == [] and first["escalation"]["escalated_pairs_decided_by"].startswith("tier1")
         second = run(ctx, cfg)                                                     # the next run: the next 3
         assert second["missing"] == 0 and second["escalation"]["llm_calls"] == 3 and srv.stats["completions"] == 6
         df2 = annotations(ctx)

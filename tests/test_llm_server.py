@@ -176,3 +176,10 @@ def test_a_backoff_sleep_does_not_hold_a_slot():
         assert completed_during_backoff == 1
         assert [r.grade for r in out["r"]] == [4, 4] and srv.stats["faults"]["429"] == 1
         assert srv.stats["in_flight_max"] == 1
+
+
+def test_a_raw_newline_inside_the_reason_is_not_a_malformed_grade():
+    # SmolLM2 writes control characters inside the reason string; the grade is still well-formed JSON
+    assert parse_answer('{ "grade": 4, "reason": "fits\nthe query\t" }', GRADES) == (4, "fits\nthe query\t")
+    with pytest.raises(MalformedAnswer):
+        parse_answer('{ "grade": 5, "reason": "x" }', GRADES)

@@ -69,7 +69,8 @@ def parse_answer(content: str | None, grades: list[int]) -> tuple[int, str]:
     if not match:
         raise MalformedAnswer(f"no JSON object in answer: {content[:80]!r}")
     try:
-        obj = json.loads(match.group(0))
+        # strict=False: a raw newline or tab inside the reason string (small models write them) is not a malformed grade
+        obj = json.loads(match.group(0), strict=False)
     except json.JSONDecodeError as exc:
         raise MalformedAnswer(f"invalid JSON in answer ({exc.msg}): {content[:80]!r}") from exc
     if not isinstance(obj, dict) or "grade" not in obj:
