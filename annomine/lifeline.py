@@ -147,12 +147,18 @@ def die_with_parent(poll: float = 1.0) -> None:
     threading.Thread(target=watch, name="annomine-lifeline", daemon=True).start()
 
 
+DEATH_SIGNAL_ENV = "ANNOMINE_LIFELINE_SIGNAL"
+
+
 def main(argv: list[str]) -> None:
-    """`python annomine/lifeline.py DRIVER_PID CMD...`: exec CMD, to get SIGTERM when the driver dies.
+    """`python annomine/lifeline.py DRIVER_PID CMD...`: exec CMD, to get SIGTERM when the driver dies
+    (or the signal named in ANNOMINE_LIFELINE_SIGNAL, e.g. KILL for a server whose graceful shutdown would
+    wait for a request in flight).
 
     The parent-death request survives exec; it is made here rather than in a preexec_fn."""
     driver, cmd = int(argv[0]), argv[1:]
-    set_parent_death_signal(signal.SIGTERM)
+    name = os.environ.pop(DEATH_SIGNAL_ENV, "TERM").upper().removeprefix("SIG")
+    set_parent_death_signal(getattr(signal, f"SIG{name}", signal.SIGTERM))
     if os.getppid() != driver:  # the driver died before the request took effect
         sys.exit(1)
     os.execvp(cmd[0], cmd)

@@ -10,7 +10,7 @@ model's own chat template and honours `response_format: {type: json_object, sche
 compiling the schema into a grammar.
 
 It never outlives the job: it is started through `annomine/lifeline.py` (the same wrapper that ties
-torchrun to `annomine train`), in a session of its own, with the kernel asked to SIGTERM it when the
+torchrun to `annomine train`), in a session of its own, with the kernel asked to SIGKILL it when the
 thread that started it exits (Linux `PR_SET_PDEATHSIG`: this covers a SIGKILLed parent too; start it
 from a thread that lives as long as the server should, e.g. the main thread); `stop()` (the context
 manager's exit, and an `atexit` hook) SIGTERMs the group and SIGKILLs it after `stop_grace_s`.
@@ -109,7 +109,9 @@ class LocalLLMServer:
 
         self.port = self.port or free_port(self.host)
         self._log_dir = Path(tempfile.mkdtemp(prefix="annomine-llama-"))
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # SIGKILL when the job dies: uvicorn's graceful shutdown would first finish the generation in flight
+        # (minutes on loaded cores), and the server holds nothing worth saving
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{lifeline.DEATH_SIGNAL_ENV: "KILL"})
         wrapped = [sys.executable, os.path.abspath(lifeline.__file__), str(os.getpid()), *self.command()]
         with open(self.stderr_path, "wb") as err:
             # own session: signals to the job's group do not reach it half-way; the lifeline ties it to us
