@@ -183,10 +183,31 @@ def test_kill_and_resume(ctx, tmp_path):
     from deltalake import DeltaTable
 
     location = ctx.tables.location("annotations")
-    deadline = time.time() + 240
+    committed = kill_after_first_commit(proc, location, 240)
+    before = DeltaTable(str(location)).to_pandas()
+    assert 0 < len(before) < len(expected) + 1, f"kill came too late or never (committed={committed})"
+    stats = run(ctx, cfg)  # resume in this process: the kill released the lock; failed rows (the ghost) are retried
+    assert stats["missing"] == len(expected) + 1 - before.error.isna().sum()
+    ctx.tables.register_all()
+    check_exactly_once(annotations(ctx), expected, stats["judge_version"])
+
+
+def start_annotate(conf, **extra_env):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra_env)
+    return subprocess.Popen([sys.executable, "-m", "annomine", "annotate", "--conf", str(conf)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def kill_after_first_commit(proc, location, timeout_s: float, on_poll=lambda: None) -> int:
+    """SIGKILL the annotate job's process group as soon as its first chunk is committed to the Delta table at
+    `location` (or after `timeout_s`, or when it exits); the rows committed then. `on_poll` runs every 0.2 s."""
+    from deltalake import DeltaTable
+
+    deadline = time.time() + timeout_s
     committed = 0
     try:
         while time.time() < deadline and proc.poll() is None:
+            on_poll()
             if (location / "_delta_log").is_dir():
                 try:
                     committed = len(DeltaTable(str(location)).to_pandas())
@@ -196,20 +217,9 @@ def test_kill_and_resume(ctx, tmp_path):
                     break
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)   # the job's group (a local LLM server has its own session, tied by the lifeline)
         proc.wait()
-    before = DeltaTable(str(location)).to_pandas()
-    assert 0 < len(before) < len(expected) + 1, f"kill came too late or never (committed={committed})"
-    stats = run(ctx, cfg)  # resume in this process: the kill released the lock; failed rows (the ghost) are retried
-    assert stats["missing"] == len(expected) + 1 - before.error.isna().sum()
-    ctx.tables.register_all()
-    check_exactly_once(annotations(ctx), expected, stats["judge_version"])
-
-
-def start_annotate(conf):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.Popen([sys.executable, "-m", "annomine", "annotate", "--conf", str(conf)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return committed
 
 
 def test_limit_takes_whole_queries_in_query_id_order(ctx, tmp_path):

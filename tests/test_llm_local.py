@@ -276,33 +276,20 @@ def test_kill_and_resume_annotate_with_the_real_server(ctx, tmp_path):
     from deltalake import DeltaTable
 
     from jobs.annotate import run
-    from tests.test_annotate import annotations, check_exactly_once, make_cfg, seed_tables
+    from tests.test_annotate import annotations, check_exactly_once, kill_after_first_commit, make_cfg, seed_tables, start_annotate
 
     expected = seed_tables(ctx, n_queries=2, per_query=4)
     casc = {"tier1": False, "tier2": _local_tier(), "max_concurrency_total": 1}
     conf, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 2, "partitions": 1})
     marker = uuid.uuid4().hex
-    env = dict(os.environ, PYTHONPATH=str(ROOT), ANNOMINE_TEST_MARK=marker)
-    proc = subprocess.Popen([sys.executable, "-m", "annomine", "annotate", "--conf", str(conf)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = start_annotate(conf, ANNOMINE_TEST_MARK=marker)
     location = ctx.tables.location("annotations")
     servers: list[int] = []
-    committed = 0
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            servers = servers or _pids_with_env(marker)
-            if (location / "_delta_log").is_dir():
-                try:
-                    committed = len(DeltaTable(str(location)).to_pandas())
-                except Exception:  # noqa: BLE001 - table being created
-                    committed = 0
-                if committed > 0:
-                    break
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)   # the job's group; the server has its own session, tied by the lifeline
-        proc.wait()
+
+    def note_servers() -> None:
+        servers[:] = servers or _pids_with_env(marker)
+
+    committed = kill_after_first_commit(proc, location, 300, note_servers)
     assert servers, f"no llama.cpp server was seen (committed={committed}): {proc.stderr.read().decode()[-1500:]}"
     assert all(_wait_gone(pid, 20) for pid in servers), "the llama.cpp server outlived the killed annotate"
     before = DeltaTable(str(location)).to_pandas()
