@@ -82,6 +82,31 @@ def _wait(proc: subprocess.Popen, received: list, grace: float) -> int:
             return proc.wait()
 
 
+def start_tied(cmd: list[str], *, death_signal: str = "TERM", **popen_kw) -> subprocess.Popen:
+    """Start `cmd` in a session and process group of its own, through this module, so that the kernel sends it
+    `death_signal` (TERM or KILL) when the calling thread exits; the Popen of the group leader."""
+    # no preexec_fn: forking a driver that runs gRPC threads (Spark Connect) can abort the child
+    wrapped = [sys.executable, os.path.abspath(__file__), str(os.getpid()), *cmd]  # stdlib only: any env
+    if death_signal != "TERM":
+        popen_kw["env"] = {**(popen_kw.get("env") or os.environ), DEATH_SIGNAL_ENV: death_signal}
+    return subprocess.Popen(wrapped, start_new_session=True, **popen_kw)
+
+
+def stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the group `proc` leads, SIGKILL it after `grace` seconds; returns once the leader is reaped."""
+    if proc.poll() is not None:
+        return
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def run_tied(cmd: list[str], *, grace: float = 30.0, **popen_kw) -> int:
     """Run `cmd` to its end in a process group tied to this process (see the module doc); its exit status."""
     received: list[int] = []
@@ -94,9 +119,7 @@ def run_tied(cmd: list[str], *, grace: float = 30.0, **popen_kw) -> int:
 
     previous = _install(forward)
     try:
-        # no preexec_fn: forking a driver that runs gRPC threads (Spark Connect) can abort the child
-        wrapped = [sys.executable, os.path.abspath(__file__), str(os.getpid()), *cmd]  # stdlib only: any env
-        proc = subprocess.Popen(wrapped, start_new_session=True, **popen_kw)
+        proc = start_tied(cmd, **popen_kw)
         if received:  # arrived while the child was being started
             _signal_group(proc.pid, received[0])
         rc = _wait(proc, received, grace)

@@ -24,7 +24,6 @@ import atexit
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -109,14 +108,13 @@ class LocalLLMServer:
 
         self.port = self.port or free_port(self.host)
         self._log_dir = Path(tempfile.mkdtemp(prefix="annomine-llama-"))
-        # SIGKILL when the job dies: uvicorn's graceful shutdown would first finish the generation in flight
-        # (minutes on loaded cores), and the server holds nothing worth saving
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{lifeline.DEATH_SIGNAL_ENV: "KILL"})
-        wrapped = [sys.executable, os.path.abspath(lifeline.__file__), str(os.getpid()), *self.command()]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.stderr_path, "wb") as err:
-            # own session: signals to the job's group do not reach it half-way; the lifeline ties it to us
-            self.proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env=env)
+            # own session: signals to the job's group do not reach it half-way; the lifeline ties it to us, with
+            # SIGKILL: uvicorn's graceful shutdown would first finish the generation in flight (minutes on loaded
+            # cores), and the server holds nothing worth saving
+            self.proc = lifeline.start_tied(self.command(), death_signal="KILL", stdin=subprocess.DEVNULL, stdout=err,
+                                            stderr=subprocess.STDOUT, env=env)
         atexit.register(self.stop)
         log.info("local LLM server %s (pid %d) starting on %s", self.alias, self.proc.pid, self.base_url)
         try:
@@ -152,22 +150,10 @@ class LocalLLMServer:
     def stop(self, keep_log: bool = False) -> None:
         """SIGTERM the server's group, SIGKILL after `stop_grace_s`; idempotent."""
         proc = self.proc
-        if proc is not None and proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, self.stop_grace_s), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    break
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
         if proc is not None:
-            try:
-                proc.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
+            from annomine import lifeline
+
+            lifeline.stop_group(proc, self.stop_grace_s)
         try:
             atexit.unregister(self.stop)
         except Exception:  # noqa: BLE001 - interpreter shutting down
