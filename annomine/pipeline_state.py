@@ -23,12 +23,18 @@ from annomine.tables import TableStore
 @dataclass
 class StageSpec:
     name: str
-    module: str
     input_tables: list[str] = field(default_factory=list)
     output_tables: list[str] = field(default_factory=list)
     # Files read (pointer files, source files) and written, relative to the warehouse or absolute.
     input_files: Callable[[object, object], list[Path]] = lambda project, cfg: []
     output_files: Callable[[object, object], list[Path]] = lambda project, cfg: []
+
+    @property
+    def module(self) -> str:
+        """The stage's job module, as annomine.stages defines it."""
+        from annomine.stages import BY_NAME
+
+        return BY_NAME[self.name].module
 
 
 def _file_digest(path: Path) -> str:

@@ -7,13 +7,18 @@ The call path of a `server: local` tier (annomine/judges/local_server.py + `LLMT
 the JSON-schema constraint, log-probabilities), one request at a time (the server answers one at a time).
 Pairs are CrowdFlower's labelled (query, product) pairs when `--labels` names the folder (then agreement with
 the human grade is reported too), else generated demo-shop pairs. Reports server start-up seconds, pairs/s
-after the first request (whose prompt prefix is not cached yet), tokens per pair and the confidence sources.
+after the first request (whose prompt prefix is not cached yet), tokens per pair and the confidence sources,
+and the share of llama.cpp's own throughput the client reaches: the same request bodies sent back to back
+with plain urllib (no client, no parsing) give the server's pairs/s for these prompts; the tier client's
+pairs/s over that is the share of the server's one slot the client keeps busy.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import urllib.request
 import sys
 import time
 from collections import Counter
@@ -45,6 +50,19 @@ def labelled_pairs(folder: Path, n: int) -> tuple[list[tuple[str, str]], list[in
     return list(zip(df["query"].astype(str), df["text"].astype(str))), df["grade"].astype(int).tolist()
 
 
+def raw_throughput_seconds(base_url: str, tier: LLMTier, pairs: list[tuple[str, str]]) -> float:
+    """Seconds for llama.cpp to answer the tier's exact request bodies sent back to back without the client."""
+    from annomine.judges.prompt import build_messages
+
+    bodies = [json.dumps(tier.request_kwargs(build_messages(q, t, tier.grades, tier.cfg.prompt_version))).encode() for q, t in pairs]
+    t0 = time.perf_counter()
+    for body in bodies:
+        req = urllib.request.Request(base_url + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            resp.read()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -61,6 +79,7 @@ def main() -> None:
         t0 = time.perf_counter()
         results = tier.grade_many(pairs[1:], 1)
         seconds = time.perf_counter() - t0
+        raw_seconds = raw_throughput_seconds(srv.base_url, tier, pairs[1:])
     ok = [r for r in results if r.grade is not None]
     sources = dict(Counter(str(r.confidence_source) for r in results))
     extra = {"pairs": len(results), "graded": len(ok), "confidence_sources": sources, "n_threads": args.n_threads,
@@ -73,6 +92,8 @@ def main() -> None:
         extra["exact_agreement_with_humans"] = round(sum(agree) / max(len(agree), 1), 3)
     emit(f"local LLM tier {args.model}, {args.n_threads} threads, through the tier client", round(len(results) / seconds, 3),
          "pairs/s", **extra)
+    emit(f"local LLM tier {args.model}: client pairs/s over llama.cpp's own for the same requests (one slot)",
+         round(raw_seconds / seconds, 3), "ratio", raw_pairs_per_s=round(len(pairs[1:]) / raw_seconds, 3))
     emit(f"local LLM server start-up ({args.model}, model load included)", round(startup, 1), "s")
 
 

@@ -29,7 +29,8 @@ SUITE = [
     ("bench_faiss.py", ["--n", "50000", "--queries", "2000"], ["--n", "200000", "--queries", "5000"]),
     ("bench_encode.py", ["--n", "2000"], ["--n", "10000"]),
     ("bench_mine.py", ["--rows", "1000000"], ["--rows", "1000000", "10000000", "50000000"]),
-    ("bench_annotate.py", ["--pairs", "400", "--latency-ms", "200"], ["--pairs", "2000", "--latency-ms", "200"]),
+    ("bench_annotate.py", ["--pairs", "1000", "--latency-ms", "200"], ["--pairs", "4000", "--latency-ms", "200"]),
+    ("bench_llm_local.py", ["--model", "smollm2-135m", "--pairs", "12"], ["--model", "smollm2-135m", "--pairs", "40"]),
     ("bench_train.py", ["--examples", "512"], ["--examples", "2048"]),
 ]
 
@@ -103,10 +104,11 @@ def main() -> int:
         return 0
     table = render(rows, "quick" if args.quick else "full")
     if START in text:
-        kept = {f for f in before}  # figures not re-measured this time stay, marked by their own date
+        # Rows of scripts not run this time stay, marked by their own date; a script that ran replaces all its rows
+        # (so a renamed or dropped figure does not linger).
         old_rows = [l for l in text.split(START, 1)[1].split(END, 1)[0].splitlines() if l.startswith("| ") and not l.startswith("| figure")]
-        measured = {r["figure"] for r in rows}
-        carried = [l for l in old_rows if l.split("|")[1].strip() in kept - measured]
+        ran = {script for script, _, _ in SUITE if not args.only or script in args.only}
+        carried = [l for l in old_rows if not any(f"benchmarks/{script}" in l for script in ran)]
         table = table.replace(END, "\n".join(carried) + ("\n" if carried else "") + END)
         text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: table, text, flags=re.S)
     else:

@@ -32,15 +32,15 @@ def _wh(*parts: str):
 
 # Each stage's tables and files; its module and description come from `annomine.stages`.
 STAGES: list[StageSpec] = [
-    StageSpec("ingest", "jobs.ingest", [], ["products", "queries", "human_labels"], input_files=_source_files),
-    StageSpec("channels", "jobs.channels", ["products", "queries"], ["retrieval_logs"]),
-    StageSpec("mine", "jobs.mine", ["retrieval_logs", "products", "queries"], ["mined_candidates"]),
-    StageSpec("judge", "jobs.judge", ["human_labels", "products", "queries"], [], output_files=_wh("judges", "current.json")),
-    StageSpec("annotate", "jobs.annotate", ["mined_candidates", "products", "queries"], ["annotations"],
+    StageSpec("ingest", [], ["products", "queries", "human_labels"], input_files=_source_files),
+    StageSpec("channels", ["products", "queries"], ["retrieval_logs"]),
+    StageSpec("mine", ["retrieval_logs", "products", "queries"], ["mined_candidates"]),
+    StageSpec("judge", ["human_labels", "products", "queries"], [], output_files=_wh("judges", "current.json")),
+    StageSpec("annotate", ["mined_candidates", "products", "queries"], ["annotations"],
               input_files=_wh("judges", "current.json")),
-    StageSpec("curriculum", "jobs.curriculum", ["mined_candidates", "annotations", "human_labels", "products", "queries"], []),
-    StageSpec("train", "jobs.train", [], [], output_files=_wh("models", "best.json")),
-    StageSpec("evaluate", "jobs.evaluate", ["human_labels", "products", "queries"], [],
+    StageSpec("curriculum", ["mined_candidates", "annotations", "human_labels", "products", "queries"], []),
+    StageSpec("train", [], [], output_files=lambda project, cfg: [project.warehouse_path / "models" / f"{cfg.variant}.json"]),
+    StageSpec("evaluate", ["human_labels", "products", "queries"], [],
               input_files=_wh("models", "best.json")),
 ]
 

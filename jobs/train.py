@@ -9,7 +9,8 @@ final model. Killing the driver ends torchrun and its ranks (annomine.lifeline).
     <warehouse>/models/<variant>/model/        TwoTower folder (annomine.two_tower.TwoTower.load)
     <warehouse>/models/<variant>/run/          checkpoints, progress.json, history.json, loss_curve.png
     <warehouse>/models/<variant>.json          {"path", "variant", "mlflow_run_id", "model_uri", ...}
-    <warehouse>/models/best.json               the same pointer for the last trained variant
+    <warehouse>/models/best.json               the same pointer, for `train.best_variant` only (the pipeline's final
+                                               model; training another variant by hand leaves it alone)
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class TrainConfig(TrainSettings):
     checkpoints, logging; they reach every rank in the TrainSpec) plus what only this job uses."""
 
     variant: str = "curriculum"
+    # The variant models/best.json points to (the pipeline's final model); empty: whichever variant was trained last.
+    best_variant: str | None = None
     losses: LossesConfig = field(default_factory=LossesConfig)
     launcher: str = "auto"  # auto: inprocess for 1 process, torchrun for more
     num_proc: int = 2  # ranks; batch_size is per rank
@@ -59,6 +62,8 @@ class TrainConfig(TrainSettings):
     def validate(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {list(VARIANTS)}, got {self.variant!r}")
+        if self.best_variant is not None and self.best_variant not in VARIANTS:
+            raise ValueError(f"best_variant must be one of {list(VARIANTS)} (or empty), got {self.best_variant!r}")
         if self.launcher not in ("auto", *LAUNCHERS):
             raise ValueError(f"launcher must be auto or one of {list(LAUNCHERS)}, got {self.launcher!r}")
         if self.num_proc < 1 or self.batch_size < 1 or self.epochs_per_stage < 1:
@@ -157,8 +162,7 @@ def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict) -> dict
     source_of = {e["stage"]: e.get("source", "mined") for e in run["manifest"]["stages"]}
     for s in pointer["stages"]:
         s["source"] = source_of.get(s["stage"], "mined")
-    for name in (f"{cfg.variant}.json", "best.json"):
-        (models_root(ctx) / name).write_text(json.dumps(pointer, indent=2))
+    publish_pointer(models_root(ctx), pointer, cfg)
     for s in pointer["stages"]:
         metric = "n/a" if s["best_metric"] is None else f"{s['best_metric']:.4f}"
         kept = " (no epoch beat the starting weights: stage dropped)" if s.get("best_epoch") == 0 else ""
@@ -166,6 +170,14 @@ def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict) -> dict
     print(f"[{cfg.variant}] {result['examples']} examples in {result['train_seconds']:.1f}s of training "
           f"({result['examples_per_s']:.1f} examples/s, {run['launcher']} x{cfg.num_proc}); model: {final}")
     return pointer
+
+
+def publish_pointer(models: Path, pointer: dict, cfg: TrainConfig) -> list[str]:
+    """Write `<variant>.json`, and `best.json` when this variant is `best_variant` (or none is set); the names written."""
+    names = [f"{cfg.variant}.json"] + (["best.json"] if cfg.best_variant in (None, cfg.variant) else [])
+    for name in names:
+        (models / name).write_text(json.dumps(pointer, indent=2))
+    return names
 
 
 def run(ctx: JobContext, cfg: TrainConfig) -> dict:

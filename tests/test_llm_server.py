@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from annomine.judges.config import LLMTierConfig
-from annomine.judges.llm import LLMTier, logprob_confidence, redact, resolve_api_key
+from annomine.judges.llm import LLMTier, _Scheduler, logprob_confidence, redact, resolve_api_key
 from annomine.judges.prompt import DATA_END, build_messages, encode_data, parse_answer, MalformedAnswer
 from annomine.judges.loopback_server import LoopbackLLMServer, parse_faults, rule_grade
 
@@ -176,6 +176,47 @@ def test_a_backoff_sleep_does_not_hold_a_slot():
         assert completed_during_backoff == 1
         assert [r.grade for r in out["r"]] == [4, 4] and srv.stats["faults"]["429"] == 1
         assert srv.stats["in_flight_max"] == 1
+
+
+def test_the_scheduler_sends_other_pairs_while_one_backs_off_and_retries_it_first_when_due():
+    order, open_now, most_open = [], [0], [0]
+    lock = threading.Lock()
+    tries = {}
+
+    def attempt(job):  # 'a' fails twice with a 0.3 s backoff; the others succeed at once
+        with lock:
+            order.append(job)
+            open_now[0] += 1
+            most_open[0] = max(most_open[0], open_now[0])
+        time.sleep(0.02)
+        with lock:
+            open_now[0] -= 1
+            tries[job] = tries.get(job, 0) + 1
+        return 0.3 if job == "a" and tries[job] < 3 else None
+
+    _Scheduler(attempt, ["a", "b", "c"]).run(1)
+    assert order == ["a", "b", "c", "a", "a"]          # b and c went during a's first backoff
+    order.clear()
+    tries.clear()
+    _Scheduler(attempt, ["a"] + [f"p{i}" for i in range(40)]).run(1)
+    # each pair takes >= 20 ms, so a's retry is due after at most 15 new pairs: it goes before the rest of them
+    second = order.index("a", 1)
+    assert 1 < second <= 16 and order.index("a", second + 1) <= second + 16 and order.count("a") == 3
+    order.clear()
+    tries.clear()
+    _Scheduler(attempt, ["a"] + [f"p{i}" for i in range(40)]).run(3)
+    assert most_open[0] <= 3 and order.count("a") == 3 and len(order) == 43
+
+
+def test_a_worker_that_raises_stops_the_scheduler_instead_of_hanging():
+    def attempt(job):
+        if job == 3:
+            raise RuntimeError("boom")
+        time.sleep(0.01)
+        return None
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _Scheduler(attempt, list(range(50))).run(4)
 
 
 def test_a_raw_newline_inside_the_reason_is_not_a_malformed_grade():

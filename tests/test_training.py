@@ -209,6 +209,19 @@ def test_two_gloo_ranks_hold_identical_parameters_after_a_step(spark, tmp_path, 
     assert not torch.allclose(r0, initial), "a step should have changed the parameters"
 
 
+def test_best_json_follows_best_variant_only(tmp_path):
+    from jobs.train import TrainConfig, publish_pointer
+
+    names = publish_pointer(tmp_path, {"variant": "human"}, TrainConfig(variant="human", best_variant="curriculum"))
+    assert names == ["human.json"] and not (tmp_path / "best.json").exists()
+    publish_pointer(tmp_path, {"variant": "curriculum"}, TrainConfig(variant="curriculum", best_variant="curriculum"))
+    assert json.loads((tmp_path / "best.json").read_text())["variant"] == "curriculum"
+    publish_pointer(tmp_path, {"variant": "mixed"}, TrainConfig(variant="mixed"))  # none set: the last trained
+    assert json.loads((tmp_path / "best.json").read_text())["variant"] == "mixed"
+    with pytest.raises(ValueError, match="best_variant"):
+        TrainConfig(best_variant="nope").validate()
+
+
 def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
     import mlflow
 

@@ -15,13 +15,15 @@ retried too, and after `max_attempts` the pair gets an error result, never an ex
 A 401/403 (the key is refused) is not retried: the tier marks the result `fatal` and answers every
 later pair at once with the same error, without a request, so the job can stop. Error texts are
 redacted (the key, bearer tokens, `sk-...` strings) before they leave the tier. At most
-`concurrency` requests are open at once; a slot is held only while a request is, never through a
-backoff sleep.
+`concurrency` requests are open at once: that many workers, each sending one request at a time; a pair
+that backs off waits in a timer queue, not in a worker, so the slots stay busy while any pair is ready.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
+import heapq
+import itertools
 import logging
 import math
 import os
@@ -203,6 +205,82 @@ def expected_grade(probs: dict | None) -> float | None:
     return float(sum(float(g) * p for g, p in probs.items())) if probs else None
 
 
+@dataclass
+class _Pending:
+    """A pair being graded: its prompt, its result so far, when it was started and how often it was tried."""
+
+    query: str
+    text: str
+    messages: list[dict]
+    result: TierResult = field(default_factory=TierResult)
+    started: float = field(default_factory=time.perf_counter)
+    attempts: int = 0
+
+
+class _Scheduler:
+    """Runs `attempt(job)` for every job on a fixed number of workers until each is settled.
+
+    `attempt` returns None (settled) or the seconds before the job may be tried again; a waiting job sits in a
+    heap keyed by that time, not in a worker. Each worker takes the earliest job whose wait is over, else a new
+    one, else sleeps until the next wait ends. A worker that raises stops the others and the error is re-raised.
+    Progress is logged every `progress_s` seconds (LLM calls on CPU can take seconds each).
+    """
+
+    def __init__(self, attempt, jobs: list, name: str = "llm", progress_s: float = 30.0):
+        self.attempt = attempt
+        self.name, self.total, self.progress_s = name, len(jobs), progress_s
+        self.started = self.last_log = time.monotonic()
+        self.fresh = collections.deque(jobs)
+        self.waiting: list[tuple[float, int, object]] = []
+        self.unsettled = len(jobs)
+        self.failed = False
+        self.cond = threading.Condition()
+        self.order = itertools.count()
+
+    def _next(self):
+        with self.cond:
+            while True:
+                if self.failed or self.unsettled == 0:
+                    return None
+                now = time.monotonic()
+                if self.waiting and self.waiting[0][0] <= now:
+                    return heapq.heappop(self.waiting)[2]
+                if self.fresh:
+                    return self.fresh.popleft()
+                self.cond.wait(self.waiting[0][0] - now if self.waiting else None)
+
+    def _work(self) -> None:
+        try:
+            while (job := self._next()) is not None:
+                delay = self.attempt(job)
+                with self.cond:
+                    if delay is None:
+                        self.unsettled -= 1
+                        self._log_progress()
+                    else:
+                        heapq.heappush(self.waiting, (time.monotonic() + delay, next(self.order), job))
+                    self.cond.notify_all()
+        except BaseException:
+            with self.cond:
+                self.failed = True
+                self.cond.notify_all()
+            raise
+
+    def _log_progress(self) -> None:
+        now = time.monotonic()
+        if now - self.last_log >= self.progress_s and self.unsettled:
+            self.last_log = now
+            done = self.total - self.unsettled
+            log.info("%s: %d/%d pairs graded (%.2f pairs/s)", self.name, done, self.total, done / (now - self.started))
+
+    def run(self, workers: int) -> None:
+        if workers <= 1:
+            return self._work()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.name) as pool:
+            for future in [pool.submit(self._work) for _ in range(workers)]:
+                future.result()
+
+
 class LLMTier:
     """A grading tier over one endpoint; the client is built lazily in the process that uses it."""
 
@@ -246,102 +324,108 @@ class LLMTier:
             delay = max(delay, min(retry_after, self.cfg.backoff_max_s))
         return delay
 
-    def grade(self, query: str, text: str, slot: threading.Semaphore | None = None) -> TierResult:
-        """Grade one pair; `slot` (if given) is held around each HTTP request, not through backoff."""
-        result = self._grade(query, text, slot or contextlib.nullcontext())
-        result.error = redact(result.error, self._api_key)
-        result.reason = redact(result.reason, self._api_key)
-        return result
+    def grade(self, query: str, text: str) -> TierResult:
+        """Grade one pair, sleeping through its backoffs (one caller, one pair: nothing else could use the slot)."""
+        job = _Pending(query, text, build_messages(query, text, self.grades, self.cfg.prompt_version))
+        while (delay := self._attempt(job)) is not None:
+            time.sleep(delay)
+        return job.result
 
     def _text(self, exc: Exception, limit: int) -> str:
         """An endpoint's error text, redacted before it is cut (a cut key would escape redaction)."""
         return redact(str(exc), self._api_key)[:limit]
 
-    def _grade(self, query: str, text: str, slot) -> TierResult:
+    def request_kwargs(self, messages: list[dict]) -> dict:
+        """The chat-completions arguments of one grading request (the body sent to the endpoint)."""
+        kwargs = dict(model=self.cfg.model, messages=messages, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
+        if self.cfg.logprobs:
+            kwargs.update(logprobs=True, top_logprobs=max(self.cfg.top_logprobs, len(self.grades)))
+        fmt = response_format(self.cfg.effective_response_format, self.grades)
+        if fmt is not None:
+            kwargs["response_format"] = fmt
+        return kwargs
+
+    def _attempt(self, job: _Pending) -> float | None:
+        """One request for `job`. None when the pair is settled (graded, failed for good, or the key was refused);
+        otherwise the seconds to wait before its next attempt (backoff with jitter, at least the Retry-After)."""
         import openai
 
-        messages = build_messages(query, text, self.grades, self.cfg.prompt_version)
-        result = TierResult()
-        started = time.perf_counter()
-        last_error = "no attempt"
-        for attempt in range(self.cfg.max_attempts):
-            result.attempts = attempt + 1
-            retry_after = None
-            try:
-                kwargs = dict(model=self.cfg.model, messages=messages, temperature=self.cfg.temperature,
-                              max_tokens=self.cfg.max_tokens)
-                if self.cfg.logprobs:
-                    kwargs.update(logprobs=True, top_logprobs=max(self.cfg.top_logprobs, len(self.grades)))
-                fmt = response_format(self.cfg.effective_response_format, self.grades)
-                if fmt is not None:
-                    kwargs["response_format"] = fmt
-                with slot:
-                    if self._fatal:  # checked once the slot is ours: no request after a refusal
-                        result.attempts -= 1
-                        result.error, result.fatal = self._fatal, True
-                        break
-                    resp = self.client.chat.completions.create(**kwargs)
-                if isinstance(resp, str) or not getattr(resp, "choices", None):
-                    raise MalformedAnswer("response is not a chat completion")
-                usage = getattr(resp, "usage", None)
-                if usage is not None:
-                    result.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
-                    result.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
-                choice = resp.choices[0]
-                if getattr(choice, "finish_reason", None) == "length":
-                    raise MalformedAnswer("answer truncated (finish_reason=length)")
-                grade, reason = parse_answer(choice.message.content, self.grades)
-                conf, probs = logprob_confidence(choice, grade, self.grades)
-                result.grade, result.reason, result.probs = grade, reason, probs
-                result.expected_grade = expected_grade(probs)
-                if conf is None:
-                    result.raw_confidence, result.confidence_source = self.cfg.fallback_confidence, "fallback"
-                else:
-                    result.raw_confidence, result.confidence_source = conf, "logprobs"
-                result.error = None
-                break
-            except openai.RateLimitError as exc:
-                last_error, retry_after = "429 rate limited", _retry_after_seconds(exc)
-            except openai.APITimeoutError:
-                last_error = f"timeout after {self.cfg.timeout_s:g}s"
-            except openai.APIConnectionError as exc:
-                last_error = f"connection error: {type(exc).__name__}"
-            except openai.APIStatusError as exc:
-                last_error = f"HTTP {exc.status_code}"
-                retry_after = _retry_after_seconds(exc)
-                if exc.status_code in AUTH_STATUSES:
-                    self._fatal = f"{last_error}: {self._text(exc, 200)} (key refused, not retried)"
-                    result.error, result.fatal = self._fatal, True
-                    break
-                if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
-                    result.error = f"{last_error}: {self._text(exc, 200)} (not retried)"
-                    break
-            except MalformedAnswer as exc:
-                last_error = f"malformed answer: {exc}"
-            except Exception as exc:  # noqa: BLE001 - an unparseable body, a client surprise: record, retry
-                last_error = f"{type(exc).__name__}: {self._text(exc, 160)}"
-            result.error = f"{last_error} (after {attempt + 1} attempt(s))"
-            if attempt + 1 < self.cfg.max_attempts:
-                time.sleep(self._backoff(attempt, retry_after))
-        result.latency_ms = (time.perf_counter() - started) * 1000.0
+        result = job.result
+        if self._fatal:  # after a refusal no request is sent
+            result.error, result.fatal = self._fatal, True
+            return self._settle(job)
+        attempt = job.attempts
+        job.attempts += 1
+        result.attempts = job.attempts
+        retry_after = None
+        try:
+            resp = self.client.chat.completions.create(**self.request_kwargs(job.messages))
+            if isinstance(resp, str) or not getattr(resp, "choices", None):
+                raise MalformedAnswer("response is not a chat completion")
+            usage = getattr(resp, "usage", None)
+            if usage is not None:
+                result.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+                result.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+            choice = resp.choices[0]
+            if getattr(choice, "finish_reason", None) == "length":
+                raise MalformedAnswer("answer truncated (finish_reason=length)")
+            grade, reason = parse_answer(choice.message.content, self.grades)
+            conf, probs = logprob_confidence(choice, grade, self.grades)
+            result.grade, result.reason, result.probs = grade, reason, probs
+            result.expected_grade = expected_grade(probs)
+            if conf is None:
+                result.raw_confidence, result.confidence_source = self.cfg.fallback_confidence, "fallback"
+            else:
+                result.raw_confidence, result.confidence_source = conf, "logprobs"
+            result.error = None
+            return self._settle(job)
+        except openai.RateLimitError as exc:
+            error, retry_after = "429 rate limited", _retry_after_seconds(exc)
+        except openai.APITimeoutError:
+            error = f"timeout after {self.cfg.timeout_s:g}s"
+        except openai.APIConnectionError as exc:
+            error = f"connection error: {type(exc).__name__}"
+        except openai.APIStatusError as exc:
+            error, retry_after = f"HTTP {exc.status_code}", _retry_after_seconds(exc)
+            if exc.status_code in AUTH_STATUSES:
+                self._fatal = f"{error}: {self._text(exc, 200)} (key refused, not retried)"
+                result.error, result.fatal = self._fatal, True
+                return self._settle(job)
+            if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
+                result.error = f"{error}: {self._text(exc, 200)} (not retried)"
+                return self._settle(job)
+        except MalformedAnswer as exc:
+            error = f"malformed answer: {exc}"
+        except Exception as exc:  # noqa: BLE001 - an unparseable body, a client surprise: record, retry
+            error = f"{type(exc).__name__}: {self._text(exc, 160)}"
+        result.error = f"{error} (after {job.attempts} attempt(s))"
+        if job.attempts >= self.cfg.max_attempts:
+            return self._settle(job)
+        return self._backoff(attempt, retry_after)
+
+    def _settle(self, job: _Pending) -> None:
+        result = job.result
+        result.latency_ms = (time.perf_counter() - job.started) * 1000.0
         if result.error:
             result.grade = None
-        return result
+        result.error = redact(result.error, self._api_key)
+        result.reason = redact(result.reason, self._api_key)
+        return None
 
     def grade_many(self, pairs: list[tuple[str, str]], concurrency: int) -> list[TierResult]:
-        """Grade de-duplicated (query, text) pairs with at most `concurrency` requests in flight."""
+        """Grade de-duplicated (query, text) pairs with at most `concurrency` requests in flight.
+
+        `concurrency` workers each send one request at a time, so the cap holds; a pair that must back off waits
+        in a timer queue rather than in a worker, so while it waits its worker sends another pair's request:
+        the slots stay busy as long as any pair is ready. Pairs whose backoff is over go before new ones."""
         unique = list(dict.fromkeys(pairs))
         if not unique:
             return []
         if self.cfg.effective_max_concurrency:
             concurrency = min(max(1, concurrency), self.cfg.effective_max_concurrency)
-        if len(unique) == 1:
-            answers = [self.grade(*unique[0])]
-        else:
-            # Twice as many threads as slots: while some pairs sleep through a backoff, others use the slots.
-            slots = threading.Semaphore(max(1, concurrency))
-            with ThreadPoolExecutor(max_workers=min(2 * max(1, concurrency), len(unique)), thread_name_prefix=self.name) as pool:
-                answers = list(pool.map(lambda qt: self.grade(*qt, slot=slots), unique))
+        jobs = [_Pending(q, t, build_messages(q, t, self.grades, self.cfg.prompt_version)) for q, t in unique]
+        _Scheduler(self._attempt, jobs, self.name).run(min(max(1, concurrency), len(jobs)))
+        answers = [job.result for job in jobs]
         by_pair = dict(zip(unique, answers))
         out = []
         seen = set()

@@ -101,7 +101,10 @@ class _State:
         self.logprobs_supported = logprobs_supported
         self.lock = threading.Lock()
         self.stats: dict = {"requests": 0, "completions": 0, "faults": {k: 0 for k in FAULT_KINDS}, "by_model": {},
-                            "obeyed_instruction": 0, "in_flight_max": 0, "abandoned": 0}
+                            "obeyed_instruction": 0, "in_flight_max": 0, "abandoned": 0,
+                            # request-seconds served, and the wall-clock window they fall in (epoch seconds):
+                            # busy_seconds / (window x cap) is the share of a client's allowed concurrency kept busy
+                            "busy_seconds": 0.0, "first_request_at": None, "last_response_at": None}
         self.in_flight = 0
 
     def draw_fault(self) -> str | None:
@@ -164,8 +167,11 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         st = self.state
+        arrived = time.time()
         with st.lock:
             st.stats["requests"] += 1
+            if st.stats["first_request_at"] is None:
+                st.stats["first_request_at"] = arrived
             st.in_flight += 1
             st.stats["in_flight_max"] = max(st.stats["in_flight_max"], st.in_flight)
         try:
@@ -173,8 +179,11 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (its timeout during a 'slow' fault)
         finally:
+            done = time.time()
             with st.lock:
                 st.in_flight -= 1
+                st.stats["busy_seconds"] += done - arrived
+                st.stats["last_response_at"] = max(done, st.stats["last_response_at"] or done)
 
     def _complete(self, raw: bytes):
         st = self.state
