@@ -73,6 +73,16 @@ def test_fault_kinds_are_served_as_specified():
         assert "sk-abc12345" in str(exc.value)  # the careless gateway echoes the key: the client must redact it
 
 
+def test_a_timed_out_request_is_retried_with_a_longer_timeout_when_growth_is_set():
+    with LoopbackLLMServer(latency_ms=500) as srv:
+        fixed = tier(srv, timeout_s=0.2, max_attempts=3).grade("oak table", "oak table")
+        assert fixed.grade is None and fixed.attempts == 3 and fixed.error.startswith("timeout after 0.2s")
+        growing = tier(srv, timeout_s=0.2, timeout_growth=2.0, max_attempts=3).grade("oak table", "oak table")
+        assert growing.grade == 4 and growing.attempts == 3   # 0.2 s, 0.4 s, then 0.8 s is long enough
+    assert LLMTierConfig(model="m", server="local").effective_timeout_growth == 2.0
+    assert LLMTierConfig(model="m").timeout_for(3) == 30.0
+
+
 def test_retries_honour_retry_after_then_succeed():
     # seeded: the first draws are faults, later ones succeed; every pair ends graded
     with LoopbackLLMServer(faults="429=0.5", retry_after_s=0.3, seed=3) as srv:

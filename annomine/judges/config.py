@@ -27,6 +27,9 @@ class LLMTierConfig:
     temperature: float = 0.0
     max_tokens: int = 96
     timeout_s: float = 30.0
+    # Each retry after a timeout waits this many times longer (empty: 2 for `server: local`, whose answers
+    # slow down with the machine's load and whose retry restarts the generation; 1, a fixed timeout, otherwise).
+    timeout_growth: float | None = None
     max_attempts: int = 4
     backoff_base_s: float = 0.5
     backoff_max_s: float = 20.0
@@ -62,10 +65,20 @@ class LLMTierConfig:
             raise ValueError("n_threads must be >= 1, n_ctx >= 256 and top_logprobs in [1, 20]")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
+        if self.timeout_growth is not None and self.timeout_growth < 1.0:
+            raise ValueError(f"timeout_growth must be >= 1, got {self.timeout_growth}")
 
     @property
     def effective_response_format(self) -> str:
         return self.response_format or ("json_object" if self.server == "local" else "json_schema")
+
+    @property
+    def effective_timeout_growth(self) -> float:
+        return self.timeout_growth or (2.0 if self.server == "local" else 1.0)
+
+    def timeout_for(self, timeouts_so_far: int) -> float:
+        """The request timeout after `timeouts_so_far` timed-out attempts of the same pair."""
+        return self.timeout_s * self.effective_timeout_growth ** timeouts_so_far
 
     @property
     def effective_max_concurrency(self) -> int | None:

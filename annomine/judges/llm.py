@@ -215,6 +215,7 @@ class _Pending:
     result: TierResult = field(default_factory=TierResult)
     started: float = field(default_factory=time.perf_counter)
     attempts: int = 0
+    timeouts: int = 0
 
 
 class _Scheduler:
@@ -358,8 +359,10 @@ class LLMTier:
         job.attempts += 1
         result.attempts = job.attempts
         retry_after = None
+        timeout = self.cfg.timeout_for(job.timeouts)
         try:
-            resp = self.client.chat.completions.create(**self.request_kwargs(job.messages))
+            client = self.client if job.timeouts == 0 else self.client.with_options(timeout=timeout)
+            resp = client.chat.completions.create(**self.request_kwargs(job.messages))
             if isinstance(resp, str) or not getattr(resp, "choices", None):
                 raise MalformedAnswer("response is not a chat completion")
             usage = getattr(resp, "usage", None)
@@ -382,7 +385,8 @@ class LLMTier:
         except openai.RateLimitError as exc:
             error, retry_after = "429 rate limited", _retry_after_seconds(exc)
         except openai.APITimeoutError:
-            error = f"timeout after {self.cfg.timeout_s:g}s"
+            error = f"timeout after {timeout:g}s"
+            job.timeouts += 1
         except openai.APIConnectionError as exc:
             error = f"connection error: {type(exc).__name__}"
         except openai.APIStatusError as exc:
