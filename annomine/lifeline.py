@@ -137,7 +137,8 @@ def run_tied(cmd: list[str], *, grace: float = 30.0, **popen_kw) -> int:
     return rc
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead process nobody has reaped yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -158,7 +159,7 @@ def die_with_parent(poll: float = 1.0) -> None:
     driver = int(os.environ.get(DRIVER_PID_ENV) or 0)
 
     def orphaned() -> bool:
-        return os.getppid() != parent or (driver > 0 and not _alive(driver))
+        return os.getppid() != parent or (driver > 0 and not alive(driver))
 
     def watch() -> None:
         while not orphaned():

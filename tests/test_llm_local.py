@@ -26,7 +26,7 @@ from annomine.errors import AnnomineError, MissingInputError
 from annomine.judges import local_models
 from annomine.judges.local_models import (LocalModel, ModelHashMismatch, ModelPackageMissing, PackagedFile, UnknownModel,
                                           resolve_model)
-from annomine.judges.local_server import LocalLLMServer, LocalServerError, llama_cpp_available
+from annomine.judges.local_server import LocalLLMServer, LocalServerError, llama_cpp_available, remove_stale_log_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 GRADES = [1, 2, 3, 4]
@@ -156,18 +156,23 @@ def test_the_server_dies_with_its_parent_even_under_sigkill(tmp_path):
         from annomine.judges.local_models import resolve_model
         from annomine.judges.local_server import LocalLLMServer
         srv = LocalLLMServer(resolve_model({MODEL!r}), {MODEL!r}, n_threads=1, n_ctx=512).start()
-        print(srv.pid, flush=True)
+        print(srv.pid, srv.stderr_path.parent, flush=True)
         time.sleep(600)
     """))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=dict(os.environ))
     try:
-        line = parent.stdout.readline()
-        assert line.strip().isdigit(), f"the parent did not start the server: {line!r}"
-        pid = int(line)
-        assert _alive(pid)
+        line = parent.stdout.readline().split()
+        assert line and line[0].isdigit(), f"the parent did not start the server: {line!r}"
+        pid, log_dir = int(line[0]), Path(line[1])
+        assert _alive(pid) and log_dir.is_dir()
+        remove_stale_log_dirs()
+        assert log_dir.is_dir(), "a running server's log folder was removed"
         parent.send_signal(signal.SIGKILL)          # no atexit, no context manager: only the kernel's parent-death signal
         parent.wait()
         assert _wait_gone(pid, 20), f"server pid {pid} outlived its SIGKILLed parent"
+        assert log_dir.is_dir()                     # nobody could clean up: the next server start does
+        remove_stale_log_dirs()
+        assert not log_dir.exists()
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -24,6 +24,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -60,6 +61,31 @@ def _tail(path: Path, lines: int = 15, limit: int = 2000) -> str:
     except OSError:
         return ""
     return "\n".join(text.strip().splitlines()[-lines:])[-limit:]
+
+
+LOG_DIR_PREFIX = "annomine-llama-"
+
+
+def remove_stale_log_dirs(root: str | Path | None = None, unowned_after_s: float = 3600.0) -> int:
+    """Remove the log folders of servers that are gone (a job killed with SIGKILL cannot clean up after itself;
+    its server dies with it, its folder stays). A folder whose server still runs is kept; one without a pid file
+    (a server starting right now) only once it is older than `unowned_after_s`. Returns how many were removed."""
+    from annomine import lifeline
+
+    removed = 0
+    for folder in Path(root or tempfile.gettempdir()).glob(LOG_DIR_PREFIX + "*"):
+        try:
+            if lifeline.alive(int((folder / "server.pid").read_text())):
+                continue
+        except (OSError, ValueError):
+            try:
+                if time.time() - folder.stat().st_mtime < unowned_after_s:
+                    continue
+            except OSError:
+                continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 class LocalLLMServer:
@@ -107,7 +133,8 @@ class LocalLLMServer:
         from annomine import lifeline
 
         self.port = self.port or free_port(self.host)
-        self._log_dir = Path(tempfile.mkdtemp(prefix="annomine-llama-"))
+        remove_stale_log_dirs()
+        self._log_dir = Path(tempfile.mkdtemp(prefix=LOG_DIR_PREFIX))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.stderr_path, "wb") as err:
             # own session: signals to the job's group do not reach it half-way; the lifeline ties it to us, with
@@ -115,6 +142,7 @@ class LocalLLMServer:
             # cores), and the server holds nothing worth saving
             self.proc = lifeline.start_tied(self.command(), death_signal="KILL", stdin=subprocess.DEVNULL, stdout=err,
                                             stderr=subprocess.STDOUT, env=env)
+        (self._log_dir / "server.pid").write_text(str(self.proc.pid))
         atexit.register(self.stop)
         log.info("local LLM server %s (pid %d) starting on %s", self.alias, self.proc.pid, self.base_url)
         try:
@@ -159,12 +187,7 @@ class LocalLLMServer:
         except Exception:  # noqa: BLE001 - interpreter shutting down
             pass
         if self._log_dir is not None and not keep_log:
-            for f in self._log_dir.glob("*"):
-                f.unlink(missing_ok=True)
-            try:
-                self._log_dir.rmdir()
-            except OSError:
-                pass
+            shutil.rmtree(self._log_dir, ignore_errors=True)
             self._log_dir = None
 
     def __enter__(self) -> "LocalLLMServer":
