@@ -6,10 +6,11 @@ Pipeline (`mine_candidates`):
 
 1. `split_logs`: log rows with a null key, an unknown channel or a rank < 1 go to quarantine.
 2. `select_runs`: (ranks up to `max_rank`, the mining depth) the latest run per channel (greatest `logged_at`, then greatest `run_id`) or
-   the configured `run_ids`; `dedupe_logs` keeps one row per (query, channel, product): the best
-   rank (then the highest score).
+   the configured `run_ids`.
 3. `pivot_channels`: one row per (query, product) with rank/score per channel (null where the
-   channel missed it), `n_channels`, `best_rank`, `worst_rank`, `rank_spread`.
+   channel missed it), `n_channels`, `best_rank`, `worst_rank`, `rank_spread`. One aggregation that
+   also deduplicates: per channel the best rank, and the score of the best-ranked row (the highest
+   among equal ranks), as `dedupe_logs` would keep it.
 4. `classify_channel_candidates`: rules 1-3 below on the pivoted rows.
 5. `token_similar_pairs`: TF-IDF cosine of `products.text` vs the query over blocked pairs (rule 4).
 6. `random_negative_pairs`: seeded sample from a fixed product pool (rule 5).
@@ -189,19 +190,26 @@ def select_runs(logs: DataFrame, run_ids: list[str] | None = None) -> DataFrame:
     runs = logs.groupBy("channel", "run_id").agg(F.max("logged_at").alias("_at"))
     w = Window.partitionBy("channel").orderBy(F.col("_at").desc_nulls_last(), F.col("run_id").desc())
     latest = runs.withColumn("_n", F.row_number().over(w)).where(F.col("_n") == 1).select("channel", "run_id")
-    return logs.join(latest, on=["channel", "run_id"], how="inner")
+    # One row per channel: broadcast it, so the log rows are filtered where they are read, not shuffled.
+    return logs.join(F.broadcast(latest), on=["channel", "run_id"], how="inner")
+
+
+def _dedupe_key() -> Column:
+    """rank + 0.9 * (1/2 - atan(score)/pi): orders a channel's rows of one (query, product) by rank, then
+    descending score (a null or NaN score last within its rank); the fraction never crosses to the next rank."""
+    score = F.coalesce(F.col("score"), F.lit(-1e300))
+    rank = F.col("rank").cast("double")
+    return F.nanvl(rank + F.lit(0.9) * (F.lit(0.5) - F.atan(score) / F.lit(math.pi)), rank + F.lit(0.9))
 
 
 def dedupe_logs(logs: DataFrame) -> DataFrame:
     """One row per (query, channel, product): the best rank, and among equal ranks the highest score.
 
-    One hash aggregation with `min_by` on a numeric key, rank + 0.9 * (1/2 - atan(score)/pi): the
-    fractional part orders equal ranks by descending score and never crosses to the next rank.
-    (A window, or a min over a struct, is 10x slower and far hungrier on Sail.)
+    One hash aggregation with `min_by` on a numeric key (`_dedupe_key`). (A window, or a min over a
+    struct, is 10x slower and far hungrier on Sail.) `pivot_channels` folds the same rule into its
+    own aggregation; this is the per-channel view of it.
     """
-    score = F.coalesce(F.col("score"), F.lit(-1e300))
-    key = F.col("rank").cast("double") + F.lit(0.9) * (F.lit(0.5) - F.atan(score) / F.lit(math.pi))
-    logs = logs.withColumn("_key", key)
+    logs = logs.withColumn("_key", _dedupe_key())
     return logs.groupBy("query_id", "channel", "product_id").agg(
         F.min("rank").cast("int").alias("rank"), F.min_by("score", "_key").alias("score"),
         F.min_by("run_id", "_key").alias("run_id"), F.min_by("query", "_key").alias("query"))
@@ -210,18 +218,33 @@ def dedupe_logs(logs: DataFrame) -> DataFrame:
 # ---- 3-4. rank metadata and channel classes ---------------------------------------------------
 
 def pivot_channels(logs: DataFrame) -> DataFrame:
-    """Deduplicated logs -> one row per (query_id, product_id) with per-channel rank metadata."""
-    aggs = [F.first("query", ignorenulls=True).alias("query")]
+    """Selected log rows (duplicates allowed) -> one row per (query_id, product_id) with per-channel ranks.
+
+    A single aggregation over the raw rows deduplicates and pivots at once (the cost of mining's
+    front half is this one hash aggregation on string keys): rank_<ch> is the channel's best rank,
+    score_<ch> the score of its best-ranked row (`min_by` over `_dedupe_key`, the key of the other
+    channels' rows being +inf so they never win; a channel without rows gets null). `query` is the
+    greatest logged text of the pair (one query_id has one text).
+    """
+    key = _dedupe_key()
+    aggs = [F.max("query").alias("query")]
     for ch in CHANNELS:
-        aggs.append(F.min(F.when(F.col("channel") == ch, F.col("rank"))).cast("int").alias(f"rank_{ch}"))
-        aggs.append(F.max(F.when(F.col("channel") == ch, F.col("score"))).cast("double").alias(f"score_{ch}"))
-    df = logs.groupBy("query_id", "product_id").agg(*aggs)
+        mine = F.col("channel") == ch
+        aggs.append(F.min(F.when(mine, F.col("rank"))).cast("int").alias(f"rank_{ch}"))
+        aggs.append(F.min_by(F.when(mine, F.col("score")), F.when(mine, key).otherwise(F.lit(float("inf"))))
+                    .cast("double").alias(f"score_{ch}"))
+    return logs.groupBy("query_id", "product_id").agg(*aggs)
+
+
+def with_rank_metadata(pivoted: DataFrame) -> DataFrame:
+    """Pivoted ranks + `n_channels`, `best_rank`, `worst_rank`, `rank_spread` (derived after the
+    checkpoint: row-wise, so cheaper to recompute than to write and read back)."""
     ranks = [F.col(f"rank_{ch}") for ch in CHANNELS]
     n = sum((F.when(r.isNotNull(), 1).otherwise(0) for r in ranks), F.lit(0))
-    return (df.withColumn("n_channels", n.cast("int"))
-              .withColumn("best_rank", F.least(*ranks).cast("int"))
-              .withColumn("worst_rank", F.greatest(*ranks).cast("int"))
-              .withColumn("rank_spread", (F.col("worst_rank") - F.col("best_rank")).cast("int")))
+    return (pivoted.withColumn("n_channels", n.cast("int"))
+                   .withColumn("best_rank", F.least(*ranks).cast("int"))
+                   .withColumn("worst_rank", F.greatest(*ranks).cast("int"))
+                   .withColumn("rank_spread", (F.col("worst_rank") - F.col("best_rank")).cast("int")))
 
 
 def _within(ch: str, k: int) -> Column:
@@ -256,6 +279,10 @@ def classify_channel_candidates(pivoted: DataFrame, rules: MiningRules) -> DataF
     return df.withColumn("_priority", priority.cast("double"))
 
 
+def _no_checkpoint(df: DataFrame, name: str) -> DataFrame:
+    return df
+
+
 # ---- 5. token similarity with blocking -----------------------------------------------------------
 
 def _terms(df: DataFrame, id_col: str, text_col: str) -> DataFrame:
@@ -265,24 +292,50 @@ def _terms(df: DataFrame, id_col: str, text_col: str) -> DataFrame:
     return tokens.groupBy(id_col, "term").agg(F.count(F.lit(1)).alias("tf"))
 
 
-def _normalise(weighted: DataFrame, id_col: str) -> DataFrame:
-    norms = weighted.groupBy(id_col).agg(F.sqrt(F.sum(F.col("w") * F.col("w"))).alias("_norm"))
-    return weighted.join(norms, on=id_col).select(id_col, "term", (F.col("w") / F.col("_norm")).alias("w"), "df")
+def _l2_normalise(weighted: DataFrame, id_col: str) -> DataFrame:
+    """(id, term, w, df) with w divided by the document's L2 norm: a window over the document's rows
+    (on Sail faster than a groupBy of the norms joined back to the rows, which hashes them twice)."""
+    norm = F.sqrt(F.sum(F.col("w") * F.col("w")).over(Window.partitionBy(id_col)))
+    return weighted.select(id_col, "term", (F.col("w") / norm).alias("w"), "df")
 
 
-def tfidf_tables(products: DataFrame, queries: DataFrame, n_products: int) -> tuple[DataFrame, DataFrame]:
+def _tfidf_weight(n_products: int) -> Column:
+    """Sublinear TF x smoothed IDF (scikit-learn's TfidfVectorizer) from the columns `tf` and `df`."""
+    idf = F.log(F.lit(float(n_products + 1)) / (F.col("df") + 1)) + 1.0
+    return (1.0 + F.log(F.col("tf").cast("double"))) * idf
+
+
+def catalog_terms(products: DataFrame, n_products: int) -> DataFrame:
+    """(product_id, term, w, df) for the whole catalog: the catalog is tokenised once; df (a window
+    over each term's rows) and the L2 norms both come from these term counts."""
+    p_tf = _terms(products, "product_id", "text")
+    p_tf = p_tf.withColumn("df", F.count(F.lit(1)).over(Window.partitionBy("term")))
+    return _l2_normalise(p_tf.withColumn("w", _tfidf_weight(n_products)), "product_id")
+
+
+def query_term_table(query_tf: DataFrame, product_terms: DataFrame, n_products: int) -> DataFrame:
+    """(query_id, term, w, df): query term counts weighted by the catalog's df; terms absent from the
+    catalog are dropped (as in a vectoriser fitted on the catalog)."""
+    df_t = product_terms.select("term", "df").dropDuplicates(["term"])
+    return _l2_normalise(query_tf.join(df_t, on="term").withColumn("w", _tfidf_weight(n_products)), "query_id")
+
+
+def tfidf_tables(products: DataFrame, queries: DataFrame, n_products: int,
+                 checkpoint: Callable[[DataFrame, str], DataFrame] | None = None) -> tuple[DataFrame, DataFrame]:
     """(product_terms, query_terms): (id, term, w, df) with L2-normalised TF-IDF weights.
 
-    products: product_id, text. queries: query_id, query. IDF comes from the catalog; query terms
-    absent from the catalog are dropped (as in a vectoriser fitted on the catalog).
+    products: product_id, text. queries: query_id, query. IDF and the norms come from the whole
+    catalog; product_terms then keeps only the terms some query has, the only ones a dot product
+    or the blocking join can use (a fraction of the catalog's rows). `checkpoint` (see
+    `mine_candidates`) materialises each table once.
     """
-    p_tf = _terms(products, "product_id", "text")
-    df_t = p_tf.groupBy("term").agg(F.count(F.lit(1)).alias("df"))
-    idf = F.log(F.lit(float(n_products + 1)) / (F.col("df") + 1)) + 1.0
-    tfw = 1.0 + F.log(F.col("tf").cast("double"))
-    p_w = p_tf.join(df_t, on="term").withColumn("w", tfw * idf)
-    q_w = _terms(queries, "query_id", "query").join(df_t, on="term").withColumn("w", tfw * idf)
-    return _normalise(p_w, "product_id"), _normalise(q_w, "query_id")
+    checkpoint = checkpoint or _no_checkpoint
+    query_tf = _terms(queries, "query_id", "query")
+    vocabulary = query_tf.select("term").distinct()
+    product_terms = catalog_terms(products, n_products).join(vocabulary, on="term", how="left_semi")
+    product_terms = checkpoint(product_terms.select("product_id", "term", "w", "df"), "product_terms")
+    query_terms = checkpoint(query_term_table(query_tf, product_terms, n_products), "query_terms")
+    return product_terms, query_terms
 
 
 def blocked_pairs(product_terms: DataFrame, query_terms: DataFrame, max_df: int) -> DataFrame:
@@ -293,8 +346,12 @@ def blocked_pairs(product_terms: DataFrame, query_terms: DataFrame, max_df: int)
 
 
 def score_pairs(pairs: DataFrame, product_terms: DataFrame, query_terms: DataFrame) -> DataFrame:
-    """pairs + `token_similarity`: exact TF-IDF cosine over all shared terms (0.0 when none)."""
-    keys = pairs.select("query_id", "product_id").distinct()
+    """pairs + `token_similarity`: exact TF-IDF cosine over all shared terms (0.0 when none).
+
+    `pairs` holds each (query_id, product_id) once (every caller's pairs are distinct by
+    construction), so no distinct pass precedes the dot products.
+    """
+    keys = pairs.select("query_id", "product_id")
     dots = (keys.join(query_terms.select("query_id", "term", F.col("w").alias("wq")), on="query_id")
                 .join(product_terms.select("product_id", "term", F.col("w").alias("wp")), on=["product_id", "term"])
                 .groupBy("query_id", "product_id").agg(F.sum(F.col("wq") * F.col("wp")).alias("_sim")))
@@ -323,7 +380,7 @@ def _primes_above(n: int, count: int) -> list[int]:
 
 
 def random_negative_pairs(query_ids: DataFrame, products: DataFrame, returned: DataFrame, rules: MiningRules,
-                          n_products: int) -> DataFrame:
+                          n_products: int, checkpoint: Callable[[DataFrame, str], DataFrame] | None = None) -> DataFrame:
     """(query_id, product_id, _priority): a seeded pseudo-random walk over a fixed product pool.
 
     The pool is the `random_pool_size` products with the smallest seeded hash (P of them). Each
@@ -331,6 +388,7 @@ def random_negative_pairs(query_ids: DataFrame, products: DataFrame, returned: D
     prime > P, so coprime with P: the m positions are distinct) hashed from (seed, query_id);
     m = max_negatives + 10 covers the pairs a channel returned (anti-joined away) and those too
     similar to the query. Queries x m rows: no query x catalog (nor x pool) cross join.
+    `checkpoint` (see `mine_candidates`) materialises the pool, which two joins read.
     """
     seed = F.lit(int(rules.seed))
     size = max(1, min(int(rules.random_pool_size), int(n_products)))
@@ -338,6 +396,7 @@ def random_negative_pairs(query_ids: DataFrame, products: DataFrame, returned: D
                     .withColumn("_h", F.xxhash64(seed, F.lit("pool"), F.col("product_id")))
                     .orderBy("_h", "product_id").limit(size))
     pool = pool.withColumn("_idx", (F.row_number().over(Window.partitionBy(F.lit(0)).orderBy("_h", "product_id")) - 1).cast("long")).select("product_id", "_idx")
+    pool = (checkpoint or _no_checkpoint)(pool, "random_pool")
     m = min(rules.max_negatives + 10, size)
     primes = _primes_above(size, 61)
     h1 = F.xxhash64(seed, F.lit("start"), F.col("query_id"))
@@ -349,6 +408,8 @@ def random_negative_pairs(query_ids: DataFrame, products: DataFrame, returned: D
     walk = walk.select("query_id", F.col("_k").cast("double").alias("_priority"),
                        F.pmod(F.col("_start") + F.col("_k").cast("long") * F.col("_stride"), F.lit(size)).alias("_idx"))
     pairs = walk.join(pool, on="_idx").drop("_idx")
+    # Only returned pairs of pool products can collide: the anti-join hashes those, not every returned pair.
+    returned = returned.join(pool.select("product_id"), on="product_id", how="left_semi")
     return pairs.join(returned, on=["query_id", "product_id"], how="left_anti")
 
 
@@ -373,27 +434,44 @@ def apply_caps(candidates: DataFrame, rules: MiningRules) -> DataFrame:
     class's first `quota` rows are taken first, interleaved across classes by class_rank (so all
     classes are represented even when quotas add up to more than the cap); then the rest fill the
     polarity's remaining room in the same order. Ties always break on product_id.
+    candidates: query_id, product_id, `level` (the class), `_priority`. The windows partition on
+    the integer level and a boolean polarity rather than names, and the second needs no
+    product_id: (class_rank, level) is unique there.
     """
     quota = F.lit(None).cast("int")
-    for cls in CLASSES:
-        quota = F.when(F.col("candidate_class") == cls, F.lit(rules.quota(cls))).otherwise(quota)
-    cap = F.when(F.col("polarity") == "positive", F.lit(rules.max_positives)).otherwise(F.lit(rules.max_negatives))
-    w_cls = Window.partitionBy("query_id", "candidate_class").orderBy(F.col("_priority").asc(), F.col("product_id").asc())
+    for cls, lvl in CLASSES.items():
+        quota = F.when(F.col("level") == lvl, F.lit(rules.quota(cls))).otherwise(quota)
+    positive = F.col("level").isin(*POSITIVE_LEVELS)
+    cap = F.when(positive, F.lit(rules.max_positives)).otherwise(F.lit(rules.max_negatives))
+    w_cls = Window.partitionBy("query_id", "level").orderBy(F.col("_priority").asc(), F.col("product_id").asc())
     df = candidates.withColumn("_class_rank", F.row_number().over(w_cls)).withColumn("_quota", quota)
     # No class can place more rows than its polarity's cap: cut before the second window.
     df = df.where(F.col("_class_rank") <= cap)
-    w_pol = Window.partitionBy("query_id", "polarity").orderBy(
-        (F.col("_class_rank") > F.col("_quota")).asc(), F.col("_class_rank").asc(), F.col("level").asc(), F.col("product_id").asc())
+    w_pol = Window.partitionBy("query_id", positive).orderBy(
+        (F.col("_class_rank") > F.col("_quota")).asc(), F.col("_class_rank").asc(), F.col("level").asc())
     df = df.withColumn("_pol_rank", F.row_number().over(w_pol))
     return df.where(F.col("_pol_rank") <= cap).drop("_class_rank", "_quota", "_pol_rank")
 
 
+POSITIVE_LEVELS = [CLASSES[c] for c in POSITIVE_CLASSES]
+
+
+def _level_of(cls: Column) -> Column:
+    level = F.lit(None).cast("int")
+    for name, lvl in CLASSES.items():
+        level = F.when(cls == name, F.lit(lvl)).otherwise(level)
+    return level.cast("int")
+
+
+def _class_of(level: Column) -> Column:
+    name = F.lit(None).cast("string")
+    for cls, lvl in CLASSES.items():
+        name = F.when(level == lvl, F.lit(cls)).otherwise(name)
+    return name
+
+
 OUTPUT_COLUMNS = ["query_id", "query", "product_id", *RANK_COLUMNS, "token_similarity", "candidate_class", "level",
                   "polarity", "segment", "mined_at"]
-
-
-def _no_checkpoint(df: DataFrame, name: str) -> DataFrame:
-    return df
 
 
 def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, rules: MiningRules, *,
@@ -404,8 +482,10 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     logs: retrieval_logs rows already validated. products: product_id, text. queries: query_id,
     query, segment. `n_products` (the catalog size, for IDF and the df cap) is counted when omitted.
     `checkpoint(df, name) -> df` may materialise the intermediates used by several branches (the
-    pivoted logs, the term tables): Spark Connect engines without caching (Sail) would otherwise
-    recompute them once per branch. The job passes one that writes Parquet; the default is none.
+    pivoted logs, the mined queries, the term tables, the token-similar pairs, the random pool):
+    Spark Connect engines without caching (Sail) would otherwise recompute them once per branch.
+    The job passes one that writes Parquet; the default is none. Only the pivot and the catalog's
+    term table are large (the latter holds only the queries' terms, see `tfidf_tables`).
     """
     checkpoint = checkpoint or _no_checkpoint
     if n_products is None:
@@ -413,45 +493,43 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     selected = select_runs(logs, run_ids)
     if rules.max_rank is not None:
         selected = selected.where(F.col("rank") <= rules.max_rank)
-    selected = dedupe_logs(selected)
     pivoted = checkpoint(pivot_channels(selected), "pivoted")
     returned = pivoted.select("query_id", "product_id")
 
     q_info = queries.select("query_id", F.col("query").alias("_qtext"), "segment")
-    mined_queries = (pivoted.groupBy("query_id").agg(F.first("query", ignorenulls=True).alias("_lq"))
+    mined_queries = (pivoted.groupBy("query_id").agg(F.max("query").alias("_lq"))
                             .join(q_info, on="query_id", how="left")
                             .select("query_id", F.coalesce("_lq", "_qtext").alias("query"), "segment"))
     mined_queries = checkpoint(mined_queries, "queries")
-    product_terms, query_terms = tfidf_tables(products.select("product_id", "text"), mined_queries, n_products)
-    product_terms = checkpoint(product_terms, "product_terms")
-    query_terms = checkpoint(query_terms, "query_terms")
+    product_terms, query_terms = tfidf_tables(products.select("product_id", "text"), mined_queries, n_products,
+                                              checkpoint)
 
-    channel = classify_channel_candidates(pivoted, rules).where(F.col("candidate_class").isNotNull()).drop("query")
+    channel = classify_channel_candidates(with_rank_metadata(pivoted), rules)
+    channel = channel.where(F.col("candidate_class").isNotNull()).drop("query")
     channel = score_pairs(channel, product_terms, query_terms)
 
     token = token_similar_pairs(product_terms, query_terms, returned, rules, n_products)
-    token = token.withColumn("candidate_class", F.lit(TOKEN_SIMILAR_NEGATIVE)).withColumn(
+    token = token.withColumn("level", F.lit(CLASSES[TOKEN_SIMILAR_NEGATIVE])).withColumn(
         "_priority", (-F.col("token_similarity")).cast("double"))
     token = checkpoint(token, "token_similar")
 
     # Rule 4 before rule 5: a sampled pair already in the token band is not a random negative.
-    rand = random_negative_pairs(mined_queries, products, returned, rules, n_products)
+    rand = random_negative_pairs(mined_queries, products, returned, rules, n_products, checkpoint)
     rand = rand.join(token.select("query_id", "product_id"), on=["query_id", "product_id"], how="left_anti")
     rand = score_pairs(rand, product_terms, query_terms)
-    rand = rand.where(F.col("token_similarity") < rules.random_max_similarity).withColumn("candidate_class", F.lit(RANDOM_NEGATIVE))
+    rand = rand.where(F.col("token_similarity") < rules.random_max_similarity).withColumn("level", F.lit(CLASSES[RANDOM_NEGATIVE]))
 
-    cols = ["query_id", "product_id", *RANK_COLUMNS, "token_similarity", "candidate_class", "_priority"]
-    union = (_with_nulls_for_channels(channel).select(*cols)
+    # The union carries the class as its integer level (narrower rows through the caps' sorts); the
+    # names come back after the caps.
+    cols = ["query_id", "product_id", *RANK_COLUMNS, "token_similarity", "level", "_priority"]
+    union = (_with_nulls_for_channels(channel.withColumn("level", _level_of(F.col("candidate_class")))).select(*cols)
              .unionByName(_with_nulls_for_channels(token).select(*cols))
              .unionByName(_with_nulls_for_channels(rand).select(*cols)))
-    level = F.lit(None).cast("int")
-    for cls, lvl in CLASSES.items():
-        level = F.when(F.col("candidate_class") == cls, F.lit(lvl)).otherwise(level)
-    union = union.withColumn("level", level.cast("int")).withColumn(
-        "polarity", F.when(F.col("candidate_class").isin(*POSITIVE_CLASSES), F.lit("positive")).otherwise(F.lit("negative")))
     # Classes 1-3 come from pairs some channel returned, 4-5 from pairs none did (anti-joins above),
     # and 5 excludes 4: each (query, product) has exactly one class.
     capped = apply_caps(union, rules)
+    capped = capped.withColumn("candidate_class", _class_of(F.col("level"))).withColumn(
+        "polarity", F.when(F.col("level").isin(*POSITIVE_LEVELS), F.lit("positive")).otherwise(F.lit("negative")))
     out = capped.join(mined_queries, on="query_id", how="left").withColumn("mined_at", F.current_timestamp())
     return out.select(*[F.col(c) for c in OUTPUT_COLUMNS])
 

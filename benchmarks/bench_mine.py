@@ -1,20 +1,23 @@
-"""Mining throughput on a generated log (benchmarks/gen_logs.py) through the embedded engine.
+"""Mining throughput on a generated log (benchmarks/gen_logs.py): annomine next to DuckDB, back to back.
 
-Runs the whole `annomine.mining.mine_candidates` pipeline (run selection, dedupe, pivot, set
-logic, TF-IDF blocking + scoring, random negatives, precedence, caps) on the Parquet files and
-writes the candidates to Parquet, materialising shared intermediates to Parquet like the job does. Prints log rows/s
-and the peak RSS of this process (the embedded Sail engine runs in-process, so it is included).
+annomine: the whole `annomine.mining.mine_candidates` pipeline (run selection, dedupe, pivot, set
+logic, TF-IDF blocking + scoring, random negatives, precedence, caps) through the embedded engine,
+writing the candidates to Parquet and materialising shared intermediates like the job does; its
+peak RSS is this process's (the embedded Sail engine runs in-process). DuckDB: the same set logic
+as SQL (benchmarks/mine_duckdb.py, 2 threads) in a subprocess, so its peak RSS is its own. Then the
+deterministic classes (1-4; random negatives hash differently) are compared pair for pair.
 
     python benchmarks/gen_logs.py --rows 10000000 --products 1000000 --out /tmp/mine/gen10m
     python benchmarks/bench_mine.py /tmp/mine/gen10m
+    python benchmarks/bench_mine.py --rows 1000000 10000000     # generate (catalog = rows / 10), mine, remove
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +32,108 @@ from annomine.config import ProjectConfig  # noqa: E402
 from annomine.mining import MiningRules, mining_report  # noqa: E402
 from annomine.mining import mine_candidates  # noqa: E402
 from annomine.spark import get_spark, stop_embedded  # noqa: E402
+from annomine.vocabulary import RANDOM_NEGATIVE  # noqa: E402
 from jobs.mine import parquet_checkpoint  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS, the embedded engine included (VmHWM; ru_maxrss where /proc is absent)."""
+    from mine_duckdb import peak_rss_mib as vm_hwm
+
+    return vm_hwm()
+
+
+def timed_checkpoint(checkpoint, timings: dict):
+    """`checkpoint` that also records the seconds up to each materialisation (the stage profile)."""
+    last = [time.perf_counter()]
+
+    def wrapped(df, name):
+        out = checkpoint(df, name)
+        now = time.perf_counter()
+        timings[name] = round(now - last[0], 2)
+        last[0] = now
+        return out
+
+    return wrapped
+
+
+def mine_annomine(data: Path, out: Path, rules: MiningRules, n_products: int) -> dict:
+    spark = get_spark(ProjectConfig())
+    timings: dict = {}
+    started = time.perf_counter()
+    logs = spark.read.parquet(str(data / "logs"))
+    products = spark.read.parquet(str(data / "products.parquet"))
+    queries = spark.read.parquet(str(data / "queries.parquet"))
+    checkpoint = timed_checkpoint(parquet_checkpoint(spark, out.parent / "scratch"), timings)
+    mined = mine_candidates(logs, products, queries, rules, n_products=n_products, checkpoint=checkpoint)
+    mined.write.mode("overwrite").parquet(str(out))
+    seconds = time.perf_counter() - started
+    timings["final"] = round(seconds - sum(timings.values()), 2)
+    counts = {r["candidate_class"]: r["n_candidates"]
+              for r in mining_report(spark.read.parquet(str(out))).where("dimension = 'class'").collect()}
+    return {"seconds": seconds, "stages": timings, "per_class": counts}
+
+
+def mine_duckdb(data: Path, out: Path, rules: MiningRules, threads: int) -> dict:
+    cmd = [sys.executable, str(HERE / "mine_duckdb.py"), str(data), "--out", str(out), "--threads", str(threads),
+           "--max-positives", str(rules.max_positives), "--max-negatives", str(rules.max_negatives),
+           "--blocking-max-df", str(rules.blocking_max_df)]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(annomine_out: Path, duckdb_out: Path) -> dict:
+    """Pairs of the deterministic classes (all but random negatives) found by one side only, per class,
+    and the largest |token_similarity| difference over the pairs both have."""
+    cols = ["query_id", "product_id", "candidate_class", "token_similarity"]
+    a = pq.read_table(annomine_out, columns=cols).to_pandas()
+    d = pq.read_table(duckdb_out, columns=cols).to_pandas()
+    a, d = a[a.candidate_class != RANDOM_NEGATIVE], d[d.candidate_class != RANDOM_NEGATIVE]
+    both = a.merge(d, on=["query_id", "product_id", "candidate_class"], how="outer", indicator=True, suffixes=("_a", "_d"))
+    only = both[both["_merge"] != "both"]
+    same = both[both["_merge"] == "both"]
+    return {"differing_pairs": int(len(only)), "per_class": only.groupby("candidate_class").size().to_dict(),
+            "compared_pairs": int(len(same)),
+            "max_similarity_diff": float((same.token_similarity_a - same.token_similarity_d).abs().max() if len(same) else 0.0)}
+
+
+def bench(data: Path, args) -> None:
+    n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((data / "logs").glob("*.parquet")))
+    n_products = pq.ParquetFile(data / "products.parquet").metadata.num_rows
+    rules = MiningRules(max_positives=args.max_positives, max_negatives=args.max_negatives,
+                        blocking_max_df=args.blocking_max_df)
+    rules.validate()
+    work = Path(tempfile.mkdtemp(prefix="bench_mine_"))
+    out = work / "candidates"
+    try:
+        ours = mine_annomine(data, out, rules, n_products)
+        ours_peak = peak_rss_mib()  # before anything else grows this process
+        stop_embedded()
+        duck = mine_duckdb(data, work / "duckdb.parquet", rules, args.threads)
+        diff = compare(out, work / "duckdb.parquet")
+        result = {"log_rows": n_rows, "products": n_products,
+                  "annomine": {"seconds": round(ours["seconds"], 1), "log_rows_per_s": round(n_rows / ours["seconds"]),
+                               "peak_rss_mib": round(ours_peak), "stages": ours["stages"], "per_class": ours["per_class"]},
+                  "duckdb": {**duck, "log_rows_per_s": round(n_rows / duck["seconds"])},
+                  "comparison": diff}
+        result["ratio"] = round(result["annomine"]["log_rows_per_s"] / result["duckdb"]["log_rows_per_s"], 3)
+        print(json.dumps(result, indent=1), flush=True)
+        from common import emit
+
+        size = f"{n_rows:,} log rows, {n_products:,} products, caps {rules.max_positives}/{rules.max_negatives}"
+        a, d = result["annomine"], result["duckdb"]
+        emit(f"mining throughput, {size}", a["log_rows_per_s"], "log rows/s", seconds=a["seconds"],
+             candidates=sum(a["per_class"].values()))
+        emit(f"mining peak memory (driver + embedded engine), {n_rows:,} log rows", a["peak_rss_mib"], "MiB")
+        emit(f"mining throughput, DuckDB {args.threads} threads, {size}", d["log_rows_per_s"], "log rows/s", seconds=d["seconds"])
+        emit(f"mining peak memory, DuckDB {args.threads} threads (subprocess), {n_rows:,} log rows", d["peak_rss_mib"], "MiB")
+        emit(f"mining throughput ratio annomine/DuckDB, {n_rows:,} log rows", result["ratio"], "x")
+        emit(f"mining classes 1-4 pairs differing from DuckDB, {n_rows:,} log rows", diff["differing_pairs"], "pairs",
+             compared=diff["compared_pairs"], max_similarity_diff=diff["max_similarity_diff"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,51 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-positives", type=int, default=50)
     ap.add_argument("--max-negatives", type=int, default=50)
     ap.add_argument("--blocking-max-df", type=int, default=5000)
-    ap.add_argument("--out", help="where to write the candidates (default: a temp folder, removed)")
+    ap.add_argument("--threads", type=int, default=2, help="DuckDB threads")
     args = ap.parse_args(argv)
-    if args.data is None:
-        import subprocess
-
-        for rows in args.rows or [1_000_000]:
-            folder = Path(tempfile.mkdtemp(prefix=f"gen_{rows}_"))
-            subprocess.run([sys.executable, str(Path(__file__).with_name("gen_logs.py")), "--rows", str(rows),
-                            "--products", str(max(1000, rows // 10)), "--out", str(folder)], check=True)
-            passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.isdigit() and a != "--rows"]
-            subprocess.run([sys.executable, __file__, str(folder), *passthrough], check=True)
-            shutil.rmtree(folder, ignore_errors=True)
+    if args.data is not None:
+        bench(Path(args.data), args)
         return 0
-    data = Path(args.data)
-    n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((data / "logs").glob("*.parquet")))
-    n_products = pq.ParquetFile(data / "products.parquet").metadata.num_rows
-
-    spark = get_spark(ProjectConfig())
-    rules = MiningRules(max_positives=args.max_positives, max_negatives=args.max_negatives,
-                        blocking_max_df=args.blocking_max_df)
-    rules.validate()
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_mine_")) / "candidates"
-    started = time.time()
-    logs = spark.read.parquet(str(data / "logs"))
-    products = spark.read.parquet(str(data / "products.parquet"))
-    queries = spark.read.parquet(str(data / "queries.parquet"))
-    mined = mine_candidates(logs, products, queries, rules, n_products=n_products,
-                            checkpoint=parquet_checkpoint(spark, out.parent / "scratch"))
-    mined.write.mode("overwrite").parquet(str(out))
-    seconds = time.time() - started
-    written = spark.read.parquet(str(out))
-    counts = {r["candidate_class"]: r["n_candidates"] for r in mining_report(written).where("dimension = 'class'").collect()}
-    result = {"log_rows": n_rows, "products": n_products, "seconds": round(seconds, 1),
-              "log_rows_per_s": round(n_rows / seconds), "candidates": sum(counts.values()), "per_class": counts,
-              "peak_rss_mib": round(peak_rss_mib()), "max_positives": rules.max_positives,
-              "max_negatives": rules.max_negatives, "blocking_max_df": rules.blocking_max_df}
-    print(json.dumps(result, indent=1))
-    from common import emit
-
-    emit(f"mining throughput, {n_rows:,} log rows, {n_products:,} products, caps {rules.max_positives}/{rules.max_negatives}",
-         result["log_rows_per_s"], "log rows/s", seconds=result["seconds"], candidates=result["candidates"])
-    emit(f"mining peak memory (driver + embedded engine), {n_rows:,} log rows", result["peak_rss_mib"], "MiB")
-    if not args.out:
-        shutil.rmtree(out.parent, ignore_errors=True)
-    stop_embedded()
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.isdigit() and a != "--rows"]
+    for rows in args.rows or [1_000_000]:
+        folder = Path(tempfile.mkdtemp(prefix=f"gen_{rows}_"))
+        try:
+            subprocess.run([sys.executable, str(HERE / "gen_logs.py"), "--rows", str(rows),
+                            "--products", str(max(1000, rows // 10)), "--out", str(folder)], check=True)
+            # a fresh process per size: its peak RSS is that size's
+            subprocess.run([sys.executable, __file__, str(folder), *passthrough], check=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
