@@ -9,10 +9,11 @@ and items) or separate, by config. `save(dir)` / `TwoTower.load(dir)` round-trip
     <dir>/query/            query tower (BertModel, no pooler)
     <dir>/item/             item tower (only when towers are separate)
 
-The evaluation stage uses `encode_queries` / `encode_items` (float32, L2-normalised numpy); training
-(`training.runner`) uses `tokenize` and `embed` (differentiable). Core, not `training/`: the model is
-inference and persistence only (torch, no training logic), so evaluation can load it without an upward
-import. `torch` is imported here at module level: import this module lazily from torch-free core code.
+The evaluation stage uses `encode_queries` / `encode_items` (float32, L2-normalised numpy; through ONNX
+Runtime when loaded with `backend="auto"`, one export per tower); training (`training.runner`) uses
+`tokenize` and `embed` (differentiable). Core, not `training/`: the model is inference and persistence
+only (torch, no training logic), so evaluation can load it without an upward import. `torch` is
+imported here at module level: import this module lazily from torch-free core code.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from annomine.encoders import MINILM, load_bert, mean_pool, resolve_model_path
+from annomine.encoders import MINILM, encode_sorted, load_bert, mean_pool, onnx_or_none, resolve_backend, resolve_model_path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -59,7 +60,8 @@ class TwoTower(nn.Module):
     """Query and item towers over BERT, returning unit vectors (cosine = dot product)."""
 
     def __init__(self, tokenizer, query_encoder: nn.Module, item_encoder: nn.Module | None = None, *,
-                 query_max_len: int = 16, item_max_len: int = 64, base: str = MINILM):
+                 query_max_len: int = 16, item_max_len: int = 64, base: str = MINILM, backend: str = "torch",
+                 onnx_threads: int | None = None):
         super().__init__()
         self.tokenizer = tokenizer
         self.query_encoder = query_encoder
@@ -68,6 +70,12 @@ class TwoTower(nn.Module):
         self.query_max_len = int(query_max_len)
         self.item_max_len = int(item_max_len)
         self.base = base
+        # Inference backend of encode_queries / encode_items ('auto', 'onnx', 'torch'; see
+        # annomine.encoders.resolve_backend). 'torch' by default: a model being trained changes its weights
+        # every step; loaders of a finished model for inference ask for 'auto'.
+        self.backend = backend
+        self.onnx_threads = onnx_threads
+        self._onnx_towers: dict[int, tuple] = {}  # id(tower) -> (weights stamp, OnnxTower or None)
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -115,7 +123,8 @@ class TwoTower(nn.Module):
         return out
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | None = None) -> TwoTower:
+    def load(cls, directory: str | os.PathLike, device: str | None = None, backend: str = "torch") -> TwoTower:
+        """A saved model; backend='auto' encodes through ONNX Runtime on CPU (inference), 'torch' for training."""
         from transformers import AutoTokenizer, BertModel
 
         src = Path(directory)
@@ -127,7 +136,7 @@ class TwoTower(nn.Module):
         query = BertModel.from_pretrained(src / "query", local_files_only=True, add_pooling_layer=False)
         item = None if meta["shared"] else BertModel.from_pretrained(src / "item", local_files_only=True, add_pooling_layer=False)
         model = cls(tokenizer, query, item, query_max_len=meta["query_max_len"], item_max_len=meta["item_max_len"],
-                    base=meta.get("base", MINILM))
+                    base=meta.get("base", MINILM), backend=backend)
         if device:
             model.to(device)
         return model.eval()
@@ -154,27 +163,44 @@ class TwoTower(nn.Module):
         return self.embed(query_tokens, "query"), self.embed(item_tokens, "item")
 
     # ---- inference -----------------------------------------------------------------------
+    def __getstate__(self):
+        """Pickles (MLflow's pyfunc, Spark) without the ONNX Runtime sessions: they are rebuilt on first use."""
+        state = dict(self.__dict__)
+        state["_onnx_towers"] = {}
+        return state
+
+    def _onnx_tower(self, side: str):
+        """The ONNX Runtime session of this side's tower, rebuilt when its weights changed since (else None)."""
+        encoder = self._encoder(side)
+        # parameters' in-place version counters move with every optimizer step or load_state_dict
+        stamp = tuple((p.data_ptr(), p._version) for p in encoder.parameters())
+        cached = self._onnx_towers.get(id(encoder))
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, onnx_or_none(encoder, self.onnx_threads))
+            self._onnx_towers[id(encoder)] = cached
+        return cached[1]
+
     def _encode(self, texts, side: str, batch_size: int, progress: bool) -> np.ndarray:
         texts = [t if isinstance(t, str) else "" for t in texts]
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        starts = range(0, len(texts), batch_size)
-        if progress:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc=f"encode {side}s", unit="batch", mininterval=5)
+        max_len = self.query_max_len if side == "query" else self.item_max_len
+        desc = f"encode {side}s"
+        tower = self._onnx_tower(side) if resolve_backend(self.backend, self.device) == "onnx" else None
+        if tower is not None:
+            return encode_sorted(self.tokenizer, tower, texts, self.dim, max_len, batch_size, progress, desc)
         was_training = self.training
         self.eval()
         device = self.device
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+        def run_torch(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+            tokens = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+            return self.embed(tokens, side).float().cpu().numpy()
+
         try:
             with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                for start in starts:
-                    batch = texts[start:start + batch_size]
-                    emb = self.embed(self.tokenize(batch, side), side)
-                    out[start:start + len(batch)] = emb.float().cpu().numpy()
+                return encode_sorted(self.tokenizer, run_torch, texts, self.dim, max_len, batch_size, progress, desc)
         finally:
             self.train(was_training)
-        return out
 
     def encode_queries(self, texts, batch_size: int = 256, progress: bool = False) -> np.ndarray:
         return self._encode(list(texts), "query", batch_size, progress)

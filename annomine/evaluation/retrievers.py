@@ -165,7 +165,10 @@ def resolve_specs(spec: str, warehouse: str | os.PathLike, tracking_uri: str | N
 
 # ---- dense encoders ----------------------------------------------------------------------
 class HFEncoder:
-    """A plain BERT folder (or 'minilm') as one shared tower with separate query/item lengths."""
+    """A plain BERT folder (or 'minilm') as one shared tower with separate query/item lengths.
+
+    Encodes through `annomine.encoders.TextEncoder` (ONNX Runtime on CPU when it imports, else torch).
+    """
 
     def __init__(self, name_or_path: str, query_max_len: int = 16, item_max_len: int = 64, batch_size: int = 128):
         from annomine.encoders import TextEncoder
@@ -196,7 +199,8 @@ def load_encoder(kind: str, path: str | None, settings: EncodeSettings):
 
         from annomine.two_tower import TwoTower
 
-        return TwoTower.load(folder, device="cuda" if torch.cuda.is_available() else None)
+        # 'auto': ONNX Runtime on CPU (one export per tower, cached by weights), torch on CUDA
+        return TwoTower.load(folder, device="cuda" if torch.cuda.is_available() else None, backend="auto")
     if (folder / "config.json").is_file():
         return HFEncoder(str(folder), settings.query_max_len, settings.item_max_len, settings.batch_size)
     raise ModelSpecError(f"{folder}: neither a two-tower ({TWO_TOWER_META}) nor a Hugging Face model folder")

@@ -45,11 +45,9 @@ def ensure_embeddings(ctx, products: pd.DataFrame, cfg, stats: dict) -> np.ndarr
         with tqdm(total=len(todo), desc="encode catalog", unit="item", mininterval=5) as bar:
             for start in range(0, len(todo), cfg.embed_chunk):
                 idx = todo[start:start + cfg.embed_chunk]
-                emb = np.zeros((0, encoder.dim), dtype=np.float32)
-                for b in range(0, len(idx), cfg.encode_batch_size):
-                    part = encoder.encode([texts[i] for i in idx[b:b + cfg.encode_batch_size]])
-                    emb = np.concatenate([emb, part])
-                    bar.update(len(part))
+                # the whole chunk in one call: the encoder sorts it by length into batches of encode_batch_size
+                emb = encoder.encode([texts[i] for i in idx])
+                bar.update(len(idx))
                 chunk = pd.DataFrame({
                     "product_id": [products["product_id"].iat[i] for i in idx],
                     "model": cfg.model_key,

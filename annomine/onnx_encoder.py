@@ -1,0 +1,180 @@
+"""BERT towers through ONNX Runtime: export once per weights, cache the .onnx file, run a CPU session.
+
+Inference only (catalog and query encoding); training keeps torch for the gradients. The exported
+graph takes `input_ids` and `attention_mask` (int64, dynamic batch and sequence axes) and returns the
+attention-masked mean of the last hidden state, L2-normalised (float32): the same vectors as
+`annomine.encoders.mean_pool` + `torch.nn.functional.normalize`, with ONNX Runtime's fused kernels.
+
+Exporter: torch's TorchScript-based `torch.onnx.export(..., dynamo=False)`, still part of the pinned
+torch and five times quicker than the torch.export-based one, which would also need `onnxscript`.
+
+Cache: `<cache>/<model type>-<key>.onnx`, where the key hashes the weights, the config and the
+exporter's inputs (torch version, opset, graph format), so the same weights export once wherever they
+were loaded from. `<cache>` is `$ANNOMINE_ONNX_CACHE`, else `$XDG_CACHE_HOME/annomine/onnx` (default
+`~/.cache/annomine/onnx`). A file is written under a temporary name and renamed into place, so
+concurrent processes (Spark workers) never read a half-written model; two that export at once write
+identical files and the last rename wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import warnings
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "ANNOMINE_ONNX_CACHE"
+OPSET = 17
+# Bump when the exported graph changes (inputs, outputs, pooling): old cache files are then ignored.
+GRAPH_FORMAT = "pooled-l2-v1"
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "embeddings"
+
+# Sessions shared by the encoders of one process while any of them holds one (a session of MiniLM is
+# ~100 MB: an evaluation going through several models keeps only those still in use).
+_SESSIONS: "weakref.WeakValueDictionary[tuple[str, int], OnnxTower]" = weakref.WeakValueDictionary()
+_SESSIONS_LOCK = threading.Lock()
+
+
+def runtime_available() -> tuple[bool, str]:
+    """(True, version) when onnxruntime imports, else (False, why)."""
+    try:
+        import onnxruntime
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken native library
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, f"onnxruntime {onnxruntime.__version__}"
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "annomine" / "onnx"
+
+
+def weights_key(model) -> str:
+    """A hash of what the exported graph depends on: weights, config, torch version, opset, graph format."""
+    import torch
+
+    h = hashlib.sha256(f"{GRAPH_FORMAT}|opset{OPSET}|torch{torch.__version__}|{type(model).__name__}\n".encode())
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"\n{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
+        h.update(flat.view(torch.uint8).numpy())
+    return f"{getattr(model.config, 'model_type', 'model')}-{h.hexdigest()[:32]}"
+
+
+def _pooled(model):
+    """`model` wrapped so its output is the pooled, L2-normalised embedding (what the graph computes)."""
+    import torch
+
+    class PooledEncoder(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / torch.clamp(mask.sum(dim=1), min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    return PooledEncoder(model)
+
+
+def export(model, path: Path) -> Path:
+    """Export `model` (a CPU float32 BertModel-like encoder) to `path`, atomically; its train/eval mode is kept."""
+    import torch
+
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("ONNX export needs a float32 model on the CPU")
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    # Two rows, the second padded: the traced graph then keeps the attention mask for every input.
+    input_ids = torch.randint(1, min(vocab, 1000), (2, 8), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    was_training = model.training
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the tracer's notes on data-dependent shortcuts (transformers skips them while tracing) and the
+            # exporter's deprecation notice: nothing a user can act on
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _pooled(model).eval(), (input_ids, attention_mask), tmp, dynamo=False,
+                input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], opset_version=OPSET,
+                dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                              OUTPUT_NAME: {0: "batch"}})
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users sharing the cache
+        os.replace(tmp, path)
+    finally:
+        model.train(was_training)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def cached_export(model) -> Path:
+    """The cached .onnx file of `model`'s weights, exported first if there is none."""
+    path = cache_dir() / f"{weights_key(model)}.onnx"
+    if not path.is_file():
+        log.info("exporting %s to ONNX: %s", type(model).__name__, path)
+        export(model, path)
+    return path
+
+
+class OnnxTower:
+    """An ONNX Runtime CPU session of one exported tower: token arrays -> L2-normalised float32 embeddings."""
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.path = Path(path)
+        self.threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        return self.session.run([OUTPUT_NAME], feeds)[0]
+
+
+def onnx_tower(model, threads: int | None = None) -> OnnxTower:
+    """An ONNX Runtime session for `model`'s current weights: one per weights and thread count per process.
+
+    threads: ONNX Runtime's intra-op threads; default torch's thread count (what the torch path would use).
+    """
+    import torch
+
+    threads = int(threads or torch.get_num_threads())
+    path = cached_export(model)
+    key = (str(path), threads)
+    with _SESSIONS_LOCK:
+        tower = _SESSIONS.get(key)
+        if tower is None:
+            try:
+                tower = OnnxTower(path, threads)
+            except Exception as exc:  # noqa: BLE001 - a damaged cache file: export afresh, once
+                log.warning("cached ONNX model %s does not load (%s); exporting it again", path, exc)
+                tower = OnnxTower(export(model, path), threads)
+            _SESSIONS[key] = tower
+        return tower
