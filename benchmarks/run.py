@@ -93,7 +93,8 @@ def main() -> int:
             continue
         if script == "bench_mine.py" and args.mine_rows:
             quick = full = ["--rows", *args.mine_rows]
-        rows += run_script(script, quick if args.quick else full, timeout=300 if args.quick else 3600)
+        long_mining = script == "bench_mine.py" and bool(args.mine_rows)
+        rows += run_script(script, quick if args.quick else full, timeout=300 if args.quick and not long_mining else 3600)
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     before = parse_table(text)
     print("\n[bench] figure: committed -> now")
