@@ -344,10 +344,8 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
         job.first_pass(pairs, n)
         job.escalate_deferred()
         stats["escalation"]["deferred_by_budget"] = count_deferred(ctx, version)
-        kept = sorted(cascade.combiner.paths) if cascade.combiner else []
-        stats["escalation"]["combiner"] = kept
-        stats["escalation"]["escalated_pairs_decided_by"] = ("the combination of the consulted tiers" if kept
-                                                             else f"{cascade.tier_names[0]} (no combination kept)")
+        stats["escalation"]["combiner"] = cascade.kept_combinations
+        stats["escalation"]["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
         outcomes = list(job.decided.values())
         stats["pairs"] = len(outcomes)
         stats["graded"] = sum(o[1] for o in outcomes)

@@ -330,8 +330,7 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
         result["judge_version"] = cascade.version
         result["tiers"] = cascade.tier_names
         result["llm_budget"] = llm_budget
-        result["escalated_pairs_decided_by"] = ("the combination " + ", ".join(sorted(cascade.combiner.paths))
-                                                if cascade.combiner else f"{cascade.tier_names[0]} (no fitted combination)")
+        result["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
         result["seconds"] = round(time.time() - started, 2)
         if llm_alone_pairs and cascade.llm_tier_names:
             sample = pairs.sample(n=min(llm_alone_pairs, len(pairs)), random_state=project.seed).reset_index(drop=True)

@@ -328,9 +328,12 @@ def test_a_fitted_combiner_decides_escalated_pairs_from_real_outputs(ctx, tmp_pa
     coef = np.concatenate([np.zeros((4, 4)), 10 * np.eye(4)], axis=1).tolist()
     with Cascade.open(cfg, judge, GRADES, ctx.project.warehouse) as cascade:
         before = cascade.grade_frame(rows)
+        cascade.combiner = Combiner(GRADES, {}, {})   # fitted, none kept (what calibrate saves when none beats tier 1)
+        assert cascade.escalated_pairs_decided_by == "tier1 (no combination kept)" and cascade.kept_combinations == []
         Combiner(GRADES, {}, {"tier1+tier2": Combination(["tier1", "tier2"], GRADES, coef, [0.0] * 4)}).save(cascade.combiner_path())
     with Cascade.open(cfg, judge, GRADES, ctx.project.warehouse) as cascade:
         assert cascade.combiner is not None and "tier1+tier2" in cascade.describe()["combiner"]
+        assert cascade.escalated_pairs_decided_by == "the combination of tier1+tier2"
         after = cascade.grade_frame(rows)
     esc = after[after.escalation == "escalated"]
     assert len(esc) and (esc.deciding_tier == "combined").all() and (before.deciding_tier == "tier1").all()

@@ -120,6 +120,16 @@ class Cascade:
         return [t.name for t in self.tiers]
 
     @property
+    def kept_combinations(self) -> list[str]:
+        """The tier paths (e.g. 'tier1+tier2') whose fitted combination decides escalated pairs."""
+        return sorted(self.combiner.paths) if self.combiner else []
+
+    @property
+    def escalated_pairs_decided_by(self) -> str:
+        kept = self.kept_combinations
+        return f"the combination of {', '.join(kept)}" if kept else f"{self.tier_names[0]} (no combination kept)"
+
+    @property
     def version(self) -> str:
         """Annotations are keyed by this: tier-1 version, plus a hash of the LLM tiers' identity
         (model, prompt version, calibration thresholds) when they take part."""
