@@ -65,7 +65,7 @@ def server_stats(base_url: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pairs", type=int, default=1000)
+    parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--latency-ms", type=float, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duplicate-share", type=float, default=0.1)

@@ -29,7 +29,7 @@ SUITE = [
     ("bench_faiss.py", ["--n", "50000", "--queries", "2000"], ["--n", "200000", "--queries", "5000"]),
     ("bench_encode.py", ["--n", "2000"], ["--n", "10000"]),
     ("bench_mine.py", ["--rows", "1000000"], ["--rows", "1000000", "10000000", "50000000"]),
-    ("bench_annotate.py", ["--pairs", "1000", "--latency-ms", "200"], ["--pairs", "4000", "--latency-ms", "200"]),
+    ("bench_annotate.py", ["--pairs", "2000", "--latency-ms", "200"], ["--pairs", "4000", "--latency-ms", "200"]),
     ("bench_llm_local.py", ["--model", "smollm2-135m", "--pairs", "12"], ["--model", "smollm2-135m", "--pairs", "40"]),
     ("bench_train.py", ["--examples", "512"], ["--examples", "2048"]),
 ]

@@ -121,6 +121,10 @@ class _State:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "annomine-loopback-llm/1"
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY: the status line + headers and the body are separate writes; with Nagle on, the body waits for the
+    # client's delayed ACK of the headers (~40-50 ms a request, measured: 251 ms per 200 ms request), which real
+    # servers (uvicorn, vLLM) do not add.
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):  # quiet: tests run thousands of requests
         return
