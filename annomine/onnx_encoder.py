@@ -43,6 +43,9 @@ OUTPUT_NAME = "embeddings"
 # ~100 MB: an evaluation going through several models keeps only those still in use).
 _SESSIONS: "weakref.WeakValueDictionary[tuple[str, int], OnnxTower]" = weakref.WeakValueDictionary()
 _SESSIONS_LOCK = threading.Lock()
+# torch.onnx.export keeps process-global state (one export at a time): Spark partitions running in threads of one
+# worker process each ask for the tower at once.
+_EXPORT_LOCK = threading.RLock()
 
 
 def runtime_available() -> tuple[bool, str]:
@@ -132,9 +135,10 @@ def export(model, path: Path) -> Path:
 def cached_export(model) -> Path:
     """The cached .onnx file of `model`'s weights, exported first if there is none."""
     path = cache_dir() / f"{weights_key(model)}.onnx"
-    if not path.is_file():
-        log.info("exporting %s to ONNX: %s", type(model).__name__, path)
-        export(model, path)
+    with _EXPORT_LOCK:  # the threads that waited find the file the first one wrote
+        if not path.is_file():
+            log.info("exporting %s to ONNX: %s", type(model).__name__, path)
+            export(model, path)
     return path
 
 
@@ -175,6 +179,7 @@ def onnx_tower(model, threads: int | None = None) -> OnnxTower:
                 tower = OnnxTower(path, threads)
             except Exception as exc:  # noqa: BLE001 - a damaged cache file: export afresh, once
                 log.warning("cached ONNX model %s does not load (%s); exporting it again", path, exc)
-                tower = OnnxTower(export(model, path), threads)
+                with _EXPORT_LOCK:
+                    tower = OnnxTower(export(model, path), threads)
             _SESSIONS[key] = tower
         return tower

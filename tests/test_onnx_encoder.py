@@ -169,3 +169,16 @@ def test_export_is_cached_on_disk_and_per_process(tiny_folder, tmp_cache, monkey
     assert [f.suffix for f in files] == [".onnx"]  # no temporary file left behind
     texts = varied_texts(10)
     assert np.allclose(third.encode(texts), first.encode(texts), atol=1e-6)
+
+
+def test_threads_asking_for_the_same_tower_at_once_share_one_export(tmp_cache, monkeypatch):
+    """Spark partitions in threads of one worker process: torch.onnx.export is one-at-a-time per process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    exports = []
+    real_export = onnx_encoder.export
+    monkeypatch.setattr(onnx_encoder, "export", lambda model, path: exports.append(path) or real_export(model, path))
+    _, model = _tiny_bert(hidden=32, layers=1, seed=9)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        towers = list(pool.map(lambda _: onnx_encoder.onnx_tower(model, threads=1), range(4)))
+    assert len(exports) == 1 and all(t is towers[0] for t in towers)
