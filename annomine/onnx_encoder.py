@@ -80,8 +80,11 @@ def weights_key(model) -> str:
 
 
 def _pooled(model):
-    """`model` wrapped so its output is the pooled, L2-normalised embedding (what the graph computes)."""
+    """`model` wrapped so its output is the pooled, L2-normalised embedding (what the graph computes): the
+    pooling of the torch path (`annomine.encoders.mean_pool`), traced into the graph."""
     import torch
+
+    from annomine.encoders import mean_pool
 
     class PooledEncoder(torch.nn.Module):
         def __init__(self, encoder):
@@ -91,9 +94,7 @@ def _pooled(model):
         def forward(self, input_ids, attention_mask):
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                                   token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / torch.clamp(mask.sum(dim=1), min=1e-9)
-            return torch.nn.functional.normalize(pooled, dim=-1)
+            return torch.nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1)
 
     return PooledEncoder(model)
 
