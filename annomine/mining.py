@@ -10,7 +10,7 @@ Pipeline (`mine_candidates`):
 3. `pivot_channels`: one row per (query, product) with rank/score per channel (null where the
    channel missed it), `n_channels`, `best_rank`, `worst_rank`, `rank_spread`. One aggregation that
    also deduplicates: per channel the best rank, and the score of the best-ranked row (the highest
-   among equal ranks), as `dedupe_logs` would keep it.
+   among equal ranks): duplicate log rows count once.
 4. `classify_channel_candidates`: rules 1-3 below on the pivoted rows.
 5. `token_similar_pairs`: TF-IDF cosine of `products.text` vs the query over blocked pairs (rule 4).
 6. `random_negative_pairs`: seeded sample from a fixed product pool (rule 5).
@@ -202,19 +202,6 @@ def _dedupe_key() -> Column:
     return F.nanvl(rank + F.lit(0.9) * (F.lit(0.5) - F.atan(score) / F.lit(math.pi)), rank + F.lit(0.9))
 
 
-def dedupe_logs(logs: DataFrame) -> DataFrame:
-    """One row per (query, channel, product): the best rank, and among equal ranks the highest score.
-
-    One hash aggregation with `min_by` on a numeric key (`_dedupe_key`). (A window, or a min over a
-    struct, is 10x slower and far hungrier on Sail.) `pivot_channels` folds the same rule into its
-    own aggregation; this is the per-channel view of it.
-    """
-    logs = logs.withColumn("_key", _dedupe_key())
-    return logs.groupBy("query_id", "channel", "product_id").agg(
-        F.min("rank").cast("int").alias("rank"), F.min_by("score", "_key").alias("score"),
-        F.min_by("run_id", "_key").alias("run_id"), F.min_by("query", "_key").alias("query"))
-
-
 # ---- 3-4. rank metadata and channel classes ---------------------------------------------------
 
 def pivot_channels(logs: DataFrame) -> DataFrame:
@@ -223,7 +210,8 @@ def pivot_channels(logs: DataFrame) -> DataFrame:
     A single aggregation over the raw rows deduplicates and pivots at once (the cost of mining's
     front half is this one hash aggregation on string keys): rank_<ch> is the channel's best rank,
     score_<ch> the score of its best-ranked row (`min_by` over `_dedupe_key`, the key of the other
-    channels' rows being +inf so they never win; a channel without rows gets null). `query` is the
+    channels' rows being +inf so they never win; a channel without rows gets null). A window, or a min over a
+    struct, is 10x slower and far hungrier on Sail than `min_by` on this numeric key. `query` is the
     greatest logged text of the pair (one query_id has one text).
     """
     key = _dedupe_key()

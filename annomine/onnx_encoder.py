@@ -13,7 +13,9 @@ exporter's inputs (torch version, opset, graph format), so the same weights expo
 were loaded from. `<cache>` is `$ANNOMINE_ONNX_CACHE`, else `$XDG_CACHE_HOME/annomine/onnx` (default
 `~/.cache/annomine/onnx`). A file is written under a temporary name and renamed into place, so
 concurrent processes (Spark workers) never read a half-written model; two that export at once write
-identical files and the last rename wins.
+identical files and the last rename wins. The cache keeps the most recently used files within
+`$ANNOMINE_ONNX_CACHE_MAX_MB` (default 2048, ~20 MiniLM-sized towers): each use touches its file, and
+an export removes the least recently used others beyond the limit (`prune_cache`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "ANNOMINE_ONNX_CACHE"
+CACHE_MAX_ENV = "ANNOMINE_ONNX_CACHE_MAX_MB"
+DEFAULT_CACHE_MAX_MB = 2048
 OPSET = 17
 # Bump when the exported graph changes (inputs, outputs, pooling): old cache files are then ignored.
 GRAPH_FORMAT = "pooled-l2-v1"
@@ -133,13 +137,57 @@ def export(model, path: Path) -> Path:
     return path
 
 
+def cache_limit_bytes() -> int:
+    value = os.environ.get(CACHE_MAX_ENV, "").strip()
+    try:
+        mb = float(value) if value else DEFAULT_CACHE_MAX_MB
+    except ValueError:
+        raise ValueError(f"{CACHE_MAX_ENV}={value!r} is not a number of megabytes") from None
+    return int(mb * 1024 * 1024)
+
+
+def prune_cache(directory: Path, limit_bytes: int, keep: Path) -> list[Path]:
+    """Remove the least recently used .onnx files of `directory` (by modification time, which every use sets)
+    until the rest fit in `limit_bytes`; `keep` stays whatever its size. The removed paths."""
+    files = []
+    for f in directory.glob("*.onnx"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+        files.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, f in sorted(files, key=lambda t: t[0]):
+        if total <= limit_bytes:
+            break
+        if f == keep:
+            continue
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            pass
+        total -= size
+        removed.append(f)
+    if removed:
+        log.info("ONNX cache %s: removed %d least recently used file(s) beyond %d MB", directory, len(removed),
+                 limit_bytes // (1024 * 1024))
+    return removed
+
+
 def cached_export(model) -> Path:
-    """The cached .onnx file of `model`'s weights, exported first if there is none."""
+    """The cached .onnx file of `model`'s weights, exported first if there is none (then the cache is pruned)."""
     path = cache_dir() / f"{weights_key(model)}.onnx"
     with _EXPORT_LOCK:  # the threads that waited find the file the first one wrote
-        if not path.is_file():
+        if path.is_file():
+            try:
+                os.utime(path)  # recently used: the last to be pruned
+            except OSError:  # a read-only shared cache: still usable
+                pass
+        else:
             log.info("exporting %s to ONNX: %s", type(model).__name__, path)
             export(model, path)
+            prune_cache(path.parent, cache_limit_bytes(), keep=path)
     return path
 
 

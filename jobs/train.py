@@ -28,6 +28,7 @@ from pathlib import Path
 from annomine.curriculum import VARIANTS
 from annomine.locks import warehouse_lock
 from annomine.runtime import JobContext, run_job
+from training.interpolation import check_alphas
 from training.launchers import LAUNCHERS, launch
 from training.losses import REGISTRY as LOSS_REGISTRY
 from training.shards import read_manifest
@@ -70,6 +71,7 @@ class TrainConfig(TrainSettings):
             raise ValueError("num_proc, batch_size and epochs_per_stage must be positive")
         if self.checkpoint_every_batches < 0:
             raise ValueError(f"checkpoint_every_batches must be >= 0 (0: epoch ends only), got {self.checkpoint_every_batches}")
+        check_alphas(self.interpolate_alphas)
         unknown = set(self.lr_by_loss) - set(LOSS_REGISTRY)
         if unknown:
             raise ValueError(f"lr_by_loss: unknown loss {sorted(unknown)}; use one of {list(LOSS_REGISTRY)}")
@@ -158,7 +160,8 @@ def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict) -> dict
                "examples_per_s": round(result["examples_per_s"], 2), "wall_seconds": round(run["wall"], 1),
                "stages": [{k: s.get(k) for k in ("stage", "name", "loss", "lr", "start_metric", "best_metric", "best_epoch",
                                                  "examples")} for s in result["stages"]],
-               "training_pairs": training_pairs(result["stages"], run["manifest"])}
+               "training_pairs": training_pairs(result["stages"], run["manifest"]),
+               "interpolation": result.get("interpolation")}
     source_of = {e["stage"]: e.get("source", "mined") for e in run["manifest"]["stages"]}
     for s in pointer["stages"]:
         s["source"] = source_of.get(s["stage"], "mined")
@@ -167,6 +170,11 @@ def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict) -> dict
         metric = "n/a" if s["best_metric"] is None else f"{s['best_metric']:.4f}"
         kept = " (no epoch beat the starting weights: stage dropped)" if s.get("best_epoch") == 0 else ""
         print(f"[{cfg.variant}] stage {s['stage']} {s['name']} ({s['loss']}): best dev NDCG@10 {metric}{kept}")
+    if pointer["interpolation"]:
+        chosen = pointer["interpolation"]
+        tried = ", ".join(f"{a}: {m:.4f}" for a, m in chosen["dev"].items())
+        print(f"[{cfg.variant}] weights {chosen['alpha']:g} of the way from the start to the trained model "
+              f"(dev NDCG@10 by fraction: {tried})")
     print(f"[{cfg.variant}] {result['examples']} examples in {result['train_seconds']:.1f}s of training "
           f"({result['examples_per_s']:.1f} examples/s, {run['launcher']} x{cfg.num_proc}); model: {final}")
     return pointer

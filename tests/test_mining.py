@@ -190,8 +190,8 @@ def test_run_selection_and_dedupe(spark, frames):
     dup = spark.createDataFrame([
         log("r1", "q1", "ann", "pD", 9), log("r1", "q1", "ann", "pD", 7, score=0.5),
         log("r1", "q1", "ann", "pD", 7, score=0.9), log("r1", "q1", "ann", "pD", 7, score=0.9)], LOG_SCHEMA)
-    out = mining.dedupe_logs(dup).collect()
-    assert [(r["rank"], r["score"]) for r in out] == [(7, 0.9)]
+    out = mining.pivot_channels(dup).collect()
+    assert [(r["rank_ann"], r["score_ann"], r["rank_lexical"], r["score_lexical"]) for r in out] == [(7, 0.9, None, None)]
 
 
 def test_bad_log_rows_are_quarantined(spark):

@@ -182,3 +182,29 @@ def test_threads_asking_for_the_same_tower_at_once_share_one_export(tmp_cache, m
     with ThreadPoolExecutor(max_workers=4) as pool:
         towers = list(pool.map(lambda _: onnx_encoder.onnx_tower(model, threads=1), range(4)))
     assert len(exports) == 1 and all(t is towers[0] for t in towers)
+
+
+def test_the_cache_keeps_the_most_recently_used_exports_within_its_limit(tmp_cache, monkeypatch):
+    """Each export prunes the least recently used other files beyond ANNOMINE_ONNX_CACHE_MAX_MB; a use
+    refreshes a file, so the model in use survives, and the file just written always stays."""
+    import os
+    import time
+
+    models = [_tiny_bert(hidden=32, layers=1, seed=s)[1] for s in (21, 22, 23)]
+    paths = []
+    for m in models[:2]:
+        paths.append(onnx_encoder.cached_export(m))
+    size_mb = paths[0].stat().st_size / (1024 * 1024)
+    old = time.time() - 100
+    os.utime(paths[0], (old, old))
+    os.utime(paths[1], (old + 10, old + 10))
+    onnx_encoder.cached_export(models[0])  # a use: models[0] is now the most recently used
+    monkeypatch.setenv(onnx_encoder.CACHE_MAX_ENV, str(2.5 * size_mb))
+    third = onnx_encoder.cached_export(models[2])
+    assert sorted(p.name for p in tmp_cache.glob("*.onnx")) == sorted([paths[0].name, third.name])
+    monkeypatch.setenv(onnx_encoder.CACHE_MAX_ENV, "0")  # below one file: only the new one stays
+    fourth = onnx_encoder.cached_export(models[1])
+    assert [p.name for p in tmp_cache.glob("*.onnx")] == [fourth.name]
+    monkeypatch.setenv(onnx_encoder.CACHE_MAX_ENV, "lots")
+    with pytest.raises(ValueError, match="ANNOMINE_ONNX_CACHE_MAX_MB"):
+        onnx_encoder.cache_limit_bytes()

@@ -19,7 +19,8 @@ from annomine.two_tower import TwoTower
 from training.callbacks import Callback
 from training.launchers import launch
 from training.losses import REGISTRY, PointwiseLoss, register
-from training.runner import ndcg_at_k
+from training.interpolation import interpolate
+from training.runner import DevSet, ndcg_at_k
 from training.shards import write_manifest, write_stage_shards
 from training.spec import TrainSpec, Tracking
 
@@ -379,3 +380,36 @@ def test_the_registry_checks_a_loss_against_the_curriculum_row_formats(cosine_ma
         register(Again)
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         build_loss("hinge")
+
+
+def test_interpolation_is_linear_in_the_weights():
+    start, trained = TwoTower.tiny(seed=0), TwoTower.tiny(seed=1)
+    for alpha in (0.0, 0.3, 1.0):
+        mixed = interpolate(start, trained, alpha)
+        for (name, a), b, m in zip(start.query_encoder.named_parameters(), trained.query_encoder.parameters(),
+                                   mixed.query_encoder.parameters()):
+            assert torch.allclose(m, a + alpha * (b - a), atol=1e-6), name
+    # the trained model itself is untouched, and its encoder cache is not shared with the mixture
+    assert torch.equal(next(trained.query_encoder.parameters()), next(TwoTower.tiny(seed=1).query_encoder.parameters()))
+    assert not np.allclose(interpolate(start, trained, 0.5).encode_queries(["red shoe"]), trained.encode_queries(["red shoe"]))
+
+
+def test_the_dev_check_chooses_how_far_to_move_back_to_the_start(tmp_path):
+    """interpolate_alphas: each fraction is scored on dev beside the trained model; the final model is the best,
+    saved as it was scored, and the run's result records every score."""
+    spec = replace(make_shards(tmp_path, n=16, stages=[("hard", "mnr")]), epochs_per_stage=1, lr=5e-3,
+                   interpolate_alphas=[0.0, 0.5])
+    result = launch("inprocess", spec)
+    chosen = result["interpolation"]
+    assert set(chosen["dev"]) == {"0", "0.5", "1"}
+    assert chosen["dev"]["1"] == pytest.approx(result["stages"][-1]["best_metric"])
+    assert chosen["dev_metric"] == max(chosen["dev"].values())
+    assert chosen["dev"][f"{chosen['alpha']:g}"] == chosen["dev_metric"]
+    final = TwoTower.load(result["final_dir"])
+    assert DevSet(spec.dev_dir, 1).evaluate(final) == pytest.approx(chosen["dev_metric"])
+    start, trained = TwoTower.tiny(), TwoTower.load(result["stages"][-1]["best_dir"])
+    expected = trained if chosen["alpha"] == 1.0 else interpolate(start, trained, chosen["alpha"])
+    for a, b in zip(expected.parameters(), final.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="not a fraction"):
+        launch("inprocess", replace(spec, interpolate_alphas=[1.5], output_dir=str(tmp_path / "out2")))

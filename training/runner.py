@@ -15,7 +15,8 @@ counted per stage across resumes (`result["examples"]`; `examples_this_run` is t
     <output_dir>/progress.json
     <output_dir>/stage<k>_<name>/epoch<e>[-batch<b>]/{model/, state.pt, rank<r>.pt}   (the last checkpoint)
     <output_dir>/stage<k>_<name>/best/            (TwoTower folder of the best epoch)
-    <output_dir>/final/                           (best model of the last stage)
+    <output_dir>/final/                           (best model of the last stage, or its interpolation with the
+                                                   starting weights that the dev check kept: `interpolate_alphas`)
     <output_dir>/history.json                     (per-step and per-epoch metrics, as of the last checkpoint)
 
 `Dist` hides the backend: none (one process), torch.distributed DDP (gloo on CPU, nccl on GPU,
@@ -42,6 +43,7 @@ from torch import nn
 
 from annomine.two_tower import TwoTower
 from training.callbacks import Callback, CallbackList
+from training.interpolation import check_alphas, interpolate_final
 from training.losses import Loss, build_loss
 from training.shards import ShardReader, read_manifest, stage_files
 from training.spec import TrainSpec
@@ -530,6 +532,14 @@ class StageTrainer:
             shutil.rmtree(previous, ignore_errors=True)
 
 
+def _start_model(spec: TrainSpec) -> TwoTower:
+    """The weights the first stage started from."""
+    if spec.init_from:
+        return TwoTower.load(spec.init_from)
+    return TwoTower.from_base(spec.base_model, shared=spec.shared, query_max_len=spec.query_max_len,
+                              item_max_len=spec.item_max_len)
+
+
 def _finish(run: RunState, stages: list[dict]) -> dict:
     """The result of the whole run (rank 0): every stage's state, examples and seconds across resumes."""
     if not run.dist.is_main:
@@ -539,15 +549,24 @@ def _finish(run: RunState, stages: list[dict]) -> dict:
     final = run.out / "final"
     if final.exists():
         shutil.rmtree(final)
-    shutil.copytree(states[-1]["best_dir"], final)
     result = {"stages": states, "examples": examples, "train_seconds": seconds, "examples_this_run": run.examples_this_run,
               "final_dir": str(final), "world_size": run.dist.world_size, "examples_per_s": examples / max(seconds, 1e-9)}
+    last = states[-1]
+    if run.spec.interpolate_alphas and run.dev is not None and last.get("best_metric") is not None:
+        chosen = interpolate_final(_start_model(run.spec), last["best_dir"], last["best_metric"], run.spec.interpolate_alphas,
+                                   run.dev.evaluate, final)
+        result["interpolation"] = {"alpha": chosen["alpha"], "dev_metric": chosen["metric"],
+                                   "dev": {f"{a:g}": m for a, m in chosen["dev"].items()}}
+        log.info("final model: %.2f of the way from the starting weights (dev NDCG@10 %.4f)", chosen["alpha"], chosen["metric"])
+    else:
+        shutil.copytree(last["best_dir"], final)
     _write_json(run.out / "result.json", result)
     return result
 
 
 def run_stages(spec: TrainSpec, dist: Dist, callbacks: list[Callback] | tuple = ()) -> dict:
     """Train every stage of the manifest in order; returns the result (meaningful on rank 0)."""
+    check_alphas(spec.interpolate_alphas)
     torch.manual_seed(spec.seed)
     run = RunState(spec, dist, CallbackList(callbacks))
     stages = read_manifest(spec.shards_root)["stages"]

@@ -37,6 +37,9 @@ class TrainSettings:
     loss_lr: float = 1e-2  # learnable loss parameters (BCE temperature and bias)
     lr_by_loss: dict[str, float] = field(default_factory=dict)  # per-loss learning rate, e.g. {bce: 1.0e-5}
     keep_start_if_better: bool = True  # a stage whose epochs all score below its starting weights on dev is dropped
+    # WiSE-FT (training.interpolation): after the last stage, these fractions of the way from the starting weights
+    # to the trained ones compete with the trained model on the dev check; the best is the final model ([]: off)
+    interpolate_alphas: list[float] = field(default_factory=list)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0

@@ -1,0 +1,78 @@
+"""Weight-space ensembles of the trained model and its starting weights (WiSE-FT, Wortsman et al., 2022).
+
+Fine-tuning a strong zero-shot start on a few thousand noisy pairs moves it far from weights that were good
+on queries nobody labelled here. Moving the trained weights back part of the way,
+
+    theta(alpha) = theta_start + alpha * (theta_trained - theta_start),
+
+keeps most of what fine-tuning taught at alpha near 1 and most of the start's breadth near 0; it costs nothing
+at inference (one model, the same size). The runner scores each configured alpha with the same dev check that
+keeps or drops stages and keeps the best (alpha 1.0, the trained model, wins ties), so the choice is made on dev
+like every other and reported in the run's result.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from annomine.two_tower import TwoTower
+
+log = logging.getLogger("annomine.train")
+
+
+def check_alphas(alphas: list[float]) -> None:
+    bad = [a for a in alphas if not 0.0 <= float(a) <= 1.0]
+    if bad:
+        raise ValueError(f"train.interpolate_alphas: {bad[0]} is not a fraction in [0, 1]")
+
+
+def interpolate_state(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], alpha: float) -> dict:
+    """theta_start + alpha (theta_trained - theta_start) for floating tensors; others (ids, buffers) as trained."""
+    if start.keys() != trained.keys():
+        missing = sorted(set(start) ^ set(trained))[:3]
+        raise ValueError(f"start and trained weights differ in their tensors (e.g. {missing}): not the same architecture")
+    return {k: torch.lerp(start[k], v, float(alpha)) if v.is_floating_point() else v for k, v in trained.items()}
+
+
+def _towers(model: TwoTower) -> dict[str, torch.nn.Module]:
+    return {"query": model.query_encoder} if model.shared else {"query": model.query_encoder, "item": model.item_encoder}
+
+
+def interpolate(start: TwoTower, trained: TwoTower, alpha: float) -> TwoTower:
+    """A new TwoTower (trained's tokenizer and lengths) whose tower weights are theta(alpha)."""
+    if start.shared != trained.shared:
+        raise ValueError("start and trained models differ in tower sharing")
+    out = copy.deepcopy(trained)
+    out._onnx_towers = {}  # its weights change below: no exported graph of the trained weights may serve it
+    for side, tower in _towers(out).items():
+        tower.load_state_dict(interpolate_state(_towers(start)[side].state_dict(), _towers(trained)[side].state_dict(), alpha))
+    return out.eval()
+
+
+def choose(start: TwoTower, trained: TwoTower, trained_metric: float, alphas: list[float], evaluate) -> dict:
+    """Score theta(alpha) for every alpha < 1 with `evaluate` (model -> dev NDCG@10); the best against the trained
+    model's own `trained_metric`. Returns {"alpha", "metric", "dev": {alpha: metric}, "model"}."""
+    check_alphas(alphas)
+    dev = {1.0: float(trained_metric)}
+    best = {"alpha": 1.0, "metric": float(trained_metric), "model": trained}
+    for alpha in sorted({float(a) for a in alphas if float(a) < 1.0}, reverse=True):
+        model = interpolate(start, trained, alpha)
+        metric = float(evaluate(model))
+        dev[alpha] = metric
+        log.info("weights %.2f of the way from the start to the trained model: dev NDCG@10 %.4f", alpha, metric)
+        if metric > best["metric"]:
+            best = {"alpha": alpha, "metric": metric, "model": model}
+    return {**best, "dev": dict(sorted(dev.items()))}
+
+
+def interpolate_final(start: TwoTower, trained_dir: str | Path, trained_metric: float, alphas: list[float], evaluate,
+                      out_dir: str | Path) -> dict:
+    """`choose`, then the chosen model saved to `out_dir`; the record without the model."""
+    trained = TwoTower.load(trained_dir)
+    chosen = choose(start, trained, trained_metric, alphas, evaluate)
+    chosen.pop("model").save(out_dir)
+    return chosen
