@@ -235,7 +235,7 @@ def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
     build_world(ctx, n_queries=16)
     run_curriculum(ctx, CurriculumConfig(variants=["curriculum_roar"], num_files=2, row_group_size=8, dev_pool_size=10))
     cfg = TrainConfig(variant="curriculum_roar", base_model="tiny", batch_size=8, progress=False, log_checkpoints=False,
-                      num_proc=1)
+                      num_proc=1, interpolate_alphas=[0.5])
     pointer = run_train(ctx, cfg)
     models = ctx.project.warehouse_path / "models"
     assert json.loads((models / "best.json").read_text())["path"] == pointer["path"]
@@ -249,6 +249,10 @@ def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
     run = mlflow.get_run(pointer["mlflow_run_id"])
     assert run.data.params["train.losses.bce.init_temperature"] == "20.0"
     assert "dev_ndcg10" in run.data.metrics and "train_loss" in run.data.metrics
+    chosen = pointer["interpolation"]  # the dev check's pick between the trained weights and half way back
+    assert set(chosen["dev"]) == {"0.5", "1"} and run.data.metrics["interpolation_alpha"] == chosen["alpha"]
+    assert run.data.metrics["final_dev_ndcg10"] == pytest.approx(chosen["dev_metric"])
+    assert run.data.metrics["dev_ndcg10_alpha_0_5"] == pytest.approx(chosen["dev"]["0.5"])
     client = mlflow.tracking.MlflowClient()
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 3
     assert "loss_curve.png" in [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -131,6 +131,11 @@ def log_outputs(tracking_uri: str, run_id: str, output_dir: str | Path, final_mo
         best = [s.get("best_metric") for s in result.get("stages", []) if s.get("best_metric") is not None]
         if best:
             final_metrics["final_dev_ndcg10"] = best[-1]
+        chosen = result.get("interpolation")
+        if chosen:  # the final model is the dev check's pick among the trained weights and their interpolations
+            final_metrics["final_dev_ndcg10"] = chosen["dev_metric"]
+            final_metrics["interpolation_alpha"] = chosen["alpha"]
+            final_metrics.update({f"dev_ndcg10_alpha_{a.replace('.', '_')}": m for a, m in chosen["dev"].items()})
         mlflow.log_metrics({k: float(v) for k, v in final_metrics.items()})
         example = pd.DataFrame({"text": ["red running shoes", "Red running shoe, size 10"], "side": ["query", "item"]})
         # explicit requirements: MLflow's inference imports the model in a subprocess (slow, and it
