@@ -171,9 +171,15 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     seg_counts = {s: int((eval_segments == s).sum()) for s in metrics_lib.SEGMENTS}
     dev_ids = sorted(dev_labels["query_id"].unique())
     n_selection = len(dev_ids) or int(labels.loc[labels["query_id"].map(split_of) == "dev", "query_id"].nunique())
+    selection_ids = dev_ids or sorted(q for q in eval_ids if split_of(q) == "dev")
+    selection_counts = {s: int((segments.reindex(selection_ids) == s).sum()) for s in metrics_lib.SEGMENTS}
+    unseen = [s for s in metrics_lib.SEGMENTS if seg_counts[s] and not selection_counts[s]] if selection_ids else []
     print(f"evaluate: {len(eval_ids)} queries (split {cfg.split}: {SPLIT_ROLES[cfg.split]}), {len(labels)} labels, "
           f"{len(catalog)} products, models {[s.label for s in specs]}"
           + (f"; {len(dev_ids)} dev queries ranked for the registration's dev NDCG@10 only" if dev_ids else ""))
+    if unseen:  # the selection never saw this kind of query: its choices say nothing about them
+        print(f"evaluate: note: the dev split (every training-time choice) holds no {'/'.join(unseen)} queries; this "
+              f"report has {', '.join(f'{seg_counts[s]} {s}' for s in unseen)}")
 
     models, per_query_rows = [], []
     for spec in specs:
@@ -203,7 +209,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     report = {
         "created_at": pd.Timestamp.now("UTC").isoformat(),
         "split": cfg.split, "split_role": SPLIT_ROLES[cfg.split],
-        "selection": {"split": "dev", "n_dev_queries": n_selection,
+        "selection": {"split": "dev", "n_dev_queries": n_selection, "segment_counts": selection_counts,
                       "note": "registration and every training-time choice use dev NDCG@10; " + SELECTION_NOTES[cfg.split]},
         "k": 10, "recall_k": cfg.top_k, "index": cfg.encode.index.kind,
         "grade_scale": {"min": project.min_grade, "max": project.max_grade, "gain": "grade - min_grade"},

@@ -161,6 +161,11 @@ def test_default_split_is_test_and_registration_selects_on_dev(spark, project, t
     assert report["split"] == "test" and "never used for selection" in report["split_role"]
     assert report["selection"]["split"] == "dev" and "test queries were never used for selection" in report["selection"]["note"]
     assert report["selection"]["n_dev_queries"] == 1
+    # the dev split's make-up beside the report's: its one query is torso, so the choices never saw head or tail
+    assert report["selection"]["segment_counts"] == {"head": 0, "torso": 1, "tail": 0}
+    assert "the dev split (every training-time choice) holds no head/tail queries; this report has 1 head, 1 tail" in printed
+    assert "in the dev split that made every training-time choice: {'head': 0, 'torso': 1, 'tail': 0}" in \
+        out.with_suffix(".md").read_text()
     # Only test queries are reported; the dev query is ranked for the registration alone.
     assert {r["query_id"] for r in report["per_query"]} == {"q1", "q4"}
     assert report["inputs"]["n_queries_evaluated"] == 2

@@ -142,8 +142,10 @@ def markdown(report: dict) -> str:
                   "NDCG@10 against the better baseline, lowest-grade share against zero-shot MiniLM; the difference's "
                   "CI resamples queries, so it excludes 0 only when the model wins (or loses) on the same queries.", "",
                   *paired]
+    selection = report.get("selection", {}).get("segment_counts")
     lines += ["", f"## NDCG@10 (unjudged=0) by query segment", "", f"Segments: {report['segment_rule']}; "
-              f"counts {report['segment_counts']}.", ""]
+              f"counts {report['segment_counts']}"
+              + (f"; in the dev split that made every training-time choice: {selection}" if selection else "") + ".", ""]
     lines.append("| model | " + " | ".join(SEGMENTS) + " |")
     lines.append("|---|" + "---|" * len(SEGMENTS))
     for model in report["models"]:
