@@ -15,7 +15,10 @@ Faults are drawn per request from a seeded generator: `429` (with Retry-After), 
 (JSON cut off, finish_reason "length"), `garbage` (a response body that is not JSON at all), `401`
 (the key is refused, and the error body echoes it back, as careless gateways do). Like vLLM or TGI,
 a `slow` request stops as soon as its client hangs up (a client timeout), so `in_flight` counts
-the requests some client is still waiting for; `abandoned` counts those that were cut short.
+the requests some client is still waiting for; `abandoned` counts those that were cut short. A request that
+arrives first looks at the connections of the others in flight: one its client has already closed is not
+counted in `in_flight_max` (its handler may not have woken up to the hang-up yet), so the figure is the
+number of requests clients held open at once.
 `GET /stats` returns request and fault counters; `GET /v1/models` lists models.
 Only 127.0.0.1 by default; stdlib `http.server` only.
 """
@@ -89,6 +92,16 @@ def _tokens(content: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]+|\s+", content)
 
 
+def _closed_by_peer(conn: socket.socket) -> bool:
+    """Whether the client has closed `conn` (readable with nothing to read), without waiting or consuming bytes."""
+    try:
+        if not select.select([conn], [], [], 0)[0]:
+            return False
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
 class _State:
     def __init__(self, latency_ms: float, faults: dict[str, float], grades: list[int], seed: int, slow_ms: float,
                  retry_after_s: float, logprobs_supported: bool):
@@ -106,6 +119,7 @@ class _State:
                             # busy_seconds / (window x cap) is the share of a client's allowed concurrency kept busy
                             "busy_seconds": 0.0, "first_request_at": None, "last_response_at": None}
         self.in_flight = 0
+        self.open_connections: dict[int, socket.socket] = {}  # handler id -> connection of a request in flight
 
     def draw_fault(self) -> str | None:
         with self.lock:
@@ -177,7 +191,9 @@ class _Handler(BaseHTTPRequestHandler):
             if st.stats["first_request_at"] is None:
                 st.stats["first_request_at"] = arrived
             st.in_flight += 1
-            st.stats["in_flight_max"] = max(st.stats["in_flight_max"], st.in_flight)
+            st.open_connections[id(self)] = self.connection
+            held = sum(1 for conn in st.open_connections.values() if not _closed_by_peer(conn))
+            st.stats["in_flight_max"] = max(st.stats["in_flight_max"], held)
         try:
             self._complete(raw)
         except (BrokenPipeError, ConnectionResetError):
@@ -186,6 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
             done = time.time()
             with st.lock:
                 st.in_flight -= 1
+                st.open_connections.pop(id(self), None)
                 st.stats["busy_seconds"] += done - arrived
                 st.stats["last_response_at"] = max(done, st.stats["last_response_at"] or done)
 
