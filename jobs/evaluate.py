@@ -170,8 +170,9 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     eval_segments = segments.reindex(eval_ids)
     seg_counts = {s: int((eval_segments == s).sum()) for s in metrics_lib.SEGMENTS}
     dev_ids = sorted(dev_labels["query_id"].unique())
-    n_selection = len(dev_ids) or int(labels.loc[labels["query_id"].map(split_of) == "dev", "query_id"].nunique())
-    selection_ids = dev_ids or sorted(q for q in eval_ids if split_of(q) == "dev")
+    # the dev queries: ranked beside the report's split for selection only, or inside it (split dev or all)
+    selection_ids = dev_ids or [q for q in eval_ids if split_of(q) == "dev"]
+    n_selection = len(selection_ids)
     selection_counts = {s: int((segments.reindex(selection_ids) == s).sum()) for s in metrics_lib.SEGMENTS}
     unseen = [s for s in metrics_lib.SEGMENTS if seg_counts[s] and not selection_counts[s]] if selection_ids else []
     print(f"evaluate: {len(eval_ids)} queries (split {cfg.split}: {SPLIT_ROLES[cfg.split]}), {len(labels)} labels, "

@@ -14,8 +14,8 @@ Faults are drawn per request from a seeded generator: `429` (with Retry-After), 
 (sleeps `slow_ms` before answering), `malformed` (an answer that is not JSON), `truncated`
 (JSON cut off, finish_reason "length"), `garbage` (a response body that is not JSON at all), `401`
 (the key is refused, and the error body echoes it back, as careless gateways do). Like vLLM or TGI,
-a `slow` request stops as soon as its client hangs up (a client timeout), so `in_flight` counts
-the requests some client is still waiting for; `abandoned` counts those that were cut short. A request that
+a `slow` request stops as soon as its client hangs up (a client timeout), so the requests in flight are
+those some client is still waiting for; `abandoned` counts those that were cut short. A request that
 arrives first looks at the connections of the others in flight: one its client has already closed is not
 counted in `in_flight_max` (its handler may not have woken up to the hang-up yet), so the figure is the
 number of requests clients held open at once.
@@ -118,7 +118,6 @@ class _State:
                             # request-seconds served, and the wall-clock window they fall in (epoch seconds):
                             # busy_seconds / (window x cap) is the share of a client's allowed concurrency kept busy
                             "busy_seconds": 0.0, "first_request_at": None, "last_response_at": None}
-        self.in_flight = 0
         self.open_connections: dict[int, socket.socket] = {}  # handler id -> connection of a request in flight
 
     def draw_fault(self) -> str | None:
@@ -190,7 +189,6 @@ class _Handler(BaseHTTPRequestHandler):
             st.stats["requests"] += 1
             if st.stats["first_request_at"] is None:
                 st.stats["first_request_at"] = arrived
-            st.in_flight += 1
             st.open_connections[id(self)] = self.connection
             held = sum(1 for conn in st.open_connections.values() if not _closed_by_peer(conn))
             st.stats["in_flight_max"] = max(st.stats["in_flight_max"], held)
@@ -201,7 +199,6 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             done = time.time()
             with st.lock:
-                st.in_flight -= 1
                 st.open_connections.pop(id(self), None)
                 st.stats["busy_seconds"] += done - arrived
                 st.stats["last_response_at"] = max(done, st.stats["last_response_at"] or done)
