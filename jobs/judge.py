@@ -64,6 +64,10 @@ class JudgeConfig:
     # trained on the train queries), train once more on train + calibration queries and keep those fits:
     # every open training query teaches the final model (twice the training time).
     refit_on_all: bool = False
+    # After training, each dev/test query's labelled products are ordered by the judge's expected grade and by this
+    # zero-shot bi-encoder's cosine (the retriever's start; empty: skipped), and both orders are scored with NDCG@10
+    # against the human grades (annomine/judges/ranking.py): a judge that orders no better cannot teach the retriever.
+    ranking_baseline: str | None = "minilm"
     # The cascade used by `calibrate` and `eval` (tiers 2 and 3, loopback server, concurrency).
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     log_mlflow: bool = True
@@ -185,6 +189,28 @@ def _track(project: ProjectConfig, run_name: str, params: dict, metrics: dict, a
         run.artifacts(artifacts)
 
 
+def _ranking_baseline(cfg: JudgeConfig):
+    if not cfg.ranking_baseline:
+        return None
+    from annomine.judges.stack import BiEncoder
+
+    return BiEncoder(cfg.ranking_baseline)
+
+
+def _ranking(part, expected: np.ndarray, baseline, grades: list[int], seed: int) -> dict:
+    """The judge's order of each query's labelled products against the baseline's (annomine/judges/ranking.py)."""
+    from annomine.judges.ranking import ranking_headroom
+
+    cosine = baseline.cosine(part["query"].astype(str).tolist(), part["text"].astype(str).tolist())
+    result = ranking_headroom(part, expected, cosine, min(grades), max(grades), seed=seed)
+    result["baseline"] = baseline.base_model
+    log.info("judge ranking: NDCG@10 of each query's labelled products ordered by the judge %.4f, by %s %.4f "
+             "(paired %+.4f [%+.4f, %+.4f], %d queries)", result["judge_ndcg@10"]["mean"] or 0.0, baseline.base_model,
+             result["baseline_ndcg@10"]["mean"] or 0.0, result["diff"]["mean"] or 0.0, result["diff"]["ci_low"] or 0.0,
+             result["diff"]["ci_high"] or 0.0, result["n_queries"])
+    return result
+
+
 def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, set_current: bool = True) -> dict:
     import pandas as pd
 
@@ -242,6 +268,7 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     # the calibration split's grades come from the model trained without it (the one the fits saw)
     _predictions_frame(cal, cal_probs, cal_pred, grades).to_parquet(folder / "predictions_calibration.parquet")
     artifacts = [folder / "predictions_calibration.parquet"]
+    baseline = _ranking_baseline(cfg)
     # dev: the judge's validation figures; test (when the split exists): reported only, nothing is chosen on it
     for name, part in (("dev", dev), ("test", pairs[pairs.split == "test"].reset_index(drop=True))):
         if not len(part):
@@ -256,6 +283,8 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
         part_metrics["would_escalate_rate"] = float(1.0 - calibrator.is_sure(pred, conf).mean())
         part_metrics["pairs_per_s"] = len(part) / max(seconds, 1e-9)
         part_metrics["n_queries"] = int(part.query_id.nunique())
+        if baseline is not None:
+            part_metrics["ranking"] = _ranking(part, probs @ np.asarray(grades, float), baseline, grades, project.seed)
         metrics[f"{name}_tier1"] = part_metrics
         artifacts.append(_confusion_png(part_metrics, folder / f"confusion_{name}_tier1.png", f"tier 1 {version} on {name}"))
         truth = part["grade"].to_numpy().astype(int)
@@ -273,6 +302,11 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
                 "calibration_sure_share": calibrator.stats["sure_share"]}
         for name in ("dev", "test"):
             flat.update({f"{name}_{k}": v for k, v in metrics.get(f"{name}_tier1", {}).items() if isinstance(v, (int, float))})
+            ranking = metrics.get(f"{name}_tier1", {}).get("ranking")
+            if ranking:
+                flat.update({f"{name}_ranking_ndcg10_judge": ranking["judge_ndcg@10"]["mean"],
+                             f"{name}_ranking_ndcg10_baseline": ranking["baseline_ndcg@10"]["mean"],
+                             f"{name}_ranking_ndcg10_diff": ranking["diff"]["mean"]})
         for rule, m in history.get("validation", {}).items():
             flat.update({f"calibration_{rule}_{k}": m[k] for k in ("quadratic_weighted_kappa", "exact_agreement")})
         for e in history["epochs"]:

@@ -195,6 +195,7 @@ judge:
   calibration_fraction: 0.3
   target_agreement: 0.8
   refit_on_all: true
+  ranking_baseline: tiny
   cascade: {{tier1: true}}
 """)
     files = ["--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv"), "--products", str(shop / "products.tsv")]
@@ -211,8 +212,19 @@ judge:
     assert metrics["trained_on"] == "train + calibration" and metrics["history"]["refit"]["train_pairs"] > metrics["history"]["train_pairs"]
     for key in ("positive_precision", "positive_recall", "negative_precision", "negative_recall", "pairs_per_s"):
         assert key in trained["dev_tier1"], key
+    # the judge's order of each dev query's labelled products against the zero-shot bi-encoder's, paired
+    ranking = trained["dev_tier1"]["ranking"]
+    assert ranking["n_queries"] == trained["dev_tier1"]["n_queries"] and ranking["baseline"] == "tiny"
+    assert ranking["diff"]["mean"] == pytest.approx(ranking["judge_ndcg@10"]["mean"] - ranking["baseline_ndcg@10"]["mean"])
     logged = {f.name for f in (tmp_path / "wh" / "mlartifacts").rglob("*.png")}  # the MLflow run's artifacts
     assert {"confusion_dev_tier1.png", "calibration_dev_tier1.png"} <= logged, logged
+    import mlflow
+
+    from annomine.config import ProjectConfig
+
+    mlflow.set_tracking_uri(ProjectConfig(warehouse=str(tmp_path / "wh")).tracking_uri)
+    run = mlflow.search_runs(experiment_names=["test-judge"], output_format="list")[0]
+    assert run.data.metrics["dev_ranking_ndcg10_diff"] == pytest.approx(ranking["diff"]["mean"])
     assert json.loads((tmp_path / "wh" / "judges" / "current.json").read_text())["version"] == trained["version"]
     assert judge.main(["eval", "--conf", str(conf), *files, "--judge", str(folder)]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -409,3 +421,23 @@ def test_stacked_tier1_features_save_and_load(tmp_path):
     loaded = CrossEncoderModel.load(tmp_path / "judge")
     assert np.allclose(loaded.predict_proba(pairs["query"].tolist(), pairs["text"].tolist()), probs, atol=1e-5)
     assert loaded.decide(probs).tolist() == model.decide(probs).tolist()
+
+
+def test_ranking_headroom_scores_both_orders_of_the_same_products():
+    from annomine.judges.ranking import order_by_score, ranking_headroom
+
+    # two queries, four labelled products each; the judge orders them by grade, the baseline in reverse on query a
+    pairs = pd.DataFrame({"query_id": ["a"] * 4 + ["b"] * 4, "product_id": [f"p{i}" for i in range(8)],
+                          "grade": [4, 3, 2, 1, 4, 1, 1, 1]})
+    judge = np.array([4.0, 3.0, 2.0, 1.0, 3.5, 1.0, 1.0, 1.0])
+    baseline = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 0.1, 0.1, 0.1])
+    out = ranking_headroom(pairs, judge, baseline, 1, 4, n_resamples=200)
+    assert out["n_queries"] == 2 and out["judge_ndcg@10"]["mean"] == pytest.approx(1.0)
+    assert out["baseline_ndcg@10"]["mean"] < 1.0 and out["diff"]["mean"] > 0
+    assert (out["judge_wins"], out["baseline_wins"]) == (1, 0)  # query b: both put its one relevant product first
+    assert out["ratio"] == pytest.approx(1.0 / out["baseline_ndcg@10"]["mean"])
+    # ties are broken by product id, so the order does not depend on the row order
+    assert order_by_score(["q", "q", "q"], ["c", "a", "b"], [1.0, 1.0, 2.0]) == {"q": ["b", "a", "c"]}
+    # a query with nothing above the lowest grade has no NDCG and is left out
+    flat = pd.concat([pairs, pd.DataFrame({"query_id": ["c", "c"], "product_id": ["x", "y"], "grade": [1, 1]})])
+    assert ranking_headroom(flat, np.r_[judge, 1, 2], np.r_[baseline, 1, 2], 1, 4, n_resamples=50)["n_queries"] == 2
