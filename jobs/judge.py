@@ -366,6 +366,13 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
         result["llm_budget"] = llm_budget
         result["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
         result["seconds"] = round(time.time() - started, 2)
+        first = cascade.tier_names[0] if cascade.tier_names else None
+        expected = [json.loads(js).get(first, {}).get("expected_grade") for js in graded["tier_outputs"]]
+        baseline = _ranking_baseline(cfg)
+        if baseline is not None and expected and all(e is not None for e in expected):
+            # the first tier's expected grade: the finest order of each query's products the judge has
+            result["ranking"] = _ranking(pairs, np.asarray(expected, float), baseline, grades, project.seed)
+            result["ranking"]["judge_score"] = f"{first} expected grade"
         if llm_alone_pairs and cascade.llm_tier_names:
             sample = pairs.sample(n=min(llm_alone_pairs, len(pairs)), random_state=project.seed).reset_index(drop=True)
             qt = list(zip(sample["query"].astype(str), sample["text"].astype(str)))

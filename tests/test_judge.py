@@ -232,6 +232,7 @@ judge:
                 "positive_precision", "negative_recall", "pairs_per_s"):
         assert key in out
     assert out["n_pairs"] == 128 and out["share_per_tier"]["tier1"] == 1.0 and out["judge_version"] == trained["version"]
+    assert out["ranking"]["n_queries"] == 16 and out["ranking"]["judge_score"] == "tier1 expected grade"
     # the cascade with loopback LLM tiers, nothing fitted for them: pairs escalate, and tier 1 still decides
     llm = ["--set", "judge.cascade.loopback.embedded=true", "--set", "judge.cascade.tier2={model: rule-small}",
            "--set", "judge.cascade.tier3={model: rule-large}"]
