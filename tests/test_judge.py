@@ -241,6 +241,10 @@ judge:
     assert casc["n_graded"] == 128 and casc["escalation_rate"] > 0 and casc["llm_calls"] > 0
     assert sum(casc["share_per_tier"].values()) == pytest.approx(1.0) and casc["share_per_tier"]["tier1"] == 1.0
     assert casc["quadratic_weighted_kappa"] == pytest.approx(casc["first_tier_alone"]["quadratic_weighted_kappa"])
+    # an LLM as the first tier: the ranking check measures its order (its expected grade from the log-probabilities)
+    assert judge.main(["eval", "--conf", str(conf), *files, *llm[:4], "--set", "judge.cascade.tier1=false"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["tiers"] == ["tier2"] and alone["ranking"]["judge_score"] == "tier2 expected grade"
     # calibrate fits the LLM tiers on at most llm_calibration_pairs pairs, the least sure first, and the combiner:
     # the loopback rule (word overlap) is what the toy grades follow, so the combination beats tier 1 and is used
     # (on a larger shop of the same kind: 64 calibration pairs, 8 queries, of which 48 go to the LLM tiers)
