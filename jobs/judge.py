@@ -201,9 +201,13 @@ def _ranking(part, expected: np.ndarray, baseline, grades: list[int], seed: int)
     """The judge's order of each query's labelled products against the baseline's (annomine/judges/ranking.py)."""
     from annomine.judges.ranking import ranking_headroom
 
+    from annomine.evaluation.metrics import segments_by_length
+
     cosine = baseline.cosine(part["query"].astype(str).tolist(), part["text"].astype(str).tolist())
-    result = ranking_headroom(part, expected, cosine, min(grades), max(grades), seed=seed)
+    queries = part.groupby(part["query_id"].astype(str))["query"].first()
+    result = ranking_headroom(part, expected, cosine, min(grades), max(grades), seed=seed, segments=segments_by_length(queries))
     result["baseline"] = baseline.base_model
+    result["segment_rule"] = "query length (1 token head, 2 torso, 3+ tail)"
     log.info("judge ranking: NDCG@10 of each query's labelled products ordered by the judge %.4f, by %s %.4f "
              "(paired %+.4f [%+.4f, %+.4f], %d queries)", result["judge_ndcg@10"]["mean"] or 0.0, baseline.base_model,
              result["baseline_ndcg@10"]["mean"] or 0.0, result["diff"]["mean"] or 0.0, result["diff"]["ci_low"] or 0.0,

@@ -215,6 +215,7 @@ judge:
     # the judge's order of each dev query's labelled products against the zero-shot bi-encoder's, paired
     ranking = trained["dev_tier1"]["ranking"]
     assert ranking["n_queries"] == trained["dev_tier1"]["n_queries"] and ranking["baseline"] == "tiny"
+    assert sum(seg["n_queries"] for seg in ranking["by_segment"].values()) == ranking["n_queries"]
     assert ranking["diff"]["mean"] == pytest.approx(ranking["judge_ndcg@10"]["mean"] - ranking["baseline_ndcg@10"]["mean"])
     logged = {f.name for f in (tmp_path / "wh" / "mlartifacts").rglob("*.png")}  # the MLflow run's artifacts
     assert {"confusion_dev_tier1.png", "calibration_dev_tier1.png"} <= logged, logged
@@ -441,6 +442,9 @@ def test_ranking_headroom_scores_both_orders_of_the_same_products():
     assert out["baseline_ndcg@10"]["mean"] < 1.0 and out["diff"]["mean"] > 0
     assert (out["judge_wins"], out["baseline_wins"]) == (1, 0)  # query b: both put its one relevant product first
     assert out["ratio"] == pytest.approx(1.0 / out["baseline_ndcg@10"]["mean"])
+    by = ranking_headroom(pairs, judge, baseline, 1, 4, n_resamples=50, segments=pd.Series({"a": "head", "b": "tail"}))
+    assert by["by_segment"]["head"]["n_queries"] == 1 and by["by_segment"]["head"]["judge_wins"] == 1
+    assert by["by_segment"]["tail"]["diff"]["mean"] == pytest.approx(0.0)
     # ties are broken by product id, so the order does not depend on the row order
     assert order_by_score(["q", "q", "q"], ["c", "a", "b"], [1.0, 1.0, 2.0]) == {"q": ["b", "a", "c"]}
     # a query with nothing above the lowest grade has no NDCG and is left out
