@@ -137,6 +137,27 @@ def resolve_models(ctx: JobContext, cfg: EvaluateConfig, strict: bool) -> tuple[
     return specs, skipped
 
 
+def teacher_check(warehouse) -> dict | None:
+    """The current judge's order of the dev/test queries' labelled products against the zero-shot bi-encoder's
+    (`annomine judge train` writes it to the judge's metrics.json; annomine/judges/ranking.py). It bounds what a
+    retriever trained on the judge's grades can learn; None without a judge or without the check."""
+    import json
+
+    from annomine.judges.store import resolve_judge
+
+    try:
+        metrics = json.loads((resolve_judge(warehouse, None) / "metrics.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    found = {split: metrics.get(f"{split}_tier1", {}).get("ranking") for split in ("dev", "test")}
+    found = {split: r for split, r in found.items() if r}
+    if not found:
+        return None
+    return {"judge_version": metrics.get("version"),
+            **{split: {key: r.get(key) for key in ("n_queries", "baseline", "judge_ndcg@10", "baseline_ndcg@10", "diff", "ratio")}
+               for split, r in found.items()}}
+
+
 def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, command: str | None = None) -> dict:
     started = time.time()
     project = ctx.project
@@ -222,6 +243,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
                    "n_rejected_label_rows": len(rejected), "rejected_label_rows": rejected.head(100).to_dict("records"),
                    "labels_for_unknown_products": unknown_products,
                    "labelled_queries_not_in_queries_file": len(orphan)},
+        "teacher": teacher_check(project.warehouse),
         "models": models, "skipped_models": skipped, "command": command,
         "per_query": per_query_rows,
     }

@@ -11,10 +11,14 @@ cheap per-pair features, annomine/judges/stack.py), the decision rule and its cu
 grade, and the per-class isotonic calibration and thresholds; with `refit_on_all` it then trains again on
 train + calibration queries and keeps those fits. It reports tier-1 metrics on dev (and test, reported
 only), saves everything under `<warehouse>/judges/<version>/` (with per-pair predictions), points
-`current.json` at it and logs params, metrics, confusion-matrix and calibration PNGs to MLflow. `calibrate` (re)fits the calibration of every
+`current.json` at it and logs params, metrics, confusion-matrix and calibration PNGs to MLflow. It also orders each dev/test query's labelled products by the judge's expected grade and by a zero-shot
+bi-encoder (`ranking_baseline`, the retriever's start) and scores both orders with NDCG@10, paired
+(annomine/judges/ranking.py): a judge that orders products no better than the retriever cannot teach it to.
+`calibrate` (re)fits the calibration of every
 enabled tier (the LLM tiers included) on the calibration split. `eval` grades the pairs of any
 files in the CrowdFlower layout with the configured cascade and prints JSON: exact agreement,
-quadratic weighted kappa, confusion matrix, escalation rate and the share settled per tier.
+quadratic weighted kappa, confusion matrix, escalation rate, the share settled per tier and the same ranking check
+for the first tier's expected grade.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import numpy as np
 
 from annomine.config import ProjectConfig
 from annomine.judges.cascade import CascadeConfig
-from annomine.judges.cross_encoder import CrossEncoderSettings
+from annomine.encoders import MINILM
+from annomine.judges.cross_encoder import TINY, CrossEncoderSettings
 from annomine.runtime import job_parser, load, setup_logging
 from annomine.tracking import Tracker
 
@@ -79,6 +84,9 @@ class JudgeConfig:
             raise ValueError(f"target_agreement must be in (0, 1], got {self.target_agreement}")
         if self.llm_calibration_pairs is not None and self.llm_calibration_pairs < 1:
             raise ValueError(f"llm_calibration_pairs must be >= 1 (or empty: all), got {self.llm_calibration_pairs}")
+        if self.ranking_baseline and self.ranking_baseline not in (MINILM, TINY) and not Path(self.ranking_baseline).exists():
+            raise ValueError(f"ranking_baseline: no model folder {self.ranking_baseline!r} ('{MINILM}', '{TINY}' or a local "
+                             "Hugging Face folder; empty: skip the check)")
 
 
 CONFIG_CLASS = JudgeConfig
@@ -199,9 +207,8 @@ def _ranking_baseline(cfg: JudgeConfig):
 
 def _ranking(part, expected: np.ndarray, baseline, grades: list[int], seed: int) -> dict:
     """The judge's order of each query's labelled products against the baseline's (annomine/judges/ranking.py)."""
-    from annomine.judges.ranking import ranking_headroom
-
     from annomine.evaluation.metrics import segments_by_length
+    from annomine.judges.ranking import ranking_headroom
 
     cosine = baseline.cosine(part["query"].astype(str).tolist(), part["text"].astype(str).tolist())
     queries = part.groupby(part["query_id"].astype(str))["query"].first()
@@ -377,6 +384,9 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
             # the first tier's expected grade: the finest order of each query's products the judge has
             result["ranking"] = _ranking(pairs, np.asarray(expected, float), baseline, grades, project.seed)
             result["ranking"]["judge_score"] = f"{first} expected grade"
+        elif baseline is not None:
+            missing = sum(e is None for e in expected)
+            log.info("judge eval: no ranking check (%d of %d pairs have no %s expected grade)", missing, len(expected), first)
         if llm_alone_pairs and cascade.llm_tier_names:
             sample = pairs.sample(n=min(llm_alone_pairs, len(pairs)), random_state=project.seed).reset_index(drop=True)
             qt = list(zip(sample["query"].astype(str), sample["text"].astype(str)))

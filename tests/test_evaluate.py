@@ -166,6 +166,7 @@ def test_default_split_is_test_and_registration_selects_on_dev(spark, project, t
     assert "the dev split (every training-time choice) holds no head/tail queries; this report has 1 head, 1 tail" in printed
     assert "in the dev split that made every training-time choice: {'head': 0, 'torso': 1, 'tail': 0}" in \
         out.with_suffix(".md").read_text()
+    assert report["teacher"] is None and "The judge as a teacher" not in out.with_suffix(".md").read_text()  # no judge yet
     # Only test queries are reported; the dev query is ranked for the registration alone.
     assert {r["query_id"] for r in report["per_query"]} == {"q1", "q4"}
     assert report["inputs"]["n_queries_evaluated"] == 2
@@ -231,3 +232,28 @@ def test_file_errors_name_the_file_and_column(tmp_path):
         catalog_from_file(str(bad))
     with pytest.raises(InputError, match="input file not found"):
         catalog_from_file(str(tmp_path / "nope.tsv"))
+
+
+def test_the_report_carries_the_judge_s_ranking_check(project, tmp_path):
+    """`judge train` writes the check into the judge's metrics.json; the report quotes the current judge's."""
+    from annomine.evaluation.report import markdown
+    from annomine.judges.store import judges_root, set_current
+    from jobs import evaluate
+
+    estimate = lambda mean: {"mean": mean, "ci_low": mean - 0.02, "ci_high": mean + 0.02, "n": 19}
+    folder = judges_root(project.warehouse) / "ce-test"
+    folder.mkdir(parents=True)
+    ranking = {"n_queries": 19, "baseline": "minilm", "judge_ndcg@10": estimate(0.89), "baseline_ndcg@10": estimate(0.87),
+               "diff": estimate(0.02), "ratio": 0.89 / 0.87, "judge_wins": 8, "baseline_wins": 5}
+    (folder / "metrics.json").write_text(json.dumps({"version": "ce-test", "dev_tier1": {"ranking": ranking}}))
+    assert evaluate.teacher_check(project.warehouse) is None  # not the current judge yet
+    set_current(project.warehouse, "ce-test")
+    teacher = evaluate.teacher_check(project.warehouse)
+    assert teacher["judge_version"] == "ce-test" and set(teacher) == {"judge_version", "dev"}
+    assert teacher["dev"]["diff"]["mean"] == pytest.approx(0.02) and teacher["dev"]["baseline"] == "minilm"
+    report = {"inputs": {"n_queries_evaluated": 2}, "split": "test", "bootstrap": {"confidence": 0.95, "resamples": 10},
+              "grade_scale": {"min": 1}, "index": "flat", "models": [], "comparisons": [], "segment_rule": "length",
+              "segment_counts": {}, "teacher": teacher}
+    text = markdown(report)
+    assert "## The judge as a teacher" in text
+    assert "- dev (19 queries): judge 0.8900 [0.8700, 0.9100], minilm 0.8700 [0.8500, 0.8900]: 1.023x, paired +0.0200" in text

@@ -450,3 +450,14 @@ def test_ranking_headroom_scores_both_orders_of_the_same_products():
     # a query with nothing above the lowest grade has no NDCG and is left out
     flat = pd.concat([pairs, pd.DataFrame({"query_id": ["c", "c"], "product_id": ["x", "y"], "grade": [1, 1]})])
     assert ranking_headroom(flat, np.r_[judge, 1, 2], np.r_[baseline, 1, 2], 1, 4, n_resamples=50)["n_queries"] == 2
+
+
+def test_a_missing_ranking_baseline_is_refused_at_config_time(tmp_path):
+    from annomine.config import ConfigError
+    from jobs import judge
+
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(f"project: {{warehouse: {tmp_path / 'wh'}}}\njudge: {{ranking_baseline: {tmp_path / 'nope'}}}\n")
+    judge.JudgeConfig(ranking_baseline="").validate()  # empty: the check is skipped
+    with pytest.raises(ConfigError, match=r"conf.yaml:judge: ranking_baseline: no model folder '.*nope'"):
+        judge.main(["train", "--conf", str(conf)])

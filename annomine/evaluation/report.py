@@ -127,6 +127,24 @@ def summary(report: dict, report_file: Path) -> list[str]:
     return lines
 
 
+def teacher_lines(teacher: dict | None) -> list[str]:
+    """The judge's order of each query's labelled products against the zero-shot bi-encoder's: what bounds the
+    gain of a retriever trained on its grades."""
+    if not teacher:
+        return []
+    lines = ["", "## The judge as a teacher", "",
+             f"Judge `{teacher.get('judge_version')}`: each query's labelled products ordered by its expected grade and by "
+             "the zero-shot bi-encoder, NDCG@10 against the human grades, paired. A retriever trained on the judge's "
+             "grades learns at best the judge's order.", ""]
+    for split in ("dev", "test"):
+        r = teacher.get(split)
+        if r and r["diff"].get("mean") is not None:
+            ratio, diff = _paired_cells(r)
+            lines.append(f"- {split} ({r['n_queries']} queries): judge {_fmt(r['judge_ndcg@10'])}, {r['baseline']} "
+                         f"{_fmt(r['baseline_ndcg@10'])}: {ratio}, paired {diff}")
+    return lines
+
+
 def markdown(report: dict) -> str:
     """The comparison table, per-segment NDCG@10 and the facts needed to reproduce it."""
     conf = int(round(report["bootstrap"]["confidence"] * 100))
@@ -142,6 +160,7 @@ def markdown(report: dict) -> str:
                   "NDCG@10 against the better baseline, lowest-grade share against zero-shot MiniLM; the difference's "
                   "CI resamples queries, so it excludes 0 only when the model wins (or loses) on the same queries.", "",
                   *paired]
+    lines += teacher_lines(report.get("teacher"))
     selection = report.get("selection", {}).get("segment_counts")
     lines += ["", f"## NDCG@10 (unjudged=0) by query segment", "", f"Segments: {report['segment_rule']}; "
               f"counts {report['segment_counts']}"
