@@ -197,24 +197,29 @@ def _track(project: ProjectConfig, run_name: str, params: dict, metrics: dict, a
         run.artifacts(artifacts)
 
 
-def _ranking_baseline(cfg: JudgeConfig):
+def _ranking_baseline(cfg: JudgeConfig, judge_model=None):
+    """The bi-encoder of the ranking check: the judge's own cosine feature when it is the same model (its cache
+    already holds the pairs' embeddings), else loaded; None when the check is off."""
     if not cfg.ranking_baseline:
         return None
-    from annomine.judges.stack import BiEncoder
+    from annomine.judges.stack import BIENCODER_MAX_LENGTH, BiEncoder
 
+    own = getattr(judge_model, "biencoder", None)
+    if own is not None and (own.base_model, own.max_length) == (cfg.ranking_baseline, BIENCODER_MAX_LENGTH):
+        return own
     return BiEncoder(cfg.ranking_baseline)
 
 
 def _ranking(part, expected: np.ndarray, baseline, grades: list[int], seed: int) -> dict:
     """The judge's order of each query's labelled products against the baseline's (annomine/judges/ranking.py)."""
-    from annomine.evaluation.metrics import segments_by_length
+    from annomine.evaluation.metrics import LENGTH_RULE, segments_by_length
     from annomine.judges.ranking import ranking_headroom
 
     cosine = baseline.cosine(part["query"].astype(str).tolist(), part["text"].astype(str).tolist())
     queries = part.groupby(part["query_id"].astype(str))["query"].first()
     result = ranking_headroom(part, expected, cosine, min(grades), max(grades), seed=seed, segments=segments_by_length(queries))
     result["baseline"] = baseline.base_model
-    result["segment_rule"] = "query length (1 token head, 2 torso, 3+ tail)"
+    result["segment_rule"] = LENGTH_RULE
     log.info("judge ranking: NDCG@10 of each query's labelled products ordered by the judge %.4f, by %s %.4f "
              "(paired %+.4f [%+.4f, %+.4f], %d queries)", result["judge_ndcg@10"]["mean"] or 0.0, baseline.base_model,
              result["baseline_ndcg@10"]["mean"] or 0.0, result["diff"]["mean"] or 0.0, result["diff"]["ci_low"] or 0.0,
@@ -279,7 +284,7 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     # the calibration split's grades come from the model trained without it (the one the fits saw)
     _predictions_frame(cal, cal_probs, cal_pred, grades).to_parquet(folder / "predictions_calibration.parquet")
     artifacts = [folder / "predictions_calibration.parquet"]
-    baseline = _ranking_baseline(cfg)
+    baseline = _ranking_baseline(cfg, model)
     # dev: the judge's validation figures; test (when the split exists): reported only, nothing is chosen on it
     for name, part in (("dev", dev), ("test", pairs[pairs.split == "test"].reset_index(drop=True))):
         if not len(part):
@@ -379,7 +384,10 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
         result["seconds"] = round(time.time() - started, 2)
         first = cascade.tier_names[0] if cascade.tier_names else None
         expected = [json.loads(js).get(first, {}).get("expected_grade") for js in graded["tier_outputs"]]
-        baseline = _ranking_baseline(cfg)
+        from annomine.judges.cross_encoder import load_cached
+
+        # tier 1's model is the one the cascade just graded with (one per folder per process)
+        baseline = _ranking_baseline(cfg, load_cached(folder) if folder is not None else None)
         if baseline is not None and expected and all(e is not None for e in expected):
             # the first tier's expected grade: the finest order of each query's products the judge has
             result["ranking"] = _ranking(pairs, np.asarray(expected, float), baseline, grades, project.seed)

@@ -461,3 +461,18 @@ def test_a_missing_ranking_baseline_is_refused_at_config_time(tmp_path):
     judge.JudgeConfig(ranking_baseline="").validate()  # empty: the check is skipped
     with pytest.raises(ConfigError, match=r"conf.yaml:judge: ranking_baseline: no model folder '.*nope'"):
         judge.main(["train", "--conf", str(conf)])
+
+
+def test_the_ranking_check_reuses_the_judge_s_own_bi_encoder():
+    """The stack's cosine feature is the same model: its embedding cache already holds the pairs, so no second copy."""
+    from types import SimpleNamespace
+
+    from annomine.judges.stack import BIENCODER_MAX_LENGTH, BiEncoder
+    from jobs.judge import JudgeConfig, _ranking_baseline
+
+    own = BiEncoder("tiny")
+    assert _ranking_baseline(JudgeConfig(ranking_baseline="tiny"), SimpleNamespace(biencoder=own)) is own
+    shorter = SimpleNamespace(biencoder=BiEncoder("tiny", max_length=32))
+    loaded = _ranking_baseline(JudgeConfig(ranking_baseline="tiny"), shorter)
+    assert loaded is not shorter.biencoder and loaded.max_length == BIENCODER_MAX_LENGTH
+    assert _ranking_baseline(JudgeConfig(ranking_baseline=""), SimpleNamespace(biencoder=own)) is None

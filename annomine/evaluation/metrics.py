@@ -104,6 +104,9 @@ def segments_by_frequency(frequency: pd.Series, query_ids: pd.Series, head_share
     return pd.Series(seg, index=order.index).reindex(frequency.index)
 
 
+LENGTH_RULE = "query length (1 token head, 2 torso, 3+ tail)"
+
+
 def segments_by_length(queries: pd.Series) -> pd.Series:
     """1 token -> head, 2 tokens -> torso, 3+ tokens -> tail (tokens of `normalise_query`)."""
     def segment(text) -> str:
@@ -121,9 +124,9 @@ def assign_segments(queries: pd.DataFrame, head_share: float = 0.5, torso_share:
             rule = f"frequency (cumulative traffic share: head < {head_share}, torso < {torso_share}, rest tail)"
             return segments_by_frequency(freq, queries["query_id"], head_share, torso_share), rule
         missing = int(freq.isna().sum())
-        rule = f"query length (1 token head, 2 torso, 3+ tail); frequency missing for {missing} queries"
+        rule = f"{LENGTH_RULE}; frequency missing for {missing} queries"
         return segments_by_length(queries["query"]), rule
-    return segments_by_length(queries["query"]), "query length (1 token head, 2 torso, 3+ tail); no frequency column"
+    return segments_by_length(queries["query"]), f"{LENGTH_RULE}; no frequency column"
 
 
 # ---- per-query metrics (ranx) --------------------------------------------------------------

@@ -199,11 +199,14 @@ def fit_stacker(feats: pd.DataFrame, truth, groups, grades: list[int], kind: str
 JUDGE_FEATURES = ["ce_p1", "ce_p2", "ce_p3", "ce_p4", "ce_expected", "title_coverage", "text_coverage", "cosine"]
 
 
+BIENCODER_MAX_LENGTH = 64  # tokens per text of the cosine feature (and of the judge's ranking check)
+
+
 class BiEncoder:
     """Mean-pooled, L2-normalised sentence embeddings (as `annomine.encoders.TextEncoder`), with a per-process
     cache by text so a product or query met again is not encoded again."""
 
-    def __init__(self, base_model: str = "minilm", max_length: int = 64, batch_size: int = 64, cache_size: int = 50_000,
+    def __init__(self, base_model: str = "minilm", max_length: int = BIENCODER_MAX_LENGTH, batch_size: int = 64, cache_size: int = 50_000,
                  tokenizer=None, bert=None):
         if bert is None:
             from annomine.judges.cross_encoder import build_encoder
@@ -257,8 +260,8 @@ class BiEncoder:
             path = str(Path(judge_folder) / info["folder"])
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             bert = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
-            return cls(info["base_model"], int(info.get("max_length", 64)), tokenizer=tok, bert=bert)
-        return cls(info["base_model"], int(info.get("max_length", 64)))
+            return cls(info["base_model"], int(info.get("max_length", BIENCODER_MAX_LENGTH)), tokenizer=tok, bert=bert)
+        return cls(info["base_model"], int(info.get("max_length", BIENCODER_MAX_LENGTH)))
 
 
 def pair_features(queries: list[str], texts: list[str], ce_probs: np.ndarray, grades: list[int], biencoder: BiEncoder | None,
