@@ -20,7 +20,8 @@ least confident of those (lowest calibrated tier-1 confidence first, from this r
 are escalated, chunk by chunk, until the budget is spent; each is replaced by MERGE (a 'budget' row,
 like a failed one, may be replaced). What is left keeps tier 1's grade and is escalated by a later run.
 Without a budget, pairs escalate as they are graded, and 'budget' rows left by earlier runs are
-escalated too.
+escalated too. When `judge calibrate` kept no combination with an LLM tier, nothing escalates (the LLM's
+grades would decide nothing; `escalate: always` overrides).
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class AnnotateConfig:
     # LLM tier calls (pairs sent to tier 2 or 3; HTTP retries not counted) per run, spent on the pairs tier 1 is
     # least sure of; the rest keep tier 1's grade with escalation 'budget' for a later run. None: unlimited.
     llm_budget: int | None = None
+    # `auto`: send no pair up to an LLM tier when `judge calibrate` fitted the combinations of these tiers and kept
+    # none (the first tier decides every pair, so the calls would buy grades that decide nothing); unsure pairs are
+    # stored with escalation 'budget'. `always`: escalate anyway, to record the LLM's grades.
+    escalate: str = "auto"
 
     def validate(self) -> None:
         if self.chunk_size < 1 or self.partitions < 1 or self.max_attempts < 1:
@@ -93,6 +98,8 @@ class AnnotateConfig:
             raise ValueError("lock_wait_s must be >= 0")
         if self.llm_budget is not None and self.llm_budget < 0:
             raise ValueError("llm_budget must be >= 0 (or empty: unlimited)")
+        if self.escalate not in ("auto", "always"):
+            raise ValueError(f"escalate must be 'auto' or 'always', got {self.escalate!r}")
 
 
 CONFIG_CLASS = AnnotateConfig
@@ -250,6 +257,12 @@ class _Run:
         # (deciding tier, graded, failed, retried)
         self.decided: dict[tuple, tuple] = {}
         self.failure = None
+        self.escalating = bool(self.llm_names) and not (cfg.escalate == "auto" and cascade.combination_rejected)
+        if self.llm_names and not self.escalating:
+            self.stats["escalation"]["skipped"] = (
+                "calibration kept no combination with an LLM tier, so tier 1 decides every pair; no LLM calls "
+                "(annotate.escalate: always records the LLM's grades anyway)")
+            log.info("annotate: no escalation: %s", self.stats["escalation"]["skipped"])
 
     def grade(self, chunk, llm_budget: int | None, partitions: int, concurrency: int) -> dict | None:
         """Grade and commit one chunk; its per-tier counts (None when it was empty)."""
@@ -289,7 +302,7 @@ class _Run:
 
         n_chunks = max(1, math.ceil(n / self.cfg.chunk_size))
         keyed = pairs.withColumn("_chunk", F.pmod(F.hash("query_id", "product_id"), F.lit(n_chunks)))
-        budget = 0 if self.cfg.llm_budget is not None else None
+        budget = 0 if self.cfg.llm_budget is not None or not self.escalating else None
         for c in tqdm(range(n_chunks if n else 0), desc="annotate", unit="chunk", mininterval=5):
             chunk = keyed.filter(F.col("_chunk") == c).drop("_chunk")
             # Materialise the graded chunk once (each pair is sent to the LLMs exactly once), then MERGE it.
@@ -299,7 +312,7 @@ class _Run:
 
     def escalate_deferred(self) -> None:
         """Spend the budget on the deferred pairs, least confident first (unlimited without a budget)."""
-        if not self.llm_names:
+        if not self.escalating:
             return
         remaining = self.cfg.llm_budget
         while (remaining is None or remaining > 0) and not self.failure:

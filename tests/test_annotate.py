@@ -175,6 +175,44 @@ def test_cascade_with_tier1_in_the_udf(ctx, tmp_path):
     assert stats["escalation"]["llm_calls"] == sum(stats["escalation"]["llm_calls_per_tier"].values()) > 0
 
 
+def test_no_llm_call_when_calibration_kept_no_combination(ctx, tmp_path):
+    """`judge calibrate` fitted tier 1 + tier 2 and kept nothing: with `escalate: auto` no pair goes to the LLM
+    (its grade would decide nothing), the unsure ones keep tier 1's grade as deferred rows; `escalate: always`
+    on the next run escalates exactly those, once each."""
+    from annomine.judges.cascade import Cascade
+    from annomine.judges.combiner import Combiner
+
+    expected = seed_tables(ctx, n_queries=3, per_query=8)
+    judge = _tiny_judge(tmp_path / "judge", ctx)
+    casc = llm_cascade_conf("")
+    casc.update(tier1=True, judge=str(judge))
+    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 10, "partitions": 2})
+    assert cfg.escalate == "auto"
+    with Cascade.open(cfg.cascade, judge, GRADES, ctx.project.warehouse) as cascade:
+        assert not cascade.combination_rejected        # nothing fitted yet: unknown, so pairs would escalate
+        Combiner(GRADES, {}, {}).save(cascade.combiner_path())   # what calibrate saves when none beats tier 1
+    stats = run(ctx, cfg)
+    esc = stats["escalation"]
+    assert esc["llm_calls"] == 0 and esc["escalated_pairs"] == 0 and "kept no combination" in esc["skipped"]
+    assert stats["llm_server"]["completions"] == 0
+    df = annotations(ctx)
+    check_exactly_once(df, expected, stats["judge_version"])
+    deferred = df[df.escalation == "budget"]
+    assert len(deferred) == esc["deferred_by_budget"] > 0 and (df.deciding_tier.dropna() == "tier1").all()
+    assert all(set(json.loads(s)) <= {"tier1"} for s in df.tier_outputs)   # the ghost product: no tier ran
+
+    cfg.escalate = "always"
+    again = run(ctx, cfg)
+    assert again["judge_version"] == stats["judge_version"] and "skipped" not in again["escalation"]
+    df = annotations(ctx)
+    check_exactly_once(df, expected, stats["judge_version"])
+    escalated = df[df.escalation == "escalated"]
+    assert set(zip(escalated.query_id, escalated.product_id)) == set(zip(deferred.query_id, deferred.product_id))
+    assert again["escalation"]["llm_calls_per_tier"]["tier2"] == len(deferred) and all("tier2" in json.loads(s) for s in escalated.tier_outputs)
+    with pytest.raises(ValueError, match="escalate must be"):
+        AnnotateConfig(escalate="never").validate()
+
+
 def test_kill_and_resume(ctx, tmp_path):
     expected = seed_tables(ctx, n_queries=5, per_query=12)
     conf, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf("", latency_ms=150, max_concurrency_total=2),

@@ -218,6 +218,11 @@ def test_real_model_grades_with_logprob_distributions(smol):
     for r in results:
         assert r.error is None and r.grade in GRADES and r.confidence_source == "logprobs"
         assert 1.0 <= r.expected_grade <= 4.0 and r.prompt_tokens > 0 and r.attempts == 1
+    # a local server's answer has no reason by default: the same grade and distribution, fewer tokens to pay for
+    pair = ("oak dining table", "Solid oak dining table, seats six")
+    short, full = _tier(smol).grade(*pair), _tier(smol, reason=True).grade(*pair)
+    assert short.reason == "" and full.reason and short.completion_tokens < full.completion_tokens
+    assert short.grade == full.grade and short.probs == pytest.approx(full.probs, abs=1e-3)
     # an endpoint that gives no log-probabilities: the stated fallback confidence, no distribution
     plain = _tier(smol, logprobs=False, fallback_confidence=0.6).grade("oak table", "oak table")
     assert plain.confidence_source == "fallback" and plain.raw_confidence == 0.6 and plain.probs is None

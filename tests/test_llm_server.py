@@ -45,6 +45,24 @@ def test_rule_grades_and_logprobs_over_http():
         assert stats["completions"] == 2
 
 
+def test_the_reason_is_asked_for_by_default_except_from_a_local_server():
+    """`reason`: the answer schema has it for an endpoint, not for `server: local` (each answer token costs a local
+    server a full-vocabulary sort); without it the object closes after the grade, with the same grade and confidence."""
+    from annomine.judges.config import LLMTierConfig as Cfg
+
+    assert Cfg(model="m").effective_reason and not Cfg(model="m", server="local").effective_reason
+    assert Cfg(model="m", server="local", reason=True).effective_reason
+    with LoopbackLLMServer() as srv:
+        full, short = tier(srv), tier(srv, reason=False)
+        for t, fmt in ((full, "json_schema"), (short, "json_schema"), (tier(srv, reason=False, response_format="json_object"), "json_object")):
+            body = t.request_kwargs(build_messages("oak table", "Solid oak table", GRADES))["response_format"]
+            schema = body["json_schema"]["schema"] if fmt == "json_schema" else body["schema"]
+            assert list(schema["properties"]) == schema["required"] == (["grade", "reason"] if t is full else ["grade"])
+        a, b = full.grade("red running shoes", "blue running socks"), short.grade("red running shoes", "blue running socks")
+        assert a.reason and b.reason == "" and (a.grade, a.raw_confidence) == (b.grade, b.raw_confidence)
+        assert b.completion_tokens < a.completion_tokens
+
+
 def test_fault_kinds_are_served_as_specified():
     assert parse_faults("429=0.5,500=0.5") == {"429": 0.5, "500": 0.5}
     with pytest.raises(ValueError, match="unknown fault kind"):

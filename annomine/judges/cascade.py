@@ -125,6 +125,12 @@ class Cascade:
         return sorted(self.combiner.paths) if self.combiner else []
 
     @property
+    def combination_rejected(self) -> bool:
+        """Whether calibration fitted the combinations of these tiers and kept none: an escalated pair's LLM grades
+        would then be recorded and never decide it (without a fitted combiner nothing is known yet)."""
+        return self.combiner is not None and not self.combiner.paths
+
+    @property
     def escalated_pairs_decided_by(self) -> str:
         kept = self.kept_combinations
         return f"the combination of {', '.join(kept)}" if kept else f"{self.tier_names[0]} (no combination kept)"

@@ -40,6 +40,11 @@ class LLMTierConfig:
     # Constrain the answer to the grade JSON: `json_schema` (OpenAI, vLLM), `json_object` (a schema in
     # llama.cpp's json_object form) or `none`; empty: json_object for `server: local`, json_schema otherwise.
     response_format: str | None = None
+    # Ask for the short reason after the grade. Empty: no for `server: local`, yes otherwise. The grade is written
+    # first and the prompt is the same, so its token and distribution do not depend on this; but llama-cpp-python
+    # sorts the whole vocabulary in Python for every answer token it returns log-probabilities for (~0.3 s a token
+    # on 2 cores), and the ~20-token reason more than doubles a local grade's time (docs/benchmarks.md).
+    reason: bool | None = None
     # Requests this tier keeps open per worker process (empty: the cascade's share; a local server
     # answers one request at a time, so it defaults to 1 there).
     max_concurrency: int | None = None
@@ -71,6 +76,10 @@ class LLMTierConfig:
     @property
     def effective_response_format(self) -> str:
         return self.response_format or ("json_object" if self.server == "local" else "json_schema")
+
+    @property
+    def effective_reason(self) -> bool:
+        return self.reason if self.reason is not None else self.server != "local"
 
     @property
     def effective_timeout_growth(self) -> float:

@@ -206,20 +206,23 @@ def logprob_confidence(choice, grade: int, grades: list[int]) -> tuple[float | N
 REASON_MAX_CHARS = 80
 
 
-def grade_schema(grades: list[int], reason_max_chars: int | None = None) -> dict:
-    """The answer's JSON schema: `grade` first (its token is read before the reason is written), an enum of the scale."""
-    reason: dict = {"type": "string"}
-    if reason_max_chars:
-        reason["maxLength"] = int(reason_max_chars)
-    return {"type": "object", "properties": {"grade": {"type": "integer", "enum": list(grades)}, "reason": reason},
-            "required": ["grade", "reason"], "additionalProperties": False}
+def grade_schema(grades: list[int], reason_max_chars: int | None = None, with_reason: bool = True) -> dict:
+    """The answer's JSON schema: `grade` first (its token is read before the reason is written), an enum of the scale;
+    without the reason the object closes after the grade."""
+    properties: dict = {"grade": {"type": "integer", "enum": list(grades)}}
+    if with_reason:
+        properties["reason"] = {"type": "string"}
+        if reason_max_chars:
+            properties["reason"]["maxLength"] = int(reason_max_chars)
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
-def response_format(kind: str, grades: list[int]) -> dict | None:
+def response_format(kind: str, grades: list[int], with_reason: bool = True) -> dict | None:
     if kind == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": "relevance_grade", "strict": True, "schema": grade_schema(grades)}}
+        return {"type": "json_schema", "json_schema": {"name": "relevance_grade", "strict": True,
+                                                       "schema": grade_schema(grades, with_reason=with_reason)}}
     if kind == "json_object":  # llama.cpp: the schema compiled into a grammar
-        return {"type": "json_object", "schema": grade_schema(grades, REASON_MAX_CHARS)}
+        return {"type": "json_object", "schema": grade_schema(grades, REASON_MAX_CHARS, with_reason)}
     return None
 
 
@@ -363,7 +366,7 @@ class LLMTier:
         kwargs = dict(model=self.cfg.model, messages=messages, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
         if self.cfg.logprobs:
             kwargs.update(logprobs=True, top_logprobs=max(self.cfg.top_logprobs, len(self.grades)))
-        fmt = response_format(self.cfg.effective_response_format, self.grades)
+        fmt = response_format(self.cfg.effective_response_format, self.grades, self.cfg.effective_reason)
         if fmt is not None:
             kwargs["response_format"] = fmt
         return kwargs

@@ -88,6 +88,14 @@ def rule_distribution(position: float, grades: list[int], sharp: bool) -> dict[i
     return {g: math.exp(s - m) / z for g, s in scores.items()}
 
 
+def _schema_omits_reason(response_format) -> bool:
+    """Whether a request's response_format (json_schema or llama.cpp's json_object form) leaves out `reason`."""
+    if not isinstance(response_format, dict):
+        return False
+    schema = response_format.get("schema") or (response_format.get("json_schema") or {}).get("schema")
+    return isinstance(schema, dict) and isinstance(schema.get("properties"), dict) and "reason" not in schema["properties"]
+
+
 def _tokens(content: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]+|\s+", content)
 
@@ -261,7 +269,9 @@ class _Handler(BaseHTTPRequestHandler):
             grade, overlap, position = min(st.grades), 0.0, 0.0
             reason = "no data block found"
         dist = rule_distribution(position, st.grades, sharp)
-        content = json.dumps({"grade": grade, "reason": reason})
+        # a response schema without `reason` (LLMTierConfig.reason false) closes the object after the grade
+        answer = {"grade": grade} if _schema_omits_reason(body.get("response_format")) else {"grade": grade, "reason": reason}
+        content = json.dumps(answer)
         finish = "stop"
         if fault == "malformed":
             content = f"The grade is {grade} because it looks fine."
