@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from annomine.config import SegmentsConfig
@@ -137,6 +138,28 @@ def resolve_models(ctx: JobContext, cfg: EvaluateConfig, strict: bool) -> tuple[
     return specs, skipped
 
 
+def stored_vectors(ctx: JobContext):
+    """`retrieve`'s `stored`: the zero-shot MiniLM baseline's catalog vectors from `product_embeddings`, which the
+    ANN channel writes for the same model, product text and length (`minilm@<item_max_len>`), when every product of
+    a products-table catalog has one encoded from its current text; None otherwise (it is then encoded)."""
+    from annomine.encoders import MINILM
+    from annomine.retrievers.embeddings import current_vectors, vector_key
+
+    def lookup(spec, catalog, settings):
+        if spec.kind != "minilm" or catalog.frame is None:  # a file catalog's texts need not be the table's
+            return None
+        vectors = current_vectors(ctx, vector_key(MINILM, settings.item_max_len))
+        if vectors is None:
+            return None
+        rows = vectors.toPandas()
+        by_id = dict(zip(rows["product_id"].astype(str), rows["embedding"]))
+        if not all(pid in by_id for pid in catalog.ids):
+            return None
+        return np.stack([np.asarray(by_id[pid], dtype=np.float32) for pid in catalog.ids])
+
+    return lookup
+
+
 def teacher_check(warehouse) -> dict | None:
     """The current judge's order of the dev/test queries' labelled products against the zero-shot bi-encoder's
     (`annomine judge train` writes it to the judge's metrics.json; annomine/judges/ranking.py). It bounds what a
@@ -207,7 +230,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     for spec in specs:
         t0 = time.time()
         ranked_lists, info = retrieve(spec, catalog, query_texts + [text_of[q] for q in dev_ids], cfg.top_k, settings,
-                                      cache_dir, spark=ctx.spark)
+                                      cache_dir, spark=ctx.spark, stored=stored_vectors(ctx))
         ranked = dict(zip(eval_ids, ranked_lists[:len(eval_ids)]))
         per_query = metrics_lib.per_query_metrics(ranked, labels, project.min_grade, project.max_grade, k=10, recall_k=cfg.top_k)
         summary = metrics_lib.summarise(per_query, segments, cfg.bootstrap_resamples, cfg.confidence, project.seed)

@@ -226,6 +226,42 @@ def test_table_mode_after_ingest(ctx, shop, tiny_model, tmp_path):
     np.testing.assert_allclose(table["variance"].to_numpy(), merged["variance"].to_numpy())
 
 
+def test_table_mode_minilm_reads_the_ann_channel_s_vectors(ctx, shop, tmp_path):
+    """The zero-shot baseline's catalog vectors come from `product_embeddings` (minilm@64, what the ANN channel writes)
+    when every product has one from its current text: the ranking is the search over exactly those vectors. One
+    stale product (its text changed since) and the catalog is encoded instead."""
+    from annomine.encoders import TextEncoder
+    from annomine.evaluation.index import retrieve_dense
+    from jobs import evaluate, ingest
+
+    sources = ingest.crowdflower_sources(str(shop))
+    ingest.run(ctx, ingest.IngestConfig(products=sources["products"], queries=sources["queries"], labels=sources["labels"]))
+    products = ctx.tables.read("products").select("product_id", "content_hash").toPandas().sort_values("product_id")
+    rng = np.random.default_rng(0)
+    fake = rng.normal(size=(len(products), 384)).astype(np.float32)
+    fake /= np.linalg.norm(fake, axis=1, keepdims=True)   # not MiniLM's vectors: only a read of the table ranks by them
+    rows = pd.DataFrame({"product_id": products["product_id"], "model": "minilm@64", "content_hash": products["content_hash"],
+                         "embedding": [v.tolist() for v in fake]})
+    ctx.tables.merge("product_embeddings", ctx.spark.createDataFrame(rows, ctx.tables.spec("product_embeddings").schema))
+    cfg = evaluate.EvaluateConfig(models=["minilm"], split="all", mlflow=False, bootstrap_resamples=50,
+                                  out=str(tmp_path / "stored.json"))
+    report = evaluate.run(ctx, cfg)
+    assert report["models"][0]["retrieval"]["how"] == "product_embeddings"
+    labels = M.merge_labels(pd.DataFrame(LABELS, columns=["query_id", "product_id", "grade", "variance"]), 1, 4)[0]
+    evaluated = sorted(labels["query_id"].unique())
+    queries = ctx.tables.read("queries").toPandas()
+    q_text = dict(zip(queries["query_id"], queries["query"]))
+    ids, _ = retrieve_dense(fake, TextEncoder("minilm", max_length=16).encode([q_text[q] for q in evaluated]), 10)
+    expected = {q: [products["product_id"].iat[int(i)] for i in row if i >= 0] for q, row in zip(evaluated, ids)}
+    ndcg = M.per_query_metrics(expected, labels, 1, 4, k=10)["ndcg@10"].mean()
+    assert report["models"][0]["metrics"]["all"]["ndcg@10"]["mean"] == pytest.approx(ndcg)
+
+    stale = rows.iloc[:1].assign(content_hash="an older text")
+    ctx.tables.merge("product_embeddings", ctx.spark.createDataFrame(stale, ctx.tables.spec("product_embeddings").schema))
+    report = evaluate.run(ctx, cfg)
+    assert report["models"][0]["retrieval"]["how"] == "spark"
+
+
 def test_file_errors_name_the_file_and_column(tmp_path):
     bad = write_tsv(tmp_path / "products.tsv", ["id", "title"], [["p1", "x"]])
     with pytest.raises(InputError, match=r"products.tsv: missing required column\(s\) \['product_id'\]"):

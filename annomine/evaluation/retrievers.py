@@ -14,7 +14,9 @@ Dense models encode the catalog with the item tower (queries with the query towe
 driver for small catalogs, or in Spark (`mapInPandas`, encoder loaded once per worker process) for a
 products table or a catalog above `EncodeSettings.spark_threshold`. Catalog embeddings are cached
 under `<warehouse>/cache/eval_embeddings/<model key>/<content key>.npz`, keyed by the model's
-weights and the catalog's (id, text) pairs.
+weights and the catalog's (id, text) pairs. In table mode the zero-shot `minilm` baseline takes the ANN
+channel's vectors of the products table (`product_embeddings`, the same model, text and length) when
+every product has a current one, instead of encoding the catalog a second time.
 """
 
 from __future__ import annotations
@@ -309,8 +311,11 @@ def _encode_in_spark(spark, catalog: Catalog, kind: str, path: str | None, setti
 
 
 def catalog_embeddings(spec: ModelSpec, catalog: Catalog, settings: EncodeSettings, cache_dir: Path | None,
-                       spark=None) -> tuple[np.ndarray, dict]:
-    """Item-tower embeddings of the catalog (row i = catalog.ids[i]) and how they were obtained."""
+                       spark=None, stored=None) -> tuple[np.ndarray, dict]:
+    """Item-tower embeddings of the catalog (row i = catalog.ids[i]) and how they were obtained.
+
+    `stored(spec, catalog, settings)`: vectors already computed elsewhere for this model, text and length (the ANN
+    channel's `product_embeddings` in table mode), aligned with the catalog, or None; tried after the cache."""
     key = model_key(spec, settings)
     file = cache_dir / key / f"{catalog.content_key}.npz" if cache_dir is not None else None
     if settings.cache and file is not None and file.is_file():
@@ -320,6 +325,11 @@ def catalog_embeddings(spec: ModelSpec, catalog: Catalog, settings: EncodeSettin
                 emb = cached["embeddings"][[position[pid] for pid in catalog.ids]]
                 log.info("%s: catalog embeddings from cache %s", spec.label, file)
                 return emb, {"model_key": key, "how": "cache", "encode_s": 0.0}
+    if settings.cache and stored is not None:
+        emb = stored(spec, catalog, settings)
+        if emb is not None:
+            log.info("%s: catalog embeddings from product_embeddings (the ANN channel's vectors)", spec.label)
+            return np.ascontiguousarray(emb, dtype=np.float32), {"model_key": key, "how": "product_embeddings", "encode_s": 0.0}
     started = time.perf_counter()
     use_spark = spark is not None and (catalog.frame is not None or len(catalog) > settings.spark_threshold)
     if use_spark:
@@ -341,7 +351,7 @@ def catalog_embeddings(spec: ModelSpec, catalog: Catalog, settings: EncodeSettin
 
 # ---- retrieval ----------------------------------------------------------------------------
 def retrieve(spec: ModelSpec, catalog: Catalog, queries: list[str], k: int, settings: EncodeSettings,
-             cache_dir: Path | None = None, spark=None) -> tuple[list[list[str]], dict]:
+             cache_dir: Path | None = None, spark=None, stored=None) -> tuple[list[list[str]], dict]:
     """Top-k product ids (best first) per query over the whole catalog, and facts about the run."""
     if not len(catalog):
         raise ValueError("the catalog is empty")
@@ -352,7 +362,7 @@ def retrieve(spec: ModelSpec, catalog: Catalog, queries: list[str], k: int, sett
         hits = BM25Retriever(catalog.ids, catalog.texts).search(list(queries), k)
         info = {"retriever": "bm25 (annomine.retrievers.bm25)", "search_s": round(time.perf_counter() - started, 2)}
         return [[pid for pid, _ in row] for row in hits], info
-    items, info = catalog_embeddings(spec, catalog, settings, cache_dir, spark=spark)
+    items, info = catalog_embeddings(spec, catalog, settings, cache_dir, spark=spark, stored=stored)
     encoder = worker_encoder(spec.kind, spec.path, settings)  # loaded once per process, then reused
     query_vectors = encoder.encode_queries(list(queries), batch_size=settings.batch_size)
     rows, index_info = retrieve_dense(items, query_vectors, k, settings.index)

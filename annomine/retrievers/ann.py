@@ -126,7 +126,9 @@ class ANNConfig:
 
     @property
     def model_key(self) -> str:
-        return f"{self.encoder}@{self.max_length}"
+        from annomine.retrievers.embeddings import vector_key
+
+        return vector_key(self.encoder, self.max_length)
 
 
 def build(inputs: ChannelInputs, config: ANNConfig) -> ANNRetriever:

@@ -1,7 +1,10 @@
 """The ANN channel's item embeddings, cached in `product_embeddings` by content hash.
 
 `ensure_embeddings` returns embeddings aligned with the catalog, encoding only the products
-without a current one (new, or changed since they were encoded) and MERGEing those.
+without a current one (new, or changed since they were encoded) and MERGEing those. Rows are keyed by
+`vector_key(encoder, max_length)`; other stages that need the same model's vectors of the same product
+text read them through `current_vectors` instead of encoding the catalog again (the judge's bi-encoder
+feature in annotate, the zero-shot baseline in evaluate).
 """
 
 from __future__ import annotations
@@ -10,6 +13,23 @@ import time
 
 import numpy as np
 import pandas as pd
+
+
+def vector_key(encoder: str, max_length: int) -> str:
+    """The `model` of `product_embeddings` rows: the encoder's name (or path) and its token limit."""
+    return f"{encoder}@{int(max_length)}"
+
+
+def current_vectors(ctx, model_key: str):
+    """(product_id, embedding) of the products whose `model_key` vector was encoded from their current text
+    (the row's content hash is the product's); None when the table does not exist."""
+    from pyspark.sql import functions as F
+
+    if not ctx.tables.exists("product_embeddings") or not ctx.tables.exists("products"):
+        return None
+    vectors = ctx.tables.read("product_embeddings").where(F.col("model") == model_key).select("product_id", "content_hash", "embedding")
+    products = ctx.tables.read("products").select("product_id", "content_hash")
+    return vectors.join(products, ["product_id", "content_hash"], "inner").select("product_id", "embedding")
 
 
 def _cached(ctx, model_key: str) -> dict[str, tuple[str, np.ndarray]]:
