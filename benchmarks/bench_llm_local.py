@@ -2,6 +2,7 @@
 
     python benchmarks/bench_llm_local.py --model smollm2-135m --pairs 40 --n-threads 2
     python benchmarks/bench_llm_local.py --model qwen2.5-coder-1.5b --pairs 40 --n-threads 2 --labels ../shared/data/crowdflower
+    python benchmarks/bench_llm_local.py ... --reason yes   # ask for the reason too (a local tier's default: no)
 
 The call path of a `server: local` tier (annomine/judges/local_server.py + `LLMTier.grade_many`: the prompt,
 the JSON-schema constraint, log-probabilities), one request at a time (the server answers one at a time).
@@ -69,12 +70,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--n-threads", type=int, default=2)
     parser.add_argument("--labels", help="folder with queries.tsv, labels.tsv, products.tsv (CrowdFlower layout)")
+    parser.add_argument("--reason", choices=["auto", "yes", "no"], default="auto",
+                        help="ask for the reason after the grade (LLMTierConfig.reason; auto: no for a local server)")
     args = parser.parse_args()
+    reason = {"auto": None, "yes": True, "no": False}[args.reason]
     pairs, truth = labelled_pairs(Path(args.labels), args.pairs + 1) if args.labels else demo_pairs(args.pairs + 1)
     started = time.perf_counter()
     with LocalLLMServer(resolve_model(args.model), args.model, n_threads=args.n_threads, startup_timeout_s=600) as srv:
         startup = time.perf_counter() - started
-        tier = LLMTier("tier2", LLMTierConfig(model=args.model, server="local", timeout_s=300), [1, 2, 3, 4], srv.base_url, LOOPBACK_KEY)
+        tier = LLMTier("tier2", LLMTierConfig(model=args.model, server="local", timeout_s=300, reason=reason), [1, 2, 3, 4], srv.base_url, LOOPBACK_KEY)
         first = tier.grade(*pairs[0])  # fills the prompt-prefix cache (the system prompt)
         t0 = time.perf_counter()
         results = tier.grade_many(pairs[1:], 1)
@@ -83,6 +87,7 @@ def main() -> None:
     ok = [r for r in results if r.grade is not None]
     sources = dict(Counter(str(r.confidence_source) for r in results))
     extra = {"pairs": len(results), "graded": len(ok), "confidence_sources": sources, "n_threads": args.n_threads,
+             "reason": tier.cfg.effective_reason, "grade_per_pair": [r.grade for r in results],
              "first_request_s": round(first.latency_ms / 1000.0, 2),
              "prompt_tokens_per_pair": round(sum(r.prompt_tokens for r in ok) / max(len(ok), 1), 1),
              "completion_tokens_per_pair": round(sum(r.completion_tokens for r in ok) / max(len(ok), 1), 1),

@@ -2,9 +2,9 @@
 
 `ensure_embeddings` returns embeddings aligned with the catalog, encoding only the products
 without a current one (new, or changed since they were encoded) and MERGEing those. Rows are keyed by
-`vector_key(encoder, max_length)`; other stages that need the same model's vectors of the same product
-text read them through `current_vectors` instead of encoding the catalog again (the judge's bi-encoder
-feature in annotate, the zero-shot baseline in evaluate).
+`vector_key(encoder, max_length)`; a stage that needs the same model's vectors of the same product text
+reads them through `current_vectors` instead of encoding the catalog again (evaluate's zero-shot MiniLM
+baseline).
 """
 
 from __future__ import annotations
