@@ -260,8 +260,8 @@ class _Run:
         self.escalating = bool(self.llm_names) and not (cfg.escalate == "auto" and cascade.combination_rejected)
         if self.llm_names and not self.escalating:
             self.stats["escalation"]["skipped"] = (
-                "calibration kept no combination with an LLM tier, so tier 1 decides every pair; no LLM calls "
-                "(annotate.escalate: always records the LLM's grades anyway)")
+                f"calibration kept no combination with an LLM tier, so {cascade.tier_names[0]} decides every pair; no "
+                "escalation to an LLM (annotate.escalate: always records the LLM's grades anyway)")
             log.info("annotate: no escalation: %s", self.stats["escalation"]["skipped"])
 
     def grade(self, chunk, llm_budget: int | None, partitions: int, concurrency: int) -> dict | None:
