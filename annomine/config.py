@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from annomine.errors import AnnomineError
+from annomine.splits import check_fold
 
 T = TypeVar("T")
 
@@ -75,8 +76,13 @@ class ProjectConfig:
     min_grade: int = 1
     max_grade: int = 4
     segments: SegmentsConfig = field(default_factory=SegmentsConfig)
+    # Which half of the held-out labelled queries selects (dev) and which reports (test), annomine/splits.py:
+    # 0 = the committed split; 1 = the two swapped. The train queries (judge, training sets) are the same in
+    # both. A fold's shards, models and reports live under <warehouse>/folds/fold<N>/ (fold 0: the warehouse).
+    fold: int = 0
 
     def validate(self) -> None:
+        check_fold(self.fold)
         if self.table_format == "parquet" and self.catalog:
             raise ValueError("table_format 'parquet' keeps tables as folders under the warehouse; "
                              "it cannot be combined with catalog (catalog tables are Delta)")
@@ -94,6 +100,11 @@ class ProjectConfig:
     @property
     def warehouse_path(self) -> Path:
         return Path(self.warehouse).expanduser().resolve()
+
+    @property
+    def outputs_path(self) -> Path:
+        """Where this fold's shards, models and evaluation reports live (tables and caches stay shared)."""
+        return self.warehouse_path if self.fold == 0 else self.warehouse_path / "folds" / f"fold{self.fold}"
 
     @property
     def tracking_uri(self) -> str:

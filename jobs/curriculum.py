@@ -100,7 +100,7 @@ CONFIG_CLASS = CurriculumConfig
 
 
 def shards_root(ctx: JobContext, cfg: CurriculumConfig) -> Path:
-    return Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.warehouse_path / "shards"
+    return Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.outputs_path / "shards"
 
 
 def labelled_splits(ctx: JobContext, cfg: CurriculumConfig) -> dict[str, list[str]]:
@@ -112,7 +112,7 @@ def labelled_splits(ctx: JobContext, cfg: CurriculumConfig) -> dict[str, list[st
     labelled = ids.distinct().toPandas()
     out: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
     for q in sorted(labelled["query_id"].astype(str)):
-        out[split_of(q, cfg.dev_fraction, cfg.dev_seed, cfg.test_fraction)].append(q)
+        out[split_of(q, cfg.dev_fraction, cfg.dev_seed, cfg.test_fraction, ctx.project.fold)].append(q)
     return out
 
 

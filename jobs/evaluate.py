@@ -3,6 +3,8 @@
     annomine evaluate --model M --products F --queries F --labels F --out report.json
     annomine evaluate --models bm25,minilm,best            # the test split (the default)
     annomine evaluate --models bm25,minilm,best --split dev
+    annomine evaluate --set project.fold=1 ...              # the other fold: dev and test swapped
+    annomine evaluate --pool-folds                         # both folds' test reports as one
 
 M is `bm25`, `minilm` (zero-shot), a model folder, `best` / a variant name (<warehouse>/models/*.json),
 `variants` (all of them), or an MLflow model URI (runs:/..., models:/...). Without files, the
@@ -15,10 +17,15 @@ Splits (annomine.splits): `test` (the default) is for reporting only: no stage, 
 registration was chosen on it. `dev` is the selection split: the trainer's checks and the model
 registration use it, also when the report is on test (the dev queries are then ranked too, for
 `dev_ndcg@10` only, outside the report's metrics). `train`: the judge's and training sets' queries.
+With `project.fold: 1` the dev and test halves swap roles (a fold's models and reports live under
+<warehouse>/folds/fold1/); `--pool-folds` pools the two folds' test reports into
+<warehouse>/evaluation/report_test_folds.json: every held-out query once, each reported by a model that was
+selected on the other half (annomine/evaluation/folds.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
 import sys
@@ -123,7 +130,8 @@ def resolve_models(ctx: JobContext, cfg: EvaluateConfig, strict: bool) -> tuple[
     specs, skipped = [], []
     for text in cfg.models:
         try:
-            specs.extend(resolve_specs(text, ctx.project.warehouse, ctx.project.tracking_uri))
+            specs.extend(resolve_specs(text, ctx.project.warehouse, ctx.project.tracking_uri,
+                                       registry=ctx.project.outputs_path / "models"))
         except ModelSpecError as exc:
             if strict or not cfg.skip_missing:
                 raise
@@ -192,7 +200,8 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     known_queries = set(queries["query_id"])
     orphan = sorted(set(labels["query_id"]) - known_queries)
     labels = labels[labels["query_id"].isin(known_queries)]
-    split = labels["query_id"].map(lambda q: split_of(q))
+    split_of_query = functools.partial(split_of, fold=project.fold)
+    split = labels["query_id"].map(split_of_query)
     # Registration selects on dev: when the report's split has no dev query, the dev queries are ranked
     # too, for each model's `dev_ndcg@10` only (never in the report's metrics or per-query rows).
     dev_labels = labels[split == "dev"].reset_index(drop=True) if cfg.split in ("test", "train") else labels.iloc[:0]
@@ -215,7 +224,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     seg_counts = {s: int((eval_segments == s).sum()) for s in metrics_lib.SEGMENTS}
     dev_ids = sorted(dev_labels["query_id"].unique())
     # the dev queries: ranked beside the report's split for selection only, or inside it (split dev or all)
-    selection_ids = dev_ids or [q for q in eval_ids if split_of(q) == "dev"]
+    selection_ids = dev_ids or [q for q in eval_ids if split_of_query(q) == "dev"]
     n_selection = len(selection_ids)
     selection_counts = {s: int((segments.reindex(selection_ids) == s).sum()) for s in metrics_lib.SEGMENTS}
     unseen = [s for s in metrics_lib.SEGMENTS if seg_counts[s] and not selection_counts[s]] if selection_ids else []
@@ -234,7 +243,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
         ranked = dict(zip(eval_ids, ranked_lists[:len(eval_ids)]))
         per_query = metrics_lib.per_query_metrics(ranked, labels, project.min_grade, project.max_grade, k=10, recall_k=cfg.top_k)
         summary = metrics_lib.summarise(per_query, segments, cfg.bootstrap_resamples, cfg.confidence, project.seed)
-        per_query["split"] = per_query["query_id"].map(split_of)
+        per_query["split"] = per_query["query_id"].map(split_of_query)
         if dev_ids:  # selection only: the dev queries' metrics stay out of the report's tables
             dev_ranked = dict(zip(dev_ids, ranked_lists[len(eval_ids):]))
             dev_rows = metrics_lib.per_query_metrics(dev_ranked, dev_labels, project.min_grade, project.max_grade, k=10,
@@ -253,7 +262,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
 
     report = {
         "created_at": pd.Timestamp.now("UTC").isoformat(),
-        "split": cfg.split, "split_role": SPLIT_ROLES[cfg.split],
+        "split": cfg.split, "split_role": SPLIT_ROLES[cfg.split], "fold": project.fold,
         "selection": {"split": "dev", "n_dev_queries": n_selection, "segment_counts": selection_counts,
                       "note": "registration and every training-time choice use dev NDCG@10; " + SELECTION_NOTES[cfg.split]},
         "k": 10, "recall_k": cfg.top_k, "index": cfg.encode.index.kind,
@@ -282,7 +291,9 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     md.write_text(report_lib.markdown(report))
     if cfg.mlflow:
         report["mlflow_run_id"] = report_lib.log_to_mlflow(report, [out, md, *plots], project.tracking_uri, project.mlflow_experiment)
-        if cfg.register:
+        if cfg.register and project.fold != 0:
+            print(f"evaluate: fold {project.fold}: nothing registered (the pipeline's final model is fold 0's)")
+        elif cfg.register:
             by_label = {s.label: s for s in specs}
             name = cfg.registered_model_name
             if project.catalog and "." not in name:  # Unity Catalog models live in catalog.schema
@@ -296,9 +307,41 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     return report
 
 
+def pool_folds(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
+    """Pool each fold's test report (at its default place) into <warehouse>/evaluation/report_test_folds.json."""
+    import dataclasses
+    import json
+
+    from annomine.evaluation import folds as folds_lib
+    from annomine.splits import FOLDS
+
+    reports = {}
+    for fold in FOLDS:
+        path = report_path(dataclasses.replace(project, fold=fold), dataclasses.replace(cfg, split="test", out=None))
+        if path.is_file():
+            try:
+                reports[fold] = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise folds_lib.FoldReportError(f"{path}: not a readable report: {exc}") from exc
+    report = folds_lib.pool(reports, cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=HUMAN_REFERENCES)
+    out = project.warehouse_path / "evaluation" / "report_test_folds.json"
+    report_lib.write_json(report, out)
+    plot_files = report_lib.plot_paths(out)
+    plots = [report_lib.plot_metrics(report, plot_files["metrics"]), report_lib.plot_grades(report, plot_files["grades"])]
+    md = out.with_suffix(".md")
+    md.write_text(report_lib.markdown(report))
+    if cfg.mlflow:
+        report["mlflow_run_id"] = report_lib.log_to_mlflow(report, [out, md, *plots], project.tracking_uri,
+                                                           project.mlflow_experiment, run_name="evaluate-folds")
+        report_lib.write_json(report, out)
+    print(f"evaluate: pooled the test reports of folds {sorted(reports)} ({report['inputs']['n_queries_evaluated']} "
+          f"queries): {out} (+ {md.name}, {', '.join(p.name for p in plots)})")
+    return report, out
+
+
 def report_path(project, cfg: EvaluateConfig) -> Path:
     """Where the report goes: `evaluate.out`, else <warehouse>/evaluation/report_<split>.json."""
-    out = Path(cfg.out) if cfg.out else project.warehouse_path / "evaluation" / f"report_{cfg.split}.json"
+    out = Path(cfg.out) if cfg.out else project.outputs_path / "evaluation" / f"report_{cfg.split}.json"
     return out.expanduser().resolve()
 
 
@@ -314,8 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=SPLITS, help="labelled queries to use (annomine.splits.split_of)")
     parser.add_argument("--index", choices=("flat", "hnsw", "ivf"), help="FAISS index (default flat)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
+    parser.add_argument("--pool-folds", action="store_true",
+                        help="pool the test reports of folds 0 and 1 (project.fold) into report_test_folds.json; ranks nothing")
     args = parser.parse_args(argv)
     project, cfg = load(args, "evaluate", EvaluateConfig)
+    if args.pool_folds:
+        cfg.mlflow = cfg.mlflow and not args.no_mlflow
+        report, out = pool_folds(project, cfg)
+        print("\n" + "\n".join(report_lib.summary(report, out)), flush=True)
+        return 0
     cli_models = list(args.model) + [m for m in (args.models or "").split(",") if m.strip()]
     if cli_models:
         cfg.models = cli_models

@@ -81,12 +81,12 @@ CONFIG_CLASS = TrainConfig
 
 
 def models_root(ctx: JobContext) -> Path:
-    return ctx.project.warehouse_path / "models"
+    return ctx.project.outputs_path / "models"
 
 
 def build_spec(ctx: JobContext, cfg: TrainConfig) -> TrainSpec:
     """The spec every rank receives: the config's training settings, placed in this warehouse."""
-    shards = Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.warehouse_path / "shards"
+    shards = Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.outputs_path / "shards"
     losses = {f.name: getattr(cfg.losses, f.name) for f in dataclasses.fields(cfg.losses)}
     return TrainSpec.of(cfg, shards_root=str(shards / cfg.variant), dev_dir=str(shards),
                         output_dir=str(models_root(ctx) / cfg.variant / "run"), min_grade=ctx.project.min_grade,

@@ -78,3 +78,17 @@ def test_shipped_configs_load(name, monkeypatch):
         module = importlib.import_module(BY_NAME[section].module)  # an unknown section fails here
         if module is not None and hasattr(module, "CONFIG_CLASS"):
             load_job_config(root / "conf" / f"{name}.yaml", section, module.CONFIG_CLASS)
+
+
+def test_a_fold_keeps_its_outputs_apart_and_the_pipeline_runs_fold_0_only(tmp_path):
+    from jobs import pipeline
+
+    p = _write(tmp_path, f"project: {{warehouse: '{tmp_path / 'wh'}'}}\n")
+    zero, one = load_project_config(p), load_project_config(p, ["project.fold=1"])
+    assert zero.outputs_path == zero.warehouse_path == one.warehouse_path  # tables, caches, judges: shared
+    assert one.outputs_path == one.warehouse_path / "folds" / "fold1"
+    with pytest.raises(ConfigError, match="fold must be one of"):
+        load_project_config(p, ["project.fold=2"])
+    with pytest.raises(ConfigError, match="the pipeline runs fold 0; run another fold stage by stage"):
+        pipeline.run_pipeline(str(p), ["project.fold=1"])
+    assert not (tmp_path / "wh").exists()  # refused before anything ran

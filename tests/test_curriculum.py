@@ -201,6 +201,19 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     # re-run is idempotent
     run(ctx, cfg)
     assert len(ctx.tables.read("train_set_curriculum").toPandas()) == len(table)
+    # fold 1: the test queries select and the dev ones report; the training rows are the same, the shards its own
+    ctx.project.fold = 1
+    try:
+        run(ctx, CurriculumConfig(variants=["curriculum"], num_files=2, row_group_size=4, dev_pool_size=5,
+                                  stages=cfg.stages))
+    finally:
+        ctx.project.fold = 0
+    fold_root = ctx.project.warehouse_path / "folds" / "fold1" / "shards"
+    assert set(pd.read_parquet(fold_root / "dev_eval.parquet")["query_id"]) == test_ids
+    assert set(pd.read_parquet(root / "dev_eval.parquet")["query_id"]) == dev_ids  # fold 0's untouched
+    fold_rows = pd.concat([pd.read_parquet(f) for f in (fold_root / "curriculum").glob("stage*/part-*.parquet")])
+    fold0_rows = pd.concat([pd.read_parquet(f) for f in (root / "curriculum").glob("stage*/part-*.parquet")])
+    assert sorted(fold_rows["query_id"] + fold_rows["product_id"]) == sorted(fold0_rows["query_id"] + fold0_rows["product_id"])
 
 
 def test_config_refuses_bad_stage():

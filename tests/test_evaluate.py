@@ -178,6 +178,51 @@ def test_default_split_is_test_and_registration_selects_on_dev(spark, project, t
     assert evaluate.report_path(project, evaluate.EvaluateConfig()).name == "report_test.json"
 
 
+def test_the_other_fold_swaps_dev_and_test_and_the_two_pool_into_one_report(spark, project, tmp_path, shop, tiny_model,
+                                                                              capsys):
+    from annomine.evaluation.folds import FoldReportError
+    from jobs import evaluate
+
+    conf = _conf(tmp_path, project)
+    files = ["--products", str(shop / "products.tsv"), "--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv")]
+    models = ["--models", f"bm25,tower={tiny_model}"]
+    assert evaluate.main(["--conf", conf, *models, *files, "--no-mlflow"]) == 0
+    with pytest.raises(FoldReportError, match=r"no test report for fold\(s\) \[1\]"):
+        evaluate.main(["--conf", conf, "--pool-folds", "--no-mlflow"])
+    capsys.readouterr()
+    assert evaluate.main(["--conf", conf, *models, *files, "--set", "project.fold=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "fold 1: nothing registered" in printed
+    fold0 = json.loads((project.warehouse_path / "evaluation" / "report_test.json").read_text())
+    fold1 = json.loads((project.warehouse_path / "folds" / "fold1" / "evaluation" / "report_test.json").read_text())
+    # fold 1: fold 0's dev query reports and its test queries select; the train query is in neither
+    assert {r["query_id"] for r in fold0["per_query"]} == {"q1", "q4"} and fold0["fold"] == 0
+    assert {r["query_id"] for r in fold1["per_query"]} == {"q27"} and fold1["fold"] == 1
+    assert fold1["selection"]["n_dev_queries"] == 2 and "registration" not in fold1
+    tower1 = next(m for m in fold1["models"] if m["label"] == "tower")
+    by_query0 = {r["query_id"]: r for r in fold0["per_query"] if r["model"] == "tower"}
+    assert tower1["dev_ndcg@10"] == pytest.approx((by_query0["q1"]["ndcg@10"] + by_query0["q4"]["ndcg@10"]) / 2)
+
+    assert evaluate.main(["--conf", conf, "--pool-folds", "--no-mlflow"]) == 0
+    assert "pooled the test reports of folds [0, 1] (3 queries)" in capsys.readouterr().out
+    pooled = json.loads((project.warehouse_path / "evaluation" / "report_test_folds.json").read_text())
+    assert [m["label"] for m in pooled["models"]] == ["bm25", "tower"]
+    assert [(f["fold"], f["n_queries"]) for f in pooled["folds"]] == [(0, 2), (1, 1)]
+    rows = [r for r in fold0["per_query"] + fold1["per_query"] if r["model"] == "tower"]
+    tower = next(m for m in pooled["models"] if m["label"] == "tower")
+    assert tower["metrics"]["all"]["n_queries"] == 3
+    assert tower["metrics"]["all"]["ndcg@10"]["mean"] == pytest.approx(np.mean([r["ndcg@10"] for r in rows]))
+    paired = next(c for c in pooled["comparisons"] if c["model"] == "tower" and c["metric"] == "ndcg@10")
+    assert paired["against"] == "bm25" and paired["diff"]["n"] == 3
+    assert "Pooled over folds" in (project.warehouse_path / "evaluation" / "report_test_folds.md").read_text()
+    # a report of another split in a fold's place, or a query in both folds, cannot be pooled
+    with pytest.raises(FoldReportError, match="query 'q1' is in the test reports of folds 0 and 1"):
+        from annomine.evaluation.folds import pool
+        pool({0: fold0, 1: {**fold1, "per_query": fold1["per_query"] + fold0["per_query"][:1]}}, 10, 0.95, 13)
+    with pytest.raises(FoldReportError, match="split 'dev'"):
+        pool({0: fold0, 1: {**fold1, "split": "dev"}}, 10, 0.95, 13)
+
+
 def test_variants_spec_includes_the_human_variants(project, tiny_model):
     from annomine.curriculum import VARIANTS
 

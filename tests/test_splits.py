@@ -42,3 +42,15 @@ def test_known_assignments_and_bad_fractions():
     assert splits.SEED == 13
     with pytest.raises(ValueError, match="test_fraction"):
         split_of("q1", dev_fraction=0.1, test_fraction=0.2)
+
+
+def test_fold_1_swaps_dev_and_test_and_keeps_train():
+    from annomine.splits import FOLDS
+
+    assert FOLDS == (0, 1)
+    for q in IDS:
+        zero, one = split_of(q), split_of(q, fold=1)
+        assert one == {"dev": "test", "test": "dev", "train": "train"}[zero]
+        assert held_out(q) == (one != "train") and is_test(q, fold=1) == (one == "test")
+    with pytest.raises(ValueError, match="fold must be one of"):
+        split_of("q1", fold=2)

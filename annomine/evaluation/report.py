@@ -153,6 +153,12 @@ def markdown(report: dict) -> str:
               f"resamples of queries). Gain = grade - {report['grade_scale']['min']}; ndcg unjudged = 0 counts retrieved "
               f"items without a label as gain 0, judged-only drops them first. Lowest-grade share: among judged items of "
               f"the top 10 (queries without any are left out). Index: `{report['index']}`.", ""]
+    if report.get("folds"):
+        lines += ["Pooled over folds (annomine/splits.py): " + "; ".join(
+            f"fold {f['fold']}: {f['n_queries']} test queries, selected on the other half" for f in report["folds"])
+            + ". " + report["split_role"] + ".", ""]
+    elif report.get("fold"):
+        lines += [f"Fold {report['fold']}: dev and test halves swapped (annomine/splits.py).", ""]
     lines += model_table(report)
     paired = comparison_table(report)
     if paired:
@@ -336,6 +342,7 @@ def log_to_mlflow(report: dict, files: list[Path], tracking_uri: str, experiment
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
         mlflow.log_params({"split": report["split"], "models": ",".join(m["label"] for m in report["models"])[:500],
                            "index": report["index"], "n_queries": report["inputs"].get("n_queries_evaluated"),
+                           "fold": report.get("fold", "pooled" if report.get("folds") else 0),
                            "segment_rule": report["segment_rule"][:250], "k": report["k"], "recall_k": report["recall_k"]})
         metrics = {}
         for model in report["models"]:

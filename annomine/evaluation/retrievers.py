@@ -133,8 +133,10 @@ def _from_registry_file(name: str, file: Path, download_root: Path, tracking_uri
     raise ModelSpecError(f"{file}: neither 'path' ({path!r}) exists nor a 'model_uri' is given")
 
 
-def resolve_specs(spec: str, warehouse: str | os.PathLike, tracking_uri: str | None = None) -> list[ModelSpec]:
-    """One spec string -> model specs (`variants` gives several)."""
+def resolve_specs(spec: str, warehouse: str | os.PathLike, tracking_uri: str | None = None,
+                  registry: Path | None = None) -> list[ModelSpec]:
+    """One spec string -> model specs (`variants` gives several). `registry`: the folder of the variants'
+    pointer files (default <warehouse>/models; a fold's own under <warehouse>/folds/)."""
     spec = spec.strip()
     if not spec:
         raise ModelSpecError("empty model spec")
@@ -142,7 +144,7 @@ def resolve_specs(spec: str, warehouse: str | os.PathLike, tracking_uri: str | N
     match = re.match(r"^([A-Za-z0-9_.\-]+)=(.+)$", spec)
     if match and "://" not in match.group(1):
         label, spec = match.group(1), match.group(2)
-    registry = models_dir(warehouse)
+    registry = registry or models_dir(warehouse)
     download_root = Path(warehouse).expanduser().resolve() / "cache" / "mlflow_models"
     if spec in BASELINES:
         return [ModelSpec(label or spec, spec, spec)]
