@@ -238,7 +238,7 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
 
     grades = grades_of(project)
     pairs = _labelled_pairs(project, cfg, files)
-    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed)
+    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold)
     tr, cal, dev = (pairs[pairs.split == s].reset_index(drop=True) for s in ("train", "calibration", "dev"))
     if tr.empty or cal.empty:
         raise ValueError(f"not enough labelled queries to train and calibrate: {len(tr)} train, {len(cal)} calibration pairs")
@@ -346,7 +346,7 @@ def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None
 
     grades = grades_of(project)
     pairs = _labelled_pairs(project, cfg, files)
-    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed)
+    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold)
     cal = pairs[pairs.split == "calibration"].reset_index(drop=True)
     folder = resolve_judge(project.warehouse, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     with Cascade.open(cfg.cascade, folder, grades, project.warehouse) as cascade:
@@ -369,7 +369,7 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     grades = grades_of(project)
     pairs = _labelled_pairs(project, cfg, files)
     if split != "all":
-        pairs = pairs[assign_splits(pairs, cfg.calibration_fraction, project.seed) == split].reset_index(drop=True)
+        pairs = pairs[assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold) == split].reset_index(drop=True)
     if pairs.empty:
         raise ValueError(f"no labelled pairs to evaluate (split={split})")
     folder = resolve_judge(project.warehouse, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None

@@ -152,6 +152,9 @@ def test_pairs_from_files_name_bad_rows(tmp_path):
     assert len(pairs) == 144 and set(pairs.grade) == set(GRADES)
     assert set(assign_splits(pairs, 0.3)) <= {"train", "calibration", "dev", "test"}
     assert pairs.assign(s=assign_splits(pairs, 0.3)).groupby("query_id")["s"].nunique().max() == 1  # by query
+    # fold 1 swaps dev and test; train and calibration (the judge's data) stay as they are
+    swap = {"dev": "test", "test": "dev", "train": "train", "calibration": "calibration"}
+    assert assign_splits(pairs, 0.3, fold=1).tolist() == assign_splits(pairs, 0.3).map(swap).tolist()
     write_tsv(tmp_path / "bad.tsv", ["query_id", "product_id", "grade"], [["0", "p0_0", "4"], ["0", "p0_1", "7"]])
     with pytest.raises(ValueError, match=r"bad.tsv: row 3: grade '7'"):
         load_pairs_from_files(shop / "queries.tsv", tmp_path / "bad.tsv", shop / "products.tsv")
