@@ -40,7 +40,7 @@ crowdflower: install crowdflower-models
 
 # After `make crowdflower`: the same variants selected and reported on the other half of the held-out
 # queries (project.fold=1, annomine/splits.py), then both folds' test reports pooled into
-# <warehouse>/evaluation/report_test_folds.md: every held-out query once (~35 minutes on 2 cores).
+# <warehouse>/evaluation/report_test_folds.md: every held-out query once (~46 minutes on 2 cores; docs/benchmarks.md).
 FOLD_VARIANTS := curriculum human human_plus_curriculum
 CF := --conf conf/crowdflower.yaml
 crowdflower-folds: crowdflower

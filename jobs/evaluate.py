@@ -25,7 +25,9 @@ selected on the other half (annomine/evaluation/folds.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import shlex
 import sys
@@ -37,13 +39,14 @@ import numpy as np
 import pandas as pd
 
 from annomine.config import SegmentsConfig
+from annomine.evaluation import folds as folds_lib
 from annomine.evaluation import inputs as inputs_lib
 from annomine.evaluation import metrics as metrics_lib
 from annomine.evaluation import report as report_lib
 from annomine.evaluation.retrievers import EncodeSettings, ModelSpec, ModelSpecError, resolve_specs, retrieve
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 from annomine.splits import SPLITS as QUERY_SPLITS
-from annomine.splits import split_of
+from annomine.splits import FOLDS, split_of
 
 log = logging.getLogger("annomine.evaluate")
 
@@ -309,12 +312,6 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
 
 def pool_folds(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
     """Pool each fold's test report (at its default place) into <warehouse>/evaluation/report_test_folds.json."""
-    import dataclasses
-    import json
-
-    from annomine.evaluation import folds as folds_lib
-    from annomine.splits import FOLDS
-
     reports = {}
     for fold in FOLDS:
         path = report_path(dataclasses.replace(project, fold=fold), dataclasses.replace(cfg, split="test", out=None))
