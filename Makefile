@@ -41,7 +41,7 @@ crowdflower: install crowdflower-models
 # After `make crowdflower`: the same variants selected and reported on the other half of the held-out
 # queries (project.fold=1, annomine/splits.py), then both folds' test reports pooled into
 # <warehouse>/evaluation/report_test_folds.md: every held-out query once (~46 minutes on 2 cores; docs/benchmarks.md).
-FOLD_VARIANTS := curriculum human human_plus_curriculum
+FOLD_VARIANTS := curriculum human human_plus_curriculum curriculum_with_human
 CF := --conf conf/crowdflower.yaml
 crowdflower-folds: crowdflower
 	# fold 0: the pipeline trained the curriculum; the variants a user with labels would compare it with

@@ -11,8 +11,11 @@ everything by set logic (positive classes: easy/hard positive). Human-labelled d
 The `human` variant trains on the human labels of the train queries instead (`human_label_rows`: one MNR
 stage, a top-grade product as positive and a product of the same query graded <= negative_max_grade as
 its hard negative, the sentence-transformers recipe); `human_plus_curriculum` runs that stage first and
-then the curriculum's stages, `curriculum_then_human` the curriculum's stages first and that stage last. A stage's `source` says where its rows come from: `mined` (the labelled
-candidates) or `human` (the human labels, candidate class `human_label`).
+then the curriculum's stages, `curriculum_then_human` the curriculum's stages first and that stage last, and
+`curriculum_with_human` mixes those rows into the curriculum's first stage of the same loss (the MNR stage:
+one shuffled set of mined and human pairs, kept or dropped as one by the dev check). A stage's `source` says
+where its rows come from: `mined` (the labelled candidates) or `human` (the human labels, candidate class
+`human_label`); a stage with a `blend` adds the rows of that second definition (the human stage) to its own.
 
 Row formats (`ROW_FORMATS`): `pointwise` (item + label), `pair` (positive item + a negative of the same
 query when it has one), `triplet` (a pair whose negative is required), `list` (the query's graded items,
@@ -23,7 +26,7 @@ registry checks at import that it matches this table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 from pyspark.sql import DataFrame, Window
@@ -36,7 +39,10 @@ ROW_FORMATS = ("pointwise", "pair", "triplet", "list")
 # Loss -> the format of its training rows (a new curriculum loss: its line here, and its training.losses module).
 FORMAT_OF_LOSS = {"bce": "pointwise", "mnr": "pair", "triplet": "triplet", "roar": "list"}
 LOSSES = tuple(FORMAT_OF_LOSS)
-VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum", "curriculum_then_human")
+VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum", "curriculum_then_human",
+            "curriculum_with_human")
+# Variants that read the human labels of the train queries (a human stage, or one blended into a mined stage).
+HUMAN_VARIANTS = ("human", "human_plus_curriculum", "curriculum_then_human", "curriculum_with_human")
 # Variants whose stages read the judge's annotations (the others train without any).
 HUMAN_ONLY_VARIANTS = ("human",)
 STAGE_SOURCES = ("mined", "human")
@@ -59,6 +65,12 @@ class StageDef:
     max_per_query: int = 64
     epochs: int | None = None  # None: train.epochs_per_stage
     source: str = "mined"  # 'mined': labelled candidates; 'human': human labels of the train queries
+    blend: StageDef | None = None  # a second definition (the human stage) whose rows join this stage's
+    lr: float | None = None  # this stage's learning rate (None: train.lr_by_loss, else train.lr)
+
+    def reads(self, source: str) -> bool:
+        """Whether this stage's rows come (in part) from `source`."""
+        return self.source == source or (self.blend is not None and self.blend.reads(source))
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -75,6 +87,12 @@ class StageDef:
             raise ValueError(f"stage {self.name!r}: loss {self.loss} needs negative_classes")
         if self.max_examples < 1 or self.max_per_query < 1:
             raise ValueError(f"stage {self.name!r}: max_examples and max_per_query must be positive")
+        if self.lr is not None and self.lr < 0:
+            raise ValueError(f"stage {self.name!r}: lr must be >= 0, got {self.lr}")
+        if self.blend is not None:
+            self.blend.validate()
+            if self.blend.loss != self.loss:
+                raise ValueError(f"stage {self.name!r}: a blended stage needs the same loss ({self.blend.loss} != {self.loss})")
 
 
 @dataclass
@@ -274,6 +292,12 @@ def stage_rows(labelled: DataFrame, stage: StageDef, seed: int, max_group_size: 
     return list_rows(ok, stage, seed, max_group_size)
 
 
+def rows_by_source(rows: pd.DataFrame) -> dict[str, int]:
+    """A stage's rows by where they came from: `human` (class human_label) and `mined` (the rest)."""
+    human = int((rows["candidate_class"] == HUMAN_LABEL).sum())
+    return {"mined": int(len(rows)) - human, "human": human}
+
+
 def composition(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows by difficulty level, class and grade (positive side and, for pairs, negative side)."""
     parts = [rows.assign(side="item").groupby(["side", "candidate_class", "level", "grade", "label"], dropna=False)
@@ -300,8 +324,19 @@ def variant_stages(variant: str, stages: list[StageDef], mixed: StageDef, roar: 
         return [mixed]
     if variant == "curriculum_roar":
         return list(stages[:-1]) + [roar]
-    if variant in ("human", "human_plus_curriculum", "curriculum_then_human"):
+    if variant in HUMAN_VARIANTS:
         if human is None:
             raise ValueError(f"variant {variant!r} needs a human stage")
+        if variant == "curriculum_with_human":
+            return blend_into_stages(stages, human)
         return {"human": [human], "human_plus_curriculum": [human, *stages], "curriculum_then_human": [*stages, human]}[variant]
     raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
+
+
+def blend_into_stages(stages: list[StageDef], extra: StageDef) -> list[StageDef]:
+    """`stages` with `extra`'s rows mixed into the first stage of the same loss (renamed `<name>_with_<extra>`)."""
+    for i, st in enumerate(stages):
+        if st.loss == extra.loss:
+            mixed = replace(st, name=f"{st.name}_with_{extra.name}", blend=extra)
+            return [*stages[:i], mixed, *stages[i + 1:]]
+    raise ValueError(f"no stage with loss {extra.loss!r} to mix the {extra.name!r} rows into; losses: {[s.loss for s in stages]}")

@@ -169,7 +169,7 @@ TRAIN_SET_DDL = (
     "neg_class string, neg_level int, group_product_ids array<string>, group_texts array<string>, group_grades array<int>"
 )
 TRAIN_SET_VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum",
-                      "curriculum_then_human")  # = curriculum.VARIANTS
+                      "curriculum_then_human", "curriculum_with_human")  # = curriculum.VARIANTS
 for _variant in TRAIN_SET_VARIANTS:
     _register(TableSpec(
         f"train_set_{_variant}",
@@ -180,5 +180,5 @@ for _variant in TRAIN_SET_VARIANTS:
                     "pairs with a negative (mnr, triplet) or graded lists (roar); also written as Parquet shards. "
                     "Only train-split queries (annomine.splits), never dev or test ones."
                     + (" The human-label stage's rows have candidate_class 'human_label' and no level."
-                       if _variant.startswith("human") else ""),
+                       if "human" in _variant else ""),
     ))

@@ -1,11 +1,12 @@
 """Stage `curriculum`: mined candidates + graded annotations -> per-stage training sets.
 
 For every configured model variant (curriculum, mixed, no_llm, curriculum_roar, human,
-human_plus_curriculum) it writes the Delta table `train_set_<variant>` and Parquet shards under
+human_plus_curriculum, curriculum_then_human, curriculum_with_human) it writes the Delta table `train_set_<variant>` and Parquet shards under
 `<shards_dir>/<variant>/stage<k>_<name>/` with a `manifest.json` (stages, rows, files, schema, source
 table versions, composition). `human` trains on the human labels of the train queries (one MNR stage,
 `human_stage`: a top-grade product as positive, a product of the same query graded <= negative_max_grade
-as hard negative); `human_plus_curriculum` runs that stage before the curriculum's stages.
+as hard negative); `human_plus_curriculum` runs that stage before the curriculum's stages,
+`curriculum_then_human` after them, and `curriculum_with_human` mixes its rows into the curriculum's MNR stage.
 
 Labelled queries are split by `annomine.splits`: only `train` queries reach a training set; `dev` and
 `test` queries never do. It also writes the dev evaluation set used for model selection during training
@@ -174,7 +175,7 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
             labelled = cur.label_candidates(mined, annotations, products, dev_ids, rules, test_ids)
             counts = cur.status_counts(labelled)
             print(f"[{variant}] candidates: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-        if any(s.source == "human" for s in stages):
+        if any(s.reads("human") for s in stages):
             if human_rows is None:
                 if not ctx.tables.exists("human_labels"):
                     raise FileNotFoundError(f"variant {variant!r} needs table 'human_labels'; run `annomine ingest`")
@@ -190,6 +191,8 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
         for k, stage in enumerate(stages, start=1):
             source = human_rows if stage.source == "human" else labelled
             rows = cur.stage_rows(source, stage, seeds[k - 1], cfg.max_group_size)
+            if stage.blend is not None:  # curriculum_with_human: the human stage's rows (and seed) join this stage's
+                rows = rows.unionByName(cur.stage_rows(human_rows, stage.blend, cfg.seed + 1, cfg.max_group_size))
             frames.append(rows.withColumn("stage", F.lit(k).cast("int")).withColumn("stage_name", F.lit(stage.name))
                           .withColumn("loss", F.lit(stage.loss)))
         table = f"train_set_{variant}"
@@ -211,7 +214,9 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
             entry = write_stage_shards(pdf, root / variant / folder, num_files=cfg.num_files,
                                        row_group_size=cfg.row_group_size, seed=seeds[k - 1])
             comp = cur.composition(pdf)
-            entry.update({"stage": k, "name": stage.name, "loss": stage.loss, "source": stage.source, "folder": folder, "epochs": stage.epochs,
+            by_source = cur.rows_by_source(pdf)
+            entry.update({"stage": k, "name": stage.name, "loss": stage.loss, "folder": folder, "epochs": stage.epochs, "lr": stage.lr,
+                          "source": "+".join(src for src, n in by_source.items() if n) or stage.source, "source_rows": by_source,
                           "composition": comp.astype(object).where(comp.notna(), None).to_dict(orient="records")})
             entries.append(entry)
             print(f"[{variant}] stage {k} {stage.name} ({stage.loss}): {entry['rows']} rows in {len(entry['files'])} files")

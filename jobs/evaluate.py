@@ -171,10 +171,11 @@ def stored_vectors(ctx: JobContext):
     return lookup
 
 
-def teacher_check(warehouse) -> dict | None:
+def teacher_check(warehouse, fold: int = 0) -> dict | None:
     """The current judge's order of the dev/test queries' labelled products against the zero-shot bi-encoder's
     (`annomine judge train` writes it to the judge's metrics.json; annomine/judges/ranking.py). It bounds what a
-    retriever trained on the judge's grades can learn; None without a judge or without the check."""
+    retriever trained on the judge's grades can learn; None without a judge or without the check. The halves are
+    named as in `fold`: a judge trained in the other fold measured the same queries under the swapped names."""
     import json
 
     from annomine.judges.store import resolve_judge
@@ -183,7 +184,8 @@ def teacher_check(warehouse) -> dict | None:
         metrics = json.loads((resolve_judge(warehouse, None) / "metrics.json").read_text())
     except (OSError, ValueError, KeyError):
         return None
-    found = {split: metrics.get(f"{split}_tier1", {}).get("ranking") for split in ("dev", "test")}
+    names = {"dev": "dev", "test": "test"} if metrics.get("fold", 0) == fold else {"dev": "test", "test": "dev"}
+    found = {names[split]: metrics.get(f"{split}_tier1", {}).get("ranking") for split in ("dev", "test")}
     found = {split: r for split, r in found.items() if r}
     if not found:
         return None
@@ -278,7 +280,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
                    "n_rejected_label_rows": len(rejected), "rejected_label_rows": rejected.head(100).to_dict("records"),
                    "labels_for_unknown_products": unknown_products,
                    "labelled_queries_not_in_queries_file": len(orphan)},
-        "teacher": teacher_check(project.warehouse),
+        "teacher": teacher_check(project.warehouse, project.fold),
         "models": models, "skipped_models": skipped, "command": command,
         "per_query": per_query_rows,
     }

@@ -272,7 +272,7 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
         history["first_train_seconds"] = history["train_seconds"]
         history["train_seconds"] += refit["train_seconds"]
         model = final
-    metrics: dict = {"version": version, "history": history, "calibration": calibrator.stats,
+    metrics: dict = {"version": version, "fold": project.fold, "history": history, "calibration": calibrator.stats,
                      "splits": {s: {"pairs": int((pairs.split == s).sum()), "queries": int(pairs[pairs.split == s].query_id.nunique())}
                                 for s in ("train", "calibration", "dev")},
                      "trained_on": "train + calibration" if cfg.refit_on_all else "train"}

@@ -131,13 +131,16 @@ def _start_tracking(ctx: JobContext, cfg: TrainConfig, run_dir: Path, manifest: 
 
 def training_pairs(stages: list[dict], manifest: dict) -> dict[str, int]:
     """Examples per data source (`mined`: judge-graded mined pairs, `human`: human labels) in the stages the
-    final model kept; a stage whose dev check dropped it (best epoch 0: the starting weights won) counts 0."""
-    source_of = {e["stage"]: e.get("source", "mined") for e in manifest["stages"]}
+    final model kept; a stage whose dev check dropped it (best epoch 0: the starting weights won) counts 0. A stage
+    of both sources (curriculum_with_human) splits its examples by its rows' shares (`source_rows`)."""
+    shares_of = {e["stage"]: e.get("source_rows") or {e.get("source", "mined"): 1} for e in manifest["stages"]}
     used = {"mined": 0, "human": 0}
     for s in stages:
         if s.get("best_epoch") != 0:
-            key = source_of.get(s["stage"], "mined")
-            used[key] = used.get(key, 0) + int(s.get("examples") or 0)
+            shares = shares_of.get(s["stage"], {"mined": 1})
+            total = sum(shares.values()) or 1
+            for key, rows in shares.items():
+                used[key] = used.get(key, 0) + round(int(s.get("examples") or 0) * rows / total)
     return used
 
 

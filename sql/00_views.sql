@@ -68,4 +68,6 @@ SELECT 'human' AS variant, * FROM ${namespace}.train_set_human
 UNION ALL
 SELECT 'human_plus_curriculum' AS variant, * FROM ${namespace}.train_set_human_plus_curriculum
 UNION ALL
-SELECT 'curriculum_then_human' AS variant, * FROM ${namespace}.train_set_curriculum_then_human;
+SELECT 'curriculum_then_human' AS variant, * FROM ${namespace}.train_set_curriculum_then_human
+UNION ALL
+SELECT 'curriculum_with_human' AS variant, * FROM ${namespace}.train_set_curriculum_with_human;

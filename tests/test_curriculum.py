@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -133,7 +134,7 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     from jobs.curriculum import CurriculumConfig, run
 
     qids = build_world(ctx, n_queries=16)
-    variants = ["curriculum", "no_llm", "human", "human_plus_curriculum"]
+    variants = ["curriculum", "no_llm", "human", "human_plus_curriculum", "curriculum_with_human"]
     cfg = CurriculumConfig(variants=variants, num_files=2, row_group_size=4, dev_pool_size=5)
     for stage in cfg.stages:
         stage.max_examples = 6  # caps that bind: which rows a stage keeps depends on its seed
@@ -198,6 +199,20 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     for k in (1, 2, 3):  # its curriculum stages are the curriculum variant's, row for row
         mine = both_rows[both_rows["stage"] == k + 1][key].sort_values(key).reset_index(drop=True)
         assert mine.equals(table[table["stage"] == k][key].sort_values(key).reset_index(drop=True))
+    # curriculum_with_human: the curriculum's stages, its MNR stage holding its own rows and the human stage's
+    blended = json.loads((root / "curriculum_with_human" / "manifest.json").read_text())
+    assert [(s["name"], s["source"]) for s in blended["stages"]] == [
+        ("easy", "mined"), ("hard_with_human", "mined+human"), ("token_similar", "mined")]
+    assert blended["stages"][1]["source_rows"] == {"mined": manifest["stages"][1]["rows"], "human": len(hrows)}
+    assert manifest["stages"][1]["source_rows"] == {"mined": manifest["stages"][1]["rows"], "human": 0}
+    blend_rows = ctx.tables.read("train_set_curriculum_with_human").toPandas()
+    for k in (1, 2, 3):
+        mine = blend_rows[(blend_rows["stage"] == k) & (blend_rows["candidate_class"] != cur.HUMAN_LABEL)][key]
+        assert mine.sort_values(key).reset_index(drop=True).equals(
+            table[table["stage"] == k][key].sort_values(key).reset_index(drop=True))
+    human_part = blend_rows[blend_rows["candidate_class"] == cur.HUMAN_LABEL]
+    assert set(human_part["stage"]) == {2} and human_part[key].sort_values(key).reset_index(drop=True).equals(
+        hrows[key].sort_values(key).reset_index(drop=True))
     # re-run is idempotent
     run(ctx, cfg)
     assert len(ctx.tables.read("train_set_curriculum").toPandas()) == len(table)
@@ -237,6 +252,14 @@ def test_config_refuses_bad_stage():
                                                cfg.human_stage)] == ["human", "easy", "hard", "token_similar"]
     assert [s.name for s in cur.variant_stages("curriculum_then_human", cfg.stages, cfg.mixed_stage, cfg.roar_stage,
                                                cfg.human_stage)] == ["easy", "hard", "token_similar", "human"]
+    mixed = cur.variant_stages("curriculum_with_human", cfg.stages, cfg.mixed_stage, cfg.roar_stage, cfg.human_stage)
+    assert [s.name for s in mixed] == ["easy", "hard_with_human", "token_similar"]  # the human rows join the MNR stage
+    assert mixed[1].blend is cfg.human_stage and mixed[1].reads("human") and mixed[1].reads("mined")
+    assert not cfg.stages[1].reads("human") and cfg.stages[1].blend is None  # the curriculum's own stages are untouched
+    with pytest.raises(ValueError, match="no stage with loss 'mnr'"):
+        cur.blend_into_stages([cfg.stages[0]], cfg.human_stage)
+    with pytest.raises(ValueError, match="same loss"):
+        replace(cfg.stages[0], blend=cfg.human_stage).validate()
     cfg.stages[0].source = "human"
     with pytest.raises(ValueError):
         cfg.validate()

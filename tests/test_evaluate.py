@@ -332,6 +332,9 @@ def test_the_report_carries_the_judge_s_ranking_check(project, tmp_path):
     teacher = evaluate.teacher_check(project.warehouse)
     assert teacher["judge_version"] == "ce-test" and set(teacher) == {"judge_version", "dev"}
     assert teacher["dev"]["diff"]["mean"] == pytest.approx(0.02) and teacher["dev"]["baseline"] == "minilm"
+    # fold 1 swaps the halves: the judge (fold 0) measured fold 1's test half under the name dev
+    swapped = evaluate.teacher_check(project.warehouse, fold=1)
+    assert set(swapped) == {"judge_version", "test"} and swapped["test"] == teacher["dev"]
     report = {"inputs": {"n_queries_evaluated": 2}, "split": "test", "bootstrap": {"confidence": 0.95, "resamples": 10},
               "grade_scale": {"min": 1}, "index": "flat", "models": [], "comparisons": [], "segment_rule": "length",
               "segment_counts": {}, "teacher": teacher}

@@ -196,6 +196,19 @@ def test_a_stage_that_does_not_beat_its_starting_weights_is_dropped(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_stage_of_the_manifest_with_its_own_lr_overrides_the_loss_lr(tmp_path):
+    """The human stage's lr (curriculum.human_stage.lr) reaches the trainer through the manifest entry."""
+    spec = make_shards(tmp_path, n=16, stages=[("easy", "bce"), ("hard", "mnr")])
+    manifest_path = Path(spec.shards_root) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["stages"][1]["lr"] = 0.0
+    manifest_path.write_text(json.dumps(manifest))
+    spec = replace(spec, epochs_per_stage=1, lr=5e-3, lr_by_loss={"mnr": 1e-2})
+    easy, hard = launch("inprocess", spec)["stages"]
+    assert easy["lr"] == 5e-3 and hard["lr"] == 0.0
+    assert hard["best_epoch"] == 0 and hard["best_metric"] == pytest.approx(hard["start_metric"])
+
+
 def test_two_gloo_ranks_hold_identical_parameters_after_a_step(spark, tmp_path, callbacks_by_value):
     """TorchDistributor (local mode) runs the training function on 2 gloo processes."""
     spec = make_shards(tmp_path, n=24, stages=[("hard", "mnr")])
@@ -276,6 +289,10 @@ def test_training_pairs_count_the_kept_stages_by_source():
     stages = [{"stage": 1, "examples": 40, "best_epoch": 1}, {"stage": 2, "examples": 64, "best_epoch": 0},
               {"stage": 3, "examples": 32, "best_epoch": 1}]
     assert training_pairs(stages, manifest) == {"mined": 32, "human": 40}  # stage 2 was dropped by its dev check
+    # a stage of both sources (curriculum_with_human) splits its examples by its rows' shares
+    manifest["stages"][1].update(source="mined+human", source_rows={"mined": 48, "human": 16})
+    stages[1]["best_epoch"] = 1
+    assert training_pairs(stages, manifest) == {"mined": 32 + 48, "human": 40 + 16}
 
 
 def test_horovod_launcher_is_optional(tmp_path, callbacks_by_value):

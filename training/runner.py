@@ -388,7 +388,7 @@ class StageTrainer:
         self.steps = self.reader.steps_per_epoch
         if spec.max_steps_per_epoch:
             self.steps = min(self.steps, int(spec.max_steps_per_epoch))
-        self.lr = spec.lr_for(entry["loss"])
+        self.lr = spec.lr_for(entry["loss"]) if entry.get("lr") is None else float(entry["lr"])  # a stage's own lr wins
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.lr,
                    "weight_decay": spec.weight_decay}]
         loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
