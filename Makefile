@@ -40,7 +40,8 @@ crowdflower: install crowdflower-models
 
 # After `make crowdflower`: the same variants selected and reported on the other half of the held-out
 # queries (project.fold=1, annomine/splits.py), then both folds' test reports pooled into
-# <warehouse>/evaluation/report_test_folds.md: every held-out query once (~46 minutes on 2 cores; docs/benchmarks.md).
+# <warehouse>/evaluation/report_test_folds.md: every held-out query once (46 minutes on 2 cores without
+# curriculum_with_human, measured; ~16 more with it, derived; docs/benchmarks.md).
 FOLD_VARIANTS := curriculum human human_plus_curriculum curriculum_with_human
 CF := --conf conf/crowdflower.yaml
 crowdflower-folds: crowdflower
