@@ -42,7 +42,8 @@ crowdflower: install crowdflower-models
 # queries (project.fold=1, annomine/splits.py), then both folds' test reports pooled into
 # <warehouse>/evaluation/report_test_folds.md: every held-out query once (46 minutes on 2 cores without
 # curriculum_with_human, measured; ~16 more with it, derived; docs/benchmarks.md).
-FOLD_VARIANTS := curriculum human human_plus_curriculum curriculum_with_human
+# curriculum_merged_human is not trained: curriculum and human, trained before it, are merged (training/merging.py).
+FOLD_VARIANTS := curriculum human human_plus_curriculum curriculum_with_human curriculum_merged_human
 CF := --conf conf/crowdflower.yaml
 crowdflower-folds: crowdflower
 	# fold 0: the pipeline trained the curriculum; the variants a user with labels would compare it with

@@ -11,6 +11,9 @@ final model. Killing the driver ends torchrun and its ranks (annomine.lifeline).
     <warehouse>/models/<variant>.json          {"path", "variant", "mlflow_run_id", "model_uri", ...}
     <warehouse>/models/best.json               the same pointer, for `train.best_variant` only (the pipeline's final
                                                model; training another variant by hand leaves it alone)
+
+A `train.variant` named under `train.merges` is not trained: its trained constituents are merged by weight
+arithmetic and the dev check picks the weights (training.merging); the outputs are the same.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from annomine.runtime import JobContext, run_job
 from training.interpolation import check_alphas
 from training.launchers import LAUNCHERS, launch
 from training.losses import REGISTRY as LOSS_REGISTRY
+from training.merging import MergeSpec
 from training.shards import read_manifest
 from training.spec import TrainSettings, TrainSpec, Tracking
 
@@ -59,12 +63,21 @@ class TrainConfig(TrainSettings):
     shards_dir: str | None = None  # default <warehouse>/shards
     log_checkpoints: bool = True
     mlflow: bool = True
+    # Merged variants (training.merging): name -> the trained variants it combines and the weights to try.
+    merges: dict[str, MergeSpec] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {self.variant!r}")
-        if self.best_variant is not None and self.best_variant not in VARIANTS:
-            raise ValueError(f"best_variant must be one of {list(VARIANTS)} (or empty), got {self.best_variant!r}")
+        names = [*VARIANTS, *self.merges]
+        if self.variant not in names:
+            raise ValueError(f"variant must be one of {names}, got {self.variant!r}")
+        if self.best_variant is not None and self.best_variant not in names:
+            raise ValueError(f"best_variant must be one of {names} (or empty), got {self.best_variant!r}")
+        for name, merge in self.merges.items():
+            if name in VARIANTS or name == "best":
+                raise ValueError(f"merges.{name}: the name of a trained variant (or 'best'); give the merge its own")
+            bad = [v for v in merge.of if v not in VARIANTS]
+            if bad:
+                raise ValueError(f"merges.{name}.of: {bad} not trained variants; use some of {list(VARIANTS)}")
         if self.launcher not in ("auto", *LAUNCHERS):
             raise ValueError(f"launcher must be auto or one of {list(LAUNCHERS)}, got {self.launcher!r}")
         if self.num_proc < 1 or self.batch_size < 1 or self.epochs_per_stage < 1:
@@ -194,7 +207,7 @@ def publish_pointer(models: Path, pointer: dict, cfg: TrainConfig) -> list[str]:
 def run(ctx: JobContext, cfg: TrainConfig) -> dict:
     """One `train` per warehouse at a time: a second waits `lock_wait_s`, then stops naming the holder."""
     with warehouse_lock(ctx.project, "train", wait_s=cfg.lock_wait_s):
-        return _train(ctx, cfg)
+        return _merge(ctx, cfg) if cfg.variant in cfg.merges else _train(ctx, cfg)
 
 
 def _train(ctx: JobContext, cfg: TrainConfig) -> dict:
@@ -210,6 +223,65 @@ def _train(ctx: JobContext, cfg: TrainConfig) -> dict:
     result = launch(launcher, spec, cfg.num_proc)
     return _publish(ctx, cfg, result, {"run_id": run_id, "run_dir": run_dir, "launcher": launcher,
                                        "wall": time.time() - started, "manifest": manifest})
+
+
+def _merge(ctx: JobContext, cfg: TrainConfig) -> dict:
+    """`train.variant` names a merge: its constituents' final models combined, the weights chosen on dev."""
+    from annomine.two_tower import TwoTower
+    from training import merging
+    from training.runner import DevSet
+
+    spec, models = cfg.merges[cfg.variant], models_root(ctx)
+    pointers = []
+    for variant in spec.of:
+        file = models / f"{variant}.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: merge {cfg.variant!r} needs variant {variant!r} trained in this fold "
+                                    f"first (`annomine train --set train.variant={variant}`)")
+        pointers.append(json.loads(file.read_text()))
+    dev_dir = Path(build_spec(ctx, cfg).dev_dir)
+    if not (dev_dir / "dev_eval.parquet").is_file():
+        raise FileNotFoundError(f"{dev_dir / 'dev_eval.parquet'}: no dev check for this fold; run `annomine curriculum`")
+    dev = DevSet(dev_dir, ctx.project.min_grade, cfg.dev_max_queries)
+    started = time.time()
+    candidates = merging.candidate_weights(spec)
+    print(f"[{cfg.variant}] merging {', '.join(spec.of)}: {len(candidates)} candidates on {len(dev)} dev queries")
+    chosen = merging.choose([TwoTower.load(p["path"]) for p in pointers], spec.of, candidates, dev.evaluate)
+    final = models / cfg.variant / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    chosen["model"].save(final)
+    record = {"of": spec.of, "weights": list(chosen["weights"]), "dev": chosen["dev"], "dev_metric": chosen["metric"],
+              "paths": [p["path"] for p in pointers]}
+    run_id = model_uri = None
+    if cfg.mlflow:
+        run_id, model_uri = _track_merge(ctx, cfg, final, record)
+    pointer = {"path": str(final), "variant": cfg.variant, "mlflow_run_id": run_id, "model_uri": model_uri,
+               "base_model": cfg.base_model, "merge": record, "stages": [],
+               "training_pairs": merging.merged_pairs(pointers, chosen["weights"]),
+               "wall_seconds": round(time.time() - started, 1)}
+    publish_pointer(models, pointer, cfg)
+    print(f"[{cfg.variant}] = {merging.label(chosen['weights'], spec.of)} (dev NDCG@10 {chosen['metric']:.4f}); model: {final}")
+    return pointer
+
+
+def _track_merge(ctx: JobContext, cfg: TrainConfig, final: Path, record: dict) -> tuple[str, str]:
+    """An MLflow run with every candidate's dev figure and the merged model; (run id, model URI)."""
+    import mlflow
+
+    from annomine.tracking import artifact_root
+    from training.tracking import log_model, start_run
+
+    params = {"train": {"variant": cfg.variant, "merge": dataclasses.asdict(cfg.merges[cfg.variant])},
+              "project": {"seed": ctx.project.seed, "name": ctx.project.name, "fold": ctx.project.fold}}
+    run_id = start_run(ctx.project.tracking_uri, ctx.project.mlflow_experiment, f"train-{cfg.variant}", params, None,
+                       artifact_root(ctx.project))
+    mlflow.set_tracking_uri(ctx.project.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({"final_dev_ndcg10": record["dev_metric"],
+                            **{f"dev_ndcg10_candidate_{i}": m for i, m in enumerate(record["dev"].values())}})
+        mlflow.log_dict(record, "merge.json")
+    return run_id, log_model(ctx.project.tracking_uri, run_id, final)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -434,3 +434,104 @@ def test_the_dev_check_chooses_how_far_to_move_back_to_the_start(tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="not a fraction"):
         launch("inprocess", replace(spec, interpolate_alphas=[1.5], output_dir=str(tmp_path / "out2")))
+
+
+def test_a_merge_adds_each_models_move_from_the_start_by_its_weight():
+    from training.interpolation import merge
+
+    start, a, b = TwoTower.tiny(seed=0), TwoTower.tiny(seed=1), TwoTower.tiny(seed=2)
+    for weights in ((0.5, 0.5), (1.0, 1.0), (0.25, 0.0)):
+        merged = merge(start, [a, b], list(weights))
+        for (name, s), pa, pb, m in zip(start.query_encoder.named_parameters(), a.query_encoder.parameters(),
+                                        b.query_encoder.parameters(), merged.query_encoder.parameters()):
+            assert torch.allclose(m, s + weights[0] * (pa - s) + weights[1] * (pb - s), atol=1e-6), (weights, name)
+    half = merge(start, [a, b], [0.5, 0.5])  # the uniform soup is the plain average of the two
+    for pa, pb, m in zip(a.query_encoder.parameters(), b.query_encoder.parameters(), half.query_encoder.parameters()):
+        assert torch.allclose(m, (pa + pb) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="one weight per model"):
+        merge(start, [a, b], [1.0])
+    with pytest.raises(ValueError, match="tower sharing"):
+        merge(start, [a, TwoTower.tiny(shared=False)], [0.5, 0.5])
+
+
+def test_merge_candidates_and_their_config_are_checked():
+    from jobs.train import TrainConfig
+    from training.merging import MergeSpec, candidate_weights, label, merged_pairs
+
+    spec = MergeSpec(of=["curriculum", "human"], weights=[[0.5, 0.5], [1.0, 0.0], [1, 1]])
+    # each model alone first (the first best wins, so a merge must beat both), then the vectors, no repeats
+    assert candidate_weights(spec) == [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (1.0, 1.0)]
+    assert label((0.5, 0.5), spec.of) == "0.5 curriculum + 0.5 human" and label((1.0, 0.0), spec.of) == "1 curriculum"
+    pointers = [{"training_pairs": {"mined": 30, "human": 0}}, {"training_pairs": {"mined": 0, "human": 20}}]
+    assert merged_pairs(pointers, (0.5, 0.5)) == {"mined": 30, "human": 20}
+    assert merged_pairs(pointers, (1.0, 0.0)) == {"mined": 30, "human": 0}
+    # the first best wins: a merge replaces the models alone only when it beats them, and ties go to the earlier
+    from training.interpolation import merge
+    from training.merging import choose
+
+    start, models = TwoTower.tiny(seed=0), [TwoTower.tiny(seed=1), TwoTower.tiny(seed=2)]
+    scores = iter([0.5, 0.4, 0.7, 0.7])
+    chosen = choose(models, spec.of, candidate_weights(spec), lambda model: next(scores), start=start)
+    assert chosen["weights"] == (0.5, 0.5) and chosen["metric"] == 0.7
+    assert chosen["dev"] == {"1 curriculum": 0.5, "1 human": 0.4, "0.5 curriculum + 0.5 human": 0.7,
+                             "1 curriculum + 1 human": 0.7}
+    for a, b in zip(merge(start, models, [0.5, 0.5]).parameters(), chosen["model"].parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"has 1 weights for 2 models"):
+        MergeSpec(weights=[[1.0]]).validate()
+    with pytest.raises(ValueError, match="negative"):
+        MergeSpec(weights=[[1.0, -0.5]]).validate()
+    with pytest.raises(ValueError, match="two or more different"):
+        MergeSpec(of=["human", "human"], weights=[]).validate()
+    TrainConfig(variant="soup", merges={"soup": MergeSpec()}).validate()
+    with pytest.raises(ValueError, match="variant must be one of"):
+        TrainConfig(variant="soup").validate()
+    with pytest.raises(ValueError, match="give the merge its own"):
+        TrainConfig(merges={"human": MergeSpec()}).validate()
+    with pytest.raises(ValueError, match=r"\['nope'\] not trained variants"):
+        TrainConfig(merges={"soup": MergeSpec(of=["curriculum", "nope"], weights=[])}).validate()
+
+
+def test_a_merged_variant_is_chosen_on_dev_published_and_tracked(ctx):
+    """`annomine train` with a merge's name: the constituents' saved models combined, every candidate scored on the
+    fold's dev check, the best saved as the variant's model, its pointer and MLflow run written."""
+    import mlflow
+
+    from annomine.evaluation.retrievers import resolve_specs
+    from jobs.train import TrainConfig
+    from jobs.train import run as run_train
+    from training.interpolation import merge
+    from training.merging import MergeSpec
+
+    models = ctx.project.outputs_path / "models"
+    make_shards(ctx.project.outputs_path / "shards")  # its dev_eval / dev_pool files are the fold's dev check
+    for seed, (variant, pairs) in enumerate([("curriculum", {"mined": 30, "human": 0}), ("human", {"mined": 0, "human": 20})], 1):
+        folder = TwoTower.tiny(seed=seed).save(models / variant / "model")
+        (models / f"{variant}.json").write_text(json.dumps({"path": str(folder), "variant": variant, "training_pairs": pairs}))
+    spec = MergeSpec(of=["curriculum", "human"], weights=[[0.5, 0.5], [1.0, 1.0]])
+    cfg = TrainConfig(variant="soup", base_model="tiny", merges={"soup": spec}, best_variant="curriculum")
+    with pytest.raises(FileNotFoundError, match="needs variant 'nope' trained in this fold"):
+        run_train(ctx, replace(cfg, merges={"soup": MergeSpec(of=["curriculum", "nope"], weights=[])}))
+    pointer = run_train(ctx, cfg)
+    record = pointer["merge"]
+    assert list(record["dev"]) == ["1 curriculum", "1 human", "0.5 curriculum + 0.5 human", "1 curriculum + 1 human"]
+    assert record["dev_metric"] == max(record["dev"].values())
+    chosen = record["weights"]
+    dev = DevSet(ctx.project.outputs_path / "shards", 1, cfg.dev_max_queries)
+    final = TwoTower.load(pointer["path"])
+    assert dev.evaluate(final) == pytest.approx(record["dev_metric"])
+    constituents = [TwoTower.load(models / v / "model") for v in spec.of]
+    expected = merge(TwoTower.tiny(seed=0), constituents, chosen)
+    for a, b in zip(expected.parameters(), final.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    used = [v for v, w in zip(spec.of, chosen) if w]
+    assert pointer["training_pairs"] == {"mined": 30 * ("curriculum" in used), "human": 20 * ("human" in used)}
+    assert json.loads((models / "soup.json").read_text())["path"] == pointer["path"]
+    assert not (models / "best.json").exists(), "best.json follows train.best_variant only"
+    assert "soup" in [s.label for s in resolve_specs("variants", ctx.project.warehouse)]
+    mlflow.set_tracking_uri(ctx.project.tracking_uri)
+    run = mlflow.get_run(pointer["mlflow_run_id"])
+    assert run.data.metrics["final_dev_ndcg10"] == pytest.approx(record["dev_metric"])
+    assert json.loads(run.data.params["train.merge.of"]) == ["curriculum", "human"]
+    emb = mlflow.pyfunc.load_model(pointer["model_uri"]).predict(pd.DataFrame({"text": ["red shoe"], "side": ["query"]}))
+    assert np.allclose(emb.to_numpy()[0], final.encode_queries(["red shoe"])[0], atol=1e-5)

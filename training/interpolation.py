@@ -9,6 +9,10 @@ keeps most of what fine-tuning taught at alpha near 1 and most of the start's br
 at inference (one model, the same size). The runner scores each configured alpha with the same dev check that
 keeps or drops stages and keeps the best (alpha 1.0, the trained model, wins ties), so the choice is made on dev
 like every other and reported in the run's result.
+
+The same arithmetic merges several models fine-tuned from one start (task arithmetic, Ilharco et al., 2023;
+model soups, Wortsman et al., 2022): theta = theta_start + sum_i w_i (theta_i - theta_start); `annomine merge`
+(jobs/merge.py) scores a few weight vectors on the dev check.
 """
 
 from __future__ import annotations
@@ -38,6 +42,26 @@ def interpolate_state(start: dict[str, torch.Tensor], trained: dict[str, torch.T
     return {k: torch.lerp(start[k], v, float(alpha)) if v.is_floating_point() else v for k, v in trained.items()}
 
 
+def merge_state(start: dict[str, torch.Tensor], trained: list[dict[str, torch.Tensor]], weights: list[float]) -> dict:
+    """theta_start + sum_i w_i (theta_i - theta_start) for floating tensors; others (ids, buffers) as the first."""
+    if len(trained) != len(weights) or not trained:
+        raise ValueError(f"need one weight per model: {len(trained)} models, {len(weights)} weights")
+    for other in trained:
+        if other.keys() != start.keys():
+            missing = sorted(set(start) ^ set(other))[:3]
+            raise ValueError(f"the models differ in their tensors (e.g. {missing}): not the same architecture")
+    out = {}
+    for k, base in start.items():
+        if not base.is_floating_point():
+            out[k] = trained[0][k]
+            continue
+        merged = base.clone()
+        for state, w in zip(trained, weights):
+            merged += float(w) * (state[k] - base)
+        out[k] = merged
+    return out
+
+
 def _towers(model: TwoTower) -> dict[str, torch.nn.Module]:
     return {"query": model.query_encoder} if model.shared else {"query": model.query_encoder, "item": model.item_encoder}
 
@@ -50,6 +74,18 @@ def interpolate(start: TwoTower, trained: TwoTower, alpha: float) -> TwoTower:
     out._onnx_towers = {}  # its weights change below: no exported graph of the trained weights may serve it
     for side, tower in _towers(out).items():
         tower.load_state_dict(interpolate_state(_towers(start)[side].state_dict(), _towers(trained)[side].state_dict(), alpha))
+    return out.eval()
+
+
+def merge(start: TwoTower, models: list[TwoTower], weights: list[float]) -> TwoTower:
+    """A new TwoTower (the first model's tokenizer and lengths) whose tower weights are the merge above."""
+    if any(m.shared != start.shared for m in models):
+        raise ValueError("the models differ in tower sharing")
+    out = copy.deepcopy(models[0])
+    out._onnx_towers = {}
+    for side, tower in _towers(out).items():
+        tower.load_state_dict(merge_state(_towers(start)[side].state_dict(), [_towers(m)[side].state_dict() for m in models],
+                                          weights))
     return out.eval()
 
 

@@ -137,6 +137,15 @@ def log_outputs(tracking_uri: str, run_id: str, output_dir: str | Path, final_mo
             final_metrics["interpolation_alpha"] = chosen["alpha"]
             final_metrics.update({f"dev_ndcg10_alpha_{a.replace('.', '_')}": m for a, m in chosen["dev"].items()})
         mlflow.log_metrics({k: float(v) for k, v in final_metrics.items()})
+    return log_model(tracking_uri, run_id, final_model)
+
+
+def log_model(tracking_uri: str, run_id: str, final_model: str | Path) -> str:
+    """The TwoTower folder as the run's pyfunc model `model`; its URI."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
         example = pd.DataFrame({"text": ["red running shoes", "Red running shoe, size 10"], "side": ["query", "item"]})
         # explicit requirements: MLflow's inference imports the model in a subprocess (slow, and it
         # would pull in whatever this process happens to have loaded)
