@@ -219,8 +219,13 @@ def test_real_model_grades_with_logprob_distributions(smol):
         assert r.error is None and r.grade in GRADES and r.confidence_source == "logprobs"
         assert 1.0 <= r.expected_grade <= 4.0 and r.prompt_tokens > 0 and r.attempts == 1
     # a local server's answer has no reason by default: the same grade and distribution, fewer tokens to pay for
-    pair = ("oak dining table", "Solid oak dining table, seats six")
-    short, full = _tier(smol).grade(*pair), _tier(smol, reason=True).grade(*pair)
+    # (each request follows the same other one: llama.cpp reuses the cached prompt prefix of the request before, and a
+    # prompt evaluated in a batch of one token gives logits a little off those of the same prompt evaluated whole)
+    pair, other = ("oak dining table", "Solid oak dining table, seats six"), ("usb cable", "Wool winter socks")
+    _tier(smol).grade(*other)
+    short = _tier(smol).grade(*pair)
+    _tier(smol).grade(*other)
+    full = _tier(smol, reason=True).grade(*pair)
     assert short.reason == "" and full.reason and short.completion_tokens < full.completion_tokens
     assert short.grade == full.grade and short.probs == pytest.approx(full.probs, abs=1e-3)
     # an endpoint that gives no log-probabilities: the stated fallback confidence, no distribution
