@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from annomine.curriculum import VARIANTS
+from annomine.errors import MissingInputError
 from annomine.locks import warehouse_lock
 from annomine.runtime import JobContext, run_job
 from training.interpolation import check_alphas
@@ -236,12 +237,15 @@ def _merge(ctx: JobContext, cfg: TrainConfig) -> dict:
     for variant in spec.of:
         file = models / f"{variant}.json"
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: merge {cfg.variant!r} needs variant {variant!r} trained in this fold "
+            raise MissingInputError(f"{file}: merge {cfg.variant!r} needs variant {variant!r} trained in this fold "
                                     f"first (`annomine train --set train.variant={variant}`)")
-        pointers.append(json.loads(file.read_text()))
+        try:
+            pointers.append(json.loads(file.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MissingInputError(f"{file}: not a readable model pointer ({exc}); train {variant!r} again") from exc
     dev_dir = Path(build_spec(ctx, cfg).dev_dir)
     if not (dev_dir / "dev_eval.parquet").is_file():
-        raise FileNotFoundError(f"{dev_dir / 'dev_eval.parquet'}: no dev check for this fold; run `annomine curriculum`")
+        raise MissingInputError(f"{dev_dir / 'dev_eval.parquet'}: no dev check for this fold; run `annomine curriculum`")
     dev = DevSet(dev_dir, ctx.project.min_grade, cfg.dev_max_queries)
     started = time.time()
     candidates = merging.candidate_weights(spec)

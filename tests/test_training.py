@@ -497,6 +497,7 @@ def test_a_merged_variant_is_chosen_on_dev_published_and_tracked(ctx):
     fold's dev check, the best saved as the variant's model, its pointer and MLflow run written."""
     import mlflow
 
+    from annomine.errors import MissingInputError
     from annomine.evaluation.retrievers import resolve_specs
     from jobs.train import TrainConfig
     from jobs.train import run as run_train
@@ -510,8 +511,12 @@ def test_a_merged_variant_is_chosen_on_dev_published_and_tracked(ctx):
         (models / f"{variant}.json").write_text(json.dumps({"path": str(folder), "variant": variant, "training_pairs": pairs}))
     spec = MergeSpec(of=["curriculum", "human"], weights=[[0.5, 0.5], [1.0, 1.0]])
     cfg = TrainConfig(variant="soup", base_model="tiny", merges={"soup": spec}, best_variant="curriculum")
-    with pytest.raises(FileNotFoundError, match="needs variant 'nope' trained in this fold"):
+    with pytest.raises(MissingInputError, match="needs variant 'nope' trained in this fold"):
         run_train(ctx, replace(cfg, merges={"soup": MergeSpec(of=["curriculum", "nope"], weights=[])}))
+    (models / "broken.json").write_text("{not json")
+    with pytest.raises(MissingInputError, match=r"broken.json: not a readable model pointer"):
+        run_train(ctx, replace(cfg, merges={"soup": MergeSpec(of=["curriculum", "broken"], weights=[])}))
+    (models / "broken.json").unlink()
     pointer = run_train(ctx, cfg)
     record = pointer["merge"]
     assert list(record["dev"]) == ["1 curriculum", "1 human", "0.5 curriculum + 0.5 human", "1 curriculum + 1 human"]

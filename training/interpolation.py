@@ -11,8 +11,8 @@ keeps or drops stages and keeps the best (alpha 1.0, the trained model, wins tie
 like every other and reported in the run's result.
 
 The same arithmetic merges several models fine-tuned from one start (task arithmetic, Ilharco et al., 2023;
-model soups, Wortsman et al., 2022): theta = theta_start + sum_i w_i (theta_i - theta_start); `annomine merge`
-(jobs/merge.py) scores a few weight vectors on the dev check.
+model soups, Wortsman et al., 2022): theta = theta_start + sum_i w_i (theta_i - theta_start); a variant under
+`train.merges` (training/merging.py) scores a few weight vectors on the dev check.
 """
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ def check_alphas(alphas: list[float]) -> None:
         raise ValueError(f"train.interpolate_alphas: {bad[0]} is not a fraction in [0, 1]")
 
 
+def _check_same_tensors(start: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
+    if start.keys() != other.keys():
+        missing = sorted(set(start) ^ set(other))[:3]
+        raise ValueError(f"start and trained weights differ in their tensors (e.g. {missing}): not the same architecture")
+
+
 def interpolate_state(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], alpha: float) -> dict:
     """theta_start + alpha (theta_trained - theta_start) for floating tensors; others (ids, buffers) as trained."""
-    if start.keys() != trained.keys():
-        missing = sorted(set(start) ^ set(trained))[:3]
-        raise ValueError(f"start and trained weights differ in their tensors (e.g. {missing}): not the same architecture")
+    _check_same_tensors(start, trained)
     return {k: torch.lerp(start[k], v, float(alpha)) if v.is_floating_point() else v for k, v in trained.items()}
 
 
@@ -47,9 +51,7 @@ def merge_state(start: dict[str, torch.Tensor], trained: list[dict[str, torch.Te
     if len(trained) != len(weights) or not trained:
         raise ValueError(f"need one weight per model: {len(trained)} models, {len(weights)} weights")
     for other in trained:
-        if other.keys() != start.keys():
-            missing = sorted(set(start) ^ set(other))[:3]
-            raise ValueError(f"the models differ in their tensors (e.g. {missing}): not the same architecture")
+        _check_same_tensors(start, other)
     out = {}
     for k, base in start.items():
         if not base.is_floating_point():
@@ -66,27 +68,29 @@ def _towers(model: TwoTower) -> dict[str, torch.nn.Module]:
     return {"query": model.query_encoder} if model.shared else {"query": model.query_encoder, "item": model.item_encoder}
 
 
+def _with_towers(template: TwoTower, state_of) -> TwoTower:
+    """A copy of `template` (its tokenizer and lengths) whose towers hold `state_of(side)`."""
+    out = copy.deepcopy(template)
+    out._onnx_towers = {}  # its weights change below: no exported graph of the template's weights may serve it
+    for side, tower in _towers(out).items():
+        tower.load_state_dict(state_of(side))
+    return out.eval()
+
+
 def interpolate(start: TwoTower, trained: TwoTower, alpha: float) -> TwoTower:
     """A new TwoTower (trained's tokenizer and lengths) whose tower weights are theta(alpha)."""
     if start.shared != trained.shared:
         raise ValueError("start and trained models differ in tower sharing")
-    out = copy.deepcopy(trained)
-    out._onnx_towers = {}  # its weights change below: no exported graph of the trained weights may serve it
-    for side, tower in _towers(out).items():
-        tower.load_state_dict(interpolate_state(_towers(start)[side].state_dict(), _towers(trained)[side].state_dict(), alpha))
-    return out.eval()
+    return _with_towers(trained, lambda side: interpolate_state(_towers(start)[side].state_dict(),
+                                                                _towers(trained)[side].state_dict(), alpha))
 
 
 def merge(start: TwoTower, models: list[TwoTower], weights: list[float]) -> TwoTower:
     """A new TwoTower (the first model's tokenizer and lengths) whose tower weights are the merge above."""
     if any(m.shared != start.shared for m in models):
         raise ValueError("the models differ in tower sharing")
-    out = copy.deepcopy(models[0])
-    out._onnx_towers = {}
-    for side, tower in _towers(out).items():
-        tower.load_state_dict(merge_state(_towers(start)[side].state_dict(), [_towers(m)[side].state_dict() for m in models],
-                                          weights))
-    return out.eval()
+    return _with_towers(models[0], lambda side: merge_state(_towers(start)[side].state_dict(),
+                                                            [_towers(m)[side].state_dict() for m in models], weights))
 
 
 def choose(start: TwoTower, trained: TwoTower, trained_metric: float, alphas: list[float], evaluate) -> dict:
