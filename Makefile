@@ -40,8 +40,8 @@ crowdflower: install crowdflower-models
 
 # After `make crowdflower`: the same variants selected and reported on the other half of the held-out
 # queries (project.fold=1, annomine/splits.py), then both folds' test reports pooled into
-# <warehouse>/evaluation/report_test_folds.md: every held-out query once (46 minutes on 2 cores without
-# curriculum_with_human, measured; ~16 more with it, derived; docs/benchmarks.md).
+# <warehouse>/evaluation/report_test_folds.md: every held-out query once (64 minutes on 2 cores without the two
+# merges, measured 2026-12-02; each merge took 1-5 minutes more; docs/benchmarks.md).
 # curriculum_merged_human is not trained: curriculum and human, trained before it, are merged (training/merging.py).
 FOLD_VARIANTS := curriculum human human_plus_curriculum curriculum_with_human curriculum_merged_human
 CF := --conf conf/crowdflower.yaml
