@@ -13,7 +13,10 @@ final model. Killing the driver ends torchrun and its ranks (annomine.lifeline).
                                                model; training another variant by hand leaves it alone)
 
 A `train.variant` named under `train.merges` is not trained: its trained constituents are merged by weight
-arithmetic and the dev check picks the weights (training.merging); the outputs are the same.
+arithmetic and the dev check picks the weights (training.merging); the outputs are the same. One named under
+`train.soups` trains its variant once per seed (members `<variant>_seed<k>`, each published like a variant;
+the configured `train.seed`'s member is the variant itself, reused when its pointer has that seed), then
+merges the members the same way (each alone, then their average).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from annomine.runtime import JobContext, run_job
 from training.interpolation import check_alphas
 from training.launchers import LAUNCHERS, launch
 from training.losses import REGISTRY as LOSS_REGISTRY
-from training.merging import MergeSpec
+from training import merging
+from training.merging import MergeSpec, SoupSpec
 from training.shards import read_manifest
 from training.spec import TrainSettings, TrainSpec, Tracking
 
@@ -66,9 +70,11 @@ class TrainConfig(TrainSettings):
     mlflow: bool = True
     # Merged variants (training.merging): name -> the trained variants it combines and the weights to try.
     merges: dict[str, MergeSpec] = field(default_factory=dict)
+    # Seed soups (training.merging): name -> the variant trained once per seed and the seeds.
+    soups: dict[str, SoupSpec] = field(default_factory=dict)
 
     def validate(self) -> None:
-        names = [*VARIANTS, *self.merges]
+        names = [*VARIANTS, *self.merges, *self.soups]
         if self.variant not in names:
             raise ValueError(f"variant must be one of {names}, got {self.variant!r}")
         if self.best_variant is not None and self.best_variant not in names:
@@ -79,6 +85,11 @@ class TrainConfig(TrainSettings):
             bad = [v for v in merge.of if v not in VARIANTS]
             if bad:
                 raise ValueError(f"merges.{name}.of: {bad} not trained variants; use some of {list(VARIANTS)}")
+        for name, soup in self.soups.items():
+            if name in VARIANTS or name in self.merges or name == "best":
+                raise ValueError(f"soups.{name}: the name of a variant, a merge or 'best'; give the soup its own")
+            if soup.of not in VARIANTS:
+                raise ValueError(f"soups.{name}.of: {soup.of!r} is not a trained variant; use one of {list(VARIANTS)}")
         if self.launcher not in ("auto", *LAUNCHERS):
             raise ValueError(f"launcher must be auto or one of {list(LAUNCHERS)}, got {self.launcher!r}")
         if self.num_proc < 1 or self.batch_size < 1 or self.epochs_per_stage < 1:
@@ -98,12 +109,13 @@ def models_root(ctx: JobContext) -> Path:
     return ctx.project.outputs_path / "models"
 
 
-def build_spec(ctx: JobContext, cfg: TrainConfig) -> TrainSpec:
-    """The spec every rank receives: the config's training settings, placed in this warehouse."""
+def build_spec(ctx: JobContext, cfg: TrainConfig, name: str | None = None) -> TrainSpec:
+    """The spec every rank receives: the config's training settings, placed in this warehouse. It trains
+    `cfg.variant`'s shards into models/<name>/run (name: the variant, or a soup's member)."""
     shards = Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.outputs_path / "shards"
     losses = {f.name: getattr(cfg.losses, f.name) for f in dataclasses.fields(cfg.losses)}
     return TrainSpec.of(cfg, shards_root=str(shards / cfg.variant), dev_dir=str(shards),
-                        output_dir=str(models_root(ctx) / cfg.variant / "run"), min_grade=ctx.project.min_grade,
+                        output_dir=str(models_root(ctx) / (name or cfg.variant) / "run"), min_grade=ctx.project.min_grade,
                         losses=losses)
 
 
@@ -114,20 +126,20 @@ def fingerprint(spec: TrainSpec, manifest: dict, num_proc: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _prepare_run_dir(spec: TrainSpec, manifest: dict, cfg: TrainConfig) -> Path:
+def _prepare_run_dir(spec: TrainSpec, manifest: dict, cfg: TrainConfig, name: str) -> Path:
     """The run folder: kept when it holds a resumable run of this spec, else started afresh."""
     run_dir = Path(spec.output_dir)
     fp = fingerprint(spec, manifest, cfg.num_proc)
     fp_file = run_dir / "fingerprint.txt"
     if run_dir.exists() and (not cfg.resume or not fp_file.is_file() or fp_file.read_text().strip() != fp):
-        log.info("starting %s afresh (no resumable run of this spec in %s)", cfg.variant, run_dir)
+        log.info("starting %s afresh (no resumable run of this spec in %s)", name, run_dir)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fp_file.write_text(fp)
     return run_dir
 
 
-def _start_tracking(ctx: JobContext, cfg: TrainConfig, run_dir: Path, manifest: dict) -> str:
+def _start_tracking(ctx: JobContext, cfg: TrainConfig, run_dir: Path, manifest: dict, name: str) -> str:
     """Start (or, resuming, reopen) the MLflow run; its id."""
     from annomine.tracking import artifact_root
     from training.tracking import start_run
@@ -137,7 +149,7 @@ def _start_tracking(ctx: JobContext, cfg: TrainConfig, run_dir: Path, manifest: 
     params = {"train": dataclasses.asdict(cfg), "project": {"seed": ctx.project.seed, "name": ctx.project.name},
               "data": {"stages": [{k: s[k] for k in ("stage", "name", "loss", "rows")} for s in manifest["stages"]],
                        "sources": manifest.get("sources")}}
-    run_id = start_run(ctx.project.tracking_uri, ctx.project.mlflow_experiment, f"train-{cfg.variant}", params, previous,
+    run_id = start_run(ctx.project.tracking_uri, ctx.project.mlflow_experiment, f"train-{name}", params, previous,
                        artifact_root(ctx.project))
     id_file.write_text(run_id)
     return run_id
@@ -158,9 +170,9 @@ def training_pairs(stages: list[dict], manifest: dict) -> dict[str, int]:
     return used
 
 
-def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict) -> dict:
+def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict, name: str) -> dict:
     """Copy the final model into place, log it to MLflow, write the pointers; the pointer."""
-    final = models_root(ctx) / cfg.variant / "model"
+    final = models_root(ctx) / name / "model"
     if final.exists():
         shutil.rmtree(final)
     shutil.copytree(result["final_dir"], final)
@@ -170,7 +182,8 @@ def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict) -> dict
 
         model_uri = log_outputs(ctx.project.tracking_uri, run["run_id"], run["run_dir"], final, result, cfg.log_checkpoints)
     # examples and seconds count the whole training of this model, across interruptions and resumes
-    pointer = {"path": str(final), "variant": cfg.variant, "mlflow_run_id": run["run_id"], "model_uri": model_uri,
+    pointer = {"path": str(final), "variant": name, "mlflow_run_id": run["run_id"], "model_uri": model_uri,
+               "trained": cfg.variant, "seed": cfg.seed,
                "base_model": cfg.base_model, "launcher": run["launcher"], "num_proc": cfg.num_proc,
                "examples": result["examples"], "examples_this_run": result.get("examples_this_run"),
                "train_seconds": round(result["train_seconds"], 2),
@@ -183,23 +196,26 @@ def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict) -> dict
     for s in pointer["stages"]:
         s["source"] = source_of.get(s["stage"], "mined")
     publish_pointer(models_root(ctx), pointer, cfg)
+    tag = name
     for s in pointer["stages"]:
         metric = "n/a" if s["best_metric"] is None else f"{s['best_metric']:.4f}"
         kept = " (no epoch beat the starting weights: stage dropped)" if s.get("best_epoch") == 0 else ""
-        print(f"[{cfg.variant}] stage {s['stage']} {s['name']} ({s['loss']}): best dev NDCG@10 {metric}{kept}")
+        print(f"[{tag}] stage {s['stage']} {s['name']} ({s['loss']}): best dev NDCG@10 {metric}{kept}")
     if pointer["interpolation"]:
         chosen = pointer["interpolation"]
         tried = ", ".join(f"{a}: {m:.4f}" for a, m in chosen["dev"].items())
-        print(f"[{cfg.variant}] weights {chosen['alpha']:g} of the way from the start to the trained model "
+        print(f"[{tag}] weights {chosen['alpha']:g} of the way from the start to the trained model "
               f"(dev NDCG@10 by fraction: {tried})")
-    print(f"[{cfg.variant}] {result['examples']} examples in {result['train_seconds']:.1f}s of training "
+    print(f"[{tag}] {result['examples']} examples in {result['train_seconds']:.1f}s of training "
           f"({result['examples_per_s']:.1f} examples/s, {run['launcher']} x{cfg.num_proc}); model: {final}")
     return pointer
 
 
 def publish_pointer(models: Path, pointer: dict, cfg: TrainConfig) -> list[str]:
-    """Write `<variant>.json`, and `best.json` when this variant is `best_variant` (or none is set); the names written."""
-    names = [f"{cfg.variant}.json"] + (["best.json"] if cfg.best_variant in (None, cfg.variant) else [])
+    """Write `<variant>.json` (the pointer's variant), and `best.json` when that is `best_variant` (or none is set);
+    the names written."""
+    variant = pointer["variant"]
+    names = [f"{variant}.json"] + (["best.json"] if cfg.best_variant in (None, variant) else [])
     for name in names:
         (models / name).write_text(json.dumps(pointer, indent=2))
     return names
@@ -208,75 +224,118 @@ def publish_pointer(models: Path, pointer: dict, cfg: TrainConfig) -> list[str]:
 def run(ctx: JobContext, cfg: TrainConfig) -> dict:
     """One `train` per warehouse at a time: a second waits `lock_wait_s`, then stops naming the holder."""
     with warehouse_lock(ctx.project, "train", wait_s=cfg.lock_wait_s):
-        return _merge(ctx, cfg) if cfg.variant in cfg.merges else _train(ctx, cfg)
+        if cfg.variant in cfg.merges:
+            return _merge(ctx, cfg)
+        return _soup(ctx, cfg) if cfg.variant in cfg.soups else _train(ctx, cfg)
 
 
-def _train(ctx: JobContext, cfg: TrainConfig) -> dict:
-    spec = build_spec(ctx, cfg)
+def _train(ctx: JobContext, cfg: TrainConfig, name: str | None = None) -> dict:
+    """Train `cfg.variant` (published as `name`: the variant, or a soup's member); its pointer."""
+    name = name or cfg.variant
+    spec = build_spec(ctx, cfg, name)
     manifest = read_manifest(spec.shards_root)
-    run_dir = _prepare_run_dir(spec, manifest, cfg)
+    run_dir = _prepare_run_dir(spec, manifest, cfg, name)
     run_id = None
     if cfg.mlflow:
-        run_id = _start_tracking(ctx, cfg, run_dir, manifest)
+        run_id = _start_tracking(ctx, cfg, run_dir, manifest, name)
         spec.tracking = Tracking(ctx.project.tracking_uri, run_id)
     launcher = cfg.launcher if cfg.launcher != "auto" else ("inprocess" if cfg.num_proc == 1 else "torchrun")
     started = time.time()
     result = launch(launcher, spec, cfg.num_proc)
     return _publish(ctx, cfg, result, {"run_id": run_id, "run_dir": run_dir, "launcher": launcher,
-                                       "wall": time.time() - started, "manifest": manifest})
+                                       "wall": time.time() - started, "manifest": manifest}, name)
 
 
 def _merge(ctx: JobContext, cfg: TrainConfig) -> dict:
     """`train.variant` names a merge: its constituents' final models combined, the weights chosen on dev."""
-    from annomine.two_tower import TwoTower
-    from training import merging
-    from training.runner import DevSet
-
-    spec, models = cfg.merges[cfg.variant], models_root(ctx)
+    spec = cfg.merges[cfg.variant]
     pointers = []
     for variant in spec.of:
-        file = models / f"{variant}.json"
-        if not file.is_file():
-            raise MissingInputError(f"{file}: merge {cfg.variant!r} needs variant {variant!r} trained in this fold "
-                                    f"first (`annomine train --set train.variant={variant}`)")
-        try:
-            pointers.append(json.loads(file.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise MissingInputError(f"{file}: not a readable model pointer ({exc}); train {variant!r} again") from exc
+        pointer = _read_pointer(ctx, variant)
+        if pointer is None:
+            raise MissingInputError(f"{models_root(ctx) / f'{variant}.json'}: merge {cfg.variant!r} needs variant "
+                                    f"{variant!r} trained in this fold first (`annomine train --set train.variant={variant}`)")
+        pointers.append(pointer)
+    return _combine(ctx, cfg, spec.of, pointers, merging.candidate_weights(spec), dataclasses.asdict(spec))
+
+
+def _read_pointer(ctx: JobContext, variant: str) -> dict | None:
+    """models/<variant>.json of this fold; None when absent, one clear error when unreadable."""
+    file = models_root(ctx) / f"{variant}.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MissingInputError(f"{file}: not a readable model pointer ({exc}); train {variant!r} again") from exc
+
+
+def _soup(ctx: JobContext, cfg: TrainConfig) -> dict:
+    """`train.variant` names a seed soup: its variant trained once per seed (a member whose pointer already has its
+    seed is reused), then the members merged like a merge's constituents."""
+    soup = cfg.soups[cfg.variant]
+    members = soup.members(cfg.seed)
+    _check_dev(ctx, cfg)  # before hours of training, not after
+    pointers = []
+    for i, (name, seed) in enumerate(members, 1):
+        pointer = _read_pointer(ctx, name)
+        if pointer is not None and pointer.get("seed") == seed and pointer.get("trained", soup.of) == soup.of:
+            print(f"[{cfg.variant}] member {i}/{len(members)} {name} (seed {seed}): trained already, reused")
+        else:
+            print(f"[{cfg.variant}] member {i}/{len(members)} {name}: training {soup.of} with seed {seed}")
+            pointer = _train(ctx, dataclasses.replace(cfg, variant=soup.of, seed=seed), name)
+        pointers.append(pointer)
+    names = [name for name, _ in members]
+    return _combine(ctx, cfg, names, pointers, soup.candidates(), dataclasses.asdict(soup), same_data=True)
+
+
+def _check_dev(ctx: JobContext, cfg: TrainConfig) -> Path:
     dev_dir = Path(build_spec(ctx, cfg).dev_dir)
     if not (dev_dir / "dev_eval.parquet").is_file():
         raise MissingInputError(f"{dev_dir / 'dev_eval.parquet'}: no dev check for this fold; run `annomine curriculum`")
+    return dev_dir
+
+
+def _combine(ctx: JobContext, cfg: TrainConfig, names: list[str], pointers: list[dict],
+             candidates: list[tuple[float, ...]], params: dict, same_data: bool = False) -> dict:
+    """The models of `pointers` merged at each candidate weight vector, the first best on the fold's dev check
+    published as `cfg.variant` (model, pointer, MLflow run). `same_data`: the models trained on the same pairs
+    (a soup's members), so the merge used those pairs once."""
+    from annomine.two_tower import TwoTower
+    from training.runner import DevSet
+
+    models = models_root(ctx)
+    dev_dir = _check_dev(ctx, cfg)
     dev = DevSet(dev_dir, ctx.project.min_grade, cfg.dev_max_queries)
     started = time.time()
-    candidates = merging.candidate_weights(spec)
-    print(f"[{cfg.variant}] merging {', '.join(spec.of)}: {len(candidates)} candidates on {len(dev)} dev queries")
-    chosen = merging.choose([TwoTower.load(p["path"]) for p in pointers], spec.of, candidates, dev.evaluate)
+    print(f"[{cfg.variant}] merging {', '.join(names)}: {len(candidates)} candidates on {len(dev)} dev queries")
+    chosen = merging.choose([TwoTower.load(p["path"]) for p in pointers], names, candidates, dev.evaluate)
     final = models / cfg.variant / "model"
     if final.exists():
         shutil.rmtree(final)
     chosen["model"].save(final)
-    record = {"of": spec.of, "weights": list(chosen["weights"]), "dev": chosen["dev"], "dev_metric": chosen["metric"],
+    record = {"of": names, "weights": list(chosen["weights"]), "dev": chosen["dev"], "dev_metric": chosen["metric"],
               "paths": [p["path"] for p in pointers]}
     run_id = model_uri = None
     if cfg.mlflow:
-        run_id, model_uri = _track_merge(ctx, cfg, final, record)
+        run_id, model_uri = _track_merge(ctx, cfg, final, record, params)
     pointer = {"path": str(final), "variant": cfg.variant, "mlflow_run_id": run_id, "model_uri": model_uri,
                "base_model": cfg.base_model, "merge": record, "stages": [],
-               "training_pairs": merging.merged_pairs(pointers, chosen["weights"]),
+               "training_pairs": merging.merged_pairs(pointers, chosen["weights"], same_data),
                "wall_seconds": round(time.time() - started, 1)}
     publish_pointer(models, pointer, cfg)
-    print(f"[{cfg.variant}] = {merging.label(chosen['weights'], spec.of)} (dev NDCG@10 {chosen['metric']:.4f}); model: {final}")
+    print(f"[{cfg.variant}] = {merging.label(chosen['weights'], names)} (dev NDCG@10 {chosen['metric']:.4f}); model: {final}")
     return pointer
 
 
-def _track_merge(ctx: JobContext, cfg: TrainConfig, final: Path, record: dict) -> tuple[str, str]:
+def _track_merge(ctx: JobContext, cfg: TrainConfig, final: Path, record: dict, params: dict) -> tuple[str, str]:
     """An MLflow run with every candidate's dev figure and the merged model; (run id, model URI)."""
     import mlflow
 
     from annomine.tracking import artifact_root
     from training.tracking import log_model, start_run
 
-    params = {"train": {"variant": cfg.variant, "merge": dataclasses.asdict(cfg.merges[cfg.variant])},
+    params = {"train": {"variant": cfg.variant, "merge": params},
               "project": {"seed": ctx.project.seed, "name": ctx.project.name, "fold": ctx.project.fold}}
     run_id = start_run(ctx.project.tracking_uri, ctx.project.mlflow_experiment, f"train-{cfg.variant}", params, None,
                        artifact_root(ctx.project))

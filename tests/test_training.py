@@ -540,3 +540,52 @@ def test_a_merged_variant_is_chosen_on_dev_published_and_tracked(ctx):
     assert json.loads(run.data.params["train.merge.of"]) == ["curriculum", "human"]
     emb = mlflow.pyfunc.load_model(pointer["model_uri"]).predict(pd.DataFrame({"text": ["red shoe"], "side": ["query"]}))
     assert np.allclose(emb.to_numpy()[0], final.encode_queries(["red shoe"])[0], atol=1e-5)
+
+
+def test_soup_config_names_its_members_and_is_checked():
+    from jobs.train import TrainConfig
+    from training.merging import SoupSpec
+
+    soup = SoupSpec(of="curriculum", seeds=[13, 14, 15])
+    assert soup.members(13) == [("curriculum", 13), ("curriculum_seed14", 14), ("curriculum_seed15", 15)]
+    assert soup.members(7)[0] == ("curriculum_seed13", 13), "only the configured train.seed's member is the variant"
+    assert soup.candidates() == [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1 / 3, 1 / 3, 1 / 3)]
+    with pytest.raises(ValueError, match="two or more different training seeds"):
+        SoupSpec(seeds=[13, 13]).validate()
+    TrainConfig(variant="cs", soups={"cs": soup}).validate()
+    with pytest.raises(ValueError, match="give the soup its own"):
+        TrainConfig(soups={"human": soup}).validate()
+    with pytest.raises(ValueError, match="'nope' is not a trained variant"):
+        TrainConfig(soups={"cs": SoupSpec(of="nope")}).validate()
+
+
+def test_a_seed_soup_trains_its_missing_members_and_keeps_the_average_only_when_dev_says_so(ctx):
+    """`annomine train` with a soup's name: the member of the configured seed (trained before) is reused, the other
+    seed is trained and published as a variant of its own, then each alone and the average compete on dev."""
+    from jobs.train import TrainConfig
+    from jobs.train import run as run_train
+    from training.interpolation import merge
+    from training.merging import SoupSpec
+
+    shards, models = ctx.project.outputs_path / "shards", ctx.project.outputs_path / "models"
+    make_shards(shards, stages=[("hard", "mnr")], variant="curriculum")
+    cfg = TrainConfig(variant="curriculum", base_model="tiny", batch_size=8, progress=False, log_checkpoints=False,
+                      num_proc=1, seed=13, best_variant="curriculum", keep_start_if_better=False,
+                      soups={"cs": SoupSpec(seeds=[13, 14])})
+    first = run_train(ctx, cfg)
+    assert first["seed"] == 13 and first["trained"] == "curriculum"
+    pointer = run_train(ctx, replace(cfg, variant="cs"))
+    assert json.loads((models / "curriculum.json").read_text())["mlflow_run_id"] == first["mlflow_run_id"], "reused"
+    member = json.loads((models / "curriculum_seed14.json").read_text())
+    assert member["seed"] == 14 and member["trained"] == "curriculum" and member["variant"] == "curriculum_seed14"
+    assert Path(member["path"]) == models / "curriculum_seed14" / "model"
+    a, b = TwoTower.load(first["path"]), TwoTower.load(member["path"])
+    assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters())), "another seed, another model"
+    record = pointer["merge"]
+    assert list(record["dev"]) == ["1 curriculum", "1 curriculum_seed14", "0.5 curriculum + 0.5 curriculum_seed14"]
+    assert record["dev_metric"] == max(record["dev"].values())
+    expected = merge(TwoTower.tiny(seed=0), [a, b], record["weights"])
+    for x, y in zip(expected.parameters(), TwoTower.load(pointer["path"]).parameters()):
+        assert torch.allclose(x, y, atol=1e-6)
+    assert pointer["training_pairs"]["mined"] == max(first["training_pairs"]["mined"], member["training_pairs"]["mined"])
+    assert json.loads((models / "best.json").read_text())["variant"] == "curriculum", "best.json follows best_variant"

@@ -13,6 +13,12 @@ is kept only when it beats every constituent on dev. It is the third way to use 
 together, beside a stage of its own (`human_plus_curriculum`) and a mixed stage (`curriculum_with_human`).
 `annomine train --set train.variant=<name>` for a name under `train.merges` merges instead of training
 (jobs/train.py); the result is a variant like the others (models/<name>.json, evaluate's `variants`).
+
+A seed soup (`train.soups`, `SoupSpec`) merges one variant trained several times on the same data with different
+training seeds (shard order, dropout): its members are `<variant>` (the configured `train.seed`) and
+`<variant>_seed<k>`, trained by the soup's job where missing, and the candidates are each member alone, then their
+uniform average (Wortsman et al.'s uniform soup). It asks whether averaging away the seed's noise moves the
+retriever on unseen queries; each member is also published, so the report shows the spread of one configuration.
 """
 
 from __future__ import annotations
@@ -40,6 +46,25 @@ class MergeSpec:
                 raise ValueError(f"weights: {w} has a negative weight")
 
 
+@dataclass
+class SoupSpec:
+    of: str = "curriculum"  # the trained variant (curriculum.VARIANTS) whose runs are averaged
+    seeds: list[int] = field(default_factory=lambda: [13, 14, 15])  # one training per seed (train.seed)
+
+    def validate(self) -> None:
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be two or more different training seeds, got {self.seeds}")
+
+    def members(self, default_seed: int) -> list[tuple[str, int]]:
+        """(variant name, seed) per member: the variant itself for the configured seed, else `<of>_seed<k>`."""
+        return [(self.of if seed == default_seed else f"{self.of}_seed{seed}", int(seed)) for seed in self.seeds]
+
+    def candidates(self) -> list[tuple[float, ...]]:
+        """Each member alone (the first best wins, so the soup must beat every member), then the uniform soup."""
+        n = len(self.seeds)
+        return [tuple(float(i == j) for j in range(n)) for i in range(n)] + [tuple(1.0 / n for _ in range(n))]
+
+
 def candidate_weights(spec: MergeSpec) -> list[tuple[float, ...]]:
     """Each model alone, then the configured vectors, without repeats, in that order (the first best wins)."""
     n = len(spec.of)
@@ -52,16 +77,17 @@ def candidate_weights(spec: MergeSpec) -> list[tuple[float, ...]]:
 
 def label(weights: tuple[float, ...], names: list[str]) -> str:
     """'0.5 curriculum + 0.5 human'."""
-    return " + ".join(f"{w:g} {n}" for w, n in zip(weights, names) if w) or "the start"
+    return " + ".join(f"{w:.4g} {n}" for w, n in zip(weights, names) if w) or "the start"
 
 
-def merged_pairs(pointers: list[dict], weights: tuple[float, ...]) -> dict[str, int]:
-    """Training pairs behind the merged model: those of every constituent with a non-zero weight."""
+def merged_pairs(pointers: list[dict], weights: tuple[float, ...], same_data: bool = False) -> dict[str, int]:
+    """Training pairs behind the merged model: those of every constituent with a non-zero weight, added up, or
+    (`same_data`: a soup's members, trained on one set of pairs) the most any of them used."""
     used = {"mined": 0, "human": 0}
     for pointer, w in zip(pointers, weights):
         if w:
             for key, n in (pointer.get("training_pairs") or {}).items():
-                used[key] = used.get(key, 0) + int(n)
+                used[key] = max(used.get(key, 0), int(n)) if same_data else used.get(key, 0) + int(n)
     return used
 
 
