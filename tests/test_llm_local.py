@@ -138,6 +138,22 @@ def test_server_starts_serves_and_stops_leaving_no_process():
     assert srv.stderr_path is None   # its log is removed with it
 
 
+def test_a_server_that_dies_after_starting_says_how(tmp_path):
+    """A crash on the first request (a llama.cpp build for the wrong CPU segfaulted so) is reported with the signal and
+    the server's last output, not only as the client's connection errors."""
+    srv = LocalLLMServer(tmp_path / "m.gguf", "m")
+    srv._log_dir = tmp_path
+    (tmp_path / "server.log").write_text("INFO: Uvicorn running\nggml: the last line before the crash\n")
+    srv.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert srv.exit_report() is None, "a running server has nothing to report"
+    finally:
+        srv.proc.send_signal(signal.SIGSEGV)
+        srv.proc.wait(10)
+    report = srv.exit_report()
+    assert report.startswith("local LLM server m exited with signal SIGSEGV") and "the last line before the crash" in report
+
+
 @needs_llama
 def test_a_server_that_cannot_start_reports_its_stderr(tmp_path):
     junk = tmp_path / "junk.gguf"

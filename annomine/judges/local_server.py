@@ -175,6 +175,18 @@ class LocalLLMServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def exit_report(self) -> str | None:
+        """Why requests to a started server fail when its process has died (status or signal, its last output);
+        None while it runs."""
+        rc = self.proc.poll() if self.proc is not None else None
+        if rc is None:
+            return None
+        import signal
+
+        how = f"signal {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.Signals._value2member_map_ else f"status {rc}"
+        tail = _tail(self.stderr_path, lines=5) if self.stderr_path else ""
+        return f"local LLM server {self.alias} exited with {how} after starting; its last output:\n{tail}"
+
     def stop(self, keep_log: bool = False) -> None:
         """SIGTERM the server's group, SIGKILL after `stop_grace_s`; idempotent."""
         proc = self.proc
