@@ -196,17 +196,16 @@ def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict, name: s
     for s in pointer["stages"]:
         s["source"] = source_of.get(s["stage"], "mined")
     publish_pointer(models_root(ctx), pointer, cfg)
-    tag = name
     for s in pointer["stages"]:
         metric = "n/a" if s["best_metric"] is None else f"{s['best_metric']:.4f}"
         kept = " (no epoch beat the starting weights: stage dropped)" if s.get("best_epoch") == 0 else ""
-        print(f"[{tag}] stage {s['stage']} {s['name']} ({s['loss']}): best dev NDCG@10 {metric}{kept}")
+        print(f"[{name}] stage {s['stage']} {s['name']} ({s['loss']}): best dev NDCG@10 {metric}{kept}")
     if pointer["interpolation"]:
         chosen = pointer["interpolation"]
         tried = ", ".join(f"{a}: {m:.4f}" for a, m in chosen["dev"].items())
-        print(f"[{tag}] weights {chosen['alpha']:g} of the way from the start to the trained model "
+        print(f"[{name}] weights {chosen['alpha']:g} of the way from the start to the trained model "
               f"(dev NDCG@10 by fraction: {tried})")
-    print(f"[{tag}] {result['examples']} examples in {result['train_seconds']:.1f}s of training "
+    print(f"[{name}] {result['examples']} examples in {result['train_seconds']:.1f}s of training "
           f"({result['examples_per_s']:.1f} examples/s, {run['launcher']} x{cfg.num_proc}); model: {final}")
     return pointer
 

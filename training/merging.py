@@ -62,14 +62,18 @@ class SoupSpec:
     def candidates(self) -> list[tuple[float, ...]]:
         """Each member alone (the first best wins, so the soup must beat every member), then the uniform soup."""
         n = len(self.seeds)
-        return [tuple(float(i == j) for j in range(n)) for i in range(n)] + [tuple(1.0 / n for _ in range(n))]
+        return [*each_alone(n), tuple(1.0 / n for _ in range(n))]
+
+
+def each_alone(n: int) -> list[tuple[float, ...]]:
+    """The weight vectors that keep one of `n` models whole and drop the rest, in order."""
+    return [tuple(float(i == j) for j in range(n)) for i in range(n)]
 
 
 def candidate_weights(spec: MergeSpec) -> list[tuple[float, ...]]:
     """Each model alone, then the configured vectors, without repeats, in that order (the first best wins)."""
-    n = len(spec.of)
     out: list[tuple[float, ...]] = []
-    for w in [tuple(float(i == j) for j in range(n)) for i in range(n)] + [tuple(map(float, v)) for v in spec.weights]:
+    for w in each_alone(len(spec.of)) + [tuple(map(float, v)) for v in spec.weights]:
         if w not in out:
             out.append(w)
     return out

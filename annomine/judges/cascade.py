@@ -409,7 +409,7 @@ def calibrate_cascade(cascade: Cascade, cal_df: pd.DataFrame, target_agreement: 
         ok = [i for i, r in enumerate(results) if r.grade is not None]
         if fit_this:
             if not ok:
-                dead = [r for r in (srv.exit_report() for srv in getattr(cascade, "local_servers", [])) if r]
+                dead = [r for r in (srv.exit_report() for srv in cascade.local_servers) if r]
                 raise RuntimeError(f"{tier.name}: no calibration pair could be graded (first error: {results[0].error})"
                                    + "".join(f"; {r}" for r in dead))
             cal = fit_calibrator([results[i].grade for i in ok], [results[i].raw_confidence for i in ok], truth[rows][ok],

@@ -183,7 +183,10 @@ class LocalLLMServer:
             return None
         import signal
 
-        how = f"signal {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.Signals._value2member_map_ else f"status {rc}"
+        try:
+            how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
+        except ValueError:  # a signal number Python has no name for
+            how = f"status {rc}"
         tail = _tail(self.stderr_path, lines=5) if self.stderr_path else ""
         return f"local LLM server {self.alias} exited with {how} after starting; its last output:\n{tail}"
 
