@@ -29,6 +29,8 @@ from annomine.errors import MissingInputError
 from annomine.schemas import TABLES, TableSpec
 
 log = logging.getLogger(__name__)
+# What a MERGE that lost a race with a concurrent writer says; each is safe to retry (MERGE is idempotent).
+_LOST_COMMIT_RACE = re.compile(r"Failed to commit transaction|Concurrent\w*Exception|Missing commit file")
 
 
 class SchemaMismatchError(ValueError):
@@ -198,7 +200,9 @@ class TableStore:
         Source rows are de-duplicated on the key first, so a re-run never duplicates rows.
         `update_if` (SQL over `t.` and `s.`) limits the update to the matches it holds for. A commit
         that loses a race with another writer (`Failed to commit transaction`, Delta's
-        `Concurrent...Exception`) is retried with backoff: the MERGE is idempotent.
+        `Concurrent...Exception`), or whose read of the log catches another writer mid-commit (Sail's
+        `Missing commit file: expected version 0, found 8`, seen once in CI with three writers), is
+        retried with backoff: the MERGE is idempotent.
         """
         spec = self.spec(name)
         df = self.conform(name, df).dropDuplicates(list(spec.key))
@@ -220,7 +224,7 @@ class TableStore:
                     self.spark.sql(sql).collect()
                     break
                 except Exception as exc:  # noqa: BLE001 - only a lost commit race is retried
-                    lost_race = re.search(r"Failed to commit transaction|Concurrent\w*Exception", str(exc))
+                    lost_race = _LOST_COMMIT_RACE.search(str(exc))
                     if attempt + 1 == max_tries or not lost_race:
                         raise
                     delay = min(10.0, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)

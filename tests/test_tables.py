@@ -54,3 +54,43 @@ def test_insert_only_merge_keeps_existing_rows(tables, spark):
     tables.merge("human_labels", spark.createDataFrame([("q1", "p1", 4, 0.0, "a", None)], schema))
     tables.merge("human_labels", spark.createDataFrame([("q1", "p1", 1, 0.0, "b", None)], schema), update=False)
     assert [r.grade for r in tables.read("human_labels").collect()] == [4]
+
+
+class _SparkWhoseFirstMergeFails:
+    """The real session, except that the first MERGE raises `message` (what a lost commit race says)."""
+
+    def __init__(self, spark, message):
+        self._spark, self._message, self.merges = spark, message, 0
+
+    def __getattr__(self, name):
+        return getattr(self._spark, name)
+
+    def sql(self, query, *args, **kwargs):
+        if query.startswith("MERGE"):
+            self.merges += 1
+            if self.merges == 1:
+                raise RuntimeError(self._message)
+        return self._spark.sql(query, *args, **kwargs)
+
+
+@pytest.mark.parametrize("message", ["Failed to commit transaction: 0",
+                                     "Missing commit file: expected version 0, found 8",
+                                     "io.delta.exceptions.ConcurrentAppendException: Files were added"])
+def test_a_merge_that_lost_a_commit_race_is_retried(tables, spark, monkeypatch, message):
+    if tables.parquet:
+        pytest.skip("the Parquet format rewrites the table; it has no MERGE to lose")
+    flaky = _SparkWhoseFirstMergeFails(spark, message)
+    monkeypatch.setattr(tables, "spark", flaky)
+    tables.merge("human_labels", spark.createDataFrame([("q1", "p1", 4, 0.0, "a", None)], tables.spec("human_labels").schema))
+    assert flaky.merges == 2
+    assert [r.grade for r in tables.read("human_labels").collect()] == [4]
+
+
+def test_a_merge_that_fails_otherwise_is_not_retried(tables, spark, monkeypatch):
+    if tables.parquet:
+        pytest.skip("the Parquet format rewrites the table; it has no MERGE to fail")
+    flaky = _SparkWhoseFirstMergeFails(spark, "Table or view not found: nowhere")
+    monkeypatch.setattr(tables, "spark", flaky)
+    with pytest.raises(RuntimeError, match="not found"):
+        tables.merge("human_labels", spark.createDataFrame([("q1", "p1", 4, 0.0, "a", None)], tables.spec("human_labels").schema))
+    assert flaky.merges == 1
