@@ -16,7 +16,7 @@ A `train.variant` named under `train.merges` is not trained: its trained constit
 arithmetic and the dev check picks the weights (training.merging); the outputs are the same. One named under
 `train.soups` trains its variant once per seed (members `<variant>_seed<k>`, each published like a variant;
 the configured `train.seed`'s member is the variant itself, reused when its pointer has that seed), then
-merges the members the same way (each alone, then their average).
+merges the members the same way (each alone, then their average; `select: uniform`: the average only).
 """
 
 from __future__ import annotations

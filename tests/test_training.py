@@ -550,8 +550,11 @@ def test_soup_config_names_its_members_and_is_checked():
     assert soup.members(13) == [("curriculum", 13), ("curriculum_seed14", 14), ("curriculum_seed15", 15)]
     assert soup.members(7)[0] == ("curriculum_seed13", 13), "only the configured train.seed's member is the variant"
     assert soup.candidates() == [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1 / 3, 1 / 3, 1 / 3)]
+    assert SoupSpec(seeds=[13, 14, 15], select="uniform").candidates() == [(1 / 3, 1 / 3, 1 / 3)]
     with pytest.raises(ValueError, match="two or more different training seeds"):
         SoupSpec(seeds=[13, 13]).validate()
+    with pytest.raises(ValueError, match="select must be one of"):
+        SoupSpec(select="best").validate()
     TrainConfig(variant="cs", soups={"cs": soup}).validate()
     with pytest.raises(ValueError, match="give the soup its own"):
         TrainConfig(soups={"human": soup}).validate()
@@ -589,3 +592,8 @@ def test_a_seed_soup_trains_its_missing_members_and_keeps_the_average_only_when_
         assert torch.allclose(x, y, atol=1e-6)
     assert pointer["training_pairs"]["mined"] == max(first["training_pairs"]["mined"], member["training_pairs"]["mined"])
     assert json.loads((models / "best.json").read_text())["variant"] == "curriculum", "best.json follows best_variant"
+    # select: uniform reuses both members and publishes their average without letting dev choose
+    uniform = run_train(ctx, replace(cfg, variant="cu", soups={"cu": SoupSpec(seeds=[13, 14], select="uniform")}))
+    assert list(uniform["merge"]["dev"]) == ["0.5 curriculum + 0.5 curriculum_seed14"]
+    assert uniform["merge"]["weights"] == [0.5, 0.5]
+    assert json.loads((models / "curriculum_seed14.json").read_text())["mlflow_run_id"] == member["mlflow_run_id"], "reused"
