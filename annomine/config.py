@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from annomine.errors import AnnomineError
-from annomine.splits import check_fold
+from annomine.splits import check_fold, check_rotation
 
 T = TypeVar("T")
 
@@ -80,9 +80,18 @@ class ProjectConfig:
     # 0 = the committed split; 1 = the two swapped. The train queries (judge, training sets) are the same in
     # both. A fold's shards, models and reports live under <warehouse>/folds/fold<N>/ (fold 0: the warehouse).
     fold: int = 0
+    # Which block of the open labelled queries is held out (annomine/splits.py): 0 = the committed split. Another
+    # rotation trains its own judge and training sets without that block's labels, so it lives in a warehouse of
+    # its own, <warehouse>/rotations/rotation<N>/ (tables, judges, MLflow, folds); `annomine evaluate
+    # --pool-rotations` pools every rotation's folds from the base warehouse.
+    rotation: int = 0
 
     def validate(self) -> None:
         check_fold(self.fold)
+        check_rotation(self.rotation)
+        if self.rotation and self.catalog and f"rotation{self.rotation}" not in self.schema:
+            raise ValueError(f"rotation {self.rotation} with catalog {self.catalog!r}: its tables must not be rotation 0's; "
+                             f"set project.schema to a schema of its own (e.g. {self.schema}_rotation{self.rotation})")
         if self.table_format == "parquet" and self.catalog:
             raise ValueError("table_format 'parquet' keeps tables as folders under the warehouse; "
                              "it cannot be combined with catalog (catalog tables are Delta)")
@@ -98,8 +107,15 @@ class ProjectConfig:
             raise ValueError(f"spark_master must be local, local[N] or local[*] (a local_jvm session), got {self.spark_master!r}")
 
     @property
-    def warehouse_path(self) -> Path:
+    def base_warehouse_path(self) -> Path:
+        """The warehouse folder as configured (rotation 0's; every rotation's lives under it)."""
         return Path(self.warehouse).expanduser().resolve()
+
+    @property
+    def warehouse_path(self) -> Path:
+        """This rotation's warehouse: the configured folder for rotation 0, else <warehouse>/rotations/rotation<N>."""
+        base = self.base_warehouse_path
+        return base if self.rotation == 0 else base / "rotations" / f"rotation{self.rotation}"
 
     @property
     def outputs_path(self) -> Path:

@@ -336,12 +336,12 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
 
     project = ctx.project
     grades = list(range(project.min_grade, project.max_grade + 1))
-    folder = resolve_judge(project.warehouse, cfg.cascade.judge) if cfg.cascade.tier1 else None
+    folder = resolve_judge(project.warehouse_path, cfg.cascade.judge) if cfg.cascade.tier1 else None
     partitions = min(cfg.partitions, cfg.cascade.max_concurrency_total)
     per_partition = cfg.cascade.max_concurrency_total // partitions
     started = time.time()
     add_missing_columns(ctx)
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse, concurrency=per_partition) as cascade:
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, concurrency=per_partition) as cascade:
         version = cascade.version
         pairs = pairs_to_grade(ctx, cfg, version)
         if cfg.limit is not None:

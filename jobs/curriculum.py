@@ -113,7 +113,7 @@ def labelled_splits(ctx: JobContext, cfg: CurriculumConfig) -> dict[str, list[st
     labelled = ids.distinct().toPandas()
     out: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
     for q in sorted(labelled["query_id"].astype(str)):
-        out[split_of(q, cfg.dev_fraction, cfg.dev_seed, cfg.test_fraction, ctx.project.fold)].append(q)
+        out[split_of(q, cfg.dev_fraction, cfg.dev_seed, cfg.test_fraction, ctx.project.fold, ctx.project.rotation)].append(q)
     return out
 
 

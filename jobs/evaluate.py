@@ -5,6 +5,7 @@
     annomine evaluate --models bm25,minilm,best --split dev
     annomine evaluate --set project.fold=1 ...              # the other fold: dev and test swapped
     annomine evaluate --pool-folds                         # both folds' test reports as one
+    annomine evaluate --pool-rotations                     # every rotation's pooled folds as one
 
 M is `bm25`, `minilm` (zero-shot), a model folder, `best` / a variant name (<warehouse>/models/*.json),
 `variants` (all of them), or an MLflow model URI (runs:/..., models:/...). Without files, the
@@ -20,7 +21,10 @@ registration use it, also when the report is on test (the dev queries are then r
 With `project.fold: 1` the dev and test halves swap roles (a fold's models and reports live under
 <warehouse>/folds/fold1/); `--pool-folds` pools the two folds' test reports into
 <warehouse>/evaluation/report_test_folds.json: every held-out query once, each reported by a model that was
-selected on the other half (annomine/evaluation/folds.py).
+selected on the other half (annomine/evaluation/folds.py). With `project.rotation: N` another block of the
+open labelled queries is held out, in a warehouse of its own (<warehouse>/rotations/rotation<N>/: its own judge
+and training sets); `--pool-rotations` pools each rotation's pooled folds into
+<warehouse>/evaluation/report_test_rotations.json.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from annomine.evaluation import report as report_lib
 from annomine.evaluation.retrievers import EncodeSettings, ModelSpec, ModelSpecError, resolve_specs, retrieve
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 from annomine.splits import SPLITS as QUERY_SPLITS
-from annomine.splits import FOLDS, split_of
+from annomine.splits import FOLDS, ROTATIONS, split_of
 
 log = logging.getLogger("annomine.evaluate")
 
@@ -133,7 +137,7 @@ def resolve_models(ctx: JobContext, cfg: EvaluateConfig, strict: bool) -> tuple[
     specs, skipped = [], []
     for text in cfg.models:
         try:
-            specs.extend(resolve_specs(text, ctx.project.warehouse, ctx.project.tracking_uri,
+            specs.extend(resolve_specs(text, ctx.project.warehouse_path, ctx.project.tracking_uri,
                                        registry=ctx.project.outputs_path / "models"))
         except ModelSpecError as exc:
             if strict or not cfg.skip_missing:
@@ -205,7 +209,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     known_queries = set(queries["query_id"])
     orphan = sorted(set(labels["query_id"]) - known_queries)
     labels = labels[labels["query_id"].isin(known_queries)]
-    split_of_query = functools.partial(split_of, fold=project.fold)
+    split_of_query = functools.partial(split_of, fold=project.fold, rotation=project.rotation)
     split = labels["query_id"].map(split_of_query)
     # Registration selects on dev: when the report's split has no dev query, the dev queries are ranked
     # too, for each model's `dev_ndcg@10` only (never in the report's metrics or per-query rows).
@@ -267,7 +271,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
 
     report = {
         "created_at": pd.Timestamp.now("UTC").isoformat(),
-        "split": cfg.split, "split_role": SPLIT_ROLES[cfg.split], "fold": project.fold,
+        "split": cfg.split, "split_role": SPLIT_ROLES[cfg.split], "fold": project.fold, "rotation": project.rotation,
         "selection": {"split": "dev", "n_dev_queries": n_selection, "segment_counts": selection_counts,
                       "note": "registration and every training-time choice use dev NDCG@10; " + SELECTION_NOTES[cfg.split]},
         "k": 10, "recall_k": cfg.top_k, "index": cfg.encode.index.kind,
@@ -280,7 +284,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
                    "n_rejected_label_rows": len(rejected), "rejected_label_rows": rejected.head(100).to_dict("records"),
                    "labels_for_unknown_products": unknown_products,
                    "labelled_queries_not_in_queries_file": len(orphan)},
-        "teacher": teacher_check(project.warehouse, project.fold),
+        "teacher": teacher_check(project.warehouse_path, project.fold),
         "models": models, "skipped_models": skipped, "command": command,
         "per_query": per_query_rows,
     }
@@ -296,8 +300,9 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     md.write_text(report_lib.markdown(report))
     if cfg.mlflow:
         report["mlflow_run_id"] = report_lib.log_to_mlflow(report, [out, md, *plots], project.tracking_uri, project.mlflow_experiment)
-        if cfg.register and project.fold != 0:
-            print(f"evaluate: fold {project.fold}: nothing registered (the pipeline's final model is fold 0's)")
+        if cfg.register and (project.fold != 0 or project.rotation != 0):
+            print(f"evaluate: rotation {project.rotation}, fold {project.fold}: nothing registered "
+                  "(the pipeline's final model is rotation 0's, fold 0's)")
         elif cfg.register:
             by_label = {s.label: s for s in specs}
             name = cfg.registered_model_name
@@ -324,6 +329,36 @@ def pool_folds(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
                 raise folds_lib.FoldReportError(f"{path}: not a readable report: {exc}") from exc
     report = folds_lib.pool(reports, cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=HUMAN_REFERENCES)
     out = project.warehouse_path / "evaluation" / "report_test_folds.json"
+    _write_pooled(report, out, project, cfg, "evaluate-folds")
+    print(f"evaluate: pooled the test reports of folds {sorted(reports)} ({report['inputs']['n_queries_evaluated']} "
+          f"queries): {out} (+ .md and PNG plots)")
+    return report, out
+
+
+def pool_rotations(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
+    """Pool every rotation's pooled-folds test report (`--pool-folds` in each) into
+    <base warehouse>/evaluation/report_test_rotations.json: each open labelled query held out in some rotation,
+    reported once. Rotations without that report are left out and named."""
+    reports, missing = {}, []
+    for rotation in ROTATIONS:
+        path = dataclasses.replace(project, rotation=rotation).warehouse_path / "evaluation" / "report_test_folds.json"
+        if not path.is_file():
+            missing.append(rotation)
+            continue
+        try:
+            reports[rotation] = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise folds_lib.FoldReportError(f"{path}: not a readable report: {exc}") from exc
+    report = folds_lib.pool_rotations(reports, cfg.bootstrap_resamples, cfg.confidence, project.seed,
+                                      also_against=HUMAN_REFERENCES, missing=missing)
+    out = project.base_warehouse_path / "evaluation" / "report_test_rotations.json"
+    _write_pooled(report, out, project, cfg, "evaluate-rotations")
+    print(f"evaluate: pooled the folds of rotations {sorted(reports)} ({report['inputs']['n_queries_evaluated']} "
+          f"queries{'; no pooled folds yet for rotation(s) ' + str(missing) if missing else ''}): {out}")
+    return report, out
+
+
+def _write_pooled(report: dict, out: Path, project, cfg: EvaluateConfig, run_name: str) -> None:
     report_lib.write_json(report, out)
     plot_files = report_lib.plot_paths(out)
     plots = [report_lib.plot_metrics(report, plot_files["metrics"]), report_lib.plot_grades(report, plot_files["grades"])]
@@ -331,11 +366,8 @@ def pool_folds(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
     md.write_text(report_lib.markdown(report))
     if cfg.mlflow:
         report["mlflow_run_id"] = report_lib.log_to_mlflow(report, [out, md, *plots], project.tracking_uri,
-                                                           project.mlflow_experiment, run_name="evaluate-folds")
+                                                           project.mlflow_experiment, run_name=run_name)
         report_lib.write_json(report, out)
-    print(f"evaluate: pooled the test reports of folds {sorted(reports)} ({report['inputs']['n_queries_evaluated']} "
-          f"queries): {out} (+ {md.name}, {', '.join(p.name for p in plots)})")
-    return report, out
 
 
 def report_path(project, cfg: EvaluateConfig) -> Path:
@@ -358,11 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
     parser.add_argument("--pool-folds", action="store_true",
                         help="pool the test reports of folds 0 and 1 (project.fold) into report_test_folds.json; ranks nothing")
+    parser.add_argument("--pool-rotations", action="store_true",
+                        help="pool every rotation's report_test_folds.json (project.rotation) into the base warehouse's "
+                             "report_test_rotations.json; ranks nothing")
     args = parser.parse_args(argv)
     project, cfg = load(args, "evaluate", EvaluateConfig)
-    if args.pool_folds:
+    if args.pool_folds or args.pool_rotations:
         cfg.mlflow = cfg.mlflow and not args.no_mlflow
-        report, out = pool_folds(project, cfg)
+        report, out = pool_rotations(project, cfg) if args.pool_rotations else pool_folds(project, cfg)
         print("\n" + "\n".join(report_lib.summary(report, out)), flush=True)
         return 0
     cli_models = list(args.model) + [m for m in (args.models or "").split(",") if m.strip()]

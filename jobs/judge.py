@@ -238,7 +238,7 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
 
     grades = grades_of(project)
     pairs = _labelled_pairs(project, cfg, files)
-    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold)
+    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold, project.rotation)
     tr, cal, dev = (pairs[pairs.split == s].reset_index(drop=True) for s in ("train", "calibration", "dev"))
     if tr.empty or cal.empty:
         raise ValueError(f"not enough labelled queries to train and calibrate: {len(tr)} train, {len(cal)} calibration pairs")
@@ -272,11 +272,11 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
         history["first_train_seconds"] = history["train_seconds"]
         history["train_seconds"] += refit["train_seconds"]
         model = final
-    metrics: dict = {"version": version, "fold": project.fold, "history": history, "calibration": calibrator.stats,
+    metrics: dict = {"version": version, "fold": project.fold, "rotation": project.rotation, "history": history, "calibration": calibrator.stats,
                      "splits": {s: {"pairs": int((pairs.split == s).sum()), "queries": int(pairs[pairs.split == s].query_id.nunique())}
                                 for s in ("train", "calibration", "dev")},
                      "trained_on": "train + calibration" if cfg.refit_on_all else "train"}
-    folder = judges_root(project.warehouse) / version
+    folder = judges_root(project.warehouse_path) / version
     model.meta = {"settings": asdict(cfg.model), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "refit_on_all": cfg.refit_on_all}
     model.save(folder)
@@ -312,7 +312,7 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     artifacts.append(folder / "metrics.json")
     if set_current:
-        point_current(project.warehouse, version)
+        point_current(project.warehouse_path, version)
     if cfg.log_mlflow:
         flat = {"train_seconds": history["train_seconds"], "train_pairs_per_s": history["train_pairs_per_s"],
                 "calibration_sure_share": calibrator.stats["sure_share"]}
@@ -346,10 +346,10 @@ def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None
 
     grades = grades_of(project)
     pairs = _labelled_pairs(project, cfg, files)
-    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold)
+    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold, project.rotation)
     cal = pairs[pairs.split == "calibration"].reset_index(drop=True)
-    folder = resolve_judge(project.warehouse, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse) as cascade:
+    folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade:
         stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only, llm_pairs=cfg.llm_calibration_pairs,
                                   combine=cfg.cascade.combine, min_gain=cfg.combiner_min_gain)
     print(json.dumps(stats, indent=2, default=float))
@@ -369,12 +369,12 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     grades = grades_of(project)
     pairs = _labelled_pairs(project, cfg, files)
     if split != "all":
-        pairs = pairs[assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold) == split].reset_index(drop=True)
+        pairs = pairs[assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold, project.rotation) == split].reset_index(drop=True)
     if pairs.empty:
         raise ValueError(f"no labelled pairs to evaluate (split={split})")
-    folder = resolve_judge(project.warehouse, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
+    folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     started = time.time()
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse) as cascade:
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade:
         graded = cascade.grade_frame(pairs[["query_id", "query", "product_id", "text"]], progress=True, llm_budget=llm_budget)
         result = cascade_metrics(pairs["grade"].to_numpy(), graded, grades)
         result["judge_version"] = cascade.version

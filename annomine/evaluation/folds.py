@@ -6,6 +6,10 @@ is reported once, by a model whose stages, epochs and interpolation were chosen 
 models are matched by label (a variant trained in each fold has the same name in both); a label missing
 from a fold is left out. Means, segment tables and the paired comparisons are computed afresh over the
 pooled rows, with the same bootstrap as a single report.
+
+`pool_rotations` does the same one level up: each rotation (annomine/splits.py) holds out another block of the
+open labelled queries and trains its own judge and models without them; its pooled-folds report is one block of
+rows, and pooling the rotations reports every open query held out in some rotation once.
 """
 
 from __future__ import annotations
@@ -37,19 +41,19 @@ def check_reports(reports: dict[int, dict]) -> None:
                 raise FoldReportError(f"query {row['query_id']!r} is in the test reports of folds {other} and {fold}")
 
 
-def pooled_rows(reports: dict[int, dict]) -> tuple[pd.DataFrame, list[str], list[dict]]:
-    """(per-query rows of the models every fold has, with a `fold` column; those labels in fold 0's order;
-    the labels left out, each with the folds that have it)."""
-    labels = {fold: [m["label"] for m in r["models"]] for fold, r in reports.items()}
+def pooled_rows(reports: dict[int, dict], key: str = "fold") -> tuple[pd.DataFrame, list[str], list[dict]]:
+    """(per-query rows of the models every report has, with a `key` column (the fold, or the rotation); those
+    labels in the first report's order; the labels left out, each with the reports (`key`s) that have it)."""
+    labels = {k: [m["label"] for m in r["models"]] for k, r in reports.items()}
     common = [label for label in labels[min(labels)] if all(label in ls for ls in labels.values())]
     left_out = sorted({label for ls in labels.values() for label in ls} - set(common))
-    skipped = [{"model": label, "reason": "not in every fold's report",
-                "folds": [f for f, ls in sorted(labels.items()) if label in ls]} for label in left_out]
+    skipped = [{"model": label, "reason": f"not in every {key}'s report",
+                f"{key}s": [k for k, ls in sorted(labels.items()) if label in ls]} for label in left_out]
     frames = []
-    for fold, report in sorted(reports.items()):
+    for k, report in sorted(reports.items()):
         rows = pd.DataFrame(report["per_query"])
         rows = rows[rows["model"].isin(common)].copy()
-        rows["fold"] = fold
+        rows[key] = k
         frames.append(rows)
     return pd.concat(frames, ignore_index=True), common, skipped
 
@@ -59,30 +63,77 @@ def pool(reports: dict[int, dict], n_resamples: int, confidence: float, seed: in
     """One report in the layout of a single fold's (markdown and plots read it the same way)."""
     check_reports(reports)
     rows, labels, skipped = pooled_rows(reports)
-    segments = rows.drop_duplicates("query_id").set_index("query_id")["segment"]
-    first = reports[min(reports)]
-    by_label = {fold: {m["label"]: m for m in r["models"]} for fold, r in reports.items()}
-    models = []
-    for label in labels:
-        mine = rows[rows["model"] == label]
-        models.append({
-            "label": label, "spec": by_label[0][label]["spec"],
-            "retrieval": {"by_fold": {str(f): by_label[f][label].get("retrieval") for f in sorted(reports)}},
-            "metrics": metrics_lib.summarise(mine, segments, n_resamples, confidence, seed),
-            "dev_ndcg@10": None,
-            "dev_ndcg@10_by_fold": {str(f): by_label[f][label].get("dev_ndcg@10") for f in sorted(reports)},
-            "grade_distribution@10": metrics_lib.grade_distribution(mine, first["grade_scale"]["min"], first["grade_scale"]["max"]),
-        })
-    baselines = [m["label"] for m in models if m["spec"].get("baseline")]
-    n_queries = int(rows["query_id"].nunique())
-    return {
-        "created_at": pd.Timestamp.now("UTC").isoformat(),
+    report = _pooled_report(reports, rows, labels, skipped, "fold", n_resamples, confidence, seed, also_against)
+    report.update({
         "split": "test (both folds)",
         "split_role": "every held-out query once, each reported by the model selected on the other half (annomine.splits)",
         "folds": [{"fold": f, "n_queries": int(rows.loc[rows["fold"] == f, "query_id"].nunique()),
                    "created_at": r.get("created_at"), "command": r.get("command"),
                    "selection": r.get("selection")} for f, r in sorted(reports.items())],
         "selection": {"split": "dev of each fold", "note": "each fold's test half was never used for its selection"},
+        "teacher": reports[min(reports)].get("teacher"),
+    })
+    return report
+
+
+def check_rotation_reports(reports: dict[int, dict]) -> None:
+    """At least one rotation, each a pooled-folds report, no query reported by two rotations."""
+    if not reports:
+        raise FoldReportError("no rotation has pooled folds yet: run `annomine evaluate --pool-folds --set "
+                              "project.rotation=N` after both folds of rotation N")
+    seen: dict[str, int] = {}
+    for rotation, report in sorted(reports.items()):
+        if report.get("split") != "test (both folds)":
+            raise FoldReportError(f"rotation {rotation}: the report is of split {report.get('split')!r}; "
+                                  "only pooled-folds test reports are pooled")
+        for row in report.get("per_query", []):
+            other = seen.setdefault(str(row["query_id"]), rotation)
+            if other != rotation:
+                raise FoldReportError(f"query {row['query_id']!r} is held out in rotations {other} and {rotation}")
+
+
+def pool_rotations(reports: dict[int, dict], n_resamples: int, confidence: float, seed: int,
+                   also_against: tuple[str, ...] = (), missing: list[int] | None = None) -> dict:
+    """Every rotation's pooled folds as one report (same layout); `missing`: rotations not yet run."""
+    check_rotation_reports(reports)
+    rows, labels, skipped = pooled_rows(reports, key="rotation")
+    report = _pooled_report(reports, rows, labels, skipped, "rotation", n_resamples, confidence, seed, also_against)
+    report.update({
+        "split": "test (every rotation, both folds)",
+        "split_role": ("every open labelled query held out in some rotation once, each reported by a model selected on "
+                       "the other half of its block, with a judge and training sets that never saw its block's labels "
+                       "(annomine.splits)"),
+        "rotations": [{"rotation": r, "n_queries": int(rows.loc[rows["rotation"] == r, "query_id"].nunique()),
+                       "folds": rep.get("folds")} for r, rep in sorted(reports.items())],
+        "rotations_missing": list(missing or []),
+        "selection": {"split": "dev of each rotation's folds", "note": "no reported query was used for any selection"},
+        "teacher": {str(r): rep.get("teacher") for r, rep in sorted(reports.items())},
+    })
+    return report
+
+
+def _pooled_report(reports: dict[int, dict], rows: pd.DataFrame, labels: list[str], skipped: list[dict], key: str,
+                   n_resamples: int, confidence: float, seed: int, also_against: tuple[str, ...]) -> dict:
+    """The fields a pooled report shares with a single one, computed afresh over the pooled per-query rows."""
+    segments = rows.drop_duplicates("query_id").set_index("query_id")["segment"]
+    first = reports[min(reports)]
+    by_label = {k: {m["label"]: m for m in r["models"]} for k, r in reports.items()}
+    models = []
+    for label in labels:
+        mine = rows[rows["model"] == label]
+        models.append({
+            "label": label, "spec": by_label[min(reports)][label]["spec"],
+            "retrieval": {f"by_{key}": {str(k): by_label[k][label].get("retrieval") for k in sorted(reports)}},
+            "metrics": metrics_lib.summarise(mine, segments, n_resamples, confidence, seed),
+            "dev_ndcg@10": None,
+            f"dev_ndcg@10_by_{key}": {str(k): by_label[k][label].get("dev_ndcg@10", by_label[k][label].get("dev_ndcg@10_by_fold"))
+                                      for k in sorted(reports)},
+            "grade_distribution@10": metrics_lib.grade_distribution(mine, first["grade_scale"]["min"], first["grade_scale"]["max"]),
+        })
+    baselines = [m["label"] for m in models if m["spec"].get("baseline")]
+    n_queries = int(rows["query_id"].nunique())
+    return {
+        "created_at": pd.Timestamp.now("UTC").isoformat(),
         "k": first["k"], "recall_k": first["recall_k"], "index": first["index"], "grade_scale": first["grade_scale"],
         "metrics": first["metrics"],
         "bootstrap": {"resamples": n_resamples, "confidence": confidence, "seed": seed},
@@ -90,7 +141,6 @@ def pool(reports: dict[int, dict], n_resamples: int, confidence: float, seed: in
         "segment_counts": {s: int((segments == s).sum()) for s in metrics_lib.SEGMENTS},
         "inputs": {**{k: first["inputs"].get(k) for k in ("products", "queries", "labels", "n_products")},
                    "n_queries_evaluated": n_queries, "n_labels": sum(r["inputs"].get("n_labels", 0) for r in reports.values())},
-        "teacher": first.get("teacher"),
         "models": models, "skipped_models": skipped,
         "per_query": rows.to_dict("records"),
         "comparisons": metrics_lib.compare_to_baselines(rows, baselines, labels, n_resamples, confidence, seed,

@@ -132,6 +132,15 @@ def teacher_lines(teacher: dict | None) -> list[str]:
     gain of a retriever trained on its grades."""
     if not teacher:
         return []
+    if "judge_version" not in teacher and all(isinstance(t, dict) or t is None for t in teacher.values()):
+        # pooled rotations: one judge per rotation, each checked on its own held-out block
+        lines = []
+        for rotation, one in teacher.items():
+            block = teacher_lines(one)
+            if block:
+                block[1] = f"## The judge as a teacher (rotation {rotation})"
+                lines += block
+        return lines
     lines = ["", "## The judge as a teacher", "",
              f"Judge `{teacher.get('judge_version')}`: each query's labelled products ordered by its expected grade and by "
              "the zero-shot bi-encoder, NDCG@10 against the human grades, paired. A retriever trained on the judge's "
@@ -153,12 +162,18 @@ def markdown(report: dict) -> str:
               f"resamples of queries). Gain = grade - {report['grade_scale']['min']}; ndcg unjudged = 0 counts retrieved "
               f"items without a label as gain 0, judged-only drops them first. Lowest-grade share: among judged items of "
               f"the top 10 (queries without any are left out). Index: `{report['index']}`.", ""]
-    if report.get("folds"):
+    if report.get("rotations"):
+        lines += ["Pooled over rotations (annomine/splits.py): " + "; ".join(
+            f"rotation {r['rotation']}: {r['n_queries']} test queries over both folds" for r in report["rotations"])
+            + (f"; not yet run: rotation(s) {report['rotations_missing']}" if report.get("rotations_missing") else "")
+            + ". " + report["split_role"] + ".", ""]
+    elif report.get("folds"):
         lines += ["Pooled over folds (annomine/splits.py): " + "; ".join(
             f"fold {f['fold']}: {f['n_queries']} test queries, selected on the other half" for f in report["folds"])
             + ". " + report["split_role"] + ".", ""]
-    elif report.get("fold"):
-        lines += [f"Fold {report['fold']}: dev and test halves swapped (annomine/splits.py).", ""]
+    elif report.get("fold") or report.get("rotation"):
+        lines += [f"Rotation {report.get('rotation', 0)}, fold {report.get('fold', 0)} (annomine/splits.py: fold 1 swaps "
+                  "dev and test; another rotation holds out another block of queries).", ""]
     lines += model_table(report)
     paired = comparison_table(report)
     if paired:

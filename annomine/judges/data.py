@@ -82,13 +82,15 @@ def load_pairs_from_tables(tables) -> pd.DataFrame:
     return df[PAIR_COLUMNS].sort_values(["query_id", "product_id"]).reset_index(drop=True)
 
 
-def assign_splits(df: pd.DataFrame, calibration_fraction: float = 0.25, seed: int = 13, fold: int = 0) -> pd.Series:
+def assign_splits(df: pd.DataFrame, calibration_fraction: float = 0.25, seed: int = 13, fold: int = 0,
+                  rotation: int = 0) -> pd.Series:
     """'dev' (annomine.splits: judge validation, never trained on), 'test' (reporting only: never
     trained, calibrated or selected on), 'calibration' (a query-disjoint part of the train queries
     for isotonic calibration) or 'train'. `fold` swaps dev and test only (annomine/splits.py): train and
-    calibration, hence the judge, are the same in both folds."""
+    calibration, hence the judge, are the same in both folds; another `rotation` holds out other queries, so
+    its judge is another one."""
     def which(qid: str) -> str:
-        held = split_of(qid, fold=fold)
+        held = split_of(qid, fold=fold, rotation=rotation)
         if held in ("dev", "test"):
             return held
         return "calibration" if bucket(qid, seed=seed + 1000) < calibration_fraction else "train"
