@@ -92,3 +92,20 @@ def test_a_fold_keeps_its_outputs_apart_and_the_pipeline_runs_fold_0_only(tmp_pa
     with pytest.raises(ConfigError, match="the pipeline runs fold 0; run another fold stage by stage"):
         pipeline.run_pipeline(str(p), ["project.fold=1"])
     assert not (tmp_path / "wh").exists()  # refused before anything ran
+
+
+def test_a_rotation_lives_in_a_warehouse_of_its_own(tmp_path):
+    p = _write(tmp_path, f"project: {{warehouse: '{tmp_path / 'wh'}'}}\n")
+    zero, two = load_project_config(p), load_project_config(p, ["project.rotation=2", "project.fold=1"])
+    assert zero.warehouse_path == zero.base_warehouse_path == (tmp_path / "wh").resolve()
+    assert two.base_warehouse_path == zero.warehouse_path
+    assert two.warehouse_path == zero.warehouse_path / "rotations" / "rotation2"  # tables, judges, MLflow: its own
+    assert two.outputs_path == two.warehouse_path / "folds" / "fold1"
+    assert two.tracking_uri == f"sqlite:///{two.warehouse_path / 'mlflow.db'}"
+    with pytest.raises(ConfigError, match="rotation must be one of"):
+        load_project_config(p, ["project.rotation=7"])
+    # on a catalog the tables are the catalog's, so another rotation needs a schema of its own
+    with pytest.raises(ConfigError, match="set project.schema to a schema of its own"):
+        load_project_config(p, ["project.rotation=1", "project.catalog=main"])
+    assert load_project_config(p, ["project.rotation=1", "project.catalog=main",
+                                   "project.schema=annomine_rotation1"]).schema == "annomine_rotation1"

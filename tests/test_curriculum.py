@@ -146,6 +146,14 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     train_ids = set(qids) - dev_ids - test_ids
     assert dev_ids and test_ids, "the fixture should have dev and test queries"
     assert summary["splits"] == {"train": len(train_ids), "dev": len(dev_ids), "test": len(test_ids)}
+    # another rotation (annomine.splits) holds out another block of the labelled queries
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from jobs.curriculum import labelled_splits
+    rotated = labelled_splits(SimpleNamespace(tables=ctx.tables, project=replace(ctx.project, rotation=1)), cfg)
+    assert set(rotated["dev"]) | set(rotated["test"]) == {q for q in qids if split_of(q, rotation=1) != "train"}
+    assert not (set(rotated["dev"]) | set(rotated["test"])) & (dev_ids | test_ids)
     root = ctx.project.warehouse_path / "shards"
     manifest = json.loads((root / "curriculum" / "manifest.json").read_text())
     assert [s["loss"] for s in manifest["stages"]] == ["bce", "mnr", "triplet"]

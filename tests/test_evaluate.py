@@ -223,6 +223,32 @@ def test_the_other_fold_swaps_dev_and_test_and_the_two_pool_into_one_report(spar
         pool({0: fold0, 1: {**fold1, "split": "dev"}}, 10, 0.95, 13)
 
 
+    # rotations: every rotation's pooled folds as one report over the base warehouse
+    assert evaluate.main(["--conf", conf, "--pool-rotations", "--no-mlflow"]) == 0
+    assert "pooled the folds of rotations [0] (3 queries; no pooled folds yet for rotation(s) [1, 2, 3])" in capsys.readouterr().out
+    rotated = {**pooled, "per_query": [{**r, "query_id": "r1-" + str(r["query_id"])} for r in pooled["per_query"]]}
+    rotation1 = project.warehouse_path / "rotations" / "rotation1" / "evaluation" / "report_test_folds.json"
+    rotation1.parent.mkdir(parents=True)
+    rotation1.write_text(json.dumps(rotated))
+    assert evaluate.main(["--conf", conf, "--pool-rotations", "--no-mlflow"]) == 0
+    capsys.readouterr()
+    both = json.loads((project.warehouse_path / "evaluation" / "report_test_rotations.json").read_text())
+    assert [(r["rotation"], r["n_queries"]) for r in both["rotations"]] == [(0, 3), (1, 3)]
+    assert both["rotations_missing"] == [2, 3] and both["inputs"]["n_queries_evaluated"] == 6
+    tower = next(m for m in both["models"] if m["label"] == "tower")
+    assert tower["metrics"]["all"]["ndcg@10"]["mean"] == pytest.approx(np.mean([r["ndcg@10"] for r in rows]))
+    assert next(c for c in both["comparisons"] if c["model"] == "tower" and c["metric"] == "ndcg@10")["diff"]["n"] == 6
+    text = (project.warehouse_path / "evaluation" / "report_test_rotations.md").read_text()
+    assert "Pooled over rotations" in text and "rotation 1: 3 test queries" in text and "not yet run: rotation(s) [2, 3]" in text
+    from annomine.evaluation.folds import pool_rotations
+    with pytest.raises(FoldReportError, match="is held out in rotations 0 and 1"):
+        pool_rotations({0: pooled, 1: pooled}, 10, 0.95, 13)
+    with pytest.raises(FoldReportError, match="only pooled-folds test reports are pooled"):
+        pool_rotations({0: pooled, 1: fold1}, 10, 0.95, 13)
+    with pytest.raises(FoldReportError, match="no rotation has pooled folds yet"):
+        pool_rotations({}, 10, 0.95, 13)
+
+
 def test_variants_spec_includes_the_human_variants(project, tiny_model):
     from annomine.curriculum import VARIANTS
 

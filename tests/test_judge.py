@@ -155,6 +155,12 @@ def test_pairs_from_files_name_bad_rows(tmp_path):
     # fold 1 swaps dev and test; train and calibration (the judge's data) stay as they are
     swap = {"dev": "test", "test": "dev", "train": "train", "calibration": "calibration"}
     assert assign_splits(pairs, 0.3, fold=1).tolist() == assign_splits(pairs, 0.3).map(swap).tolist()
+    # another rotation holds out another block: its judge trains and calibrates without those queries
+    from annomine.splits import split_of
+    rotated = pairs.assign(s=assign_splits(pairs, 0.3, rotation=1))
+    held = rotated[rotated.s.isin(["dev", "test"])]
+    assert len(held) and set(held.query_id) == {q for q in pairs.query_id if split_of(q, rotation=1) != "train"}
+    assert not set(held.query_id) & set(pairs.query_id[assign_splits(pairs, 0.3).isin(["dev", "test"])])
     write_tsv(tmp_path / "bad.tsv", ["query_id", "product_id", "grade"], [["0", "p0_0", "4"], ["0", "p0_1", "7"]])
     with pytest.raises(ValueError, match=r"bad.tsv: row 3: grade '7'"):
         load_pairs_from_files(shop / "queries.tsv", tmp_path / "bad.tsv", shop / "products.tsv")

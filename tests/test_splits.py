@@ -54,3 +54,31 @@ def test_fold_1_swaps_dev_and_test_and_keeps_train():
         assert held_out(q) == (one != "train") and is_test(q, fold=1) == (one == "test")
     with pytest.raises(ValueError, match="fold must be one of"):
         split_of("q1", fold=2)
+
+
+def test_rotations_hold_out_every_query_once_and_rotation_0_is_the_committed_split():
+    from annomine.splits import ROTATIONS, check_rotation, held_out_block, rotations
+
+    assert ROTATIONS == (0, 1, 2, 3) and rotations(0.25) == (0, 1, 2, 3) and rotations(0.5) == (0, 1)
+    assert held_out_block(0) == (0.0, 0.3) and held_out_block(3)[1] == 1.0
+    for q in IDS:
+        assert split_of(q, rotation=0) == split_of(q) and split_of(q, fold=1, rotation=0) == split_of(q, fold=1)
+        held = [r for r in ROTATIONS if split_of(q, rotation=r) != "train"]
+        assert len(held) == 1  # one block per query
+        low, high = held_out_block(held[0])
+        assert low <= bucket(q) < high
+        # reported exactly once over every (rotation, fold): test in one fold of its rotation, dev in the other
+        reports = [(r, f) for r in ROTATIONS for f in (0, 1) if split_of(q, fold=f, rotation=r) == "test"]
+        assert reports in ([(held[0], 0)], [(held[0], 1)])
+        assert held_out(q, rotation=held[0]) and not held_out(q, rotation=(held[0] + 1) % 4)
+    # each block's test half is its first half (of the test share): rotation 1 is [0.3, 0.45) test, [0.45, 0.6) dev
+    in_block = [q for q in IDS if 0.3 <= bucket(q) < 0.6]
+    assert all(split_of(q, rotation=1) == ("test" if bucket(q) < 0.45 else "dev") for q in in_block)
+    n = len(IDS)
+    assert abs(sum(split_of(q, rotation=1) != "train" for q in IDS) / n - 0.3) < 0.03
+    assert abs(sum(split_of(q, rotation=3) != "train" for q in IDS) / n - 0.1) < 0.03  # the last block is cut at 1
+    with pytest.raises(ValueError, match=r"rotation must be one of \(0, 1, 2, 3\)"):
+        split_of("q1", rotation=4)
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        check_rotation(-1)
+    assert all(split_of(q, dev_fraction=0.0, test_fraction=0.0) == "train" for q in IDS[:50])
