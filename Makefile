@@ -61,7 +61,8 @@ crowdflower-folds: crowdflower
 # Another rotation (annomine/splits.py): another block of the open labelled queries held out, the judge, its
 # grades and every training set made again without that block's labels, in <warehouse>/rotations/rotation$(ROTATION)/;
 # both folds of the variants below, then every rotation run so far pooled into
-# <warehouse>/evaluation/report_test_rotations.md. Rotation 0 is `make crowdflower-folds`.
+# <warehouse>/evaluation/report_test_rotations.md (57-61 min a rotation on the host of 2026-12-03, docs/benchmarks.md).
+# Rotation 0 is `make crowdflower-folds`.
 ROTATION ?= 1
 ROTATION_VARIANTS := curriculum human curriculum_soup_uniform
 RCF = $(CF) --set project.rotation=$(ROTATION)
