@@ -68,8 +68,6 @@ def split_of(query_id: str, dev_fraction: float = DEV_FRACTION, seed: int = SEED
     if not 0 <= test_fraction <= dev_fraction <= 1:
         raise ValueError(f"need 0 <= test_fraction ({test_fraction}) <= dev_fraction ({dev_fraction}) <= 1")
     check_fold(fold)
-    if dev_fraction == 0:
-        return "train"
     low, high = held_out_block(rotation, dev_fraction)
     b = bucket(str(query_id), seed)
     if not low <= b < high:

@@ -237,6 +237,8 @@ def test_the_other_fold_swaps_dev_and_test_and_the_two_pool_into_one_report(spar
     assert both["rotations_missing"] == [2, 3] and both["inputs"]["n_queries_evaluated"] == 6
     tower = next(m for m in both["models"] if m["label"] == "tower")
     assert tower["metrics"]["all"]["ndcg@10"]["mean"] == pytest.approx(np.mean([r["ndcg@10"] for r in rows]))
+    by_fold = next(m for m in pooled["models"] if m["label"] == "tower")["dev_ndcg@10_by_fold"]
+    assert by_fold and tower["dev_ndcg@10_by_rotation"] == {"0": by_fold, "1": by_fold}  # each rotation's fold figures
     assert next(c for c in both["comparisons"] if c["model"] == "tower" and c["metric"] == "ndcg@10")["diff"]["n"] == 6
     text = (project.warehouse_path / "evaluation" / "report_test_rotations.md").read_text()
     assert "Pooled over rotations" in text and "rotation 1: 3 test queries" in text and "not yet run: rotation(s) [2, 3]" in text

@@ -29,16 +29,22 @@ def check_reports(reports: dict[int, dict]) -> None:
     missing = [f for f in FOLDS if f not in reports]
     if missing:
         raise FoldReportError(f"no test report for fold(s) {missing}: run `annomine evaluate --set project.fold=N` first")
-    seen: dict[str, int] = {}
     for fold, report in sorted(reports.items()):
         if report.get("split") != "test":
             raise FoldReportError(f"fold {fold}: the report is of split {report.get('split')!r}; only test reports are pooled")
         if report.get("fold", 0) != fold:
             raise FoldReportError(f"fold {fold}: the report says it is fold {report.get('fold', 0)}")
+    _check_disjoint(reports, "is in the test reports of folds {} and {}")
+
+
+def _check_disjoint(reports: dict[int, dict], clash: str) -> None:
+    """No query in the per-query rows of two reports; `clash` words the error with the two keys."""
+    seen: dict[str, int] = {}
+    for key, report in sorted(reports.items()):
         for row in report.get("per_query", []):
-            other = seen.setdefault(str(row["query_id"]), fold)
-            if other != fold:
-                raise FoldReportError(f"query {row['query_id']!r} is in the test reports of folds {other} and {fold}")
+            other = seen.setdefault(str(row["query_id"]), key)
+            if other != key:
+                raise FoldReportError(f"query {row['query_id']!r} " + clash.format(other, key))
 
 
 def pooled_rows(reports: dict[int, dict], key: str = "fold") -> tuple[pd.DataFrame, list[str], list[dict]]:
@@ -63,7 +69,7 @@ def pool(reports: dict[int, dict], n_resamples: int, confidence: float, seed: in
     """One report in the layout of a single fold's (markdown and plots read it the same way)."""
     check_reports(reports)
     rows, labels, skipped = pooled_rows(reports)
-    report = _pooled_report(reports, rows, labels, skipped, "fold", n_resamples, confidence, seed, also_against)
+    report = _pooled_report(reports, rows, labels, skipped, "fold", "dev_ndcg@10", n_resamples, confidence, seed, also_against)
     report.update({
         "split": "test (both folds)",
         "split_role": "every held-out query once, each reported by the model selected on the other half (annomine.splits)",
@@ -81,15 +87,11 @@ def check_rotation_reports(reports: dict[int, dict]) -> None:
     if not reports:
         raise FoldReportError("no rotation has pooled folds yet: run `annomine evaluate --pool-folds --set "
                               "project.rotation=N` after both folds of rotation N")
-    seen: dict[str, int] = {}
     for rotation, report in sorted(reports.items()):
         if report.get("split") != "test (both folds)":
             raise FoldReportError(f"rotation {rotation}: the report is of split {report.get('split')!r}; "
                                   "only pooled-folds test reports are pooled")
-        for row in report.get("per_query", []):
-            other = seen.setdefault(str(row["query_id"]), rotation)
-            if other != rotation:
-                raise FoldReportError(f"query {row['query_id']!r} is held out in rotations {other} and {rotation}")
+    _check_disjoint(reports, "is held out in rotations {} and {}")
 
 
 def pool_rotations(reports: dict[int, dict], n_resamples: int, confidence: float, seed: int,
@@ -97,7 +99,8 @@ def pool_rotations(reports: dict[int, dict], n_resamples: int, confidence: float
     """Every rotation's pooled folds as one report (same layout); `missing`: rotations not yet run."""
     check_rotation_reports(reports)
     rows, labels, skipped = pooled_rows(reports, key="rotation")
-    report = _pooled_report(reports, rows, labels, skipped, "rotation", n_resamples, confidence, seed, also_against)
+    report = _pooled_report(reports, rows, labels, skipped, "rotation", "dev_ndcg@10_by_fold", n_resamples, confidence, seed,
+                            also_against)
     report.update({
         "split": "test (every rotation, both folds)",
         "split_role": ("every open labelled query held out in some rotation once, each reported by a model selected on "
@@ -113,8 +116,10 @@ def pool_rotations(reports: dict[int, dict], n_resamples: int, confidence: float
 
 
 def _pooled_report(reports: dict[int, dict], rows: pd.DataFrame, labels: list[str], skipped: list[dict], key: str,
-                   n_resamples: int, confidence: float, seed: int, also_against: tuple[str, ...]) -> dict:
-    """The fields a pooled report shares with a single one, computed afresh over the pooled per-query rows."""
+                   dev_field: str, n_resamples: int, confidence: float, seed: int, also_against: tuple[str, ...]) -> dict:
+    """The fields a pooled report shares with a single one, computed afresh over the pooled per-query rows.
+    `dev_field`: each pooled report's per-model dev figure (a fold report's `dev_ndcg@10`, a pooled-folds report's
+    `dev_ndcg@10_by_fold`), kept per `key`."""
     segments = rows.drop_duplicates("query_id").set_index("query_id")["segment"]
     first = reports[min(reports)]
     by_label = {k: {m["label"]: m for m in r["models"]} for k, r in reports.items()}
@@ -126,8 +131,7 @@ def _pooled_report(reports: dict[int, dict], rows: pd.DataFrame, labels: list[st
             "retrieval": {f"by_{key}": {str(k): by_label[k][label].get("retrieval") for k in sorted(reports)}},
             "metrics": metrics_lib.summarise(mine, segments, n_resamples, confidence, seed),
             "dev_ndcg@10": None,
-            f"dev_ndcg@10_by_{key}": {str(k): by_label[k][label].get("dev_ndcg@10", by_label[k][label].get("dev_ndcg@10_by_fold"))
-                                      for k in sorted(reports)},
+            f"dev_ndcg@10_by_{key}": {str(k): by_label[k][label].get(dev_field) for k in sorted(reports)},
             "grade_distribution@10": metrics_lib.grade_distribution(mine, first["grade_scale"]["min"], first["grade_scale"]["max"]),
         })
     baselines = [m["label"] for m in models if m["spec"].get("baseline")]

@@ -127,21 +127,12 @@ def summary(report: dict, report_file: Path) -> list[str]:
     return lines
 
 
-def teacher_lines(teacher: dict | None) -> list[str]:
+def teacher_lines(teacher: dict | None, rotation: str | None = None) -> list[str]:
     """The judge's order of each query's labelled products against the zero-shot bi-encoder's: what bounds the
     gain of a retriever trained on its grades."""
     if not teacher:
         return []
-    if "judge_version" not in teacher and all(isinstance(t, dict) or t is None for t in teacher.values()):
-        # pooled rotations: one judge per rotation, each checked on its own held-out block
-        lines = []
-        for rotation, one in teacher.items():
-            block = teacher_lines(one)
-            if block:
-                block[1] = f"## The judge as a teacher (rotation {rotation})"
-                lines += block
-        return lines
-    lines = ["", "## The judge as a teacher", "",
+    lines = ["", "## The judge as a teacher" + (f" (rotation {rotation})" if rotation is not None else ""), "",
              f"Judge `{teacher.get('judge_version')}`: each query's labelled products ordered by its expected grade and by "
              "the zero-shot bi-encoder, NDCG@10 against the human grades, paired. A retriever trained on the judge's "
              "grades learns at best the judge's order.", ""]
@@ -181,7 +172,11 @@ def markdown(report: dict) -> str:
                   "NDCG@10 against the better baseline, lowest-grade share against zero-shot MiniLM; the difference's "
                   "CI resamples queries, so it excludes 0 only when the model wins (or loses) on the same queries.", "",
                   *paired]
-    lines += teacher_lines(report.get("teacher"))
+    if report.get("rotations"):  # pooled rotations: one judge per rotation, each checked on its own block
+        for rotation, teacher in (report.get("teacher") or {}).items():
+            lines += teacher_lines(teacher, rotation)
+    else:
+        lines += teacher_lines(report.get("teacher"))
     selection = report.get("selection", {}).get("segment_counts")
     lines += ["", f"## NDCG@10 (unjudged=0) by query segment", "", f"Segments: {report['segment_rule']}; "
               f"counts {report['segment_counts']}"
