@@ -24,6 +24,29 @@ from annomine.runtime import JobContext  # noqa: E402
 from annomine.spark import get_spark, stop_embedded  # noqa: E402
 from annomine.tables import TableStore  # noqa: E402
 
+# One run writes about 0.6 GB under the temporary folder (warehouses, checkpoints, MLflow stores); with less
+# free than this, tests would fail one by one on ENOSPC in their setup instead of saying why once.
+MIN_FREE_BYTES = int(float(os.environ.get("ANNOMINE_TEST_MIN_FREE_GB", "1.5")) * 1e9)
+
+
+def free_space_problem(folder: str, needed: int = MIN_FREE_BYTES) -> str | None:
+    """One line saying the test run cannot fit in `folder`, or None when it can."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if free >= needed:
+        return None
+    return (f"only {free / 1e9:.1f} GB free in {folder}; the test run needs about {needed / 1e9:.1f} GB "
+            "(free some space, or point TMPDIR at a larger disk)")
+
+
+def pytest_sessionstart(session):
+    import tempfile
+
+    problem = free_space_problem(tempfile.gettempdir())
+    if problem:
+        pytest.exit(problem, returncode=1)
+
 
 @pytest.fixture(scope="session")
 def spark():

@@ -251,6 +251,24 @@ def test_the_other_fold_swaps_dev_and_test_and_the_two_pool_into_one_report(spar
         pool_rotations({}, 10, 0.95, 13)
 
 
+def test_a_pooled_model_says_what_each_of_its_models_was_trained_on():
+    from annomine.evaluation.folds import _pooled_spec
+    from annomine.evaluation.report import model_table
+
+    specs = [{"name": "curriculum", "training_pairs": {"mined": 2820}},
+             {"name": "curriculum", "training_pairs": {"mined": 1000, "human": 400}}]
+    spec = _pooled_spec(specs, [0, 1], "fold")
+    assert spec["training_pairs"] == {"human": 200, "mined": 1910}
+    assert spec["training_pairs_by_fold"] == {"0": {"mined": 2820}, "1": {"mined": 1000, "human": 400}}
+    assert _pooled_spec([{"baseline": True}, {"baseline": True}], [0, 1], "fold") == {"baseline": True}
+    assert _pooled_spec([{"name": "x"}, {"name": "x"}], [0, 1], "rotation")["training_pairs"] is None
+    metrics = {k: {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6} for k in ("ndcg@10", "ndcg@10_judged", "lowest_share@10",
+                                                                           "recall@100_top")}
+    row = model_table({"models": [{"label": "curriculum", "spec": spec, "metrics": {"all": {
+        **metrics, "n_queries": 3, "judged_share@10": 0.5, "n_queries_without_judged_top10": 0}}}]})[-1]
+    assert row.endswith("| 1910 / 200 (mean of 2 models) |")
+
+
 def test_variants_spec_includes_the_human_variants(project, tiny_model):
     from annomine.curriculum import VARIANTS
 

@@ -115,6 +115,20 @@ def pool_rotations(reports: dict[int, dict], n_resamples: int, confidence: float
     return report
 
 
+def _pooled_spec(specs: list[dict], keys: list[int], key: str) -> dict:
+    """One model's spec over the pooled reports: the first report's, with what it was trained on as the mean over
+    the reports (each fold or rotation trains its own model on its own pairs) and each report's own figures beside it."""
+    spec = dict(specs[0])
+    if spec.get("baseline"):
+        return spec
+    pairs = [s.get("training_pairs") for s in specs]
+    known = [p for p in pairs if p is not None]
+    spec["training_pairs"] = ({source: int(round(sum(p.get(source, 0) for p in known) / len(known)))
+                               for source in sorted({s for p in known for s in p})} if known else None)
+    spec[f"training_pairs_by_{key}"] = {str(k): p for k, p in zip(keys, pairs)}
+    return spec
+
+
 def _pooled_report(reports: dict[int, dict], rows: pd.DataFrame, labels: list[str], skipped: list[dict], key: str,
                    dev_field: str, n_resamples: int, confidence: float, seed: int, also_against: tuple[str, ...]) -> dict:
     """The fields a pooled report shares with a single one, computed afresh over the pooled per-query rows.
@@ -127,7 +141,7 @@ def _pooled_report(reports: dict[int, dict], rows: pd.DataFrame, labels: list[st
     for label in labels:
         mine = rows[rows["model"] == label]
         models.append({
-            "label": label, "spec": by_label[min(reports)][label]["spec"],
+            "label": label, "spec": _pooled_spec([by_label[k][label]["spec"] for k in sorted(reports)], sorted(reports), key),
             "retrieval": {f"by_{key}": {str(k): by_label[k][label].get("retrieval") for k in sorted(reports)}},
             "metrics": metrics_lib.summarise(mine, segments, n_resamples, confidence, seed),
             "dev_ndcg@10": None,

@@ -71,8 +71,12 @@ def model_table(report: dict) -> list[str]:
     for model in report["models"]:
         m = model["metrics"]["all"]
         judged = m.get("judged_share@10")
-        pairs = (model.get("spec") or {}).get("training_pairs")
+        spec = model.get("spec") or {}
+        pairs = spec.get("training_pairs")
         trained = "-" if pairs is None else f"{pairs.get('mined', 0)} / {pairs.get('human', 0)}"
+        per_report = next((v for k, v in spec.items() if k.startswith("training_pairs_by_")), None)
+        if pairs is not None and per_report:
+            trained += f" (mean of {len(per_report)} models)"
         lines.append(f"| {model['label']} | {_fmt(m['ndcg@10'])} | {_fmt(m['ndcg@10_judged'])} | "
                      f"{_fmt(m['lowest_share@10'], pct=True)} | {_fmt(m['recall@100_top'])} | {m['n_queries']} | "
                      f"{'n/a' if judged is None else f'{judged * 100:.1f}%'} | {m['n_queries_without_judged_top10']} | {trained} |")
