@@ -68,12 +68,20 @@ def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, ti
     from jobs import evaluate
 
     out = tmp_path / "out" / "report.json"
-    rc = evaluate.main(["--conf", _conf(tmp_path, project), "--models", f"bm25,tower={tiny_model}",
+    rc = evaluate.main(["--conf", _conf(tmp_path, project), "--models", f"bm25,tower={tiny_model},hybrid={tiny_model}+bm25",
                         "--products", str(shop / "products.tsv"), "--queries", str(shop / "queries.tsv"),
                         "--labels", str(shop / "labels.tsv"), "--split", "all", "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
-    assert [m["label"] for m in report["models"]] == ["bm25", "tower"]
+    assert [m["label"] for m in report["models"]] == ["bm25", "tower", "hybrid"]
+    # the hybrid's list is the fusion of the two others' lists
+    from annomine.evaluation.retrievers import reciprocal_rank_fusion
+    by = {(r["model"], r["query_id"]): r["top10_ids"] for r in report["per_query"]}
+    assert report["models"][2]["retrieval"]["retriever"].startswith("hybrid: rrf:bm25")
+    assert any(by[("hybrid", q)] != by[("tower", q)] for q in ("q1", "q27", "q3", "q4"))
+    assert by[("hybrid", "q1")][:3] == reciprocal_rank_fusion([by[("tower", "q1")], by[("bm25", "q1")]], 10)[:3]
+    report["models"] = report["models"][:2]
+    report["per_query"] = [r for r in report["per_query"] if r["model"] != "hybrid"]
     assert report["segment_rule"].startswith("frequency")
     assert report["segment_counts"] == {"head": 1, "torso": 1, "tail": 2}
     assert report["inputs"]["n_queries_evaluated"] == 4
@@ -260,6 +268,13 @@ def test_a_pooled_model_says_what_each_of_its_models_was_trained_on():
     spec = _pooled_spec(specs, [0, 1], "fold")
     assert spec["training_pairs"] == {"human": 200, "mined": 1910}
     assert spec["training_pairs_by_fold"] == {"0": {"mined": 2820}, "1": {"mined": 1000, "human": 400}}
+    assert spec["trained_models"] == [{"mined": 2820}, {"mined": 1000, "human": 400}]
+    # rotations pool pooled folds: the mean is over every model behind them, each rotation's figure beside it
+    other = _pooled_spec([{"name": "curriculum", "training_pairs": {"mined": 100}}] * 2, [0, 1], "fold")
+    rotations = _pooled_spec([spec, other], [0, 1], "rotation")
+    assert len(rotations["trained_models"]) == 4 and rotations["training_pairs"] == {"human": 100, "mined": 1005}
+    assert rotations["training_pairs_by_rotation"] == {"0": spec["training_pairs"], "1": {"mined": 100}}
+    assert "training_pairs_by_fold" not in rotations
     assert _pooled_spec([{"baseline": True}, {"baseline": True}], [0, 1], "fold") == {"baseline": True}
     assert _pooled_spec([{"name": "x"}, {"name": "x"}], [0, 1], "rotation")["training_pairs"] is None
     metrics = {k: {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6} for k in ("ndcg@10", "ndcg@10_judged", "lowest_share@10",
@@ -267,6 +282,25 @@ def test_a_pooled_model_says_what_each_of_its_models_was_trained_on():
     row = model_table({"models": [{"label": "curriculum", "spec": spec, "metrics": {"all": {
         **metrics, "n_queries": 3, "judged_share@10": 0.5, "n_queries_without_judged_top10": 0}}}]})[-1]
     assert row.endswith("| 1910 / 200 (mean of 2 models) |")
+
+
+def test_reciprocal_rank_fusion_by_hand():
+    from annomine.evaluation.retrievers import reciprocal_rank_fusion
+
+    # a: 1/61 + 1/62; b: 1/62 + 1/61 (a tie, first seen first); c: 1/63; d: 1/61 alone
+    assert reciprocal_rank_fusion([["a", "b", "c"], ["b", "a"], ["d"]], k=3) == ["a", "b", "d"]
+    assert reciprocal_rank_fusion([["x"], []], k=5) == ["x"]
+    assert reciprocal_rank_fusion([["a", "b"], ["b"]], k=2, rank_constant=0) == ["b", "a"]  # 1/1 + 1/2 against 1
+
+
+def test_a_dense_spec_suffixed_with_bm25_is_a_hybrid(project, tiny_model):
+    zero_shot = resolve_specs("minilm+bm25", project.warehouse)[0]
+    assert (zero_shot.label, zero_shot.kind, zero_shot.fusion, zero_shot.baseline) == ("minilm+bm25", "minilm", "rrf:bm25", True)
+    named = resolve_specs(f"mine={tiny_model}+bm25", project.warehouse)[0]
+    assert named.label == "mine" and named.fusion == "rrf:bm25" and not named.baseline and named.as_dict()["fusion"] == "rrf:bm25"
+    assert resolve_specs(str(tiny_model), project.warehouse)[0].fusion is None
+    with pytest.raises(ModelSpecError, match="only a dense model can be fused with bm25"):
+        resolve_specs("bm25+bm25", project.warehouse)
 
 
 def test_variants_spec_includes_the_human_variants(project, tiny_model):

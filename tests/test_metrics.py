@@ -202,3 +202,14 @@ def test_every_model_is_also_compared_with_the_human_variant_on_ndcg():
     assert [(c["model"], c["metric"]) for c in vs_human] == [("tt", "ndcg@10")]  # never human against itself
     assert vs_human[0]["diff"]["mean"] == pytest.approx(0.25) and vs_human[0]["ratio"] == pytest.approx(0.85 / 0.6)
     assert {c["against"] for c in out if c["model"] == "human"} == {"minilm"}
+
+
+def test_a_hybrid_is_compared_with_the_human_variant_s_hybrid():
+    rows = []
+    for q, values in enumerate([(0.5, 0.6, 0.7, 0.9), (0.7, 0.6, 0.8, 0.8)]):
+        for model, v in zip(("minilm", "human", "human+bm25", "tt+bm25"), values):
+            rows.append({"model": model, "query_id": f"q{q}", "ndcg@10": v, "lowest_share@10": 0.1})
+    out = M.compare_to_baselines(pd.DataFrame(rows), ["minilm"], ["minilm", "human", "human+bm25", "tt+bm25"],
+                                 n_resamples=200, also_against=("human",))
+    assert {c["against"] for c in out if c["model"] == "tt+bm25" and c["metric"] == "ndcg@10"} == {"minilm", "human+bm25"}
+    assert {c["against"] for c in out if c["model"] == "human+bm25"} == {"minilm"}  # never the reference against itself

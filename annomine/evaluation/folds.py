@@ -117,15 +117,17 @@ def pool_rotations(reports: dict[int, dict], n_resamples: int, confidence: float
 
 def _pooled_spec(specs: list[dict], keys: list[int], key: str) -> dict:
     """One model's spec over the pooled reports: the first report's, with what it was trained on as the mean over
-    the reports (each fold or rotation trains its own model on its own pairs) and each report's own figures beside it."""
-    spec = dict(specs[0])
+    every model behind the pool (each fold or rotation trains its own on its own pairs; `trained_models` lists
+    them) and each report's own figure beside it (`training_pairs_by_<key>`)."""
+    spec = {k: v for k, v in specs[0].items() if not k.startswith("training_pairs_by_")}
     if spec.get("baseline"):
         return spec
-    pairs = [s.get("training_pairs") for s in specs]
-    known = [p for p in pairs if p is not None]
-    spec["training_pairs"] = ({source: int(round(sum(p.get(source, 0) for p in known) / len(known)))
-                               for source in sorted({s for p in known for s in p})} if known else None)
-    spec[f"training_pairs_by_{key}"] = {str(k): p for k, p in zip(keys, pairs)}
+    models = [m for s in specs for m in (s.get("trained_models") or [s.get("training_pairs")])]
+    known = [m for m in models if m is not None]
+    spec["training_pairs"] = ({source: int(round(sum(m.get(source, 0) for m in known) / len(known)))
+                               for source in sorted({s for m in known for s in m})} if known else None)
+    spec["trained_models"] = models
+    spec[f"training_pairs_by_{key}"] = {str(k): s.get("training_pairs") for k, s in zip(keys, specs)}
     return spec
 
 

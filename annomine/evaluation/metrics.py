@@ -249,6 +249,17 @@ def summarise(per_query: pd.DataFrame, segment: pd.Series | None = None, n_resam
     return result
 
 
+HYBRID_SUFFIX = "+bm25"  # annomine.evaluation.retrievers.FUSION_SUFFIX
+
+
+def _same_kind(model: str, reference: str, evaluated) -> str:
+    """The reference a model is compared with: a hybrid (`curriculum+bm25`) against the reference's hybrid
+    (`human+bm25`) where that was evaluated too, so fusion is not credited to the training data."""
+    if model.endswith(HYBRID_SUFFIX) and reference + HYBRID_SUFFIX in evaluated:
+        return reference + HYBRID_SUFFIX
+    return reference
+
+
 def compare_to_baselines(per_query: pd.DataFrame, baselines: list[str], models: list[str], n_resamples: int = 1000,
                          confidence: float = 0.95, seed: int = 13, reference_for_lowest: str = "minilm",
                          also_against: tuple[str, ...] = ()) -> list[dict]:
@@ -272,7 +283,8 @@ def compare_to_baselines(per_query: pd.DataFrame, baselines: list[str], models: 
     for model in models:
         if model in baselines or model not in wide:
             continue
-        refs = list(against.items()) + [("ndcg@10", r) for r in also_against if r in wide and r != model]
+        refs = list(against.items()) + [("ndcg@10", r) for r in (_same_kind(model, r, wide) for r in also_against)
+                                        if r in wide and r != model]
         for metric, base in refs:
             pair = pd.concat([wide[model][metric].rename("m"), wide[base][metric].rename("b")], axis=1).dropna()
             if pair.empty:

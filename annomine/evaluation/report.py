@@ -74,9 +74,8 @@ def model_table(report: dict) -> list[str]:
         spec = model.get("spec") or {}
         pairs = spec.get("training_pairs")
         trained = "-" if pairs is None else f"{pairs.get('mined', 0)} / {pairs.get('human', 0)}"
-        per_report = next((v for k, v in spec.items() if k.startswith("training_pairs_by_")), None)
-        if pairs is not None and per_report:
-            trained += f" (mean of {len(per_report)} models)"
+        if pairs is not None and spec.get("trained_models"):
+            trained += f" (mean of {len(spec['trained_models'])} models)"
         lines.append(f"| {model['label']} | {_fmt(m['ndcg@10'])} | {_fmt(m['ndcg@10_judged'])} | "
                      f"{_fmt(m['lowest_share@10'], pct=True)} | {_fmt(m['recall@100_top'])} | {m['n_queries']} | "
                      f"{'n/a' if judged is None else f'{judged * 100:.1f}%'} | {m['n_queries_without_judged_top10']} | {trained} |")
@@ -401,7 +400,7 @@ def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str,
                   report_file: Path | None = None) -> dict:
     """Register the two-tower with the best dev NDCG@10 in the MLflow model registry.
 
-    The candidates are the evaluated two-towers (baselines never). Their dev NDCG@10 is the mean over
+    The candidates are the evaluated two-towers (baselines and hybrids never). Their dev NDCG@10 is the mean over
     the evaluated queries whose split is `dev`; without dev queries nothing is registered. A model
     with an MLflow URI is registered from it; a local folder is first logged as a pyfunc model. The
     version carries the evaluation as tags and the report JSON as an artifact of its run.
@@ -411,7 +410,7 @@ def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str,
     candidates = []
     for model in report["models"]:
         spec = specs.get(model["label"])
-        if spec is None or spec.baseline or not spec.two_tower:
+        if spec is None or spec.baseline or not spec.two_tower or spec.fusion:
             continue
         dev = model.get("dev_ndcg@10")
         if dev is not None:

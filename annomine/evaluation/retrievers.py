@@ -9,6 +9,9 @@ A spec is one of:
   `variants` expands to every variant file there except best.json;
 - an MLflow model URI (`runs:/...`, `models:/...`): the artifacts are downloaded and loaded as a folder.
 Any spec may be prefixed with a label: `mine=/path/to/model`.
+Any dense spec may be suffixed with `+bm25` (`minilm+bm25`, `curriculum+bm25`, `variants+bm25`): a hybrid that fuses
+the dense model's and BM25's top-k by reciprocal rank fusion (Cormack et al. 2009, rank constant 60; nothing is
+tuned). `minilm+bm25` is a baseline: the hybrid a user could run without training anything.
 
 Dense models encode the catalog with the item tower (queries with the query tower), batched on the
 driver for small catalogs, or in Spark (`mapInPandas`, encoder loaded once per worker process) for a
@@ -21,6 +24,7 @@ every product has a current one, instead of encoding the catalog a second time.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,6 +44,8 @@ from annomine.evaluation.index import IndexConfig, retrieve_dense
 log = logging.getLogger(__name__)
 
 BASELINES = ("bm25", "minilm")
+FUSION_SUFFIX = "+bm25"
+RRF_RANK_CONSTANT = 60
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "dbfs:/")
 TWO_TOWER_META = "twotower.json"
 
@@ -57,6 +63,8 @@ class ModelSpec:
     model_uri: str | None = None
     # What a trained variant learned from (its pointer's `training_pairs`: examples per source in kept stages).
     training_pairs: dict | None = None
+    # "rrf:bm25": the dense model's ranking fused with BM25's (a hybrid, not a model of its own).
+    fusion: str | None = None
 
     @property
     def baseline(self) -> bool:
@@ -69,7 +77,7 @@ class ModelSpec:
     def as_dict(self) -> dict:
         return {"label": self.label, "kind": self.kind, "source": self.source, "path": self.path,
                 "model_uri": self.model_uri, "baseline": self.baseline, "two_tower": self.two_tower,
-                "training_pairs": self.training_pairs}
+                "training_pairs": self.training_pairs, "fusion": self.fusion}
 
 
 @dataclass
@@ -144,6 +152,11 @@ def resolve_specs(spec: str, warehouse: str | os.PathLike, tracking_uri: str | N
     match = re.match(r"^([A-Za-z0-9_.\-]+)=(.+)$", spec)
     if match and "://" not in match.group(1):
         label, spec = match.group(1), match.group(2)
+    if spec.endswith(FUSION_SUFFIX) and spec != FUSION_SUFFIX:
+        dense = resolve_specs(spec[:-len(FUSION_SUFFIX)], warehouse, tracking_uri, registry)
+        if any(d.kind == "bm25" for d in dense):
+            raise ModelSpecError(f"{spec!r}: only a dense model can be fused with bm25")
+        return [dataclasses.replace(d, label=label or d.label + FUSION_SUFFIX, fusion="rrf:bm25") for d in dense]
     registry = registry or models_dir(warehouse)
     download_root = Path(warehouse).expanduser().resolve() / "cache" / "mlflow_models"
     if spec in BASELINES:
@@ -352,11 +365,27 @@ def catalog_embeddings(spec: ModelSpec, catalog: Catalog, settings: EncodeSettin
 
 
 # ---- retrieval ----------------------------------------------------------------------------
+def reciprocal_rank_fusion(rankings: list[list[str]], k: int, rank_constant: int = RRF_RANK_CONSTANT) -> list[str]:
+    """The top-k ids by the sum of 1 / (rank_constant + rank) over the rankings (rank from 1; an id a ranking lacks
+    adds nothing). Ties keep the order of first appearance, the first ranking first."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, pid in enumerate(ranking, start=1):
+            scores[pid] = scores.get(pid, 0.0) + 1.0 / (rank_constant + rank)
+    return sorted(scores, key=lambda pid: -scores[pid])[:k]
+
+
 def retrieve(spec: ModelSpec, catalog: Catalog, queries: list[str], k: int, settings: EncodeSettings,
              cache_dir: Path | None = None, spark=None, stored=None) -> tuple[list[list[str]], dict]:
     """Top-k product ids (best first) per query over the whole catalog, and facts about the run."""
     if not len(catalog):
         raise ValueError("the catalog is empty")
+    if spec.fusion:
+        dense, info = retrieve(dataclasses.replace(spec, fusion=None), catalog, queries, k, settings, cache_dir, spark, stored)
+        lexical, lexical_info = retrieve(ModelSpec("bm25", "bm25", "bm25"), catalog, queries, k, settings)
+        fused = [reciprocal_rank_fusion([d, b], k) for d, b in zip(dense, lexical)]
+        return fused, {**info, "retriever": f"hybrid: {spec.fusion}, rank constant {RRF_RANK_CONSTANT}",
+                       "bm25_search_s": lexical_info["search_s"]}
     if spec.kind == "bm25":
         from annomine.retrievers.bm25 import BM25Retriever
 
