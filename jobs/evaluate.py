@@ -8,7 +8,9 @@
     annomine evaluate --pool-rotations                     # every rotation's pooled folds as one
 
 M is `bm25`, `minilm` (zero-shot), a model folder, `best` / a variant name (<warehouse>/models/*.json),
-`variants` (all of them), or an MLflow model URI (runs:/..., models:/...). Without files, the
+`variants` (all of them), or an MLflow model URI (runs:/..., models:/...); any dense one suffixed with `+bm25`
+(`minilm+bm25`, `variants+bm25`) is a hybrid, its ranking fused with BM25's by reciprocal rank fusion
+(`minilm+bm25` is then a zero-shot baseline too). Without files, the
 ingested tables are used (products, queries, human_labels). Writes the JSON report (NDCG@10 with
 unjudged = 0 and judged-only, lowest-grade share of the judged top 10, Recall@100 of top-grade
 items, per query segment, with bootstrap CIs, plus per-query rows), a markdown report and PNG
@@ -380,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = job_parser("annomine evaluate", __doc__)
     parser.add_argument("--model", action="append", default=[], help="a model spec (repeatable)")
-    parser.add_argument("--models", help="comma-separated model specs, e.g. bm25,minilm,best")
+    parser.add_argument("--models", help="comma-separated model specs, e.g. bm25,minilm,best; a dense spec + \"+bm25\" is a hybrid with BM25 (minilm+bm25)")
     parser.add_argument("--products", help="products file (product_id, title[, description])")
     parser.add_argument("--queries", help="queries file (query_id, query[, frequency])")
     parser.add_argument("--labels", help="labels file (query_id, product_id, grade[, variance])")
