@@ -301,6 +301,9 @@ def test_a_dense_spec_suffixed_with_bm25_is_a_hybrid(project, tiny_model):
     assert resolve_specs(str(tiny_model), project.warehouse)[0].fusion is None
     with pytest.raises(ModelSpecError, match="only a dense model can be fused with bm25"):
         resolve_specs("bm25+bm25", project.warehouse)
+    import shutil
+    odd = shutil.copytree(tiny_model, tiny_model.parent / "odd+bm25")  # a folder whose name ends like a hybrid is a folder
+    assert resolve_specs(str(odd), project.warehouse)[0].fusion is None
 
 
 def test_variants_spec_includes_the_human_variants(project, tiny_model):

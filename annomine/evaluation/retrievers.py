@@ -40,11 +40,11 @@ import numpy as np
 import pandas as pd
 
 from annomine.evaluation.index import IndexConfig, retrieve_dense
+from annomine.evaluation.metrics import HYBRID_SUFFIX as FUSION_SUFFIX
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("bm25", "minilm")
-FUSION_SUFFIX = "+bm25"
 RRF_RANK_CONSTANT = 60
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "dbfs:/")
 TWO_TOWER_META = "twotower.json"
@@ -152,7 +152,7 @@ def resolve_specs(spec: str, warehouse: str | os.PathLike, tracking_uri: str | N
     match = re.match(r"^([A-Za-z0-9_.\-]+)=(.+)$", spec)
     if match and "://" not in match.group(1):
         label, spec = match.group(1), match.group(2)
-    if spec.endswith(FUSION_SUFFIX) and spec != FUSION_SUFFIX:
+    if spec.endswith(FUSION_SUFFIX) and spec != FUSION_SUFFIX and not Path(spec).expanduser().is_dir():
         dense = resolve_specs(spec[:-len(FUSION_SUFFIX)], warehouse, tracking_uri, registry)
         if any(d.kind == "bm25" for d in dense):
             raise ModelSpecError(f"{spec!r}: only a dense model can be fused with bm25")
