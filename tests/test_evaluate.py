@@ -293,6 +293,16 @@ def test_reciprocal_rank_fusion_by_hand():
     assert reciprocal_rank_fusion([["a", "b"], ["b"]], k=2, rank_constant=0) == ["b", "a"]  # 1/1 + 1/2 against 1
 
 
+def test_bm25_and_its_hybrids_search_one_index_per_catalog():
+    from annomine.evaluation.retrievers import Catalog, ModelSpec, retrieve
+
+    catalog = Catalog(["p1", "p2", "p3"], ["red teapot", "blue teapot", "garden hose"])
+    first, _ = retrieve(ModelSpec("bm25", "bm25", "bm25"), catalog, ["teapot", "hose"], 2, EncodeSettings())
+    index = catalog.bm25
+    again, _ = retrieve(ModelSpec("bm25", "bm25", "bm25"), catalog, ["teapot", "hose"], 2, EncodeSettings())
+    assert catalog.bm25 is index and again == first and first[1] == ["p3"]
+
+
 def test_a_dense_spec_suffixed_with_bm25_is_a_hybrid(project, tiny_model):
     zero_shot = resolve_specs("minilm+bm25", project.warehouse)[0]
     assert (zero_shot.label, zero_shot.kind, zero_shot.fusion, zero_shot.baseline) == ("minilm+bm25", "minilm", "rrf:bm25", True)

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from annomine.evaluation.index import IndexConfig, retrieve_dense
-from annomine.evaluation.metrics import HYBRID_SUFFIX as FUSION_SUFFIX
+from annomine.evaluation.metrics import HYBRID_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,11 @@ def resolve_specs(spec: str, warehouse: str | os.PathLike, tracking_uri: str | N
     match = re.match(r"^([A-Za-z0-9_.\-]+)=(.+)$", spec)
     if match and "://" not in match.group(1):
         label, spec = match.group(1), match.group(2)
-    if spec.endswith(FUSION_SUFFIX) and spec != FUSION_SUFFIX and not Path(spec).expanduser().is_dir():
-        dense = resolve_specs(spec[:-len(FUSION_SUFFIX)], warehouse, tracking_uri, registry)
+    if spec.endswith(HYBRID_SUFFIX) and spec != HYBRID_SUFFIX and not Path(spec).expanduser().is_dir():
+        dense = resolve_specs(spec[:-len(HYBRID_SUFFIX)], warehouse, tracking_uri, registry)
         if any(d.kind == "bm25" for d in dense):
             raise ModelSpecError(f"{spec!r}: only a dense model can be fused with bm25")
-        return [dataclasses.replace(d, label=label or d.label + FUSION_SUFFIX, fusion="rrf:bm25") for d in dense]
+        return [dataclasses.replace(d, label=label or d.label + HYBRID_SUFFIX, fusion="rrf:bm25") for d in dense]
     registry = registry or models_dir(warehouse)
     download_root = Path(warehouse).expanduser().resolve() / "cache" / "mlflow_models"
     if spec in BASELINES:
@@ -281,6 +281,7 @@ class Catalog:
         for pid, rh in sorted(zip(self.ids, row_hashes)):
             h.update(f"{pid}\t{rh}\n".encode())
         self.content_key = h.hexdigest()[:20]
+        self._bm25 = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -292,6 +293,16 @@ class Catalog:
             lookup = dict(zip(pdf["product_id"].astype(str), pdf["text"].fillna("").astype(str)))
             self._texts = [lookup.get(i, "") for i in self.ids]
         return self._texts
+
+    @property
+    def bm25(self):
+        """The BM25 index over these texts, built on first use: `bm25` and every `+bm25` hybrid of one evaluation
+        search the same index."""
+        if self._bm25 is None:
+            from annomine.retrievers.bm25 import BM25Retriever
+
+            self._bm25 = BM25Retriever(self.ids, self.texts)
+        return self._bm25
 
 
 def _encode_in_spark(spark, catalog: Catalog, kind: str, path: str | None, settings: EncodeSettings) -> np.ndarray:
@@ -387,10 +398,8 @@ def retrieve(spec: ModelSpec, catalog: Catalog, queries: list[str], k: int, sett
         return fused, {**info, "retriever": f"hybrid: {spec.fusion}, rank constant {RRF_RANK_CONSTANT}",
                        "bm25_search_s": lexical_info["search_s"]}
     if spec.kind == "bm25":
-        from annomine.retrievers.bm25 import BM25Retriever
-
         started = time.perf_counter()
-        hits = BM25Retriever(catalog.ids, catalog.texts).search(list(queries), k)
+        hits = catalog.bm25.search(list(queries), k)
         info = {"retriever": "bm25 (annomine.retrievers.bm25)", "search_s": round(time.perf_counter() - started, 2)}
         return [[pid for pid, _ in row] for row in hits], info
     items, info = catalog_embeddings(spec, catalog, settings, cache_dir, spark=spark, stored=stored)
