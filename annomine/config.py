@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from annomine.bounds import bounded, check_bounds
 from annomine.errors import AnnomineError
 from annomine.splits import check_fold, check_rotation
 
@@ -87,6 +88,8 @@ class ProjectConfig:
     rotation: int = 0
 
     def validate(self) -> None:
+        if self.min_grade >= self.max_grade:
+            raise ValueError(f"min_grade ({self.min_grade}) must be below max_grade ({self.max_grade})")
         check_fold(self.fold)
         check_rotation(self.rotation)
         if self.rotation and self.catalog and f"rotation{self.rotation}" not in self.schema:
@@ -242,6 +245,8 @@ def from_dict(cls: type[T], data: dict, where: str) -> T:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+    for key, problem in check_bounds(obj):
+        raise ConfigError(f"{where}.{key}: {problem}")
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:

@@ -33,6 +33,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from annomine.bounds import bounded
 from annomine.vocabulary import CLASSES, POSITIVE_CLASSES, RANDOM_NEGATIVE
 
 ROW_FORMATS = ("pointwise", "pair", "triplet", "list")
@@ -61,12 +62,12 @@ class StageDef:
     loss: str
     positive_classes: list[str] = field(default_factory=list)
     negative_classes: list[str] = field(default_factory=list)
-    max_examples: int = 5000
-    max_per_query: int = 64
-    epochs: int | None = None  # None: train.epochs_per_stage
+    max_examples: int = bounded(5000, ge=1)
+    max_per_query: int = bounded(64, ge=1)
+    epochs: int | None = bounded(None, ge=1)  # None: train.epochs_per_stage
     source: str = "mined"  # 'mined': labelled candidates; 'human': human labels of the train queries
     blend: StageDef | None = None  # a second definition (the human stage) whose rows join this stage's
-    lr: float | None = None  # this stage's learning rate (None: train.lr_by_loss, else train.lr)
+    lr: float | None = bounded(None, gt=0)  # this stage's learning rate (None: train.lr_by_loss, else train.lr)
 
     def reads(self, source: str) -> bool:
         """Whether this stage's rows come (in part) from `source`."""
@@ -85,10 +86,6 @@ class StageDef:
             raise ValueError(f"stage {self.name!r}: positive_classes is empty")
         if FORMAT_OF_LOSS[self.loss] in ("pointwise", "triplet") and not self.negative_classes:
             raise ValueError(f"stage {self.name!r}: loss {self.loss} needs negative_classes")
-        if self.max_examples < 1 or self.max_per_query < 1:
-            raise ValueError(f"stage {self.name!r}: max_examples and max_per_query must be positive")
-        if self.lr is not None and self.lr < 0:
-            raise ValueError(f"stage {self.name!r}: lr must be >= 0, got {self.lr}")
         if self.blend is not None:
             self.blend.validate()
             if self.blend.loss != self.loss:

@@ -70,6 +70,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from annomine.bounds import bounded
 from annomine.vocabulary import (ANN, BM25, CHANNELS, CLASS_LEVELS, EASY_POSITIVE, HARD_NEGATIVE, HARD_POSITIVE, LEXICAL,
                                  NEGATIVE_CLASSES, POSITIVE_CLASSES, RANDOM_NEGATIVE, TOKEN_SIMILAR_NEGATIVE)
 
@@ -88,21 +89,21 @@ class MiningRules:
 
     # Mining depth: log rows ranked deeper than this are ignored (the product counts as not found
     # by that channel); null: every logged rank.
-    max_rank: int | None = None
-    easy_top_k: int = 10
+    max_rank: int | None = bounded(None, ge=1)
+    easy_top_k: int = bounded(10, ge=1)
     easy_channels: list[str] = field(default_factory=lambda: list(CHANNELS))
-    hard_positive_top_k: int = 50
+    hard_positive_top_k: int = bounded(50, ge=1)
     hard_positive_channels: list[str] = field(default_factory=lambda: [LEXICAL, BM25])
     hard_positive_missed_by: list[str] = field(default_factory=lambda: [ANN])
-    hard_negative_top_k: int = 100
+    hard_negative_top_k: int = bounded(100, ge=1)
     token_band_low: float = 0.2
     token_band_high: float = 0.6
-    blocking_max_df: int = 5000
-    blocking_max_df_ratio: float = 0.05
-    random_pool_size: int = 2000
-    random_max_similarity: float = 0.6
-    max_positives: int = 50
-    max_negatives: int = 50
+    blocking_max_df: int = bounded(5000, ge=1)
+    blocking_max_df_ratio: float = bounded(0.05, gt=0, le=1)
+    random_pool_size: int = bounded(2000, ge=1)
+    random_max_similarity: float = bounded(0.6, gt=0, le=1)
+    max_positives: int = bounded(50, ge=0)
+    max_negatives: int = bounded(50, ge=0)
     # Per-class quotas filled first; unused room of a polarity goes to its other classes.
     class_quotas: dict[str, int] = field(default_factory=lambda: {
         EASY_POSITIVE: 25, HARD_POSITIVE: 25,
@@ -119,18 +120,8 @@ class MiningRules:
             raise ValueError("easy_channels and hard_positive_channels must not be empty")
         if set(self.hard_positive_channels) & set(self.hard_positive_missed_by):
             raise ValueError("hard_positive_channels and hard_positive_missed_by must not overlap")
-        if self.max_rank is not None and self.max_rank < 1:
-            raise ValueError(f"max_rank must be >= 1 or null, got {self.max_rank}")
-        for name in ("easy_top_k", "hard_positive_top_k", "hard_negative_top_k", "blocking_max_df", "random_pool_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_positives", "max_negatives"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.token_band_low < self.token_band_high <= 1.0:
             raise ValueError(f"token band must satisfy 0 <= low < high <= 1, got [{self.token_band_low}, {self.token_band_high}]")
-        if not 0.0 < self.blocking_max_df_ratio <= 1.0:
-            raise ValueError(f"blocking_max_df_ratio must be in (0, 1], got {self.blocking_max_df_ratio}")
         unknown = sorted(set(self.class_quotas) - set(CLASSES))
         if unknown:
             raise ValueError(f"class_quotas: unknown class(es) {unknown}; classes are {list(CLASSES)}")

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from pyspark.sql import functions as F
 
+from annomine.bounds import bounded
 from annomine.errors import AnnomineError
 from annomine.judges.config import CascadeConfig
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
@@ -65,39 +66,29 @@ class AnnotateConfig:
     # Table of pairs to grade (needs query_id, product_id and query).
     source: str = "mined_candidates"
     # Pairs per committed chunk (one MERGE each): the most a killed run has to redo.
-    chunk_size: int = 500
+    chunk_size: int = bounded(500, ge=1)
     # Partitions per chunk (at most cascade.max_concurrency_total); LLM concurrency per partition =
     # max_concurrency_total // partitions, so the job never has more requests open than the total.
-    partitions: int = 2
+    partitions: int = bounded(2, ge=1)
     # Grade whole queries, in query_id order, up to this many pairs in all (at least one query; None: all).
-    limit: int | None = None
+    limit: int | None = bounded(None, ge=0)
     # Retry pairs whose earlier annotation failed (a tier failed, the product text was missing).
     retry_errors: bool = True
     # Annotate runs that may try one pair; a pair still failing after that keeps its error.
-    max_attempts: int = 3
+    max_attempts: int = bounded(3, ge=1)
     # Stop with an error when a tier fails on more than this share of the pairs sent to it.
-    max_tier_failure_share: float = 0.05
+    max_tier_failure_share: float = bounded(0.05, ge=0, le=1)
     # When another annotate holds this warehouse: wait this long for it, then stop naming it.
-    lock_wait_s: float = 0.0
+    lock_wait_s: float = bounded(0.0, ge=0)
     # LLM tier calls (pairs sent to tier 2 or 3; HTTP retries not counted) per run, spent on the pairs tier 1 is
     # least sure of; the rest keep tier 1's grade with escalation 'budget' for a later run. None: unlimited.
-    llm_budget: int | None = None
+    llm_budget: int | None = bounded(None, ge=0)
     # `auto`: send no pair up to an LLM tier when `judge calibrate` fitted the combinations of these tiers and kept
     # none (the first tier decides every pair, so the calls would buy grades that decide nothing); unsure pairs are
     # stored with escalation 'budget'. `always`: escalate anyway, to record the LLM's grades.
     escalate: str = "auto"
 
     def validate(self) -> None:
-        if self.chunk_size < 1 or self.partitions < 1 or self.max_attempts < 1:
-            raise ValueError("chunk_size, partitions and max_attempts must be >= 1")
-        if self.limit is not None and self.limit < 0:
-            raise ValueError("limit must be >= 0")
-        if not 0.0 <= self.max_tier_failure_share <= 1.0:
-            raise ValueError("max_tier_failure_share must be in [0, 1]")
-        if self.lock_wait_s < 0:
-            raise ValueError("lock_wait_s must be >= 0")
-        if self.llm_budget is not None and self.llm_budget < 0:
-            raise ValueError("llm_budget must be >= 0 (or empty: unlimited)")
         if self.escalate not in ("auto", "always"):
             raise ValueError(f"escalate must be 'auto' or 'always', got {self.escalate!r}")
 

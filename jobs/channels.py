@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 from pyspark.sql import functions as F
 
+from annomine.bounds import bounded
 from annomine.ingestion import assign_segments
 from annomine.overlap import format_summary, overlap_per_query, save_report, summarise
 from annomine.query_log import build_query_log
@@ -48,29 +49,29 @@ RETRIEVER_VERSION = "1"  # bump when a retriever's ranking logic changes: a new 
 class ChannelsConfig:
     # Channels to run: names of the channel registry (default: the built-ins, vocabulary.CHANNELS).
     channels: list[str] = field(default_factory=lambda: list(CHANNELS))
-    top_k: int = 500
+    top_k: int = bounded(500, ge=1)
     # Queries to run, by origin (labelled, log, built).
     origins: list[str] = field(default_factory=lambda: ["labelled", "log", "built"])
     # Query-log builder: how many queries to sample from the catalog (0: none).
-    n_built_queries: int = 0
+    n_built_queries: int = bounded(0, ge=0)
     built_seed: int = 13
     # ANN channel.
     encoder: str = "minilm"
-    max_length: int = 64
-    encode_batch_size: int = 128
-    embed_chunk: int = 4096
+    max_length: int = bounded(64, ge=8)
+    encode_batch_size: int = bounded(128, ge=1)
+    embed_chunk: int = bounded(4096, ge=1)
     ann_index: str = "flat"
     # BM25 channel.
-    bm25_k1: float = 1.5
-    bm25_b: float = 0.75
+    bm25_k1: float = bounded(1.5, ge=0)
+    bm25_b: float = bounded(0.75, ge=0, le=1)
     # Per-channel settings by channel name: fields of the channel's config dataclass (overrides the keys above).
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Spark: number of query partitions for mapInPandas (0: the engine's default).
-    query_partitions: int = 0
+    query_partitions: int = bounded(0, ge=0)
     # Recompute every (query, channel) of the run even when already logged.
     refresh: bool = False
     # Overlap report over each channel's top-report_k; folder default <warehouse>/reports.
-    report_k: int = 100
+    report_k: int = bounded(100, ge=1)
     report_dir: str | None = None
     mlflow: bool = True
 
@@ -85,12 +86,6 @@ class ChannelsConfig:
         bad = [o for o in self.origins if o not in ("labelled", "log", "built")]
         if bad:
             raise ValueError(f"origins must be among labelled, log, built; got {bad}")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.n_built_queries < 0:
-            raise ValueError(f"n_built_queries must be >= 0, got {self.n_built_queries}")
-        if self.report_k < 1:
-            raise ValueError(f"report_k must be >= 1, got {self.report_k}")
         for name in known:
             self.channel_config(name)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from pyspark.sql import functions as F
 
 from annomine import curriculum as cur
+from annomine.bounds import bounded
 from annomine.runtime import JobContext, run_job
 from annomine.splits import DEV_FRACTION, SEED, TEST_FRACTION, split_of
 from training.shards import write_manifest, write_stage_shards
@@ -60,15 +61,16 @@ class CurriculumConfig:
     negative_max_grade: int = 2
     judge_version: str | None = None
     set_logic_fallback: list[str] = field(default_factory=lambda: ["random_negative"])
-    max_group_size: int = 8
+    # Items per listwise group: the positive and up to max_group_size - 1 others.
+    max_group_size: int = bounded(8, ge=2)
     # Shards: files per stage (a multiple of every worker count you will use) and rows per row group.
-    num_files: int = 4
-    row_group_size: int = 256
+    num_files: int = bounded(4, ge=1)
+    row_group_size: int = bounded(256, ge=1)
     shards_dir: str | None = None  # default <warehouse>/shards
     dev_fraction: float = DEV_FRACTION
     test_fraction: float = TEST_FRACTION
     dev_seed: int = SEED
-    dev_pool_size: int = 1500
+    dev_pool_size: int = bounded(1500, ge=1)
     seed: int = 13
 
     def validate(self) -> None:
@@ -90,8 +92,6 @@ class CurriculumConfig:
             raise ValueError("need 0 <= test_fraction <= dev_fraction <= 1")
         if self.negative_max_grade >= self.positive_min_grade:
             raise ValueError("negative_max_grade must be below positive_min_grade")
-        if self.num_files < 1 or self.row_group_size < 1:
-            raise ValueError("num_files and row_group_size must be positive")
         for c in self.set_logic_fallback:
             if c not in cur.CLASSES:
                 raise ValueError(f"set_logic_fallback: unknown class {c!r}")

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from annomine.bounds import bounded
 from annomine.config import SegmentsConfig
 from annomine.evaluation import folds as folds_lib
 from annomine.evaluation import inputs as inputs_lib
@@ -86,13 +87,14 @@ class EvaluateConfig:
     labels: str | None = None
     # test (reporting only, never used for selection) | dev (selection) | train | all
     split: str = "test"
-    top_k: int = 100
+    top_k: int = bounded(100, ge=10)  # NDCG@10 needs ten results
     # Report JSON; unset = <warehouse>/evaluation/report_<split>.json (markdown and PNGs next to it).
     out: str | None = None
     # How queries and the catalog are encoded and indexed (lengths, batch, Spark above a size, cache, FAISS index).
     encode: EncodeSettings = field(default_factory=EncodeSettings)
-    bootstrap_resamples: int = 1000
-    confidence: float = 0.95
+    # Fewer than 100 resamples cannot place a confidence interval's ends (0 gives zero-width intervals).
+    bootstrap_resamples: int = bounded(1000, ge=100)
+    confidence: float = bounded(0.95, ge=0.5, lt=1)
     mlflow: bool = True
     register: bool = True
     registered_model_name: str = "annomine-two-tower"
@@ -102,12 +104,6 @@ class EvaluateConfig:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
         if not self.models:
             raise ValueError("models must name at least one model")
-        if self.top_k < 10:
-            raise ValueError("top_k must be >= 10 (NDCG@10 needs ten results)")
-        if not 0.5 <= self.confidence < 1:
-            raise ValueError("confidence must be in [0.5, 1)")
-        if self.bootstrap_resamples < 0:
-            raise ValueError("bootstrap_resamples must be >= 0")
         self.encode.index.validate()
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from annomine.bounds import bounded
 from annomine.config import ProjectConfig
 from annomine.judges.cascade import CascadeConfig
 from annomine.encoders import MINILM
@@ -57,12 +58,12 @@ class JudgeConfig:
     # Human labels: files in the CrowdFlower layout; empty = the human_labels/queries/products tables.
     labels: LabelFiles | None = None
     # Share of train queries held out (by query) for calibration and the decision rule.
-    calibration_fraction: float = 0.25
+    calibration_fraction: float = bounded(0.25, gt=0, lt=1)
     # Calibrated agreement a tier must reach on a class to settle a pair without escalating.
-    target_agreement: float = 0.9
+    target_agreement: float = bounded(0.9, gt=0, le=1)
     # LLM tiers are calibrated (and the combiner fitted) on at most this many calibration pairs: those tier 1 is
     # least sure of, as those are what escalates (None: every calibration pair).
-    llm_calibration_pairs: int | None = 300
+    llm_calibration_pairs: int | None = bounded(300, ge=1)
     # The combination of the tiers' distributions is kept only when its out-of-fold QWK beats tier 1 alone by this.
     combiner_min_gain: float = 0.01
     # After the decision rule, cut-points and calibration are fitted on the calibration queries (with a model
@@ -78,12 +79,6 @@ class JudgeConfig:
     log_mlflow: bool = True
 
     def validate(self) -> None:
-        if not 0.0 < self.calibration_fraction < 1.0:
-            raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
-        if not 0.0 < self.target_agreement <= 1.0:
-            raise ValueError(f"target_agreement must be in (0, 1], got {self.target_agreement}")
-        if self.llm_calibration_pairs is not None and self.llm_calibration_pairs < 1:
-            raise ValueError(f"llm_calibration_pairs must be >= 1 (or empty: all), got {self.llm_calibration_pairs}")
         if self.ranking_baseline and self.ranking_baseline not in (MINILM, TINY) and not Path(self.ranking_baseline).exists():
             raise ValueError(f"ranking_baseline: no model folder {self.ranking_baseline!r} ('{MINILM}', '{TINY}' or a local "
                              "Hugging Face folder; empty: skip the check)")

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from annomine.bounds import bounded
 from annomine.config import from_dict as _typed
 from training.losses import loss_class
 
@@ -30,30 +31,30 @@ class TrainSettings:
     # 'minilm' (bundled all-MiniLM-L6-v2), a local HF folder, or 'tiny[:HxL]' (random BERT; tests)
     base_model: str = "minilm"
     shared: bool = True
-    query_max_len: int = 16
-    item_max_len: int = 64
-    batch_size: int = 64  # per rank
-    lr: float = 2e-5
-    loss_lr: float = 1e-2  # learnable loss parameters (BCE temperature and bias)
-    lr_by_loss: dict[str, float] = field(default_factory=dict)  # per-loss learning rate, e.g. {bce: 1.0e-5}
+    query_max_len: int = bounded(16, ge=1)
+    item_max_len: int = bounded(64, ge=1)
+    batch_size: int = bounded(64, ge=1)  # per rank
+    lr: float = bounded(2e-5, gt=0)
+    loss_lr: float = bounded(1e-2, gt=0)  # learnable loss parameters (BCE temperature and bias)
+    lr_by_loss: dict[str, float] = bounded({}, gt=0)  # per-loss learning rate, e.g. {bce: 1.0e-5}
     keep_start_if_better: bool = True  # a stage whose epochs all score below its starting weights on dev is dropped
     # WiSE-FT (training.interpolation): after the last stage, these fractions of the way from the starting weights
     # to the trained ones compete with the trained model on the dev check; the best is the final model ([]: off)
     interpolate_alphas: list[float] = field(default_factory=list)
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    epochs_per_stage: int = 1
-    max_steps_per_epoch: int | None = None
-    threads: int | None = field(default=None, metadata=VOLATILE)  # torch threads per rank (None: torch's default)
+    weight_decay: float = bounded(0.01, ge=0)
+    warmup_ratio: float = bounded(0.1, ge=0, lt=1)
+    max_grad_norm: float = bounded(1.0, gt=0)
+    epochs_per_stage: int = bounded(1, ge=1)
+    max_steps_per_epoch: int | None = bounded(None, ge=1)
+    threads: int | None = bounded(None, ge=1, metadata=VOLATILE)  # torch threads per rank (None: torch's default)
     bf16: bool = True  # autocast on GPU
     resume: bool = field(default=True, metadata=VOLATILE)
     # a resumable checkpoint every N batches too (0: at epoch ends only); a resumed run reproduces an
     # uninterrupted one whatever its checkpoint interval
-    checkpoint_every_batches: int = field(default=200, metadata=VOLATILE)
-    dev_max_queries: int | None = None
-    shuffle_buffer: int = 2048
-    log_every: int = field(default=10, metadata=VOLATILE)
+    checkpoint_every_batches: int = bounded(200, ge=0, metadata=VOLATILE)
+    dev_max_queries: int | None = bounded(None, ge=1)
+    shuffle_buffer: int = bounded(2048, ge=1)
+    log_every: int = bounded(10, ge=1, metadata=VOLATILE)
     progress: bool = field(default=True, metadata=VOLATILE)
     seed: int = 13
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from annomine.bounds import bounded
+
 log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
@@ -22,22 +24,17 @@ INDEX_KINDS = ("flat", "hnsw", "ivf")
 @dataclass
 class IndexConfig:
     kind: str = "flat"
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 128
+    hnsw_m: int = bounded(32, ge=1)
+    hnsw_ef_construction: int = bounded(200, ge=1)
+    hnsw_ef_search: int = bounded(128, ge=1)
     # 0: chosen from the catalog size (about 4 * sqrt(n), at least 39 training points per list).
-    ivf_nlist: int = 0
-    ivf_nprobe: int = 16
+    ivf_nlist: int = bounded(0, ge=0)
+    ivf_nprobe: int = bounded(16, ge=1)
     seed: int = 13
 
     def validate(self) -> None:
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"kind must be one of {list(INDEX_KINDS)}, got {self.kind!r}")
-        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.ivf_nlist < 0:
-            raise ValueError("ivf_nlist must be >= 0 (0 = automatic)")
 
 
 def _as_matrix(vectors: np.ndarray) -> np.ndarray:

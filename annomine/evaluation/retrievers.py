@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from annomine.bounds import bounded
+from annomine.errors import AnnomineError
 from annomine.evaluation.index import IndexConfig, retrieve_dense
 from annomine.evaluation.metrics import HYBRID_SUFFIX
 
@@ -50,7 +52,7 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "dbfs:/")
 TWO_TOWER_META = "twotower.json"
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(AnnomineError, ValueError):
     """A model spec names nothing that can be loaded."""
 
 
@@ -82,12 +84,12 @@ class ModelSpec:
 
 @dataclass
 class EncodeSettings:
-    query_max_len: int = 16
-    item_max_len: int = 64
-    batch_size: int = 128
+    query_max_len: int = bounded(16, ge=1)
+    item_max_len: int = bounded(64, ge=1)
+    batch_size: int = bounded(128, ge=1)
     # Catalogs larger than this are encoded in Spark (a products table always is).
-    spark_threshold: int = 50000
-    spark_partitions: int = 4
+    spark_threshold: int = bounded(50000, ge=0)
+    spark_partitions: int = bounded(4, ge=1)
     cache: bool = True
     index: IndexConfig = field(default_factory=IndexConfig)
 

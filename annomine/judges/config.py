@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from annomine.bounds import bounded
+
 
 @dataclass
 class LLMTierConfig:
@@ -17,26 +19,26 @@ class LLMTierConfig:
     # (annomine/judges/local_models.py: smollm2-135m, qwen2.5-coder-1.5b) or a path to a .gguf file.
     server: str | None = None
     # Local server only: threads, context length, and how long it may take to load the model.
-    n_threads: int = 2
-    n_ctx: int = 2048
-    startup_timeout_s: float = 180.0
+    n_threads: int = bounded(2, ge=1)
+    n_ctx: int = bounded(2048, ge=256)
+    startup_timeout_s: float = bounded(180.0, gt=0)
     api_key_env: str | None = None
     secret_scope: str | None = None
     secret_key: str | None = None
     prompt_version: str = "v1"
-    temperature: float = 0.0
-    max_tokens: int = 96
-    timeout_s: float = 30.0
+    temperature: float = bounded(0.0, ge=0)
+    max_tokens: int = bounded(96, ge=1)
+    timeout_s: float = bounded(30.0, gt=0)
     # Each retry after a timeout waits this many times longer (empty: 2 for `server: local`, whose answers
     # slow down with the machine's load and whose retry restarts the generation; 1, a fixed timeout, otherwise).
-    timeout_growth: float | None = None
-    max_attempts: int = 4
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 20.0
+    timeout_growth: float | None = bounded(None, ge=1)
+    max_attempts: int = bounded(4, ge=1)
+    backoff_base_s: float = bounded(0.5, ge=0)
+    backoff_max_s: float = bounded(20.0, ge=0)
     # Ask for token log-probabilities (confidence from the grade token's distribution).
     logprobs: bool = True
     # Alternatives per token asked for with logprobs (OpenAI allows at most 20).
-    top_logprobs: int = 10
+    top_logprobs: int = bounded(10, ge=1, le=20)
     # Constrain the answer to the grade JSON: `json_schema` (OpenAI, vLLM), `json_object` (a schema in
     # llama.cpp's json_object form) or `none`; empty: json_object for `server: local`, json_schema otherwise.
     response_format: str | None = None
@@ -47,31 +49,21 @@ class LLMTierConfig:
     reason: bool | None = None
     # Requests this tier keeps open per worker process (empty: the cascade's share; a local server
     # answers one request at a time, so it defaults to 1 there).
-    max_concurrency: int | None = None
+    max_concurrency: int | None = bounded(None, ge=1)
     # Confidence when the endpoint gives no log-probabilities (stated in tier_outputs as 'fallback').
-    fallback_confidence: float = 0.7
+    fallback_confidence: float = bounded(0.7, ge=0, le=1)
     # Escalation threshold while the tier has no calibration of its own.
-    default_threshold: float = 0.8
+    default_threshold: float = bounded(0.8, ge=0, le=1)
     # Extra HTTP headers (non-secret) sent with every request.
     extra_headers: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-        if not 0.0 <= self.fallback_confidence <= 1.0:
-            raise ValueError("fallback_confidence must be in [0, 1]")
         if self.server not in (None, "local"):
             raise ValueError(f"server must be 'local' or empty, got {self.server!r}")
         if self.server == "local" and self.base_url:
             raise ValueError("server: local starts its own endpoint: leave base_url empty")
         if self.response_format not in (None, "json_schema", "json_object", "none"):
             raise ValueError(f"response_format must be json_schema, json_object or none, got {self.response_format!r}")
-        if self.n_threads < 1 or self.n_ctx < 256 or not 1 <= self.top_logprobs <= 20:
-            raise ValueError("n_threads must be >= 1, n_ctx >= 256 and top_logprobs in [1, 20]")
-        if self.max_concurrency is not None and self.max_concurrency < 1:
-            raise ValueError("max_concurrency must be >= 1")
-        if self.timeout_growth is not None and self.timeout_growth < 1.0:
-            raise ValueError(f"timeout_growth must be >= 1, got {self.timeout_growth}")
 
     @property
     def effective_response_format(self) -> str:
@@ -101,13 +93,13 @@ class LoopbackConfig:
     # Start it in this process for every tier without a base_url (stopped when the cascade closes).
     embedded: bool = False
     # Added to every request.
-    latency_ms: float = 0.0
+    latency_ms: float = bounded(0.0, ge=0)
     # Injected faults, e.g. '429=0.1,500=0.05,slow=0.05' (kinds: 429, 500, slow, malformed, truncated, garbage, 401).
     faults: str = ""
     # Extra delay of a 'slow' fault.
-    slow_ms: float = 3000.0
+    slow_ms: float = bounded(3000.0, ge=0)
     # Retry-After seconds sent with a 429.
-    retry_after_s: float = 1.0
+    retry_after_s: float = bounded(1.0, ge=0)
     # Seed of the fault draws.
     seed: int = 0
 
@@ -122,8 +114,8 @@ class CascadeConfig:
     # The loopback test server, started in-process for tiers without base_url when `embedded`.
     loopback: LoopbackConfig = field(default_factory=LoopbackConfig)
     # Concurrent LLM requests for the whole job (split across partitions / workers).
-    max_concurrency_total: int = 16
-    tier1_batch_size: int = 64
+    max_concurrency_total: int = bounded(16, ge=1)
+    tier1_batch_size: int = bounded(64, ge=1)
     # Decide escalated pairs with the fitted combination of every consulted tier's grade distribution
     # (annomine/judges/combiner.py; fitted by `annomine judge calibrate`, kept only when it beats the first
     # tier alone). Without one, or with false, the first tier decides every pair and LLM grades are recorded only.
@@ -132,8 +124,6 @@ class CascadeConfig:
     def validate(self) -> None:
         if not (self.tier1 or self.tier2 or self.tier3):
             raise ValueError("at least one tier must be enabled")
-        if self.max_concurrency_total < 1:
-            raise ValueError("max_concurrency_total must be >= 1")
         for name in ("tier2", "tier3"):
             tier = getattr(self, name)
             if tier is not None and not tier.base_url and tier.server != "local" and not self.loopback.embedded:

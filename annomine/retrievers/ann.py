@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from annomine.bounds import bounded
 from annomine.retrievers.registry import Channel, ChannelInputs
 from annomine.vocabulary import ANN
 
@@ -113,16 +114,14 @@ class ANNRetriever:
 @dataclass(frozen=True)
 class ANNConfig:
     encoder: str = "minilm"
-    max_length: int = 64
-    encode_batch_size: int = 128
-    embed_chunk: int = 4096
+    max_length: int = bounded(64, ge=8)
+    encode_batch_size: int = bounded(128, ge=1)
+    embed_chunk: int = bounded(4096, ge=1)
     ann_index: str = "flat"
 
     def validate(self) -> None:
         if self.ann_index not in ("flat", "hnsw", "auto"):
             raise ValueError(f"ann_index must be flat, hnsw or auto, got {self.ann_index!r}")
-        if self.max_length < 8 or self.embed_chunk < 1:
-            raise ValueError(f"embed_chunk must be >= 1 and max_length >= 8, got {self.embed_chunk} and {self.max_length}")
 
     @property
     def model_key(self) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from annomine.bounds import bounded
 from annomine.retrievers.analysis import analyze
 from annomine.retrievers.registry import Channel, ChannelInputs
 from annomine.vocabulary import BM25
@@ -65,8 +66,8 @@ class BM25Retriever:
 
 @dataclass(frozen=True)
 class BM25Config:
-    k1: float = 1.5
-    b: float = 0.75
+    k1: float = bounded(1.5, ge=0)
+    b: float = bounded(0.75, ge=0, le=1)
 
 
 def build(inputs: ChannelInputs, config: BM25Config) -> BM25Retriever:

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from annomine.bounds import bounded
 from training.losses.base import PointwiseLoss, register
 
 
 @dataclass
 class BCEParams:
-    init_temperature: float = 20.0
+    init_temperature: float = bounded(20.0, gt=0)
     learn_bias: bool = True
 
 

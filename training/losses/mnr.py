@@ -9,13 +9,14 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from annomine.bounds import bounded
 from training.losses.base import PairLoss, false_negative_mask, register
 
 
 @dataclass
 class MNRParams:
-    scale: float = 20.0
-    margin_delta: float | None = 0.1  # None disables the false-negative margin mask
+    scale: float = bounded(20.0, gt=0)
+    margin_delta: float | None = bounded(0.1, ge=0) # None disables the false-negative margin mask
 
 
 @register

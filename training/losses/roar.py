@@ -13,14 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from annomine.bounds import bounded
 from training.losses.base import ListLoss, false_negative_mask, register
 
 
 @dataclass
 class ROARParams:
     beta: float = 0.1
-    tau: float = 0.01
-    margin_delta: float | None = 0.1  # None disables the false-negative margin mask
+    tau: float = bounded(0.01, gt=0)
+    margin_delta: float | None = bounded(0.1, ge=0) # None disables the false-negative margin mask
 
 
 @register

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from annomine.bounds import bounded
 from training.losses.base import PairLoss, register
 
 
 @dataclass
 class TripletParams:
-    margin: float = 0.3
+    margin: float = bounded(0.3, ge=0)
 
 
 @register
