@@ -27,6 +27,11 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def one_line(message: str) -> str:
+    """`message` on one line: its lines (an embedded tool's output, say) joined with ' | '."""
+    return " | ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def guarded(prog: str, main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run a stage's `main(argv)`; a user-facing error becomes one line on stderr and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -35,16 +40,34 @@ def guarded(prog: str, main: Callable[[list[str]], int | None], argv: list[str] 
     try:
         return int(main(argv) or 0)
     except AnnomineError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        if not debug:
-            print(f"{prog}: (--debug shows the traceback; README, 'Troubleshooting', says what errors mean)",
-                  file=sys.stderr)
-        return USER_ERROR_EXIT
+        return _report(prog, exc, debug)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        user_error = _user_error_behind(exc)
+        if user_error is None:
+            raise
+        return _report(prog, user_error, debug)
+
+
+def _user_error_behind(exc: Exception) -> AnnomineError | None:
+    """The user-facing cause of an engine failure (a damaged table file), else None: a bug keeps its traceback."""
+    if "annomine.tables" not in sys.modules:  # no table was opened
+        return None
+    from annomine.tables import damaged_table_error
+
+    return damaged_table_error(exc)
+
+
+def _report(prog: str, exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"{prog}: error: {one_line(str(exc))}", file=sys.stderr)
+    if not debug:
+        print(f"{prog}: (--debug shows the traceback; README, 'Troubleshooting', says what errors mean)",
+              file=sys.stderr)
+    return USER_ERROR_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,3 +14,11 @@ class AnnomineError(Exception):
 
 class MissingInputError(AnnomineError, FileNotFoundError):
     """Something a stage reads is absent: a file, a table an earlier stage writes, a trained model."""
+
+
+class DamagedInputError(AnnomineError):
+    """Something a stage reads is there but unreadable: a truncated file, a table missing one of its data files."""
+
+
+class EndpointError(AnnomineError, RuntimeError):
+    """An endpoint cannot be used: its key is not set, it does not answer, its port is taken."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from annomine.errors import MissingInputError
+from annomine.errors import AnnomineError, MissingInputError
 
 log = logging.getLogger("annomine.sql")
 
@@ -35,8 +35,15 @@ _TABLE_REF = re.compile(r"\$\{namespace\}\.([A-Za-z_][A-Za-z0-9_]*)")
 _CREATED_VIEW = re.compile(r"^\s*CREATE\s+(?:OR\s+REPLACE\s+)?VIEW\s+\$\{namespace\}\.([A-Za-z_][A-Za-z0-9_]*)", re.I)
 
 
-class SqlFileError(ValueError):
+class SqlFileError(AnnomineError, ValueError):
     """A SQL file is malformed (unknown placeholder, no statement); the message names the file."""
+
+
+class UnknownQueryError(AnnomineError, KeyError):
+    """A query name matches no SQL file; the message names it and the folder."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def default_sql_dir() -> Path:
@@ -248,7 +255,7 @@ class SqlRunner:
         """The DataFrame of one example query by file name (views must exist: `create_views`)."""
         matches = [f for f in sql_files(sql_dir) if f.name == name or f.path.name == name]
         if not matches:
-            raise KeyError(f"no SQL file named {name!r} in {sql_dir or default_sql_dir()}")
+            raise UnknownQueryError(f"no SQL file named {name!r} in {sql_dir or default_sql_dir()}")
         results = self.run_file(matches[0])
         last = results[-1]
         if last.skipped:
@@ -269,15 +276,22 @@ def runner_for(ctx) -> SqlRunner:
     return SqlRunner(ctx.spark, namespace_of(ctx.project), exists, written_by)
 
 
+def check_names(names: Iterable[str] | None, sql_dir: str | os.PathLike | None = None) -> list[SqlFile]:
+    """The SQL files of `sql_dir`; an error naming every one of `names` that matches none of them."""
+    files = sql_files(sql_dir)
+    known = {f.name for f in files} | {f.path.name for f in files}
+    unknown = sorted(set(names or []) - known)
+    if unknown:
+        raise UnknownQueryError(f"no SQL file(s) {unknown} in {sql_dir or default_sql_dir()}; "
+                                f"available: {sorted(f.name for f in files)}")
+    return files
+
+
 def run_all(ctx, names: Iterable[str] | None = None, sql_dir: str | os.PathLike | None = None) -> list[SqlResult]:
     """Create the views, then run the named queries (all when `names` is empty)."""
     runner = runner_for(ctx)
-    files = sql_files(sql_dir)
+    files = check_names(names, sql_dir)
     wanted = set(names or [])
-    known = {f.name for f in files} | {f.path.name for f in files}
-    unknown = sorted(wanted - known)
-    if unknown:
-        raise KeyError(f"no SQL file(s) {unknown}; available: {sorted(f.name for f in files)}")
     results = runner.create_views(sql_dir)
     for f in files:
         if f.is_views or (wanted and f.name not in wanted and f.path.name not in wanted):
@@ -302,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{f.name:34s} {f.description}")
         return 0
     project = load_project_config(args.conf, args.overrides)
+    check_names(args.queries, args.sql_dir)
     ctx = open_context(project)
     for result in run_all(ctx, args.queries, args.sql_dir):
         if result.skipped:

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from annomine.bounds import bounded
 from annomine.curriculum import VARIANTS
 from annomine.errors import MissingInputError
 from annomine.locks import warehouse_lock
@@ -63,8 +64,8 @@ class TrainConfig(TrainSettings):
     best_variant: str | None = None
     losses: LossesConfig = field(default_factory=LossesConfig)
     launcher: str = "auto"  # auto: inprocess for 1 process, torchrun for more
-    num_proc: int = 2  # ranks; batch_size is per rank
-    lock_wait_s: float = 0.0  # another train on this warehouse: wait this long for it, then stop naming it
+    num_proc: int = bounded(2, ge=1)  # ranks; batch_size is per rank
+    lock_wait_s: float = bounded(0.0, ge=0)  # another train on this warehouse: wait this long for it, then stop naming it
     shards_dir: str | None = None  # default <warehouse>/shards
     log_checkpoints: bool = True
     mlflow: bool = True
@@ -92,10 +93,6 @@ class TrainConfig(TrainSettings):
                 raise ValueError(f"soups.{name}.of: {soup.of!r} is not a trained variant; use one of {list(VARIANTS)}")
         if self.launcher not in ("auto", *LAUNCHERS):
             raise ValueError(f"launcher must be auto or one of {list(LAUNCHERS)}, got {self.launcher!r}")
-        if self.num_proc < 1 or self.batch_size < 1 or self.epochs_per_stage < 1:
-            raise ValueError("num_proc, batch_size and epochs_per_stage must be positive")
-        if self.checkpoint_every_batches < 0:
-            raise ValueError(f"checkpoint_every_batches must be >= 0 (0: epoch ends only), got {self.checkpoint_every_batches}")
         check_alphas(self.interpolate_alphas)
         unknown = set(self.lr_by_loss) - set(LOSS_REGISTRY)
         if unknown:
@@ -228,11 +225,22 @@ def run(ctx: JobContext, cfg: TrainConfig) -> dict:
         return _soup(ctx, cfg) if cfg.variant in cfg.soups else _train(ctx, cfg)
 
 
+def _shards_manifest(shards_root: str, variant: str) -> dict:
+    """The manifest of `variant`'s training shards; an error naming the folder when the curriculum wrote none."""
+    try:
+        return read_manifest(shards_root)
+    except MissingInputError:
+        raise
+    except FileNotFoundError as exc:
+        raise MissingInputError(f"{exc} (variant {variant!r}: list it in curriculum.variants and run "
+                                "`annomine curriculum`)") from exc
+
+
 def _train(ctx: JobContext, cfg: TrainConfig, name: str | None = None) -> dict:
     """Train `cfg.variant` (published as `name`: the variant, or a soup's member); its pointer."""
     name = name or cfg.variant
     spec = build_spec(ctx, cfg, name)
-    manifest = read_manifest(spec.shards_root)
+    manifest = _shards_manifest(spec.shards_root, cfg.variant)
     run_dir = _prepare_run_dir(spec, manifest, cfg, name)
     run_id = None
     if cfg.mlflow:

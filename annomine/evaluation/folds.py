@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import pandas as pd
 
+from annomine.errors import AnnomineError
 from annomine.evaluation import metrics as metrics_lib
 from annomine.splits import FOLDS
 
 
-class FoldReportError(ValueError):
+class FoldReportError(AnnomineError, ValueError):
     """The fold reports cannot be pooled (a fold missing, another split, queries reported twice)."""
 
 

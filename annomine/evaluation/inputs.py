@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from annomine import text as textlib
+from annomine.errors import AnnomineError
 from annomine.evaluation.retrievers import Catalog
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 _CONTROL = re.compile("[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f]")
 
 
-class InputError(ValueError):
+class InputError(AnnomineError, ValueError):
     """An input file is missing or lacks a required column."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from annomine.errors import DamagedInputError, EndpointError
 from annomine.judges.calibration import Calibrator, fit_calibrator
 from annomine.judges.combiner import Combiner, distribution, fit_path
 from annomine.judges.config import CascadeConfig, LLMTierConfig  # noqa: F401 - re-exported
@@ -50,8 +51,16 @@ class Tier1:
     name = "tier1"
 
     def __init__(self, folder: str | Path, grades: list[int]):
+        from annomine.judges.cross_encoder import check_weights
+
         self.folder = str(Path(folder).resolve())
-        meta = json.loads((Path(folder) / "judge.json").read_text())
+        meta_path = Path(folder) / "judge.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DamagedInputError(f"{meta_path}: not a readable judge description ({exc}); train the judge again "
+                                    "(annomine judge train) or set cascade.judge to another version") from exc
+        check_weights(folder)  # here, on the driver: a damaged file is one error, not one per Spark task
         if list(meta["grades"]) != list(grades):
             raise ValueError(f"judge {folder} grades {meta['grades']} but the project scale is {grades}")
         self.version = meta.get("version") or Path(folder).name
@@ -410,8 +419,9 @@ def calibrate_cascade(cascade: Cascade, cal_df: pd.DataFrame, target_agreement: 
         if fit_this:
             if not ok:
                 dead = [r for r in (srv.exit_report() for srv in cascade.local_servers) if r]
-                raise RuntimeError(f"{tier.name}: no calibration pair could be graded (first error: {results[0].error})"
-                                   + "".join(f"; {r}" for r in dead))
+                where = f" ({tier.base_url})" if isinstance(tier, LLMTier) else ""
+                raise EndpointError(f"{tier.name}{where}: no calibration pair could be graded (first error: "
+                                    f"{results[0].error})" + "".join(f"; {r}" for r in dead))
             cal = fit_calibrator([results[i].grade for i in ok], [results[i].raw_confidence for i in ok], truth[rows][ok],
                                  cascade.grades, target_agreement)
             if isinstance(tier, Tier1):

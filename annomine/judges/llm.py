@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from annomine.errors import EndpointError
 from annomine.judges.config import LLMTierConfig
 from annomine.judges.prompt import MalformedAnswer, build_messages, parse_answer
 
@@ -103,11 +104,12 @@ def resolve_api_key(cfg: LLMTierConfig, base_url: str | None) -> str:
 
             return DBUtils(SparkSession.getActiveSession()).secrets.get(cfg.secret_scope, cfg.secret_key)
         except Exception as exc:  # noqa: BLE001
-            raise RuntimeError(f"tier {cfg.model}: cannot read secret {cfg.secret_scope}/{cfg.secret_key}: {type(exc).__name__}") from None
+            raise EndpointError(f"tier {cfg.model} ({base_url}): cannot read secret {cfg.secret_scope}/{cfg.secret_key}: "
+                                f"{type(exc).__name__}") from None
     if is_loopback(base_url):
         return LOOPBACK_KEY
     where = f"environment variable {cfg.api_key_env}" if cfg.api_key_env else "api_key_env / secret_scope (none configured)"
-    raise RuntimeError(f"tier {cfg.model}: no API key: {where} is not set")
+    raise EndpointError(f"tier {cfg.model} ({base_url}): no API key: {where} is not set")
 
 
 def _retry_after_seconds(exc) -> float | None:
