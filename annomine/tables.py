@@ -25,7 +25,7 @@ from pyspark.sql import types as T
 
 from annomine import parquet_tables
 from annomine.config import ProjectConfig
-from annomine.errors import MissingInputError
+from annomine.errors import DamagedInputError, MissingInputError
 from annomine.schemas import TABLES, TableSpec
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,24 @@ def check_schema(actual: T.StructType, expected: T.StructType, table: str) -> No
         raise SchemaMismatchError(f"refusing to write table '{table}': " + "; ".join(problems))
 
 
+# The table stores this process opened, by warehouse schema folder: where to look when the engine fails to read.
+_OPEN_STORES: dict[str, "TableStore"] = {}
+
+
+def damaged_table_error(exc: BaseException) -> DamagedInputError | None:
+    """When the engine error `exc` comes from a damaged table of an opened store (a data file deleted or
+    truncated), the error naming the table and the file; else None."""
+    from pyspark.errors import PySparkException
+
+    if not isinstance(exc, PySparkException):
+        return None
+    for store in reversed(list(_OPEN_STORES.values())):
+        problem = store.damage()
+        if problem:
+            return DamagedInputError(problem)
+    return None
+
+
 class TableStore:
     """Reads and writes annomine's logical tables on the current engine."""
 
@@ -68,6 +86,10 @@ class TableStore:
         self.unity_catalog = bool(project.catalog)
         self.format = project.table_format  # 'delta' or 'parquet' (folders only: ProjectConfig.validate)
         self.parquet = self.format == "parquet" and not self.unity_catalog
+        if not self.unity_catalog and not self.parquet:
+            folder = str(project.warehouse_path / project.schema)
+            _OPEN_STORES.pop(folder, None)
+            _OPEN_STORES[folder] = self  # the latest opened is looked at first
 
     # ---- names and locations -------------------------------------------------------------
     def spec(self, name: str) -> TableSpec:
@@ -131,6 +153,19 @@ class TableStore:
         if self.parquet:
             return parquet_tables.read(self.spark, self.location(name), self.spec(name).schema)
         return self.spark.read.format("delta").load(str(self.location(name)))
+
+    def damage(self) -> str | None:
+        """The first Delta table folder with a data file gone or truncated, as one line naming both; else None."""
+        from annomine.table_damage import delta_file_problem
+
+        for name in TABLES:
+            if not self.exists(name):
+                continue
+            problem = delta_file_problem(self.location(name))
+            if problem:
+                return (f"table '{name}' ({self.location(name)}): {problem}; restore the table folder from a copy, or "
+                        f"remove it and run the job that writes it again: {self.spec(name).written_by}")
+        return None
 
     def version(self, name: str) -> int | None:
         """Current version of a table (Delta's, or the Parquet pointer's), or None when it does not exist."""

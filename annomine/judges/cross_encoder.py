@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from annomine.bounds import bounded
+from annomine.errors import DamagedInputError
+
 log = logging.getLogger(__name__)
 
 TINY = "tiny"  # a small random BERT for tests (the MiniLM tokenizer, 2 layers of width 32)
@@ -33,24 +36,24 @@ TINY = "tiny"  # a small random BERT for tests (the MiniLM tokenizer, 2 layers o
 @dataclass
 class CrossEncoderSettings:
     base_model: str = "minilm"
-    max_length: int = 128
-    epochs: int = 3
-    batch_size: int = 16
-    learning_rate: float = 4e-5
-    head_learning_rate: float = 1e-3
-    warmup_share: float = 0.1
-    ordinal_weight: float = 0.5
+    max_length: int = bounded(128, ge=8)
+    epochs: int = bounded(3, ge=1)
+    batch_size: int = bounded(16, ge=1)
+    learning_rate: float = bounded(4e-5, gt=0)
+    head_learning_rate: float = bounded(1e-3, gt=0)
+    warmup_share: float = bounded(0.1, ge=0, lt=1)
+    ordinal_weight: float = bounded(0.5, ge=0)
     weight_by_variance: bool = True
-    max_train_pairs: int | None = None
+    max_train_pairs: int | None = bounded(None, ge=1)
     seed: int = 13
-    threads: int = 2
+    threads: int = bounded(2, ge=1)
     # Freeze the embeddings and the first N transformer layers (faster on CPU; -1: train everything).
-    freeze_layers: int = -1
+    freeze_layers: int = bounded(-1, ge=-1)
     # With frozen layers: compute their output once per pair and train the top layers on it.
     cache_frozen: bool = True
     # Product text cut to this many characters before tokenising (title | description snippet; 0: whole
     # text). Stored with the model, so annotation sees the same text as training. Shorter is faster.
-    max_text_chars: int = 0
+    max_text_chars: int = bounded(0, ge=0)
     # Decision rule: `auto` (the best on the calibration split of argmax / expected / cutpoints, cut-points
     # scored out-of-fold by query), or one of them outright.
     decision: str = "auto"
@@ -62,7 +65,7 @@ class CrossEncoderSettings:
     stack: bool = False
     stack_columns: list[str] | None = None   # default: stack.JUDGE_FEATURES
     stack_biencoder: str = "minilm"          # the bi-encoder of the cosine feature (zero-shot)
-    stack_c: float = 0.3                     # inverse L2 strength of the logistic regression
+    stack_c: float = bounded(0.3, gt=0)                    # inverse L2 strength of the logistic regression
     # Batches of similar length (sorted within random windows of 50 batches, then shuffled): less padding.
     length_bucketing: bool = True
 
@@ -213,6 +216,37 @@ class CrossEncoderModel:
             if meta["stack"].get("biencoder"):
                 model.biencoder = BiEncoder.load(meta["stack"]["biencoder"], folder)
         return model
+
+
+ENCODER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _read_weights(path: Path) -> None:
+    """Read every tensor's header of a weights file (a truncated file fails here; the model is not built)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key).get_shape()
+    else:
+        _torch().load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def check_weights(folder: str | Path) -> None:
+    """An error naming the weights file of judge `folder` (head.pt, the encoder's) that is missing or unreadable."""
+    folder = Path(folder)
+    encoder = [folder / "encoder" / name for name in ENCODER_WEIGHTS if (folder / "encoder" / name).is_file()]
+    if not encoder:
+        raise DamagedInputError(f"{folder / 'encoder'}: the judge's encoder has no weights file ({' or '.join(ENCODER_WEIGHTS)}); "
+                                "train the judge again (annomine judge train) or set cascade.judge to another version")
+    for path in [folder / "head.pt", *encoder]:
+        try:
+            _read_weights(path)
+        except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many kinds for a damaged file
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DamagedInputError(f"{path}: the judge's weights cannot be read ({reason}); train the judge again "
+                                    "(annomine judge train) or set cascade.judge to another version") from exc
 
 
 _CACHE: dict[str, CrossEncoderModel] = {}
