@@ -22,7 +22,7 @@ from annomine.judges.local_models import DEFAULT_MODEL, REGISTRY
 
 def main(argv: list[str] | None = None) -> int:
     from annomine.judges.local_models import resolve_model
-    from annomine.judges.local_server import LocalLLMServer
+    from annomine.judges.local_server import LocalLLMServer, LocalServerError, check_port_free
     from annomine.runtime import setup_logging
 
     setup_logging()
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model to load")
     args = parser.parse_args(argv)
+    if args.port:
+        check_port_free("127.0.0.1", args.port)
     path = resolve_model(args.model)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -48,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         if not server.running():
-            print("annomine llm-serve: the server exited on its own", file=sys.stderr)
-            return 1
+            raise LocalServerError(server.exit_report() or "the server exited on its own")
     return 0
 
 

@@ -55,6 +55,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise LocalServerError naming `host:port` when something already listens there (or it cannot be bound)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closing socket is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise LocalServerError(f"port {port} on {host} is not free ({exc.strerror or exc}): another server "
+                                   "listens there; stop it or pick another port (0: a free one)") from None
+
+
 def _tail(path: Path, lines: int = 15, limit: int = 2000) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -125,6 +136,8 @@ class LocalLLMServer:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> "LocalLLMServer":
+        if self.port:
+            check_port_free(self.host, self.port)
         if not llama_cpp_available():
             raise LocalServerError("the local LLM server needs llama-cpp-python: pip install 'llama-cpp-python[server]==0.3.36' "
                                    "(or pip install -e '.[llm]')")
@@ -163,14 +176,24 @@ class LocalLLMServer:
                                        f"({self.model_path.name}); its last output:\n{_tail(self.stderr_path)}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
-                    if resp.status == 200 and json.loads(resp.read()).get("data") is not None:
-                        return
+                    answered = resp.status == 200 and json.loads(resp.read()).get("data") is not None
             except (urllib.error.URLError, OSError, ValueError):
-                pass
+                answered = False
+            if answered:
+                self._check_answered_by_ours()
+                return
             if time.monotonic() > deadline:
                 raise LocalServerError(f"local LLM server {self.alias} did not answer {self.base_url}/models within "
                                        f"{self.startup_timeout_s:g}s; its last output:\n{_tail(self.stderr_path)}")
             time.sleep(0.25)
+
+    def _check_answered_by_ours(self) -> None:
+        """After a health check answered: our process must still run (else another server holds the port)."""
+        time.sleep(0.2)
+        rc = self.proc.poll()
+        if rc is not None:
+            raise LocalServerError(f"port {self.port} on {self.host} is taken by another server (it answered the health "
+                                   f"check; ours exited with status {rc}); stop it or pick another port (0: a free one)")
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
