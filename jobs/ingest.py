@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
+from annomine.bounds import bounded
 from annomine import ingestion
 from annomine.demo_shop import DEMO_FILES, write_demo_shop
 from annomine.errors import AnnomineError
@@ -36,9 +37,9 @@ class DemoShopConfig:
     """Generate the synthetic shop into `folder` (the demo's own) for configured files missing there."""
 
     folder: str = "data/demo"
-    n_products: int = 3000
-    n_queries: int = 400
-    n_labelled: int = 120
+    n_products: int = bounded(3000, ge=1)
+    n_queries: int = bounded(400, ge=1)
+    n_labelled: int = bounded(120, ge=1)
     seed: int = 7
 
     def validate(self) -> None:
@@ -81,13 +82,19 @@ def _report(table: str, read: int, loaded: int, quarantined: int, reasons: list)
     return line
 
 
-def _load(ctx: JobContext, table: str, good, quarantined, read_count: int) -> str:
+def _load(ctx: JobContext, table: str, good, quarantined, read_count: int, path: str) -> str:
+    """Write the good rows and the quarantined ones; an error naming the file when no row was good."""
     ctx.tables.merge(table, good)
     ctx.tables.merge("quarantine", quarantined)
     loaded = good.count()
     # ties broken by the reason: the report reads the same on every engine and every run
     reasons = quarantined.groupBy("reason").count().orderBy(F.desc("count"), "reason").collect()
-    return _report(table, read_count, loaded, sum(r["count"] for r in reasons), reasons)
+    report = _report(table, read_count, loaded, sum(r["count"] for r in reasons), reasons)
+    if loaded == 0:
+        raise IngestInputError(f"{path}: every row was quarantined, table '{table}' got none ({report}); "
+                               f"the rows and reasons are in table '{ctx.tables.qualified_name('quarantine')}' "
+                               "(annomine sql quarantine_summary)")
+    return report
 
 
 SOURCE_NAMES = ("products", "queries", "labels", "retrieval_logs")
@@ -161,16 +168,16 @@ def run(ctx: JobContext, cfg: IngestConfig) -> list[str]:
     if "products" in inputs:
         mapped, n = inputs["products"]
         good, bad = ingestion.validate_products(mapped, cfg.products.path)
-        lines.append(_load(ctx, "products", good, bad, n))
+        lines.append(_load(ctx, "products", good, bad, n, cfg.products.path))
     if "queries" in inputs:
         mapped, n = inputs["queries"]
         good, bad = ingestion.validate_queries(mapped, cfg.queries.path, cfg.queries_origin, ctx.project.segments)
-        lines.append(_load(ctx, "queries", good, bad, n))
+        lines.append(_load(ctx, "queries", good, bad, n, cfg.queries.path))
     if "labels" in inputs:
         mapped, n = inputs["labels"]
         good, bad = ingestion.validate_labels(mapped, cfg.labels.path, ctx.project.min_grade, ctx.project.max_grade,
                                               _known_ids(ctx, "queries", "query_id"), _known_ids(ctx, "products", "product_id"))
-        lines.append(_load(ctx, "human_labels", good, bad, n))
+        lines.append(_load(ctx, "human_labels", good, bad, n, cfg.labels.path))
     if cfg.retrieval_logs:
         from jobs.ingest_logs import ingest_retrieval_logs  # noqa: PLC0415 - optional path
 
