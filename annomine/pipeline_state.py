@@ -1,11 +1,11 @@
 """When is a pipeline stage current? A fingerprint of what it read, recorded after it ran.
 
 A stage's fingerprint hashes its config section (and the project section), the Delta versions of
-its input tables, and the contents of the artefact pointer files it reads (the current judge, the
-trained models) or the source files it ingests. Versions are taken *after* the stage ran, so a
-stage that also writes one of its inputs (channels appends built queries to `queries`) is still
-current on the next run. A stage is skipped when its fingerprint matches the recorded one and
-every output it declares still exists.
+its input tables, and the contents of the files it reads: the source files it ingests, the shard
+manifests and dev set it trains on, the pointers to the judge and the models it uses. Versions are
+taken *after* the stage ran, so a stage that also writes one of its inputs (channels appends built
+queries to `queries`) is still current on the next run. A stage is skipped when its fingerprint
+matches the recorded one and every output it declares still exists.
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ class PipelineState:
         now = fingerprint(stage, tables, project, cfg, config_doc)
         for part in ("config", "tables", "files"):
             if now[part] != recorded["fingerprint"].get(part):
-                changed = part if part == "config" else [k for k in now[part] if now[part][k] != recorded["fingerprint"].get(part, {}).get(k)]
+                before = recorded["fingerprint"].get(part) or {}
+                changed = part if part == "config" else sorted(k for k in {*now[part], *before}
+                                                              if now[part].get(k) != before.get(k))
                 return False, f"inputs changed: {changed}"
         return True, f"current (ran {recorded['finished_at']})"
 
