@@ -3,7 +3,8 @@ training rows.
 
 Labels come from the judge's grades (grade >= positive_min_grade: positive, grade <= negative_max_grade:
 negative, in between: ambiguous, dropped), not from the set logic alone; annotation errors, and grades
-given for other content than the pair's current query and product text, are dropped and counted; candidates without any annotation take their set-logic label only for the classes listed
+given for other content than the pair's current query and product text, are dropped and counted;
+candidates without any (current) annotation take their set-logic label only for the classes listed
 in `set_logic_fallback` (random negatives are usually not sent to the judge). The `no_llm` variant labels
 everything by set logic (positive classes: easy/hard positive). Human-labelled dev and test queries
 (`annomine.splits`) never reach a training set: their candidates get status `dev_query` / `test_query`.

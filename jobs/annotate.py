@@ -1,14 +1,13 @@
 """Stage `annotate`: grade mined candidates with the judge cascade into the `annotations` Delta table.
 
 Reads `mined_candidates` (query_id, product_id, query) and `products` (text), keeps the pairs not
-yet annotated for this judge version, those whose query or product text changed since they were graded
-(`annotations.content_hash`; a table without that column is graded again), plus those whose earlier
-annotation failed (retried until
-`max_attempts` runs have tried them), and grades them chunk by chunk through a pandas UDF
-(`mapInPandas`, see spark_udfs/annotation.py). Each chunk is committed with a MERGE on
-(query_id, product_id, judge_version) that only ever replaces a failed row, so a run killed midway
-and started again loses nothing and duplicates nothing; re-running grades only what is missing or
-failed. A pair on which a tier failed keeps a null grade and the error naming the tier; the run
+yet annotated for this judge version, those whose query or product text changed since they were
+graded (`annotations.content_hash`; a table without that column is graded again), plus those whose
+earlier annotation failed (retried until `max_attempts` runs have tried them), and grades them chunk
+by chunk through a pandas UDF (`mapInPandas`, see spark_udfs/annotation.py). Each chunk is committed
+with a MERGE on (query_id, product_id, judge_version) that only ever replaces a failed row (or one
+graded for other content), so a run killed midway and started again loses nothing and duplicates
+nothing; re-running grades only what is missing, changed or failed. A pair on which a tier failed keeps a null grade and the error naming the tier; the run
 stops with an error when a tier fails more than `max_tier_failure_share` of the pairs sent to it,
 and at once, writing nothing more, when an endpoint refuses the key. One annotate runs per
 warehouse at a time (annomine/locks.py). With `cascade.loopback.embedded` the job starts the

@@ -10,7 +10,8 @@
 
 Re-runs resume: a (query, channel) already logged for this run id, catalog and query text is skipped;
 when the catalog changed, the channel's rows of the run are replaced (DELETE + append), and when a
-query's text changed, that query's rows are, so keys never duplicate. (A SQL MERGE of ~600k rows takes ~1 minute on Sail; DELETE + append a second.)
+query's text changed, that query's rows are, so keys never duplicate. (A SQL MERGE of ~600k rows
+takes ~1 minute on Sail; DELETE + append a second.)
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Stage `ingest`: products, queries and human labels from files into bronze Delta tables.
 
 Bad rows go to the `quarantine` table with a reason; the job prints how many rows went where (with
-`mode: replace`, the default, how many rows of earlier loads the file's rows replaced; with `append`,
-how many it kept) and fails loudly, before any table is written, when a configured file does not exist or has no rows
-(`IngestInputError`) or lacks a required column (`SourceSchemaError`).
+`mode: replace`, the default, how many rows of earlier loads it removed; with `append`, how many it
+kept) and fails loudly, before any table is written, when a configured file does not exist or has no
+rows (`IngestInputError`) or lacks a required column (`SourceSchemaError`).
 
 The synthetic demo shop (`demo_shop`) is generated only into its own folder (`demo_shop.folder`,
 default data/demo): a configured file that is missing there is generated; one anywhere else is an
