@@ -28,6 +28,8 @@ class StageSpec:
     # Files read (pointer files, source files) and written, relative to the warehouse or absolute.
     input_files: Callable[[object, object], list[Path]] = lambda project, cfg: []
     output_files: Callable[[object, object], list[Path]] = lambda project, cfg: []
+    # Input tables the stage's config names (annotate's `source`).
+    configured_tables: Callable[[object, object], list[str]] = lambda project, cfg: []
 
     @property
     def module(self) -> str:
@@ -52,7 +54,8 @@ def fingerprint(stage: StageSpec, tables: TableStore, project, cfg, config_doc: 
     return {
         "config": hashlib.sha256(json.dumps([config_doc.get("project"), config_doc.get(stage.name)], sort_keys=True,
                                             default=str).encode()).hexdigest(),
-        "tables": {name: tables.version(name) for name in sorted(set(stage.input_tables))},
+        "tables": {name: tables.version(name)
+                   for name in sorted({*stage.input_tables, *stage.configured_tables(project, cfg)})},
         "files": {str(p): _file_digest(Path(p)) for p in stage.input_files(project, cfg)},
     }
 

@@ -30,7 +30,7 @@ STAGES: list[StageSpec] = [
     StageSpec("mine", ["retrieval_logs", "products", "queries"], ["mined_candidates"]),
     StageSpec("judge", ["human_labels", "products", "queries"], [], output_files=files.judge_pointer),
     StageSpec("annotate", ["mined_candidates", "products", "queries"], ["annotations"],
-              input_files=files.judge_pointer),
+              input_files=files.judge_pointer, configured_tables=lambda project, cfg: [cfg.source]),
     StageSpec("curriculum", ["mined_candidates", "annotations", "human_labels", "products", "queries"], [],
               output_files=files.curriculum_outputs),
     StageSpec("train", [], [], input_files=files.train_inputs, output_files=files.train_outputs),

@@ -198,3 +198,22 @@ def test_a_merge_reruns_when_a_constituent_is_trained_again(tmp_path, project):
     assert _check(state, "train", project, cfg)[0]
     (models / "human.json").write_text('{"variant": "human", "seed": 2}')
     assert _check(state, "train", project, cfg) == (False, f"inputs changed: {[str(models / 'human.json')]}")
+
+
+def test_annotate_reruns_when_the_table_its_config_names_changes(tmp_path, project):
+    from jobs import annotate
+
+    class Versions(_Versions):
+        def __init__(self):
+            self.versions = {}
+
+        def version(self, name):
+            return self.versions.get(name, 1)
+
+    tables, cfg = Versions(), annotate.AnnotateConfig(source="my_pairs")
+    spec = next(s for s in pipeline.STAGES if s.name == "annotate")
+    state = PipelineState(tmp_path / "pipeline_state.json")
+    state.record(spec, tables, project, cfg, {}, 1.0)
+    assert state.is_current(spec, tables, project, cfg, {})[0]
+    tables.versions["my_pairs"] = 2
+    assert state.is_current(spec, tables, project, cfg, {}) == (False, "inputs changed: ['my_pairs']")
