@@ -11,7 +11,7 @@ import hashlib
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 
-SEPARATOR = "\x1f"  # the ASCII unit separator: in no query or product text
+SEPARATOR = "\x1f"  # the ASCII unit separator (char(31) in sql/00_views.sql): in no query or product text
 
 
 def content_hash(query: Column, text: Column) -> Column:
