@@ -2,8 +2,9 @@
 training rows.
 
 Labels come from the judge's grades (grade >= positive_min_grade: positive, grade <= negative_max_grade:
-negative, in between: ambiguous, dropped), not from the set logic alone; annotation errors are dropped
-and counted; candidates without any annotation take their set-logic label only for the classes listed
+negative, in between: ambiguous, dropped), not from the set logic alone; annotation errors, and grades
+given for other content than the pair's current query and product text, are dropped and counted;
+candidates without any (current) annotation take their set-logic label only for the classes listed
 in `set_logic_fallback` (random negatives are usually not sent to the judge). The `no_llm` variant labels
 everything by set logic (positive classes: easy/hard positive). Human-labelled dev and test queries
 (`annomine.splits`) never reach a training set: their candidates get status `dev_query` / `test_query`.
@@ -34,6 +35,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from annomine.bounds import bounded
+from annomine.graded_content import content_hash
 from annomine.vocabulary import CLASSES, POSITIVE_CLASSES, RANDOM_NEGATIVE
 
 ROW_FORMATS = ("pointwise", "pair", "triplet", "list")
@@ -52,6 +54,8 @@ HUMAN_LABEL = "human_label"  # candidate class of the rows of a `human` source s
 # Status of a labelled candidate: only 'ok' rows reach a training set; the rest are counted.
 OK, ERROR, UNANNOTATED, AMBIGUOUS, DEV = "ok", "annotation_error", "unannotated", "ambiguous_grade", "dev_query"
 TEST = "test_query"
+# The grade was given for other content (the query or product text changed since): annotate grades it again.
+STALE = "stale_annotation"
 
 
 @dataclass
@@ -105,13 +109,17 @@ def _hash_order(seed: int, *cols: str):
 
 
 def latest_annotations(annotations: DataFrame, judge_version: str | None = None) -> DataFrame:
-    """One annotation per (query_id, product_id): the given judge version, else the newest one."""
+    """One annotation per (query_id, product_id): the given judge version, else the newest one, with the
+    content hash it was given for (null from a table written before hashes were recorded)."""
     if judge_version:
         annotations = annotations.filter(F.col("judge_version") == judge_version)
+    if "content_hash" not in annotations.columns:
+        annotations = annotations.withColumn("content_hash", F.lit(None).cast("string"))
     w = Window.partitionBy("query_id", "product_id").orderBy(F.col("annotated_at").desc_nulls_last(),
                                                              F.col("judge_version").desc_nulls_last())
     return (annotations.withColumn("_rn", F.row_number().over(w)).filter(F.col("_rn") == 1)
-            .select("query_id", "product_id", "grade", F.col("error").alias("annotation_error"), "judge_version"))
+            .select("query_id", "product_id", "grade", F.col("error").alias("annotation_error"), "judge_version",
+                    F.col("content_hash").alias("annotation_content_hash")))
 
 
 def _mark_held_out(df: DataFrame, dev_query_ids, test_query_ids) -> DataFrame:
@@ -128,15 +136,22 @@ def label_candidates(mined: DataFrame, annotations: DataFrame | None, products: 
                      dev_query_ids: list[str], rules: LabelRules, test_query_ids: list[str] = ()) -> DataFrame:
     """Mined candidates with `label` (1/0/null), `grade`, `item_text` and a `status` explaining drops.
 
-    Candidates of `dev_query_ids` / `test_query_ids` get status `dev_query` / `test_query` and no label."""
-    cands = mined.select("query_id", "query", "product_id", "candidate_class", F.col("level").cast("int").alias("level"))
+    A grade given for other content than the candidate's current query and product text counts as no grade
+    (status `stale_annotation`, or set logic for a fallback class). Candidates of `dev_query_ids` /
+    `test_query_ids` get status `dev_query` / `test_query` and no label."""
+    texts = products.select("product_id", F.col("text").alias("item_text"))
+    cands = (mined.select("query_id", "query", "product_id", "candidate_class", F.col("level").cast("int").alias("level"))
+             .join(texts, "product_id", "left"))
     set_label = F.when(F.col("candidate_class").isin(*POSITIVE_CLASSES), F.lit(1)).otherwise(F.lit(0))
     if rules.use_annotations and annotations is not None:
         cands = cands.join(annotations, ["query_id", "product_id"], "left")
-        has_ann = F.col("judge_version").isNotNull()
+        graded = F.col("judge_version").isNotNull()
+        stale = graded & ~F.col("annotation_content_hash").eqNullSafe(content_hash(F.col("query"), F.col("item_text")))
+        has_ann = graded & ~stale
         errored = has_ann & (F.col("annotation_error").isNotNull() | F.col("grade").isNull())
         fallback = F.col("candidate_class").isin(*rules.set_logic_fallback) if rules.set_logic_fallback else F.lit(False)
         status = (F.when(errored, F.lit(ERROR))
+                  .when(stale & ~fallback, F.lit(STALE))
                   .when(~has_ann & ~fallback, F.lit(UNANNOTATED))
                   .when(has_ann & (F.col("grade") > rules.negative_max_grade) & (F.col("grade") < rules.positive_min_grade),
                         F.lit(AMBIGUOUS))
@@ -145,15 +160,13 @@ def label_candidates(mined: DataFrame, annotations: DataFrame | None, products: 
                  .when(F.col("grade") >= rules.positive_min_grade, F.lit(1))
                  .when(F.col("grade") <= rules.negative_max_grade, F.lit(0)))
         cands = cands.withColumn("status", status).withColumn("label", F.when(status == OK, label))
-        cands = cands.withColumn("grade", F.when(F.col("status") == OK, F.col("grade").cast("int")))
+        cands = cands.withColumn("grade", F.when((F.col("status") == OK) & has_ann, F.col("grade").cast("int")))
     else:
         cands = (cands.withColumn("grade", F.lit(None).cast("int")).withColumn("status", F.lit(OK))
                  .withColumn("label", set_label))
     cands = _mark_held_out(cands, dev_query_ids, test_query_ids)
-    texts = products.select("product_id", F.col("text").alias("item_text"))
-    return (cands.join(texts, "product_id", "left")
-            .select("query_id", "query", "product_id", "item_text", F.col("label").cast("int").alias("label"),
-                    "grade", "candidate_class", "level", "status"))
+    return cands.select("query_id", "query", "product_id", "item_text", F.col("label").cast("int").alias("label"),
+                        "grade", "candidate_class", "level", "status")
 
 
 def human_label_rows(human_labels: DataFrame, queries: DataFrame, products: DataFrame, dev_query_ids: list[str],

@@ -203,7 +203,7 @@ def pivot_channels(logs: DataFrame) -> DataFrame:
     score_<ch> the score of its best-ranked row (`min_by` over `_dedupe_key`, the key of the other
     channels' rows being +inf so they never win; a channel without rows gets null). A window, or a min over a
     struct, is 10x slower and far hungrier on Sail than `min_by` on this numeric key. `query` is the
-    greatest logged text of the pair (one query_id has one text).
+    greatest logged text of the pair (`mine_candidates` uses it only for a query the queries table lacks).
     """
     key = _dedupe_key()
     aggs = [F.max("query").alias("query")]
@@ -478,7 +478,7 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     q_info = queries.select("query_id", F.col("query").alias("_qtext"), "segment")
     mined_queries = (pivoted.groupBy("query_id").agg(F.max("query").alias("_lq"))
                             .join(q_info, on="query_id", how="left")
-                            .select("query_id", F.coalesce("_lq", "_qtext").alias("query"), "segment"))
+                            .select("query_id", F.coalesce("_qtext", "_lq").alias("query"), "segment"))
     mined_queries = checkpoint(mined_queries, "queries")
     product_terms, query_terms = tfidf_tables(products.select("product_id", "text"), mined_queries, n_products,
                                               checkpoint)

@@ -1,11 +1,11 @@
 """When is a pipeline stage current? A fingerprint of what it read, recorded after it ran.
 
 A stage's fingerprint hashes its config section (and the project section), the Delta versions of
-its input tables, and the contents of the artefact pointer files it reads (the current judge, the
-trained models) or the source files it ingests. Versions are taken *after* the stage ran, so a
-stage that also writes one of its inputs (channels appends built queries to `queries`) is still
-current on the next run. A stage is skipped when its fingerprint matches the recorded one and
-every output it declares still exists.
+its input tables, and the contents of the files it reads: the source files it ingests, the shard
+manifests and dev set it trains on, the pointers to the judge and the models it uses. Versions are
+taken *after* the stage ran, so a stage that also writes one of its inputs (channels appends built
+queries to `queries`) is still current on the next run. A stage is skipped when its fingerprint
+matches the recorded one and every output it declares still exists.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class StageSpec:
     # Files read (pointer files, source files) and written, relative to the warehouse or absolute.
     input_files: Callable[[object, object], list[Path]] = lambda project, cfg: []
     output_files: Callable[[object, object], list[Path]] = lambda project, cfg: []
+    # Input tables the stage's config names (annotate's `source`).
+    configured_tables: Callable[[object, object], list[str]] = lambda project, cfg: []
 
     @property
     def module(self) -> str:
@@ -52,7 +54,8 @@ def fingerprint(stage: StageSpec, tables: TableStore, project, cfg, config_doc: 
     return {
         "config": hashlib.sha256(json.dumps([config_doc.get("project"), config_doc.get(stage.name)], sort_keys=True,
                                             default=str).encode()).hexdigest(),
-        "tables": {name: tables.version(name) for name in sorted(set(stage.input_tables))},
+        "tables": {name: tables.version(name)
+                   for name in sorted({*stage.input_tables, *stage.configured_tables(project, cfg)})},
         "files": {str(p): _file_digest(Path(p)) for p in stage.input_files(project, cfg)},
     }
 
@@ -77,7 +80,9 @@ class PipelineState:
         now = fingerprint(stage, tables, project, cfg, config_doc)
         for part in ("config", "tables", "files"):
             if now[part] != recorded["fingerprint"].get(part):
-                changed = part if part == "config" else [k for k in now[part] if now[part][k] != recorded["fingerprint"].get(part, {}).get(k)]
+                before = recorded["fingerprint"].get(part) or {}
+                changed = part if part == "config" else sorted(k for k in {*now[part], *before}
+                                                              if now[part].get(k) != before.get(k))
                 return False, f"inputs changed: {changed}"
         return True, f"current (ran {recorded['finished_at']})"
 

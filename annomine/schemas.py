@@ -152,14 +152,18 @@ ANNOTATIONS = _register(TableSpec(
     "annotations",
     "query_id string, product_id string, judge_version string, grade int, confidence double, "
     "deciding_tier string, tier_outputs string, latency_ms double, prompt_tokens bigint, "
-    "completion_tokens bigint, error string, annotated_at timestamp, attempts int, escalation string",
+    "completion_tokens bigint, error string, annotated_at timestamp, attempts int, escalation string, "
+    "content_hash string",
     key=("query_id", "product_id", "judge_version"),
     written_by="annotate",
     description="Graded relevance from the judge cascade. `error` is set (and grade null) when a tier the pair reached "
                 "failed, naming the tier and why; `attempts` counts the annotate runs that tried the pair (a failed pair "
                 "is retried while it is below `annotate.max_attempts`); `escalation` is null (settled by the first tier), "
                 "'escalated' (the later tiers it needed were consulted) or 'budget' (it needed an LLM tier but "
-                "`annotate.llm_budget` was spent: it keeps the first tier's grade until a later run escalates it).",
+                "`annotate.llm_budget` was spent: it keeps the first tier's grade until a later run escalates it). "
+                "`content_hash` is the SHA-256 of the query text and product text the grade was given for "
+                "(annomine/graded_content.py): annotate grades a pair again, and curriculum ignores its grade, once "
+                "that content changed.",
 ))
 
 # ---- curriculum (jobs/curriculum.py): one training-set table per model variant -------------------

@@ -115,7 +115,7 @@ def statements(data: Path, out: Path, rules: MiningRules, n_products: int) -> li
         FROM piv"""),
         ("queries", f"""
         CREATE TEMP TABLE mined_queries AS
-        SELECT l.query_id, coalesce(l.query, q.query) AS query, q.segment
+        SELECT l.query_id, coalesce(q.query, l.query) AS query, q.segment
         FROM (SELECT query_id, any_value(query) AS query FROM pivoted GROUP BY query_id) l
         LEFT JOIN read_parquet({_lit(str(data / 'queries.parquet'))}) q USING (query_id)"""),
         ("tfidf", f"""

@@ -1,12 +1,13 @@
 """Stage `annotate`: grade mined candidates with the judge cascade into the `annotations` Delta table.
 
 Reads `mined_candidates` (query_id, product_id, query) and `products` (text), keeps the pairs not
-yet annotated for this judge version, plus those whose earlier annotation failed (retried until
-`max_attempts` runs have tried them), and grades them chunk by chunk through a pandas UDF
-(`mapInPandas`, see spark_udfs/annotation.py). Each chunk is committed with a MERGE on
-(query_id, product_id, judge_version) that only ever replaces a failed row, so a run killed midway
-and started again loses nothing and duplicates nothing; re-running grades only what is missing or
-failed. A pair on which a tier failed keeps a null grade and the error naming the tier; the run
+yet annotated for this judge version, those whose query or product text changed since they were
+graded (`annotations.content_hash`; a table without that column is graded again), plus those whose
+earlier annotation failed (retried until `max_attempts` runs have tried them), and grades them chunk
+by chunk through a pandas UDF (`mapInPandas`, see spark_udfs/annotation.py). Each chunk is committed
+with a MERGE on (query_id, product_id, judge_version) that only ever replaces a failed row (or one
+graded for other content), so a run killed midway and started again loses nothing and duplicates
+nothing; re-running grades only what is missing, changed or failed. A pair on which a tier failed keeps a null grade and the error naming the tier; the run
 stops with an error when a tier fails more than `max_tier_failure_share` of the pairs sent to it,
 and at once, writing nothing more, when an endpoint refuses the key. One annotate runs per
 warehouse at a time (annomine/locks.py). With `cascade.loopback.embedded` the job starts the
@@ -38,6 +39,7 @@ from pyspark.sql import functions as F
 
 from annomine.bounds import bounded
 from annomine.errors import AnnomineError
+from annomine.graded_content import content_hash
 from annomine.judges.config import CascadeConfig
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 
@@ -97,19 +99,24 @@ CONFIG_CLASS = AnnotateConfig
 
 
 # Columns added to `annotations` after it was first written, with the value old rows get.
-ADDED_COLUMNS = {"attempts": F.lit(1).cast("int"), "escalation": F.lit(None).cast("string")}
-# A row a later run may replace: a failed one, or one whose escalation the budget deferred.
-REPLACEABLE = "t.error IS NOT NULL OR t.escalation = 'budget'"
+ADDED_COLUMNS = {"attempts": F.lit(1).cast("int"), "escalation": F.lit(None).cast("string"),
+                 "content_hash": F.lit(None).cast("string")}
+# A row a later run may replace: a failed one, one whose escalation the budget deferred, or one graded for other content.
+REPLACEABLE = "t.error IS NOT NULL OR t.escalation = 'budget' OR NOT (t.content_hash <=> s.content_hash)"
 
 
 def add_missing_columns(ctx: JobContext) -> None:
-    """Give an `annotations` table written before a column existed that column (attempts 1: tried once; escalation null)."""
+    """Give an `annotations` table written before a column existed that column (attempts 1: tried once; escalation
+    null; content_hash null: what the grade was given for is unknown, so the pair is graded again)."""
     if not ctx.tables.exists("annotations"):
         return
     columns = ctx.tables.read("annotations").columns
     missing = [c for c in ADDED_COLUMNS if c not in columns]
     if missing:
         log.info("annotate: adding the column(s) %s to the annotations table", missing)
+        if "content_hash" in missing:
+            log.warning("annotate: the annotations table records no content hash: its grades count as stale "
+                        "and every pair is graded again")
         df = ctx.tables.read("annotations")
         for c in missing:
             df = df.withColumn(c, ADDED_COLUMNS[c])
@@ -117,7 +124,7 @@ def add_missing_columns(ctx: JobContext) -> None:
 
 
 def source_pairs(ctx: JobContext, cfg: AnnotateConfig):
-    """(query_id, product_id, query, text) of every source pair."""
+    """(query_id, product_id, query, text, content_hash) of every source pair (annomine/graded_content.py)."""
     src = ctx.tables.read(cfg.source)
     missing = [c for c in KEY if c not in src.columns]
     if missing:
@@ -128,26 +135,32 @@ def source_pairs(ctx: JobContext, cfg: AnnotateConfig):
         pairs = src.select(*KEY).join(ctx.tables.read("queries").select("query_id", "query"), "query_id", "left")
     pairs = pairs.dropDuplicates(KEY)
     products = ctx.tables.read("products").select("product_id", "text")
-    return pairs.join(products, "product_id", "left").select("query_id", "product_id", "query", "text")
+    return (pairs.join(products, "product_id", "left")
+            .select("query_id", "product_id", "query", "text", content_hash(F.col("query"), F.col("text")).alias("content_hash")))
 
 
 def pairs_to_grade(ctx: JobContext, cfg: AnnotateConfig, judge_version: str):
-    """(query_id, product_id, query, text, prior_attempts) of the source pairs this judge version has not
-    annotated yet, or whose annotation failed in fewer than `max_attempts` runs (with `retry_errors`)."""
+    """(query_id, product_id, query, text, content_hash, prior_attempts, content_changed) of the source pairs this
+    judge version has not annotated yet, whose annotation was given for other content (a retitled product, an edited
+    query: graded afresh), or whose annotation failed in fewer than `max_attempts` runs (with `retry_errors`)."""
     pairs = source_pairs(ctx, cfg)
     if not ctx.tables.exists("annotations"):
-        return pairs.withColumn("prior_attempts", F.lit(0))
+        return pairs.withColumn("prior_attempts", F.lit(0)).withColumn("content_changed", F.lit(False))
     done = (ctx.tables.read("annotations").filter(F.col("judge_version") == judge_version)
-            .select(*KEY, F.col("error").alias("_error"), F.coalesce(F.col("attempts"), F.lit(1)).alias("prior_attempts")))
-    retry = (F.col("_error").isNotNull() & (F.col("prior_attempts") < cfg.max_attempts)) if cfg.retry_errors else F.lit(False)
-    pairs = pairs.join(done, KEY, "left").filter(F.col("prior_attempts").isNull() | retry)
-    return pairs.select("query_id", "product_id", "query", "text",
-                        F.coalesce(F.col("prior_attempts"), F.lit(0)).cast("int").alias("prior_attempts"))
+            .select(*KEY, F.col("error").alias("_error"), F.col("content_hash").alias("_graded_hash"),
+                    F.coalesce(F.col("attempts"), F.lit(1)).alias("_attempts")))
+    pairs = pairs.join(done, KEY, "left")
+    changed = F.col("_attempts").isNotNull() & ~F.col("_graded_hash").eqNullSafe(F.col("content_hash"))
+    retry = (F.col("_error").isNotNull() & (F.col("_attempts") < cfg.max_attempts)) if cfg.retry_errors else F.lit(False)
+    pairs = pairs.withColumn("content_changed", changed).filter(F.col("_attempts").isNull() | changed | retry)
+    prior = F.when(F.col("_attempts").isNull() | F.col("content_changed"), F.lit(0)).otherwise(F.col("_attempts"))
+    return pairs.select("query_id", "product_id", "query", "text", "content_hash", prior.cast("int").alias("prior_attempts"),
+                        "content_changed")
 
 
 def deferred_pairs(ctx: JobContext, cfg: AnnotateConfig, judge_version: str, limit: int):
     """The `limit` pairs of this judge version whose escalation a budget deferred, least confident first, as
-    (query_id, product_id, query, text, prior_attempts); a budget escalation is not a new attempt."""
+    (query_id, product_id, query, text, content_hash, prior_attempts); a budget escalation is not a new attempt."""
     if not ctx.tables.exists("annotations"):
         return None
     waiting = (ctx.tables.read("annotations")
@@ -342,6 +355,10 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
         stats = job.stats
         stats["judge_version"] = version
         stats["missing"] = n
+        stats["content_changed"] = pairs.filter(F.col("content_changed")).count() if n else 0
+        if stats["content_changed"]:
+            log.info("annotate: %d pairs are graded again: their query or product text changed since their grade",
+                     stats["content_changed"])
         log.info("annotate: %d pairs to grade with judge %s (tiers %s), %d per chunk, LLM budget %s", n, version,
                  cascade.tier_names, cfg.chunk_size, "unlimited" if cfg.llm_budget is None else cfg.llm_budget)
         ctx.tables.ensure("annotations")

@@ -8,9 +8,10 @@
    `product_embeddings`, cached by content hash: a re-run only encodes new or changed products.)
 3. Prints and saves the channel overlap report (CSV/JSON/PNG, also logged to MLflow).
 
-Re-runs resume: a (query, channel) already logged for this run id and catalog is skipped; when
-the catalog changed, the channel's rows of the run are replaced (DELETE + append), so keys never
-duplicate. (A SQL MERGE of ~600k rows takes ~1 minute on Sail; DELETE + append a second.)
+Re-runs resume: a (query, channel) already logged for this run id, catalog and query text is skipped;
+when the catalog changed, the channel's rows of the run are replaced (DELETE + append), and when a
+query's text changed, that query's rows are, so keys never duplicate. (A SQL MERGE of ~600k rows
+takes ~1 minute on Sail; DELETE + append a second.)
 """
 
 from __future__ import annotations
@@ -157,16 +158,32 @@ def append_logs(ctx: JobContext, df) -> None:
     ctx.tables.append("retrieval_logs", df)
 
 
-def delete_run_rows(ctx: JobContext, run_id: str, channel: str) -> None:
-    ctx.tables.delete_where("retrieval_logs", f"run_id = '{run_id}' AND channel = '{channel}'")
+def _sql_strings(values) -> str:
+    return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+
+
+def delete_run_rows(ctx: JobContext, run_id: str, channel: str, query_ids=None) -> None:
+    """Delete the run's rows of `channel` (of `query_ids` only, when given)."""
+    condition = f"run_id = '{run_id}' AND channel = '{channel}'"
+    if query_ids is not None:
+        condition += f" AND query_id IN ({_sql_strings(query_ids)})"
+    ctx.tables.delete_where("retrieval_logs", condition)
+
+
+def retexted_queries(done: pd.DataFrame, queries: pd.DataFrame) -> list[str]:
+    """The logged queries (`done`: query_id, query) whose text in `queries` is no longer the logged one."""
+    current = dict(zip(queries["query_id"], queries["query"]))
+    logged = done[done["query_id"].isin(current.keys())]
+    return sorted({q for q, text in zip(logged["query_id"], logged["query"]) if text != current[q]})
 
 
 def pending_queries(ctx: JobContext, queries: pd.DataFrame, run_id: str, channel: str, source: str, refresh: bool) -> pd.DataFrame:
-    """Queries still to retrieve for this channel; clears the run's rows when they are stale."""
+    """Queries still to retrieve for this channel; clears the run's rows when they are stale: all of them when
+    the catalog changed, a query's own when its text changed since it was logged."""
     if not ctx.tables.exists("retrieval_logs"):
         return queries
     done = (ctx.tables.read("retrieval_logs").where((F.col("run_id") == run_id) & (F.col("channel") == channel))
-            .groupBy("query_id", "source").count().toPandas())
+            .groupBy("query_id", "query", "source").count().toPandas())
     if done.empty:
         return queries
     stale = (done["source"] != source).any()
@@ -175,7 +192,12 @@ def pending_queries(ctx: JobContext, queries: pd.DataFrame, run_id: str, channel
         print(f"{channel}: replacing the run's {int(done['count'].sum())} rows ({why})")
         delete_run_rows(ctx, run_id, channel)
         return queries
-    return queries[~queries["query_id"].isin(set(done["query_id"]))]
+    retexted = retexted_queries(done, queries)
+    if retexted:
+        print(f"{channel}: {len(retexted)} queries changed their text since they were logged; their rows are replaced")
+        delete_run_rows(ctx, run_id, channel, retexted)
+    logged = set(done["query_id"]) - set(retexted)
+    return queries[~queries["query_id"].isin(logged)]
 
 
 def run_channel(ctx: JobContext, channel: str, retriever, queries: pd.DataFrame, cfg: ChannelsConfig, run_id: str,

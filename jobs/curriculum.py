@@ -175,6 +175,9 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
             labelled = cur.label_candidates(mined, annotations, products, dev_ids, rules, test_ids)
             counts = cur.status_counts(labelled)
             print(f"[{variant}] candidates: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+            if counts.get(cur.STALE):
+                print(f"[{variant}] {counts[cur.STALE]} candidates' grades were given for an earlier query or product "
+                      "text and are not used; `annomine annotate` grades them again")
         if any(s.reads("human") for s in stages):
             if human_rows is None:
                 if not ctx.tables.exists("human_labels"):

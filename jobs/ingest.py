@@ -1,8 +1,9 @@
 """Stage `ingest`: products, queries and human labels from files into bronze Delta tables.
 
-Bad rows go to the `quarantine` table with a reason; the job prints how many rows went where and
-fails loudly, before any table is written, when a configured file does not exist or has no rows
-(`IngestInputError`) or lacks a required column (`SourceSchemaError`).
+Bad rows go to the `quarantine` table with a reason; the job prints how many rows went where (with
+`mode: replace`, the default, how many rows of earlier loads it removed; with `append`, how many it
+kept) and fails loudly, before any table is written, when a configured file does not exist or has no
+rows (`IngestInputError`) or lacks a required column (`SourceSchemaError`).
 
 The synthetic demo shop (`demo_shop`) is generated only into its own folder (`demo_shop.folder`,
 default data/demo): a configured file that is missing there is generated; one anywhere else is an
@@ -32,6 +33,9 @@ class IngestInputError(AnnomineError):
     """A configured input ingest cannot use: a path that does not exist, or a file without rows."""
 
 
+LOAD_MODES = ("replace", "append")
+
+
 @dataclass
 class DemoShopConfig:
     """Generate the synthetic shop into `folder` (the demo's own) for configured files missing there."""
@@ -57,10 +61,16 @@ class IngestConfig:
     demo_shop: DemoShopConfig | None = None
     # Extra sources appended by later stages' needs (users' own retrieval logs).
     retrieval_logs: SourceConfig | None = None
+    # What a load does to the rows earlier loads left in products, queries and human_labels: `replace` (the
+    # table then holds exactly the file's rows, as after pointing at a new export; the query log channels
+    # builds is kept) or `append` (the file's rows are merged in by key and the others stay).
+    mode: str = "replace"
 
     def validate(self) -> None:
         if self.queries_origin not in ("labelled", "log", "built"):
             raise ValueError(f"queries_origin must be labelled, log or built, got {self.queries_origin!r}")
+        if self.mode not in LOAD_MODES:
+            raise ValueError(f"mode must be one of {list(LOAD_MODES)}, got {self.mode!r}")
 
 
 CONFIG_CLASS = IngestConfig
@@ -82,9 +92,40 @@ def _report(table: str, read: int, loaded: int, quarantined: int, reasons: list)
     return line
 
 
-def _load(ctx: JobContext, table: str, good, quarantined, read_count: int, path: str) -> str:
-    """Write the good rows and the quarantined ones; an error naming the file when no row was good."""
-    ctx.tables.merge(table, good)
+# Rows of a table that another stage writes: a load in `replace` mode keeps them.
+NOT_INGESTED = {"queries": F.coalesce(F.col("origin") == "built", F.lit(False))}  # channels' query log
+
+
+def _earlier_rows(ctx: JobContext, table: str, good):
+    """(rows earlier loads left whose key this load lacks, rows another stage wrote); None when no table yet."""
+    if not ctx.tables.exists(table):
+        return None
+    key = list(ctx.tables.spec(table).key)
+    absent = ctx.tables.read(table).join(good.select(*key).distinct(), key, "left_anti")
+    other = NOT_INGESTED.get(table, F.lit(False))
+    return absent.filter(~other), absent.filter(other)
+
+
+def _write(ctx: JobContext, table: str, good, mode: str) -> str:
+    """Load `good` into `table` in `mode`; what happened to the rows earlier loads left, for the report."""
+    earlier = _earlier_rows(ctx, table, good)
+    if earlier is None:
+        ctx.tables.merge(table, good)
+        return ""
+    ingested, other = earlier
+    n_earlier = ingested.count()
+    if mode == "append":
+        ctx.tables.merge(table, good)
+        return f"; append: {n_earlier} rows of earlier loads kept"
+    key = list(ctx.tables.spec(table).key)
+    kept = ctx.tables.conform(table, other)
+    ctx.tables.overwrite(table, kept.unionByName(ctx.tables.conform(table, good).dropDuplicates(key)))
+    return f"; replace: {n_earlier} rows of earlier loads removed"
+
+
+def _load(ctx: JobContext, table: str, good, quarantined, read_count: int, path: str, mode: str) -> str:
+    """Write the quarantined rows, then the good ones in `mode`; an error naming the file when no row was good
+    (the table is left as it was)."""
     ctx.tables.merge("quarantine", quarantined)
     loaded = good.count()
     # ties broken by the reason: the report reads the same on every engine and every run
@@ -94,7 +135,7 @@ def _load(ctx: JobContext, table: str, good, quarantined, read_count: int, path:
         raise IngestInputError(f"{path}: every row was quarantined, table '{table}' got none ({report}); "
                                f"the rows and reasons are in table '{ctx.tables.qualified_name('quarantine')}' "
                                "(annomine sql quarantine_summary)")
-    return report
+    return report + _write(ctx, table, good, mode)
 
 
 SOURCE_NAMES = ("products", "queries", "labels", "retrieval_logs")
@@ -168,16 +209,16 @@ def run(ctx: JobContext, cfg: IngestConfig) -> list[str]:
     if "products" in inputs:
         mapped, n = inputs["products"]
         good, bad = ingestion.validate_products(mapped, cfg.products.path)
-        lines.append(_load(ctx, "products", good, bad, n, cfg.products.path))
+        lines.append(_load(ctx, "products", good, bad, n, cfg.products.path, cfg.mode))
     if "queries" in inputs:
         mapped, n = inputs["queries"]
         good, bad = ingestion.validate_queries(mapped, cfg.queries.path, cfg.queries_origin, ctx.project.segments)
-        lines.append(_load(ctx, "queries", good, bad, n, cfg.queries.path))
+        lines.append(_load(ctx, "queries", good, bad, n, cfg.queries.path, cfg.mode))
     if "labels" in inputs:
         mapped, n = inputs["labels"]
         good, bad = ingestion.validate_labels(mapped, cfg.labels.path, ctx.project.min_grade, ctx.project.max_grade,
                                               _known_ids(ctx, "queries", "query_id"), _known_ids(ctx, "products", "product_id"))
-        lines.append(_load(ctx, "human_labels", good, bad, n, cfg.labels.path))
+        lines.append(_load(ctx, "human_labels", good, bad, n, cfg.labels.path, cfg.mode))
     if cfg.retrieval_logs:
         from jobs.ingest_logs import ingest_retrieval_logs  # noqa: PLC0415 - optional path
 

@@ -13,35 +13,28 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from annomine.config import ConfigError, load_job_config, load_project_config, read_config_document
 from annomine.pipeline_state import PipelineState, StageSpec
 from annomine.runtime import job_parser, open_context, setup_logging
+from jobs import stage_files as files
 
 log = logging.getLogger("annomine.pipeline")
 
 
-def _source_files(project, cfg) -> list[Path]:
-    return [Path(src.path) for src in (cfg.products, cfg.queries, cfg.labels, cfg.retrieval_logs) if src is not None]
-
-
-def _wh(*parts: str):
-    return lambda project, cfg: [project.warehouse_path.joinpath(*parts)]
-
-
-# Each stage's tables and files; its module and description come from `annomine.stages`.
+# Each stage's tables and files (jobs/stage_files.py); its module and description come from `annomine.stages`.
+# A stage's fingerprint covers every table and file it reads, so a change re-runs every stage downstream of it.
 STAGES: list[StageSpec] = [
-    StageSpec("ingest", [], ["products", "queries", "human_labels"], input_files=_source_files),
+    StageSpec("ingest", [], ["products", "queries", "human_labels"], input_files=files.ingest_sources),
     StageSpec("channels", ["products", "queries"], ["retrieval_logs"]),
     StageSpec("mine", ["retrieval_logs", "products", "queries"], ["mined_candidates"]),
-    StageSpec("judge", ["human_labels", "products", "queries"], [], output_files=_wh("judges", "current.json")),
+    StageSpec("judge", ["human_labels", "products", "queries"], [], output_files=files.judge_pointer),
     StageSpec("annotate", ["mined_candidates", "products", "queries"], ["annotations"],
-              input_files=_wh("judges", "current.json")),
-    StageSpec("curriculum", ["mined_candidates", "annotations", "human_labels", "products", "queries"], []),
-    StageSpec("train", [], [], output_files=lambda project, cfg: [project.warehouse_path / "models" / f"{cfg.variant}.json"]),
-    StageSpec("evaluate", ["human_labels", "products", "queries"], [],
-              input_files=_wh("models", "best.json")),
+              input_files=files.judge_pointer, configured_tables=lambda project, cfg: [cfg.source]),
+    StageSpec("curriculum", ["mined_candidates", "annotations", "human_labels", "products", "queries"], [],
+              output_files=files.curriculum_outputs),
+    StageSpec("train", [], [], input_files=files.train_inputs, output_files=files.train_outputs),
+    StageSpec("evaluate", ["human_labels", "products", "queries"], [], input_files=files.evaluate_inputs),
 ]
 
 

@@ -6,7 +6,8 @@ tier-1 model is loaded once per process, and each Arrow batch is graded with the
 de-duplicated and at most `concurrency` LLM requests in flight (the job sets it to
 `max_concurrency_total // partitions`). A pair that a tier failed on comes back with a null grade
 and the error; the function never raises for one bad pair. `attempts` is the input's
-`prior_attempts` (runs that tried the pair before) plus one.
+`prior_attempts` (runs that tried the pair before) plus one; `content_hash` is the input's (what the pair's
+grade was given for, annomine/graded_content.py).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def to_annotation_rows(graded: pd.DataFrame, judge_version: str, annotated_at: p
         "attempts": pd.array(graded["prior_attempts"].fillna(0).astype("int64") + 1 if "prior_attempts" in graded
                              else [1] * len(graded), dtype="Int32"),
         "escalation": graded["escalation"].astype(object) if "escalation" in graded else None,
+        "content_hash": graded["content_hash"].astype(object) if "content_hash" in graded else None,
         "n_tiers": pd.array(graded["n_tiers"].astype("int64"), dtype="Int32"),
         "llm_calls": pd.array(graded["llm_calls"].astype("int64"), dtype="Int32"),
         "llm_requests": pd.array(graded["llm_requests"].astype("int64"), dtype="Int32"),
@@ -54,7 +56,7 @@ def to_annotation_rows(graded: pd.DataFrame, judge_version: str, annotated_at: p
 
 def make_annotator(cascade, judge_version: str, concurrency: int,
                    llm_budget: int | None = None) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """`df.mapInPandas(make_annotator(...), output_schema())` over (query_id, product_id, query, text).
+    """`df.mapInPandas(make_annotator(...), output_schema())` over (query_id, product_id, query, text, content_hash).
 
     `llm_budget`: LLM tier calls this function may make over all its batches (the least confident pairs of
     each batch first); the job runs a budgeted chunk as one partition, so that is the chunk's budget."""

@@ -4,9 +4,10 @@
 
 -- The latest annotation of each (query, product): a re-grade by a newer judge version supersedes
 -- older ones. A failed attempt (grade null, error set) is kept, so failures stay visible.
+-- `content_hash`: the query and product text the grade was given for (annomine/graded_content.py).
 CREATE OR REPLACE VIEW ${namespace}.v_annotations_latest AS
 SELECT query_id, product_id, judge_version, grade, confidence, deciding_tier, tier_outputs,
-       latency_ms, prompt_tokens, completion_tokens, error, annotated_at
+       latency_ms, prompt_tokens, completion_tokens, error, annotated_at, content_hash
 FROM (
   SELECT a.*,
          row_number() OVER (PARTITION BY a.query_id, a.product_id
@@ -17,7 +18,8 @@ WHERE rn = 1;
 
 -- Every mined candidate with the channels that retrieved it ('lexical+bm25', 'ann', ...; 'none'
 -- for token-similar and random negatives), its latest grade, its annotation status
--- (graded / failed / pending) and the human grade where the pair is labelled.
+-- (graded / failed / pending, or stale: graded for an earlier query or product text, so the grade
+-- is not used until `annomine annotate` grades it again) and the human grade where the pair is labelled.
 CREATE OR REPLACE VIEW ${namespace}.v_graded_candidates AS
 SELECT m.query_id, m.query, m.product_id, m.segment, m.candidate_class, m.level, m.polarity,
        coalesce(nullif(concat_ws('+', filter(array(
@@ -27,11 +29,14 @@ SELECT m.query_id, m.query, m.product_id, m.segment, m.candidate_class, m.level,
        m.n_channels, m.best_rank, m.rank_spread, m.token_similarity,
        a.judge_version, a.grade, a.confidence, a.deciding_tier, a.error,
        CASE WHEN a.query_id IS NULL THEN 'pending'
+            WHEN NOT (a.content_hash <=> sha2(concat_ws(char(31), coalesce(m.query, ''), coalesce(p.text, '')), 256))
+                 THEN 'stale'
             WHEN a.error IS NOT NULL OR a.grade IS NULL THEN 'failed'
             ELSE 'graded' END AS annotation_status,
        h.grade AS human_grade
 FROM ${namespace}.mined_candidates m
 LEFT JOIN ${namespace}.v_annotations_latest a ON a.query_id = m.query_id AND a.product_id = m.product_id
+LEFT JOIN ${namespace}.products p ON p.product_id = m.product_id
 LEFT JOIN ${namespace}.human_labels h ON h.query_id = m.query_id AND h.product_id = m.product_id;
 
 -- One row per tier that graded a pair: `tier_outputs` (a JSON object keyed by tier) exploded.

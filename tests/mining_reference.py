@@ -258,7 +258,7 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     q_info = queries.select("query_id", F.col("query").alias("_qtext"), "segment")
     mined_queries = (pivoted.groupBy("query_id").agg(F.first("query", ignorenulls=True).alias("_lq"))
                             .join(q_info, on="query_id", how="left")
-                            .select("query_id", F.coalesce("_lq", "_qtext").alias("query"), "segment"))
+                            .select("query_id", F.coalesce("_qtext", "_lq").alias("query"), "segment"))
     mined_queries = checkpoint(mined_queries, "queries")
     product_terms, query_terms = tfidf_tables(products.select("product_id", "text"), mined_queries, n_products)
     product_terms = checkpoint(product_terms, "product_terms")

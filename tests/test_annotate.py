@@ -441,3 +441,45 @@ def test_llm_budget_escalates_the_least_sure_first_and_later_runs_go_on(ctx, tmp
         df3 = annotations(ctx)
         assert third["escalation"]["llm_calls"] == len(unsure) - 6 and (df3.escalation != "budget").all()
         assert third["escalation"]["deferred_by_budget"] == 0 and len(df3) == 24
+
+
+def test_a_pair_whose_query_or_product_text_changed_is_graded_again_alone(ctx, tmp_path, caplog):
+    from pyspark.sql import functions as F
+
+    from annomine.graded_content import content_hash_of
+
+    seed_tables(ctx, n_queries=2, per_query=4, missing_product=False)
+    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf(), "chunk_size": 4})
+    run(ctx, cfg)
+    first = annotations(ctx).set_index(KEY)
+    assert first.loc[("q0", "p0_0"), "grade"] == 4  # "red shoes 0 premium item 0" for "red shoes 0"
+
+    def edit(table, where, column, value):
+        df = ctx.tables.read(table)
+        ctx.tables.overwrite(table, df.withColumn(column, F.when(where, F.lit(value)).otherwise(F.col(column))))
+
+    edit("products", F.col("product_id") == "p0_0", "text", "oak table item 0")  # retitled: now unrelated
+    edit("mined_candidates", F.col("query_id") == "q1", "query", "desk lamp 1")  # an edited query
+    stats = run(ctx, cfg)
+    assert (stats["missing"], stats["graded"]) == (1 + 4, 5)
+    assert stats["content_changed"] == 5
+    second = annotations(ctx).set_index(KEY)
+    assert len(second) == 8
+    regraded = {("q0", "p0_0"), *[("q1", f"p1_{j}") for j in range(4)]}
+    assert second.loc[("q0", "p0_0"), "grade"] == rule_grade("red shoes 0", "oak table item 0", GRADES)[0] < 4
+    assert second.loc[("q0", "p0_0"), "content_hash"] == content_hash_of("red shoes 0", "oak table item 0")
+    for key in set(second.index) - regraded:  # the rest kept their grade, untouched
+        assert second.loc[key, "annotated_at"] == first.loc[key, "annotated_at"]
+        assert second.loc[key, "content_hash"] == first.loc[key, "content_hash"]
+    assert all(second.loc[key, "annotated_at"] > first.loc[key, "annotated_at"] for key in regraded)
+    assert run(ctx, cfg)["missing"] == 0  # idempotent
+
+    # a table written before content hashes were recorded: one line says so, every pair is graded again
+    old = ctx.tables.read("annotations").drop("content_hash")
+    old.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(str(ctx.tables.location("annotations")))
+    with caplog.at_level("WARNING", logger="annomine.annotate"):
+        stats = run(ctx, cfg)
+    assert [r.message for r in caplog.records if "content hash" in r.message] == [
+        "annotate: the annotations table records no content hash: its grades count as stale and every pair is graded again"]
+    assert stats["missing"] == 8 and stats["content_changed"] == 8
+    assert annotations(ctx)["content_hash"].notna().all() and len(annotations(ctx)) == 8

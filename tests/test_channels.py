@@ -114,7 +114,10 @@ def test_search_batches_ships_index_once(spark):
         assert sorted(g["rank"]) == list(range(1, len(g) + 1)) and g["product_id"].is_unique
 
 
-def _ingest_catalog(ctx, folder, titles=TITLES):
+QUERY_ROWS = [["1", "red accent pillow"], ["2", "garden hose"], ["3", "water bottle"]]
+
+
+def _ingest_catalog(ctx, folder, titles=TITLES, queries=QUERY_ROWS):
     from jobs.ingest import IngestConfig
     from jobs.ingest import run as ingest
     from annomine.sources import SourceConfig
@@ -123,7 +126,7 @@ def _ingest_catalog(ctx, folder, titles=TITLES):
     rows = [[i, t, d, a] for i, t, d, a in zip(IDS, titles, DESCS, ATTRS)]
     rows += [[f"x{i}", t, "", ""] for i, t in enumerate(MORE_TITLES)]
     write_tsv(folder / "products.tsv", ["product_id", "title", "description", "attributes"], rows)
-    write_tsv(folder / "queries.tsv", ["query_id", "query"], [["1", "red accent pillow"], ["2", "garden hose"], ["3", "water bottle"]])
+    write_tsv(folder / "queries.tsv", ["query_id", "query"], queries)
     ingest(ctx, IngestConfig(products=SourceConfig(path=str(folder / "products.tsv")),
                              queries=SourceConfig(path=str(folder / "queries.tsv"))))
 
@@ -169,3 +172,26 @@ def test_channels_job_end_to_end(ctx, tmp_path, tiny_bert, capsys):
     assert "1 to encode" in out and "replacing the run's" in out
     after = ctx.tables.read("retrieval_logs").toPandas()
     assert after["source"].nunique() == 3 and not after.duplicated(["run_id", "query_id", "channel", "product_id"]).any()
+
+
+def test_a_query_whose_text_changed_is_logged_again_alone(ctx, tmp_path, capsys):
+    from jobs.channels import ChannelsConfig
+    from jobs.channels import run as channels
+
+    _ingest_catalog(ctx, tmp_path / "shop")
+    cfg = ChannelsConfig(channels=["lexical", "bm25"], top_k=3, mlflow=False, report_dir=str(tmp_path / "reports"),
+                         report_k=3)
+    channels(ctx, cfg)
+    before = ctx.tables.read("retrieval_logs").toPandas()
+    _ingest_catalog(ctx, tmp_path / "shop2", queries=[["1", "running shoes"], *QUERY_ROWS[1:]])
+    capsys.readouterr()
+    channels(ctx, cfg)
+    out = capsys.readouterr().out
+    assert "lexical: 1 queries changed their text since they were logged; their rows are replaced" in out
+    after = ctx.tables.read("retrieval_logs").toPandas()
+    assert not after.duplicated(["run_id", "query_id", "channel", "product_id"]).any()
+    assert set(after[after["query_id"] == "1"]["query"]) == {"running shoes"}
+    assert after[(after["query_id"] == "1") & (after["rank"] == 1)]["product_id"].tolist() == ["p7", "p7"]
+    untouched = ["query_id", "channel", "product_id", "rank", "logged_at"]
+    assert (after[after["query_id"] != "1"][untouched].sort_values(untouched).reset_index(drop=True)
+            .equals(before[before["query_id"] != "1"][untouched].sort_values(untouched).reset_index(drop=True)))

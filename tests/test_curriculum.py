@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from annomine import curriculum as cur
+from annomine.graded_content import content_hash_of
 from annomine.splits import split_of
 
 CLASS_GRADES = {  # class -> grades of its two candidates (the judge disagrees with set logic sometimes)
@@ -49,11 +50,15 @@ def build_world(ctx, n_queries: int = 12):
                 mined.append((qid, query, pid, None, None, None, None, None, None, 1, 1, 1, 0, 0.5, cls, level,
                               polarity, "head", NOW))
                 if grade is not None:
-                    ann.append((qid, pid, "v1", grade, 0.9, "llm", "{}", 1.0, 1, 1, None, NOW, 1, None))
+                    ann.append((qid, pid, "v1", grade, 0.9, "llm", "{}", 1.0, 1, 1, None, NOW, 1, None,
+                                content_hash_of(query, text)))
                 labels.append((qid, pid, grade or 1, 0.0, "test", NOW))
     # one annotation error, and an older judge version that the newest one supersedes
-    ann.append(("q000", "p000_ep1", "v2", None, None, "llm", "{}", 1.0, 1, 1, "timeout", NOW + dt.timedelta(days=1), 1, None))
-    ann.append(("q001", "p001_hp0", "v0", 1, 0.5, "llm", "{}", 1.0, 1, 1, None, NOW - dt.timedelta(days=1), 1, None))
+    graded_for = {(a[0], a[1]): a[-1] for a in ann}
+    ann.append(("q000", "p000_ep1", "v2", None, None, "llm", "{}", 1.0, 1, 1, "timeout", NOW + dt.timedelta(days=1), 1, None,
+                graded_for[("q000", "p000_ep1")]))
+    ann.append(("q001", "p001_hp0", "v0", 1, 0.5, "llm", "{}", 1.0, 1, 1, None, NOW - dt.timedelta(days=1), 1, None,
+                graded_for[("q001", "p001_hp0")]))
 
     def write(name, rows):
         tables.overwrite(name, spark.createDataFrame(rows, tables.spec(name).schema))
@@ -96,6 +101,31 @@ def test_graded_labels_decide_and_errors_are_counted(ctx):
                                  cur.LabelRules(use_annotations=False)).toPandas().set_index(["query_id", "product_id"])
     assert nollm.loc[("q002", "p002_hn1"), "label"] == 0
     assert len(qids) == 6
+
+
+def test_a_grade_given_for_other_content_is_not_used(ctx):
+    build_world(ctx, n_queries=4)
+    from pyspark.sql import functions as F
+
+    def edit(table, where, column, value):
+        df = ctx.tables.read(table)
+        ctx.tables.overwrite(table, df.withColumn(column, F.when(where, F.lit(value)).otherwise(F.col(column))))
+
+    edit("products", F.col("product_id") == "p002_hn1", "text", "garden hose reel")  # graded 4; now unrelated
+    edit("mined_candidates", F.col("query_id") == "q003", "query", "navy sock")  # an edited query: all its grades stale
+    lab = _labelled(ctx, cur.LabelRules(), []).toPandas().set_index(["query_id", "product_id"])
+    assert lab.loc[("q002", "p002_hn1"), "status"] == cur.STALE and pd.isna(lab.loc[("q002", "p002_hn1"), "label"])
+    assert lab.loc[("q002", "p002_hn0"), "status"] == "ok" and lab.loc[("q002", "p002_hn0"), "grade"] == 1
+    q003 = lab.loc["q003"]
+    assert (q003[q003["candidate_class"] != "random_negative"]["status"] == cur.STALE).all()
+    assert (q003[q003["candidate_class"] == "random_negative"]["label"] == 0).all()  # set logic, as unannotated
+    assert lab["status"].value_counts()[cur.STALE] == 1 + 8
+
+    # a table written before content hashes were recorded: every grade is stale
+    old = ctx.tables.read("annotations").drop("content_hash")
+    lab = cur.label_candidates(ctx.tables.read("mined_candidates"), cur.latest_annotations(old),
+                               ctx.tables.read("products"), [], cur.LabelRules()).toPandas()
+    assert set(lab["status"]) == {cur.STALE, "ok"} and lab[lab["status"] == "ok"]["grade"].isna().all()
 
 
 def test_stage_rows_formats(ctx):

@@ -61,7 +61,7 @@ def _dump(ctx: JobContext, out: Path, names: list[str], prefix: str = "") -> Non
 
 
 def case_ingest(ctx: JobContext, folder: str, out: str) -> dict:
-    """The bad-rows fixture of tests/test_ingest.py, loaded twice (the second run MERGEs onto the first)."""
+    """The bad-rows fixture of tests/test_ingest.py, loaded twice (the second run replaces the first's rows)."""
     from annomine.sources import SourceConfig
     from jobs.ingest import IngestConfig, run
 

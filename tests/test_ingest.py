@@ -194,7 +194,7 @@ def test_ids_keep_their_text_form_from_parquet(ctx, tables, tmp_path):
     labels = write_tsv(tmp_path / "labels.tsv", ["query_id", "product_id", "grade"], [["10", "1", "4"], ["11", "2", "2"]])
     run(ctx, IngestConfig(products=SourceConfig(str(tmp_path / "p.parquet")), queries=SourceConfig(str(tmp_path / "q.parquet")),
                           labels=SourceConfig(str(labels))))
-    run(ctx, IngestConfig(labels=SourceConfig(str(tmp_path / "l.parquet"))))
+    run(ctx, IngestConfig(labels=SourceConfig(str(tmp_path / "l.parquet")), mode="append"))  # more labels
     assert sorted(r.product_id for r in tables.read("products").collect()) == ["1", "2"]
     assert sorted(r.query_id for r in tables.read("queries").collect()) == ["10", "11"]
     assert sorted((r.query_id, r.product_id, r.grade) for r in tables.read("human_labels").collect()) == [
@@ -246,3 +246,34 @@ def test_every_input_row_either_loads_or_is_quarantined(ctx, tables, tmp_path):
             assert (tuple(row.get(k) for k in key) in loaded) != (row in refused), (name, row)
         assert len(refused) == sum(row in refused for row in rows) == len(rows) - sum(tuple(row.get(k) for k in key) in loaded for row in rows)
     assert len(quarantine) == 5 + 3 + 6
+
+
+def _labels_file(tmp_path, rows):
+    return SourceConfig(str(write_tsv(tmp_path / "labels.tsv", ["query_id", "product_id", "grade"], rows)))
+
+
+def test_reingesting_a_smaller_export_replaces_the_earlier_rows_and_says_so(ctx, tables, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    run(ctx, IngestConfig(products=_catalog(first, ("p1", "p2", "p3")), queries=_query_file(first, ("q1", "q2")),
+                          labels=_labels_file(first, [["q1", "p1", "4"], ["q2", "p3", "1"]])))
+    built = ctx.spark.createDataFrame([("b-1", "built query", None, None, "built", "channels", None)],
+                                      tables.spec("queries").schema)
+    tables.merge("queries", built)  # the query log channels builds: not ingest's to remove
+
+    lines = run(ctx, IngestConfig(products=_catalog(second, ("p1", "p9")), queries=_query_file(second, ("q1",)),
+                                  labels=_labels_file(second, [["q1", "p9", "3"]])))
+    assert lines == ["products: 2 rows read, 2 loaded, 0 quarantined; replace: 2 rows of earlier loads removed",
+                     "queries: 1 rows read, 1 loaded, 0 quarantined; replace: 1 rows of earlier loads removed",
+                     "human_labels: 1 rows read, 1 loaded, 0 quarantined; replace: 2 rows of earlier loads removed"]
+    assert sorted(r.product_id for r in tables.read("products").collect()) == ["p1", "p9"]
+    assert sorted(r.query_id for r in tables.read("queries").collect()) == ["b-1", "q1"]
+    assert [(r.query_id, r.product_id, r.grade) for r in tables.read("human_labels").collect()] == [("q1", "p9", 3)]
+
+
+def test_append_mode_keeps_the_earlier_rows_and_counts_them(ctx, tables, tmp_path):
+    run(ctx, IngestConfig(products=_catalog(tmp_path / "first", ("p1", "p2", "p3"))))
+    lines = run(ctx, IngestConfig(products=_catalog(tmp_path / "second", ("p1", "p9")), mode="append"))
+    assert lines == ["products: 2 rows read, 2 loaded, 0 quarantined; append: 2 rows of earlier loads kept"]
+    assert sorted(r.product_id for r in tables.read("products").collect()) == ["p1", "p2", "p3", "p9"]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        IngestConfig(mode="merge").validate()

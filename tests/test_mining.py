@@ -307,3 +307,16 @@ def test_job_end_to_end(ctx, tmp_path):
     mine.run(ctx, mine.MineConfig(**OPEN, log_mlflow=False))
     assert ctx.tables.read("mined_candidates").count() == stats["n_candidates"]
     assert ctx.tables.read("quarantine").where("target_table = 'mined_candidates'").count() == 1
+
+
+def test_a_query_is_mined_with_its_text_in_the_queries_table_not_a_stale_logged_one(spark, checkpoint):
+    logs = spark.createDataFrame([log("r1", "q2", "lexical", "pO", 1, query="leather sofa"),
+                                  log("r1", "q2", "bm25", "pO", 1, query="leather sofa")], LOG_SCHEMA)
+    products = spark.createDataFrame(list(PRODUCTS.items()), "product_id string, text string")
+    queries = spark.createDataFrame(QUERIES, "query_id string, query string, segment string")
+    rows = mining.mine_candidates(logs, products, queries, MiningRules(**OPEN), checkpoint=checkpoint).collect()
+    texts = dict((q, t) for q, t, _ in QUERIES)
+    assert rows and {r["query"] for r in rows} == {texts["q2"]} != {"leather sofa"}
+    # the token-similar band is the new text's: garden products, not leather ones
+    token = {r["product_id"] for r in rows if r["candidate_class"] == "token_similar_negative"}
+    assert token and not token & {"pA", "pB", "pE", "pM", "pU"}

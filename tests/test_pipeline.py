@@ -133,3 +133,87 @@ def test_the_closing_summary_prints_the_table_once_with_one_plot(tmp_path, proje
     plots = [line for line in out.splitlines() if line.startswith("plot: ")]
     assert plots == [f"plot: {report_file.parent / (report_file.stem + '_metrics.png')}"]
     assert "not registered: no two-tower" in out
+
+
+class _Versions:
+    """A table store whose every table is at version 1 (the stages below are judged on their files)."""
+
+    def version(self, name):
+        return 1
+
+    def exists(self, name):
+        return True
+
+
+def _check(state: PipelineState, name: str, project, cfg) -> tuple[bool, str]:
+    spec = next(s for s in pipeline.STAGES if s.name == name)
+    return state.is_current(spec, _Versions(), project, cfg, {})
+
+
+def _record(state: PipelineState, name: str, project, cfg) -> None:
+    spec = next(s for s in pipeline.STAGES if s.name == name)
+    state.record(spec, _Versions(), project, cfg, {}, 1.0)
+
+
+def test_train_and_evaluate_rerun_when_the_shards_or_model_pointers_they_read_change(tmp_path, project):
+    from jobs import evaluate, train
+
+    shards, models = project.outputs_path / "shards", project.outputs_path / "models"
+    (shards / "curriculum").mkdir(parents=True)
+    models.mkdir(parents=True)
+    manifest = shards / "curriculum" / "manifest.json"
+    manifest.write_text('{"variant": "curriculum", "table_version": 1}')
+    (shards / "dev_eval.parquet").write_bytes(b"dev")
+    for variant in ("curriculum", "mixed", "best"):
+        (models / f"{variant}.json").write_text(f'{{"variant": "{variant}", "path": "{variant}/model"}}')
+    state = PipelineState(tmp_path / "pipeline_state.json")
+    train_cfg, eval_cfg = train.TrainConfig(variant="curriculum"), evaluate.EvaluateConfig(models=["bm25", "variants"])
+    _record(state, "train", project, train_cfg)
+    _record(state, "evaluate", project, eval_cfg)
+    assert _check(state, "train", project, train_cfg)[0] and _check(state, "evaluate", project, eval_cfg)[0]
+
+    manifest.write_text('{"variant": "curriculum", "table_version": 2}')  # curriculum wrote new shards
+    current, why = _check(state, "train", project, train_cfg)
+    assert not current and why == f"inputs changed: {[str(manifest)]}"
+
+    (shards / "dev_eval.parquet").write_bytes(b"new dev")
+    assert "dev_eval.parquet" in _check(state, "train", project, train_cfg)[1]
+
+    (models / "mixed.json").write_text('{"variant": "mixed", "path": "mixed/model2"}')  # a variant trained again
+    current, why = _check(state, "evaluate", project, eval_cfg)
+    assert not current and why == f"inputs changed: {[str(models / 'mixed.json')]}"
+
+
+def test_a_merge_reruns_when_a_constituent_is_trained_again(tmp_path, project):
+    from jobs import train
+    from training.merging import MergeSpec
+
+    models = project.outputs_path / "models"
+    models.mkdir(parents=True)
+    for variant in ("curriculum", "human", "merged"):
+        (models / f"{variant}.json").write_text(f'{{"variant": "{variant}"}}')
+    cfg = train.TrainConfig(variant="merged", merges={"merged": MergeSpec(of=["curriculum", "human"])})
+    state = PipelineState(tmp_path / "pipeline_state.json")
+    _record(state, "train", project, cfg)
+    assert _check(state, "train", project, cfg)[0]
+    (models / "human.json").write_text('{"variant": "human", "seed": 2}')
+    assert _check(state, "train", project, cfg) == (False, f"inputs changed: {[str(models / 'human.json')]}")
+
+
+def test_annotate_reruns_when_the_table_its_config_names_changes(tmp_path, project):
+    from jobs import annotate
+
+    class Versions(_Versions):
+        def __init__(self):
+            self.versions = {}
+
+        def version(self, name):
+            return self.versions.get(name, 1)
+
+    tables, cfg = Versions(), annotate.AnnotateConfig(source="my_pairs")
+    spec = next(s for s in pipeline.STAGES if s.name == "annotate")
+    state = PipelineState(tmp_path / "pipeline_state.json")
+    state.record(spec, tables, project, cfg, {}, 1.0)
+    assert state.is_current(spec, tables, project, cfg, {})[0]
+    tables.versions["my_pairs"] = 2
+    assert state.is_current(spec, tables, project, cfg, {}) == (False, "inputs changed: ['my_pairs']")

@@ -49,6 +49,16 @@ def _ann(q, p, version, grade, tier, outputs, error=None, at=T1):
                 completion_tokens=3, error=error, annotated_at=at)
 
 
+def _graded_for(ctx, anns, stale):
+    """Annotations with the content hash of the pair's query and product text (a made-up one for the `stale` pairs:
+    graded for an earlier text)."""
+    from annomine.graded_content import content_hash_of
+
+    texts = {r.product_id: r.text for r in ctx.tables.read("products").select("product_id", "text").collect()}
+    return [dict(a, content_hash="graded-for-an-earlier-text" if (a["query_id"], a["product_id"]) in stale
+                 else content_hash_of(f"query {a['query_id']}", texts[a["product_id"]])) for a in anns]
+
+
 @pytest.fixture(scope="module")
 def demo(spark, tmp_path_factory):
     """Ingested demo shop + hand-built rows, in a schema of its own on the shared session."""
@@ -80,7 +90,7 @@ def demo(spark, tmp_path_factory):
         _cand("qb", P["P6"], 60, None, None, "hard_negative", 3, "tail"),
         _cand("qc", P["P2"], 4, 2, None, "hard_positive", 2, None),
     ])
-    _put(ctx, "annotations", [
+    _put(ctx, "annotations", _graded_for(ctx, [
         _ann("qa", P["P1"], "j1", 4, "tier1", {"tier1": {"grade": 4, "confidence": 0.95}}),
         _ann("qa", P["P2"], "j1", 3, "tier2", {"tier1": {"grade": 2, "confidence": 0.5}, "tier2": {"grade": 3, "confidence": 0.9}}),
         _ann("qa", P["P3"], "j1", 1, "tier3", {"tier1": {"grade": 3, "confidence": 0.4}, "tier2": {"grade": 2, "confidence": 0.6},
@@ -92,8 +102,9 @@ def demo(spark, tmp_path_factory):
         _ann("qb", P["P5"], "j1", None, "tier2", {"tier1": {"grade": 2, "confidence": 0.4}, "tier2": {"grade": None, "error": "unparseable"}},
              error="tier2: unparseable answer 'maybe'"),
         _ann("qb", P["P6"], "j1", 2, "tier1", {"tier1": {"grade": 2, "confidence": 0.9}}),
+        # graded for a text qc or P2 no longer has: stale, its grade counted nowhere
         _ann("qc", P["P2"], "j1", 2, "tier2", {"tier1": {"grade": 2, "confidence": 0.55}, "tier2": {"grade": 2, "confidence": 0.8}}),
-    ])
+    ], stale={("qc", P["P2"])}))
     ctx.tables.merge("human_labels", ctx.spark.createDataFrame(_rows("human_labels", [
         dict(query_id="qa", product_id=P["P1"], grade=4, variance=0.0, source="hand", ingested_at=T0),
         dict(query_id="qa", product_id=P["P3"], grade=2, variance=0.0, source="hand", ingested_at=T0),
@@ -150,11 +161,11 @@ def test_views_and_queries_give_the_hand_computed_results(demo):
         ("head", 3, "hard_negative", 1, 1, 25), ("head", 5, "random_negative", 1, 1, 25),
         ("tail", 1, "easy_positive", 1, 1, pytest.approx(33.3)), ("tail", 3, "hard_negative", 1, 1, pytest.approx(33.3)),
         ("tail", 4, "token_similar_negative", 1, 1, pytest.approx(33.3)), ("unsegmented", 2, "hard_positive", 1, 1, 100)]
-    # qb/P1 failed under j1 and was re-graded 4 by j2: it counts once, graded. qb/P5 (failed) and
-    # qa/P4 (pending) are not graded.
+    # qb/P1 failed under j1 and was re-graded 4 by j2: it counts once, graded. qb/P5 (failed), qa/P4 (pending)
+    # and qc/P2 (stale: graded for an earlier text) are not graded.
     assert _collect(results, "grade_distribution_by_channels") == [
-        ("ann", 1, 1, 100, 1.0), ("lexical", 2, 1, 100, 2.0), ("lexical+bm25", 2, 1, 50, 2.5),
-        ("lexical+bm25", 3, 1, 50, 2.5), ("lexical+bm25+ann", 4, 2, 100, 4.0)]
+        ("ann", 1, 1, 100, 1.0), ("lexical", 2, 1, 100, 2.0), ("lexical+bm25", 3, 1, 100, 3.0),
+        ("lexical+bm25+ann", 4, 2, 100, 4.0)]
     assert _collect(results, "tier_disagreement") == [
         ("tier1", "tier2", 3, 1, pytest.approx(33.3), 100, pytest.approx(0.667)),
         ("tier1", "tier3", 1, 0, 0, 0, 2.0), ("tier2", "tier3", 1, 0, 0, 100, 1.0)]
@@ -240,8 +251,9 @@ def test_exploration_notebook_creates_the_views_and_displays_every_query(demo, s
     assert len(shown) == len(results) + 1  # every example query, then the %sql cell
     assert [tuple(r) for r in shown[0].collect()] == [tuple(r) for r in results["difficulty_mix_by_segment"].dataframe.collect()]
     by_channels = {(r.channels, r.annotation_status): r.n_candidates for r in shown[-1].collect()}
-    assert by_channels == {("ann", "graded"): 1, ("lexical", "graded"): 1, ("lexical+bm25", "graded"): 2,
-                           ("lexical+bm25+ann", "graded"): 2, ("none", "failed"): 1, ("none", "pending"): 1}
+    assert by_channels == {("ann", "graded"): 1, ("lexical", "graded"): 1, ("lexical+bm25", "graded"): 1,
+                           ("lexical+bm25", "stale"): 1, ("lexical+bm25+ann", "graded"): 2, ("none", "failed"): 1,
+                           ("none", "pending"): 1}
 
 
 def test_tables_doc_is_generated_from_the_schemas():
