@@ -165,7 +165,8 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     for variant in variants:
         rows = ctx.tables.read(f"train_set_{variant}").toPandas()
         assert len(rows) and set(rows["query_id"]) <= train_ids, variant
-        shard_rows = pd.concat([pd.read_parquet(f) for f in (root / variant).glob("stage*/part-*.parquet")])
+        shard_rows = pd.concat([pd.read_parquet(f) for f in (root / variant).glob("run-*/stage*/part-*.parquet")])
+        assert len(list((root / variant).glob("run-*/"))) == 1, "one published set per variant"
         assert set(shard_rows["query_id"]) <= train_ids, variant
     for entry in manifest["stages"]:
         files = sorted((root / "curriculum" / entry["folder"]).glob("part-*.parquet"))
