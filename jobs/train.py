@@ -112,6 +112,9 @@ class TrainConfig(TrainSettings):
 CONFIG_CLASS = TrainConfig
 
 
+MODEL_PREFIX = "model-"  # models/<name>/model-<tag>/: one folder per published model
+
+
 def models_root(ctx: JobContext) -> Path:
     return ctx.project.outputs_path / "models"
 
@@ -234,9 +237,6 @@ def publish_pointer(models: Path, pointer: dict, cfg: TrainConfig) -> list[str]:
         write_pointer(models / name, pointer)
     prune_models(models)
     return names
-
-
-MODEL_PREFIX = "model-"
 
 
 def referenced_models(models: Path) -> list[Path]:
