@@ -35,11 +35,17 @@ Not everything is a table. Under `project.warehouse` (on Databricks: the bundle'
 
 | path | written by | what it holds |
 |---|---|---|
-| `shards/<variant>/stage<k>_<name>/*.parquet`, `shards/<variant>/manifest.json` | curriculum | training shards read by `train` (the `train_set_*` tables hold the same rows) |
-| `judges/<version>/`, `judges/current.json` | judge | tier-1 cross-encoder, per-tier calibration, the current judge version |
-| `models/<variant>/model/`, `models/<variant>.json`, `models/best.json` | train | trained two-tower models and pointers to them (also in MLflow) |
+| `shards/<variant>/run-<tag>/stage<k>_<name>/*.parquet`, `shards/<variant>/manifest.json` | curriculum | training shards read by `train` (the `train_set_*` tables hold the same rows); each run writes a new `run-<tag>/` (with its dev check) and publishes it by rewriting the manifest last |
+| `judges/<version>.<tag>/`, `judges/current.json` | judge | tier-1 cross-encoder, per-tier calibration, the current judge version (written under `judges/_staging/`, then moved into place) |
+| `models/<variant>/model-<tag>/`, `models/<variant>.json`, `models/best.json` | train | trained two-tower models and pointers to them (also in MLflow) |
+| `_scratch/mine-<tag>/` | mine | the run's Parquet checkpoints, removed when it ends (a killed run's, by the next `mine`) |
 | `pipeline_state.json` | pipeline | fingerprints that let `annomine pipeline` skip current stages |
 | `mlflow.db` | every job (embedded only) | the local MLflow store; on Databricks runs go to the workspace |
+
+A set of files (shards, a model, a judge) is written whole into a new folder and published by one rename of its
+pointer JSON (annomine/publish.py), so a reader sees the old set or the new one, never a mix. Paths in a pointer
+are relative to the pointer's folder, so a copied warehouse points into itself. Folders no pointer references
+(a killed run's, superseded ones) are removed by the next run of the stage that writes them.
 """
 
 

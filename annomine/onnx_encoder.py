@@ -13,7 +13,9 @@ exporter's inputs (torch version, opset, graph format), so the same weights expo
 were loaded from. `<cache>` is `$ANNOMINE_ONNX_CACHE`, else `$XDG_CACHE_HOME/annomine/onnx` (default
 `~/.cache/annomine/onnx`). A file is written under a temporary name and renamed into place, so
 concurrent processes (Spark workers) never read a half-written model; two that export at once write
-identical files and the last rename wins. The cache keeps the most recently used files within
+identical files and the last rename wins. Next to it, `<key>.onnx.sha256` holds the file's SHA-256, written
+after the export; a cached file is used only when it matches (`verified`), so a file damaged in place
+(or one whose checksum was never written) is exported again, with one log line. The cache keeps the most recently used files within
 `$ANNOMINE_ONNX_CACHE_MAX_MB` (default 2048, ~20 MiniLM-sized towers): each use touches its file, and
 an export removes the least recently used others beyond the limit (`prune_cache`).
 """
@@ -31,6 +33,8 @@ import weakref
 from pathlib import Path
 
 import numpy as np
+
+from annomine.publish import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,8 @@ _SESSIONS_LOCK = threading.Lock()
 # torch.onnx.export keeps process-global state (one export at a time): Spark partitions running in threads of one
 # worker process each ask for the tower at once.
 _EXPORT_LOCK = threading.RLock()
+# (path, inode, size) of the cache files this process has checked against their checksum.
+_VERIFIED: set[tuple] = set()
 
 
 def runtime_available() -> tuple[bool, str]:
@@ -129,12 +135,48 @@ def export(model, path: Path) -> Path:
                 dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                               OUTPUT_NAME: {0: "batch"}})
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users sharing the cache
+        digest = file_sha256(Path(tmp))
         os.replace(tmp, path)
     finally:
         model.train(was_training)
         if os.path.exists(tmp):
             os.unlink(tmp)
+    write_atomically(checksum_path(path), lambda out: out.write_text(f"{digest}  {path.name}\n"))
+    _VERIFIED.add(_identity(path))
     return path
+
+
+def checksum_path(path: Path) -> Path:
+    """The sidecar holding the SHA-256 of a cached export."""
+    return path.with_name(path.name + ".sha256")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return str(path), st.st_ino, st.st_size
+
+
+def verified(path: Path) -> bool:
+    """Whether `path` matches the checksum written with it (checked once per file per process)."""
+    try:
+        identity = _identity(path)
+        if identity in _VERIFIED:
+            return True
+        expected = checksum_path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return False
+    if file_sha256(path) != expected:
+        return False
+    _VERIFIED.add(identity)
+    return True
 
 
 def cache_limit_bytes() -> int:
@@ -163,10 +205,11 @@ def prune_cache(directory: Path, limit_bytes: int, keep: Path) -> list[Path]:
             break
         if f == keep:
             continue
-        try:
-            f.unlink()
-        except FileNotFoundError:
-            pass
+        for gone in (f, checksum_path(f)):
+            try:
+                gone.unlink()
+            except FileNotFoundError:
+                pass
         total -= size
         removed.append(f)
     if removed:
@@ -179,13 +222,17 @@ def cached_export(model) -> Path:
     """The cached .onnx file of `model`'s weights, exported first if there is none (then the cache is pruned)."""
     path = cache_dir() / f"{weights_key(model)}.onnx"
     with _EXPORT_LOCK:  # the threads that waited find the file the first one wrote
-        if path.is_file():
+        if path.is_file() and verified(path):
             try:
                 os.utime(path)  # recently used: the last to be pruned
             except OSError:  # a read-only shared cache: still usable
                 pass
         else:
-            log.info("exporting %s to ONNX: %s", type(model).__name__, path)
+            if path.is_file():
+                log.warning("cached ONNX model %s does not match its checksum %s; exporting it again", path,
+                            checksum_path(path).name)
+            else:
+                log.info("exporting %s to ONNX: %s", type(model).__name__, path)
             export(model, path)
             prune_cache(path.parent, cache_limit_bytes(), keep=path)
     return path

@@ -2,15 +2,16 @@
 
 For every configured model variant (curriculum, mixed, no_llm, curriculum_roar, human,
 human_plus_curriculum, curriculum_then_human, curriculum_with_human) it writes the Delta table `train_set_<variant>` and Parquet shards under
-`<shards_dir>/<variant>/stage<k>_<name>/` with a `manifest.json` (stages, rows, files, schema, source
-table versions, composition). `human` trains on the human labels of the train queries (one MNR stage,
+a new folder `<shards_dir>/<variant>/run-<tag>/stage<k>_<name>/` with a `manifest.json` (stages, rows, files, schema, source
+table versions, composition), then publishes that folder by rewriting `<shards_dir>/<variant>/manifest.json` last
+(training.shards): a run killed midway leaves the previous set published, and its folder is removed by the next run. `human` trains on the human labels of the train queries (one MNR stage,
 `human_stage`: a top-grade product as positive, a product of the same query graded <= negative_max_grade
 as hard negative); `human_plus_curriculum` runs that stage before the curriculum's stages,
 `curriculum_then_human` after them, and `curriculum_with_human` mixes its rows into the curriculum's MNR stage.
 
 Labelled queries are split by `annomine.splits`: only `train` queries reach a training set; `dev` and
 `test` queries never do. It also writes the dev evaluation set used for model selection during training
-(`<shards_dir>/dev_eval.parquet`, `dev_pool.parquet`): human labels of the dev queries only (never test),
+(`<shards_dir>/dev_eval.parquet`, `dev_pool.parquet`, and a copy in each variant's run folder): human labels of the dev queries only (never test),
 over their judged products plus a sample of other catalog items. Prints each stage's composition (rows by
 class, level and grade) and the number of candidates dropped for annotation errors, ambiguous grades or
 dev / test queries.
@@ -27,9 +28,10 @@ from pyspark.sql import functions as F
 
 from annomine import curriculum as cur
 from annomine.bounds import bounded
+from annomine.publish import run_folder, write_atomically
 from annomine.runtime import JobContext, run_job
 from annomine.splits import DEV_FRACTION, SEED, TEST_FRACTION, split_of
-from training.shards import write_manifest, write_stage_shards
+from training.shards import RUN_PREFIX, prune_shards, publish_shards, write_stage_shards
 
 log = logging.getLogger("annomine.curriculum")
 
@@ -122,10 +124,19 @@ def dev_query_ids(ctx: JobContext, cfg: CurriculumConfig) -> list[str]:
     return labelled_splits(ctx, cfg)["dev"]
 
 
-def write_dev_eval(ctx: JobContext, cfg: CurriculumConfig, dev_ids: list[str], root: Path) -> dict:
-    """Human labels of dev queries + a candidate pool (their judged products and a catalog sample)."""
+def write_dev_files(folder: Path, dev: tuple | None) -> None:
+    """`dev_eval.parquet` and `dev_pool.parquet` of `dev` (labels, pool) into `folder`, each by one rename."""
+    if dev is None:
+        return
+    for name, frame in zip(("dev_eval.parquet", "dev_pool.parquet"), dev):
+        write_atomically(folder / name, lambda tmp, frame=frame: frame.to_parquet(tmp, index=False))
+
+
+def write_dev_eval(ctx: JobContext, cfg: CurriculumConfig, dev_ids: list[str], root: Path) -> tuple[dict, tuple | None]:
+    """Human labels of dev queries + a candidate pool (their judged products and a catalog sample), written
+    under `root`; (counts, (labels, pool) or None)."""
     if not dev_ids or not ctx.tables.exists("human_labels"):
-        return {"queries": 0, "labels": 0, "pool": 0}
+        return {"queries": 0, "labels": 0, "pool": 0}, None
     labels = (ctx.tables.read("human_labels").filter(F.col("query_id").isin(*dev_ids))
               .join(ctx.tables.read("queries").select("query_id", "query"), "query_id")
               .select("query_id", "query", "product_id", F.col("grade").cast("int").alias("grade")).toPandas())
@@ -137,15 +148,62 @@ def write_dev_eval(ctx: JobContext, cfg: CurriculumConfig, dev_ids: list[str], r
               .limit(cfg.dev_pool_size).drop("_h"))
     judged_df = products.filter(F.col("product_id").isin(*judged_ids)) if judged_ids else products.limit(0)
     pool = judged_df.unionByName(sample).toPandas()
-    root.mkdir(parents=True, exist_ok=True)
-    labels.to_parquet(root / "dev_eval.parquet", index=False)
-    pool.to_parquet(root / "dev_pool.parquet", index=False)
-    return {"queries": int(labels["query_id"].nunique()), "labels": int(len(labels)), "pool": int(len(pool))}
+    write_dev_files(root, (labels, pool))
+    return {"queries": int(labels["query_id"].nunique()), "labels": int(len(labels)), "pool": int(len(pool))}, (labels, pool)
 
 
 def _level(level) -> str:
     """A difficulty level for printing ('-' for human-label rows, which have none)."""
     return "-" if level is None or level != level else str(int(level))
+
+
+def _write_stage_sets(variant: str, stages: list, data, seeds: list[int], cfg: CurriculumConfig,
+                      run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Each stage's rows of `data` as shards under `run_dir`, their composition printed; (entries, skipped stages)."""
+    entries, skipped = [], []
+    for k, stage in enumerate(stages, start=1):
+        pdf = data[data["stage"] == k].drop(columns=["stage", "stage_name", "loss"])
+        if pdf.empty:
+            msg = (f"[{variant}] stage {k} '{stage.name}' has no training rows: check the mined classes "
+                   f"{stage.positive_classes} / {stage.negative_classes} and the grade thresholds")
+            print(f"WARNING {msg}; the stage is left out of the manifest")
+            log.warning(msg)
+            skipped.append({"stage": k, "name": stage.name, "loss": stage.loss})
+            continue
+        folder = f"stage{k}_{stage.name}"
+        entry = write_stage_shards(pdf, run_dir / folder, num_files=cfg.num_files,
+                                   row_group_size=cfg.row_group_size, seed=seeds[k - 1])
+        comp = cur.composition(pdf)
+        by_source = cur.rows_by_source(pdf)
+        entry.update({"stage": k, "name": stage.name, "loss": stage.loss, "folder": folder, "epochs": stage.epochs, "lr": stage.lr,
+                      "source": "+".join(src for src, n in by_source.items() if n) or stage.source, "source_rows": by_source,
+                      "composition": comp.astype(object).where(comp.notna(), None).to_dict(orient="records")})
+        entries.append(entry)
+        print(f"[{variant}] stage {k} {stage.name} ({stage.loss}): {entry['rows']} rows in {len(entry['files'])} files")
+        by = comp[comp["side"] == "item"].groupby(["level", "candidate_class", "grade", "label"], dropna=False)["rows"].sum()
+        for (level, cls, grade, label), n in by.items():
+            print(f"    item L{_level(level):<3} {cls:<24} grade={grade!s:<4} label={label!s:<4} rows={n}")
+        neg = comp[comp["side"] == "negative"].groupby(["level", "candidate_class", "grade"], dropna=False)["rows"].sum()
+        for (level, cls, grade), n in neg.items():
+            print(f"    neg  L{_level(level):<3} {cls:<24} grade={grade!s:<4} rows={n}")
+        grades = comp[comp["side"] == "list_item"]
+        for _, r in grades.iterrows():
+            print(f"    list item grade={r['grade']!s:<4} rows={r['rows']}")
+    return entries, skipped
+
+
+def publish_variant(root: Path, stages: list, data, seeds: list[int], cfg: CurriculumConfig, manifest: dict,
+                    dev_frames: tuple | None) -> dict:
+    """Write a variant's training rows (`data`, with `stage`) as a new shard set under `root/<variant>` with the dev
+    check it is trained with, then publish it (training.shards.publish_shards); the published manifest."""
+    variant = manifest["variant"]
+    with run_folder(root / variant, RUN_PREFIX) as run_dir:  # a new folder, published by the manifest
+        entries, skipped = _write_stage_sets(variant, stages, data, seeds, cfg, run_dir)
+        if not entries:
+            raise ValueError(f"[{variant}] no stage has training rows; nothing to train "
+                             f"(candidates: {manifest.get('candidate_status')})")
+        write_dev_files(run_dir, dev_frames)
+        return publish_shards(root / variant, run_dir, dict(manifest, stages=entries, skipped_stages=skipped))
 
 
 def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
@@ -162,7 +220,9 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
     dev_ids, test_ids = splits["dev"], splits["test"]
     print(f"labelled queries: {len(splits['train'])} train, {len(dev_ids)} dev (selection), "
           f"{len(test_ids)} test (reporting only); dev and test queries reach no training set")
-    dev = write_dev_eval(ctx, cfg, dev_ids, root)  # the selection pool: dev queries only, never test
+    for variant_root in sorted(p for p in root.glob("*") if p.is_dir()):
+        prune_shards(variant_root)  # the leftovers of runs killed before they published
+    dev, dev_frames = write_dev_eval(ctx, cfg, dev_ids, root)  # the selection pool: dev queries only, never test
     print(f"dev evaluation set: {dev['queries']} queries, {dev['labels']} labels, pool of {dev['pool']} items")
     summary = {"shards_dir": str(root), "dev": dev, "splits": {k: len(v) for k, v in splits.items()}, "variants": {}}
     human_rows = None
@@ -190,7 +250,7 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
         # A stage's seed is its position among the stages of its source: human_plus_curriculum's mined stages
         # get the rows (and shard order) the curriculum variant's stages get.
         seeds = [cfg.seed + sum(t.source == st.source for t in stages[:i + 1]) for i, st in enumerate(stages)]
-        frames, entries, skipped = [], [], []
+        frames = []
         for k, stage in enumerate(stages, start=1):
             source = human_rows if stage.source == "human" else labelled
             rows = cur.stage_rows(source, stage, seeds[k - 1], cfg.max_group_size)
@@ -204,43 +264,12 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
             union = union.unionByName(f)
         ctx.tables.overwrite(table, union)
         data = ctx.tables.read(table).toPandas()
-        for k, stage in enumerate(stages, start=1):
-            pdf = data[data["stage"] == k].drop(columns=["stage", "stage_name", "loss"])
-            if pdf.empty:
-                msg = (f"[{variant}] stage {k} '{stage.name}' has no training rows: check the mined classes "
-                       f"{stage.positive_classes} / {stage.negative_classes} and the grade thresholds")
-                print(f"WARNING {msg}; the stage is left out of the manifest")
-                log.warning(msg)
-                skipped.append({"stage": k, "name": stage.name, "loss": stage.loss})
-                continue
-            folder = f"stage{k}_{stage.name}"
-            entry = write_stage_shards(pdf, root / variant / folder, num_files=cfg.num_files,
-                                       row_group_size=cfg.row_group_size, seed=seeds[k - 1])
-            comp = cur.composition(pdf)
-            by_source = cur.rows_by_source(pdf)
-            entry.update({"stage": k, "name": stage.name, "loss": stage.loss, "folder": folder, "epochs": stage.epochs, "lr": stage.lr,
-                          "source": "+".join(src for src, n in by_source.items() if n) or stage.source, "source_rows": by_source,
-                          "composition": comp.astype(object).where(comp.notna(), None).to_dict(orient="records")})
-            entries.append(entry)
-            print(f"[{variant}] stage {k} {stage.name} ({stage.loss}): {entry['rows']} rows in {len(entry['files'])} files")
-            by = comp[comp["side"] == "item"].groupby(["level", "candidate_class", "grade", "label"], dropna=False)["rows"].sum()
-            for (level, cls, grade, label), n in by.items():
-                print(f"    item L{_level(level):<3} {cls:<24} grade={grade!s:<4} label={label!s:<4} rows={n}")
-            neg = comp[comp["side"] == "negative"].groupby(["level", "candidate_class", "grade"], dropna=False)["rows"].sum()
-            for (level, cls, grade), n in neg.items():
-                print(f"    neg  L{_level(level):<3} {cls:<24} grade={grade!s:<4} rows={n}")
-            grades = comp[comp["side"] == "list_item"]
-            for _, r in grades.iterrows():
-                print(f"    list item grade={r['grade']!s:<4} rows={r['rows']}")
-        if not entries:
-            raise ValueError(f"[{variant}] no stage has training rows; nothing to train (candidates: {counts})")
-        manifest = {"variant": variant, "stages": entries, "skipped_stages": skipped, "sources": sources, "candidate_status": counts,
+        manifest = {"variant": variant, "sources": sources, "candidate_status": counts,
                     "table": ctx.tables.qualified_name(table), "table_version": ctx.tables.version(table),
                     "labelled_queries": summary["splits"]}
         if human_counts is not None:
             manifest["human_label_status"] = human_counts
-        write_manifest(root / variant, manifest)
-        summary["variants"][variant] = manifest
+        summary["variants"][variant] = publish_variant(root, stages, data, seeds, cfg, manifest, dev_frames)
     return summary
 
 

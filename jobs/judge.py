@@ -10,7 +10,7 @@ part it fits, in order: the stack (`model.stack`: logistic regression over the c
 cheap per-pair features, annomine/judges/stack.py), the decision rule and its cut-points on the expected
 grade, and the per-class isotonic calibration and thresholds; with `refit_on_all` it then trains again on
 train + calibration queries and keeps those fits. It reports tier-1 metrics on dev (and test, reported
-only), saves everything under `<warehouse>/judges/<version>/` (with per-pair predictions), points
+only), saves everything under a new `<warehouse>/judges/<version>.<tag>/` (with per-pair predictions), points
 `current.json` at it and logs params, metrics, confusion-matrix and calibration PNGs to MLflow. It also orders each dev/test query's labelled products by the judge's expected grade and by a zero-shot
 bi-encoder (`ranking_baseline`, the retriever's start) and scores both orders with NDCG@10, paired
 (annomine/judges/ranking.py): a judge that orders products no better than the retriever cannot teach it to.
@@ -228,7 +228,7 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     from annomine.judges.calibration import fit_calibrator
     from annomine.judges.cross_encoder import attach_stack, select_decision, train_cross_encoder, version_id
     from annomine.judges.data import assign_splits, grading_metrics
-    from annomine.judges.store import judges_root
+    from annomine.judges.store import publish_judge, staging_folder
     from annomine.judges.store import set_current as point_current
 
     grades = grades_of(project)
@@ -271,43 +271,47 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
                      "splits": {s: {"pairs": int((pairs.split == s).sum()), "queries": int(pairs[pairs.split == s].query_id.nunique())}
                                 for s in ("train", "calibration", "dev")},
                      "trained_on": "train + calibration" if cfg.refit_on_all else "train"}
-    folder = judges_root(project.warehouse_path) / version
-    model.meta = {"settings": asdict(cfg.model), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "refit_on_all": cfg.refit_on_all}
-    model.save(folder)
-    calibrator.save(folder / "calibration_tier1.json")
-    # the calibration split's grades come from the model trained without it (the one the fits saw)
-    _predictions_frame(cal, cal_probs, cal_pred, grades).to_parquet(folder / "predictions_calibration.parquet")
-    artifacts = [folder / "predictions_calibration.parquet"]
-    baseline = _ranking_baseline(cfg, model)
-    # dev: the judge's validation figures; test (when the split exists): reported only, nothing is chosen on it
-    for name, part in (("dev", dev), ("test", pairs[pairs.split == "test"].reset_index(drop=True))):
-        if not len(part):
-            continue
-        started = time.time()
-        probs = model.predict_proba(part["query"].tolist(), part["text"].tolist(), progress=True)
-        seconds = time.time() - started
-        pred = model.decide(probs)
-        raw = probs[np.arange(len(pred)), [grades.index(int(g)) for g in pred]]
-        conf = calibrator.calibrate(pred, raw)
-        part_metrics = grading_metrics(part["grade"], pred, grades)
-        part_metrics["would_escalate_rate"] = float(1.0 - calibrator.is_sure(pred, conf).mean())
-        part_metrics["pairs_per_s"] = len(part) / max(seconds, 1e-9)
-        part_metrics["n_queries"] = int(part.query_id.nunique())
-        if baseline is not None:
-            part_metrics["ranking"] = _ranking(part, probs @ np.asarray(grades, float), baseline, grades, project.seed)
-        metrics[f"{name}_tier1"] = part_metrics
-        artifacts.append(_confusion_png(part_metrics, folder / f"confusion_{name}_tier1.png", f"tier 1 {version} on {name}"))
-        truth = part["grade"].to_numpy().astype(int)
-        artifacts.append(_calibration_png(conf, raw, (pred == truth).astype(float), probs @ np.asarray(grades, float), truth,
-                                          model.cutpoints, folder / f"calibration_{name}_tier1.png",
-                                          f"tier 1 {version} on {name} (decision: {model.decision})"))
-        _predictions_frame(part, probs, pred, grades).to_parquet(folder / f"predictions_{name}.parquet")
-        artifacts.append(folder / f"predictions_{name}.parquet")
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    artifacts.append(folder / "metrics.json")
+    # written whole under judges/_staging, then moved into judges/ and made current (annomine.judges.store)
+    with staging_folder(project.warehouse_path, version) as folder:
+        model.meta = {"settings": asdict(cfg.model), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "refit_on_all": cfg.refit_on_all}
+        model.save(folder)
+        calibrator.save(folder / "calibration_tier1.json")
+        # the calibration split's grades come from the model trained without it (the one the fits saw)
+        _predictions_frame(cal, cal_probs, cal_pred, grades).to_parquet(folder / "predictions_calibration.parquet")
+        artifacts = [folder / "predictions_calibration.parquet"]
+        baseline = _ranking_baseline(cfg, model)
+        # dev: the judge's validation figures; test (when the split exists): reported only, nothing is chosen on it
+        for name, part in (("dev", dev), ("test", pairs[pairs.split == "test"].reset_index(drop=True))):
+            if not len(part):
+                continue
+            started = time.time()
+            probs = model.predict_proba(part["query"].tolist(), part["text"].tolist(), progress=True)
+            seconds = time.time() - started
+            pred = model.decide(probs)
+            raw = probs[np.arange(len(pred)), [grades.index(int(g)) for g in pred]]
+            conf = calibrator.calibrate(pred, raw)
+            part_metrics = grading_metrics(part["grade"], pred, grades)
+            part_metrics["would_escalate_rate"] = float(1.0 - calibrator.is_sure(pred, conf).mean())
+            part_metrics["pairs_per_s"] = len(part) / max(seconds, 1e-9)
+            part_metrics["n_queries"] = int(part.query_id.nunique())
+            if baseline is not None:
+                part_metrics["ranking"] = _ranking(part, probs @ np.asarray(grades, float), baseline, grades, project.seed)
+            metrics[f"{name}_tier1"] = part_metrics
+            artifacts.append(_confusion_png(part_metrics, folder / f"confusion_{name}_tier1.png", f"tier 1 {version} on {name}"))
+            truth = part["grade"].to_numpy().astype(int)
+            artifacts.append(_calibration_png(conf, raw, (pred == truth).astype(float), probs @ np.asarray(grades, float), truth,
+                                              model.cutpoints, folder / f"calibration_{name}_tier1.png",
+                                              f"tier 1 {version} on {name} (decision: {model.decision})"))
+            _predictions_frame(part, probs, pred, grades).to_parquet(folder / f"predictions_{name}.parquet")
+            artifacts.append(folder / f"predictions_{name}.parquet")
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        artifacts.append(folder / "metrics.json")
+        published = publish_judge(project.warehouse_path, folder)
+    artifacts = [published / a.relative_to(folder) for a in artifacts]
+    folder = published
     if set_current:
-        point_current(project.warehouse_path, version)
+        point_current(project.warehouse_path, version, folder)
     if cfg.log_mlflow:
         flat = {"train_seconds": history["train_seconds"], "train_pairs_per_s": history["train_pairs_per_s"],
                 "calibration_sure_share": calibrator.stats["sure_share"]}

@@ -9,19 +9,21 @@ The logic lives in `annomine.mining` (pure DataFrame transforms); this module on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
 import sys
 import tempfile
 import time
-import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyspark.sql import functions as F
 
 from annomine import mining
+from annomine.publish import remove_unreferenced, run_folder
 from annomine.runtime import JobContext, run_job
 from annomine.tracking import Tracker
 
@@ -59,6 +61,26 @@ def parquet_checkpoint(spark, folder: Path):
     return checkpoint
 
 
+SCRATCH_PREFIX = "mine-"
+
+
+@contextlib.contextmanager
+def scratch_folder(ctx: JobContext) -> Iterator[Path | None]:
+    """A new `<warehouse>/_scratch/mine-<tag>` for the run's checkpoints (None on Unity Catalog), removed after it;
+    the folders of killed runs are removed first (those of a live concurrent run are held by its lock)."""
+    if ctx.tables.unity_catalog:
+        yield None
+        return
+    parent = ctx.project.warehouse_path / "_scratch"
+    remove_unreferenced(parent, SCRATCH_PREFIX, lambda: [])
+    with run_folder(parent, SCRATCH_PREFIX) as scratch:
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    remove_unreferenced(parent, SCRATCH_PREFIX, lambda: [])  # this run's lock file
+
+
 def _track(ctx: JobContext, cfg: MineConfig, rules: mining.MiningRules, rows: list[dict], stats: dict) -> str | None:
     params = {k: (",".join(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(rules).items()
               if k != "class_quotas"}
@@ -87,17 +109,11 @@ def run(ctx: JobContext, cfg: MineConfig) -> dict:
     n_products = products.count()
     queries = ctx.tables.read("queries")
     log.info("mining %s runs over a catalog of %d products", ",".join(cfg.run_ids) or "the latest", n_products)
-    checkpoint, scratch = None, None
-    if not ctx.tables.unity_catalog:
-        scratch = ctx.project.warehouse_path / "_scratch" / f"mine-{uuid.uuid4().hex[:8]}"
-        checkpoint = parquet_checkpoint(ctx.spark, scratch)
-    try:
+    with scratch_folder(ctx) as scratch:
+        checkpoint = parquet_checkpoint(ctx.spark, scratch) if scratch is not None else None
         mined = mining.mine_candidates(good, products, queries, rules, n_products=n_products,
                                        run_ids=cfg.run_ids or None, checkpoint=checkpoint)
         ctx.tables.overwrite("mined_candidates", mined)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     written = ctx.tables.read("mined_candidates")
     report = mining.mining_report(written).withColumn("mined_at", F.current_timestamp())

@@ -15,6 +15,7 @@ import sys
 import time
 
 from annomine.config import ConfigError, load_job_config, load_project_config, read_config_document
+from annomine.publish import read_pointer
 from annomine.pipeline_state import PipelineState, StageSpec
 from annomine.runtime import job_parser, open_context, setup_logging
 from jobs import stage_files as files
@@ -100,7 +101,7 @@ def print_outcome(project, conf: str, overrides: list[str]) -> None:
         print("\n" + "\n".join(report_lib.summary(report, report_file)), flush=True)
     pointer = project.warehouse_path / "models" / "best.json"
     if pointer.is_file():
-        best = json.loads(pointer.read_text())
+        best = read_pointer(pointer)
         print(f"[pipeline] final model ({best.get('variant')}): {best.get('path')}"
               + (f", MLflow {best['model_uri']}" if best.get("model_uri") else "")
               + "; `annomine evaluate --model best` resolves it", flush=True)

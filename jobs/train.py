@@ -1,16 +1,21 @@
 """Stage `train`: the two-tower retriever through the curriculum's stages, tracked in MLflow.
 
-Reads the shards and manifest `annomine curriculum` wrote for `train.variant`, runs the same
+Reads the shard set `annomine curriculum` published for `train.variant` (refusing one whose files do not
+match its manifest, and holding it so no curriculum run removes it meanwhile), runs the same
 per-rank training function under the configured launcher (inprocess, torchrun, torch_distributor,
 horovod), resumes from the last checkpoint when a previous run of the same spec was interrupted (the
 resumed run trains exactly what the uninterrupted one would have: training.runner), and publishes the
 final model. Killing the driver ends torchrun and its ranks (annomine.lifeline). Outputs:
 
-    <warehouse>/models/<variant>/model/        TwoTower folder (annomine.two_tower.TwoTower.load)
+    <warehouse>/models/<variant>/model-<tag>/  TwoTower folder (annomine.two_tower.TwoTower.load), new for each run
     <warehouse>/models/<variant>/run/          checkpoints, progress.json, history.json, loss_curve.png
     <warehouse>/models/<variant>.json          {"path", "variant", "mlflow_run_id", "model_uri", ...}
     <warehouse>/models/best.json               the same pointer, for `train.best_variant` only (the pipeline's final
                                                model; training another variant by hand leaves it alone)
+
+A model is written whole into its new folder before the pointers are switched to it (annomine.publish:
+"path" is relative to the pointer's folder, written by one rename), so a reader sees the old model or the
+new one; model folders no pointer references (a killed run's, superseded ones) are removed by the next train.
 
 A `train.variant` named under `train.merges` is not trained: its trained constituents are merged by weight
 arithmetic and the dev check picks the weights (training.merging); the outputs are the same. One named under
@@ -25,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -35,13 +41,14 @@ from annomine.bounds import bounded
 from annomine.curriculum import VARIANTS
 from annomine.errors import MissingInputError
 from annomine.locks import warehouse_lock
+from annomine.publish import PointerError, note_write, read_pointer, reading, remove_unreferenced, run_folder, write_pointer
 from annomine.runtime import JobContext, run_job
 from training.interpolation import check_alphas
 from training.launchers import LAUNCHERS, launch
 from training.losses import REGISTRY as LOSS_REGISTRY
 from training import merging
 from training.merging import MergeSpec, SoupSpec
-from training.shards import read_manifest
+from training.shards import check_shards, published_shards
 from training.spec import TrainSettings, TrainSpec, Tracking
 
 log = logging.getLogger("annomine.train")
@@ -100,6 +107,9 @@ class TrainConfig(TrainSettings):
 
 
 CONFIG_CLASS = TrainConfig
+
+
+MODEL_PREFIX = "model-"  # models/<name>/model-<tag>/: one folder per published model
 
 
 def models_root(ctx: JobContext) -> Path:
@@ -168,11 +178,19 @@ def training_pairs(stages: list[dict], manifest: dict) -> dict[str, int]:
 
 
 def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict, name: str) -> dict:
-    """Copy the final model into place, log it to MLflow, write the pointers; the pointer."""
-    final = models_root(ctx) / name / "model"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(result["final_dir"], final)
+    """Copy the final model into a new folder, log it to MLflow, switch the pointers to it; the pointer."""
+    with run_folder(models_root(ctx) / name, MODEL_PREFIX) as final:
+        shutil.copytree(result["final_dir"], final, dirs_exist_ok=True, copy_function=_copy_noted)
+        return _publish_folder(ctx, cfg, result, run, name, final)
+
+
+def _copy_noted(src: str, dst: str) -> str:
+    out = shutil.copy2(src, dst)
+    note_write(dst)
+    return out
+
+
+def _publish_folder(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict, name: str, final: Path) -> dict:
     model_uri = None
     if cfg.mlflow:
         from training.tracking import log_outputs
@@ -208,27 +226,49 @@ def _publish(ctx: JobContext, cfg: TrainConfig, result: dict, run: dict, name: s
 
 
 def publish_pointer(models: Path, pointer: dict, cfg: TrainConfig) -> list[str]:
-    """Write `<variant>.json` (the pointer's variant), and `best.json` when that is `best_variant` (or none is set);
-    the names written."""
+    """Write `<variant>.json` (the pointer's variant), and `best.json` when that is `best_variant` (or none is set),
+    each by one rename, then remove the model folders no pointer references any more; the names written."""
     variant = pointer["variant"]
     names = [f"{variant}.json"] + (["best.json"] if cfg.best_variant in (None, variant) else [])
     for name in names:
-        (models / name).write_text(json.dumps(pointer, indent=2))
+        write_pointer(models / name, pointer)
+    prune_models(models)
     return names
+
+
+def referenced_models(models: Path) -> list[Path]:
+    """The model folders the pointers in `models` name (a pointer that cannot be read stops the pruning)."""
+    paths = (read_pointer(f).get("path") for f in sorted(models.glob("*.json")))
+    return [Path(p) for p in paths if p]
+
+
+def prune_models(models: Path) -> list[Path]:
+    """Remove the model folders under `models/<name>/` that no pointer references and no live run writes."""
+    try:
+        referenced_models(models)
+    except PointerError as exc:
+        log.warning("not removing unreferenced models: %s", exc)
+        return []
+    removed = []
+    for folder in sorted(p for p in models.glob("*") if p.is_dir()):
+        # model-<tag> folders, and the model/ folder of the older layout
+        removed += remove_unreferenced(folder, "model", lambda: referenced_models(models))
+    return removed
 
 
 def run(ctx: JobContext, cfg: TrainConfig) -> dict:
     """One `train` per warehouse at a time: a second waits `lock_wait_s`, then stops naming the holder."""
     with warehouse_lock(ctx.project, "train", wait_s=cfg.lock_wait_s):
+        prune_models(models_root(ctx))  # the leftovers of runs killed before they published
         if cfg.variant in cfg.merges:
             return _merge(ctx, cfg)
         return _soup(ctx, cfg) if cfg.variant in cfg.soups else _train(ctx, cfg)
 
 
-def _shards_manifest(shards_root: str, variant: str) -> dict:
-    """The manifest of `variant`'s training shards; an error naming the folder when the curriculum wrote none."""
+def _published_shards(shards_root: str, variant: str) -> Path:
+    """The folder of `variant`'s published training shards; an error naming it when the curriculum wrote none."""
     try:
-        return read_manifest(shards_root)
+        return published_shards(shards_root)
     except MissingInputError:
         raise
     except FileNotFoundError as exc:
@@ -240,7 +280,13 @@ def _train(ctx: JobContext, cfg: TrainConfig, name: str | None = None) -> dict:
     """Train `cfg.variant` (published as `name`: the variant, or a soup's member); its pointer."""
     name = name or cfg.variant
     spec = build_spec(ctx, cfg, name)
-    manifest = _shards_manifest(spec.shards_root, cfg.variant)
+    with reading(_published_shards(spec.shards_root, cfg.variant)) as shards:  # no curriculum run removes it meanwhile
+        manifest = check_shards(shards)
+        dev_dir = shards if (shards / "dev_eval.parquet").is_file() else spec.dev_dir
+        return _train_on(ctx, cfg, dataclasses.replace(spec, shards_root=str(shards), dev_dir=str(dev_dir)), manifest, name)
+
+
+def _train_on(ctx: JobContext, cfg: TrainConfig, spec: TrainSpec, manifest: dict, name: str) -> dict:
     run_dir = _prepare_run_dir(spec, manifest, cfg, name)
     run_id = None
     if cfg.mlflow:
@@ -267,14 +313,11 @@ def _merge(ctx: JobContext, cfg: TrainConfig) -> dict:
 
 
 def _read_pointer(ctx: JobContext, variant: str) -> dict | None:
-    """models/<variant>.json of this fold; None when absent, one clear error when unreadable."""
+    """models/<variant>.json of this fold, its path resolved; None when absent, one clear error when unreadable."""
     file = models_root(ctx) / f"{variant}.json"
     if not file.is_file():
         return None
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MissingInputError(f"{file}: not a readable model pointer ({exc}); train {variant!r} again") from exc
+    return read_pointer(file, rerun=f"train {variant!r} again")
 
 
 def _soup(ctx: JobContext, cfg: TrainConfig) -> dict:
@@ -317,12 +360,16 @@ def _combine(ctx: JobContext, cfg: TrainConfig, names: list[str], pointers: list
     started = time.time()
     print(f"[{cfg.variant}] merging {', '.join(names)}: {len(candidates)} candidates on {len(dev)} dev queries")
     chosen = merging.choose([TwoTower.load(p["path"]) for p in pointers], names, candidates, dev.evaluate)
-    final = models / cfg.variant / "model"
-    if final.exists():
-        shutil.rmtree(final)
-    chosen["model"].save(final)
-    record = {"of": names, "weights": list(chosen["weights"]), "dev": chosen["dev"], "dev_metric": chosen["metric"],
-              "paths": [p["path"] for p in pointers]}
+    with run_folder(models / cfg.variant, MODEL_PREFIX) as final:
+        chosen["model"].save(final)
+        record = {"of": names, "weights": list(chosen["weights"]), "dev": chosen["dev"], "dev_metric": chosen["metric"],
+                  "paths": [os.path.relpath(p["path"], models) for p in pointers]}
+        return _publish_merge(ctx, cfg, names, pointers, chosen, record, params, same_data, final, started)
+
+
+def _publish_merge(ctx: JobContext, cfg: TrainConfig, names: list[str], pointers: list[dict], chosen: dict, record: dict,
+                   params: dict, same_data: bool, final: Path, started: float) -> dict:
+    models = models_root(ctx)
     run_id = model_uri = None
     if cfg.mlflow:
         run_id, model_uri = _track_merge(ctx, cfg, final, record, params)

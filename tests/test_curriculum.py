@@ -195,7 +195,8 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     for variant in variants:
         rows = ctx.tables.read(f"train_set_{variant}").toPandas()
         assert len(rows) and set(rows["query_id"]) <= train_ids, variant
-        shard_rows = pd.concat([pd.read_parquet(f) for f in (root / variant).glob("stage*/part-*.parquet")])
+        shard_rows = pd.concat([pd.read_parquet(f) for f in (root / variant).glob("run-*/stage*/part-*.parquet")])
+        assert len(list((root / variant).glob("run-*/"))) == 1, "one published set per variant"
         assert set(shard_rows["query_id"]) <= train_ids, variant
     for entry in manifest["stages"]:
         files = sorted((root / "curriculum" / entry["folder"]).glob("part-*.parquet"))
@@ -215,7 +216,7 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     assert [(s["name"], s["loss"]) for s in human["stages"]] == [("human", "mnr")]
     assert human["human_label_status"] == {"ok": 9 * len(train_ids), "ambiguous_grade": len(train_ids),
                                            "dev_query": 10 * len(dev_ids), "test_query": 10 * len(test_ids)}
-    hrows = pd.concat([pd.read_parquet(f) for f in (root / "human" / "stage1_human").glob("part-*.parquet")])
+    hrows = pd.concat([pd.read_parquet(f) for f in (root / "human").glob("run-*/stage1_human/part-*.parquet")])
     labels = ctx.tables.read("human_labels").toPandas()
     grade_of = {(q, p): g for q, p, g in zip(labels["query_id"], labels["product_id"], labels["grade"])}
     assert len(hrows) == 3 * len(train_ids)  # every grade-4 label of a train query (3 per query here)
@@ -264,8 +265,8 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     fold_root = ctx.project.warehouse_path / "folds" / "fold1" / "shards"
     assert set(pd.read_parquet(fold_root / "dev_eval.parquet")["query_id"]) == test_ids
     assert set(pd.read_parquet(root / "dev_eval.parquet")["query_id"]) == dev_ids  # fold 0's untouched
-    fold_rows = pd.concat([pd.read_parquet(f) for f in (fold_root / "curriculum").glob("stage*/part-*.parquet")])
-    fold0_rows = pd.concat([pd.read_parquet(f) for f in (root / "curriculum").glob("stage*/part-*.parquet")])
+    fold_rows = pd.concat([pd.read_parquet(f) for f in (fold_root / "curriculum").glob("run-*/stage*/part-*.parquet")])
+    fold0_rows = pd.concat([pd.read_parquet(f) for f in (root / "curriculum").glob("run-*/stage*/part-*.parquet")])
     assert sorted(fold_rows["query_id"] + fold_rows["product_id"]) == sorted(fold0_rows["query_id"] + fold0_rows["product_id"])
 
 

@@ -133,13 +133,16 @@ def case_curriculum(ctx: JobContext, out: str) -> dict:
     for name in ("dev_eval.parquet", "dev_pool.parquet"):
         shutil.copy(root / name, out / name)
     shards = []  # every shard file's rows, in file and row order: what the trainer reads
-    for path in sorted(root.glob("*/stage*/part-*.parquet")):
+    for path in sorted(root.glob("*/run-*/stage*/part-*.parquet")):
         rows = pd.read_parquet(path)
-        rows.insert(0, "_file", str(path.relative_to(root)))
+        rows.insert(0, "_file", str(path.relative_to(root)).replace(f"{path.parent.parent.name}/", ""))
         rows.insert(1, "_row", np.arange(len(rows)))
         shards.append(rows)
     pd.concat(shards, ignore_index=True).to_parquet(out / "shards.parquet")
     summary["shards_dir"] = None  # the only path in it
+    for manifest in summary["variants"].values():  # a run's folder name is its own
+        run = manifest.pop("run")
+        manifest["stages"] = [dict(e, folder=e["folder"].removeprefix(f"{run}/")) for e in manifest["stages"]]
     return summary
 
 

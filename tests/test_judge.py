@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -210,7 +211,10 @@ judge:
     files = ["--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv"), "--products", str(shop / "products.tsv")]
     assert judge.main(["train", "--conf", str(conf), *files]) == 0
     trained = json.loads(capsys.readouterr().out)
-    folder = tmp_path / "wh" / "judges" / trained["version"]
+    folder = Path(trained["path"])  # a new folder of this run, published by current.json
+    assert folder.parent == tmp_path / "wh" / "judges" and folder.name.startswith(trained["version"] + ".")
+    assert json.loads((folder.parent / "current.json").read_text())["path"] == folder.name  # relative
+    assert not [p for p in (folder.parent / "_staging").iterdir() if p.is_dir()], "nothing left in staging"
     for name in ("judge.json", "head.pt", "calibration_tier1.json", "metrics.json", "encoder/config.json",
                  "confusion_dev_tier1.png", "calibration_dev_tier1.png", "predictions_calibration.parquet", "predictions_dev.parquet"):
         assert (folder / name).exists(), name

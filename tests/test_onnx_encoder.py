@@ -50,6 +50,7 @@ def tiny_folder(tmp_path):
 def tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(onnx_encoder.CACHE_ENV, str(tmp_path / "onnx_cache"))
     monkeypatch.setattr(onnx_encoder, "_SESSIONS", {})
+    monkeypatch.setattr(onnx_encoder, "_VERIFIED", set(), raising=False)
     monkeypatch.setattr(encoders, "_WARNED", set())
     return tmp_path / "onnx_cache"
 
@@ -165,10 +166,37 @@ def test_export_is_cached_on_disk_and_per_process(tiny_folder, tmp_cache, monkey
     monkeypatch.setattr(onnx_encoder, "_SESSIONS", {})  # as a new process (a Spark worker) would start
     third = TextEncoder(tiny_folder, backend="onnx")
     assert len(exports) == 1 and third.onnx is not first.onnx
-    files = list(tmp_cache.iterdir())
-    assert [f.suffix for f in files] == [".onnx"]  # no temporary file left behind
+    files = sorted(tmp_cache.iterdir())
+    assert [f.suffix for f in files] == [".onnx", ".sha256"]  # the export and its checksum; no temporary file
     texts = varied_texts(10)
     assert np.allclose(third.encode(texts), first.encode(texts), atol=1e-6)
+
+
+def test_a_cached_export_damaged_in_place_is_exported_again(tiny_folder, tmp_cache, monkeypatch, caplog):
+    """Zeros written into a cached .onnx file that still loads: its checksum no longer matches, so it is exported
+    again (one log line) and encodes as a clean export does, instead of being used silently."""
+    exports = []
+    real_export = onnx_encoder.export
+    monkeypatch.setattr(onnx_encoder, "export", lambda model, path: exports.append(path) or real_export(model, path))
+    texts = varied_texts(10)
+    clean = TextEncoder(tiny_folder, backend="onnx").encode(texts)
+    path = exports[0]
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2048] = bytes(2048)  # inside the weights: the graph still parses
+    path.write_bytes(bytes(data))
+    damaged = onnx_encoder.OnnxTower(path, threads=1)  # it loads ...
+    ids, mask = np.ones((1, 4), dtype=np.int64), np.ones((1, 4), dtype=np.int64)
+    assert damaged(ids, mask).shape[0] == 1
+    monkeypatch.setattr(onnx_encoder, "_SESSIONS", {})  # as a new process would start
+    monkeypatch.setattr(onnx_encoder, "_VERIFIED", set(), raising=False)
+    with caplog.at_level("WARNING", logger="annomine.onnx_encoder"):
+        again = TextEncoder(tiny_folder, backend="onnx")
+    assert len(exports) == 2, "the damaged file is exported again"
+    assert [r.message for r in caplog.records if "checksum" in r.message] == [
+        f"cached ONNX model {path} does not match its checksum {path.name}.sha256; exporting it again"]
+    assert np.allclose(again.encode(texts), clean, atol=1e-6)
+    assert onnx_encoder.verified(path)
 
 
 def test_threads_asking_for_the_same_tower_at_once_share_one_export(tmp_cache, monkeypatch):

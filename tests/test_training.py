@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from annomine.config import ConfigError
+from annomine.publish import read_pointer
 from annomine.two_tower import TwoTower
 from training.callbacks import Callback
 from training.launchers import launch
@@ -251,9 +252,9 @@ def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
                       num_proc=1, interpolate_alphas=[0.5])
     pointer = run_train(ctx, cfg)
     models = ctx.project.warehouse_path / "models"
-    assert json.loads((models / "best.json").read_text())["path"] == pointer["path"]
+    assert read_pointer(models / "best.json")["path"] == pointer["path"]
     assert json.loads((models / "curriculum_roar.json").read_text())["variant"] == "curriculum_roar"
-    assert Path(pointer["path"]).name == "model" and Path(pointer["path"]).parent.name == "curriculum_roar"
+    assert Path(pointer["path"]).name.startswith("model-") and Path(pointer["path"]).parent.name == "curriculum_roar"
     assert [s["loss"] for s in pointer["stages"]] == ["bce", "mnr", "roar"]
     assert {s["source"] for s in pointer["stages"]} == {"mined"}
     kept = sum(s["examples"] for s in pointer["stages"] if s["best_epoch"] != 0)
@@ -280,6 +281,8 @@ def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
     again = run_train(ctx, cfg)
     assert again["mlflow_run_id"] == pointer["mlflow_run_id"] and again["examples_this_run"] == 0
     assert again["examples"] == pointer["examples"] == pointer["examples_this_run"] > 0
+    # the new model folder replaced the old one, which no pointer references any more
+    assert [p for p in (models / "curriculum_roar").iterdir() if p.is_dir() and p.name != "run"] == [Path(again["path"])]
 
 
 def test_training_pairs_count_the_kept_stages_by_source():
@@ -499,6 +502,7 @@ def test_a_merged_variant_is_chosen_on_dev_published_and_tracked(ctx):
 
     from annomine.errors import MissingInputError
     from annomine.evaluation.retrievers import resolve_specs
+    from annomine.publish import PointerError
     from jobs.train import TrainConfig
     from jobs.train import run as run_train
     from training.interpolation import merge
@@ -514,7 +518,7 @@ def test_a_merged_variant_is_chosen_on_dev_published_and_tracked(ctx):
     with pytest.raises(MissingInputError, match="needs variant 'nope' trained in this fold"):
         run_train(ctx, replace(cfg, merges={"soup": MergeSpec(of=["curriculum", "nope"], weights=[])}))
     (models / "broken.json").write_text("{not json")
-    with pytest.raises(MissingInputError, match=r"broken.json: not a readable model pointer"):
+    with pytest.raises(PointerError, match=r"broken.json: not a readable pointer"):
         run_train(ctx, replace(cfg, merges={"soup": MergeSpec(of=["curriculum", "broken"], weights=[])}))
     (models / "broken.json").unlink()
     pointer = run_train(ctx, cfg)
@@ -531,7 +535,7 @@ def test_a_merged_variant_is_chosen_on_dev_published_and_tracked(ctx):
         assert torch.allclose(a, b, atol=1e-6)
     used = [v for v, w in zip(spec.of, chosen) if w]
     assert pointer["training_pairs"] == {"mined": 30 * ("curriculum" in used), "human": 20 * ("human" in used)}
-    assert json.loads((models / "soup.json").read_text())["path"] == pointer["path"]
+    assert read_pointer(models / "soup.json")["path"] == pointer["path"]
     assert not (models / "best.json").exists(), "best.json follows train.best_variant only"
     assert "soup" in [s.label for s in resolve_specs("variants", ctx.project.warehouse)]
     mlflow.set_tracking_uri(ctx.project.tracking_uri)
@@ -581,7 +585,8 @@ def test_a_seed_soup_trains_its_missing_members_and_keeps_the_average_only_when_
     assert json.loads((models / "curriculum.json").read_text())["mlflow_run_id"] == first["mlflow_run_id"], "reused"
     member = json.loads((models / "curriculum_seed14.json").read_text())
     assert member["seed"] == 14 and member["trained"] == "curriculum" and member["variant"] == "curriculum_seed14"
-    assert Path(member["path"]) == models / "curriculum_seed14" / "model"
+    assert (models / member["path"]).parent == models / "curriculum_seed14"  # relative to the pointer's folder
+    member = read_pointer(models / "curriculum_seed14.json")
     a, b = TwoTower.load(first["path"]), TwoTower.load(member["path"])
     assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters())), "another seed, another model"
     record = pointer["merge"]

@@ -4,10 +4,19 @@ the streaming reader that gives every rank a disjoint slice each epoch.
 Shards are plain Parquet (primitive columns and lists of primitives only), so Petastorm's
 `make_batch_reader` can read them too; here they are read with pyarrow, one row group at a time.
 
-Layout under a root folder:
+Layout under a variant's folder (`annomine curriculum` writes it, annomine.publish):
 
-    <root>/manifest.json                  {"variant", "stages": [{stage, name, loss, rows, files, row_group_size, schema}], "sources": {table: version}}
-    <root>/stage<k>_<name>/part-00000.parquet ...
+    <root>/manifest.json                  the published set: the manifest below plus "run" (its folder) and stage
+                                          folders relative to <root>; written last, by one rename
+    <root>/run-<tag>/manifest.json        {"variant", "stages": [{stage, name, loss, rows, files, file_rows,
+                                          row_group_size, schema, folder}], "sources": {table: version}}
+    <root>/run-<tag>/stage<k>_<name>/part-00000.parquet ...
+    <root>/run-<tag>/dev_eval.parquet, dev_pool.parquet   the dev check the set was written with
+
+Each run of the curriculum writes a new `run-<tag>` folder and switches `<root>/manifest.json` to it, so a
+reader sees the old set or the new one, never a mix; `published_shards` gives the published folder and
+`check_shards` refuses a set whose files are missing, empty or of other row counts than its manifest. A
+`<root>` without "run" in its manifest (stage folders directly under it) is read as before.
 
 Reader contract (`ShardReader`): the stage's rows, in (file, row) order, are cut into `world`
 contiguous ranges whose sizes differ by at most one; in epoch e, rank r reads range (r + e) % world.
@@ -20,6 +29,7 @@ bounded shuffle buffer, so memory stays at about `shuffle_buffer` rows plus one 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +39,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from annomine.errors import AnnomineError
+from annomine.publish import note_write, read_pointer, remove_unreferenced, write_atomically
+
+log = logging.getLogger(__name__)
 
 SHARD_SCHEMA = pa.schema([
     ("query_id", pa.string()),
@@ -50,6 +65,13 @@ SHARD_SCHEMA = pa.schema([
 ])
 
 MANIFEST = "manifest.json"
+RUN_PREFIX = "run-"
+LEGACY_STAGE_PREFIX = "stage"
+RERUN = "run `annomine curriculum` again"
+
+
+class ShardSetError(AnnomineError):
+    """A shard set that does not match its manifest (the message names the file)."""
 
 
 def _to_table(df: pd.DataFrame) -> pa.Table:
@@ -96,25 +118,86 @@ def write_stage_shards(df: pd.DataFrame, folder: str | os.PathLike, *, num_files
         path = out / f"part-{i:05d}.parquet"
         pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), path, row_group_size=row_group_size,
                        compression="zstd")
+        note_write(path)
         files.append(path.name)
-    return {"rows": int(table.num_rows), "files": files, "row_group_size": row_group_size,
-            "schema": [f"{f.name}: {f.type}" for f in SHARD_SCHEMA]}
+    return {"rows": int(table.num_rows), "files": files, "file_rows": [int(b - a) for a, b in zip(bounds, bounds[1:])],
+            "row_group_size": row_group_size, "schema": [f"{f.name}: {f.type}" for f in SHARD_SCHEMA]}
 
 
 def write_manifest(root: str | os.PathLike, manifest: dict) -> Path:
-    path = Path(root) / MANIFEST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    return write_atomically(Path(root) / MANIFEST, lambda tmp: tmp.write_text(text))
+
+
+def publish_shards(root: str | os.PathLike, run_dir: str | os.PathLike, manifest: dict) -> dict:
+    """Publish the set written in `run_dir` (a folder under `root`): its own manifest, then `root`'s, which
+    names it; then remove the sets no longer published. `manifest`'s stage folders are relative to `run_dir`;
+    the published manifest (stage folders relative to `root`)."""
+    root, run_dir = Path(root), Path(run_dir)
+    write_manifest(run_dir, manifest)
+    outer = dict(manifest, run=run_dir.name,
+                 stages=[dict(e, folder=f"{run_dir.name}/{e['folder']}") for e in manifest["stages"]])
+    write_manifest(root, outer)
+    prune_shards(root)
+    return outer
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no shard manifest at {path}; run `annomine curriculum` first")
-    return json.loads(path.read_text())
+    manifest = read_pointer(path, ("run",), RERUN)
+    if not isinstance(manifest.get("stages"), list):
+        raise ShardSetError(f"{path}: no 'stages' list; {RERUN}")
+    return manifest
+
+
+def published_shards(root: str | os.PathLike) -> Path:
+    """The folder of `root`'s published set: its `run-<tag>` folder, or `root` itself in the older layout."""
+    run = read_manifest(root).get("run")
+    return Path(run) if run else Path(root)
+
+
+def prune_shards(root: str | os.PathLike) -> list[Path]:
+    """Remove the run folders under `root` that its manifest does not publish (killed runs' leftovers, older
+    sets no reader holds), and the stage folders of the older layout once a run folder is published."""
+    root = Path(root)
+    if not (root / MANIFEST).is_file():
+        return remove_unreferenced(root, RUN_PREFIX, lambda: [])
+    try:
+        published = published_shards(root)
+    except AnnomineError as exc:  # what it publishes is unknown: keep everything
+        log.warning("not pruning %s: %s", root, exc)
+        return []
+    removed = remove_unreferenced(root, RUN_PREFIX, lambda: [published_shards(root)])
+    if published != root:
+        removed += remove_unreferenced(root, LEGACY_STAGE_PREFIX, lambda: [])
+    return removed
+
+
+def _file_rows(path: str) -> int:
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except FileNotFoundError:
+        raise ShardSetError(f"{path}: shard file missing; {RERUN}") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise ShardSetError(f"{path}: not a readable Parquet shard ({exc}); {RERUN}") from exc
+
+
+def check_shards(root: str | os.PathLike) -> dict:
+    """The manifest of the set in `root` after checking every stage's files exist and hold the rows it lists."""
+    manifest = read_manifest(root)
+    for entry in manifest["stages"]:
+        files = stage_files(root, entry)
+        counts = [_file_rows(f) for f in files]
+        expected = entry.get("file_rows") or [None] * len(files)
+        for f, n, want in zip(files, counts, expected):
+            if want is not None and n != want:
+                raise ShardSetError(f"{f}: {n} rows, its manifest {Path(root) / MANIFEST} lists {want}; {RERUN}")
+        if sum(counts) != entry["rows"]:
+            raise ShardSetError(f"{Path(root) / entry['folder']}: {sum(counts)} rows, its manifest {Path(root) / MANIFEST} "
+                                f"lists {entry['rows']}; {RERUN}")
+    return manifest
 
 
 def stage_files(root: str | os.PathLike, stage_entry: dict) -> list[str]:

@@ -72,7 +72,7 @@ class Tracking:
 
 @dataclass(kw_only=True)
 class TrainSpec(TrainSettings):
-    shards_root: str  # <shards>/<variant>: manifest.json and the stage folders
+    shards_root: str  # a shard set: manifest.json and the stage folders (train: the variant's published run folder)
     output_dir: str  # checkpoints, progress.json, history.json, result.json, final/
     min_grade: int  # the project's lowest grade (dev gains are grade - min_grade)
     dev_dir: str | None = None  # holds dev_eval.parquet and dev_pool.parquet (None or absent: no dev evaluation)

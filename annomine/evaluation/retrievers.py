@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -130,10 +129,9 @@ def download_mlflow_model(uri: str, dest_root: Path, tracking_uri: str | None = 
 
 
 def _from_registry_file(name: str, file: Path, download_root: Path, tracking_uri: str | None) -> ModelSpec:
-    try:
-        entry = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelSpecError(f"{file}: not a readable model entry: {exc}") from exc
+    from annomine.publish import read_pointer
+
+    entry = read_pointer(file, rerun="run `annomine train` again")  # "path" resolved against the pointer's folder
     path, uri, pairs = entry.get("path"), entry.get("model_uri"), entry.get("training_pairs")
     if path and Path(path).exists():
         return ModelSpec(name, "folder", str(file), path=str(_model_folder(Path(path))), model_uri=uri, training_pairs=pairs)
