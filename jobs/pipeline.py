@@ -15,8 +15,8 @@ import sys
 import time
 
 from annomine.config import ConfigError, load_job_config, load_project_config, read_config_document
-from annomine.publish import read_pointer
 from annomine.pipeline_state import PipelineState, StageSpec
+from annomine.publish import read_pointer
 from annomine.runtime import job_parser, open_context, setup_logging
 from jobs import stage_files as files
 
