@@ -65,7 +65,7 @@ def _report(prog: str, exc: BaseException, debug: bool) -> int:
         traceback.print_exc()
     print(f"{prog}: error: {one_line(str(exc))}", file=sys.stderr)
     if not debug:
-        print(f"{prog}: (--debug shows the traceback; README, 'Troubleshooting', says what errors mean)",
+        print(f"{prog}: (--debug shows the traceback; docs/troubleshooting.md says what errors mean)",
               file=sys.stderr)
     return USER_ERROR_EXIT
 
