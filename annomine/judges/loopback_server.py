@@ -1,6 +1,6 @@
 """A loopback HTTP server that speaks the OpenAI chat-completions protocol: the test double of the
 LLM tiers (tests, benchmarks, the demo's tiers 2-3), run by the cascade with `cascade.loopback.embedded`
-(annomine/judges/cascade.py) or on its own with `annomine llm-server` (jobs/llm_server.py).
+(annomine/judges/cascade.py) or on its own with `annomine fake-llm-server` (jobs/fake_llm_server.py).
 
 No real LLM is reachable in tests or the demo. It answers `POST /v1/chat/completions`
 with a deterministic grade from a simple rule: the share of the query's words found in the
@@ -336,7 +336,7 @@ class LoopbackLLMServer:
         return self
 
     def serve_forever(self) -> None:
-        """Serve in this thread until interrupted (the `annomine llm-server` command), then close."""
+        """Serve in this thread until interrupted (the `annomine fake-llm-server` command), then close."""
         try:
             self._httpd.serve_forever()
         except KeyboardInterrupt:

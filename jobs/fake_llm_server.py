@@ -1,6 +1,6 @@
-"""Stage `llm-server`: a loopback HTTP server that speaks the OpenAI chat-completions protocol.
+"""Stage `fake-llm-server`: a fake LLM, a loopback HTTP server that speaks the OpenAI chat-completions protocol.
 
-    annomine llm-server [--port 8011] [--latency-ms 200] [--faults 429=0.1,500=0.05,slow=0.05,malformed=0.05,truncated=0.05]
+    annomine fake-llm-server [--port 8011] [--latency-ms 200] [--faults 429=0.1,500=0.05,slow=0.05,malformed=0.05,truncated=0.05]
 
 The test double (fault injection, no model; `annomine llm-serve` runs a real local model): a command line over the server in
 annomine/judges/loopback_server.py, which a job also starts itself with `cascade.loopback.embedded`.
@@ -22,7 +22,7 @@ from annomine.judges.loopback_server import FAULT_KINDS, LoopbackLLMServer, pars
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="annomine llm-server", description=__doc__,
+    parser = argparse.ArgumentParser(prog="annomine fake-llm-server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8011, help="0 picks a free port (printed)")
@@ -50,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from annomine.cli import guarded
 
-    sys.exit(guarded("annomine llm-server", main))
+    sys.exit(guarded("annomine fake-llm-server", main))
