@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from annomine.errors import MissingInputError
+from annomine.progress import progress as progress_bar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -103,9 +104,7 @@ def encode_sorted(tokenizer, run_batch, texts: list[str], dim: int, max_length: 
     out = np.zeros((len(texts), dim), dtype=np.float32)
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(texts), desc=desc, unit="text", mininterval=5)
+        bar = progress_bar(len(texts), desc=desc, unit="text")
     try:
         for positions, input_ids, attention_mask in length_sorted_batches(tokenizer, texts, max_length, batch_size):
             out[positions] = run_batch(input_ids, attention_mask)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from annomine.progress import progress_iter
 from annomine.two_tower import TwoTower
 from training.callbacks import Callback, CallbackList
 from training.interpolation import check_alphas, interpolate_final
@@ -458,13 +459,11 @@ class StageTrainer:
         batches = self.reader.epoch(epoch - 1, start=start)
         so_far = partial or {"losses": [], "examples": 0, "seconds": 0.0}
         losses, n_ex, seconds = list(so_far["losses"]), int(so_far["examples"]), float(so_far["seconds"])
-        bar = range(start, self.steps)
+        steps = range(start, self.steps)
         if dist.is_main and spec.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(bar, desc=f"{self.key} epoch {epoch}/{self.epochs}", unit="step", mininterval=5,
-                       total=self.steps, initial=start)
-        for b in bar:
+            steps = progress_iter(steps, desc=f"{self.key} epoch {epoch}/{self.epochs}", unit="step",
+                                  total=self.steps, initial=start)
+        for b in steps:
             rows = next(batches)
             t0 = time.time()
             losses.append(self._step(rows))

@@ -27,6 +27,7 @@ import numpy as np
 
 from annomine.bounds import bounded
 from annomine.errors import DamagedInputError
+from annomine.progress import progress as progress_bar, progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,7 @@ class CrossEncoderModel:
         order = np.argsort([len(q) + len(t) for q, t in zip(queries, texts)])
         starts = range(0, len(order), batch_size)
         if progress:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc="tier1", unit="batch", mininterval=5)
+            starts = progress_iter(starts, desc="tier1 grading", unit="batch")
         with self._lock, torch.inference_mode():
             self.bert.eval()
             for s in starts:
@@ -290,9 +289,7 @@ def _frozen_outputs(model: CrossEncoderModel, queries: list[str], texts: list[st
     order = np.argsort([len(q) + len(t) for q, t in zip(queries, texts)])
     starts = range(0, len(order), batch_size)
     if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="frozen layers", unit="batch", mininterval=10)
+        starts = progress_iter(starts, desc="tier1 frozen layers", unit="batch")
     model.bert.eval()
     try:
         model.bert.encoder.layer = torch.nn.ModuleList(list(layers)[:n_layers])
@@ -393,9 +390,7 @@ def train_cross_encoder(train_df, grades: list[int], settings: CrossEncoderSetti
     step = 0
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="train tier1", unit="step", mininterval=10)
+        bar = progress_bar(total, desc="train tier1", unit="step", mininterval=10)
     lengths = np.array([len(q) + min(len(t), settings.max_text_chars or len(t)) for q, t in zip(queries, texts)])
     for epoch in range(settings.epochs):
         model.bert.train()

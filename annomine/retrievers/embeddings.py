@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pandas as pd
 
+from annomine.progress import progress
+
 
 def vector_key(encoder: str, max_length: int) -> str:
     """The `model` of `product_embeddings` rows: the encoder's name (or path) and its token limit."""
@@ -47,8 +49,6 @@ def ensure_embeddings(ctx, products: pd.DataFrame, cfg, stats: dict) -> np.ndarr
 
     cfg: encoder, max_length, encode_batch_size, embed_chunk and model_key (`ann.ANNConfig`).
     """
-    from tqdm import tqdm
-
     from annomine.retrievers.ann import shared_encoder
 
     cached = _cached(ctx, cfg.model_key)
@@ -62,7 +62,7 @@ def ensure_embeddings(ctx, products: pd.DataFrame, cfg, stats: dict) -> np.ndarr
         encoder.batch_size = cfg.encode_batch_size
         texts = products["text"].fillna("").tolist()
         started = time.time()
-        with tqdm(total=len(todo), desc="encode catalog", unit="item", mininterval=5) as bar:
+        with progress(len(todo), desc="encode catalog", unit="item") as bar:
             for start in range(0, len(todo), cfg.embed_chunk):
                 idx = todo[start:start + cfg.embed_chunk]
                 # the whole chunk in one call: the encoder sorts it by length into batches of encode_batch_size
