@@ -162,6 +162,19 @@ ANNOTATIONS = _register(TableSpec(
                 "`annotate.llm_budget` was spent: it keeps the first tier's grade until a later run escalates it).",
 ))
 
+LLM_RESPONSES = _register(TableSpec(
+    "llm_responses",
+    "response_key string, settings_key string, model string, endpoint string, prompt_version string, "
+    "answer string, prompt_tokens bigint, completion_tokens bigint, stored_at timestamp",
+    key=("response_key",),
+    written_by="annotate, judge (calibrate, eval)",
+    description="Every answer an LLM tier got, stored once: `response_key` is the sha256 of everything that decides "
+                "the answer (model, endpoint, prompt version, the full messages, decoding and log-probability "
+                "settings; never the key), `settings_key` the same without the messages. `answer` is the parsed answer "
+                "as JSON (grade, raw confidence and its source, grade distribution, reason). Every LLM tier looks here "
+                "before a request, so a re-run, a retrained tier 1 or a recalibration pays for no answer twice.",
+))
+
 # ---- curriculum (jobs/curriculum.py): one training-set table per model variant -------------------
 TRAIN_SET_DDL = (
     "stage int, stage_name string, loss string, query_id string, query string, product_id string, item_text string, "

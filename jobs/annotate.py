@@ -87,6 +87,8 @@ class AnnotateConfig:
     # none (the first tier decides every pair, so the calls would buy grades that decide nothing); unsure pairs are
     # stored with escalation 'budget'. `always`: escalate anyway, to record the LLM's grades.
     escalate: str = "auto"
+    # Log the run's summary numbers (LLM calls, response-cache hits and misses) to MLflow.
+    log_mlflow: bool = True
 
     def validate(self) -> None:
         if self.escalate not in ("auto", "always"):
@@ -243,7 +245,8 @@ class _Run:
         self.stats = {"pairs": 0, "graded": 0, "errors": 0, "retried": 0, "chunks": 0, "llm_requests": 0, "by_tier": {},
                       "tiers": {}, "escalation": {"llm_budget": cfg.llm_budget, "llm_calls": 0,
                                                   "llm_calls_per_tier": {n: 0 for n in self.llm_names},
-                                                  "escalated_pairs": 0, "deferred_by_budget": 0}}
+                                                  "escalated_pairs": 0, "deferred_by_budget": 0},
+                      "llm_cache": {"loaded": 0, "stored": 0, "per_tier": {n: {"hits": 0, "misses": 0} for n in self.llm_names}}}
         # last outcome per pair in this run (a deferred pair is decided again when it escalates):
         # (deciding tier, graded, failed, retried)
         self.decided: dict[tuple, tuple] = {}
@@ -257,6 +260,7 @@ class _Run:
 
     def grade(self, chunk, llm_budget: int | None, partitions: int, concurrency: int) -> dict | None:
         """Grade and commit one chunk; its per-tier counts (None when it was empty)."""
+        from annomine.judges.response_cache import add_counts, cache_counts, new_answers_from_outputs, store_answers
         from spark_udfs.annotation import make_annotator
 
         annotator = make_annotator(self.cascade, self.version, concurrency, llm_budget)
@@ -267,6 +271,12 @@ class _Run:
         refused = refused_key(self.cascade, chunk_tiers)
         if refused is not None:
             raise refused
+        # the answers paid for are stored before the grades: a run killed between the two pays for none again
+        cache = self.stats["llm_cache"]
+        cache["stored"] += store_answers(self.ctx.tables, new_answers_from_outputs(graded["tier_outputs"], self.cascade.tiers),
+                                         self.cascade.tiers)
+        chunk_cache = cache_counts(graded["tier_outputs"], self.llm_names)
+        add_counts(cache["per_tier"], chunk_cache)
         rows = self.ctx.spark.createDataFrame(graded.drop(columns=self.extra), schema=self.ctx.tables.spec("annotations").schema)
         self.ctx.tables.merge("annotations", rows, update_if=REPLACEABLE)  # only a failed or deferred row is replaced
         st = self.stats
@@ -275,7 +285,7 @@ class _Run:
         esc = st["escalation"]
         esc["llm_calls"] += int(graded["llm_calls"].fillna(0).sum())
         for name in self.llm_names:
-            esc["llm_calls_per_tier"][name] += int(chunk_tiers.get(name, {}).get("pairs", 0))
+            esc["llm_calls_per_tier"][name] += chunk_cache[name]["misses"]
         for q, p, d, g, e, a in zip(graded["query_id"], graded["product_id"], graded["deciding_tier"].fillna("error"),
                                     graded["grade"].notna(), graded["error"].notna(), graded["attempts"] > 1):
             self.decided[(q, p)] = (d, bool(g), bool(e), bool(a))
@@ -340,6 +350,10 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
         n = pairs.count()
         job = _Run(ctx, cfg, cascade, version, partitions, per_partition)
         stats = job.stats
+        if job.escalating:
+            from annomine.judges.response_cache import load_answers
+
+            stats["llm_cache"]["loaded"] = load_answers(ctx.tables, cascade.tiers)
         stats["judge_version"] = version
         stats["missing"] = n
         log.info("annotate: %d pairs to grade with judge %s (tiers %s), %d per chunk, LLM budget %s", n, version,
@@ -365,10 +379,25 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
     stats["pairs_per_s"] = round(stats["pairs"] / elapsed, 2) if elapsed > 0 else None
     stats["llm_requests_per_pair"] = round(stats["llm_requests"] / stats["pairs"], 3) if stats["pairs"] else 0.0
     print(json.dumps(stats, indent=2))
+    if cfg.log_mlflow:
+        track(ctx, stats)
     failure = failure or tier_failure(stats["tiers"], cfg.max_tier_failure_share, 1)
     if failure:
         raise TierFailureError(failure, stats)
     return stats
+
+
+def track(ctx: JobContext, stats: dict) -> None:
+    """The run's numbers in MLflow: pairs, LLM calls and requests, response-cache hits and misses per tier."""
+    from annomine.tracking import Tracker
+
+    metrics = {k: stats[k] for k in ("pairs", "graded", "errors", "llm_requests", "seconds")}
+    metrics["llm_calls"] = stats["escalation"]["llm_calls"]
+    for name, c in stats["llm_cache"]["per_tier"].items():
+        metrics[f"llm_cache_hits.{name}"], metrics[f"llm_cache_misses.{name}"] = c["hits"], c["misses"]
+    with Tracker(ctx.project).run("annotate", {"judge_version": stats["judge_version"]}) as tracked:
+        tracked.metrics(metrics)
+    stats["mlflow_run_id"] = tracked.run_id
 
 
 def main(argv: list[str] | None = None) -> int:

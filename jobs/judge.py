@@ -23,6 +23,7 @@ for the first tier's expected grade.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -332,6 +333,25 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     return metrics
 
 
+@contextlib.contextmanager
+def response_cache(project: ProjectConfig, cascade, report: dict):
+    """The LLM tiers answer what `llm_responses` holds without a request; what they pay for is stored when the block
+    ends (also when it fails part-way). `report` gets the answers loaded and stored and each tier's hits and misses."""
+    if not cascade.llm_tier_names:
+        yield
+        return
+    from annomine.judges.response_cache import load_answers, store_answered
+    from annomine.runtime import open_context
+
+    tables = open_context(project).tables
+    report["loaded"] = load_answers(tables, cascade.tiers)
+    try:
+        yield
+    finally:
+        report["stored"] = store_answered(tables, cascade.tiers)
+        report["per_tier"] = {t.name: dict(t.cache_counts) for t in cascade.tiers if t.name in cascade.llm_tier_names}
+
+
 def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, judge: str | None = None,
               only: list[str] | None = None) -> dict:
     """Re-fit tier calibrations on the calibration split (tier 1 and every enabled LLM tier)."""
@@ -344,9 +364,12 @@ def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None
     pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold, project.rotation)
     cal = pairs[pairs.split == "calibration"].reset_index(drop=True)
     folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade:
+    cache: dict = {}
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade, response_cache(project, cascade, cache):
         stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only, llm_pairs=cfg.llm_calibration_pairs,
                                   combine=cfg.cascade.combine, min_gain=cfg.combiner_min_gain)
+    if cache:
+        stats["llm_cache"] = cache
     print(json.dumps(stats, indent=2, default=float))
     return stats
 
@@ -369,7 +392,8 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
         raise ValueError(f"no labelled pairs to evaluate (split={split})")
     folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     started = time.time()
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade:
+    cache: dict = {}
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade, response_cache(project, cascade, cache):
         graded = cascade.grade_frame(pairs[["query_id", "query", "product_id", "text"]], progress=True, llm_budget=llm_budget)
         result = cascade_metrics(pairs["grade"].to_numpy(), graded, grades)
         result["judge_version"] = cascade.version
@@ -403,6 +427,8 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
                                     "pairs_per_s": round(len(qt) / max(time.time() - t0, 1e-9), 2),
                                     "confidence_sources": dict(Counter(str(r.confidence_source) for r in res))}
             result["tiers_alone_on_sample"] = alone
+    if cache:
+        result["llm_cache"] = cache
     result["split"] = split
     result["n_queries"] = int(pairs.query_id.nunique())
     result["pairs_per_s"] = round(len(pairs) / max(result["seconds"], 1e-9), 1)  # the cascade's own pass

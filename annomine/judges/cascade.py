@@ -271,10 +271,13 @@ class Cascade:
                 if not isinstance(tier, Tier1) and remaining is not None:
                     prev = self.tiers[k - 1].name  # most uncertain first; the rest wait for a later budget
                     pending = sorted(pending, key=lambda i: (outputs[i][prev].confidence or 0.0, i))
-                    for i in pending[remaining:]:
+                    stored = {i for i in pending if tier.is_stored(queries[i], texts[i])}  # cached answers cost nothing
+                    paid = [i for i in pending if i not in stored]
+                    for i in paid[remaining:]:
                         escalation[i] = BUDGET
-                    pending = pending[:remaining]
-                    remaining -= len(pending)
+                    sent = stored | set(paid[:remaining])
+                    remaining -= len(paid[:remaining])
+                    pending = [i for i in pending if i in sent]
                     if not pending:
                         break
             t0 = time.time()
@@ -314,7 +317,8 @@ class Cascade:
         row["prompt_tokens"] = int(sum(r.prompt_tokens for r in outs.values()))
         row["completion_tokens"] = int(sum(r.completion_tokens for r in outs.values()))
         row["llm_requests"] = int(sum(r.attempts for name, r in outs.items() if name != "tier1"))
-        row["llm_calls"] = int(sum(1 for name, r in outs.items() if name != "tier1" and not r.extra.get("deduplicated")))
+        row["llm_calls"] = int(sum(1 for name, r in outs.items() if name != "tier1" and not r.extra.get("deduplicated")
+                                   and r.extra.get("cache") != "hit"))
         failed = [(name, r) for name, r in outs.items() if r.grade is None]
         if failed or not outs:
             row["error"] = "; ".join(f"{name}: {r.error or 'no grade'}" for name, r in failed) or "no tier ran"
