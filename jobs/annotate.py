@@ -87,12 +87,23 @@ class AnnotateConfig:
     # none (the first tier decides every pair, so the calls would buy grades that decide nothing); unsure pairs are
     # stored with escalation 'budget'. `always`: escalate anyway, to record the LLM's grades.
     escalate: str = "auto"
+    # USD per run (priced tiers: `input_usd_per_mtok` / `output_usd_per_mtok`), spent like `llm_budget`: tier 1 grades
+    # every pair first, then the least sure pairs escalate while their estimated cost still fits. None: unlimited.
+    max_cost: float | None = bounded(None, ge=0)
     # Log the run's summary numbers (LLM calls, response-cache hits and misses) to MLflow.
     log_mlflow: bool = True
 
     def validate(self) -> None:
         if self.escalate not in ("auto", "always"):
             raise ValueError(f"escalate must be 'auto' or 'always', got {self.escalate!r}")
+        if self.max_cost is not None:
+            from annomine.judges.costs import price
+
+            for name in ("tier2", "tier3"):
+                tier = getattr(self.cascade, name)
+                if tier is not None and price(tier) is None:
+                    raise ValueError(f"max_cost needs a price for cascade.{name} ({tier.model}): set "
+                                     f"cascade.{name}.input_usd_per_mtok and output_usd_per_mtok")
 
 
 CONFIG_CLASS = AnnotateConfig
@@ -224,17 +235,19 @@ def refused_key(cascade, chunk_tiers: dict) -> EndpointRefusedKey | None:
     return None
 
 
-def run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
+def run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
+    """Grade what is missing; with `dry_run`, only forecast what that would send to the LLM tiers and cost."""
     from annomine.locks import warehouse_lock
 
     with warehouse_lock(ctx.project, "annotate", wait_s=cfg.lock_wait_s):
-        return _run(ctx, cfg)
+        return _run(ctx, cfg, dry_run)
 
 
 class _Run:
     """One annotate run's chunk loop: grade a chunk in the pandas UDF, MERGE it, keep the summary."""
 
     def __init__(self, ctx: JobContext, cfg: AnnotateConfig, cascade, version: str, partitions: int, per_partition: int):
+        from annomine.judges.costs import usage_by_tier
         from spark_udfs.annotation import EXTRA_FIELDS, output_schema
 
         self.ctx, self.cfg, self.cascade, self.version = ctx, cfg, cascade, version
@@ -246,11 +259,13 @@ class _Run:
                       "tiers": {}, "escalation": {"llm_budget": cfg.llm_budget, "llm_calls": 0,
                                                   "llm_calls_per_tier": {n: 0 for n in self.llm_names},
                                                   "escalated_pairs": 0, "deferred_by_budget": 0},
-                      "llm_cache": {"loaded": 0, "stored": 0, "per_tier": {n: {"hits": 0, "misses": 0} for n in self.llm_names}}}
+                      "llm_cache": {"loaded": 0, "stored": 0}}
+        self.usage = usage_by_tier([], self.llm_names)  # per LLM tier: cache hits, requests, tokens
         # last outcome per pair in this run (a deferred pair is decided again when it escalates):
         # (deciding tier, graded, failed, retried)
         self.decided: dict[tuple, tuple] = {}
         self.failure = None
+        self.history = None  # tokens per request of each LLM tier, for max_cost (costs.history)
         self.escalating = bool(self.llm_names) and not (cfg.escalate == "auto" and cascade.combination_rejected)
         if self.llm_names and not self.escalating:
             self.stats["escalation"]["skipped"] = (
@@ -260,7 +275,8 @@ class _Run:
 
     def grade(self, chunk, llm_budget: int | None, partitions: int, concurrency: int) -> dict | None:
         """Grade and commit one chunk; its per-tier counts (None when it was empty)."""
-        from annomine.judges.response_cache import add_counts, cache_counts, new_answers_from_outputs, store_answers
+        from annomine.judges.costs import add_usage, usage_by_tier
+        from annomine.judges.response_cache import new_answers_from_outputs, store_answers
         from spark_udfs.annotation import make_annotator
 
         annotator = make_annotator(self.cascade, self.version, concurrency, llm_budget)
@@ -275,8 +291,8 @@ class _Run:
         cache = self.stats["llm_cache"]
         cache["stored"] += store_answers(self.ctx.tables, new_answers_from_outputs(graded["tier_outputs"], self.cascade.tiers),
                                          self.cascade.tiers)
-        chunk_cache = cache_counts(graded["tier_outputs"], self.llm_names)
-        add_counts(cache["per_tier"], chunk_cache)
+        chunk_cache = usage_by_tier(graded["tier_outputs"], self.llm_names)
+        add_usage(self.usage, chunk_cache)
         rows = self.ctx.spark.createDataFrame(graded.drop(columns=self.extra), schema=self.ctx.tables.spec("annotations").schema)
         self.ctx.tables.merge("annotations", rows, update_if=REPLACEABLE)  # only a failed or deferred row is replaced
         st = self.stats
@@ -303,7 +319,7 @@ class _Run:
 
         n_chunks = max(1, math.ceil(n / self.cfg.chunk_size))
         keyed = pairs.withColumn("_chunk", F.pmod(F.hash("query_id", "product_id"), F.lit(n_chunks)))
-        budget = 0 if self.cfg.llm_budget is not None or not self.escalating else None
+        budget = 0 if self.budgeted or not self.escalating else None
         for c in tqdm(range(n_chunks if n else 0), desc="annotate", unit="chunk", mininterval=5):
             chunk = keyed.filter(F.col("_chunk") == c).drop("_chunk")
             # Materialise the graded chunk once (each pair is sent to the LLMs exactly once), then MERGE it.
@@ -311,8 +327,31 @@ class _Run:
             if self.failure:
                 return
 
+    @property
+    def budgeted(self) -> bool:
+        return self.cfg.llm_budget is not None or self.cfg.max_cost is not None
+
+    def spent_usd(self) -> float:
+        from annomine.judges.costs import spend
+
+        return spend(self.usage, self.cascade.tiers)["usd"] or 0.0
+
+    def affordable(self, chunk) -> int:
+        """How many of the chunk's pairs fit in what is left of `max_cost`, each at the most it can cost."""
+        from annomine.judges.costs import history, pair_cost_usd
+
+        if self.cfg.max_cost is None:
+            return self.cfg.chunk_size
+        if self.history is None:
+            self.history = history(self.ctx.tables, self.cascade.tiers)
+        pdf = chunk.select("query", "text").toPandas()
+        worst = max((pair_cost_usd(self.cascade.tiers, self.history, q, t) for q, t in zip(pdf["query"], pdf["text"])),
+                    default=0.0)
+        left = self.cfg.max_cost - self.spent_usd()
+        return len(pdf) if worst <= 0 else max(0, min(len(pdf), int(left // worst)))
+
     def escalate_deferred(self) -> None:
-        """Spend the budget on the deferred pairs, least confident first (unlimited without a budget)."""
+        """Spend the budgets on the deferred pairs, least confident first (unlimited without a budget)."""
         if not self.escalating:
             return
         remaining = self.cfg.llm_budget
@@ -321,7 +360,14 @@ class _Run:
             chunk = deferred_pairs(self.ctx, self.cfg, self.version, take)
             if chunk is None:
                 return
-            if remaining is None:
+            fits = self.affordable(chunk)
+            if fits == 0:
+                self.stats["escalation"]["stopped_by"] = "max_cost"
+                return
+            if fits < take:  # the least sure pairs whose cost still fits
+                take = fits
+                chunk = deferred_pairs(self.ctx, self.cfg, self.version, take)
+            if remaining is None and self.cfg.max_cost is None:
                 done = self.grade(chunk, None, self.partitions, self.per_partition)
             else:  # one partition: the chunk's budget holds across it
                 done = self.grade(chunk, remaining, 1, self.cascade.concurrency * self.partitions)
@@ -331,7 +377,23 @@ class _Run:
                 remaining -= done["llm_calls"]
 
 
-def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
+def forecast_run(ctx: JobContext, cfg: AnnotateConfig, cascade, job: _Run, pairs) -> dict:
+    """The dry run: the pairs to grade and those deferred by earlier budgets, forecast without a request."""
+    from annomine.judges.costs import history
+    from annomine.judges.forecast import forecast, tier_shares
+
+    pdf = pairs.select("query", "text").toPandas()
+    waiting = deferred_pairs(ctx, cfg, job.version, 2**31 - 1) if job.escalating else None
+    if waiting is not None:
+        pdf = pd.concat([pdf, waiting.select("query", "text").toPandas()], ignore_index=True)
+    fc = forecast(cascade, pdf, history(ctx.tables, cascade.tiers), tier_shares(ctx.tables, cascade.llm_tier_names),
+                  job.escalating, cfg.llm_budget, cfg.max_cost)
+    out = {"dry_run": True, "judge_version": job.version, "forecast": fc}
+    print(json.dumps(out, indent=2))
+    return out
+
+
+def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
     from annomine.judges.cascade import Cascade
     from annomine.judges.store import resolve_judge
 
@@ -354,6 +416,8 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
             from annomine.judges.response_cache import load_answers
 
             stats["llm_cache"]["loaded"] = load_answers(ctx.tables, cascade.tiers)
+        if dry_run:
+            return forecast_run(ctx, cfg, cascade, job, pairs)
         stats["judge_version"] = version
         stats["missing"] = n
         log.info("annotate: %d pairs to grade with judge %s (tiers %s), %d per chunk, LLM budget %s", n, version,
@@ -362,6 +426,8 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
         job.first_pass(pairs, n)
         job.escalate_deferred()
         stats["escalation"]["deferred_by_budget"] = count_deferred(ctx, version)
+        stats["escalation"]["max_cost"] = cfg.max_cost
+        record_spend(ctx, stats, job.usage, cascade)
         stats["escalation"]["combiner"] = cascade.kept_combinations
         stats["escalation"]["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
         outcomes = list(job.decided.values())
@@ -387,14 +453,31 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
     return stats
 
 
+def record_spend(ctx: JobContext, stats: dict, usage: dict, cascade) -> None:
+    """Cache hits and misses, tokens and money per tier in the summary, and one `llm_ledger` row per tier."""
+    import uuid
+
+    from annomine.judges.costs import spend, write_ledger
+
+    stats["llm_cache"]["per_tier"] = {n: {"hits": u["hits"], "misses": u["misses"]} for n, u in usage.items()}
+    stats["cost"] = spend(usage, cascade.tiers)
+    stats["run_id"] = uuid.uuid4().hex
+    write_ledger(ctx.tables, stats["run_id"], "annotate", stats["judge_version"], stats["cost"])
+
+
 def track(ctx: JobContext, stats: dict) -> None:
     """The run's numbers in MLflow: pairs, LLM calls and requests, response-cache hits and misses per tier."""
     from annomine.tracking import Tracker
 
     metrics = {k: stats[k] for k in ("pairs", "graded", "errors", "llm_requests", "seconds")}
     metrics["llm_calls"] = stats["escalation"]["llm_calls"]
-    for name, c in stats["llm_cache"]["per_tier"].items():
-        metrics[f"llm_cache_hits.{name}"], metrics[f"llm_cache_misses.{name}"] = c["hits"], c["misses"]
+    for name, c in stats["cost"]["per_tier"].items():
+        metrics[f"llm_cache_hits.{name}"], metrics[f"llm_requests.{name}"] = c["cache_hits"], c["requests"]
+        metrics[f"prompt_tokens.{name}"], metrics[f"completion_tokens.{name}"] = c["prompt_tokens"], c["completion_tokens"]
+        if c["usd"] is not None:
+            metrics[f"usd.{name}"] = c["usd"]
+    if stats["cost"]["usd"] is not None:
+        metrics["usd"] = stats["cost"]["usd"]
     with Tracker(ctx.project).run("annotate", {"judge_version": stats["judge_version"]}) as tracked:
         tracked.metrics(metrics)
     stats["mlflow_run_id"] = tracked.run_id
@@ -406,12 +489,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = job_parser("annomine annotate", __doc__)
     parser.add_argument("--limit", type=int, help="grade whole queries up to this many pairs")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="forecast the pairs to escalate, requests, tokens and money per LLM tier; no request, no write")
     args = parser.parse_args(argv)
     project, cfg = load(args, "annotate", AnnotateConfig)
     if args.limit is not None:
         cfg.limit = args.limit
     ctx = open_context(project)
-    run(ctx, cfg)
+    run(ctx, cfg, dry_run=args.dry_run)
     return 0
 
 

@@ -334,12 +334,16 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
 
 
 @contextlib.contextmanager
-def response_cache(project: ProjectConfig, cascade, report: dict):
+def response_cache(project: ProjectConfig, cascade, report: dict, command: str):
     """The LLM tiers answer what `llm_responses` holds without a request; what they pay for is stored when the block
-    ends (also when it fails part-way). `report` gets the answers loaded and stored and each tier's hits and misses."""
+    ends (also when it fails part-way), with the run's `llm_ledger` rows. `report` gets the answers loaded and stored,
+    and each tier's hits, requests, tokens and money."""
     if not cascade.llm_tier_names:
         yield
         return
+    import uuid
+
+    from annomine.judges.costs import spend, write_ledger
     from annomine.judges.response_cache import load_answers, store_answered
     from annomine.runtime import open_context
 
@@ -349,7 +353,11 @@ def response_cache(project: ProjectConfig, cascade, report: dict):
         yield
     finally:
         report["stored"] = store_answered(tables, cascade.tiers)
-        report["per_tier"] = {t.name: dict(t.cache_counts) for t in cascade.tiers if t.name in cascade.llm_tier_names}
+        usage = {t.name: dict(t.cache_counts) for t in cascade.tiers if t.name in cascade.llm_tier_names}
+        report["per_tier"] = {n: {"hits": u["hits"], "misses": u["misses"]} for n, u in usage.items()}
+        report["cost"] = spend(usage, cascade.tiers)
+        report["run_id"] = uuid.uuid4().hex
+        write_ledger(tables, report["run_id"], command, cascade.version, report["cost"])
 
 
 def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, judge: str | None = None,
@@ -365,7 +373,7 @@ def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None
     cal = pairs[pairs.split == "calibration"].reset_index(drop=True)
     folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     cache: dict = {}
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade, response_cache(project, cascade, cache):
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade, response_cache(project, cascade, cache, "judge calibrate"):
         stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only, llm_pairs=cfg.llm_calibration_pairs,
                                   combine=cfg.cascade.combine, min_gain=cfg.combiner_min_gain)
     if cache:
@@ -393,7 +401,7 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     started = time.time()
     cache: dict = {}
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade, response_cache(project, cascade, cache):
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade, response_cache(project, cascade, cache, "judge eval"):
         graded = cascade.grade_frame(pairs[["query_id", "query", "product_id", "text"]], progress=True, llm_budget=llm_budget)
         result = cascade_metrics(pairs["grade"].to_numpy(), graded, grades)
         result["judge_version"] = cascade.version

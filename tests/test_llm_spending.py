@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from annomine.judges.config import LLMTierConfig
 from annomine.judges.llm import LLMTier
 from annomine.judges.loopback_server import LoopbackLLMServer
@@ -83,3 +85,53 @@ def test_no_request_is_paid_twice_across_reruns_and_a_tier1_retrain(ctx, tmp_pat
             assert retrained["escalation"]["escalated_pairs"] > 0 and retrained["llm_requests"] == 0
             assert srv.stats["completions"] == paid
         assert len(ctx.tables.read("llm_responses").toPandas()) == paid
+
+
+def _priced(casc, tier3=None):
+    """Tier 1 + one priced LLM tier (USD per million tokens) on the test's loopback server."""
+    price = {"input_usd_per_mtok": 1000.0, "output_usd_per_mtok": 4000.0}
+    return {**casc, "tier2": {**casc["tier2"], **price}, "tier3": tier3}
+
+
+def test_dry_run_forecast_agrees_with_the_real_run_s_ledger(ctx, tmp_path):
+    seed_tables(ctx, n_queries=4, per_query=6, missing_product=False)
+    judge = tiny_judge(tmp_path / "judge", ctx, 3)
+    with LoopbackLLMServer() as srv:
+        casc = _priced({**llm_cascade_conf(base_url=srv.base_url), "tier1": True, "judge": str(judge)})
+        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 7, "log_mlflow": False, "limit": 6})
+        run(ctx, cfg)                                          # one query graded: the tokens per request are on record
+        before = srv.stats["completions"]
+        cfg.limit = None
+        fc = run(ctx, cfg, dry_run=True)["forecast"]
+        assert srv.stats["completions"] == before and fc["pairs"] == 18          # no request, no write
+        assert len(annotations(ctx)) == 6
+        real = run(ctx, cfg)
+        ledger = ctx.tables.read("llm_ledger").toPandas().set_index("run_id").loc[real["run_id"]]
+        assert ledger.requests == srv.stats["completions"] - before == real["cost"]["per_tier"]["tier2"]["requests"]
+        assert fc["escalate"] == real["escalation"]["escalated_pairs"] == fc["tiers"]["tier2"]["requests"] > 0
+        for field in ("prompt_tokens", "completion_tokens"):
+            assert abs(fc["tiers"]["tier2"][field] - ledger[field]) <= 0.1 * ledger[field], (field, fc, ledger)
+        assert abs(fc["usd"] - ledger.usd) <= 0.1 * ledger.usd and ledger.usd == real["cost"]["usd"] > 0
+        expected = (ledger.prompt_tokens * 1000.0 + ledger.completion_tokens * 4000.0) / 1e6
+        assert ledger.usd == pytest.approx(expected)
+
+
+def test_max_cost_stops_the_run_at_its_budget(ctx, tmp_path):
+    seed_tables(ctx, n_queries=4, per_query=6, missing_product=False)
+    judge = tiny_judge(tmp_path / "judge", ctx, 4)
+    with LoopbackLLMServer() as srv:
+        casc = _priced({**llm_cascade_conf(base_url=srv.base_url), "tier1": True, "judge": str(judge)})
+        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 5, "log_mlflow": False,
+                                                  "max_cost": 1.0})
+        first = run(ctx, cfg)
+        spent = first["cost"]["usd"]
+        assert 0 < spent <= 1.0 and first["escalation"]["stopped_by"] == "max_cost"
+        assert first["escalation"]["deferred_by_budget"] > 0 and srv.stats["completions"] == first["escalation"]["llm_calls"]
+        cfg.max_cost = None                                    # the rest, least sure first, by the next run
+        rest = run(ctx, cfg)
+        assert rest["escalation"]["deferred_by_budget"] == 0 and rest["cost"]["usd"] > 0
+        assert first["escalation"]["llm_calls"] + rest["escalation"]["llm_calls"] == srv.stats["completions"]
+    unpriced = llm_cascade_conf(base_url="https://api.example.com/v1")
+    with pytest.raises(Exception, match=r"max_cost needs a price for cascade.tier2 \(rule-small\)"):
+        make_cfg(tmp_path, ctx.project, {"cascade": {**unpriced, "tier2": {**unpriced["tier2"], "api_key_env": "K"}},
+                                         "max_cost": 1.0})

@@ -38,7 +38,7 @@ from types import SimpleNamespace
 from annomine.errors import EndpointError
 from annomine.judges.config import LLMTierConfig
 from annomine.judges.prompt import MalformedAnswer, build_messages, parse_answer
-from annomine.judges.response_cache import answer_of, response_key
+from annomine.judges.response_cache import answer_of, prompt_chars, response_key
 
 log = logging.getLogger(__name__)
 
@@ -329,14 +329,15 @@ class LLMTier:
         self.responses: dict[str, dict] = {}
         # (response key, answer, prompt tokens, completion tokens) of each answer a request paid for in this process.
         self.answered: list[tuple] = []
-        self.cache_counts = {"hits": 0, "misses": 0}  # answers from the cache and requests made, in this process
+        # answers from the cache, requests made and their tokens, in this process
+        self.cache_counts = {"hits": 0, "misses": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def __getstate__(self):  # picklable for pandas-UDF closures: no client, no lock
         state = dict(self.__dict__)
         state["_client"] = None
         state["_lock"] = None
         state["answered"] = []
-        state["cache_counts"] = {"hits": 0, "misses": 0}
+        state["cache_counts"] = {"hits": 0, "misses": 0, "prompt_tokens": 0, "completion_tokens": 0}
         return state
 
     def __setstate__(self, state):
@@ -451,6 +452,9 @@ class LLMTier:
         result.reason = redact(result.reason, self._api_key)
         return None
 
+    def messages(self, query: str, text: str) -> list[dict]:
+        return build_messages(query, text, self.grades, self.cfg.prompt_version)
+
     def response_key(self, query: str, text: str) -> str:
         """The cache key of the request that grades (query, text)."""
         return response_key(self.cfg, self.request_kwargs(build_messages(query, text, self.grades, self.cfg.prompt_version)))
@@ -495,9 +499,12 @@ class LLMTier:
             _Scheduler(self._attempt, jobs, self.name).run(min(max(1, concurrency), len(jobs)))
         for job in jobs:
             result = job.result
-            result.extra.update(cache="miss", response_key=job.key)
+            result.extra.update(cache="miss", response_key=job.key, prompt_chars=prompt_chars(job.messages))
+            self.cache_counts["prompt_tokens"] += result.prompt_tokens
+            self.cache_counts["completion_tokens"] += result.completion_tokens
             if result.grade is not None:
-                self.answered.append((job.key, answer_of(result), result.prompt_tokens, result.completion_tokens))
+                self.answered.append((job.key, answer_of(result), result.prompt_tokens, result.completion_tokens,
+                                      result.extra["prompt_chars"]))
             by_pair[(job.query, job.text)] = result
         out = []
         seen = set()

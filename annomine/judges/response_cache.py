@@ -49,6 +49,11 @@ def response_key(cfg, body: dict) -> str:
     return _digest({"endpoint": endpoint_identity(cfg), "prompt_version": cfg.prompt_version, "body": body})
 
 
+def prompt_chars(messages: list[dict]) -> int:
+    """The characters of a request's messages (the forecast's measure of prompt length)."""
+    return sum(len(str(m.get("content") or "")) for m in messages)
+
+
 def answer_of(result) -> dict:
     """The stored form of a tier's parsed answer."""
     return {k: getattr(result, k) for k in ANSWER_FIELDS}
@@ -88,12 +93,13 @@ def new_answers_from_outputs(tier_outputs: Iterable[str], tiers: list) -> list[d
             if tier is None or r.get("cache") != "miss" or r.get("grade") is None or not r.get("response_key"):
                 continue
             answer = {k: r.get(k) for k in ANSWER_FIELDS}
-            out.append(answer_row(tier, r["response_key"], answer, r.get("prompt_tokens", 0), r.get("completion_tokens", 0)))
+            out.append(answer_row(tier, r["response_key"], answer, r.get("prompt_tokens", 0), r.get("completion_tokens", 0),
+                                  r.get("prompt_chars", 0)))
     return out
 
 
-def answer_row(tier, key: str, answer: dict, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"response_key": key, "settings_key": tier_settings_key(tier), "model": tier.cfg.model,
+def answer_row(tier, key: str, answer: dict, prompt_tokens: int, completion_tokens: int, chars: int) -> dict:
+    return {"prompt_chars": int(chars or 0), "response_key": key, "settings_key": tier_settings_key(tier), "model": tier.cfg.model,
             "endpoint": endpoint_identity(tier.cfg), "prompt_version": tier.cfg.prompt_version,
             "answer": json.dumps(answer, sort_keys=True, default=float), "prompt_tokens": int(prompt_tokens or 0),
             "completion_tokens": int(completion_tokens or 0)}
@@ -103,8 +109,8 @@ def store_answered(tables, tiers: list) -> int:
     """Store the answers the tiers paid for in this process (driver-side grading: judge calibrate / eval)."""
     rows = []
     for tier in tiers:
-        for key, answer, prompt_tokens, completion_tokens in getattr(tier, "answered", []):
-            rows.append(answer_row(tier, key, answer, prompt_tokens, completion_tokens))
+        for key, answer, prompt_tokens, completion_tokens, chars in getattr(tier, "answered", []):
+            rows.append(answer_row(tier, key, answer, prompt_tokens, completion_tokens, chars))
         if hasattr(tier, "answered"):
             tier.answered = []
     return store_answers(tables, rows, tiers)
@@ -128,20 +134,3 @@ def store_answers(tables, rows: list[dict], tiers: list) -> int:
             if r.settings_key == skey:
                 tier.responses[r.response_key] = json.loads(r.answer)
     return len(frame)
-
-
-def cache_counts(tier_outputs: Iterable[str], names: list[str]) -> dict[str, dict]:
-    """Per LLM tier: answers taken from the cache (`hits`) and requests made (`misses`)."""
-    counts = {n: {"hits": 0, "misses": 0} for n in names}
-    for text in tier_outputs:
-        for name, r in json.loads(text or "{}").items():
-            if name in counts and r.get("cache") in ("hit", "miss") and not r.get("deduplicated"):
-                counts[name]["hits" if r["cache"] == "hit" else "misses"] += 1
-    return counts
-
-
-def add_counts(total: dict, chunk: dict) -> None:
-    for name, c in chunk.items():
-        t = total.setdefault(name, {"hits": 0, "misses": 0})
-        t["hits"] += c["hits"]
-        t["misses"] += c["misses"]
