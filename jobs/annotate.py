@@ -94,8 +94,9 @@ class AnnotateConfig:
     log_mlflow: bool = True
 
     def validate(self) -> None:
-        if self.escalate not in ("auto", "always"):
-            raise ValueError(f"escalate must be 'auto' or 'always', got {self.escalate!r}")
+        from annomine.judges.spending import check_escalate
+
+        check_escalate(self.escalate)
         if self.max_cost is not None:
             from annomine.judges.costs import price
 
@@ -254,6 +255,8 @@ class _Run:
         self.partitions, self.per_partition = partitions, per_partition
         self.schema = output_schema()
         self.extra = [f.name for f in EXTRA_FIELDS]
+        from annomine.judges.spending import skip_reason
+
         self.llm_names = cascade.llm_tier_names
         self.stats = {"pairs": 0, "graded": 0, "errors": 0, "retried": 0, "chunks": 0, "llm_requests": 0, "by_tier": {},
                       "tiers": {}, "escalation": {"llm_budget": cfg.llm_budget, "llm_calls": 0,
@@ -266,12 +269,13 @@ class _Run:
         self.decided: dict[tuple, tuple] = {}
         self.failure = None
         self.history = None  # tokens per request of each LLM tier, for max_cost (costs.history)
-        self.escalating = bool(self.llm_names) and not (cfg.escalate == "auto" and cascade.combination_rejected)
-        if self.llm_names and not self.escalating:
-            self.stats["escalation"]["skipped"] = (
-                f"calibration kept no combination with an LLM tier, so {cascade.tier_names[0]} decides every pair; no "
-                "escalation to an LLM (annotate.escalate: always records the LLM's grades anyway)")
-            log.info("annotate: no escalation: %s", self.stats["escalation"]["skipped"])
+        skipped = skip_reason(cascade, cfg.escalate)
+        self.escalating = bool(self.llm_names) and skipped is None
+        # tier 1 first: it grades every pair before any request, so the forecast can be printed first
+        self.tier1_first = bool(cascade.tiers) and not hasattr(cascade.tiers[0], "cfg")
+        if skipped:
+            self.stats["escalation"]["skipped"] = skipped
+            log.info("annotate: no escalation: %s", skipped)
 
     def grade(self, chunk, llm_budget: int | None, partitions: int, concurrency: int) -> dict | None:
         """Grade and commit one chunk; its per-tier counts (None when it was empty)."""
@@ -329,7 +333,29 @@ class _Run:
 
     @property
     def budgeted(self) -> bool:
-        return self.cfg.llm_budget is not None or self.cfg.max_cost is not None
+        """Whether escalation is a second pass (after tier 1 graded every pair): under a budget, and whenever tier 1
+        comes first, so the forecast is printed before the first request."""
+        return self.cfg.llm_budget is not None or self.cfg.max_cost is not None or self.tier1_first
+
+    def announce(self, pairs, first_tier_done: bool) -> None:
+        """Print the forecast of `pairs` (None: the deferred ones) and start a local model server only if it will
+        be asked."""
+        from annomine.judges.costs import history
+        from annomine.judges.forecast import forecast, tier_shares
+        from annomine.judges.spending import announce, needs_requests
+
+        if not self.escalating:
+            return
+        if pairs is None:
+            pairs = deferred_pairs(self.ctx, self.cfg, self.version, 2**31 - 1)
+        pdf = pairs.select("query", "text").toPandas() if pairs is not None else pd.DataFrame({"query": [], "text": []})
+        fc = forecast(self.cascade, pdf, history(self.ctx.tables, self.cascade.tiers),
+                      tier_shares(self.ctx.tables, self.llm_names), True, self.cfg.llm_budget, self.cfg.max_cost,
+                      first_tier_done)
+        self.stats["forecast"] = fc
+        announce("annotate", fc)
+        if needs_requests(fc):
+            self.cascade.start_local_servers()
 
     def spent_usd(self) -> float:
         from annomine.judges.costs import spend
@@ -349,6 +375,15 @@ class _Run:
                     default=0.0)
         left = self.cfg.max_cost - self.spent_usd()
         return len(pdf) if worst <= 0 else max(0, min(len(pdf), int(left // worst)))
+
+    def passes(self, pairs, n: int) -> None:
+        """Grade the pairs, then escalate the deferred ones; the forecast comes before the first LLM request."""
+        if not self.tier1_first:
+            self.announce(pairs, first_tier_done=False)
+        self.first_pass(pairs, n)
+        if self.tier1_first and not self.failure:
+            self.announce(None, first_tier_done=True)
+        self.escalate_deferred()
 
     def escalate_deferred(self) -> None:
         """Spend the budgets on the deferred pairs, least confident first (unlimited without a budget)."""
@@ -404,7 +439,8 @@ def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
     per_partition = cfg.cascade.max_concurrency_total // partitions
     started = time.time()
     add_missing_columns(ctx)
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, concurrency=per_partition) as cascade:
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, concurrency=per_partition,
+                      start_local=False) as cascade:
         version = cascade.version
         pairs = pairs_to_grade(ctx, cfg, version)
         if cfg.limit is not None:
@@ -423,8 +459,7 @@ def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
         log.info("annotate: %d pairs to grade with judge %s (tiers %s), %d per chunk, LLM budget %s", n, version,
                  cascade.tier_names, cfg.chunk_size, "unlimited" if cfg.llm_budget is None else cfg.llm_budget)
         ctx.tables.ensure("annotations")
-        job.first_pass(pairs, n)
-        job.escalate_deferred()
+        job.passes(pairs, n)
         stats["escalation"]["deferred_by_budget"] = count_deferred(ctx, version)
         stats["escalation"]["max_cost"] = cfg.max_cost
         record_spend(ctx, stats, job.usage, cascade)

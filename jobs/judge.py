@@ -77,9 +77,24 @@ class JudgeConfig:
     ranking_baseline: str | None = "minilm"
     # The cascade used by `calibrate` and `eval` (tiers 2 and 3, loopback server, concurrency).
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    # The spending rule of `calibrate` and `eval` (annomine/judges/spending.py), as in `annotate`: `auto` sends no pair
+    # to an LLM tier when calibration kept no combination with it (`always`: send anyway); at most `llm_budget` LLM
+    # calls (eval; `--llm-budget` overrides) and `max_cost` USD per command (priced tiers).
+    escalate: str = "auto"
+    llm_budget: int | None = bounded(None, ge=0)
+    max_cost: float | None = bounded(None, ge=0)
     log_mlflow: bool = True
 
     def validate(self) -> None:
+        from annomine.judges.costs import price
+        from annomine.judges.spending import check_escalate
+
+        check_escalate(self.escalate)
+        for name in ("tier2", "tier3"):
+            tier = getattr(self.cascade, name)
+            if self.max_cost is not None and tier is not None and price(tier) is None:
+                raise ValueError(f"max_cost needs a price for cascade.{name} ({tier.model}): set "
+                                 f"cascade.{name}.input_usd_per_mtok and output_usd_per_mtok")
         if self.ranking_baseline and self.ranking_baseline not in (MINILM, TINY) and not Path(self.ranking_baseline).exists():
             raise ValueError(f"ranking_baseline: no model folder {self.ranking_baseline!r} ('{MINILM}', '{TINY}' or a local "
                              "Hugging Face folder; empty: skip the check)")
@@ -339,7 +354,7 @@ def response_cache(project: ProjectConfig, cascade, report: dict, command: str):
     ends (also when it fails part-way), with the run's `llm_ledger` rows. `report` gets the answers loaded and stored,
     and each tier's hits, requests, tokens and money."""
     if not cascade.llm_tier_names:
-        yield
+        yield None
         return
     import uuid
 
@@ -350,7 +365,7 @@ def response_cache(project: ProjectConfig, cascade, report: dict, command: str):
     tables = open_context(project).tables
     report["loaded"] = load_answers(tables, cascade.tiers)
     try:
-        yield
+        yield tables
     finally:
         report["stored"] = store_answered(tables, cascade.tiers)
         usage = {t.name: dict(t.cache_counts) for t in cascade.tiers if t.name in cascade.llm_tier_names}
@@ -358,6 +373,55 @@ def response_cache(project: ProjectConfig, cascade, report: dict, command: str):
         report["cost"] = spend(usage, cascade.tiers)
         report["run_id"] = uuid.uuid4().hex
         write_ledger(tables, report["run_id"], command, cascade.version, report["cost"])
+
+
+def plan_eval(cascade, tables, pdf, cfg: JudgeConfig, llm_budget: int | None, asked: int = 0):
+    """The spending rule before eval's first request: the escalation rule, the forecast printed, the call budget
+    (`llm_budget`, and what `max_cost` affords), local servers started only for a request. (forecast, budget)."""
+    from annomine.judges.costs import history
+    from annomine.judges.forecast import forecast, tier_shares
+    from annomine.judges.spending import announce, call_budget, needs_requests, skip_reason
+
+    if tables is None:
+        return None, llm_budget
+    if not hasattr(cascade.tiers[0], "cfg"):
+        cascade.tiers[0].memo = {}  # the forecast's tier-1 grades are the run's
+    skipped = skip_reason(cascade, cfg.escalate)
+    fc = forecast(cascade, pdf, history(tables, cascade.tiers), tier_shares(tables, cascade.llm_tier_names),
+                  skipped is None, llm_budget, cfg.max_cost)
+    if skipped:
+        fc["skipped"] = skipped
+    announce("judge eval", fc)
+    if needs_requests(fc) or asked:
+        cascade.start_local_servers()
+    return fc, 0 if skipped else call_budget(fc, llm_budget, cfg.max_cost)
+
+
+def plan_calibration(cascade, tables, cal, cfg: JudgeConfig) -> int | None:
+    """The LLM calibration pairs after the forecast (printed) and `max_cost`; local servers started only for a
+    request. The LLM tiers grade the pairs tier 1 is least sure of, so the forecast scales the average pair."""
+    from annomine.judges.costs import history
+    from annomine.judges.forecast import forecast
+    from annomine.judges.spending import announce, needs_requests
+
+    if tables is None:
+        return cfg.llm_calibration_pairs
+    n = len(cal)
+    k = n if cfg.llm_calibration_pairs is None else min(n, cfg.llm_calibration_pairs)
+    fc = forecast(cascade, cal[["query", "text"]], history(tables, cascade.tiers), {}, True, first_tier_done=True)
+    scale = k / max(1, fc["escalate"])
+    for t in fc["tiers"].values():
+        for key in ("requests", "cache_hits", "prompt_tokens", "completion_tokens", "usd"):
+            t[key] = None if t[key] is None else round(t[key] * scale, 6)
+    fc["usd"] = None if fc["usd"] is None else round(fc["usd"] * scale, 6)
+    fc["escalate"] = k
+    if cfg.max_cost is not None and fc["usd"] and fc["usd"] > cfg.max_cost:
+        k = int(k * cfg.max_cost / fc["usd"])
+        fc["llm_calibration_pairs_under_max_cost"] = k
+    announce("judge calibrate", fc)
+    if needs_requests(fc) and k > 0:
+        cascade.start_local_servers()
+    return k
 
 
 def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, judge: str | None = None,
@@ -373,13 +437,33 @@ def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None
     cal = pairs[pairs.split == "calibration"].reset_index(drop=True)
     folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     cache: dict = {}
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade, response_cache(project, cascade, cache, "judge calibrate"):
-        stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only, llm_pairs=cfg.llm_calibration_pairs,
+    with (Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, start_local=False) as cascade,
+          response_cache(project, cascade, cache, "judge calibrate") as tables):
+        llm_pairs = plan_calibration(cascade, tables, cal, cfg)
+        stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only, llm_pairs=llm_pairs,
                                   combine=cfg.cascade.combine, min_gain=cfg.combiner_min_gain)
     if cache:
         stats["llm_cache"] = cache
     print(json.dumps(stats, indent=2, default=float))
     return stats
+
+
+def _tiers_alone(cascade, pairs, n: int, grades: list[int], seed: int) -> dict:
+    """Each tier alone on `n` seeded pairs: its agreement, QWK, speed and confidence sources."""
+    from annomine.judges.data import grading_metrics
+
+    sample = pairs.sample(n=min(n, len(pairs)), random_state=seed).reset_index(drop=True)
+    qt = list(zip(sample["query"].astype(str), sample["text"].astype(str)))
+    alone = {}
+    for tier in cascade.tiers:
+        t0 = time.time()
+        res = tier.grade_many(qt, cascade.concurrency)
+        m = grading_metrics(sample["grade"].to_numpy(), [r.grade for r in res], grades)
+        alone[tier.name] = {"pairs": len(qt), "exact_agreement": m["exact_agreement"],
+                            "quadratic_weighted_kappa": m["quadratic_weighted_kappa"], "n_graded": m["n_graded"],
+                            "pairs_per_s": round(len(qt) / max(time.time() - t0, 1e-9), 2),
+                            "confidence_sources": dict(Counter(str(r.confidence_source) for r in res))}
+    return alone
 
 
 def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None, judge: str | None = None,
@@ -389,7 +473,7 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     first tier on the same pairs. `llm_budget`: at most that many LLM calls in the cascade pass, on the pairs the
     first tier is least sure of (the others keep its grade, as in `annotate.llm_budget`)."""
     from annomine.judges.cascade import Cascade, cascade_metrics
-    from annomine.judges.data import assign_splits, grading_metrics
+    from annomine.judges.data import assign_splits
     from annomine.judges.store import resolve_judge
 
     grades = grades_of(project)
@@ -401,12 +485,17 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     started = time.time()
     cache: dict = {}
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade, response_cache(project, cascade, cache, "judge eval"):
-        graded = cascade.grade_frame(pairs[["query_id", "query", "product_id", "text"]], progress=True, llm_budget=llm_budget)
+    llm_budget = cfg.llm_budget if llm_budget is None else llm_budget
+    with (Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, start_local=False) as cascade,
+          response_cache(project, cascade, cache, "judge eval") as tables):
+        fc, budget = plan_eval(cascade, tables, pairs, cfg, llm_budget, llm_alone_pairs)
+        graded = cascade.grade_frame(pairs[["query_id", "query", "product_id", "text"]], progress=True, llm_budget=budget)
         result = cascade_metrics(pairs["grade"].to_numpy(), graded, grades)
         result["judge_version"] = cascade.version
         result["tiers"] = cascade.tier_names
         result["llm_budget"] = llm_budget
+        if fc is not None:
+            result["forecast"] = fc
         result["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
         result["seconds"] = round(time.time() - started, 2)
         first = cascade.tier_names[0] if cascade.tier_names else None
@@ -423,18 +512,7 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
             missing = sum(e is None for e in expected)
             log.info("judge eval: no ranking check (%d of %d pairs have no %s expected grade)", missing, len(expected), first)
         if llm_alone_pairs and cascade.llm_tier_names:
-            sample = pairs.sample(n=min(llm_alone_pairs, len(pairs)), random_state=project.seed).reset_index(drop=True)
-            qt = list(zip(sample["query"].astype(str), sample["text"].astype(str)))
-            alone = {}
-            for tier in cascade.tiers:
-                t0 = time.time()
-                res = tier.grade_many(qt, cascade.concurrency)
-                m = grading_metrics(sample["grade"].to_numpy(), [r.grade for r in res], grades)
-                alone[tier.name] = {"pairs": len(qt), "exact_agreement": m["exact_agreement"],
-                                    "quadratic_weighted_kappa": m["quadratic_weighted_kappa"], "n_graded": m["n_graded"],
-                                    "pairs_per_s": round(len(qt) / max(time.time() - t0, 1e-9), 2),
-                                    "confidence_sources": dict(Counter(str(r.confidence_source) for r in res))}
-            result["tiers_alone_on_sample"] = alone
+            result["tiers_alone_on_sample"] = _tiers_alone(cascade, pairs, llm_alone_pairs, grades, project.seed)
     if cache:
         result["llm_cache"] = cache
     result["split"] = split

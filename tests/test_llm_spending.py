@@ -7,10 +7,10 @@ import json
 import pytest
 
 from annomine.judges.config import LLMTierConfig
-from annomine.judges.llm import LLMTier
+from annomine.judges.llm import LLMTier, TierResult
 from annomine.judges.loopback_server import LoopbackLLMServer
 from annomine.judges.response_cache import response_key
-from jobs.annotate import run
+from jobs.annotate import TierFailureError, run
 from tests.test_annotate import GRADES, annotations, llm_cascade_conf, make_cfg, seed_tables
 
 
@@ -135,3 +135,86 @@ def test_max_cost_stops_the_run_at_its_budget(ctx, tmp_path):
     with pytest.raises(Exception, match=r"max_cost needs a price for cascade.tier2 \(rule-small\)"):
         make_cfg(tmp_path, ctx.project, {"cascade": {**unpriced, "tier2": {**unpriced["tier2"], "api_key_env": "K"}},
                                          "max_cost": 1.0})
+
+
+def test_judge_eval_follows_the_spending_rule(tmp_path, monkeypatch, capsys):
+    """`judge eval --split all` on outside label files: no request when calibration kept no combination with the LLM
+    tier; with `escalate: always` at most `--llm-budget` calls, and the forecast is printed before the first one."""
+    import numpy as np
+    import torch
+
+    from annomine.judges import spending
+    from annomine.judges.calibration import Calibrator
+    from annomine.judges.cascade import Cascade
+    from annomine.judges.combiner import Combiner
+    from annomine.judges.cross_encoder import CrossEncoderModel, build_encoder
+    from annomine.judges.data import load_pairs_from_files
+    from jobs import judge
+    from jobs.judge import JudgeConfig
+    from tests.test_judge import _shop
+
+    shop = _shop(tmp_path / "shop", n_queries=6, per_query=8)
+    files = ["--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv"), "--products", str(shop / "products.tsv")]
+    pairs = load_pairs_from_files(shop / "queries.tsv", shop / "labels.tsv", shop / "products.tsv")
+    torch.manual_seed(5)
+    model = CrossEncoderModel(*build_encoder("tiny"), GRADES, max_length=32, version="ce-eval")
+    folder = tmp_path / "judge"
+    model.save(folder)
+    conf = model.predict_proba(pairs["query"].tolist(), pairs["text"].tolist()).max(axis=1)
+    Calibrator.uncalibrated(GRADES, float(np.median(conf))).save(folder / "calibration_tier1.json")
+    seen = []
+    monkeypatch.setattr(spending, "announce", lambda command, fc: seen.append((command, srv.stats["completions"], fc)))
+    with LoopbackLLMServer() as srv:
+        path = tmp_path / "conf.yaml"
+        path.write_text(json.dumps({"project": {"warehouse": str(tmp_path / "wh"), "mlflow_experiment": "t"},
+                                    "judge": {"ranking_baseline": None, "cascade": {"tier1": True, "tier2": {
+                                        "model": "rule-small", "base_url": srv.base_url}}}}))
+        from annomine.config import load_job_config
+
+        cfg = load_job_config(path, "judge", JudgeConfig)[1]
+        with Cascade.open(cfg.cascade, folder, GRADES, tmp_path / "wh") as cascade:
+            Combiner(GRADES, {}, {}).save(cascade.combiner_path())   # calibration kept no combination with tier 2
+        assert judge.main(["eval", "--conf", str(path), *files, "--judge", str(folder), "--split", "all"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert srv.stats["requests"] == 0 and out["llm_calls"] == 0 and out["n_pairs"] == 48
+        assert "kept no combination" in out["forecast"]["skipped"] and out["forecast"]["tiers"]["tier2"]["requests"] == 0
+        assert out["deferred_by_budget_rate"] > 0 and seen[-1][:2] == ("judge eval", 0)
+
+        always = ["--set", "judge.escalate=always", "--llm-budget", "5"]
+        assert judge.main(["eval", "--conf", str(path), *files, "--judge", str(folder), *always]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert srv.stats["completions"] == out["llm_calls"] == 5 == out["forecast"]["tiers"]["tier2"]["requests"]
+        assert seen[-1][1] == 0 and seen[-1][2]["escalate"] > 5          # printed before the first request
+        assert out["llm_cache"]["cost"]["per_tier"]["tier2"]["requests"] == 5
+        assert judge.main(["eval", "--conf", str(path), *files, "--judge", str(folder), *always]) == 0
+        again = json.loads(capsys.readouterr().out)                     # the same 5 from the cache, 5 more paid for
+        assert again["llm_cache"]["per_tier"]["tier2"] == {"hits": 5, "misses": 5} and srv.stats["completions"] == 10
+
+
+def test_a_local_model_server_starts_only_when_a_request_will_be_made(ctx, tmp_path, monkeypatch):
+    """annotate with a `server: local` tier whose combination calibration rejected: no request, so no server."""
+    from annomine.judges import local_models
+    from annomine.judges.cascade import Cascade
+    from annomine.judges.combiner import Combiner
+    from annomine.judges.local_server import LocalLLMServer
+
+    try:
+        local_models.resolve_model("smollm2-135m")
+    except Exception as exc:  # noqa: BLE001 - the packaged model is part of `make install`
+        pytest.skip(f"smollm2-135m is not installed: {exc}")
+    started = []
+    monkeypatch.setattr(LocalLLMServer, "start", lambda self: started.append(self.alias) or self)
+    seed_tables(ctx, n_queries=2, per_query=4, missing_product=False)
+    judge = tiny_judge(tmp_path / "judge", ctx, 6)
+    casc = {"tier1": True, "judge": str(judge), "tier2": {"model": "smollm2-135m", "server": "local"}}
+    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "log_mlflow": False})
+    with Cascade.open(cfg.cascade, judge, GRADES, ctx.project.warehouse, start_local=False) as cascade:
+        assert started == [] and cascade.local_servers[0].port      # its port is known, it is not started
+        Combiner(GRADES, {}, {}).save(cascade.combiner_path())
+    stats = run(ctx, cfg)
+    assert started == [] and "skipped" in stats["escalation"] and stats["escalation"]["deferred_by_budget"] > 0
+    cfg.escalate = "always"                                            # now pairs go up: the server is started first
+    monkeypatch.setattr(LLMTier, "grade_many", lambda self, pairs, concurrency: [TierResult(error="x") for _ in pairs])
+    with pytest.raises(TierFailureError, match="tier2 failed"):                # no real request: only the start matters
+        run(ctx, cfg)
+    assert started == ["smollm2-135m"]

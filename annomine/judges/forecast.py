@@ -30,8 +30,9 @@ def first_tier_unsure(cascade, pairs: list[tuple[str, str]]) -> list[int]:
 
 
 def forecast(cascade, pdf: pd.DataFrame, hist: dict, shares: dict[str, float], escalating: bool,
-             llm_budget: int | None = None, max_cost: float | None = None) -> dict:
-    """The forecast for grading `pdf` (query, text) with the cascade; no request is made."""
+             llm_budget: int | None = None, max_cost: float | None = None, first_tier_done: bool = False) -> dict:
+    """The forecast for grading `pdf` (query, text) with the cascade; no request is made. `first_tier_done`: the
+    pairs are ones the first tier already sent up (deferred by a budget)."""
     ok = [(str(q), str(t)) for q, t in zip(pdf["query"], pdf["text"])
           if isinstance(q, str) and q.strip() and isinstance(t, str) and t.strip()]
     pairs = list(dict.fromkeys(ok))
@@ -39,7 +40,7 @@ def forecast(cascade, pdf: pd.DataFrame, hist: dict, shares: dict[str, float], e
     out = {"pairs": len(pdf), "escalate": 0, "tiers": {}, "usd": 0.0, "unpriced_tiers": []}
     if not llm or not pairs:
         return out
-    going = first_tier_unsure(cascade, pairs) if escalating else []
+    going = ([] if not escalating else list(range(len(pairs))) if first_tier_done else first_tier_unsure(cascade, pairs))
     out["escalate"] = len(going)
     if not escalating:
         out["skipped"] = "calibration kept no combination with an LLM tier (annotate.escalate: always overrides)"
@@ -63,7 +64,8 @@ def forecast(cascade, pdf: pd.DataFrame, hist: dict, shares: dict[str, float], e
         completion = share * sum(c for _, c in est)
         usd = cost_usd(tier.cfg, prompt, completion)
         out["tiers"][tier.name] = {"model": tier.cfg.model, "requests": round(share * len(paid), 1),
-                                   "cache_hits": round(share * len(stored), 1), "prompt_tokens": round(prompt),
+                                   "cache_hits": round(share * len(stored), 1), "uncached_pairs": len(paid),
+                                   "prompt_tokens": round(prompt),
                                    "completion_tokens": round(completion), "usd": None if usd is None else round(usd, 6),
                                    "share_of_previous_tier": round(shares.get(tier.name, 1.0), 3) if k else None,
                                    "tokens_per_request_from": hist[tier.name]["source"]}
