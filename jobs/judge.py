@@ -3,6 +3,7 @@
     annomine judge train     [--conf F] [--queries F --labels F --products F]
     annomine judge calibrate [--conf F] [--judge PATH] [...same label files]
     annomine judge eval      --queries F --labels F --products F [--judge PATH] [--split dev|test|all]
+    annomine judge pilot     [--conf F] [--judge PATH] [--pairs N]
 
 `train` fine-tunes the tier-1 cross-encoder on the train queries (annomine.splits: dev and test queries are
 never trained on; a query-disjoint calibration part of the train queries is held out). On the calibration
@@ -18,7 +19,8 @@ bi-encoder (`ranking_baseline`, the retriever's start) and scores both orders wi
 enabled tier (the LLM tiers included) on the calibration split. `eval` grades the pairs of any
 files in the CrowdFlower layout with the configured cascade and prints JSON: exact agreement,
 quadratic weighted kappa, confusion matrix, escalation rate, the share settled per tier and the same ranking check
-for the first tier's expected grade.
+for the first tier's expected grade. `pilot` grades a stratified sample of the labelled mined candidates with the
+cascade and says whether it is worth a full annotate run (annomine/judges/pilot.py), beside that run's forecast.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class JudgeConfig:
     escalate: str = "auto"
     llm_budget: int | None = bounded(None, ge=0)
     max_cost: float | None = bounded(None, ge=0)
+    # `judge pilot`: labelled mined candidates graded, a sample stratified by level, segment and channels.
+    pilot_pairs: int = bounded(300, ge=1)
     log_mlflow: bool = True
 
     def validate(self) -> None:
@@ -375,7 +379,7 @@ def response_cache(project: ProjectConfig, cascade, report: dict, command: str):
         write_ledger(tables, report["run_id"], command, cascade.version, report["cost"])
 
 
-def plan_eval(cascade, tables, pdf, cfg: JudgeConfig, llm_budget: int | None, asked: int = 0):
+def plan_eval(cascade, tables, pdf, cfg: JudgeConfig, llm_budget: int | None, asked: int = 0, command: str = "judge eval"):
     """The spending rule before eval's first request: the escalation rule, the forecast printed, the call budget
     (`llm_budget`, and what `max_cost` affords), local servers started only for a request. (forecast, budget)."""
     from annomine.judges.costs import history
@@ -391,7 +395,7 @@ def plan_eval(cascade, tables, pdf, cfg: JudgeConfig, llm_budget: int | None, as
                   skipped is None, llm_budget, cfg.max_cost)
     if skipped:
         fc["skipped"] = skipped
-    announce("judge eval", fc)
+    announce(command, fc)
     if needs_requests(fc) or asked:
         cascade.start_local_servers()
     return fc, 0 if skipped else call_budget(fc, llm_budget, cfg.max_cost)
@@ -522,6 +526,67 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     return result
 
 
+def labelled_candidates(tables):
+    """The mined candidates humans graded: query, text, human grade, level, segment and the channels that found them."""
+    from annomine.judges.pilot import channels_of
+
+    mined = tables.read("mined_candidates").drop("query")
+    df = (mined.join(tables.read("human_labels").select("query_id", "product_id", "grade"), ["query_id", "product_id"])
+          .join(tables.read("queries").select("query_id", "query"), "query_id")
+          .join(tables.read("products").select("product_id", "text"), "product_id").toPandas())
+    if df.empty:
+        from annomine.errors import MissingInputError
+
+        raise MissingInputError("judge pilot: no mined candidate (table mined_candidates) has a human grade (table "
+                                "human_labels): ingest labels for mined queries, or mine the labelled queries")
+    df["grade"] = df["grade"].astype(int)
+    df["level"] = df["level"].fillna(-1).astype(int)
+    df["segment"] = df["segment"].fillna("unknown").astype(str)
+    df["channels"] = channels_of(df)
+    return df.sort_values(["query_id", "product_id"]).reset_index(drop=True)
+
+
+def pilot(project: ProjectConfig, cfg: JudgeConfig, judge: str | None = None, n_pairs: int | None = None) -> dict:
+    """Grade a stratified sample of the labelled mined candidates with the configured cascade: agreement with the
+    humans, the ranking check against the zero-shot encoder, a verdict, and the full annotate run's forecast."""
+    from annomine.judges.cascade import Cascade, cascade_metrics
+    from annomine.judges.pilot import STRATA, scale_forecast, stratified_sample, teacher_scores, verdict
+    from annomine.judges.store import resolve_judge
+    from annomine.runtime import open_context
+
+    if not cfg.ranking_baseline:
+        from annomine.config import ConfigError
+
+        raise ConfigError("judge pilot needs judge.ranking_baseline: the zero-shot encoder whose order the teacher must beat")
+    grades = grades_of(project)
+    population = labelled_candidates(open_context(project).tables)
+    sample = stratified_sample(population, n_pairs or cfg.pilot_pairs, project.seed)
+    folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
+    cache: dict = {}
+    with (Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, start_local=False) as cascade,
+          response_cache(project, cascade, cache, "judge pilot") as tables):
+        fc, budget = plan_eval(cascade, tables, sample, cfg, cfg.llm_budget, command="judge pilot")
+        graded = cascade.grade_frame(sample[["query_id", "query", "product_id", "text"]], progress=True, llm_budget=budget)
+        metrics = cascade_metrics(sample["grade"].to_numpy(), graded, grades)
+        tiers = cascade.tier_names
+    scores = teacher_scores(graded)
+    ok = ~np.isnan(scores)
+    ranking = _ranking(sample[ok].reset_index(drop=True), scores[ok], _ranking_baseline(cfg), grades, project.seed)
+    result = {"sample": {"pairs": len(sample), "queries": int(sample.query_id.nunique()), "population_pairs": len(population),
+                         "strata": sample.groupby(STRATA).size().rename("pairs").reset_index().to_dict("records")},
+              "tiers": tiers, "agreement": {k: metrics[k] for k in ("exact_agreement", "quadratic_weighted_kappa", "n_graded",
+                                                                    "escalation_rate", "first_tier_alone", "llm_calls")
+                                            if k in metrics},
+              "ranking": ranking, "verdict": verdict(ranking),
+              "full_run_forecast": scale_forecast(fc, len(population) / len(sample)) if fc else None, "llm_cache": cache}
+    full = result["full_run_forecast"]
+    print(f"judge pilot: {result['verdict']['verdict']} ({result['verdict']['reason']}); full run: "
+          + (f"{full['escalate']} pairs to escalate, {sum(t['requests'] for t in full['tiers'].values()):.0f} requests, "
+             f"USD {full['usd']}" if full else "no LLM tier"), file=sys.stderr, flush=True)
+    print(json.dumps(result, indent=2, default=float))
+    return result
+
+
 def run(ctx, cfg: JudgeConfig) -> dict:
     """Pipeline stage: train (and calibrate) the tier-1 judge on the ingested human labels, then
     calibrate every enabled LLM tier on the same calibration queries."""
@@ -537,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx2", "httpcore", "openai"):  # one line per LLM request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = job_parser("annomine judge", __doc__)
-    parser.add_argument("action", choices=["train", "eval", "calibrate"])
+    parser.add_argument("action", choices=["train", "eval", "calibrate", "pilot"])
     parser.add_argument("--queries", help="queries file (CrowdFlower layout)")
     parser.add_argument("--labels", help="human labels file (query_id, product_id, grade[, variance])")
     parser.add_argument("--products", help="products file (product_id, title[, description])")
@@ -550,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="eval: also grade N (seeded) pairs with each tier alone (the LLM tiers' own quality)")
     parser.add_argument("--llm-budget", type=int, default=None, metavar="N",
                         help="eval: at most N LLM calls in the cascade, on the pairs tier 1 is least sure of")
+    parser.add_argument("--pairs", type=int, default=None, metavar="N",
+                        help="pilot: grade a stratified sample of N labelled mined candidates (default judge.pilot_pairs)")
     args = parser.parse_args(argv)
     project, cfg = load(args, "judge", JudgeConfig)
     given = [args.queries, args.labels, args.products]
@@ -560,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.cascade.tier2 = cfg.cascade.tier3 = None
     if args.action == "train":
         train(project, cfg, files)
+    elif args.action == "pilot":
+        pilot(project, cfg, args.judge, args.pairs)
     elif args.action == "calibrate":
         calibrate(project, cfg, files, args.judge, args.tiers.split(",") if args.tiers else None)
     else:

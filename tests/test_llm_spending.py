@@ -218,3 +218,103 @@ def test_a_local_model_server_starts_only_when_a_request_will_be_made(ctx, tmp_p
     with pytest.raises(TierFailureError, match="tier2 failed"):                # no real request: only the start matters
         run(ctx, cfg)
     assert started == ["smollm2-135m"]
+
+
+# ---- the teacher pilot ----
+
+def test_pilot_verdict_from_the_paired_ci():
+    from annomine.judges.pilot import CANNOT, EXPECTED, UNSURE, verdict
+
+    def ranking(mean, low, high, n=40):
+        return {"n_queries": n, "diff": {"mean": mean, "ci_low": low, "ci_high": high}}
+
+    assert verdict(ranking(0.05, 0.01, 0.09))["verdict"] == EXPECTED
+    assert verdict(ranking(-0.02, -0.05, 0.0))["verdict"] == CANNOT
+    unsure = verdict(ranking(0.01, -0.01, 0.03))                 # half-width 0.02 over a 0.01 gain: 4x the queries
+    assert unsure["verdict"] == UNSURE and unsure["more_labelled_queries"] == 120
+    assert verdict(ranking(0.0, -0.01, 0.01))["more_labelled_queries"] is None
+    assert verdict(ranking(None, None, None, n=0))["verdict"] == UNSURE
+
+
+def test_stratified_sample_keeps_every_stratum():
+    import pandas as pd
+
+    from annomine.judges.pilot import channels_of, stratified_sample
+
+    pdf = pd.DataFrame({"level": [1] * 90 + [5] * 10, "segment": ["head"] * 50 + ["tail"] * 50,
+                        "rank_lexical": [1.0] * 95 + [None] * 5, "rank_ann": [None] * 60 + [2.0] * 40})
+    pdf["channels"] = channels_of(pdf)
+    assert set(pdf.channels) == {"lexical", "lexical+ann", "ann"}
+    sample = stratified_sample(pdf, 20, seed=1)
+    strata = lambda d: set(map(tuple, d[["level", "segment", "channels"]].astype(str).values))  # noqa: E731
+    assert strata(sample) == strata(pdf) and 18 <= len(sample) <= 22
+    assert sample.equals(stratified_sample(pdf, 20, seed=1))
+
+
+def seed_labelled(ctx, n_queries=8, per_query=6):
+    """queries, products, mined candidates (levels, segments, channels) and human grades that follow word overlap."""
+    from annomine.schemas import TABLES
+    from tests.test_annotate import THINGS, _row
+
+    products, cands, labels, queries = [], [], [], []
+    for q in range(n_queries):
+        query = THINGS[q % len(THINGS)] + f" {q}"
+        queries.append(_row("queries", query_id=f"q{q}", query=query, segment=["head", "tail"][q % 2], origin="labelled"))
+        for j in range(per_query):
+            pid = f"p{q}_{j}"
+            text = {0: f"{query} premium", 1: THINGS[q % len(THINGS)], 2: THINGS[(q + 1) % len(THINGS)]}[j % 3] + f" item {j}"
+            products.append(_row("products", product_id=pid, title=text, text=text))
+            cands.append(_row("mined_candidates", query_id=f"q{q}", query=query, product_id=pid, level=1 + j % 3,
+                              segment=["head", "tail"][q % 2], rank_lexical=j + 1 if j % 2 else None, rank_ann=j + 1))
+            labels.append(_row("human_labels", query_id=f"q{q}", product_id=pid, grade=[4, 2, 1][j % 3]))
+    for name, rows in (("queries", queries), ("products", products), ("mined_candidates", cands), ("human_labels", labels)):
+        ctx.tables.overwrite(name, ctx.spark.createDataFrame(rows, TABLES[name].schema))
+
+
+def test_judge_pilot_grades_a_stratified_sample_and_gives_a_verdict_beside_the_forecast(ctx, tmp_path, capsys):
+    from jobs import judge
+
+    seed_labelled(ctx)
+    folder = tiny_judge(tmp_path / "judge", ctx, 7)
+    with LoopbackLLMServer() as srv:
+        path = tmp_path / "conf.yaml"
+        path.write_text(json.dumps({"project": {"warehouse": ctx.project.warehouse, "schema": ctx.project.schema,
+                                                "mlflow_experiment": "t"},
+                                    "judge": {"ranking_baseline": "tiny", "cascade": {"tier1": True, "tier2": {
+                                        "model": "rule-small", "base_url": srv.base_url,
+                                        "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0}}}}))
+        assert judge.main(["pilot", "--conf", str(path), "--judge", str(folder), "--pairs", "24"]) == 0
+        captured = capsys.readouterr()
+        out = json.loads(captured.out)
+        paid = srv.stats["completions"]
+    sample = out["sample"]
+    assert sample["population_pairs"] == 48 and sample["queries"] >= 6
+    strata = {(s["level"], s["segment"], s["channels"]) for s in sample["strata"]}
+    assert strata == {(lvl, seg, ch) for lvl in (1, 2, 3) for seg in ("head", "tail") for ch in ("ann", "lexical+ann")}
+    assert sample["pairs"] == 24 and all(s["pairs"] == 2 for s in sample["strata"])     # 12 strata of 4 pairs each
+    assert out["agreement"]["n_graded"] == sample["pairs"] and 0 < paid == out["agreement"]["llm_calls"]
+    assert out["ranking"]["n_queries"] >= 6 and out["verdict"]["verdict"] in ("expected to help", "cannot help",
+                                                                              "not enough evidence")
+    full = out["full_run_forecast"]
+    assert full["extrapolated_from_sample_by"] == pytest.approx(48 / sample["pairs"], abs=1e-3)
+    assert full["tiers"]["tier2"]["usd"] is not None and full["escalate"] >= out["agreement"]["llm_calls"]
+    assert f"judge pilot: {out['verdict']['verdict']}" in captured.err and "full run:" in captured.err
+
+
+def test_judge_pilot_without_labelled_candidates_is_one_line_naming_the_tables(ctx, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_annotate import ROOT
+
+    seed_labelled(ctx, n_queries=2, per_query=3)
+    ctx.tables.overwrite("human_labels", ctx.tables.empty("human_labels"))
+    path = tmp_path / "conf.yaml"
+    path.write_text(json.dumps({"project": {"warehouse": ctx.project.warehouse, "schema": ctx.project.schema},
+                                "judge": {"ranking_baseline": "tiny", "cascade": {"tier1": False, "tier2": {"model": "m"},
+                                                                                 "loopback": {"embedded": True}}}}))
+    proc = subprocess.run([sys.executable, "-m", "annomine", "judge", "pilot", "--conf", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "judge pilot" in line]
+    assert len(lines) == 1 and "mined_candidates" in lines[0] and "human_labels" in lines[0]
