@@ -413,9 +413,9 @@ def plan_calibration(cascade, tables, cal, cfg: JudgeConfig) -> int | None:
     n = len(cal)
     k = n if cfg.llm_calibration_pairs is None else min(n, cfg.llm_calibration_pairs)
     fc = forecast(cascade, cal[["query", "text"]], history(tables, cascade.tiers), {}, True, first_tier_done=True)
-    scale = k / max(1, fc["escalate"])
+    scale = k / max(1, n)  # the forecast covers all n calibration pairs (duplicates share a request)
     for t in fc["tiers"].values():
-        for key in ("requests", "cache_hits", "prompt_tokens", "completion_tokens", "usd"):
+        for key in ("requests", "cache_hits", "prompt_tokens", "completion_tokens", "usd", "usd_if_batch"):
             t[key] = None if t[key] is None else round(t[key] * scale, 6)
     fc["usd"] = None if fc["usd"] is None else round(fc["usd"] * scale, 6)
     fc["escalate"] = k

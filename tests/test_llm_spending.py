@@ -14,6 +14,11 @@ from jobs.annotate import TierFailureError, run
 from tests.test_annotate import GRADES, annotations, llm_cascade_conf, make_cfg, seed_tables
 
 
+def own_schema(tmp_path) -> str:
+    """A schema of the test's own: the engine's catalog outlives a test, and a judge command writes tables."""
+    return "t_" + tmp_path.name.replace("-", "_")
+
+
 def tiny_judge(folder, ctx, seed: int):
     """A random tiny tier 1 (its version names the seed) whose threshold is the median confidence: half escalate."""
     import numpy as np
@@ -89,7 +94,7 @@ def test_no_request_is_paid_twice_across_reruns_and_a_tier1_retrain(ctx, tmp_pat
 
 def _priced(casc, tier3=None):
     """Tier 1 + one priced LLM tier (USD per million tokens) on the test's loopback server."""
-    price = {"input_usd_per_mtok": 1000.0, "output_usd_per_mtok": 4000.0}
+    price = {"input_usd_per_mtok": 1000.0, "output_usd_per_mtok": 4000.0, "batch_discount": 0.5}
     return {**casc, "tier2": {**casc["tier2"], **price}, "tier3": tier3}
 
 
@@ -114,6 +119,8 @@ def test_dry_run_forecast_agrees_with_the_real_run_s_ledger(ctx, tmp_path):
         assert abs(fc["usd"] - ledger.usd) <= 0.1 * ledger.usd and ledger.usd == real["cost"]["usd"] > 0
         expected = (ledger.prompt_tokens * 1000.0 + ledger.completion_tokens * 4000.0) / 1e6
         assert ledger.usd == pytest.approx(expected)
+        assert real["cost"]["per_tier"]["tier2"]["usd_if_batch"] == pytest.approx(ledger.usd / 2, abs=1e-6)
+        assert fc["tiers"]["tier2"]["usd_if_batch"] == pytest.approx(fc["tiers"]["tier2"]["usd"] / 2, abs=1e-6)
 
 
 def test_max_cost_stops_the_run_at_its_budget(ctx, tmp_path):
@@ -166,7 +173,8 @@ def test_judge_eval_follows_the_spending_rule(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(spending, "announce", lambda command, fc: seen.append((command, srv.stats["completions"], fc)))
     with LoopbackLLMServer() as srv:
         path = tmp_path / "conf.yaml"
-        path.write_text(json.dumps({"project": {"warehouse": str(tmp_path / "wh"), "mlflow_experiment": "t"},
+        path.write_text(json.dumps({"project": {"warehouse": str(tmp_path / "wh"), "mlflow_experiment": "t",
+                                                "schema": own_schema(tmp_path)},
                                     "judge": {"ranking_baseline": None, "cascade": {"tier1": True, "tier2": {
                                         "model": "rule-small", "base_url": srv.base_url}}}}))
         from annomine.config import load_job_config
@@ -318,3 +326,42 @@ def test_judge_pilot_without_labelled_candidates_is_one_line_naming_the_tables(c
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "judge pilot" in line]
     assert len(lines) == 1 and "mined_candidates" in lines[0] and "human_labels" in lines[0]
+
+
+def test_judge_calibrate_prints_its_forecast_first_and_grades_only_what_max_cost_pays_for(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    import torch
+
+    from annomine.judges import spending
+    from annomine.judges.calibration import Calibrator
+    from annomine.judges.cross_encoder import CrossEncoderModel, build_encoder
+    from annomine.judges.data import load_pairs_from_files
+    from jobs import judge
+    from tests.test_judge import _shop
+
+    shop = _shop(tmp_path / "shop", n_queries=16, per_query=8)
+    files = ["--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv"), "--products", str(shop / "products.tsv")]
+    pairs = load_pairs_from_files(shop / "queries.tsv", shop / "labels.tsv", shop / "products.tsv")
+    torch.manual_seed(8)
+    model = CrossEncoderModel(*build_encoder("tiny"), GRADES, max_length=32, version="ce-cal")
+    folder = tmp_path / "judge"
+    model.save(folder)
+    conf = model.predict_proba(pairs["query"].tolist(), pairs["text"].tolist()).max(axis=1)
+    Calibrator.uncalibrated(GRADES, float(np.median(conf))).save(folder / "calibration_tier1.json")
+    seen = []
+    monkeypatch.setattr(spending, "announce", lambda command, fc: seen.append((command, srv.stats["requests"], fc)))
+    with LoopbackLLMServer() as srv:
+        path = tmp_path / "conf.yaml"
+        tier = {"model": "rule-small", "base_url": srv.base_url, "input_usd_per_mtok": 1000.0, "output_usd_per_mtok": 4000.0}
+        path.write_text(json.dumps({"project": {"warehouse": str(tmp_path / "wh"), "mlflow_experiment": "t",
+                                                "schema": own_schema(tmp_path)},
+                                    "judge": {"ranking_baseline": None, "max_cost": 2.0, "llm_calibration_pairs": 30,
+                                              "target_agreement": 0.8, "cascade": {"tier1": True, "tier2": tier}}}))
+        assert judge.main(["calibrate", "--conf", str(path), *files, "--judge", str(folder)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        command, before, fc = seen[-1]
+        assert command == "judge calibrate" and before == 0                   # the forecast came before any request
+        planned = fc["llm_calibration_pairs_under_max_cost"]
+        assert 0 < planned < fc["escalate"] <= 30 and out["tier2"]["graded"] == planned     # pairs, duplicates included
+        assert 0 < srv.stats["completions"] <= planned
+        assert 0 < out["llm_cache"]["cost"]["usd"] <= 2.0 and out["llm_cache"]["stored"] == srv.stats["completions"]

@@ -61,6 +61,9 @@ class LLMTierConfig:
     # and `annotate.max_cost` refuses it).
     input_usd_per_mtok: float | None = bounded(None, ge=0)
     output_usd_per_mtok: float | None = bounded(None, ge=0)
+    # Share the endpoint's batch API takes off both prices (OpenAI: 0.5); the summaries and forecasts state what the
+    # same requests would cost there (`usd_if_batch`).
+    batch_discount: float = bounded(0.0, ge=0, lt=1)
 
     def validate(self) -> None:
         if self.server not in (None, "local"):

@@ -30,6 +30,11 @@ def cost_usd(cfg, prompt_tokens: float, completion_tokens: float) -> float | Non
     return None if p is None else (prompt_tokens * p[0] + completion_tokens * p[1]) / 1e6
 
 
+def batch_usd(cfg, usd: float | None) -> float | None:
+    """What `usd` of requests would cost through the endpoint's batch API (`batch_discount`)."""
+    return None if usd is None else round(usd * (1.0 - cfg.batch_discount), 6)
+
+
 def usage_by_tier(tier_outputs: Iterable[str], names: list[str]) -> dict[str, dict]:
     """Per LLM tier: answers from the cache (`hits`), requests made (`misses`) and the tokens those used."""
     counts = {n: {"hits": 0, "misses": 0, "prompt_tokens": 0, "completion_tokens": 0} for n in names}
@@ -59,7 +64,7 @@ def spend(usage: dict[str, dict], tiers: list) -> dict:
         usd = cost_usd(cfgs[name], u["prompt_tokens"], u["completion_tokens"])
         per_tier[name] = {"model": cfgs[name].model, "requests": u["misses"], "cache_hits": u["hits"],
                           "prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-                          "usd": None if usd is None else round(usd, 6)}
+                          "usd": None if usd is None else round(usd, 6), "usd_if_batch": batch_usd(cfgs[name], usd)}
         if usd is None:
             unpriced.append(name)
         else:

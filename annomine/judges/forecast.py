@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from annomine.judges.costs import cost_usd, estimate_tokens
+from annomine.judges.costs import batch_usd, cost_usd, estimate_tokens
 
 
 def first_tier_unsure(cascade, pairs: list[tuple[str, str]]) -> list[int]:
@@ -67,6 +67,7 @@ def forecast(cascade, pdf: pd.DataFrame, hist: dict, shares: dict[str, float], e
                                    "cache_hits": round(share * len(stored), 1), "uncached_pairs": len(paid),
                                    "prompt_tokens": round(prompt),
                                    "completion_tokens": round(completion), "usd": None if usd is None else round(usd, 6),
+                                   "usd_if_batch": batch_usd(tier.cfg, usd),
                                    "share_of_previous_tier": round(shares.get(tier.name, 1.0), 3) if k else None,
                                    "tokens_per_request_from": hist[tier.name]["source"]}
         if usd is None:

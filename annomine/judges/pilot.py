@@ -85,7 +85,7 @@ def scale_forecast(fc: dict, factor: float) -> dict:
     out["pairs"] = int(round(fc["pairs"] * factor))
     out["escalate"] = int(round(fc["escalate"] * factor))
     for t in out.get("tiers", {}).values():
-        for key in ("requests", "cache_hits", "prompt_tokens", "completion_tokens", "usd", "uncached_pairs"):
+        for key in ("requests", "cache_hits", "prompt_tokens", "completion_tokens", "usd", "usd_if_batch", "uncached_pairs"):
             if t.get(key) is not None:
                 t[key] = round(t[key] * factor, 6)
     if out.get("usd") is not None:
