@@ -14,14 +14,16 @@ loopback OpenAI-compatible server itself (tests); a tier with `server: local` ge
 the job starts and stops (annomine/judges/local_server.py); otherwise tiers 2-3 call the configured
 endpoints with the key from the env var (or secret scope) named in the config.
 
-With `llm_budget` (LLM tier calls per run), escalation is a second pass: the chunks are graded by
-tier 1, the pairs it is unsure of are stored with its grade and `escalation = 'budget'`, and then the
-least confident of those (lowest calibrated tier-1 confidence first, from this run and earlier ones)
-are escalated, chunk by chunk, until the budget is spent; each is replaced by MERGE (a 'budget' row,
-like a failed one, may be replaced). What is left keeps tier 1's grade and is escalated by a later run.
-Without a budget, pairs escalate as they are graded, and 'budget' rows left by earlier runs are
-escalated too. When `judge calibrate` kept no combination with an LLM tier, nothing escalates (the LLM's
-grades would decide nothing; `escalate: always` overrides).
+When tier 1 comes first (and always under `llm_budget` or `max_cost`), escalation is a second pass: the
+chunks are graded by tier 1, the pairs it is unsure of are stored with its grade and `escalation = 'budget'`,
+the forecast of what escalating them costs is printed (annomine/judges/spending.py), and then the least
+confident of those (lowest calibrated tier-1 confidence first, from this run and earlier ones) are escalated,
+chunk by chunk, until a budget is spent; each is replaced by MERGE (a 'budget' row, like a failed one, may be
+replaced). What is left keeps tier 1's grade and is escalated by a later run. An LLM tier answers from the
+response cache (`llm_responses`) what it was asked before; each chunk's new answers are stored before its
+grades, and the run's tokens and money go to `llm_ledger`. When `judge calibrate` kept no combination with an
+LLM tier, nothing escalates (the LLM's grades would decide nothing; `escalate: always` overrides).
+`--dry-run` prints the forecast and makes no request and no write.
 """
 
 from __future__ import annotations
@@ -249,14 +251,13 @@ class _Run:
 
     def __init__(self, ctx: JobContext, cfg: AnnotateConfig, cascade, version: str, partitions: int, per_partition: int):
         from annomine.judges.costs import usage_by_tier
+        from annomine.judges.spending import skip_reason
         from spark_udfs.annotation import EXTRA_FIELDS, output_schema
 
         self.ctx, self.cfg, self.cascade, self.version = ctx, cfg, cascade, version
         self.partitions, self.per_partition = partitions, per_partition
         self.schema = output_schema()
         self.extra = [f.name for f in EXTRA_FIELDS]
-        from annomine.judges.spending import skip_reason
-
         self.llm_names = cascade.llm_tier_names
         self.stats = {"pairs": 0, "graded": 0, "errors": 0, "retried": 0, "chunks": 0, "llm_requests": 0, "by_tier": {},
                       "tiers": {}, "escalation": {"llm_budget": cfg.llm_budget, "llm_calls": 0,

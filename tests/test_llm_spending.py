@@ -61,7 +61,7 @@ def test_no_request_is_paid_twice_across_reruns_and_a_tier1_retrain(ctx, tmp_pat
     seed_tables(ctx, n_queries=3, per_query=6, missing_product=False)
     with LoopbackLLMServer() as srv:
         casc = llm_cascade_conf(base_url=srv.base_url)
-        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 7, "partitions": 2, "log_mlflow": False})
+        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 7, "partitions": 2})
         first = run(ctx, cfg)
         paid = srv.stats["completions"]
         cache = first["llm_cache"]
@@ -85,7 +85,7 @@ def test_no_request_is_paid_twice_across_reruns_and_a_tier1_retrain(ctx, tmp_pat
 
         for seed in (1, 2):                  # tier 1 trained (and calibrated) anew: a new judge version, no new request
             casc_t1 = {**casc, "tier1": True, "judge": str(tiny_judge(tmp_path / f"judge{seed}", ctx, seed))}
-            _, cfg_t1 = make_cfg(tmp_path, ctx.project, {"cascade": casc_t1, "chunk_size": 7, "log_mlflow": False})
+            _, cfg_t1 = make_cfg(tmp_path, ctx.project, {"cascade": casc_t1, "chunk_size": 7})
             retrained = run(ctx, cfg_t1)
             assert retrained["escalation"]["escalated_pairs"] > 0 and retrained["llm_requests"] == 0
             assert srv.stats["completions"] == paid
@@ -103,7 +103,7 @@ def test_dry_run_forecast_agrees_with_the_real_run_s_ledger(ctx, tmp_path):
     judge = tiny_judge(tmp_path / "judge", ctx, 3)
     with LoopbackLLMServer() as srv:
         casc = _priced({**llm_cascade_conf(base_url=srv.base_url), "tier1": True, "judge": str(judge)})
-        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 7, "log_mlflow": False, "limit": 6})
+        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 7, "limit": 6})
         run(ctx, cfg)                                          # one query graded: the tokens per request are on record
         before = srv.stats["completions"]
         cfg.limit = None
@@ -128,15 +128,21 @@ def test_max_cost_stops_the_run_at_its_budget(ctx, tmp_path):
     judge = tiny_judge(tmp_path / "judge", ctx, 4)
     with LoopbackLLMServer() as srv:
         casc = _priced({**llm_cascade_conf(base_url=srv.base_url), "tier1": True, "judge": str(judge)})
-        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 5, "log_mlflow": False,
+        _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "chunk_size": 5,
                                                   "max_cost": 1.0})
         first = run(ctx, cfg)
         spent = first["cost"]["usd"]
         assert 0 < spent <= 1.0 and first["escalation"]["stopped_by"] == "max_cost"
         assert first["escalation"]["deferred_by_budget"] > 0 and srv.stats["completions"] == first["escalation"]["llm_calls"]
-        cfg.max_cost = None                                    # the rest, least sure first, by the next run
+        cfg.max_cost, cfg.log_mlflow = None, True              # the rest, least sure first, by the next run
         rest = run(ctx, cfg)
         assert rest["escalation"]["deferred_by_budget"] == 0 and rest["cost"]["usd"] > 0
+        import mlflow
+
+        mlflow.set_tracking_uri(ctx.project.tracking_uri)
+        logged = mlflow.get_run(rest["mlflow_run_id"]).data.metrics
+        assert logged["usd"] == pytest.approx(rest["cost"]["usd"]) and logged["llm_requests.tier2"] == rest["escalation"]["llm_calls"]
+        assert logged["llm_cache_hits.tier2"] == rest["cost"]["per_tier"]["tier2"]["cache_hits"]
         assert first["escalation"]["llm_calls"] + rest["escalation"]["llm_calls"] == srv.stats["completions"]
     unpriced = llm_cascade_conf(base_url="https://api.example.com/v1")
     with pytest.raises(Exception, match=r"max_cost needs a price for cascade.tier2 \(rule-small\)"):
@@ -215,7 +221,7 @@ def test_a_local_model_server_starts_only_when_a_request_will_be_made(ctx, tmp_p
     seed_tables(ctx, n_queries=2, per_query=4, missing_product=False)
     judge = tiny_judge(tmp_path / "judge", ctx, 6)
     casc = {"tier1": True, "judge": str(judge), "tier2": {"model": "smollm2-135m", "server": "local"}}
-    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc, "log_mlflow": False})
+    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": casc})
     with Cascade.open(cfg.cascade, judge, GRADES, ctx.project.warehouse, start_local=False) as cascade:
         assert started == [] and cascade.local_servers[0].port      # its port is known, it is not started
         Combiner(GRADES, {}, {}).save(cascade.combiner_path())
