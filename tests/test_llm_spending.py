@@ -371,3 +371,33 @@ def test_judge_calibrate_prints_its_forecast_first_and_grades_only_what_max_cost
         assert 0 < planned < fc["escalate"] <= 30 and out["tier2"]["graded"] == planned     # pairs, duplicates included
         assert 0 < srv.stats["completions"] <= planned
         assert 0 < out["llm_cache"]["cost"]["usd"] <= 2.0 and out["llm_cache"]["stored"] == srv.stats["completions"]
+
+
+def test_concurrent_writers_store_each_answer_once_and_keep_the_first(ctx):
+    """Tasks that paid for the same answers at once (a retried task, two commands): one row per key, the first kept."""
+    import threading
+
+    from annomine.judges.response_cache import answer_row, store_answers
+
+    cfg = LLMTierConfig(model="m", base_url="https://api.example.com/v1", api_key_env="K")
+    tier = LLMTier("tier2", cfg, GRADES, cfg.base_url, "k")
+    keys = [tier.response_key("q", f"product {i}") for i in range(12)]
+    errors = []
+
+    def writer(w):
+        rows = [answer_row(tier, key, {"grade": 1 + (i + w) % 4}, 10, 2, 40) for i, key in enumerate(keys[w * 3:w * 3 + 6])]
+        try:
+            store_answers(ctx.tables, rows, [tier])
+        except Exception as exc:  # noqa: BLE001 - collected and reported below
+            errors.append(str(exc)[:200])
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = ctx.tables.read("llm_responses").toPandas()
+    assert errors == [] and len(stored) == 12 and stored.response_key.is_unique and set(stored.response_key) == set(keys)
+    before = stored.set_index("response_key").answer
+    store_answers(ctx.tables, [answer_row(tier, keys[0], {"grade": 4, "changed": True}, 1, 1, 1)], [tier])
+    assert ctx.tables.read("llm_responses").toPandas().set_index("response_key").answer[keys[0]] == before[keys[0]]

@@ -83,7 +83,10 @@ def write_ledger(tables, run_id: str, command: str, judge_version: str | None, s
              "requests": t["requests"], "cache_hits": t["cache_hits"], "prompt_tokens": t["prompt_tokens"],
              "completion_tokens": t["completion_tokens"], "usd": t["usd"], "recorded_at": now}
             for name, t in spent["per_tier"].items()]
+    from annomine.judges.response_cache import ensure_created
+
     frame = pd.DataFrame(rows)[TABLES[LEDGER].columns]
+    ensure_created(tables, LEDGER)
     tables.merge(LEDGER, tables.spark.createDataFrame(frame, schema=TABLES[LEDGER].schema))
     return len(rows)
 

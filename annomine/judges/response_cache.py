@@ -116,6 +116,16 @@ def store_answered(tables, tiers: list) -> int:
     return store_answers(tables, rows, tiers)
 
 
+def ensure_created(tables, name: str) -> None:
+    """Create the table when missing; a writer that lost the race to create it goes on with the winner's table."""
+    try:
+        tables.ensure(name)
+    except Exception:  # noqa: BLE001 - only a lost creation race is let through
+        if not tables.exists(name):
+            raise
+        log.info("%s was created by another writer at the same time", name)
+
+
 def store_answers(tables, rows: list[dict], tiers: list) -> int:
     """Insert the new answers (a key already stored is kept as is) and add them to the tiers' in-memory answers."""
     if not rows:
@@ -125,6 +135,7 @@ def store_answers(tables, rows: list[dict], tiers: list) -> int:
     frame = pd.DataFrame(rows).drop_duplicates("response_key")
     frame["stored_at"] = pd.Timestamp.now(tz="UTC").tz_localize(None)
     df = tables.spark.createDataFrame(frame[TABLES[TABLE].columns], schema=TABLES[TABLE].schema)
+    ensure_created(tables, TABLE)
     tables.merge(TABLE, df, update=False)
     for tier in tiers:
         if not hasattr(tier, "responses"):
