@@ -166,6 +166,31 @@ ANNOTATIONS = _register(TableSpec(
                 "that content changed.",
 ))
 
+LLM_RESPONSES = _register(TableSpec(
+    "llm_responses",
+    "response_key string, settings_key string, model string, endpoint string, prompt_version string, "
+    "answer string, prompt_tokens bigint, completion_tokens bigint, prompt_chars bigint, stored_at timestamp",
+    key=("response_key",),
+    written_by="annotate, judge (calibrate, eval)",
+    description="Every answer an LLM tier got, stored once: `response_key` is the sha256 of everything that decides "
+                "the answer (model, endpoint, prompt version, the full messages, decoding and log-probability "
+                "settings; never the key), `settings_key` the same without the messages. `answer` is the parsed answer "
+                "as JSON (grade, raw confidence and its source, grade distribution, reason); its tokens and the prompt's "
+                "characters feed the cost forecast. Every LLM tier looks here "
+                "before a request, so a re-run, a retrained tier 1 or a recalibration pays for no answer twice.",
+))
+
+LLM_LEDGER = _register(TableSpec(
+    "llm_ledger",
+    "run_id string, tier string, command string, judge_version string, model string, requests bigint, "
+    "cache_hits bigint, prompt_tokens bigint, completion_tokens bigint, usd double, recorded_at timestamp",
+    key=("run_id", "tier"),
+    written_by="annotate, judge (calibrate, eval)",
+    description="What each run spent per LLM tier: requests made, answers taken from `llm_responses` instead, the "
+                "tokens the endpoint reported and their price from the tier's `input_usd_per_mtok` / "
+                "`output_usd_per_mtok` (`usd` null for an unpriced hosted tier).",
+))
+
 # ---- curriculum (jobs/curriculum.py): one training-set table per model variant -------------------
 TRAIN_SET_DDL = (
     "stage int, stage_name string, loss string, query_id string, query string, product_id string, item_text string, "

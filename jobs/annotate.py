@@ -15,14 +15,16 @@ loopback OpenAI-compatible server itself (tests); a tier with `server: local` ge
 the job starts and stops (annomine/judges/local_server.py); otherwise tiers 2-3 call the configured
 endpoints with the key from the env var (or secret scope) named in the config.
 
-With `llm_budget` (LLM tier calls per run), escalation is a second pass: the chunks are graded by
-tier 1, the pairs it is unsure of are stored with its grade and `escalation = 'budget'`, and then the
-least confident of those (lowest calibrated tier-1 confidence first, from this run and earlier ones)
-are escalated, chunk by chunk, until the budget is spent; each is replaced by MERGE (a 'budget' row,
-like a failed one, may be replaced). What is left keeps tier 1's grade and is escalated by a later run.
-Without a budget, pairs escalate as they are graded, and 'budget' rows left by earlier runs are
-escalated too. When `judge calibrate` kept no combination with an LLM tier, nothing escalates (the LLM's
-grades would decide nothing; `escalate: always` overrides).
+When tier 1 comes first (and always under `llm_budget` or `max_cost`), escalation is a second pass: the
+chunks are graded by tier 1, the pairs it is unsure of are stored with its grade and `escalation = 'budget'`,
+the forecast of what escalating them costs is printed (annomine/judges/spending.py), and then the least
+confident of those (lowest calibrated tier-1 confidence first, from this run and earlier ones) are escalated,
+chunk by chunk, until a budget is spent; each is replaced by MERGE (a 'budget' row, like a failed one, may be
+replaced). What is left keeps tier 1's grade and is escalated by a later run. An LLM tier answers from the
+response cache (`llm_responses`) what it was asked before; each chunk's new answers are stored before its
+grades, and the run's tokens and money go to `llm_ledger`. When `judge calibrate` kept no combination with an
+LLM tier, nothing escalates (the LLM's grades would decide nothing; `escalate: always` overrides).
+`--dry-run` prints the forecast and makes no request and no write.
 """
 
 from __future__ import annotations
@@ -89,10 +91,24 @@ class AnnotateConfig:
     # none (the first tier decides every pair, so the calls would buy grades that decide nothing); unsure pairs are
     # stored with escalation 'budget'. `always`: escalate anyway, to record the LLM's grades.
     escalate: str = "auto"
+    # USD per run (priced tiers: `input_usd_per_mtok` / `output_usd_per_mtok`), spent like `llm_budget`: tier 1 grades
+    # every pair first, then the least sure pairs escalate while their estimated cost still fits. None: unlimited.
+    max_cost: float | None = bounded(None, ge=0)
+    # Log the run's summary numbers (LLM calls, response-cache hits and misses) to MLflow.
+    log_mlflow: bool = True
 
     def validate(self) -> None:
-        if self.escalate not in ("auto", "always"):
-            raise ValueError(f"escalate must be 'auto' or 'always', got {self.escalate!r}")
+        from annomine.judges.spending import check_escalate
+
+        check_escalate(self.escalate)
+        if self.max_cost is not None:
+            from annomine.judges.costs import price
+
+            for name in ("tier2", "tier3"):
+                tier = getattr(self.cascade, name)
+                if tier is not None and price(tier) is None:
+                    raise ValueError(f"max_cost needs a price for cascade.{name} ({tier.model}): set "
+                                     f"cascade.{name}.input_usd_per_mtok and output_usd_per_mtok")
 
 
 CONFIG_CLASS = AnnotateConfig
@@ -235,17 +251,20 @@ def refused_key(cascade, chunk_tiers: dict) -> EndpointRefusedKey | None:
     return None
 
 
-def run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
+def run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
+    """Grade what is missing; with `dry_run`, only forecast what that would send to the LLM tiers and cost."""
     from annomine.locks import warehouse_lock
 
     with warehouse_lock(ctx.project, "annotate", wait_s=cfg.lock_wait_s):
-        return _run(ctx, cfg)
+        return _run(ctx, cfg, dry_run)
 
 
 class _Run:
     """One annotate run's chunk loop: grade a chunk in the pandas UDF, MERGE it, keep the summary."""
 
     def __init__(self, ctx: JobContext, cfg: AnnotateConfig, cascade, version: str, partitions: int, per_partition: int):
+        from annomine.judges.costs import usage_by_tier
+        from annomine.judges.spending import skip_reason
         from spark_udfs.annotation import EXTRA_FIELDS, output_schema
 
         self.ctx, self.cfg, self.cascade, self.version = ctx, cfg, cascade, version
@@ -256,20 +275,26 @@ class _Run:
         self.stats = {"pairs": 0, "graded": 0, "errors": 0, "retried": 0, "chunks": 0, "llm_requests": 0, "by_tier": {},
                       "tiers": {}, "escalation": {"llm_budget": cfg.llm_budget, "llm_calls": 0,
                                                   "llm_calls_per_tier": {n: 0 for n in self.llm_names},
-                                                  "escalated_pairs": 0, "deferred_by_budget": 0}}
+                                                  "escalated_pairs": 0, "deferred_by_budget": 0},
+                      "llm_cache": {"loaded": 0, "stored": 0}}
+        self.usage = usage_by_tier([], self.llm_names)  # per LLM tier: cache hits, requests, tokens
         # last outcome per pair in this run (a deferred pair is decided again when it escalates):
         # (deciding tier, graded, failed, retried)
         self.decided: dict[tuple, tuple] = {}
         self.failure = None
-        self.escalating = bool(self.llm_names) and not (cfg.escalate == "auto" and cascade.combination_rejected)
-        if self.llm_names and not self.escalating:
-            self.stats["escalation"]["skipped"] = (
-                f"calibration kept no combination with an LLM tier, so {cascade.tier_names[0]} decides every pair; no "
-                "escalation to an LLM (annotate.escalate: always records the LLM's grades anyway)")
-            log.info("annotate: no escalation: %s", self.stats["escalation"]["skipped"])
+        self.history = None  # tokens per request of each LLM tier, for max_cost (costs.history)
+        skipped = skip_reason(cascade, cfg.escalate)
+        self.escalating = bool(self.llm_names) and skipped is None
+        # tier 1 first: it grades every pair before any request, so the forecast can be printed first
+        self.tier1_first = bool(cascade.tiers) and not hasattr(cascade.tiers[0], "cfg")
+        if skipped:
+            self.stats["escalation"]["skipped"] = skipped
+            log.info("annotate: no escalation: %s", skipped)
 
     def grade(self, chunk, llm_budget: int | None, partitions: int, concurrency: int) -> dict | None:
         """Grade and commit one chunk; its per-tier counts (None when it was empty)."""
+        from annomine.judges.costs import add_usage, usage_by_tier
+        from annomine.judges.response_cache import new_answers_from_outputs, store_answers
         from spark_udfs.annotation import make_annotator
 
         annotator = make_annotator(self.cascade, self.version, concurrency, llm_budget)
@@ -280,6 +305,12 @@ class _Run:
         refused = refused_key(self.cascade, chunk_tiers)
         if refused is not None:
             raise refused
+        # the answers paid for are stored before the grades: a run killed between the two pays for none again
+        cache = self.stats["llm_cache"]
+        cache["stored"] += store_answers(self.ctx.tables, new_answers_from_outputs(graded["tier_outputs"], self.cascade.tiers),
+                                         self.cascade.tiers)
+        chunk_cache = usage_by_tier(graded["tier_outputs"], self.llm_names)
+        add_usage(self.usage, chunk_cache)
         rows = self.ctx.spark.createDataFrame(graded.drop(columns=self.extra), schema=self.ctx.tables.spec("annotations").schema)
         self.ctx.tables.merge("annotations", rows, update_if=REPLACEABLE)  # only a failed or deferred row is replaced
         st = self.stats
@@ -288,7 +319,7 @@ class _Run:
         esc = st["escalation"]
         esc["llm_calls"] += int(graded["llm_calls"].fillna(0).sum())
         for name in self.llm_names:
-            esc["llm_calls_per_tier"][name] += int(chunk_tiers.get(name, {}).get("pairs", 0))
+            esc["llm_calls_per_tier"][name] += chunk_cache[name]["misses"]
         for q, p, d, g, e, a in zip(graded["query_id"], graded["product_id"], graded["deciding_tier"].fillna("error"),
                                     graded["grade"].notna(), graded["error"].notna(), graded["attempts"] > 1):
             self.decided[(q, p)] = (d, bool(g), bool(e), bool(a))
@@ -306,7 +337,7 @@ class _Run:
 
         n_chunks = max(1, math.ceil(n / self.cfg.chunk_size))
         keyed = pairs.withColumn("_chunk", F.pmod(F.hash("query_id", "product_id"), F.lit(n_chunks)))
-        budget = 0 if self.cfg.llm_budget is not None or not self.escalating else None
+        budget = 0 if self.budgeted or not self.escalating else None
         for c in tqdm(range(n_chunks if n else 0), desc="annotate", unit="chunk", mininterval=5):
             chunk = keyed.filter(F.col("_chunk") == c).drop("_chunk")
             # Materialise the graded chunk once (each pair is sent to the LLMs exactly once), then MERGE it.
@@ -314,8 +345,62 @@ class _Run:
             if self.failure:
                 return
 
+    @property
+    def budgeted(self) -> bool:
+        """Whether escalation is a second pass (after tier 1 graded every pair): under a budget, and whenever tier 1
+        comes first, so the forecast is printed before the first request."""
+        return self.cfg.llm_budget is not None or self.cfg.max_cost is not None or self.tier1_first
+
+    def announce(self, pairs, first_tier_done: bool) -> None:
+        """Print the forecast of `pairs` (None: the deferred ones) and start a local model server only if it will
+        be asked."""
+        from annomine.judges.costs import history
+        from annomine.judges.forecast import forecast, tier_shares
+        from annomine.judges.spending import announce, needs_requests
+
+        if not self.escalating:
+            return
+        if pairs is None:
+            pairs = deferred_pairs(self.ctx, self.cfg, self.version, 2**31 - 1)
+        pdf = pairs.select("query", "text").toPandas() if pairs is not None else pd.DataFrame({"query": [], "text": []})
+        fc = forecast(self.cascade, pdf, history(self.ctx.tables, self.cascade.tiers),
+                      tier_shares(self.ctx.tables, self.llm_names), True, self.cfg.llm_budget, self.cfg.max_cost,
+                      first_tier_done)
+        self.stats["forecast"] = fc
+        announce("annotate", fc)
+        if needs_requests(fc):
+            self.cascade.start_local_servers()
+
+    def spent_usd(self) -> float:
+        from annomine.judges.costs import spend
+
+        return spend(self.usage, self.cascade.tiers)["usd"] or 0.0
+
+    def affordable(self, chunk) -> int:
+        """How many of the chunk's pairs fit in what is left of `max_cost`, each at the most it can cost."""
+        from annomine.judges.costs import history, pair_cost_usd
+
+        if self.cfg.max_cost is None:
+            return self.cfg.chunk_size
+        if self.history is None:
+            self.history = history(self.ctx.tables, self.cascade.tiers)
+        pdf = chunk.select("query", "text").toPandas()
+        worst = max((pair_cost_usd(self.cascade.tiers, self.history, q, t) for q, t in zip(pdf["query"], pdf["text"])),
+                    default=0.0)
+        left = self.cfg.max_cost - self.spent_usd()
+        return len(pdf) if worst <= 0 else max(0, min(len(pdf), int(left // worst)))
+
+    def passes(self, pairs, n: int) -> None:
+        """Grade the pairs, then escalate the deferred ones; the forecast comes before the first LLM request."""
+        if not self.tier1_first:
+            self.announce(pairs, first_tier_done=False)
+        self.first_pass(pairs, n)
+        if self.tier1_first and not self.failure:
+            self.announce(None, first_tier_done=True)
+        self.escalate_deferred()
+
     def escalate_deferred(self) -> None:
-        """Spend the budget on the deferred pairs, least confident first (unlimited without a budget)."""
+        """Spend the budgets on the deferred pairs, least confident first (unlimited without a budget)."""
         if not self.escalating:
             return
         remaining = self.cfg.llm_budget
@@ -324,7 +409,14 @@ class _Run:
             chunk = deferred_pairs(self.ctx, self.cfg, self.version, take)
             if chunk is None:
                 return
-            if remaining is None:
+            fits = self.affordable(chunk)
+            if fits == 0:
+                self.stats["escalation"]["stopped_by"] = "max_cost"
+                return
+            if fits < take:  # the least sure pairs whose cost still fits
+                take = fits
+                chunk = deferred_pairs(self.ctx, self.cfg, self.version, take)
+            if remaining is None and self.cfg.max_cost is None:
                 done = self.grade(chunk, None, self.partitions, self.per_partition)
             else:  # one partition: the chunk's budget holds across it
                 done = self.grade(chunk, remaining, 1, self.cascade.concurrency * self.partitions)
@@ -334,7 +426,23 @@ class _Run:
                 remaining -= done["llm_calls"]
 
 
-def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
+def forecast_run(ctx: JobContext, cfg: AnnotateConfig, cascade, job: _Run, pairs) -> dict:
+    """The dry run: the pairs to grade and those deferred by earlier budgets, forecast without a request."""
+    from annomine.judges.costs import history
+    from annomine.judges.forecast import forecast, tier_shares
+
+    pdf = pairs.select("query", "text").toPandas()
+    waiting = deferred_pairs(ctx, cfg, job.version, 2**31 - 1) if job.escalating else None
+    if waiting is not None:
+        pdf = pd.concat([pdf, waiting.select("query", "text").toPandas()], ignore_index=True)
+    fc = forecast(cascade, pdf, history(ctx.tables, cascade.tiers), tier_shares(ctx.tables, cascade.llm_tier_names),
+                  job.escalating, cfg.llm_budget, cfg.max_cost)
+    out = {"dry_run": True, "judge_version": job.version, "forecast": fc}
+    print(json.dumps(out, indent=2))
+    return out
+
+
+def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
     from annomine.judges.cascade import Cascade
     from annomine.judges.store import resolve_judge
 
@@ -345,7 +453,8 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
     per_partition = cfg.cascade.max_concurrency_total // partitions
     started = time.time()
     add_missing_columns(ctx)
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, concurrency=per_partition) as cascade:
+    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, concurrency=per_partition,
+                      start_local=False) as cascade:
         version = cascade.version
         pairs = pairs_to_grade(ctx, cfg, version)
         if cfg.limit is not None:
@@ -353,6 +462,12 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
         n = pairs.count()
         job = _Run(ctx, cfg, cascade, version, partitions, per_partition)
         stats = job.stats
+        if job.escalating:
+            from annomine.judges.response_cache import load_answers
+
+            stats["llm_cache"]["loaded"] = load_answers(ctx.tables, cascade.tiers)
+        if dry_run:
+            return forecast_run(ctx, cfg, cascade, job, pairs)
         stats["judge_version"] = version
         stats["missing"] = n
         stats["content_changed"] = pairs.filter(F.col("content_changed")).count() if n else 0
@@ -362,9 +477,10 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
         log.info("annotate: %d pairs to grade with judge %s (tiers %s), %d per chunk, LLM budget %s", n, version,
                  cascade.tier_names, cfg.chunk_size, "unlimited" if cfg.llm_budget is None else cfg.llm_budget)
         ctx.tables.ensure("annotations")
-        job.first_pass(pairs, n)
-        job.escalate_deferred()
+        job.passes(pairs, n)
         stats["escalation"]["deferred_by_budget"] = count_deferred(ctx, version)
+        stats["escalation"]["max_cost"] = cfg.max_cost
+        record_spend(ctx, stats, job.usage, cascade)
         stats["escalation"]["combiner"] = cascade.kept_combinations
         stats["escalation"]["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
         outcomes = list(job.decided.values())
@@ -382,10 +498,42 @@ def _run(ctx: JobContext, cfg: AnnotateConfig) -> dict:
     stats["pairs_per_s"] = round(stats["pairs"] / elapsed, 2) if elapsed > 0 else None
     stats["llm_requests_per_pair"] = round(stats["llm_requests"] / stats["pairs"], 3) if stats["pairs"] else 0.0
     print(json.dumps(stats, indent=2))
+    if cfg.log_mlflow:
+        track(ctx, stats)
     failure = failure or tier_failure(stats["tiers"], cfg.max_tier_failure_share, 1)
     if failure:
         raise TierFailureError(failure, stats)
     return stats
+
+
+def record_spend(ctx: JobContext, stats: dict, usage: dict, cascade) -> None:
+    """Cache hits and misses, tokens and money per tier in the summary, and one `llm_ledger` row per tier."""
+    import uuid
+
+    from annomine.judges.costs import spend, write_ledger
+
+    stats["llm_cache"]["per_tier"] = {n: {"hits": u["hits"], "misses": u["misses"]} for n, u in usage.items()}
+    stats["cost"] = spend(usage, cascade.tiers)
+    stats["run_id"] = uuid.uuid4().hex
+    write_ledger(ctx.tables, stats["run_id"], "annotate", stats["judge_version"], stats["cost"])
+
+
+def track(ctx: JobContext, stats: dict) -> None:
+    """The run's numbers in MLflow: pairs, LLM calls and requests, response-cache hits and misses per tier."""
+    from annomine.tracking import Tracker
+
+    metrics = {k: stats[k] for k in ("pairs", "graded", "errors", "llm_requests", "seconds")}
+    metrics["llm_calls"] = stats["escalation"]["llm_calls"]
+    for name, c in stats["cost"]["per_tier"].items():
+        metrics[f"llm_cache_hits.{name}"], metrics[f"llm_requests.{name}"] = c["cache_hits"], c["requests"]
+        metrics[f"prompt_tokens.{name}"], metrics[f"completion_tokens.{name}"] = c["prompt_tokens"], c["completion_tokens"]
+        if c["usd"] is not None:
+            metrics[f"usd.{name}"] = c["usd"]
+    if stats["cost"]["usd"] is not None:
+        metrics["usd"] = stats["cost"]["usd"]
+    with Tracker(ctx.project).run("annotate", {"judge_version": stats["judge_version"]}) as tracked:
+        tracked.metrics(metrics)
+    stats["mlflow_run_id"] = tracked.run_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,12 +542,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = job_parser("annomine annotate", __doc__)
     parser.add_argument("--limit", type=int, help="grade whole queries up to this many pairs")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="forecast the pairs to escalate, requests, tokens and money per LLM tier; no request, no write")
     args = parser.parse_args(argv)
     project, cfg = load(args, "annotate", AnnotateConfig)
     if args.limit is not None:
         cfg.limit = args.limit
     ctx = open_context(project)
-    run(ctx, cfg)
+    run(ctx, cfg, dry_run=args.dry_run)
     return 0
 
 

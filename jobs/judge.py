@@ -3,6 +3,7 @@
     annomine judge train     [--conf F] [--queries F --labels F --products F]
     annomine judge calibrate [--conf F] [--judge PATH] [...same label files]
     annomine judge eval      --queries F --labels F --products F [--judge PATH] [--split dev|test|all]
+    annomine judge pilot     [--conf F] [--judge PATH] [--pairs N]
 
 `train` fine-tunes the tier-1 cross-encoder on the train queries (annomine.splits: dev and test queries are
 never trained on; a query-disjoint calibration part of the train queries is held out). On the calibration
@@ -18,11 +19,13 @@ bi-encoder (`ranking_baseline`, the retriever's start) and scores both orders wi
 enabled tier (the LLM tiers included) on the calibration split. `eval` grades the pairs of any
 files in the CrowdFlower layout with the configured cascade and prints JSON: exact agreement,
 quadratic weighted kappa, confusion matrix, escalation rate, the share settled per tier and the same ranking check
-for the first tier's expected grade.
+for the first tier's expected grade. `pilot` grades a stratified sample of the labelled mined candidates with the
+cascade and says whether it is worth a full annotate run (annomine/judges/pilot.py), beside that run's forecast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -76,9 +79,26 @@ class JudgeConfig:
     ranking_baseline: str | None = "minilm"
     # The cascade used by `calibrate` and `eval` (tiers 2 and 3, loopback server, concurrency).
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    # The spending rule of `calibrate` and `eval` (annomine/judges/spending.py), as in `annotate`: `auto` sends no pair
+    # to an LLM tier when calibration kept no combination with it (`always`: send anyway); at most `llm_budget` LLM
+    # calls (eval; `--llm-budget` overrides) and `max_cost` USD per command (priced tiers).
+    escalate: str = "auto"
+    llm_budget: int | None = bounded(None, ge=0)
+    max_cost: float | None = bounded(None, ge=0)
+    # `judge pilot`: labelled mined candidates graded, a sample stratified by level, segment and channels.
+    pilot_pairs: int = bounded(300, ge=1)
     log_mlflow: bool = True
 
     def validate(self) -> None:
+        from annomine.judges.costs import price
+        from annomine.judges.spending import check_escalate
+
+        check_escalate(self.escalate)
+        for name in ("tier2", "tier3"):
+            tier = getattr(self.cascade, name)
+            if self.max_cost is not None and tier is not None and price(tier) is None:
+                raise ValueError(f"max_cost needs a price for cascade.{name} ({tier.model}): set "
+                                 f"cascade.{name}.input_usd_per_mtok and output_usd_per_mtok")
         if self.ranking_baseline and self.ranking_baseline not in (MINILM, TINY) and not Path(self.ranking_baseline).exists():
             raise ValueError(f"ranking_baseline: no model folder {self.ranking_baseline!r} ('{MINILM}', '{TINY}' or a local "
                              "Hugging Face folder; empty: skip the check)")
@@ -336,6 +356,82 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     return metrics
 
 
+@contextlib.contextmanager
+def response_cache(project: ProjectConfig, cascade, report: dict, command: str):
+    """The LLM tiers answer what `llm_responses` holds without a request; what they pay for is stored when the block
+    ends (also when it fails part-way), with the run's `llm_ledger` rows. `report` gets the answers loaded and stored,
+    and each tier's hits, requests, tokens and money."""
+    if not cascade.llm_tier_names:
+        yield None
+        return
+    import uuid
+
+    from annomine.judges.costs import spend, write_ledger
+    from annomine.judges.response_cache import load_answers, store_answered
+    from annomine.runtime import open_context
+
+    tables = open_context(project).tables
+    report["loaded"] = load_answers(tables, cascade.tiers)
+    try:
+        yield tables
+    finally:
+        report["stored"] = store_answered(tables, cascade.tiers)
+        usage = {t.name: dict(t.cache_counts) for t in cascade.tiers if t.name in cascade.llm_tier_names}
+        report["per_tier"] = {n: {"hits": u["hits"], "misses": u["misses"]} for n, u in usage.items()}
+        report["cost"] = spend(usage, cascade.tiers)
+        report["run_id"] = uuid.uuid4().hex
+        write_ledger(tables, report["run_id"], command, cascade.version, report["cost"])
+
+
+def plan_eval(cascade, tables, pdf, cfg: JudgeConfig, llm_budget: int | None, asked: int = 0, command: str = "judge eval"):
+    """The spending rule before eval's first request: the escalation rule, the forecast printed, the call budget
+    (`llm_budget`, and what `max_cost` affords), local servers started only for a request. (forecast, budget)."""
+    from annomine.judges.costs import history
+    from annomine.judges.forecast import forecast, tier_shares
+    from annomine.judges.spending import announce, call_budget, needs_requests, skip_reason
+
+    if tables is None:
+        return None, llm_budget
+    if not hasattr(cascade.tiers[0], "cfg"):
+        cascade.tiers[0].memo = {}  # the forecast's tier-1 grades are the run's
+    skipped = skip_reason(cascade, cfg.escalate)
+    fc = forecast(cascade, pdf, history(tables, cascade.tiers), tier_shares(tables, cascade.llm_tier_names),
+                  skipped is None, llm_budget, cfg.max_cost)
+    if skipped:
+        fc["skipped"] = skipped
+    announce(command, fc)
+    if needs_requests(fc) or asked:
+        cascade.start_local_servers()
+    return fc, 0 if skipped else call_budget(fc, llm_budget, cfg.max_cost)
+
+
+def plan_calibration(cascade, tables, cal, cfg: JudgeConfig) -> int | None:
+    """The LLM calibration pairs after the forecast (printed) and `max_cost`; local servers started only for a
+    request. The LLM tiers grade the pairs tier 1 is least sure of, so the forecast scales the average pair."""
+    from annomine.judges.costs import history
+    from annomine.judges.forecast import forecast
+    from annomine.judges.spending import announce, needs_requests
+
+    if tables is None:
+        return cfg.llm_calibration_pairs
+    n = len(cal)
+    k = n if cfg.llm_calibration_pairs is None else min(n, cfg.llm_calibration_pairs)
+    fc = forecast(cascade, cal[["query", "text"]], history(tables, cascade.tiers), {}, True, first_tier_done=True)
+    scale = k / max(1, n)  # the forecast covers all n calibration pairs (duplicates share a request)
+    for t in fc["tiers"].values():
+        for key in ("requests", "cache_hits", "prompt_tokens", "completion_tokens", "usd", "usd_if_batch"):
+            t[key] = None if t[key] is None else round(t[key] * scale, 6)
+    fc["usd"] = None if fc["usd"] is None else round(fc["usd"] * scale, 6)
+    fc["escalate"] = k
+    if cfg.max_cost is not None and fc["usd"] and fc["usd"] > cfg.max_cost:
+        k = int(k * cfg.max_cost / fc["usd"])
+        fc["llm_calibration_pairs_under_max_cost"] = k
+    announce("judge calibrate", fc)
+    if needs_requests(fc) and k > 0:
+        cascade.start_local_servers()
+    return k
+
+
 def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, judge: str | None = None,
               only: list[str] | None = None) -> dict:
     """Re-fit tier calibrations on the calibration split (tier 1 and every enabled LLM tier)."""
@@ -348,11 +444,34 @@ def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None
     pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold, project.rotation)
     cal = pairs[pairs.split == "calibration"].reset_index(drop=True)
     folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade:
-        stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only, llm_pairs=cfg.llm_calibration_pairs,
+    cache: dict = {}
+    with (Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, start_local=False) as cascade,
+          response_cache(project, cascade, cache, "judge calibrate") as tables):
+        llm_pairs = plan_calibration(cascade, tables, cal, cfg)
+        stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only, llm_pairs=llm_pairs,
                                   combine=cfg.cascade.combine, min_gain=cfg.combiner_min_gain)
+    if cache:
+        stats["llm_cache"] = cache
     print(json.dumps(stats, indent=2, default=float))
     return stats
+
+
+def _tiers_alone(cascade, pairs, n: int, grades: list[int], seed: int) -> dict:
+    """Each tier alone on `n` seeded pairs: its agreement, QWK, speed and confidence sources."""
+    from annomine.judges.data import grading_metrics
+
+    sample = pairs.sample(n=min(n, len(pairs)), random_state=seed).reset_index(drop=True)
+    qt = list(zip(sample["query"].astype(str), sample["text"].astype(str)))
+    alone = {}
+    for tier in cascade.tiers:
+        t0 = time.time()
+        res = tier.grade_many(qt, cascade.concurrency)
+        m = grading_metrics(sample["grade"].to_numpy(), [r.grade for r in res], grades)
+        alone[tier.name] = {"pairs": len(qt), "exact_agreement": m["exact_agreement"],
+                            "quadratic_weighted_kappa": m["quadratic_weighted_kappa"], "n_graded": m["n_graded"],
+                            "pairs_per_s": round(len(qt) / max(time.time() - t0, 1e-9), 2),
+                            "confidence_sources": dict(Counter(str(r.confidence_source) for r in res))}
+    return alone
 
 
 def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None, judge: str | None = None,
@@ -362,7 +481,7 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     first tier on the same pairs. `llm_budget`: at most that many LLM calls in the cascade pass, on the pairs the
     first tier is least sure of (the others keep its grade, as in `annotate.llm_budget`)."""
     from annomine.judges.cascade import Cascade, cascade_metrics
-    from annomine.judges.data import assign_splits, grading_metrics
+    from annomine.judges.data import assign_splits
     from annomine.judges.store import resolve_judge
 
     grades = grades_of(project)
@@ -373,12 +492,18 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
         raise ValueError(f"no labelled pairs to evaluate (split={split})")
     folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     started = time.time()
-    with Cascade.open(cfg.cascade, folder, grades, project.warehouse_path) as cascade:
-        graded = cascade.grade_frame(pairs[["query_id", "query", "product_id", "text"]], progress=True, llm_budget=llm_budget)
+    cache: dict = {}
+    llm_budget = cfg.llm_budget if llm_budget is None else llm_budget
+    with (Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, start_local=False) as cascade,
+          response_cache(project, cascade, cache, "judge eval") as tables):
+        fc, budget = plan_eval(cascade, tables, pairs, cfg, llm_budget, llm_alone_pairs)
+        graded = cascade.grade_frame(pairs[["query_id", "query", "product_id", "text"]], progress=True, llm_budget=budget)
         result = cascade_metrics(pairs["grade"].to_numpy(), graded, grades)
         result["judge_version"] = cascade.version
         result["tiers"] = cascade.tier_names
         result["llm_budget"] = llm_budget
+        if fc is not None:
+            result["forecast"] = fc
         result["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
         result["seconds"] = round(time.time() - started, 2)
         first = cascade.tier_names[0] if cascade.tier_names else None
@@ -395,21 +520,73 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
             missing = sum(e is None for e in expected)
             log.info("judge eval: no ranking check (%d of %d pairs have no %s expected grade)", missing, len(expected), first)
         if llm_alone_pairs and cascade.llm_tier_names:
-            sample = pairs.sample(n=min(llm_alone_pairs, len(pairs)), random_state=project.seed).reset_index(drop=True)
-            qt = list(zip(sample["query"].astype(str), sample["text"].astype(str)))
-            alone = {}
-            for tier in cascade.tiers:
-                t0 = time.time()
-                res = tier.grade_many(qt, cascade.concurrency)
-                m = grading_metrics(sample["grade"].to_numpy(), [r.grade for r in res], grades)
-                alone[tier.name] = {"pairs": len(qt), "exact_agreement": m["exact_agreement"],
-                                    "quadratic_weighted_kappa": m["quadratic_weighted_kappa"], "n_graded": m["n_graded"],
-                                    "pairs_per_s": round(len(qt) / max(time.time() - t0, 1e-9), 2),
-                                    "confidence_sources": dict(Counter(str(r.confidence_source) for r in res))}
-            result["tiers_alone_on_sample"] = alone
+            result["tiers_alone_on_sample"] = _tiers_alone(cascade, pairs, llm_alone_pairs, grades, project.seed)
+    if cache:
+        result["llm_cache"] = cache
     result["split"] = split
     result["n_queries"] = int(pairs.query_id.nunique())
     result["pairs_per_s"] = round(len(pairs) / max(result["seconds"], 1e-9), 1)  # the cascade's own pass
+    print(json.dumps(result, indent=2, default=float))
+    return result
+
+
+def labelled_candidates(tables):
+    """The mined candidates humans graded: query, text, human grade, level, segment and the channels that found them."""
+    from annomine.judges.pilot import channels_of
+
+    mined = tables.read("mined_candidates").drop("query")
+    df = (mined.join(tables.read("human_labels").select("query_id", "product_id", "grade"), ["query_id", "product_id"])
+          .join(tables.read("queries").select("query_id", "query"), "query_id")
+          .join(tables.read("products").select("product_id", "text"), "product_id").toPandas())
+    if df.empty:
+        from annomine.errors import MissingInputError
+
+        raise MissingInputError("judge pilot: no mined candidate (table mined_candidates) has a human grade (table "
+                                "human_labels): ingest labels for mined queries, or mine the labelled queries")
+    df["grade"] = df["grade"].astype(int)
+    df["level"] = df["level"].fillna(-1).astype(int)
+    df["segment"] = df["segment"].fillna("unknown").astype(str)
+    df["channels"] = channels_of(df)
+    return df.sort_values(["query_id", "product_id"]).reset_index(drop=True)
+
+
+def pilot(project: ProjectConfig, cfg: JudgeConfig, judge: str | None = None, n_pairs: int | None = None) -> dict:
+    """Grade a stratified sample of the labelled mined candidates with the configured cascade: agreement with the
+    humans, the ranking check against the zero-shot encoder, a verdict, and the full annotate run's forecast."""
+    from annomine.judges.cascade import Cascade, cascade_metrics
+    from annomine.judges.pilot import STRATA, scale_forecast, stratified_sample, teacher_scores, verdict
+    from annomine.judges.store import resolve_judge
+    from annomine.runtime import open_context
+
+    if not cfg.ranking_baseline:
+        from annomine.config import ConfigError
+
+        raise ConfigError("judge pilot needs judge.ranking_baseline: the zero-shot encoder whose order the teacher must beat")
+    grades = grades_of(project)
+    population = labelled_candidates(open_context(project).tables)
+    sample = stratified_sample(population, n_pairs or cfg.pilot_pairs, project.seed)
+    folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
+    cache: dict = {}
+    with (Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, start_local=False) as cascade,
+          response_cache(project, cascade, cache, "judge pilot") as tables):
+        fc, budget = plan_eval(cascade, tables, sample, cfg, cfg.llm_budget, command="judge pilot")
+        graded = cascade.grade_frame(sample[["query_id", "query", "product_id", "text"]], progress=True, llm_budget=budget)
+        metrics = cascade_metrics(sample["grade"].to_numpy(), graded, grades)
+        tiers = cascade.tier_names
+    scores = teacher_scores(graded)
+    ok = ~np.isnan(scores)
+    ranking = _ranking(sample[ok].reset_index(drop=True), scores[ok], _ranking_baseline(cfg), grades, project.seed)
+    result = {"sample": {"pairs": len(sample), "queries": int(sample.query_id.nunique()), "population_pairs": len(population),
+                         "strata": sample.groupby(STRATA).size().rename("pairs").reset_index().to_dict("records")},
+              "tiers": tiers, "agreement": {k: metrics[k] for k in ("exact_agreement", "quadratic_weighted_kappa", "n_graded",
+                                                                    "escalation_rate", "first_tier_alone", "llm_calls")
+                                            if k in metrics},
+              "ranking": ranking, "verdict": verdict(ranking),
+              "full_run_forecast": scale_forecast(fc, len(population) / len(sample)) if fc else None, "llm_cache": cache}
+    full = result["full_run_forecast"]
+    print(f"judge pilot: {result['verdict']['verdict']} ({result['verdict']['reason']}); full run: "
+          + (f"{full['escalate']} pairs to escalate, {sum(t['requests'] for t in full['tiers'].values()):.0f} requests, "
+             f"USD {full['usd']}" if full else "no LLM tier"), file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2, default=float))
     return result
 
@@ -429,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx2", "httpcore", "openai"):  # one line per LLM request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = job_parser("annomine judge", __doc__)
-    parser.add_argument("action", choices=["train", "eval", "calibrate"])
+    parser.add_argument("action", choices=["train", "eval", "calibrate", "pilot"])
     parser.add_argument("--queries", help="queries file (CrowdFlower layout)")
     parser.add_argument("--labels", help="human labels file (query_id, product_id, grade[, variance])")
     parser.add_argument("--products", help="products file (product_id, title[, description])")
@@ -442,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="eval: also grade N (seeded) pairs with each tier alone (the LLM tiers' own quality)")
     parser.add_argument("--llm-budget", type=int, default=None, metavar="N",
                         help="eval: at most N LLM calls in the cascade, on the pairs tier 1 is least sure of")
+    parser.add_argument("--pairs", type=int, default=None, metavar="N",
+                        help="pilot: grade a stratified sample of N labelled mined candidates (default judge.pilot_pairs)")
     args = parser.parse_args(argv)
     project, cfg = load(args, "judge", JudgeConfig)
     given = [args.queries, args.labels, args.products]
@@ -452,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.cascade.tier2 = cfg.cascade.tier3 = None
     if args.action == "train":
         train(project, cfg, files)
+    elif args.action == "pilot":
+        pilot(project, cfg, args.judge, args.pairs)
     elif args.action == "calibrate":
         calibrate(project, cfg, files, args.judge, args.tiers.split(",") if args.tiers else None)
     else:

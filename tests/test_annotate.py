@@ -75,7 +75,8 @@ def make_cfg(tmp_path, project, section: dict):
     import yaml
 
     path = tmp_path / "conf.yaml"
-    doc = {"project": {"warehouse": project.warehouse, "schema": project.schema, "mlflow_experiment": "t"}, "annotate": section}
+    doc = {"project": {"warehouse": project.warehouse, "schema": project.schema, "mlflow_experiment": "t"},
+           "annotate": {"log_mlflow": False, **section}}   # tests/test_llm_spending.py checks what annotate logs
     path.write_text(yaml.safe_dump(doc))
     return path, load_job_config(path, "annotate", AnnotateConfig)[1]
 

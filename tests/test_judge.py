@@ -198,7 +198,7 @@ def test_judge_train_and_eval_cli(tmp_path, capsys):
     shop = _shop(tmp_path / "shop", n_queries=16, per_query=8)
     conf = tmp_path / "conf.yaml"
     conf.write_text(f"""
-project: {{warehouse: {tmp_path / 'wh'}, mlflow_experiment: test-judge}}
+project: {{warehouse: {tmp_path / 'wh'}, mlflow_experiment: test-judge, schema: t_{tmp_path.name.replace('-', '_')}}}
 judge:
   model: {{base_model: tiny, max_length: 32, epochs: 3, batch_size: 16, learning_rate: 0.002, head_learning_rate: 0.005, threads: 1,
           stack: true, stack_biencoder: tiny}}

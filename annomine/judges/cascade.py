@@ -66,8 +66,17 @@ class Tier1:
         self.version = meta.get("version") or Path(folder).name
         self.grades = list(grades)
         self.batch_size = 64
+        # (query, text) -> result, when a command grades the same pairs twice (its forecast, then the run); None: off
+        self.memo: dict | None = None
 
     def grade_many(self, pairs: list[tuple[str, str]], concurrency: int = 1) -> list[TierResult]:
+        if self.memo is None:
+            return self._grade(pairs)
+        todo = [p for p in dict.fromkeys(pairs) if p not in self.memo]
+        self.memo.update(zip(todo, self._grade(todo)))
+        return [TierResult(**{**self.memo[p].__dict__, "extra": dict(self.memo[p].extra)}) for p in pairs]
+
+    def _grade(self, pairs: list[tuple[str, str]]) -> list[TierResult]:
         from annomine.judges.cross_encoder import load_cached
 
         if not pairs:
@@ -101,6 +110,21 @@ def _combiner_path(judges_dir: Path, identity: dict) -> Path:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     names = "+".join(re.sub(r"[^A-Za-z0-9_.-]+", "_", str(t[1])) for t in identity["tiers"])[:120]
     return judges_dir / "llm_calibration" / f"combiner__{names}__{digest}.json"
+
+
+def _local_server(tcfg: LLMTierConfig, local: dict, start: bool):
+    """The managed llama.cpp server of a `server: local` tier: one per distinct model and settings, started now
+    (`start`) or given its port now and started by `Cascade.start_local_servers`."""
+    from annomine.judges.local_models import resolve_model
+    from annomine.judges.local_server import LocalLLMServer, free_port
+
+    path = resolve_model(tcfg.model)
+    key = (str(path), tcfg.n_threads, tcfg.n_ctx)
+    if key not in local:
+        srv = LocalLLMServer(path, tcfg.model, tcfg.n_threads, tcfg.n_ctx, port=None if start else free_port(),
+                             startup_timeout_s=tcfg.startup_timeout_s)
+        local[key] = srv.start() if start else srv
+    return local[key]
 
 
 class Cascade:
@@ -172,6 +196,12 @@ class Cascade:
     def llm_tier_names(self) -> list[str]:
         return [t.name for t in self.tiers if not isinstance(t, Tier1)]
 
+    def start_local_servers(self) -> None:
+        """Start the managed local model servers that are not running yet."""
+        for srv in self.local_servers:
+            if srv.proc is None:
+                srv.start()
+
     def combiner_path(self) -> Path | None:
         return _combiner_path(self.judges_dir, tier_identity(self.tiers, self.grades)) if self.judges_dir else None
 
@@ -179,8 +209,10 @@ class Cascade:
     @classmethod
     @contextlib.contextmanager
     def open(cls, cfg: CascadeConfig, judge_folder: str | Path | None, grades: list[int], warehouse: str | Path | None = None,
-             concurrency: int | None = None):
-        """Build the cascade; start the embedded loopback LLM server when configured (stopped on exit)."""
+             concurrency: int | None = None, start_local: bool = True):
+        """Build the cascade; start the embedded loopback LLM server when configured (stopped on exit). With
+        `start_local=False` a `server: local` model server gets its port now and starts at `start_local_servers()`,
+        which a command calls only when it will make a request."""
         from annomine.judges.store import judges_root
 
         server = None
@@ -203,15 +235,7 @@ class Cascade:
                     continue
                 base_url = tcfg.base_url
                 if tcfg.server == "local":
-                    from annomine.judges.local_models import resolve_model
-                    from annomine.judges.local_server import LocalLLMServer
-
-                    path = resolve_model(tcfg.model)
-                    key = (str(path), tcfg.n_threads, tcfg.n_ctx)
-                    if key not in local:  # one server per distinct local model (and settings)
-                        local[key] = LocalLLMServer(path, tcfg.model, tcfg.n_threads, tcfg.n_ctx,
-                                                    startup_timeout_s=tcfg.startup_timeout_s).start()
-                    base_url = local[key].base_url
+                    base_url = _local_server(tcfg, local, start_local).base_url
                 elif not base_url:
                     if server is None:
                         from annomine.judges.loopback_server import LoopbackLLMServer
@@ -271,10 +295,7 @@ class Cascade:
                 if not isinstance(tier, Tier1) and remaining is not None:
                     prev = self.tiers[k - 1].name  # most uncertain first; the rest wait for a later budget
                     pending = sorted(pending, key=lambda i: (outputs[i][prev].confidence or 0.0, i))
-                    for i in pending[remaining:]:
-                        escalation[i] = BUDGET
-                    pending = pending[:remaining]
-                    remaining -= len(pending)
+                    pending, remaining = _within_budget(tier, pending, queries, texts, remaining, escalation)
                     if not pending:
                         break
             t0 = time.time()
@@ -314,7 +335,8 @@ class Cascade:
         row["prompt_tokens"] = int(sum(r.prompt_tokens for r in outs.values()))
         row["completion_tokens"] = int(sum(r.completion_tokens for r in outs.values()))
         row["llm_requests"] = int(sum(r.attempts for name, r in outs.items() if name != "tier1"))
-        row["llm_calls"] = int(sum(1 for name, r in outs.items() if name != "tier1" and not r.extra.get("deduplicated")))
+        row["llm_calls"] = int(sum(1 for name, r in outs.items() if name != "tier1" and not r.extra.get("deduplicated")
+                                   and r.extra.get("cache") != "hit"))
         failed = [(name, r) for name, r in outs.items() if r.grade is None]
         if failed or not outs:
             row["error"] = "; ".join(f"{name}: {r.error or 'no grade'}" for name, r in failed) or "no tier ran"
@@ -330,6 +352,21 @@ class Cascade:
         row.update(grade=int(first.grade), confidence=float(first.confidence if first.confidence is not None else 0.0),
                    deciding_tier=names[0])
         return row
+
+
+def _within_budget(tier, pending: list[int], queries: list, texts: list, remaining: int,
+                   escalation: list) -> tuple[list[int], int]:
+    """The pending pairs `tier` may grade under a budget of `remaining` calls (in order; a stored answer costs no
+    call, duplicates share one), the rest marked deferred by the budget; and the calls left."""
+    stored = {i for i in pending if tier.is_stored(queries[i], texts[i])}
+    sent, calls = set(stored), set()
+    for i in (i for i in pending if i not in stored):
+        if (queries[i], texts[i]) not in calls and len(calls) >= remaining:
+            escalation[i] = BUDGET
+            continue
+        calls.add((queries[i], texts[i]))
+        sent.add(i)
+    return [i for i in pending if i in sent], remaining - len(calls)
 
 
 def cascade_metrics(truth: np.ndarray, graded: pd.DataFrame, grades: list[int]) -> dict:

@@ -56,6 +56,14 @@ class LLMTierConfig:
     default_threshold: float = bounded(0.8, ge=0, le=1)
     # Extra HTTP headers (non-secret) sent with every request.
     extra_headers: dict[str, str] = field(default_factory=dict)
+    # Price in USD per million prompt (input) and completion (output) tokens. Empty: 0 for `server: local` and the
+    # embedded loopback server; a tier on another endpoint without prices is reported unpriced (no money forecast,
+    # and `annotate.max_cost` refuses it).
+    input_usd_per_mtok: float | None = bounded(None, ge=0)
+    output_usd_per_mtok: float | None = bounded(None, ge=0)
+    # Share the endpoint's batch API takes off both prices (OpenAI: 0.5); the summaries and forecasts state what the
+    # same requests would cost there (`usd_if_batch`).
+    batch_discount: float = bounded(0.0, ge=0, lt=1)
 
     def validate(self) -> None:
         if self.server not in (None, "local"):

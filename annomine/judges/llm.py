@@ -38,6 +38,7 @@ from types import SimpleNamespace
 from annomine.errors import EndpointError
 from annomine.judges.config import LLMTierConfig
 from annomine.judges.prompt import MalformedAnswer, build_messages, parse_answer
+from annomine.judges.response_cache import answer_of, prompt_chars, response_key
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ class _Pending:
     started: float = field(default_factory=time.perf_counter)
     attempts: int = 0
     timeouts: int = 0
+    key: str | None = None  # the response key (annomine/judges/response_cache.py)
 
 
 class _Scheduler:
@@ -322,11 +324,20 @@ class LLMTier:
         self._lock = threading.Lock()
         self._rng = random.Random()
         self._fatal: str | None = None  # set by the first 401/403: later pairs fail at once
+        # Stored answers by response key (loaded on the driver from `llm_responses`, shipped to the workers):
+        # a pair whose key is here is answered without a request.
+        self.responses: dict[str, dict] = {}
+        # (response key, answer, prompt tokens, completion tokens) of each answer a request paid for in this process.
+        self.answered: list[tuple] = []
+        # answers from the cache, requests made and their tokens, in this process
+        self.cache_counts = {"hits": 0, "misses": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def __getstate__(self):  # picklable for pandas-UDF closures: no client, no lock
         state = dict(self.__dict__)
         state["_client"] = None
         state["_lock"] = None
+        state["answered"] = []
+        state["cache_counts"] = {"hits": 0, "misses": 0, "prompt_tokens": 0, "completion_tokens": 0}
         return state
 
     def __setstate__(self, state):
@@ -441,9 +452,30 @@ class LLMTier:
         result.reason = redact(result.reason, self._api_key)
         return None
 
+    def messages(self, query: str, text: str) -> list[dict]:
+        return build_messages(query, text, self.grades, self.cfg.prompt_version)
+
+    def response_key(self, query: str, text: str) -> str:
+        """The cache key of the request that grades (query, text)."""
+        return response_key(self.cfg, self.request_kwargs(build_messages(query, text, self.grades, self.cfg.prompt_version)))
+
+    def is_stored(self, query: str, text: str) -> bool:
+        """Whether the answer for (query, text) is in the response cache (no request, no cost)."""
+        return bool(self.responses) and self.response_key(query, text) in self.responses
+
+    def _stored_result(self, key: str) -> TierResult:
+        answer = self.responses[key]
+        probs = {int(g): float(p) for g, p in answer["probs"].items()} if answer.get("probs") else None
+        return TierResult(grade=answer["grade"], raw_confidence=answer.get("raw_confidence"),
+                          confidence_source=answer.get("confidence_source"), probs=probs,
+                          expected_grade=answer.get("expected_grade"), reason=answer.get("reason"),
+                          extra={"cache": "hit", "response_key": key})
+
     def grade_many(self, pairs: list[tuple[str, str]], concurrency: int) -> list[TierResult]:
         """Grade de-duplicated (query, text) pairs with at most `concurrency` requests in flight.
 
+        A pair whose answer is in the response cache (`responses`) is answered from it without a request
+        (`cache: hit` in its output); every other pair is requested (`cache: miss`, with its `response_key`).
         `concurrency` workers each send one request at a time, so the cap holds; a pair that must back off waits
         in a timer queue rather than in a worker, so while it waits its worker sends another pair's request:
         the slots stay busy as long as any pair is ready. Pairs whose backoff is over go before new ones."""
@@ -452,10 +484,28 @@ class LLMTier:
             return []
         if self.cfg.effective_max_concurrency:
             concurrency = min(max(1, concurrency), self.cfg.effective_max_concurrency)
-        jobs = [_Pending(q, t, build_messages(q, t, self.grades, self.cfg.prompt_version)) for q, t in unique]
-        _Scheduler(self._attempt, jobs, self.name).run(min(max(1, concurrency), len(jobs)))
-        answers = [job.result for job in jobs]
-        by_pair = dict(zip(unique, answers))
+        by_pair: dict[tuple[str, str], TierResult] = {}
+        jobs = []
+        for q, t in unique:
+            messages = build_messages(q, t, self.grades, self.cfg.prompt_version)
+            key = response_key(self.cfg, self.request_kwargs(messages))
+            if key in self.responses:
+                by_pair[(q, t)] = self._stored_result(key)
+            else:
+                jobs.append(_Pending(q, t, messages, key=key))
+        self.cache_counts["hits"] += len(unique) - len(jobs)
+        self.cache_counts["misses"] += len(jobs)
+        if jobs:
+            _Scheduler(self._attempt, jobs, self.name).run(min(max(1, concurrency), len(jobs)))
+        for job in jobs:
+            result = job.result
+            result.extra.update(cache="miss", response_key=job.key, prompt_chars=prompt_chars(job.messages))
+            self.cache_counts["prompt_tokens"] += result.prompt_tokens
+            self.cache_counts["completion_tokens"] += result.completion_tokens
+            if result.grade is not None:
+                self.answered.append((job.key, answer_of(result), result.prompt_tokens, result.completion_tokens,
+                                      result.extra["prompt_chars"]))
+            by_pair[(job.query, job.text)] = result
         out = []
         seen = set()
         for pair in pairs:
