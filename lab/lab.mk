@@ -5,8 +5,6 @@
 #   make lab-rotation ROTATION=r   the same for another held-out block (rotation r, its own judge and training sets)
 #   make lab-rotations        rotations 1-3 after lab-folds, every rotation pooled
 LAB_CF := --conf lab/conf/crowdflower.yaml
-# Trained one at a time below: the pipeline's `human` baseline is not trained again beside each.
-ONE := --set 'train.baselines=[]'
 LAB_TRAINED := human_plus_curriculum curriculum_with_human
 # Not trained: merged from trained variants, or a variant trained once per seed and averaged (lab/train_merges.py).
 LAB_MERGED := curriculum_merged_human curriculum_soup_uniform
@@ -19,11 +17,11 @@ LAB_MERGED := curriculum_merged_human curriculum_soup_uniform
 # <warehouse>/evaluation/report_test_folds.md: every held-out query once.
 lab-folds: crowdflower
 	$(BIN)/annomine curriculum $(LAB_CF)
-	for v in $(LAB_TRAINED); do $(BIN)/annomine train $(LAB_CF) $(ONE) --set train.variant=$$v || exit 1; done
+	for v in $(LAB_TRAINED); do $(BIN)/annomine train $(LAB_CF) --set train.variant=$$v || exit 1; done
 	for m in $(LAB_MERGED); do $(BIN)/python -m lab.train_merges $(LAB_CF) $$m || exit 1; done
 	$(BIN)/annomine evaluate $(LAB_CF) --models bm25,minilm,variants --set evaluate.register=false
 	$(BIN)/annomine curriculum $(LAB_CF) --set project.fold=1
-	for v in curriculum human $(LAB_TRAINED); do $(BIN)/annomine train $(LAB_CF) $(ONE) --set project.fold=1 --set train.variant=$$v || exit 1; done
+	for v in curriculum human $(LAB_TRAINED); do $(BIN)/annomine train $(LAB_CF) --set project.fold=1 --set train.variant=$$v || exit 1; done
 	for m in $(LAB_MERGED); do $(BIN)/python -m lab.train_merges $(LAB_CF) --set project.fold=1 $$m || exit 1; done
 	$(BIN)/annomine evaluate $(LAB_CF) --models bm25,minilm,variants --set project.fold=1
 	$(BIN)/python -m lab.pool $(LAB_CF)
@@ -37,10 +35,11 @@ ROTATION ?= 1
 LAB_RCF = $(LAB_CF) --set project.rotation=$(ROTATION)
 lab-rotation: install crowdflower-models
 	$(BIN)/annomine pipeline $(LAB_RCF)
+	$(BIN)/annomine train $(LAB_RCF) --set train.variant=human
 	$(BIN)/python -m lab.train_merges $(LAB_RCF) curriculum_soup_uniform
 	$(BIN)/annomine evaluate $(LAB_RCF) --models bm25,minilm,variants
 	$(BIN)/annomine curriculum $(LAB_RCF) --set project.fold=1
-	$(BIN)/annomine train $(LAB_RCF) --set project.fold=1
+	for v in curriculum human; do $(BIN)/annomine train $(LAB_RCF) --set project.fold=1 --set train.variant=$$v || exit 1; done
 	$(BIN)/python -m lab.train_merges $(LAB_RCF) --set project.fold=1 curriculum_soup_uniform
 	$(BIN)/annomine evaluate $(LAB_RCF) --models bm25,minilm,variants --set project.fold=1
 	$(BIN)/python -m lab.pool $(LAB_RCF)

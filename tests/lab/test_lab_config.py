@@ -43,8 +43,10 @@ def test_the_lab_config_is_the_product_s_plus_the_research_keys():
     lab, product = yaml.safe_load(LAB.read_text()), yaml.safe_load(PRODUCT.read_text())
     assert set(lab) - set(product) == {SECTION} and not set(product) - set(lab)
     for section in product:
-        if section != "curriculum":
+        if section not in ("curriculum", "train"):
             assert lab[section] == product[section], section
+    assert {**lab["train"], "baselines": product["train"]["baselines"]} == product["train"]
+    assert lab["train"]["baselines"] == [], "the lab trains one variant per command"
     lab_cur, product_cur = dict(lab["curriculum"]), dict(product["curriculum"])
     assert {k: v for k, v in lab_cur.items() if k not in ("variants", "stages")} == \
         {k: v for k, v in product_cur.items() if k not in ("variants", "stages")}
