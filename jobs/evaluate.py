@@ -51,8 +51,6 @@ from annomine.splits import split_of
 log = logging.getLogger("annomine.evaluate")
 
 SPLITS = (*QUERY_SPLITS, "all")
-# Trained variants every other model is also compared with (paired NDCG@10): what a user with labels would do.
-HUMAN_REFERENCES = ("human",)
 # What each split is for, in the printed header and the report's `split_role`.
 SPLIT_ROLES = {
     "test": "reporting only, never used for selection (stages, epochs, settings, registration)",
@@ -73,6 +71,9 @@ class EvaluateConfig:
     # Model specs to compare (see the module doc). Registry names that do not exist yet (e.g. `best`
     # before any training) are skipped with a notice when `skip_missing` is true.
     models: list[str] = field(default_factory=lambda: ["bm25", "minilm", "minilm+bm25", "variants"])
+    # Trained variants every other model is also compared with (paired NDCG@10) when evaluated: `human`, what a
+    # team with labels would do without this pipeline (train.baselines).
+    compare_with: list[str] = field(default_factory=lambda: ["human"])
     skip_missing: bool = True
     # Files in the CrowdFlower layout; unset = the ingested tables.
     products: str | None = None
@@ -281,7 +282,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     }
     report["comparisons"] = metrics_lib.compare_to_baselines(
         pd.DataFrame(per_query_rows), [s.label for s in specs if s.baseline], [s.label for s in specs],
-        cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=HUMAN_REFERENCES) if per_query_rows else []
+        cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=tuple(cfg.compare_with)) if per_query_rows else []
     out = report_path(project, cfg)
     report_lib.write_json(report, out)
     md = out.with_suffix(".md")

@@ -23,7 +23,7 @@ from annomine.config import load_job_config
 from annomine.evaluation import report as report_lib
 from annomine.runtime import job_parser, setup_logging
 from annomine.splits import FOLDS, ROTATIONS
-from jobs.evaluate import HUMAN_REFERENCES, EvaluateConfig, report_path
+from jobs.evaluate import EvaluateConfig, report_path
 from lab import folds
 
 
@@ -37,7 +37,7 @@ def pool_folds(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
                 reports[fold] = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
                 raise folds.FoldReportError(f"{path}: not a readable report: {exc}") from exc
-    report = folds.pool(reports, cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=HUMAN_REFERENCES)
+    report = folds.pool(reports, cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=tuple(cfg.compare_with))
     out = project.warehouse_path / "evaluation" / "report_test_folds.json"
     _write_pooled(report, out, project, cfg, "evaluate-folds")
     print(f"evaluate: pooled the test reports of folds {sorted(reports)} ({report['inputs']['n_queries_evaluated']} "
@@ -60,7 +60,7 @@ def pool_rotations(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
         except json.JSONDecodeError as exc:
             raise folds.FoldReportError(f"{path}: not a readable report: {exc}") from exc
     report = folds.pool_rotations(reports, cfg.bootstrap_resamples, cfg.confidence, project.seed,
-                                      also_against=HUMAN_REFERENCES, missing=missing)
+                                      also_against=tuple(cfg.compare_with), missing=missing)
     out = project.base_warehouse_path / "evaluation" / "report_test_rotations.json"
     _write_pooled(report, out, project, cfg, "evaluate-rotations")
     print(f"evaluate: pooled the folds of rotations {sorted(reports)} ({report['inputs']['n_queries_evaluated']} "
