@@ -83,8 +83,8 @@ class ProjectConfig:
     fold: int = 0
     # Which block of the open labelled queries is held out (annomine/splits.py): 0 = the committed split. Another
     # rotation trains its own judge and training sets without that block's labels, so it lives in a warehouse of
-    # its own, <warehouse>/rotations/rotation<N>/ (tables, judges, MLflow, folds); `annomine evaluate
-    # --pool-rotations` pools every rotation's folds from the base warehouse.
+    # its own, <warehouse>/rotations/rotation<N>/ (tables, judges, MLflow, folds); the lab (`python -m lab.pool
+    # --rotations`) pools every rotation's folds from the base warehouse.
     rotation: int = 0
 
     def validate(self) -> None:

@@ -5,18 +5,16 @@ Labels come from the judge's grades (grade >= positive_min_grade: positive, grad
 negative, in between: ambiguous, dropped), not from the set logic alone; annotation errors, and grades
 given for other content than the pair's current query and product text, are dropped and counted;
 candidates without any (current) annotation take their set-logic label only for the classes listed
-in `set_logic_fallback` (random negatives are usually not sent to the judge). The `no_llm` variant labels
-everything by set logic (positive classes: easy/hard positive). Human-labelled dev and test queries
-(`annomine.splits`) never reach a training set: their candidates get status `dev_query` / `test_query`.
+in `set_logic_fallback` (random negatives are usually not sent to the judge). Human-labelled dev and test
+queries (`annomine.splits`) never reach a training set: their candidates get status `dev_query` / `test_query`.
 
-The `human` variant trains on the human labels of the train queries instead (`human_label_rows`: one MNR
-stage, a top-grade product as positive and a product of the same query graded <= negative_max_grade as
-its hard negative, the sentence-transformers recipe); `human_plus_curriculum` runs that stage first and
-then the curriculum's stages, `curriculum_then_human` the curriculum's stages first and that stage last, and
-`curriculum_with_human` mixes those rows into the curriculum's first stage of the same loss (the MNR stage:
-one shuffled set of mined and human pairs, kept or dropped as one by the dev check). A stage's `source` says
-where its rows come from: `mined` (the labelled candidates) or `human` (the human labels, candidate class
-`human_label`); a stage with a `blend` adds the rows of that second definition (the human stage) to its own.
+A stage's `source` says where its rows come from: `mined` (the mined candidates labelled by the judge's
+grades), `set_logic` (the mined candidates labelled by set logic alone: positive classes easy/hard positive)
+or `human` (the human labels of the train queries, `human_label_rows`: a top-grade product as positive and a
+product of the same query graded <= negative_max_grade as its hard negative, the sentence-transformers
+recipe; candidate class `human_label`). A variant is data: a name and a list of stage names
+(`resolve_variant`); `<stage>+<other>` mixes the rows of stage `<other>` into `<stage>` (one shuffled set of
+both, kept or dropped as one by the dev check; `StageDef.blend`).
 
 Row formats (`ROW_FORMATS`): `pointwise` (item + label), `pair` (positive item + a negative of the same
 query when it has one), `triplet` (a pair whose negative is required), `list` (the query's graded items,
@@ -42,13 +40,11 @@ ROW_FORMATS = ("pointwise", "pair", "triplet", "list")
 # Loss -> the format of its training rows (a new curriculum loss: its line here, and its training.losses module).
 FORMAT_OF_LOSS = {"bce": "pointwise", "mnr": "pair", "triplet": "triplet", "roar": "list"}
 LOSSES = tuple(FORMAT_OF_LOSS)
-VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum", "curriculum_then_human",
-            "curriculum_with_human")
-# Variants that read the human labels of the train queries (a human stage, or one blended into a mined stage).
-HUMAN_VARIANTS = ("human", "human_plus_curriculum", "curriculum_then_human", "curriculum_with_human")
-# Variants whose stages read the judge's annotations (the others train without any).
-HUMAN_ONLY_VARIANTS = ("human",)
-STAGE_SOURCES = ("mined", "human")
+# Where a stage's rows come from: mined candidates labelled by the judge's grades, the same labelled by set
+# logic alone, or the human labels of the train queries.
+STAGE_SOURCES = ("mined", "set_logic", "human")
+CANDIDATE_SOURCES = ("mined", "set_logic")  # the sources that read the mined candidates
+BLEND = "+"  # in a variant's stage list, `hard+human`: the rows of stage `human` mixed into stage `hard`
 HUMAN_LABEL = "human_label"  # candidate class of the rows of a `human` source stage
 
 # Status of a labelled candidate: only 'ok' rows reach a training set; the rest are counted.
@@ -69,8 +65,8 @@ class StageDef:
     max_examples: int = bounded(5000, ge=1)
     max_per_query: int = bounded(64, ge=1)
     epochs: int | None = bounded(None, ge=1)  # None: train.epochs_per_stage
-    source: str = "mined"  # 'mined': labelled candidates; 'human': human labels of the train queries
-    blend: StageDef | None = None  # a second definition (the human stage) whose rows join this stage's
+    source: str = "mined"  # mined (judge-graded candidates) | set_logic (candidates by set logic) | human (human labels)
+    blend: StageDef | None = None  # a second definition whose rows join this stage's (set by `resolve_variant`)
     lr: float | None = bounded(None, gt=0)  # this stage's learning rate (None: train.lr_by_loss, else train.lr)
 
     def reads(self, source: str) -> bool:
@@ -82,7 +78,7 @@ class StageDef:
             raise ValueError(f"stage {self.name!r}: loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.source not in STAGE_SOURCES:
             raise ValueError(f"stage {self.name!r}: source must be one of {list(STAGE_SOURCES)}, got {self.source!r}")
-        known = CLASSES if self.source == "mined" else (HUMAN_LABEL,)
+        known = CLASSES if self.source in CANDIDATE_SOURCES else (HUMAN_LABEL,)
         for c in self.positive_classes + self.negative_classes:
             if c not in known:
                 raise ValueError(f"stage {self.name!r}: unknown candidate class {c!r}; known: {list(known)}")
@@ -292,7 +288,7 @@ def list_rows(ok: DataFrame, stage: StageDef, seed: int, max_group_size: int) ->
 
 
 def stage_rows(labelled: DataFrame, stage: StageDef, seed: int, max_group_size: int = 8) -> DataFrame:
-    """Training rows of one stage from labelled candidates (only status 'ok' rows with text)."""
+    """Training rows of one stage: the labelled candidates' rows of status 'ok' with text."""
     ok = labelled.filter((F.col("status") == OK) & F.col("label").isNotNull() & F.col("item_text").isNotNull())
     fmt = FORMAT_OF_LOSS[stage.loss]
     if fmt == "pointwise":
@@ -326,27 +322,33 @@ def composition(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def variant_stages(variant: str, stages: list[StageDef], mixed: StageDef, roar: StageDef,
-                   human: StageDef | None = None) -> list[StageDef]:
-    if variant in ("curriculum", "no_llm"):
-        return list(stages)
-    if variant == "mixed":
-        return [mixed]
-    if variant == "curriculum_roar":
-        return list(stages[:-1]) + [roar]
-    if variant in HUMAN_VARIANTS:
-        if human is None:
-            raise ValueError(f"variant {variant!r} needs a human stage")
-        if variant == "curriculum_with_human":
-            return blend_into_stages(stages, human)
-        return {"human": [human], "human_plus_curriculum": [human, *stages], "curriculum_then_human": [*stages, human]}[variant]
-    raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
+def resolve_variant(name: str, stage_names: list[str], definitions: list[StageDef]) -> list[StageDef]:
+    """Variant `name`'s stages, in order, from their names among `definitions`; `a+b` is stage `a` with stage
+    `b`'s rows mixed in (`blended`). One clear error for an empty list, an unknown name, or a variant that
+    labels the mined candidates both by the judge's grades and by set logic."""
+    if not stage_names:
+        raise ValueError(f"variants.{name}: an empty list of stages; name at least one of {[d.name for d in definitions]}")
+    by_name = {d.name: d for d in definitions}
+    stages = []
+    for ref in stage_names:
+        parts = str(ref).split(BLEND)
+        unknown = [p for p in parts if p not in by_name]
+        if unknown or len(parts) > 2:
+            raise ValueError(f"variants.{name}: unknown stage {ref!r}; stages: {list(by_name)} "
+                             f"(`a{BLEND}b` mixes stage b's rows into stage a)")
+        stages.append(by_name[parts[0]] if len(parts) == 1 else blended(by_name[parts[0]], by_name[parts[1]]))
+    labels = {src for st in stages for src in CANDIDATE_SOURCES if st.reads(src)}
+    if len(labels) > 1:
+        raise ValueError(f"variants.{name}: mixes stages of sources {sorted(labels)}; a variant labels the mined "
+                         "candidates one way")
+    return stages
 
 
-def blend_into_stages(stages: list[StageDef], extra: StageDef) -> list[StageDef]:
-    """`stages` with `extra`'s rows mixed into the first stage of the same loss (renamed `<name>_with_<extra>`)."""
-    for i, st in enumerate(stages):
-        if st.loss == extra.loss:
-            mixed = replace(st, name=f"{st.name}_with_{extra.name}", blend=extra)
-            return [*stages[:i], mixed, *stages[i + 1:]]
-    raise ValueError(f"no stage with loss {extra.loss!r} to mix the {extra.name!r} rows into; losses: {[s.loss for s in stages]}")
+def blended(stage: StageDef, extra: StageDef) -> StageDef:
+    """`stage` with `extra`'s rows mixed in (named `<stage>_with_<extra>`); both need the same loss."""
+    if stage.loss != extra.loss:
+        raise ValueError(f"stage {stage.name!r} and {extra.name!r}: a blended stage needs the same loss "
+                         f"({extra.loss} != {stage.loss})")
+    if stage.blend is not None or extra.blend is not None:
+        raise ValueError(f"stage {stage.name!r}{BLEND}{extra.name!r}: one blend per stage")
+    return replace(stage, name=f"{stage.name}_with_{extra.name}", blend=extra)

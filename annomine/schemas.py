@@ -197,17 +197,25 @@ TRAIN_SET_DDL = (
     "label int, grade int, candidate_class string, level int, neg_product_id string, neg_text string, neg_grade int, "
     "neg_class string, neg_level int, group_product_ids array<string>, group_texts array<string>, group_grades array<int>"
 )
+def train_set_table(variant: str) -> str:
+    """The name of variant `variant`'s training-set table, registered on first use (variants are config data)."""
+    name = f"train_set_{variant}"
+    if name not in TABLES:
+        _register(TableSpec(
+            name,
+            TRAIN_SET_DDL,
+            key=("stage", "query_id", "product_id", "neg_product_id"),
+            written_by="curriculum",
+            description=f"Training rows of the '{variant}' model variant, per curriculum stage: pointwise (bce), "
+                        "pairs with a negative (mnr, triplet) or graded lists (roar); also written as Parquet shards. "
+                        "Only train-split queries (annomine.splits), never dev or test ones. Rows of a human-label "
+                        "stage have candidate_class 'human_label' and no level.",
+        ))
+    return name
+
+
+# The training sets the curated views read (sql/00_views.sql): the shipped configs' variants and the lab's.
 TRAIN_SET_VARIANTS = ("curriculum", "mixed", "no_llm", "curriculum_roar", "human", "human_plus_curriculum",
-                      "curriculum_then_human", "curriculum_with_human")  # = curriculum.VARIANTS
+                      "curriculum_then_human", "curriculum_with_human")
 for _variant in TRAIN_SET_VARIANTS:
-    _register(TableSpec(
-        f"train_set_{_variant}",
-        TRAIN_SET_DDL,
-        key=("stage", "query_id", "product_id", "neg_product_id"),
-        written_by="curriculum",
-        description=f"Training rows of the '{_variant}' model variant, per curriculum stage: pointwise (bce), "
-                    "pairs with a negative (mnr, triplet) or graded lists (roar); also written as Parquet shards. "
-                    "Only train-split queries (annomine.splits), never dev or test ones."
-                    + (" The human-label stage's rows have candidate_class 'human_label' and no level."
-                       if "human" in _variant else ""),
-    ))
+    train_set_table(_variant)

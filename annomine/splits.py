@@ -15,15 +15,15 @@ the same rule without anything depending on which queries those are.
 Folds: the held-out bucket [0, DEV_FRACTION) is two halves, and `fold` says which half reports. Fold 0 (the
 default, every committed figure) is the split above; fold 1 swaps the roles, so the old test queries select
 and the old dev queries report. The train queries, hence the judge and every training set, are the same in
-both. Running the selection and the report once per fold, then pooling the two test reports (`annomine
-evaluate --pool-folds`), reports every held-out query once, each by a model that was not selected on it.
+both. Running the selection and the report once per fold, then pooling the two test reports (`python -m
+lab.pool`), reports every held-out query once, each by a model that was not selected on it.
 
 Rotations move the held-out block itself, so that other queries are held out and the judge and every training
 set are made again without them (`project.rotation`, each rotation in a warehouse of its own). Rotation r holds
 out the buckets [r * DEV_FRACTION, (r + 1) * DEV_FRACTION) (the last block is cut at 1), its first half
 (TEST_FRACTION / DEV_FRACTION of it) test in fold 0. Rotation 0 is the committed split above; with DEV_FRACTION
 0.3 the four rotations hold out every open query exactly once ([0, .3), [.3, .6), [.6, .9), [.9, 1)), and
-pooling every rotation's two folds (`annomine evaluate --pool-rotations`) reports each open labelled query once,
+pooling every rotation's two folds (`python -m lab.pool --rotations`) reports each open labelled query once,
 by a model, a judge and training sets that never saw its labels.
 """
 

@@ -1,13 +1,13 @@
 """Stage `curriculum`: mined candidates + graded annotations -> per-stage training sets.
 
-For every configured model variant (curriculum, mixed, no_llm, curriculum_roar, human,
-human_plus_curriculum, curriculum_then_human, curriculum_with_human) it writes the Delta table `train_set_<variant>` and Parquet shards under
-a new folder `<shards_dir>/<variant>/run-<tag>/stage<k>_<name>/` with a `manifest.json` (stages, rows, files, schema, source
-table versions, composition), then publishes that folder by rewriting `<shards_dir>/<variant>/manifest.json` last
-(training.shards): a run killed midway leaves the previous set published, and its folder is removed by the next run. `human` trains on the human labels of the train queries (one MNR stage,
-`human_stage`: a top-grade product as positive, a product of the same query graded <= negative_max_grade
-as hard negative); `human_plus_curriculum` runs that stage before the curriculum's stages,
-`curriculum_then_human` after them, and `curriculum_with_human` mixes its rows into the curriculum's MNR stage.
+For every configured model variant (`curriculum.variants`: a name and its list of stage names, the stages
+defined once in `curriculum.stages`; annomine.curriculum.resolve_variant) it writes the Delta table
+`train_set_<variant>` and Parquet shards under a new folder `<shards_dir>/<variant>/run-<tag>/stage<k>_<name>/`
+with a `manifest.json` (stages, rows, files, schema, source table versions, composition), then publishes that
+folder by rewriting `<shards_dir>/<variant>/manifest.json` last (training.shards): a run killed midway leaves
+the previous set published, and its folder is removed by the next run. The shipped configs define
+`curriculum` (the judge-graded mined stages) and `human` (one MNR stage on the human labels of the train
+queries: the baseline of fine-tuning on the labels a team already has).
 
 Labelled queries are split by `annomine.splits`: only `train` queries reach a training set; `dev` and
 `test` queries never do. It also writes the dev evaluation set used for model selection during training
@@ -20,6 +20,7 @@ dev / test queries.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,10 @@ from pyspark.sql import functions as F
 
 from annomine import curriculum as cur
 from annomine.bounds import bounded
+from annomine.errors import MissingInputError
 from annomine.publish import run_folder, write_atomically
 from annomine.runtime import JobContext, run_job
+from annomine.schemas import train_set_table
 from annomine.splits import DEV_FRACTION, SEED, TEST_FRACTION, split_of
 from training.shards import RUN_PREFIX, prune_shards, publish_shards, write_stage_shards
 
@@ -42,20 +45,25 @@ def _default_stages() -> list[cur.StageDef]:
         cur.StageDef("hard", "mnr", ["hard_positive", "hard_negative", "easy_positive"], ["hard_negative", "hard_positive"],
                      max_examples=3000, max_per_query=30),
         cur.StageDef("token_similar", "triplet", list(cur.CLASSES), ["token_similar_negative"], max_examples=2000, max_per_query=20),
+        cur.StageDef("human", "mnr", [cur.HUMAN_LABEL], [cur.HUMAN_LABEL], max_examples=5000, max_per_query=64, source="human"),
     ]
+
+
+def _default_variants() -> dict[str, list[str]]:
+    return {"curriculum": ["easy", "hard", "token_similar"], "human": ["human"]}
+
+
+VARIANTS_FORM = "a mapping of variant name -> its stage names, e.g. {curriculum: [easy, hard, token_similar], human: [human]}"
+# A variant names a table (train_set_<variant>), a shard folder and a model pointer; `best` is the final model's.
+_VARIANT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 @dataclass
 class CurriculumConfig:
-    variants: list[str] = field(default_factory=lambda: list(cur.VARIANTS))
+    # Variant name -> its stages in training order (names of `stages`; `a+b`: stage b's rows mixed into stage a).
+    variants: dict[str, list[str]] | list[str] = field(default_factory=_default_variants)
+    # Stage definitions, by name: loss, source (mined | set_logic | human), classes, caps (annomine.curriculum.StageDef).
     stages: list[cur.StageDef] = field(default_factory=_default_stages)
-    mixed_stage: cur.StageDef = field(default_factory=lambda: cur.StageDef(
-        "mixed", "mnr", list(cur.CLASSES), list(cur.CLASSES), max_examples=9000, max_per_query=60))
-    roar_stage: cur.StageDef = field(default_factory=lambda: cur.StageDef(
-        "roar", "roar", list(cur.CLASSES), list(cur.CLASSES), max_examples=2000, max_per_query=20))
-    # The human-label stage of the `human` / `human_plus_curriculum` variants (source: human).
-    human_stage: cur.StageDef = field(default_factory=lambda: cur.StageDef(
-        "human", "mnr", [cur.HUMAN_LABEL], [cur.HUMAN_LABEL], max_examples=5000, max_per_query=64, source="human"))
     # Its positives: human grade >= this (None: the project's top grade); negatives: <= negative_max_grade.
     human_positive_min_grade: int | None = None
     # Graded labels: >= positive_min_grade positive, <= negative_max_grade negative (project grade scale).
@@ -76,18 +84,20 @@ class CurriculumConfig:
     seed: int = 13
 
     def validate(self) -> None:
-        for v in self.variants:
-            if v not in cur.VARIANTS:
-                raise ValueError(f"variants: unknown variant {v!r}; known: {list(cur.VARIANTS)}")
+        if not isinstance(self.variants, dict) or not self.variants:
+            raise ValueError(f"variants: {VARIANTS_FORM}; got {self.variants!r}")
         if not self.stages:
             raise ValueError("stages: at least one stage is needed")
-        for s in [*self.stages, self.mixed_stage, self.roar_stage, self.human_stage]:
+        names = [s.name for s in self.stages]
+        twice = sorted({n for n in names if names.count(n) > 1 or cur.BLEND in n})
+        if twice:
+            raise ValueError(f"stages: names must be unique and without {cur.BLEND!r}: {twice}")
+        for s in self.stages:
             s.validate()
-        for s in [*self.stages, self.mixed_stage, self.roar_stage]:
-            if s.source != "mined":
-                raise ValueError(f"stage {s.name!r}: only human_stage reads the human labels (source: mined here)")
-        if self.human_stage.source != "human":
-            raise ValueError("human_stage: source must be 'human'")
+        for name in self.variants:
+            if not _VARIANT_NAME.fullmatch(str(name)) or name == "best":
+                raise ValueError(f"variants.{name}: a variant name is letters, digits and _ (and not 'best')")
+            self.variant_stages(name)
         if self.human_positive_min_grade is not None and self.human_positive_min_grade <= self.negative_max_grade:
             raise ValueError("human_positive_min_grade must be above negative_max_grade")
         if not 0 <= self.test_fraction <= self.dev_fraction <= 1:
@@ -97,6 +107,15 @@ class CurriculumConfig:
         for c in self.set_logic_fallback:
             if c not in cur.CLASSES:
                 raise ValueError(f"set_logic_fallback: unknown class {c!r}")
+
+
+    def variant_stages(self, name: str) -> list[cur.StageDef]:
+        """The stages of variant `name`, resolved from their definitions."""
+        return cur.resolve_variant(name, list(self.variants[name]), self.stages)
+
+    def reads(self, source: str) -> bool:
+        """Whether any configured variant has a stage whose rows come (in part) from `source`."""
+        return any(st.reads(source) for name in self.variants for st in self.variant_stages(name))
 
 
 CONFIG_CLASS = CurriculumConfig
@@ -206,16 +225,72 @@ def publish_variant(root: Path, stages: list, data, seeds: list[int], cfg: Curri
         return publish_shards(root / variant, run_dir, dict(manifest, stages=entries, skipped_stages=skipped))
 
 
+def _labelled_by_source(ctx: JobContext, cfg: CurriculumConfig, splits: dict[str, list[str]], annotations):
+    """source -> a function giving (labelled rows, status counts) of that source, each built once on first use."""
+    products = ctx.tables.read("products")
+    cache: dict[str, tuple] = {}
+
+    def rows(source: str) -> tuple:
+        if source not in cache:
+            if source == "human":
+                if not ctx.tables.exists("human_labels"):
+                    raise MissingInputError("a configured variant has a human stage: it needs table 'human_labels'; "
+                                            "run `annomine ingest`")
+                top = cfg.human_positive_min_grade if cfg.human_positive_min_grade is not None else ctx.project.max_grade
+                labelled = cur.human_label_rows(ctx.tables.read("human_labels"), ctx.tables.read("queries"), products,
+                                                splits["dev"], splits["test"], top, cfg.negative_max_grade)
+            else:
+                rules = cur.LabelRules(cfg.positive_min_grade, cfg.negative_max_grade, list(cfg.set_logic_fallback),
+                                       use_annotations=source == "mined")
+                labelled = cur.label_candidates(ctx.tables.read("mined_candidates"), annotations, products,
+                                                splits["dev"], rules, splits["test"])
+            cache[source] = (labelled, cur.status_counts(labelled))
+        return cache[source]
+    return rows
+
+
+def _print_counts(variant: str, what: str, counts: dict[str, int]) -> None:
+    print(f"[{variant}] {what}: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    if counts.get(cur.STALE):
+        print(f"[{variant}] {counts[cur.STALE]} candidates' grades were given for an earlier query or product "
+              "text and are not used; `annomine annotate` grades them again")
+
+
+def variant_rows(variant: str, stages: list, rows_of, seed: int, max_group_size: int) -> tuple:
+    """(the variant's training rows with `stage`, `stage_name`, `loss`; each stage's seed; candidate counts;
+    human-label counts or None). A stage's seed is its position among the stages of its source, so a stage
+    gets the same rows in every variant that has it at the same position among its source's stages."""
+    counts, human_counts = {}, None
+    for source in cur.CANDIDATE_SOURCES:
+        if any(s.reads(source) for s in stages):
+            counts = rows_of(source)[1]
+            _print_counts(variant, "candidates", counts)
+    if any(s.reads("human") for s in stages):
+        human_counts = rows_of("human")[1]
+        _print_counts(variant, "human labels", human_counts)
+    seeds = [seed + sum(t.source == st.source for t in stages[:i + 1]) for i, st in enumerate(stages)]
+    frames = []
+    for k, stage in enumerate(stages, start=1):
+        rows = cur.stage_rows(rows_of(stage.source)[0], stage, seeds[k - 1], max_group_size)
+        if stage.blend is not None:  # the blended stage's rows (with the seed of its source's first stage) join these
+            rows = rows.unionByName(cur.stage_rows(rows_of(stage.blend.source)[0], stage.blend, seed + 1, max_group_size))
+        frames.append(rows.withColumn("stage", F.lit(k).cast("int")).withColumn("stage_name", F.lit(stage.name))
+                      .withColumn("loss", F.lit(stage.loss)))
+    union = frames[0]
+    for f in frames[1:]:
+        union = union.unionByName(f)
+    return union, seeds, counts, human_counts
+
+
 def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
     root = shards_root(ctx, cfg)
     sources = {t: ctx.tables.version(t) for t in ("mined_candidates", "annotations", "products", "queries", "human_labels")}
-    mined = ctx.tables.read("mined_candidates")
-    products = ctx.tables.read("products")
     annotations = None
     if ctx.tables.exists("annotations"):
         annotations = cur.latest_annotations(ctx.tables.read("annotations"), cfg.judge_version)
-    elif any(v not in ("no_llm", *cur.HUMAN_ONLY_VARIANTS) for v in cfg.variants):
-        raise FileNotFoundError("table 'annotations' does not exist; run `annomine annotate` or use variants: [no_llm]")
+    elif cfg.reads("mined"):
+        raise MissingInputError("table 'annotations' does not exist; run `annomine annotate`, or configure only "
+                                "variants whose stages have source set_logic or human")
     splits = labelled_splits(ctx, cfg)
     dev_ids, test_ids = splits["dev"], splits["test"]
     print(f"labelled queries: {len(splits['train'])} train, {len(dev_ids)} dev (selection), "
@@ -225,43 +300,11 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
     dev, dev_frames = write_dev_eval(ctx, cfg, dev_ids, root)  # the selection pool: dev queries only, never test
     print(f"dev evaluation set: {dev['queries']} queries, {dev['labels']} labels, pool of {dev['pool']} items")
     summary = {"shards_dir": str(root), "dev": dev, "splits": {k: len(v) for k, v in splits.items()}, "variants": {}}
-    human_rows = None
+    rows_of = _labelled_by_source(ctx, cfg, splits, annotations)
     for variant in cfg.variants:
-        stages = cur.variant_stages(variant, cfg.stages, cfg.mixed_stage, cfg.roar_stage, cfg.human_stage)
-        labelled, counts, human_counts = None, {}, None
-        if any(s.source == "mined" for s in stages):
-            rules = cur.LabelRules(cfg.positive_min_grade, cfg.negative_max_grade, list(cfg.set_logic_fallback),
-                                   use_annotations=variant != "no_llm")
-            labelled = cur.label_candidates(mined, annotations, products, dev_ids, rules, test_ids)
-            counts = cur.status_counts(labelled)
-            print(f"[{variant}] candidates: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-            if counts.get(cur.STALE):
-                print(f"[{variant}] {counts[cur.STALE]} candidates' grades were given for an earlier query or product "
-                      "text and are not used; `annomine annotate` grades them again")
-        if any(s.reads("human") for s in stages):
-            if human_rows is None:
-                if not ctx.tables.exists("human_labels"):
-                    raise FileNotFoundError(f"variant {variant!r} needs table 'human_labels'; run `annomine ingest`")
-                top = cfg.human_positive_min_grade if cfg.human_positive_min_grade is not None else ctx.project.max_grade
-                human_rows = cur.human_label_rows(ctx.tables.read("human_labels"), ctx.tables.read("queries"), products,
-                                                  dev_ids, test_ids, top, cfg.negative_max_grade)
-            human_counts = cur.status_counts(human_rows)
-            print(f"[{variant}] human labels: " + ", ".join(f"{k}={v}" for k, v in sorted(human_counts.items())))
-        # A stage's seed is its position among the stages of its source: human_plus_curriculum's mined stages
-        # get the rows (and shard order) the curriculum variant's stages get.
-        seeds = [cfg.seed + sum(t.source == st.source for t in stages[:i + 1]) for i, st in enumerate(stages)]
-        frames = []
-        for k, stage in enumerate(stages, start=1):
-            source = human_rows if stage.source == "human" else labelled
-            rows = cur.stage_rows(source, stage, seeds[k - 1], cfg.max_group_size)
-            if stage.blend is not None:  # curriculum_with_human: the human stage's rows (and seed) join this stage's
-                rows = rows.unionByName(cur.stage_rows(human_rows, stage.blend, cfg.seed + 1, cfg.max_group_size))
-            frames.append(rows.withColumn("stage", F.lit(k).cast("int")).withColumn("stage_name", F.lit(stage.name))
-                          .withColumn("loss", F.lit(stage.loss)))
-        table = f"train_set_{variant}"
-        union = frames[0]
-        for f in frames[1:]:
-            union = union.unionByName(f)
+        stages = cfg.variant_stages(variant)
+        union, seeds, counts, human_counts = variant_rows(variant, stages, rows_of, cfg.seed, cfg.max_group_size)
+        table = train_set_table(variant)
         ctx.tables.overwrite(table, union)
         data = ctx.tables.read(table).toPandas()
         manifest = {"variant": variant, "sources": sources, "candidate_status": counts,

@@ -4,8 +4,6 @@
     annomine evaluate --models bm25,minilm,best            # the test split (the default)
     annomine evaluate --models bm25,minilm,best --split dev
     annomine evaluate --set project.fold=1 ...              # the other fold: dev and test swapped
-    annomine evaluate --pool-folds                         # both folds' test reports as one
-    annomine evaluate --pool-rotations                     # every rotation's pooled folds as one
 
 M is `bm25`, `minilm` (zero-shot), a model folder, `best` / a variant name (<warehouse>/models/*.json),
 `variants` (all of them), or an MLflow model URI (runs:/..., models:/...); any dense one suffixed with `+bm25`
@@ -21,17 +19,13 @@ registration was chosen on it. `dev` is the selection split: the trainer's check
 registration use it, also when the report is on test (the dev queries are then ranked too, for
 `dev_ndcg@10` only, outside the report's metrics). `train`: the judge's and training sets' queries.
 With `project.fold: 1` the dev and test halves swap roles (a fold's models and reports live under
-<warehouse>/folds/fold1/); `--pool-folds` pools the two folds' test reports into
-<warehouse>/evaluation/report_test_folds.json: every held-out query once, each reported by a model that was
-selected on the other half (annomine/evaluation/folds.py). With `project.rotation: N` another block of the
-open labelled queries is held out, in a warehouse of its own (<warehouse>/rotations/rotation<N>/: its own judge
-and training sets); `--pool-rotations` pools each rotation's pooled folds into
-<warehouse>/evaluation/report_test_rotations.json.
+<warehouse>/folds/fold1/). With `project.rotation: N` another block of the open labelled queries is held out,
+in a warehouse of its own (<warehouse>/rotations/rotation<N>/: its own judge and training sets). The lab pools
+the folds' and rotations' test reports into one (`python -m lab.pool`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -46,20 +40,17 @@ import pandas as pd
 
 from annomine.bounds import bounded
 from annomine.config import SegmentsConfig
-from annomine.evaluation import folds as folds_lib
 from annomine.evaluation import inputs as inputs_lib
 from annomine.evaluation import metrics as metrics_lib
 from annomine.evaluation import report as report_lib
 from annomine.evaluation.retrievers import EncodeSettings, ModelSpec, ModelSpecError, resolve_specs, retrieve
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 from annomine.splits import SPLITS as QUERY_SPLITS
-from annomine.splits import FOLDS, ROTATIONS, split_of
+from annomine.splits import split_of
 
 log = logging.getLogger("annomine.evaluate")
 
 SPLITS = (*QUERY_SPLITS, "all")
-# Trained variants every other model is also compared with (paired NDCG@10): what a user with labels would do.
-HUMAN_REFERENCES = ("human",)
 # What each split is for, in the printed header and the report's `split_role`.
 SPLIT_ROLES = {
     "test": "reporting only, never used for selection (stages, epochs, settings, registration)",
@@ -79,7 +70,10 @@ SELECTION_NOTES = {
 class EvaluateConfig:
     # Model specs to compare (see the module doc). Registry names that do not exist yet (e.g. `best`
     # before any training) are skipped with a notice when `skip_missing` is true.
-    models: list[str] = field(default_factory=lambda: ["bm25", "minilm"])
+    models: list[str] = field(default_factory=lambda: ["bm25", "minilm", "minilm+bm25", "variants"])
+    # Trained variants every other model is also compared with (paired NDCG@10) when evaluated: `human`, what a
+    # team with labels would do without this pipeline (train.baselines).
+    compare_with: list[str] = field(default_factory=lambda: ["human"])
     skip_missing: bool = True
     # Files in the CrowdFlower layout; unset = the ingested tables.
     products: str | None = None
@@ -288,7 +282,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     }
     report["comparisons"] = metrics_lib.compare_to_baselines(
         pd.DataFrame(per_query_rows), [s.label for s in specs if s.baseline], [s.label for s in specs],
-        cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=HUMAN_REFERENCES) if per_query_rows else []
+        cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=tuple(cfg.compare_with)) if per_query_rows else []
     out = report_path(project, cfg)
     report_lib.write_json(report, out)
     md = out.with_suffix(".md")
@@ -315,59 +309,6 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     return report
 
 
-def pool_folds(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
-    """Pool each fold's test report (at its default place) into <warehouse>/evaluation/report_test_folds.json."""
-    reports = {}
-    for fold in FOLDS:
-        path = report_path(dataclasses.replace(project, fold=fold), dataclasses.replace(cfg, split="test", out=None))
-        if path.is_file():
-            try:
-                reports[fold] = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise folds_lib.FoldReportError(f"{path}: not a readable report: {exc}") from exc
-    report = folds_lib.pool(reports, cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=HUMAN_REFERENCES)
-    out = project.warehouse_path / "evaluation" / "report_test_folds.json"
-    _write_pooled(report, out, project, cfg, "evaluate-folds")
-    print(f"evaluate: pooled the test reports of folds {sorted(reports)} ({report['inputs']['n_queries_evaluated']} "
-          f"queries): {out} (+ .md and PNG plots)")
-    return report, out
-
-
-def pool_rotations(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
-    """Pool every rotation's pooled-folds test report (`--pool-folds` in each) into
-    <base warehouse>/evaluation/report_test_rotations.json: each open labelled query held out in some rotation,
-    reported once. Rotations without that report are left out and named."""
-    reports, missing = {}, []
-    for rotation in ROTATIONS:
-        path = dataclasses.replace(project, rotation=rotation).warehouse_path / "evaluation" / "report_test_folds.json"
-        if not path.is_file():
-            missing.append(rotation)
-            continue
-        try:
-            reports[rotation] = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise folds_lib.FoldReportError(f"{path}: not a readable report: {exc}") from exc
-    report = folds_lib.pool_rotations(reports, cfg.bootstrap_resamples, cfg.confidence, project.seed,
-                                      also_against=HUMAN_REFERENCES, missing=missing)
-    out = project.base_warehouse_path / "evaluation" / "report_test_rotations.json"
-    _write_pooled(report, out, project, cfg, "evaluate-rotations")
-    print(f"evaluate: pooled the folds of rotations {sorted(reports)} ({report['inputs']['n_queries_evaluated']} "
-          f"queries{'; no pooled folds yet for rotation(s) ' + str(missing) if missing else ''}): {out}")
-    return report, out
-
-
-def _write_pooled(report: dict, out: Path, project, cfg: EvaluateConfig, run_name: str) -> None:
-    report_lib.write_json(report, out)
-    plot_files = report_lib.plot_paths(out)
-    plots = [report_lib.plot_metrics(report, plot_files["metrics"]), report_lib.plot_grades(report, plot_files["grades"])]
-    md = out.with_suffix(".md")
-    md.write_text(report_lib.markdown(report))
-    if cfg.mlflow:
-        report["mlflow_run_id"] = report_lib.log_to_mlflow(report, [out, md, *plots], project.tracking_uri,
-                                                           project.mlflow_experiment, run_name=run_name)
-        report_lib.write_json(report, out)
-
-
 def report_path(project, cfg: EvaluateConfig) -> Path:
     """Where the report goes: `evaluate.out`, else <warehouse>/evaluation/report_<split>.json."""
     out = Path(cfg.out) if cfg.out else project.outputs_path / "evaluation" / f"report_{cfg.split}.json"
@@ -386,18 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=SPLITS, help="labelled queries to use (annomine.splits.split_of)")
     parser.add_argument("--index", choices=("flat", "hnsw", "ivf"), help="FAISS index (default flat)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
-    parser.add_argument("--pool-folds", action="store_true",
-                        help="pool the test reports of folds 0 and 1 (project.fold) into report_test_folds.json; ranks nothing")
-    parser.add_argument("--pool-rotations", action="store_true",
-                        help="pool every rotation's report_test_folds.json (project.rotation) into the base warehouse's "
-                             "report_test_rotations.json; ranks nothing")
     args = parser.parse_args(argv)
     project, cfg = load(args, "evaluate", EvaluateConfig)
-    if args.pool_folds or args.pool_rotations:
-        cfg.mlflow = cfg.mlflow and not args.no_mlflow
-        report, out = pool_rotations(project, cfg) if args.pool_rotations else pool_folds(project, cfg)
-        print("\n" + "\n".join(report_lib.summary(report, out)), flush=True)
-        return 0
     cli_models = list(args.model) + [m for m in (args.models or "").split(",") if m.strip()]
     if cli_models:
         cfg.models = cli_models

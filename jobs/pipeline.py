@@ -55,7 +55,7 @@ def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_
             raise ConfigError(f"unknown stage {given!r} (--from/--only); stages: {names}")
     if project.fold != 0:  # its record of what is current is the warehouse's, i.e. fold 0's
         raise ConfigError(f"project.fold {project.fold}: the pipeline runs fold 0; run another fold stage by stage "
-                          "(annomine curriculum / train / evaluate --set project.fold=1, then evaluate --pool-folds)")
+                          "(annomine curriculum / train / evaluate --set project.fold=1; lab/lab.mk pools the folds)")
     configs = stage_configs(conf, overrides)
     ctx = open_context(project)
     state = PipelineState(project.warehouse_path / "pipeline_state.json")

@@ -44,19 +44,22 @@ def _models(project) -> Path:
     return project.outputs_path / "models"
 
 
+def _baselines(project, cfg) -> list[str]:
+    """The baselines train trains: those the curriculum published a training set for, other than the variant."""
+    root = shards_root(project, cfg)
+    return [b for b in cfg.baselines if b != cfg.variant and (root / b / MANIFEST).is_file()]
+
+
 def train_inputs(project, cfg) -> list[Path]:
-    """The shard manifest of the variant train reads (a soup's variant; a merge reads its constituents'
-    model pointers instead) and the dev evaluation set that selects its epochs."""
+    """The shard manifests of the variant and the baselines train trains, and the dev evaluation set that selects
+    their epochs."""
     root = shards_root(project, cfg)
     files = [root / "dev_eval.parquet", root / "dev_pool.parquet"]
-    if cfg.variant in cfg.merges:
-        return files + [_models(project) / f"{variant}.json" for variant in cfg.merges[cfg.variant].of]
-    trained = cfg.soups[cfg.variant].of if cfg.variant in cfg.soups else cfg.variant
-    return files + [root / trained / MANIFEST]
+    return files + [root / variant / MANIFEST for variant in [cfg.variant, *_baselines(project, cfg)]]
 
 
 def train_outputs(project, cfg) -> list[Path]:
-    return [_models(project) / f"{cfg.variant}.json"]
+    return [_models(project) / f"{variant}.json" for variant in [cfg.variant, *_baselines(project, cfg)]]
 
 
 def _model_files(project, spec: str) -> list[Path]:

@@ -17,11 +17,10 @@ A model is written whole into its new folder before the pointers are switched to
 "path" is relative to the pointer's folder, written by one rename), so a reader sees the old model or the
 new one; model folders no pointer references (a killed run's, superseded ones) are removed by the next train.
 
-A `train.variant` named under `train.merges` is not trained: its trained constituents are merged by weight
-arithmetic and the dev check picks the weights (training.merging); the outputs are the same. One named under
-`train.soups` trains its variant once per seed (members `<variant>_seed<k>`, each published like a variant;
-the configured `train.seed`'s member is the variant itself, reused when its pointer has that seed), then
-merges the members the same way (each alone, then their average; `select: uniform`: the average only).
+After `train.variant`, each variant of `train.baselines` is trained the same way and published under its own
+pointer only (models/<baseline>.json): the shipped configs train `human`, fine-tuning on the human labels
+alone, so the closing report shows whether the pipeline's model beat it. A baseline whose shards the curriculum
+did not publish is skipped with a notice.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
+import re
 import shutil
 import sys
 import time
@@ -38,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from annomine.bounds import bounded
-from annomine.curriculum import VARIANTS
 from annomine.errors import MissingInputError
 from annomine.locks import warehouse_lock
 from annomine.publish import PointerError, note_write, read_pointer, reading, remove_unreferenced, run_folder, write_pointer
@@ -46,9 +44,7 @@ from annomine.runtime import JobContext, run_job
 from training.interpolation import check_alphas
 from training.launchers import LAUNCHERS, launch
 from training.losses import REGISTRY as LOSS_REGISTRY
-from training import merging
-from training.merging import MergeSpec, SoupSpec
-from training.shards import check_shards, published_shards
+from training.shards import MANIFEST, check_shards, published_shards
 from training.spec import TrainSettings, TrainSpec, Tracking
 
 log = logging.getLogger("annomine.train")
@@ -76,28 +72,15 @@ class TrainConfig(TrainSettings):
     shards_dir: str | None = None  # default <warehouse>/shards
     log_checkpoints: bool = True
     mlflow: bool = True
-    # Merged variants (training.merging): name -> the trained variants it combines and the weights to try.
-    merges: dict[str, MergeSpec] = field(default_factory=dict)
-    # Seed soups (training.merging): name -> the variant trained once per seed and the seeds.
-    soups: dict[str, SoupSpec] = field(default_factory=dict)
+    # Variants (curriculum.variants) trained after `variant`, each published under its own pointer only: `human`,
+    # fine-tuning on the human labels alone, is what a team would do without this pipeline.
+    baselines: list[str] = field(default_factory=lambda: ["human"])
 
     def validate(self) -> None:
-        names = [*VARIANTS, *self.merges, *self.soups]
-        if self.variant not in names:
-            raise ValueError(f"variant must be one of {names}, got {self.variant!r}")
-        if self.best_variant is not None and self.best_variant not in names:
-            raise ValueError(f"best_variant must be one of {names} (or empty), got {self.best_variant!r}")
-        for name, merge in self.merges.items():
-            if name in VARIANTS or name == "best":
-                raise ValueError(f"merges.{name}: the name of a trained variant (or 'best'); give the merge its own")
-            bad = [v for v in merge.of if v not in VARIANTS]
-            if bad:
-                raise ValueError(f"merges.{name}.of: {bad} not trained variants; use some of {list(VARIANTS)}")
-        for name, soup in self.soups.items():
-            if name in VARIANTS or name in self.merges or name == "best":
-                raise ValueError(f"soups.{name}: the name of a variant, a merge or 'best'; give the soup its own")
-            if soup.of not in VARIANTS:
-                raise ValueError(f"soups.{name}.of: {soup.of!r} is not a trained variant; use one of {list(VARIANTS)}")
+        named = [("variant", self.variant), *((f"baselines[{i}]", b) for i, b in enumerate(self.baselines))]
+        for key, name in named + ([("best_variant", self.best_variant)] if self.best_variant else []):
+            if not VARIANT_NAME.fullmatch(str(name)) or name == "best":
+                raise ValueError(f"{key}: {name!r} is not a variant name (curriculum.variants: letters, digits, _)")
         if self.launcher not in ("auto", *LAUNCHERS):
             raise ValueError(f"launcher must be auto or one of {list(LAUNCHERS)}, got {self.launcher!r}")
         check_alphas(self.interpolate_alphas)
@@ -109,6 +92,7 @@ class TrainConfig(TrainSettings):
 CONFIG_CLASS = TrainConfig
 
 
+VARIANT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 MODEL_PREFIX = "model-"  # models/<name>/model-<tag>/: one folder per published model
 
 
@@ -116,10 +100,15 @@ def models_root(ctx: JobContext) -> Path:
     return ctx.project.outputs_path / "models"
 
 
+def shards_dir(ctx: JobContext, cfg: TrainConfig) -> Path:
+    """The folder of the curriculum's published shard sets, one subfolder per variant."""
+    return Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.outputs_path / "shards"
+
+
 def build_spec(ctx: JobContext, cfg: TrainConfig, name: str | None = None) -> TrainSpec:
     """The spec every rank receives: the config's training settings, placed in this warehouse. It trains
     `cfg.variant`'s shards into models/<name>/run (name: the variant, or a soup's member)."""
-    shards = Path(cfg.shards_dir).expanduser().resolve() if cfg.shards_dir else ctx.project.outputs_path / "shards"
+    shards = shards_dir(ctx, cfg)
     losses = {f.name: getattr(cfg.losses, f.name) for f in dataclasses.fields(cfg.losses)}
     return TrainSpec.of(cfg, shards_root=str(shards / cfg.variant), dev_dir=str(shards),
                         output_dir=str(models_root(ctx) / (name or cfg.variant) / "run"), min_grade=ctx.project.min_grade,
@@ -260,9 +249,17 @@ def run(ctx: JobContext, cfg: TrainConfig) -> dict:
     """One `train` per warehouse at a time: a second waits `lock_wait_s`, then stops naming the holder."""
     with warehouse_lock(ctx.project, "train", wait_s=cfg.lock_wait_s):
         prune_models(models_root(ctx))  # the leftovers of runs killed before they published
-        if cfg.variant in cfg.merges:
-            return _merge(ctx, cfg)
-        return _soup(ctx, cfg) if cfg.variant in cfg.soups else _train(ctx, cfg)
+        pointer = train_variant(ctx, cfg)
+        for baseline in cfg.baselines:
+            if baseline == cfg.variant:
+                continue
+            if not (shards_dir(ctx, cfg) / baseline / MANIFEST).is_file():
+                print(f"[{baseline}] baseline skipped: the curriculum published no training set for it "
+                      f"(list it in curriculum.variants; a human stage needs the human labels)")
+                continue
+            # a baseline never becomes models/best.json
+            train_variant(ctx, dataclasses.replace(cfg, variant=baseline, best_variant=cfg.best_variant or cfg.variant))
+        return pointer
 
 
 def _published_shards(shards_root: str, variant: str) -> Path:
@@ -276,8 +273,8 @@ def _published_shards(shards_root: str, variant: str) -> Path:
                                 "`annomine curriculum`)") from exc
 
 
-def _train(ctx: JobContext, cfg: TrainConfig, name: str | None = None) -> dict:
-    """Train `cfg.variant` (published as `name`: the variant, or a soup's member); its pointer."""
+def train_variant(ctx: JobContext, cfg: TrainConfig, name: str | None = None) -> dict:
+    """Train `cfg.variant` (published as `name`: the variant, or another name for the same training set); its pointer."""
     name = name or cfg.variant
     spec = build_spec(ctx, cfg, name)
     with reading(_published_shards(spec.shards_root, cfg.variant)) as shards:  # no curriculum run removes it meanwhile
@@ -297,108 +294,6 @@ def _train_on(ctx: JobContext, cfg: TrainConfig, spec: TrainSpec, manifest: dict
     result = launch(launcher, spec, cfg.num_proc)
     return _publish(ctx, cfg, result, {"run_id": run_id, "run_dir": run_dir, "launcher": launcher,
                                        "wall": time.time() - started, "manifest": manifest}, name)
-
-
-def _merge(ctx: JobContext, cfg: TrainConfig) -> dict:
-    """`train.variant` names a merge: its constituents' final models combined, the weights chosen on dev."""
-    spec = cfg.merges[cfg.variant]
-    pointers = []
-    for variant in spec.of:
-        pointer = _read_pointer(ctx, variant)
-        if pointer is None:
-            raise MissingInputError(f"{models_root(ctx) / f'{variant}.json'}: merge {cfg.variant!r} needs variant "
-                                    f"{variant!r} trained in this fold first (`annomine train --set train.variant={variant}`)")
-        pointers.append(pointer)
-    return _combine(ctx, cfg, spec.of, pointers, merging.candidate_weights(spec), dataclasses.asdict(spec))
-
-
-def _read_pointer(ctx: JobContext, variant: str) -> dict | None:
-    """models/<variant>.json of this fold, its path resolved; None when absent, one clear error when unreadable."""
-    file = models_root(ctx) / f"{variant}.json"
-    if not file.is_file():
-        return None
-    return read_pointer(file, rerun=f"train {variant!r} again")
-
-
-def _soup(ctx: JobContext, cfg: TrainConfig) -> dict:
-    """`train.variant` names a seed soup: its variant trained once per seed (a member whose pointer already has its
-    seed is reused), then the members merged like a merge's constituents."""
-    soup = cfg.soups[cfg.variant]
-    members = soup.members(cfg.seed)
-    _check_dev(ctx, cfg)  # before hours of training, not after
-    pointers = []
-    for i, (name, seed) in enumerate(members, 1):
-        pointer = _read_pointer(ctx, name)
-        if pointer is not None and pointer.get("seed") == seed and pointer.get("trained", soup.of) == soup.of:
-            print(f"[{cfg.variant}] member {i}/{len(members)} {name} (seed {seed}): trained already, reused")
-        else:
-            print(f"[{cfg.variant}] member {i}/{len(members)} {name}: training {soup.of} with seed {seed}")
-            pointer = _train(ctx, dataclasses.replace(cfg, variant=soup.of, seed=seed), name)
-        pointers.append(pointer)
-    names = [name for name, _ in members]
-    return _combine(ctx, cfg, names, pointers, soup.candidates(), dataclasses.asdict(soup), same_data=True)
-
-
-def _check_dev(ctx: JobContext, cfg: TrainConfig) -> Path:
-    dev_dir = Path(build_spec(ctx, cfg).dev_dir)
-    if not (dev_dir / "dev_eval.parquet").is_file():
-        raise MissingInputError(f"{dev_dir / 'dev_eval.parquet'}: no dev check for this fold; run `annomine curriculum`")
-    return dev_dir
-
-
-def _combine(ctx: JobContext, cfg: TrainConfig, names: list[str], pointers: list[dict],
-             candidates: list[tuple[float, ...]], params: dict, same_data: bool = False) -> dict:
-    """The models of `pointers` merged at each candidate weight vector, the first best on the fold's dev check
-    published as `cfg.variant` (model, pointer, MLflow run). `same_data`: the models trained on the same pairs
-    (a soup's members), so the merge used those pairs once."""
-    from annomine.two_tower import TwoTower
-    from training.runner import DevSet
-
-    models = models_root(ctx)
-    dev_dir = _check_dev(ctx, cfg)
-    dev = DevSet(dev_dir, ctx.project.min_grade, cfg.dev_max_queries)
-    started = time.time()
-    print(f"[{cfg.variant}] merging {', '.join(names)}: {len(candidates)} candidates on {len(dev)} dev queries")
-    chosen = merging.choose([TwoTower.load(p["path"]) for p in pointers], names, candidates, dev.evaluate)
-    with run_folder(models / cfg.variant, MODEL_PREFIX) as final:
-        chosen["model"].save(final)
-        record = {"of": names, "weights": list(chosen["weights"]), "dev": chosen["dev"], "dev_metric": chosen["metric"],
-                  "paths": [os.path.relpath(p["path"], models) for p in pointers]}
-        return _publish_merge(ctx, cfg, names, pointers, chosen, record, params, same_data, final, started)
-
-
-def _publish_merge(ctx: JobContext, cfg: TrainConfig, names: list[str], pointers: list[dict], chosen: dict, record: dict,
-                   params: dict, same_data: bool, final: Path, started: float) -> dict:
-    models = models_root(ctx)
-    run_id = model_uri = None
-    if cfg.mlflow:
-        run_id, model_uri = _track_merge(ctx, cfg, final, record, params)
-    pointer = {"path": str(final), "variant": cfg.variant, "mlflow_run_id": run_id, "model_uri": model_uri,
-               "base_model": cfg.base_model, "merge": record, "stages": [],
-               "training_pairs": merging.merged_pairs(pointers, chosen["weights"], same_data),
-               "wall_seconds": round(time.time() - started, 1)}
-    publish_pointer(models, pointer, cfg)
-    print(f"[{cfg.variant}] = {merging.label(chosen['weights'], names)} (dev NDCG@10 {chosen['metric']:.4f}); model: {final}")
-    return pointer
-
-
-def _track_merge(ctx: JobContext, cfg: TrainConfig, final: Path, record: dict, params: dict) -> tuple[str, str]:
-    """An MLflow run with every candidate's dev figure and the merged model; (run id, model URI)."""
-    import mlflow
-
-    from annomine.tracking import artifact_root
-    from training.tracking import log_model, start_run
-
-    params = {"train": {"variant": cfg.variant, "merge": params},
-              "project": {"seed": ctx.project.seed, "name": ctx.project.name, "fold": ctx.project.fold}}
-    run_id = start_run(ctx.project.tracking_uri, ctx.project.mlflow_experiment, f"train-{cfg.variant}", params, None,
-                       artifact_root(ctx.project))
-    mlflow.set_tracking_uri(ctx.project.tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({"final_dev_ndcg10": record["dev_metric"],
-                            **{f"dev_ndcg10_candidate_{i}": m for i, m in enumerate(record["dev"].values())}})
-        mlflow.log_dict(record, "merge.json")
-    return run_id, log_model(ctx.project.tracking_uri, run_id, final)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,3 +109,23 @@ def test_a_rotation_lives_in_a_warehouse_of_its_own(tmp_path):
         load_project_config(p, ["project.rotation=1", "project.catalog=main"])
     assert load_project_config(p, ["project.rotation=1", "project.catalog=main",
                                    "project.schema=annomine_rotation1"]).schema == "annomine_rotation1"
+
+
+@pytest.mark.parametrize("name", ["local", "crowdflower", "databricks"])
+def test_shipped_configs_train_the_curriculum_and_the_human_baseline(name):
+    """The product's question: did the pipeline's model beat fine-tuning on the labels (`human`), BM25, zero-shot
+    MiniLM and their fusion? The shipped configs build those two variants only and evaluate against the rest."""
+    from pathlib import Path
+
+    from jobs.curriculum import CurriculumConfig
+    from jobs.evaluate import EvaluateConfig
+    from jobs.train import TrainConfig
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / f"{name}.yaml"
+    _, curriculum = load_job_config(conf, "curriculum", CurriculumConfig)
+    _, train = load_job_config(conf, "train", TrainConfig)
+    _, evaluate = load_job_config(conf, "evaluate", EvaluateConfig)
+    assert list(curriculum.variants) == ["curriculum", "human"]
+    assert [s.name for s in curriculum.variant_stages("human")] == ["human"]
+    assert train.variant == "curriculum" and train.baselines == ["human"]
+    assert evaluate.models == ["bm25", "minilm", "minilm+bm25", "variants"]

@@ -23,6 +23,29 @@ CLASS_GRADES = {  # class -> grades of its two candidates (the judge disagrees w
     "random_negative": (None, None),  # not annotated: set-logic fallback
 }
 NOW = dt.datetime(2026, 1, 1)
+# Variants beyond the shipped two, as data: the mechanisms the curriculum job offers (a set-logic source, a human
+# stage before or inside the mined ones).
+RESEARCH_VARIANTS = {"curriculum": ["easy", "hard", "token_similar"], "human": ["human"],
+                     "no_llm": ["easy_set_logic", "hard_set_logic", "token_similar_set_logic"],
+                     "human_plus_curriculum": ["human", "easy", "hard", "token_similar"],
+                     "curriculum_with_human": ["easy", "hard+human", "token_similar"]}
+
+
+# Every mechanism at once: a single mixed stage, a listwise last stage, the human stage after the mined ones.
+EVERY_VARIANT = {**RESEARCH_VARIANTS, "mixed": ["mixed"], "curriculum_roar": ["easy", "hard", "roar"],
+                 "curriculum_then_human": ["easy", "hard", "token_similar", "human"]}
+
+
+def with_set_logic_stages(stages: list) -> list:
+    """`stages` plus a set-logic copy (`<name>_set_logic`) of each mined stage."""
+    return [*stages, *(replace(s, name=f"{s.name}_set_logic", source="set_logic") for s in stages if s.source == "mined")]
+
+
+def every_stage(stages: list) -> list:
+    """`stages` with their set-logic copies, a mixed MNR stage and a ROAR stage over every class."""
+    return [*with_set_logic_stages(stages), cur.StageDef("mixed", "mnr", list(cur.CLASSES), list(cur.CLASSES), max_examples=9000,
+                                                         max_per_query=60),
+            cur.StageDef("roar", "roar", list(cur.CLASSES), list(cur.CLASSES), max_examples=2000, max_per_query=20)]
 ABBR = {"easy_positive": "ep", "hard_positive": "hp", "hard_negative": "hn", "token_similar_negative": "ts",
         "random_negative": "rn"}
 
@@ -164,10 +187,12 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     from jobs.curriculum import CurriculumConfig, run
 
     qids = build_world(ctx, n_queries=16)
-    variants = ["curriculum", "no_llm", "human", "human_plus_curriculum", "curriculum_with_human"]
-    cfg = CurriculumConfig(variants=variants, num_files=2, row_group_size=4, dev_pool_size=5)
+    cfg = CurriculumConfig(variants=RESEARCH_VARIANTS, num_files=2, row_group_size=4, dev_pool_size=5,
+                           stages=with_set_logic_stages(CurriculumConfig().stages))
+    variants = list(cfg.variants)
     for stage in cfg.stages:
-        stage.max_examples = 6  # caps that bind: which rows a stage keeps depends on its seed
+        if stage.source != "human":
+            stage.max_examples = 6  # caps that bind: which rows a stage keeps depends on its seed
     summary = run(ctx, cfg)
     out = capsys.readouterr().out
     assert "annotation_error=1" in out and "stage 1 easy (bce)" in out
@@ -210,6 +235,11 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     pool = pd.read_parquet(root / "dev_pool.parquet")
     assert set(dev["product_id"]) <= set(pool["product_id"])
     assert summary["variants"]["no_llm"]["candidate_status"].get("annotation_error") is None
+    # no_llm: the curriculum's stages labelled by set logic (the hard negative graded 4 stays a negative)
+    nollm = ctx.tables.read("train_set_no_llm").toPandas()
+    assert [s["name"] for s in summary["variants"]["no_llm"]["stages"]] == [
+        "easy_set_logic", "hard_set_logic", "token_similar_set_logic"]
+    assert nollm["grade"].isna().all() and not (table["grade"].isna().all())
 
     # human: one MNR stage over the train queries' human labels, grade 4 positive, a <= 2 negative of the same query
     human = json.loads((root / "human" / "manifest.json").read_text())
@@ -258,8 +288,8 @@ def test_curriculum_job_writes_tables_shards_and_manifest(ctx, tmp_path, capsys)
     # fold 1: the test queries select and the dev ones report; the training rows are the same, the shards its own
     ctx.project.fold = 1
     try:
-        run(ctx, CurriculumConfig(variants=["curriculum"], num_files=2, row_group_size=4, dev_pool_size=5,
-                                  stages=cfg.stages))
+        run(ctx, CurriculumConfig(variants={"curriculum": ["easy", "hard", "token_similar"]}, num_files=2,
+                                  row_group_size=4, dev_pool_size=5, stages=cfg.stages))
     finally:
         ctx.project.fold = 0
     fold_root = ctx.project.warehouse_path / "folds" / "fold1" / "shards"
@@ -281,24 +311,36 @@ def test_config_refuses_bad_stage():
         cur.StageDef("x", "mnr", ["easy_positive"], source="human").validate()
     with pytest.raises(ValueError, match="source must be one of"):
         cur.StageDef("x", "mnr", ["easy_positive"], source="llm").validate()
-    assert {"human", "human_plus_curriculum"} <= set(cur.VARIANTS)
     from jobs.curriculum import CurriculumConfig
 
     cfg = CurriculumConfig()
-    assert set(cfg.variants) == set(cur.VARIANTS)
+    assert cfg.variants == {"curriculum": ["easy", "hard", "token_similar"], "human": ["human"]}
     cfg.validate()
-    assert [s.name for s in cur.variant_stages("human_plus_curriculum", cfg.stages, cfg.mixed_stage, cfg.roar_stage,
-                                               cfg.human_stage)] == ["human", "easy", "hard", "token_similar"]
-    assert [s.name for s in cur.variant_stages("curriculum_then_human", cfg.stages, cfg.mixed_stage, cfg.roar_stage,
-                                               cfg.human_stage)] == ["easy", "hard", "token_similar", "human"]
-    mixed = cur.variant_stages("curriculum_with_human", cfg.stages, cfg.mixed_stage, cfg.roar_stage, cfg.human_stage)
+    defs = with_set_logic_stages(cfg.stages)
+    assert [s.name for s in cur.resolve_variant("hc", ["human", "easy", "hard", "token_similar"], defs)] == [
+        "human", "easy", "hard", "token_similar"]
+    mixed = cur.resolve_variant("cwh", ["easy", "hard+human", "token_similar"], defs)
+    human = next(d for d in defs if d.name == "human")
     assert [s.name for s in mixed] == ["easy", "hard_with_human", "token_similar"]  # the human rows join the MNR stage
-    assert mixed[1].blend is cfg.human_stage and mixed[1].reads("human") and mixed[1].reads("mined")
-    assert not cfg.stages[1].reads("human") and cfg.stages[1].blend is None  # the curriculum's own stages are untouched
-    with pytest.raises(ValueError, match="no stage with loss 'mnr'"):
-        cur.blend_into_stages([cfg.stages[0]], cfg.human_stage)
+    assert mixed[1].blend is human and mixed[1].reads("human") and mixed[1].reads("mined")
+    assert not cfg.stages[1].reads("human") and cfg.stages[1].blend is None  # the definitions themselves are untouched
     with pytest.raises(ValueError, match="same loss"):
-        replace(cfg.stages[0], blend=cfg.human_stage).validate()
+        cur.resolve_variant("v", ["easy+human"], defs)
+    with pytest.raises(ValueError, match="same loss"):
+        replace(cfg.stages[0], blend=human).validate()
+    with pytest.raises(ValueError, match=r"variants.v: unknown stage 'nope'"):
+        cur.resolve_variant("v", ["easy", "nope"], defs)
+    with pytest.raises(ValueError, match=r"variants.v: an empty list of stages"):
+        cur.resolve_variant("v", [], defs)
+    with pytest.raises(ValueError, match=r"mixes stages of sources \['mined', 'set_logic'\]"):
+        cur.resolve_variant("v", ["easy", "hard_set_logic"], defs)
+    for bad, message in [(["curriculum"], "variants: a mapping of variant name -> its stage names"),
+                         ({"v": ["nope"]}, "unknown stage 'nope'"), ({"best": ["easy"]}, "not 'best'"),
+                         ({"a-b": ["easy"]}, "letters, digits")]:
+        with pytest.raises(ValueError, match=message):
+            replace(cfg, variants=bad).validate()
+    with pytest.raises(ValueError, match="names must be unique"):
+        replace(cfg, stages=[*cfg.stages, cfg.stages[0]]).validate()
     cfg.stages[0].source = "human"
     with pytest.raises(ValueError):
         cfg.validate()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from annomine.pipeline_state import PipelineState
 from jobs import pipeline
+from jobs import stage_files as files
 from tests.conftest import write_tsv
 
 
@@ -184,20 +185,25 @@ def test_train_and_evaluate_rerun_when_the_shards_or_model_pointers_they_read_ch
     assert not current and why == f"inputs changed: {[str(models / 'mixed.json')]}"
 
 
-def test_a_merge_reruns_when_a_constituent_is_trained_again(tmp_path, project):
+def test_train_reruns_when_a_baseline_s_shards_change_and_lists_its_pointer(tmp_path, project):
     from jobs import train
-    from training.merging import MergeSpec
 
-    models = project.outputs_path / "models"
-    models.mkdir(parents=True)
-    for variant in ("curriculum", "human", "merged"):
-        (models / f"{variant}.json").write_text(f'{{"variant": "{variant}"}}')
-    cfg = train.TrainConfig(variant="merged", merges={"merged": MergeSpec(of=["curriculum", "human"])})
+    shards, models = project.outputs_path / "shards", project.outputs_path / "models"
+    for variant in ("curriculum", "human"):
+        (shards / variant).mkdir(parents=True)
+        (shards / variant / "manifest.json").write_text(f'{{"variant": "{variant}", "table_version": 1}}')
+    cfg = train.TrainConfig(variant="curriculum", baselines=["human", "mixed"])  # mixed: no shards, so not trained
+    assert files.train_outputs(project, cfg) == [models / "curriculum.json", models / "human.json"]
     state = PipelineState(tmp_path / "pipeline_state.json")
     _record(state, "train", project, cfg)
+    assert _check(state, "train", project, cfg)[0] is False  # its outputs do not exist yet
+    models.mkdir(parents=True)
+    for variant in ("curriculum", "human"):
+        (models / f"{variant}.json").write_text(f'{{"variant": "{variant}"}}')
+    _record(state, "train", project, cfg)
     assert _check(state, "train", project, cfg)[0]
-    (models / "human.json").write_text('{"variant": "human", "seed": 2}')
-    assert _check(state, "train", project, cfg) == (False, f"inputs changed: {[str(models / 'human.json')]}")
+    (shards / "human" / "manifest.json").write_text('{"variant": "human", "table_version": 2}')
+    assert _check(state, "train", project, cfg) == (False, f"inputs changed: {[str(shards / 'human' / 'manifest.json')]}")
 
 
 def test_annotate_reruns_when_the_table_its_config_names_changes(tmp_path, project):

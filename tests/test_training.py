@@ -198,7 +198,7 @@ def test_a_stage_that_does_not_beat_its_starting_weights_is_dropped(tmp_path):
 
 
 def test_a_stage_of_the_manifest_with_its_own_lr_overrides_the_loss_lr(tmp_path):
-    """The human stage's lr (curriculum.human_stage.lr) reaches the trainer through the manifest entry."""
+    """The human stage's lr (the `lr` of a curriculum stage definition) reaches the trainer through the manifest entry."""
     spec = make_shards(tmp_path, n=16, stages=[("easy", "bce"), ("hard", "mnr")])
     manifest_path = Path(spec.shards_root) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -233,13 +233,16 @@ def test_best_json_follows_best_variant_only(tmp_path):
     assert json.loads((tmp_path / "best.json").read_text())["variant"] == "curriculum"
     publish_pointer(tmp_path, {"variant": "mixed"}, TrainConfig(variant="mixed"))  # none set: the last trained
     assert json.loads((tmp_path / "best.json").read_text())["variant"] == "mixed"
-    with pytest.raises(ValueError, match="best_variant"):
-        TrainConfig(best_variant="nope").validate()
+    with pytest.raises(ValueError, match="best_variant: 'best' is not a variant name"):
+        TrainConfig(best_variant="best").validate()
+    with pytest.raises(ValueError, match=r"baselines\[1\]: 'a/b' is not a variant name"):
+        TrainConfig(baselines=["human", "a/b"]).validate()
 
 
 def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
     import mlflow
 
+    from annomine import curriculum as cur
     from jobs.curriculum import CurriculumConfig
     from jobs.curriculum import run as run_curriculum
     from jobs.train import TrainConfig
@@ -247,12 +250,20 @@ def test_curriculum_then_train_jobs_end_to_end_with_mlflow(ctx):
     from tests.test_curriculum import build_world
 
     build_world(ctx, n_queries=16)
-    run_curriculum(ctx, CurriculumConfig(variants=["curriculum_roar"], num_files=2, row_group_size=8, dev_pool_size=10))
+    roar = cur.StageDef("roar", "roar", list(cur.CLASSES), list(cur.CLASSES), max_examples=2000, max_per_query=20)
+    curriculum = CurriculumConfig(num_files=2, row_group_size=8, dev_pool_size=10)
+    curriculum = replace(curriculum, stages=[*curriculum.stages, roar],
+                         variants={"curriculum_roar": ["easy", "hard", "roar"], "human": ["human"]})
+    run_curriculum(ctx, curriculum)
     cfg = TrainConfig(variant="curriculum_roar", base_model="tiny", batch_size=8, progress=False, log_checkpoints=False,
-                      num_proc=1, interpolate_alphas=[0.5])
+                      num_proc=1, interpolate_alphas=[0.5], baselines=["human", "mixed"])
     pointer = run_train(ctx, cfg)
     models = ctx.project.warehouse_path / "models"
-    assert read_pointer(models / "best.json")["path"] == pointer["path"]
+    assert read_pointer(models / "best.json")["path"] == pointer["path"], "a baseline never becomes best.json"
+    # the baseline is trained beside the variant, on its own shards; one the curriculum did not write is skipped
+    human = read_pointer(models / "human.json")
+    assert human["variant"] == "human" and [s["source"] for s in human["stages"]] == ["human"]
+    assert not (models / "mixed.json").exists()
     assert json.loads((models / "curriculum_roar.json").read_text())["variant"] == "curriculum_roar"
     assert Path(pointer["path"]).name.startswith("model-") and Path(pointer["path"]).parent.name == "curriculum_roar"
     assert [s["loss"] for s in pointer["stages"]] == ["bce", "mnr", "roar"]
@@ -455,150 +466,3 @@ def test_a_merge_adds_each_models_move_from_the_start_by_its_weight():
         merge(start, [a, b], [1.0])
     with pytest.raises(ValueError, match="tower sharing"):
         merge(start, [a, TwoTower.tiny(shared=False)], [0.5, 0.5])
-
-
-def test_merge_candidates_and_their_config_are_checked():
-    from jobs.train import TrainConfig
-    from training.merging import MergeSpec, candidate_weights, label, merged_pairs
-
-    spec = MergeSpec(of=["curriculum", "human"], weights=[[0.5, 0.5], [1.0, 0.0], [1, 1]])
-    # each model alone first (the first best wins, so a merge must beat both), then the vectors, no repeats
-    assert candidate_weights(spec) == [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (1.0, 1.0)]
-    assert label((0.5, 0.5), spec.of) == "0.5 curriculum + 0.5 human" and label((1.0, 0.0), spec.of) == "1 curriculum"
-    pointers = [{"training_pairs": {"mined": 30, "human": 0}}, {"training_pairs": {"mined": 0, "human": 20}}]
-    assert merged_pairs(pointers, (0.5, 0.5)) == {"mined": 30, "human": 20}
-    assert merged_pairs(pointers, (1.0, 0.0)) == {"mined": 30, "human": 0}
-    # the first best wins: a merge replaces the models alone only when it beats them, and ties go to the earlier
-    from training.interpolation import merge
-    from training.merging import choose
-
-    start, models = TwoTower.tiny(seed=0), [TwoTower.tiny(seed=1), TwoTower.tiny(seed=2)]
-    scores = iter([0.5, 0.4, 0.7, 0.7])
-    chosen = choose(models, spec.of, candidate_weights(spec), lambda model: next(scores), start=start)
-    assert chosen["weights"] == (0.5, 0.5) and chosen["metric"] == 0.7
-    assert chosen["dev"] == {"1 curriculum": 0.5, "1 human": 0.4, "0.5 curriculum + 0.5 human": 0.7,
-                             "1 curriculum + 1 human": 0.7}
-    for a, b in zip(merge(start, models, [0.5, 0.5]).parameters(), chosen["model"].parameters()):
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match=r"has 1 weights for 2 models"):
-        MergeSpec(weights=[[1.0]]).validate()
-    with pytest.raises(ValueError, match="negative"):
-        MergeSpec(weights=[[1.0, -0.5]]).validate()
-    with pytest.raises(ValueError, match="two or more different"):
-        MergeSpec(of=["human", "human"], weights=[]).validate()
-    TrainConfig(variant="soup", merges={"soup": MergeSpec()}).validate()
-    with pytest.raises(ValueError, match="variant must be one of"):
-        TrainConfig(variant="soup").validate()
-    with pytest.raises(ValueError, match="give the merge its own"):
-        TrainConfig(merges={"human": MergeSpec()}).validate()
-    with pytest.raises(ValueError, match=r"\['nope'\] not trained variants"):
-        TrainConfig(merges={"soup": MergeSpec(of=["curriculum", "nope"], weights=[])}).validate()
-
-
-def test_a_merged_variant_is_chosen_on_dev_published_and_tracked(ctx):
-    """`annomine train` with a merge's name: the constituents' saved models combined, every candidate scored on the
-    fold's dev check, the best saved as the variant's model, its pointer and MLflow run written."""
-    import mlflow
-
-    from annomine.errors import MissingInputError
-    from annomine.evaluation.retrievers import resolve_specs
-    from annomine.publish import PointerError
-    from jobs.train import TrainConfig
-    from jobs.train import run as run_train
-    from training.interpolation import merge
-    from training.merging import MergeSpec
-
-    models = ctx.project.outputs_path / "models"
-    make_shards(ctx.project.outputs_path / "shards")  # its dev_eval / dev_pool files are the fold's dev check
-    for seed, (variant, pairs) in enumerate([("curriculum", {"mined": 30, "human": 0}), ("human", {"mined": 0, "human": 20})], 1):
-        folder = TwoTower.tiny(seed=seed).save(models / variant / "model")
-        (models / f"{variant}.json").write_text(json.dumps({"path": str(folder), "variant": variant, "training_pairs": pairs}))
-    spec = MergeSpec(of=["curriculum", "human"], weights=[[0.5, 0.5], [1.0, 1.0]])
-    cfg = TrainConfig(variant="soup", base_model="tiny", merges={"soup": spec}, best_variant="curriculum")
-    with pytest.raises(MissingInputError, match="needs variant 'nope' trained in this fold"):
-        run_train(ctx, replace(cfg, merges={"soup": MergeSpec(of=["curriculum", "nope"], weights=[])}))
-    (models / "broken.json").write_text("{not json")
-    with pytest.raises(PointerError, match=r"broken.json: not a readable pointer"):
-        run_train(ctx, replace(cfg, merges={"soup": MergeSpec(of=["curriculum", "broken"], weights=[])}))
-    (models / "broken.json").unlink()
-    pointer = run_train(ctx, cfg)
-    record = pointer["merge"]
-    assert list(record["dev"]) == ["1 curriculum", "1 human", "0.5 curriculum + 0.5 human", "1 curriculum + 1 human"]
-    assert record["dev_metric"] == max(record["dev"].values())
-    chosen = record["weights"]
-    dev = DevSet(ctx.project.outputs_path / "shards", 1, cfg.dev_max_queries)
-    final = TwoTower.load(pointer["path"])
-    assert dev.evaluate(final) == pytest.approx(record["dev_metric"])
-    constituents = [TwoTower.load(models / v / "model") for v in spec.of]
-    expected = merge(TwoTower.tiny(seed=0), constituents, chosen)
-    for a, b in zip(expected.parameters(), final.parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
-    used = [v for v, w in zip(spec.of, chosen) if w]
-    assert pointer["training_pairs"] == {"mined": 30 * ("curriculum" in used), "human": 20 * ("human" in used)}
-    assert read_pointer(models / "soup.json")["path"] == pointer["path"]
-    assert not (models / "best.json").exists(), "best.json follows train.best_variant only"
-    assert "soup" in [s.label for s in resolve_specs("variants", ctx.project.warehouse)]
-    mlflow.set_tracking_uri(ctx.project.tracking_uri)
-    run = mlflow.get_run(pointer["mlflow_run_id"])
-    assert run.data.metrics["final_dev_ndcg10"] == pytest.approx(record["dev_metric"])
-    assert json.loads(run.data.params["train.merge.of"]) == ["curriculum", "human"]
-    emb = mlflow.pyfunc.load_model(pointer["model_uri"]).predict(pd.DataFrame({"text": ["red shoe"], "side": ["query"]}))
-    assert np.allclose(emb.to_numpy()[0], final.encode_queries(["red shoe"])[0], atol=1e-5)
-
-
-def test_soup_config_names_its_members_and_is_checked():
-    from jobs.train import TrainConfig
-    from training.merging import SoupSpec
-
-    soup = SoupSpec(of="curriculum", seeds=[13, 14, 15])
-    assert soup.members(13) == [("curriculum", 13), ("curriculum_seed14", 14), ("curriculum_seed15", 15)]
-    assert soup.members(7)[0] == ("curriculum_seed13", 13), "only the configured train.seed's member is the variant"
-    assert soup.candidates() == [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1 / 3, 1 / 3, 1 / 3)]
-    assert SoupSpec(seeds=[13, 14, 15], select="uniform").candidates() == [(1 / 3, 1 / 3, 1 / 3)]
-    with pytest.raises(ValueError, match="two or more different training seeds"):
-        SoupSpec(seeds=[13, 13]).validate()
-    with pytest.raises(ValueError, match="select must be one of"):
-        SoupSpec(select="best").validate()
-    TrainConfig(variant="cs", soups={"cs": soup}).validate()
-    with pytest.raises(ValueError, match="give the soup its own"):
-        TrainConfig(soups={"human": soup}).validate()
-    with pytest.raises(ValueError, match="'nope' is not a trained variant"):
-        TrainConfig(soups={"cs": SoupSpec(of="nope")}).validate()
-
-
-def test_a_seed_soup_trains_its_missing_members_and_keeps_the_average_only_when_dev_says_so(ctx):
-    """`annomine train` with a soup's name: the member of the configured seed (trained before) is reused, the other
-    seed is trained and published as a variant of its own, then each alone and the average compete on dev."""
-    from jobs.train import TrainConfig
-    from jobs.train import run as run_train
-    from training.interpolation import merge
-    from training.merging import SoupSpec
-
-    shards, models = ctx.project.outputs_path / "shards", ctx.project.outputs_path / "models"
-    make_shards(shards, stages=[("hard", "mnr")], variant="curriculum")
-    cfg = TrainConfig(variant="curriculum", base_model="tiny", batch_size=8, progress=False, log_checkpoints=False,
-                      num_proc=1, seed=13, best_variant="curriculum", keep_start_if_better=False,
-                      soups={"cs": SoupSpec(seeds=[13, 14])})
-    first = run_train(ctx, cfg)
-    assert first["seed"] == 13 and first["trained"] == "curriculum"
-    pointer = run_train(ctx, replace(cfg, variant="cs"))
-    assert json.loads((models / "curriculum.json").read_text())["mlflow_run_id"] == first["mlflow_run_id"], "reused"
-    member = json.loads((models / "curriculum_seed14.json").read_text())
-    assert member["seed"] == 14 and member["trained"] == "curriculum" and member["variant"] == "curriculum_seed14"
-    assert (models / member["path"]).parent == models / "curriculum_seed14"  # relative to the pointer's folder
-    member = read_pointer(models / "curriculum_seed14.json")
-    a, b = TwoTower.load(first["path"]), TwoTower.load(member["path"])
-    assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters())), "another seed, another model"
-    record = pointer["merge"]
-    assert list(record["dev"]) == ["1 curriculum", "1 curriculum_seed14", "0.5 curriculum + 0.5 curriculum_seed14"]
-    assert record["dev_metric"] == max(record["dev"].values())
-    expected = merge(TwoTower.tiny(seed=0), [a, b], record["weights"])
-    for x, y in zip(expected.parameters(), TwoTower.load(pointer["path"]).parameters()):
-        assert torch.allclose(x, y, atol=1e-6)
-    assert pointer["training_pairs"]["mined"] == max(first["training_pairs"]["mined"], member["training_pairs"]["mined"])
-    assert json.loads((models / "best.json").read_text())["variant"] == "curriculum", "best.json follows best_variant"
-    # select: uniform reuses both members and publishes their average without letting dev choose
-    uniform = run_train(ctx, replace(cfg, variant="cu", soups={"cu": SoupSpec(seeds=[13, 14], select="uniform")}))
-    assert list(uniform["merge"]["dev"]) == ["0.5 curriculum + 0.5 curriculum_seed14"]
-    assert uniform["merge"]["weights"] == [0.5, 0.5]
-    assert json.loads((models / "curriculum_seed14.json").read_text())["mlflow_run_id"] == member["mlflow_run_id"], "reused"

@@ -11,8 +11,8 @@ keeps or drops stages and keeps the best (alpha 1.0, the trained model, wins tie
 like every other and reported in the run's result.
 
 The same arithmetic merges several models fine-tuned from one start (task arithmetic, Ilharco et al., 2023;
-model soups, Wortsman et al., 2022): theta = theta_start + sum_i w_i (theta_i - theta_start); a variant under
-`train.merges` (training/merging.py) scores a few weight vectors on the dev check.
+model soups, Wortsman et al., 2022): theta = theta_start + sum_i w_i (theta_i - theta_start); the lab's
+merged variants (lab/merging.py) score a few weight vectors on the dev check.
 """
 
 from __future__ import annotations

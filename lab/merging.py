@@ -11,15 +11,15 @@ constituent alone (in `of`'s order), then each vector of `weights`; the dev chec
 trainer's stages (the fold's dev queries over the same pool) scores them and the first best wins, so a merge
 is kept only when it beats every constituent on dev. It is the third way to use human labels and mined data
 together, beside a stage of its own (`human_plus_curriculum`) and a mixed stage (`curriculum_with_human`).
-`annomine train --set train.variant=<name>` for a name under `train.merges` merges instead of training
-(jobs/train.py); the result is a variant like the others (models/<name>.json, evaluate's `variants`).
+`python -m lab.train_merges --conf <conf> <name>` for a name under the config's `x-lab.merges` merges
+(lab/train_merges.py); the result is a variant like the others (models/<name>.json, evaluate's `variants`).
 
-A seed soup (`train.soups`, `SoupSpec`) merges one variant trained several times on the same data with different
+A seed soup (`x-lab.soups`, `SoupSpec`) merges one variant trained several times on the same data with different
 training seeds (shard order, dropout): its members are `<variant>` (the configured `train.seed`) and
 `<variant>_seed<k>`, trained by the soup's job where missing. With `select: dev` the candidates are each member
 alone, then their uniform average, and the dev check picks; with `select: uniform` the uniform average (Wortsman et
 al.'s uniform soup) is the model, its dev figure recorded but not used to choose. The members differ only by seed,
-so picking one on 19-22 dev queries picks noise: in the eleventh session five seeds of the curriculum spread 0.027 on
+so picking one on 19-22 dev queries picks noise: five seeds of the curriculum spread 0.027 on
 fold 0's dev check, more than most configuration changes measured there (docs/experiments.md). Each member is also
 published, so the report shows the spread of one configuration.
 """
@@ -54,7 +54,7 @@ SOUP_SELECTIONS = ("dev", "uniform")
 
 @dataclass
 class SoupSpec:
-    of: str = "curriculum"  # the trained variant (curriculum.VARIANTS) whose runs are averaged
+    of: str = "curriculum"  # the trained variant (curriculum.variants) whose runs are averaged
     seeds: list[int] = field(default_factory=lambda: [13, 14, 15])  # one training per seed (train.seed)
     # "dev": each member alone and the average compete on the dev check; "uniform": the average, no choice
     select: str = "dev"
