@@ -86,8 +86,8 @@ def pool(reports: dict[int, dict], n_resamples: int, confidence: float, seed: in
 def check_rotation_reports(reports: dict[int, dict]) -> None:
     """At least one rotation, each a pooled-folds report, no query reported by two rotations."""
     if not reports:
-        raise FoldReportError("no rotation has pooled folds yet: run `annomine evaluate --pool-folds --set "
-                              "project.rotation=N` after both folds of rotation N")
+        raise FoldReportError("no rotation has pooled folds yet: run `python -m lab.pool --conf "
+                              "lab/conf/crowdflower.yaml --set project.rotation=N` after both folds of rotation N")
     for rotation, report in sorted(reports.items()):
         if report.get("split") != "test (both folds)":
             raise FoldReportError(f"rotation {rotation}: the report is of split {report.get('split')!r}; "

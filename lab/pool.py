@@ -46,7 +46,7 @@ def pool_folds(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
 
 
 def pool_rotations(project, cfg: EvaluateConfig) -> tuple[dict, Path]:
-    """Pool every rotation's pooled-folds test report (`--pool-folds` in each) into
+    """Pool every rotation's pooled-folds test report (`python -m lab.pool` in each) into
     <base warehouse>/evaluation/report_test_rotations.json: each open labelled query held out in some rotation,
     reported once. Rotations without that report are left out and named."""
     reports, missing = {}, []
