@@ -242,30 +242,33 @@ def _ranking(part, expected: np.ndarray, baseline, grades: list[int], seed: int)
     return result
 
 
-def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, set_current: bool = True) -> dict:
-    import pandas as pd
-
-    from annomine.judges.calibration import fit_calibrator
-    from annomine.judges.cross_encoder import attach_stack, select_decision, train_cross_encoder, version_id
-    from annomine.judges.data import assign_splits, grading_metrics
-    from annomine.judges.store import publish_judge, staging_folder
-    from annomine.judges.store import set_current as point_current
-
-    grades = grades_of(project)
-    pairs = _labelled_pairs(project, cfg, files)
-    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold, project.rotation)
+def _split_pairs(pairs, cfg: JudgeConfig) -> tuple:
+    """The train, calibration and dev pairs (raising when train or calibration is empty), logged."""
     tr, cal, dev = (pairs[pairs.split == s].reset_index(drop=True) for s in ("train", "calibration", "dev"))
     if tr.empty or cal.empty:
         raise ValueError(f"not enough labelled queries to train and calibrate: {len(tr)} train, {len(cal)} calibration pairs")
     log.info("judge train: %d train pairs (%d queries), %d calibration (%d), %d dev (%d)%s", len(tr), tr.query_id.nunique(),
              len(cal), cal.query_id.nunique(), len(dev), dev.query_id.nunique(),
              "; refit on train + calibration" if cfg.refit_on_all else "")
+    return tr, cal, dev
+
+
+def _judge_version(tr, cal, cfg: JudgeConfig, grades: list[int]) -> str:
+    """The version id of the judge trained on these pairs with these settings."""
+    from annomine.judges.cross_encoder import version_id
+
     keys = list(zip(tr.query_id, tr.product_id, tr.grade, tr.text, tr["query"]))
     if cfg.refit_on_all:
         keys += [("refit",) + k for k in zip(cal.query_id, cal.product_id, cal.grade, cal.text, cal["query"])]
-    version = version_id(cfg.model, grades, keys)
-    model, history = train_cross_encoder(tr, grades, cfg.model)
-    model.version = version
+    return version_id(cfg.model, grades, keys)
+
+
+def _fit_on_calibration(model, history: dict, cal, cfg: JudgeConfig, grades: list[int]) -> tuple:
+    """The calibration part's probabilities and decisions and the tier-1 calibrator, after fitting the stack and the
+    decision rule on it (history gets their fits)."""
+    from annomine.judges.calibration import fit_calibrator
+    from annomine.judges.cross_encoder import attach_stack, select_decision
+
     cal_probs = model.predict_proba(cal["query"].tolist(), cal["text"].tolist(), progress=True)
     if cfg.model.stack:
         # the stack is fitted on the calibration queries; what follows sees its out-of-fold distribution there
@@ -279,14 +282,85 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     cal_pred = model.decide(cal_probs)
     cal_conf = cal_probs[np.arange(len(cal_pred)), [grades.index(int(g)) for g in cal_pred]]
     calibrator = fit_calibrator(cal_pred, cal_conf, cal["grade"], grades, cfg.target_agreement)
+    return cal_probs, cal_pred, calibrator
+
+
+def _refit_on_all(model, history: dict, tr, cal, cfg: JudgeConfig, grades: list[int]):
+    """The model trained again on train + calibration with the first model's fits (history gets the refit's)."""
+    import pandas as pd
+
+    from annomine.judges.cross_encoder import train_cross_encoder
+
+    final, refit = train_cross_encoder(pd.concat([tr, cal], ignore_index=True), grades, cfg.model)
+    final.version, final.decision, final.cutpoints = model.version, model.decision, model.cutpoints
+    final.stack, final.biencoder = model.stack, model.biencoder
+    history["refit"] = {k: refit[k] for k in ("epochs", "train_pairs", "train_seconds", "train_pairs_per_s")}
+    history["first_train_seconds"] = history["train_seconds"]
+    history["train_seconds"] += refit["train_seconds"]
+    return final
+
+
+def _evaluate_part(model, calibrator, part, name: str, version: str, baseline, grades: list[int], seed: int,
+                   folder: Path, artifacts: list[Path]) -> dict:
+    """The tier-1 metrics on one reported split; its PNGs and predictions are written to folder and added to artifacts."""
+    from annomine.judges.data import grading_metrics
+
+    started = time.time()
+    probs = model.predict_proba(part["query"].tolist(), part["text"].tolist(), progress=True)
+    seconds = time.time() - started
+    pred = model.decide(probs)
+    raw = probs[np.arange(len(pred)), [grades.index(int(g)) for g in pred]]
+    conf = calibrator.calibrate(pred, raw)
+    part_metrics = grading_metrics(part["grade"], pred, grades)
+    part_metrics["would_escalate_rate"] = float(1.0 - calibrator.is_sure(pred, conf).mean())
+    part_metrics["pairs_per_s"] = len(part) / max(seconds, 1e-9)
+    part_metrics["n_queries"] = int(part.query_id.nunique())
+    if baseline is not None:
+        part_metrics["ranking"] = _ranking(part, probs @ np.asarray(grades, float), baseline, grades, seed)
+    artifacts.append(_confusion_png(part_metrics, folder / f"confusion_{name}_tier1.png", f"tier 1 {version} on {name}"))
+    truth = part["grade"].to_numpy().astype(int)
+    artifacts.append(_calibration_png(conf, raw, (pred == truth).astype(float), probs @ np.asarray(grades, float), truth,
+                                      model.cutpoints, folder / f"calibration_{name}_tier1.png",
+                                      f"tier 1 {version} on {name} (decision: {model.decision})"))
+    _predictions_frame(part, probs, pred, grades).to_parquet(folder / f"predictions_{name}.parquet")
+    artifacts.append(folder / f"predictions_{name}.parquet")
+    return part_metrics
+
+
+def _flat_train_metrics(metrics: dict, history: dict, calibrator) -> dict:
+    """The numeric figures of a train run, flattened for MLflow."""
+    flat = {"train_seconds": history["train_seconds"], "train_pairs_per_s": history["train_pairs_per_s"],
+            "calibration_sure_share": calibrator.stats["sure_share"]}
+    for name in ("dev", "test"):
+        flat.update({f"{name}_{k}": v for k, v in metrics.get(f"{name}_tier1", {}).items() if isinstance(v, (int, float))})
+        ranking = metrics.get(f"{name}_tier1", {}).get("ranking")
+        if ranking:
+            flat.update({f"{name}_ranking_ndcg10_judge": ranking["judge_ndcg@10"]["mean"],
+                         f"{name}_ranking_ndcg10_baseline": ranking["baseline_ndcg@10"]["mean"],
+                         f"{name}_ranking_ndcg10_diff": ranking["diff"]["mean"]})
+    for rule, m in history.get("validation", {}).items():
+        flat.update({f"calibration_{rule}_{k}": m[k] for k in ("quadratic_weighted_kappa", "exact_agreement")})
+    for e in history["epochs"]:
+        flat[f"loss_epoch_{e['epoch']}"] = e["loss"]
+    return flat
+
+
+def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = None, set_current: bool = True) -> dict:
+    from annomine.judges.cross_encoder import train_cross_encoder
+    from annomine.judges.data import assign_splits
+    from annomine.judges.store import publish_judge, staging_folder
+    from annomine.judges.store import set_current as point_current
+
+    grades = grades_of(project)
+    pairs = _labelled_pairs(project, cfg, files)
+    pairs["split"] = assign_splits(pairs, cfg.calibration_fraction, project.seed, project.fold, project.rotation)
+    tr, cal, dev = _split_pairs(pairs, cfg)
+    version = _judge_version(tr, cal, cfg, grades)
+    model, history = train_cross_encoder(tr, grades, cfg.model)
+    model.version = version
+    cal_probs, cal_pred, calibrator = _fit_on_calibration(model, history, cal, cfg, grades)
     if cfg.refit_on_all:
-        final, refit = train_cross_encoder(pd.concat([tr, cal], ignore_index=True), grades, cfg.model)
-        final.version, final.decision, final.cutpoints = version, model.decision, model.cutpoints
-        final.stack, final.biencoder = model.stack, model.biencoder
-        history["refit"] = {k: refit[k] for k in ("epochs", "train_pairs", "train_seconds", "train_pairs_per_s")}
-        history["first_train_seconds"] = history["train_seconds"]
-        history["train_seconds"] += refit["train_seconds"]
-        model = final
+        model = _refit_on_all(model, history, tr, cal, cfg, grades)
     metrics: dict = {"version": version, "fold": project.fold, "rotation": project.rotation, "history": history, "calibration": calibrator.stats,
                      "splits": {s: {"pairs": int((pairs.split == s).sum()), "queries": int(pairs[pairs.split == s].query_id.nunique())}
                                 for s in ("train", "calibration", "dev")},
@@ -303,28 +377,9 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
         baseline = _ranking_baseline(cfg, model)
         # dev: the judge's validation figures; test (when the split exists): reported only, nothing is chosen on it
         for name, part in (("dev", dev), ("test", pairs[pairs.split == "test"].reset_index(drop=True))):
-            if not len(part):
-                continue
-            started = time.time()
-            probs = model.predict_proba(part["query"].tolist(), part["text"].tolist(), progress=True)
-            seconds = time.time() - started
-            pred = model.decide(probs)
-            raw = probs[np.arange(len(pred)), [grades.index(int(g)) for g in pred]]
-            conf = calibrator.calibrate(pred, raw)
-            part_metrics = grading_metrics(part["grade"], pred, grades)
-            part_metrics["would_escalate_rate"] = float(1.0 - calibrator.is_sure(pred, conf).mean())
-            part_metrics["pairs_per_s"] = len(part) / max(seconds, 1e-9)
-            part_metrics["n_queries"] = int(part.query_id.nunique())
-            if baseline is not None:
-                part_metrics["ranking"] = _ranking(part, probs @ np.asarray(grades, float), baseline, grades, project.seed)
-            metrics[f"{name}_tier1"] = part_metrics
-            artifacts.append(_confusion_png(part_metrics, folder / f"confusion_{name}_tier1.png", f"tier 1 {version} on {name}"))
-            truth = part["grade"].to_numpy().astype(int)
-            artifacts.append(_calibration_png(conf, raw, (pred == truth).astype(float), probs @ np.asarray(grades, float), truth,
-                                              model.cutpoints, folder / f"calibration_{name}_tier1.png",
-                                              f"tier 1 {version} on {name} (decision: {model.decision})"))
-            _predictions_frame(part, probs, pred, grades).to_parquet(folder / f"predictions_{name}.parquet")
-            artifacts.append(folder / f"predictions_{name}.parquet")
+            if len(part):
+                metrics[f"{name}_tier1"] = _evaluate_part(model, calibrator, part, name, version, baseline, grades,
+                                                          project.seed, folder, artifacts)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         artifacts.append(folder / "metrics.json")
         published = publish_judge(project.warehouse_path, folder)
@@ -333,22 +388,10 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     if set_current:
         point_current(project.warehouse_path, version, folder)
     if cfg.log_mlflow:
-        flat = {"train_seconds": history["train_seconds"], "train_pairs_per_s": history["train_pairs_per_s"],
-                "calibration_sure_share": calibrator.stats["sure_share"]}
-        for name in ("dev", "test"):
-            flat.update({f"{name}_{k}": v for k, v in metrics.get(f"{name}_tier1", {}).items() if isinstance(v, (int, float))})
-            ranking = metrics.get(f"{name}_tier1", {}).get("ranking")
-            if ranking:
-                flat.update({f"{name}_ranking_ndcg10_judge": ranking["judge_ndcg@10"]["mean"],
-                             f"{name}_ranking_ndcg10_baseline": ranking["baseline_ndcg@10"]["mean"],
-                             f"{name}_ranking_ndcg10_diff": ranking["diff"]["mean"]})
-        for rule, m in history.get("validation", {}).items():
-            flat.update({f"calibration_{rule}_{k}": m[k] for k in ("quadratic_weighted_kappa", "exact_agreement")})
-        for e in history["epochs"]:
-            flat[f"loss_epoch_{e['epoch']}"] = e["loss"]
         _track(project, f"judge-train-{version}", dict(asdict(cfg.model), version=version, decision=model.decision,
                                                       cutpoints=model.cutpoints, refit_on_all=cfg.refit_on_all,
-                                                      target_agreement=cfg.target_agreement), flat, artifacts)
+                                                      target_agreement=cfg.target_agreement),
+               _flat_train_metrics(metrics, history, calibrator), artifacts)
     print(json.dumps({"version": version, "path": str(folder), "decision": model.decision, "cutpoints": model.cutpoints,
                       "dev_tier1": {k: v for k, v in metrics.get("dev_tier1", {}).items() if k != "confusion_matrix"},
                       "test_tier1": {k: v for k, v in metrics.get("test_tier1", {}).items() if k != "confusion_matrix"},
