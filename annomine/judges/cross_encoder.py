@@ -339,6 +339,70 @@ def _batches(rng, lengths: np.ndarray, batch_size: int, bucketing: bool, window:
     return [out[i] for i in rng.permutation(len(out))]
 
 
+def _seed(settings: CrossEncoderSettings) -> None:
+    """Seed torch, random and numpy and set torch's thread count from the settings."""
+    torch = _torch()
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+
+
+def _training_pairs(train_df, settings: CrossEncoderSettings):
+    """The pairs trained on: `train_df`, sampled down to `max_train_pairs` when set."""
+    df = train_df.reset_index(drop=True)
+    if settings.max_train_pairs and len(df) > settings.max_train_pairs:
+        df = df.sample(settings.max_train_pairs, random_state=settings.seed).reset_index(drop=True)
+    return df
+
+
+def _targets(df, grades: list[int], settings: CrossEncoderSettings) -> tuple:
+    """The class index and the loss weight of each pair (1 / (1 + variance) when weighted by variance, else 1)."""
+    torch = _torch()
+    index = {g: i for i, g in enumerate(grades)}
+    labels = torch.tensor([index[int(g)] for g in df["grade"]])
+    if settings.weight_by_variance and "variance" in df.columns:
+        var = df["variance"].astype(float).fillna(0.0).to_numpy()
+        weights = torch.tensor(1.0 / (1.0 + var), dtype=torch.float32)
+    else:
+        weights = torch.ones(len(df))
+    return labels, weights
+
+
+def _freeze(model: CrossEncoderModel, freeze_layers: int) -> None:
+    """Freeze the embeddings and the first `freeze_layers` encoder layers (nothing when negative)."""
+    if freeze_layers >= 0:
+        for p in model.bert.embeddings.parameters():
+            p.requires_grad_(False)
+        for layer in model.bert.encoder.layer[:freeze_layers]:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+
+
+def _optimizer(model: CrossEncoderModel, settings: CrossEncoderSettings, total: int) -> tuple:
+    """AdamW over the trainable encoder and the head, and its linear warm-up then decay schedule over `total` steps."""
+    torch = _torch()
+    params = [
+        {"params": [p for p in model.bert.parameters() if p.requires_grad], "lr": settings.learning_rate},
+        {"params": list(model.head.parameters()), "lr": settings.head_learning_rate},
+    ]
+    optimizer = torch.optim.AdamW(params, weight_decay=0.01)
+    warmup = int(total * settings.warmup_share)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    return optimizer, scheduler
+
+
+def _batch_loss(logits, y, w, grade_values, span: float, ordinal_weight: float):
+    """The weighted cross-entropy plus ordinal (squared expected-grade error) loss of one batch."""
+    torch = _torch()
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    probs = torch.softmax(logits, dim=-1)
+    expected = probs @ grade_values
+    ordinal = ((expected - grade_values[y]) / span) ** 2
+    return ((ce + ordinal_weight * ordinal) * w).sum() / w.sum()
+
+
 def train_cross_encoder(train_df, grades: list[int], settings: CrossEncoderSettings, valid_df=None,
                         progress: bool = True) -> tuple[CrossEncoderModel, dict]:
     """Fine-tune on `train_df` (query, text, grade[, variance]); pick the decision rule on `valid_df`.
@@ -347,47 +411,23 @@ def train_cross_encoder(train_df, grades: list[int], settings: CrossEncoderSetti
     """
     torch = _torch()
 
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
-    np.random.seed(settings.seed)
-    torch.set_num_threads(settings.threads)
+    _seed(settings)
     tokenizer, bert = build_encoder(settings.base_model)
     model = CrossEncoderModel(tokenizer, bert, grades, settings.max_length, max_text_chars=settings.max_text_chars)
-    df = train_df.reset_index(drop=True)
-    if settings.max_train_pairs and len(df) > settings.max_train_pairs:
-        df = df.sample(settings.max_train_pairs, random_state=settings.seed).reset_index(drop=True)
-    index = {g: i for i, g in enumerate(grades)}
-    labels = torch.tensor([index[int(g)] for g in df["grade"]])
-    if settings.weight_by_variance and "variance" in df.columns:
-        var = df["variance"].astype(float).fillna(0.0).to_numpy()
-        weights = torch.tensor(1.0 / (1.0 + var), dtype=torch.float32)
-    else:
-        weights = torch.ones(len(df))
+    df = _training_pairs(train_df, settings)
+    labels, weights = _targets(df, grades, settings)
     grade_values = torch.tensor([float(g) for g in grades])
     span = float(max(grades) - min(grades)) or 1.0
-    if settings.freeze_layers >= 0:
-        for p in model.bert.embeddings.parameters():
-            p.requires_grad_(False)
-        for layer in model.bert.encoder.layer[:settings.freeze_layers]:
-            for p in layer.parameters():
-                p.requires_grad_(False)
-    params = [
-        {"params": [p for p in model.bert.parameters() if p.requires_grad], "lr": settings.learning_rate},
-        {"params": list(model.head.parameters()), "lr": settings.head_learning_rate},
-    ]
-    optimizer = torch.optim.AdamW(params, weight_decay=0.01)
+    _freeze(model, settings.freeze_layers)
     steps_per_epoch = math.ceil(len(df) / settings.batch_size)
     total = max(1, steps_per_epoch * settings.epochs)
-    warmup = int(total * settings.warmup_share)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    optimizer, scheduler = _optimizer(model, settings, total)
     queries, texts = df["query"].tolist(), df["text"].tolist()
     started = time.time()
     frozen = settings.freeze_layers if settings.freeze_layers > 0 and settings.cache_frozen else 0
     cached = _frozen_outputs(model, queries, texts, frozen, progress=progress) if frozen else None
     history: dict = {"epochs": [], "train_pairs": len(df)}
     rng = np.random.default_rng(settings.seed)
-    step = 0
     bar = None
     if progress:
         bar = progress_bar(total, desc="train tier1", unit="step", mininterval=10)
@@ -399,22 +439,14 @@ def train_cross_encoder(train_df, grades: list[int], settings: CrossEncoderSetti
             if cached is not None:
                 logits = _top_logits(model, [cached[i] for i in idx], frozen)
             else:
-                enc = model._encode([queries[i] for i in idx], [texts[i] for i in idx])
-                logits = model.logits(enc)
-            y = labels[idx]
-            w = weights[idx]
-            ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-            probs = torch.softmax(logits, dim=-1)
-            expected = probs @ grade_values
-            ordinal = ((expected - grade_values[y]) / span) ** 2
-            loss = ((ce + settings.ordinal_weight * ordinal) * w).sum() / w.sum()
+                logits = model.logits(model._encode([queries[i] for i in idx], [texts[i] for i in idx]))
+            loss = _batch_loss(logits, labels[idx], weights[idx], grade_values, span, settings.ordinal_weight)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.bert.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
-            step += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-50:]):.3f}")
