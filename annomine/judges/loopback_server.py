@@ -100,6 +100,48 @@ def _tokens(content: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]+|\s+", content)
 
 
+def _data_block(text: str) -> tuple[dict, str]:
+    """The prompt's data block (the one holding a JSON object; {} when none) and the prompt's text outside it."""
+    data: dict = {}
+    outside = text
+    for block in _DATA.finditer(text):  # the data block is the one holding a JSON object
+        try:
+            candidate = json.loads(block.group(1))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(candidate, dict):
+            data = candidate
+            outside = outside.replace(block.group(0), " ")
+    return data, outside
+
+
+def _content(answer: dict, grade: int, fault: str | None) -> tuple[str, str]:
+    """The completion's content and finish reason: the JSON answer, spoilt as a 'malformed' or 'truncated' fault says."""
+    content = json.dumps(answer)
+    finish = "stop"
+    if fault == "malformed":
+        content = f"The grade is {grade} because it looks fine."
+    elif fault == "truncated":
+        content = content[: max(3, len(content) // 3)]
+        finish = "length"
+    return content, finish
+
+
+def _logprobs(content: str, grade: int, dist: dict[int, float], k: int, fault: str | None) -> dict:
+    """The choice's `logprobs`: the grade token's top-k from the rule distribution, every other token sure."""
+    items = []
+    for tok in _tokens(content):
+        if tok.strip().lstrip("-").isdigit() and int(tok) == grade and fault != "malformed":
+            top = sorted(((str(g), math.log(max(p, 1e-12))) for g, p in dist.items()), key=lambda x: -x[1])[:k]
+            lp = math.log(max(dist.get(grade, 1e-12), 1e-12))
+            items.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+                          "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]})
+        else:
+            items.append({"token": tok, "logprob": -0.01, "bytes": list(tok.encode()),
+                          "top_logprobs": [{"token": tok, "logprob": -0.01, "bytes": list(tok.encode())}]})
+    return {"content": items}
+
+
 def _closed_by_peer(conn: socket.socket) -> bool:
     """Whether the client has closed `conn` (readable with nothing to read), without waiting or consuming bytes."""
     try:
@@ -211,6 +253,47 @@ class _Handler(BaseHTTPRequestHandler):
                 st.stats["busy_seconds"] += done - arrived
                 st.stats["last_response_at"] = max(done, st.stats["last_response_at"] or done)
 
+    def _answer_fault(self, fault: str | None) -> bool:
+        """Answer the request as an injected fault that replaces the completion says; True when it was answered."""
+        st = self.state
+        if fault == "429":
+            self._json(429, {"error": {"message": "rate limited (injected)", "type": "rate_limit_error"}},
+                       {"Retry-After": f"{st.retry_after_s:g}"})
+        elif fault == "401":
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            message = f"Incorrect API key provided: {key} (header 'Authorization: Bearer {key}')"
+            self._json(401, {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}})
+        elif fault == "500":
+            self._json(500, {"error": {"message": "server error (injected)", "type": "server_error"}})
+        elif fault == "garbage":
+            self._send(200, b"<html>upstream proxy error</html>{not json", content_type="application/json")
+        elif fault == "slow" and self._wait_unless_hung_up(st.slow_ms / 1000.0):
+            with st.lock:
+                st.stats["abandoned"] += 1
+            self.close_connection = True
+        else:
+            return False
+        return True
+
+    def _grade(self, text: str) -> tuple[int, float, float, str]:
+        """The grade, word overlap, position on the grade scale and reason for a prompt."""
+        st = self.state
+        data, outside = _data_block(text)
+        obey = _OBEY.search(outside)
+        if obey and int(obey.group(1)) in st.grades:
+            grade, overlap, position = int(obey.group(1)), float("nan"), float(int(obey.group(1)) - min(st.grades))
+            reason = "followed an instruction in the prompt"
+            with st.lock:
+                st.stats["obeyed_instruction"] += 1
+        elif data:
+            grade, overlap, position = rule_grade(str(data.get("query", "")), str(data.get("product", "")), st.grades)
+            reason = f"{overlap:.0%} of query words in product"
+        else:
+            # No data block: grade the whole prompt against itself is meaningless; answer the lowest grade.
+            grade, overlap, position = min(st.grades), 0.0, 0.0
+            reason = "no data block found"
+        return grade, overlap, position, reason
+
     def _complete(self, raw: bytes):
         st = self.state
         if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
@@ -227,72 +310,18 @@ class _Handler(BaseHTTPRequestHandler):
         if fault:
             with st.lock:
                 st.stats["faults"][fault] += 1
-        if fault == "429":
-            return self._json(429, {"error": {"message": "rate limited (injected)", "type": "rate_limit_error"}},
-                              {"Retry-After": f"{st.retry_after_s:g}"})
-        if fault == "401":
-            key = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            message = f"Incorrect API key provided: {key} (header 'Authorization: Bearer {key}')"
-            return self._json(401, {"error": {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}})
-        if fault == "500":
-            return self._json(500, {"error": {"message": "server error (injected)", "type": "server_error"}})
-        if fault == "garbage":
-            return self._send(200, b"<html>upstream proxy error</html>{not json", content_type="application/json")
-        if fault == "slow" and self._wait_unless_hung_up(st.slow_ms / 1000.0):
-            with st.lock:
-                st.stats["abandoned"] += 1
-            self.close_connection = True
+        if self._answer_fault(fault):
             return None
         text = "\n".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
-        data: dict = {}
-        outside = text
-        for block in _DATA.finditer(text):  # the data block is the one holding a JSON object
-            try:
-                candidate = json.loads(block.group(1))
-            except json.JSONDecodeError:
-                continue
-            if isinstance(candidate, dict):
-                data = candidate
-                outside = outside.replace(block.group(0), " ")
-        obey = _OBEY.search(outside)
-        sharp = "large" in model.lower()
-        if obey and int(obey.group(1)) in st.grades:
-            grade, overlap, position = int(obey.group(1)), float("nan"), float(int(obey.group(1)) - min(st.grades))
-            reason = "followed an instruction in the prompt"
-            with st.lock:
-                st.stats["obeyed_instruction"] += 1
-        elif data:
-            grade, overlap, position = rule_grade(str(data.get("query", "")), str(data.get("product", "")), st.grades)
-            reason = f"{overlap:.0%} of query words in product"
-        else:
-            # No data block: grade the whole prompt against itself is meaningless; answer the lowest grade.
-            grade, overlap, position = min(st.grades), 0.0, 0.0
-            reason = "no data block found"
-        dist = rule_distribution(position, st.grades, sharp)
+        grade, overlap, position, reason = self._grade(text)
+        dist = rule_distribution(position, st.grades, "large" in model.lower())
         # a response schema without `reason` (LLMTierConfig.reason false) closes the object after the grade
         answer = {"grade": grade} if _schema_omits_reason(body.get("response_format")) else {"grade": grade, "reason": reason}
-        content = json.dumps(answer)
-        finish = "stop"
-        if fault == "malformed":
-            content = f"The grade is {grade} because it looks fine."
-        elif fault == "truncated":
-            content = content[: max(3, len(content) // 3)]
-            finish = "length"
+        content, finish = _content(answer, grade, fault)
         choice: dict = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
                         "logprobs": None}
         if body.get("logprobs") and st.logprobs_supported:
-            k = int(body.get("top_logprobs") or 5)
-            items = []
-            for tok in _tokens(content):
-                if tok.strip().lstrip("-").isdigit() and int(tok) == grade and fault != "malformed":
-                    top = sorted(((str(g), math.log(max(p, 1e-12))) for g, p in dist.items()), key=lambda x: -x[1])[:k]
-                    lp = math.log(max(dist.get(grade, 1e-12), 1e-12))
-                    items.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()),
-                                  "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]})
-                else:
-                    items.append({"token": tok, "logprob": -0.01, "bytes": list(tok.encode()),
-                                  "top_logprobs": [{"token": tok, "logprob": -0.01, "bytes": list(tok.encode())}]})
-            choice["logprobs"] = {"content": items}
+            choice["logprobs"] = _logprobs(content, grade, dist, int(body.get("top_logprobs") or 5), fault)
         usage = {"prompt_tokens": len(words(text)) + 4 * len(messages), "completion_tokens": len(_tokens(content))}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         with st.lock:
