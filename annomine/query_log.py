@@ -153,24 +153,11 @@ def query_id_for(query: str) -> str:
     return "b-" + hashlib.sha1(query.encode("utf-8")).hexdigest()[:12]
 
 
-def build_query_log(products: pd.DataFrame, n_queries: int, seed: int = 13, mix: dict[str, float] | None = None,
-                    zipf_s: float = 1.0, top_frequency: int = 20000) -> pd.DataFrame:
-    """`n_queries` built queries: query_id ('b-<hash>'), query, frequency, kind, support."""
-    columns = ["query_id", "query", "frequency", "kind", "support"]
-    if n_queries <= 0 or products.empty:
-        return pd.DataFrame(columns=columns)
-    mix = dict(mix or DEFAULT_MIX)
-    rng = np.random.default_rng(seed)
-    cands = candidates(products)
-    n_typos = int(round(n_queries * mix.get("misspelling", 0.0)))
-    n_clean = n_queries - n_typos
-    clean_kinds = [k for k in KINDS if k != "misspelling"]
-    weights = np.array([mix.get(k, 0.0) for k in clean_kinds], dtype=float)
-    weights = weights / weights.sum()
-    quota = {k: int(round(w * n_clean)) for k, w in zip(clean_kinds, weights)}
+def _pick_clean(cands: pd.DataFrame, quota: dict[str, int], rng: np.random.Generator) -> pd.DataFrame:
+    """Catalog candidates drawn per kind by support ** 0.75 to fill `quota`, topped up from the rest, deduplicated."""
     picked = []
     leftover = 0
-    for kind in clean_kinds:
+    for kind in quota:
         pool = cands[cands["kind"] == kind]
         want = quota[kind] + leftover
         take = min(want, len(pool))
@@ -186,13 +173,20 @@ def build_query_log(products: pd.DataFrame, n_queries: int, seed: int = 13, mix:
             p = rest["support"].to_numpy(dtype=float) ** 0.75
             picked.append(rest.iloc[np.sort(rng.choice(len(rest), size=take, replace=False, p=p / p.sum()))])
     clean = pd.concat(picked, ignore_index=True) if picked else pd.DataFrame(columns=["kind", "query", "support"])
-    clean = clean.drop_duplicates("query").reset_index(drop=True)
-    # Popularity: support with log-normal noise; Zipf frequencies over that order.
-    popularity = clean["support"].to_numpy(dtype=float) * rng.lognormal(0.0, 1.0, size=len(clean))
+    return clean.drop_duplicates("query").reset_index(drop=True)
+
+
+def _zipf_frequencies(support: np.ndarray, rng: np.random.Generator, top_frequency: int, zipf_s: float) -> np.ndarray:
+    """Zipf frequencies over the order of support with log-normal noise (the queries' popularity)."""
+    popularity = support * rng.lognormal(0.0, 1.0, size=len(support))
     order = np.argsort(-popularity, kind="stable")
-    freq = np.empty(len(clean), dtype=np.int64)
-    freq[order] = np.maximum(1, np.round(top_frequency / np.arange(1, len(clean) + 1) ** zipf_s)).astype(np.int64)
-    clean["frequency"] = freq
+    freq = np.empty(len(support), dtype=np.int64)
+    freq[order] = np.maximum(1, np.round(top_frequency / np.arange(1, len(support) + 1) ** zipf_s)).astype(np.int64)
+    return freq
+
+
+def _misspellings(clean: pd.DataFrame, n_typos: int, rng: np.random.Generator) -> tuple[list[tuple], set[str]]:
+    """Up to `n_typos` new misspelt queries (kind, query, support, frequency) and every query seen so far."""
     typos = []
     seen = set(clean["query"])
     if n_typos and len(clean):
@@ -206,6 +200,28 @@ def build_query_log(products: pd.DataFrame, n_queries: int, seed: int = 13, mix:
                 seen.add(q)
                 f = max(1, int(round(row["frequency"] * rng.uniform(0.02, 0.1))))
                 typos.append(("misspelling", q, int(row["support"]), f))
+    return typos, seen
+
+
+def build_query_log(products: pd.DataFrame, n_queries: int, seed: int = 13, mix: dict[str, float] | None = None,
+                    zipf_s: float = 1.0, top_frequency: int = 20000) -> pd.DataFrame:
+    """`n_queries` built queries: query_id ('b-<hash>'), query, frequency, kind, support."""
+    columns = ["query_id", "query", "frequency", "kind", "support"]
+    if n_queries <= 0 or products.empty:
+        return pd.DataFrame(columns=columns)
+    mix = dict(mix or DEFAULT_MIX)
+    rng = np.random.default_rng(seed)
+    cands = candidates(products)
+    n_typos = int(round(n_queries * mix.get("misspelling", 0.0)))
+    n_clean = n_queries - n_typos
+    clean_kinds = [k for k in KINDS if k != "misspelling"]
+    weights = np.array([mix.get(k, 0.0) for k in clean_kinds], dtype=float)
+    weights = weights / weights.sum()
+    quota = {k: int(round(w * n_clean)) for k, w in zip(clean_kinds, weights)}
+    clean = _pick_clean(cands, quota, rng)
+    # Popularity: support with log-normal noise; Zipf frequencies over that order.
+    clean["frequency"] = _zipf_frequencies(clean["support"].to_numpy(dtype=float), rng, top_frequency, zipf_s)
+    typos, seen = _misspellings(clean, n_typos, rng)
     extra = []
     short = n_queries - len(clean) - len(typos)
     if short > 0:  # too few misspellable queries: fill with unpicked catalog candidates, at the tail
