@@ -223,26 +223,30 @@ def _track(ctx: JobContext, cfg: ChannelsConfig, run_id: str, stats: dict, summa
         run.artifacts(files, "channel_overlap")
 
 
-def run(ctx: JobContext, cfg: ChannelsConfig) -> dict:
-    t0 = time.time()
-    run_id = cfg.run_id()
+def _read_products(ctx: JobContext) -> pd.DataFrame:
+    """The products table, sorted by product_id (raising when it is empty)."""
     products = (ctx.tables.read("products")
                 .select("product_id", "title", "description", "brand", "category", "attributes", "text", "content_hash")
                 .toPandas().sort_values("product_id").reset_index(drop=True))
     if products.empty:
         raise ValueError("the products table is empty; run `annomine ingest` first")
-    fingerprint = catalog_fingerprint(products)
-    stats: dict = {"products": len(products)}
+    return products
+
+
+def _queries_to_run(ctx: JobContext, products: pd.DataFrame, cfg: ChannelsConfig) -> pd.DataFrame:
+    """The queries of the configured origins (built ones of this builder config only), writing built queries first."""
     built_ids: set[str] = set()
     if cfg.n_built_queries:
         built_ids = set(write_built_queries(ctx, products, cfg)["query_id"])
     qall = ctx.tables.read("queries").select("query_id", "query", "origin").toPandas()
     # Built queries of an earlier, different builder config stay in the table but are not run.
     keep = qall["origin"].isin(cfg.origins) & ((qall["origin"] != "built") | qall["query_id"].isin(built_ids) | (cfg.n_built_queries == 0))
-    queries = qall[keep].drop_duplicates("query_id").sort_values("query_id").reset_index(drop=True)
-    print(f"channels run {run_id}: {len(queries)} queries "
-          f"({', '.join(f'{k} {v}' for k, v in _value_counts(queries['origin']))}), {len(products)} products, top-{cfg.top_k}")
-    stats["queries"] = len(queries)
+    return qall[keep].drop_duplicates("query_id").sort_values("query_id").reset_index(drop=True)
+
+
+def _run_channels(ctx: JobContext, cfg: ChannelsConfig, products: pd.DataFrame, queries: pd.DataFrame, run_id: str,
+                  fingerprint: str, stats: dict) -> None:
+    """Build each channel's retriever and log its results for the queries not yet logged (stats get the timings)."""
     for channel in cfg.channels:
         source = f"channels/{channel}@catalog-{fingerprint}"
         todo = pending_queries(ctx, queries, run_id, channel, source, cfg.refresh)
@@ -261,7 +265,10 @@ def run(ctx: JobContext, cfg: ChannelsConfig) -> dict:
         stats[f"{channel}_queries_per_s"] = result["queries_per_s"]
         print(f"{channel}: index built in {build_s:.1f}s ({result['index_mb']} MB shipped), {result['queries']} queries "
               f"retrieved and logged in {result['seconds']}s ({result['queries_per_s']} queries/s)")
-    # Row counts and the overlap report over this run's queries.
+
+
+def _run_logs(ctx: JobContext, run_id: str, queries: pd.DataFrame, stats: dict):
+    """This run's retrieval_logs rows of these queries, with each channel's row counts printed (and put in stats)."""
     logs = ctx.tables.read("retrieval_logs").where(F.col("run_id") == run_id)
     qids = ctx.spark.createDataFrame(queries[["query_id"]].astype(str))
     logs = logs.join(qids, "query_id", "left_semi")
@@ -270,6 +277,22 @@ def run(ctx: JobContext, cfg: ChannelsConfig) -> dict:
     for _, r in counts.sort_values("channel").iterrows():
         print(f"retrieval_logs[{run_id}] {r['channel']}: {r['rows']} rows, {r['queries']} queries with results, max rank {r['max_rank']}")
         stats[f"{r['channel']}_rows"] = int(r["rows"])
+    return logs
+
+
+def run(ctx: JobContext, cfg: ChannelsConfig) -> dict:
+    t0 = time.time()
+    run_id = cfg.run_id()
+    products = _read_products(ctx)
+    fingerprint = catalog_fingerprint(products)
+    stats: dict = {"products": len(products)}
+    queries = _queries_to_run(ctx, products, cfg)
+    print(f"channels run {run_id}: {len(queries)} queries "
+          f"({', '.join(f'{k} {v}' for k, v in _value_counts(queries['origin']))}), {len(products)} products, top-{cfg.top_k}")
+    stats["queries"] = len(queries)
+    _run_channels(ctx, cfg, products, queries, run_id, fingerprint, stats)
+    # Row counts and the overlap report over this run's queries.
+    logs = _run_logs(ctx, run_id, queries, stats)
     k = min(cfg.report_k, cfg.top_k)
     per_query = overlap_per_query(logs, k, tuple(cfg.channels)).merge(queries[["query_id", "origin"]], on="query_id", how="left")
     summary = summarise(per_query, k)
