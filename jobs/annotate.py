@@ -442,6 +442,16 @@ def forecast_run(ctx: JobContext, cfg: AnnotateConfig, cascade, job: _Run, pairs
     return out
 
 
+def _tally_outcomes(stats: dict, outcomes: list) -> None:
+    """Put the pairs decided, graded, failed and retried, and the pairs settled per tier, in the summary."""
+    stats["pairs"] = len(outcomes)
+    stats["graded"] = sum(o[1] for o in outcomes)
+    stats["errors"] = sum(o[2] for o in outcomes)
+    stats["retried"] = sum(o[3] for o in outcomes)
+    for tier, count in pd.Series([o[0] for o in outcomes], dtype=object).value_counts().items():
+        stats["by_tier"][tier] = int(count)
+
+
 def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
     from annomine.judges.cascade import Cascade
     from annomine.judges.store import resolve_judge
@@ -483,13 +493,7 @@ def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
         record_spend(ctx, stats, job.usage, cascade)
         stats["escalation"]["combiner"] = cascade.kept_combinations
         stats["escalation"]["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
-        outcomes = list(job.decided.values())
-        stats["pairs"] = len(outcomes)
-        stats["graded"] = sum(o[1] for o in outcomes)
-        stats["errors"] = sum(o[2] for o in outcomes)
-        stats["retried"] = sum(o[3] for o in outcomes)
-        for tier, count in pd.Series([o[0] for o in outcomes], dtype=object).value_counts().items():
-            stats["by_tier"][tier] = int(count)
+        _tally_outcomes(stats, list(job.decided.values()))
         if cascade.server is not None:
             stats["llm_server"] = cascade.server.stats
         failure = job.failure
