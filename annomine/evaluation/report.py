@@ -148,6 +148,15 @@ def teacher_lines(teacher: dict | None, rotation: str | None = None) -> list[str
     return lines
 
 
+def _segment_table(models: list[dict], metric: str, pct: bool = False) -> list[str]:
+    """The markdown table of one metric per query segment, a row per model."""
+    lines = ["| model | " + " | ".join(SEGMENTS) + " |", "|---|" + "---|" * len(SEGMENTS)]
+    for model in models:
+        cells = [_fmt(model["metrics"].get(s, {}).get(metric), pct=pct) for s in SEGMENTS]
+        lines.append(f"| {model['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     """The comparison table, per-segment NDCG@10 and the facts needed to reproduce it."""
     conf = int(round(report["bootstrap"]["confidence"] * 100))
@@ -184,17 +193,9 @@ def markdown(report: dict) -> str:
     lines += ["", f"## NDCG@10 (unjudged=0) by query segment", "", f"Segments: {report['segment_rule']}; "
               f"counts {report['segment_counts']}"
               + (f"; in the dev split that made every training-time choice: {selection}" if selection else "") + ".", ""]
-    lines.append("| model | " + " | ".join(SEGMENTS) + " |")
-    lines.append("|---|" + "---|" * len(SEGMENTS))
-    for model in report["models"]:
-        cells = [_fmt(model["metrics"].get(s, {}).get("ndcg@10")) for s in SEGMENTS]
-        lines.append(f"| {model['label']} | " + " | ".join(cells) + " |")
+    lines += _segment_table(report["models"], "ndcg@10")
     lines += ["", "## Lowest-grade share@10 by query segment", ""]
-    lines.append("| model | " + " | ".join(SEGMENTS) + " |")
-    lines.append("|---|" + "---|" * len(SEGMENTS))
-    for model in report["models"]:
-        cells = [_fmt(model["metrics"].get(s, {}).get("lowest_share@10"), pct=True) for s in SEGMENTS]
-        lines.append(f"| {model['label']} | " + " | ".join(cells) + " |")
+    lines += _segment_table(report["models"], "lowest_share@10", pct=True)
     inputs = report["inputs"]
     lines += ["", "## Inputs", ""]
     for key in ("products", "queries", "labels", "n_products", "n_queries_evaluated", "n_labels",
