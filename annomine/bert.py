@@ -2,14 +2,17 @@
 
 Every tower, the cross-encoder judge, its bi-encoder feature and the ANN channel load weights here
 (local files only, `add_pooling_layer=False`: an unused pooler breaks DDP) and pool here
-(attention-masked mean), so they all see the same vectors. Depends on nothing else of annomine's
-encoder code: `annomine.encoders` and `annomine.onnx_encoder` build on it.
+(attention-masked mean), so they all see the same vectors. `per_process` is the one per-process
+cache of loaded models (the ANN channel's text encoders, the tier-1 judges). Depends on nothing else of
+annomine's encoder code: `annomine.encoders` and `annomine.onnx_encoder` build on it.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from annomine.errors import MissingInputError
 
@@ -19,6 +22,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MINILM = "minilm"
 TINY = "tiny"  # a small random BERT for tests (the MiniLM tokenizer, 2 layers of width 32)
+
+T = TypeVar("T")
+# Loaded models kept for the life of the process, by (kind, what identifies it): Spark workers and
+# pandas UDFs ask for the same model once per batch.
+_LOADED: dict[tuple, object] = {}
+_LOADED_LOCK = threading.RLock()
+
+
+def per_process(key: tuple, build: Callable[[], T]) -> T:
+    """The object cached under `key` in this process, built once by `build()` (under a lock: threads
+    asking at once wait for the first)."""
+    with _LOADED_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = build()
+        return _LOADED[key]
 
 
 def minilm_path() -> Path:

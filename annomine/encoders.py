@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 import numpy as np
 
-from annomine.bert import MINILM, load_bert, mean_pool, minilm_path, resolve_model_path  # noqa: F401 - the encoders' API
+from annomine.bert import MINILM, load_bert, mean_pool, minilm_path, per_process, resolve_model_path  # noqa: F401 - the encoders' API
 from annomine.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -163,14 +162,6 @@ class TextEncoder:
         return encode_sorted(self.tokenizer, run, list(texts), self.dim, self.max_length, self.batch_size, progress, desc)
 
 
-_SHARED: dict[tuple[str, int], TextEncoder] = {}
-_SHARED_LOCK = threading.Lock()
-
-
 def shared_encoder(name: str, max_length: int) -> TextEncoder:
     """One TextEncoder per (model, max_length) per process."""
-    with _SHARED_LOCK:
-        key = (name, int(max_length))
-        if key not in _SHARED:
-            _SHARED[key] = TextEncoder(name, max_length=max_length)
-        return _SHARED[key]
+    return per_process(("text-encoder", name, int(max_length)), lambda: TextEncoder(name, max_length=max_length))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from annomine.bert import TINY, build_encoder, load_bert, mean_pool  # noqa: F401 - TINY: the judge's API
+from annomine.bert import TINY, build_encoder, load_bert, mean_pool, per_process  # noqa: F401 - TINY: the judge's API
 from annomine.bounds import bounded
 from annomine.errors import DamagedInputError
 from annomine.progress import progress as progress_bar, progress_iter
@@ -228,21 +228,19 @@ def check_weights(folder: str | Path) -> None:
                                     "(annomine judge train) or set cascade.judge to another version") from exc
 
 
-_CACHE: dict[str, CrossEncoderModel] = {}
-_CACHE_LOCK = threading.Lock()
-
-
 def load_cached(folder: str | Path) -> CrossEncoderModel:
     """One model per judge folder per process (pandas-UDF workers call this once per batch)."""
-    key = str(Path(folder).resolve())
-    with _CACHE_LOCK:
-        if key not in _CACHE:
-            t0 = time.time()
-            torch = _torch()
-            torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-            _CACHE[key] = CrossEncoderModel.load(folder)
-            log.info("tier-1 judge loaded from %s in %.1fs (pid %d)", folder, time.time() - t0, __import__("os").getpid())
-        return _CACHE[key]
+    return per_process(("judge", str(Path(folder).resolve())), lambda: _load_for_workers(folder))
+
+
+def _load_for_workers(folder: str | Path) -> CrossEncoderModel:
+    """`CrossEncoderModel.load` with torch held to at most 2 threads (several workers share a machine)."""
+    t0 = time.time()
+    torch = _torch()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    model = CrossEncoderModel.load(folder)
+    log.info("tier-1 judge loaded from %s in %.1fs (pid %d)", folder, time.time() - t0, __import__("os").getpid())
+    return model
 
 
 def version_id(settings: CrossEncoderSettings, grades: list[int], train_keys: list[tuple]) -> str:
