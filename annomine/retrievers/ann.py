@@ -9,29 +9,16 @@ job builds it once and ships it to the workers.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from annomine.bounds import bounded
+from annomine.encoders import shared_encoder
 from annomine.retrievers.registry import Channel, ChannelInputs
 from annomine.vocabulary import ANN
 
-_ENCODERS: dict[tuple[str, int], object] = {}
-_LOCK = threading.Lock()
 HNSW_ABOVE = 100_000
-
-
-def shared_encoder(name: str, max_length: int):
-    """One TextEncoder per (model, max_length) per process."""
-    with _LOCK:
-        key = (name, int(max_length))
-        if key not in _ENCODERS:
-            from annomine.encoders import TextEncoder
-
-            _ENCODERS[key] = TextEncoder(name, max_length=max_length)
-        return _ENCODERS[key]
 
 
 def _build_index(embeddings: np.ndarray, kind: str):

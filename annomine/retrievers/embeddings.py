@@ -49,7 +49,7 @@ def ensure_embeddings(ctx, products: pd.DataFrame, cfg, stats: dict) -> np.ndarr
 
     cfg: encoder, max_length, encode_batch_size, embed_chunk and model_key (`ann.ANNConfig`).
     """
-    from annomine.retrievers.ann import shared_encoder
+    from annomine.encoders import shared_encoder
 
     cached = _cached(ctx, cfg.model_key)
     hashes = products["content_hash"].fillna("").tolist()
