@@ -40,8 +40,13 @@ STAGES: list[StageSpec] = [
               input_files=_wh("judges", "current.json")),
     StageSpec("curriculum", ["mined_candidates", "annotations", "human_labels", "products", "queries"], []),
     StageSpec("train", [], [], output_files=lambda project, cfg: [project.warehouse_path / "models" / f"{cfg.variant}.json"]),
+    StageSpec("rank", ["human_labels", "products", "queries", "annotations"], [],
+              input_files=lambda project, cfg: [project.warehouse_path / "judges" / "current.json",
+                                                project.outputs_path / "models" / "best.json"],
+              output_files=lambda project, cfg: [project.outputs_path / "rankers" / "current.json"]),
     StageSpec("evaluate", ["human_labels", "products", "queries"], [],
-              input_files=_wh("models", "best.json")),
+              input_files=lambda project, cfg: [project.warehouse_path / "models" / "best.json",
+                                                project.outputs_path / "rankers" / "current.json"]),
 ]
 
 

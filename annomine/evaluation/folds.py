@@ -164,5 +164,7 @@ def _pooled_report(reports: dict[int, dict], rows: pd.DataFrame, labels: list[st
         "models": models, "skipped_models": skipped,
         "per_query": rows.to_dict("records"),
         "comparisons": metrics_lib.compare_to_baselines(rows, baselines, labels, n_resamples, confidence, seed,
-                                                        also_against=also_against),
+                                                        also_against=also_against)
+        + metrics_lib.ranked_comparisons(rows, [m["label"] for m in models if m["spec"].get("kind") == "ranked"],
+                                         labels, n_resamples, confidence, seed),
     }
