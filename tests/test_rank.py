@@ -175,3 +175,39 @@ def test_an_unknown_label_choice_is_a_config_error_naming_the_key(tmp_path, proj
 
     conf = _rank_conf(tmp_path, project)
     assert guarded("annomine rank", rank.main, ["--conf", conf, "--set", "rank.labels=[clicks]"]) == 2
+
+
+def test_the_registered_pyfunc_serves_retriever_and_ranker_together(tmp_path, tiny_model, tiny_judge):
+    import mlflow
+
+    from annomine.evaluation.inputs import catalog_from_file
+    from annomine.ranking import store
+    from annomine.ranking.apply import rank_with
+    from annomine.ranking.serving import log_ranked_model
+    from annomine.ranking.training import LabelChoice, fit_one
+    from annomine.ranking.model import RankerParams
+
+    catalog, _ = catalog_from_file(str(_shop(tmp_path / "shop") / "products.tsv"))
+    settings = FeatureSettings(top_k=10, channel_k=5)
+    tier1 = Tier1Scores(tiny_judge)
+    sources = FeatureSources(catalog, ModelSpec("tower", "folder", str(tiny_model), path=str(tiny_model)), tier1)
+    frame = build_features(sources, ["q3", "q27"], ["16 gb memory card", "red kettle"], settings)
+    frame["judge_grade"] = tier1.decide(frame[[f"ce_p{j}" for j in range(1, 5)]].to_numpy())
+    ranker = fit_one(frame, columns_of(settings.groups, GRADES), LabelChoice("raw"),
+                     RankerParams(n_estimators=10, min_child_samples=1, num_leaves=4, threads=1), 1, 4, seed=13)
+    warehouse = tmp_path / "wh"
+    folder = store.rankers_dir(warehouse) / "rank-test"
+    ranker.save(folder, store.VARIANT_FILES["ranked"])
+    (folder / store.META).write_text(json.dumps({
+        "folder": "rankers/rank-test", "retriever": {"label": "tower", "kind": "folder", "source": str(tiny_model)},
+        "retriever_path": str(tiny_model), "judge_path": str(tiny_judge), "features": {"top_k": 10, "channel_k": 5}}))
+    published = store.from_folder(folder)
+    expected, _ = rank_with(published, "ranked", catalog, ["zanzibar teapot", "wool socks"], EncodeSettings(), None, None)
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("rank-serving")
+    with mlflow.start_run():
+        uri = log_ranked_model(published, catalog).model_uri
+    served = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"query": ["zanzibar teapot", "wool socks"]}),
+                                                   params={"k": 5})
+    assert [list(ids) for ids in served] == [ids[:5] for ids in expected]

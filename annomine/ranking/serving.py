@@ -66,4 +66,13 @@ def log_ranked_model(published: PublishedRanker, catalog: Catalog, variant: str 
         if retriever is not None:
             artifacts["retriever"] = str(retriever)
         return mlflow.pyfunc.log_model(name=name, python_model=_pyfunc(variant), artifacts=artifacts,
-                                       pip_requirements=["annomine"])
+                                       signature=_signature(), pip_requirements=["annomine"])
+
+
+def _signature():
+    """A `query` column (and an optional `segment`) in; the parameter `k` (list length, default 10)."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "query"), ColSpec("string", "segment", required=False)]),
+                          params=ParamSchema([ParamSpec("k", "long", DEFAULT_K)]))
