@@ -169,12 +169,14 @@ def test_rank_without_a_judge_is_one_line_naming_the_pointer(ctx, tmp_path, tiny
     assert f"annomine rank: error: no trained judge: {ctx.project.warehouse_path / 'judges' / 'current.json'}" in err
 
 
-def test_an_unknown_label_choice_is_a_config_error_naming_the_key(tmp_path, project):
+def test_an_unknown_label_choice_is_a_config_error_naming_the_key(tmp_path, project, capsys):
     from annomine.cli import guarded
     from jobs import rank
 
     conf = _rank_conf(tmp_path, project)
     assert guarded("annomine rank", rank.main, ["--conf", conf, "--set", "rank.labels=[clicks]"]) == 2
+    assert f"annomine rank: error: {conf}:rank: labels must name one or more of ['raw', 'polarized', 'human'], " \
+           "got ['clicks']" in capsys.readouterr().err
 
 
 def test_the_registered_pyfunc_serves_retriever_and_ranker_together(tmp_path, tiny_model, tiny_judge):
