@@ -50,7 +50,8 @@ from annomine.tracking import Tracker
 
 log = logging.getLogger("annomine.rank")
 
-CE_PREFIX = "ce_"  # the columns of the cross-encoder feature group
+CE_PREFIX = "ce_"
+TRAIN_QUERY_CHOICES = ("train", "calibration")  # the columns of the cross-encoder feature group
 
 
 @dataclass
@@ -67,6 +68,12 @@ class RankConfig:
     # Sigmoid steepnesses and centres tried for `polarized` (centre on the expected grade scaled to [0, 1]).
     steepness: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])
     centres: list[float] = field(default_factory=lambda: [0.5, 0.67, 0.83])
+    # Which train queries the ranker learns from, each compared on dev: `train` (every labelled train query) and
+    # `calibration` (only the judge's calibration queries: the cross-encoder never trained on them, so its scores
+    # there are as unreliable as on a new query).
+    train_queries: list[str] = field(default_factory=lambda: list(TRAIN_QUERY_CHOICES))
+    # judge.calibration_fraction: which train queries are the judge's calibration queries (checked against the judge).
+    calibration_fraction: float = 0.25
     # Also fit the ablations: the raw label (no polarization) and the chosen label without cross-encoder features.
     ablations: bool = True
     # Use the cascade's grade (annotations) where a candidate has one; else tier 1's grade for every candidate.
@@ -84,6 +91,10 @@ class RankConfig:
             raise ValueError(f"labels must name one or more of {list(LABEL_CHOICES)}, got {self.labels}")
         if "polarized" in self.labels and (not self.steepness or not self.centres):
             raise ValueError("the polarized label needs at least one steepness and one centre")
+        if not self.train_queries or sorted(set(self.train_queries) - set(TRAIN_QUERY_CHOICES)):
+            raise ValueError(f"train_queries must name one or more of {list(TRAIN_QUERY_CHOICES)}, got {self.train_queries}")
+        if not 0 < self.calibration_fraction < 1:
+            raise ValueError("calibration_fraction must be in (0, 1) (= judge.calibration_fraction)")
         if any(s <= 0 for s in self.steepness) or any(not 0 < c < 1 for c in self.centres):
             raise ValueError("steepness values must be > 0 and centres in (0, 1)")
 
@@ -106,7 +117,10 @@ def labelled_queries(ctx: JobContext) -> tuple[pd.DataFrame, pd.DataFrame, dict]
     return queries, labels[labels["query_id"].isin(set(queries["query_id"]))], segments.to_dict()
 
 
-def split_ids(labels: pd.DataFrame, project) -> dict[str, list[str]]:
+def split_ids(labels: pd.DataFrame, project, calibration_fraction: float) -> dict[str, list[str]]:
+    """train, dev and calibration (the judge's calibration queries among train: `annomine.judges.data.assign_splits`)."""
+    from annomine.judges.data import assign_splits
+
     of = functools.partial(split_of, fold=project.fold, rotation=project.rotation)
     ids = sorted(labels["query_id"].unique())
     out = {name: [q for q in ids if of(q) == name] for name in ("train", "dev")}
@@ -114,7 +128,21 @@ def split_ids(labels: pd.DataFrame, project) -> dict[str, list[str]]:
         if not found:
             raise MissingInputError(f"table human_labels has no labelled {name} queries (annomine.splits); "
                                     "the ranker trains on train queries and is chosen on dev queries")
+    judge_split = assign_splits(pd.DataFrame({"query_id": out["train"]}), calibration_fraction, project.seed,
+                                project.fold, project.rotation)
+    out["calibration"] = [q for q, s in zip(out["train"], judge_split) if s == "calibration"]
     return out
+
+
+def check_calibration_queries(judge: Path, n_found: int, cfg: RankConfig) -> None:
+    """The judge's metrics.json says how many calibration queries it had: rank.calibration_fraction must agree."""
+    try:
+        recorded = json.loads((judge / "metrics.json").read_text())["splits"]["calibration"]["queries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if "calibration" in cfg.train_queries and recorded != n_found:
+        raise ConfigError(f"rank.calibration_fraction {cfg.calibration_fraction} gives {n_found} calibration queries, but "
+                          f"the judge {judge.name} was calibrated on {recorded}: set it to judge.calibration_fraction")
 
 
 def retriever_of(ctx: JobContext, cfg: RankConfig):
@@ -171,15 +199,25 @@ def engagement_of(ctx: JobContext, columns: list[str]) -> pd.DataFrame | None:
 
 def train_rankers(frame: pd.DataFrame, ids: dict, dev_labels: pd.DataFrame, cfg: RankConfig, columns: list[str],
                   project) -> tuple[dict, dict]:
-    """{variant: Ranker} (ranked and, with ablations, ranked-raw / ranked-no-ce) and the selection record."""
-    train = frame[frame["query_id"].isin(ids["train"])].reset_index(drop=True)
+    """{variant: Ranker} (ranked and, with ablations, ranked-raw / ranked-no-ce) and the selection record: every
+    (train queries, label) choice is fitted and the best dev NDCG@10 wins (ties: the earlier)."""
     dev = frame[frame["query_id"].isin(ids["dev"])].reset_index(drop=True)
     choices = label_choices(cfg.labels, cfg.steepness, cfg.centres)
     g = (project.min_grade, project.max_grade)
-    ranker, chosen, results = fit_and_select(train, dev, dev_labels, columns, choices, cfg.ranker, *g, project.seed)
+    best, results = None, []
+    for queries in cfg.train_queries:
+        subset = frame[frame["query_id"].isin(ids[queries])].reset_index(drop=True)
+        if subset.empty:
+            raise MissingInputError(f"no {queries} queries to train the ranker on (rank.train_queries)")
+        ranker, chosen, found = fit_and_select(subset, dev, dev_labels, columns, choices, cfg.ranker, *g, project.seed)
+        results += [dict(r, train_queries=queries) for r in found]
+        score = max(r["dev_ndcg@10"] for r in found if r["choice"] == chosen.name)
+        if best is None or score > best[0]:
+            best = (score, ranker, chosen, queries, subset)
+    score, ranker, chosen, queries, train = best
     rankers = {"ranked": ranker}
-    record = {"choices": results, "chosen": chosen.as_dict() | {"name": chosen.name},
-              "dev_ndcg@10": {"ranked": next(r["dev_ndcg@10"] for r in results if r["choice"] == chosen.name),
+    record = {"choices": results, "chosen": chosen.as_dict() | {"name": chosen.name, "train_queries": queries},
+              "dev_ndcg@10": {"ranked": score,
                               "retriever": dev_ndcg(dev, -dev["retriever_rank"].to_numpy(), dev_labels, *g),
                               "tier1": dev_ndcg(dev, dev["ce_expected"].to_numpy(), dev_labels, *g)
                               if "ce_expected" in dev else None},
@@ -224,8 +262,9 @@ def run(ctx: JobContext, cfg: RankConfig) -> dict:
     started = time.time()
     project = ctx.project
     queries, labels, segments = labelled_queries(ctx)
-    ids = split_ids(labels, project)
+    ids = split_ids(labels, project, cfg.calibration_fraction)
     retriever, judge = retriever_of(ctx, cfg), judge_folder(ctx, cfg)
+    check_calibration_queries(judge, len(ids["calibration"]), cfg)
     cache_dir = project.warehouse_path / "cache"
     catalog, _ = inputs_lib.catalog_from_table(ctx.tables)
     tier1 = Tier1Scores(judge, cache_folder(cache_dir))
@@ -254,7 +293,8 @@ def run(ctx: JobContext, cfg: RankConfig) -> dict:
 
 def summary_lines(record: dict, folder: Path) -> str:
     dev = record["dev_ndcg@10"]
-    lines = [f"rank: chose {record['chosen']['name']} on {record['n_dev_queries']} dev queries "
+    lines = [f"rank: chose {record['chosen']['name']} trained on the {record['chosen']['train_queries']} queries, on "
+             f"{record['n_dev_queries']} dev queries "
              f"(trained on {record['n_train_queries']} train queries, {record['n_train_rows']} candidates)"]
     lines += [f"  dev NDCG@10 {name:<14} {value:.4f}" for name, value in dev.items() if value is not None]
     lines.append(f"rank: ranker {folder} (pointer {folder.parent / store.POINTER})")

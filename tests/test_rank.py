@@ -101,6 +101,7 @@ def _rank_conf(tmp_path, project) -> str:
     conf = tmp_path / "rank.yaml"
     conf.write_text(open(_conf(tmp_path, project)).read() + (
         "rank:\n  features: {top_k: 10, channel_k: 5}\n  steepness: [8]\n  centres: [0.5, 0.67]\n"
+        "  calibration_fraction: 0.8\n"  # q3, the one train query, is then also the judge's calibration query
         "  ranker: {n_estimators: 20, min_child_samples: 1, num_leaves: 4, threads: 1}\n"))
     return str(conf)
 
@@ -129,9 +130,10 @@ def test_rank_trains_publishes_and_evaluate_ranks_outside_files(ctx, tmp_path, t
     folder = warehouse / pointer["path"]
     meta = json.loads((folder / "rank.json").read_text())
     assert meta["judge_path"] == "judges/ce-ranktest" and meta["selection"]["n_train_queries"] == 1
-    # raw, human and polarized at two centres were compared on the one dev query
-    assert [c["choice"] for c in meta["selection"]["choices"]] == [
-        "raw", "polarized(steepness=8,centre=0.5)", "polarized(steepness=8,centre=0.67)", "human"]
+    # raw, human and polarized at two centres, trained on the train and on the calibration queries, compared on dev
+    labels = ["raw", "polarized(steepness=8,centre=0.5)", "polarized(steepness=8,centre=0.67)", "human"]
+    assert [(c["train_queries"], c["choice"]) for c in meta["selection"]["choices"]] == [
+        *(("train", label) for label in labels), *(("calibration", label) for label in labels)]
     assert {p.name for p in folder.iterdir()} >= {"ranker.txt", "ablation_raw.txt", "ablation_no_ce.txt",
                                                   "feature_importance.png", "rank.json"}
     no_ce = json.loads((folder / "ablation_no_ce.json").read_text())["columns"]
@@ -213,3 +215,17 @@ def test_the_registered_pyfunc_serves_retriever_and_ranker_together(tmp_path, ti
     served = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"query": ["zanzibar teapot", "wool socks"]}),
                                                    params={"k": 5})
     assert [list(ids) for ids in served] == [ids[:5] for ids in expected]
+
+
+def test_calibration_fraction_must_match_the_judge_s_calibration_queries(tmp_path):
+    from annomine.config import ConfigError
+    from jobs.rank import RankConfig, check_calibration_queries
+
+    judge = tmp_path / "ce-x"
+    judge.mkdir()
+    (judge / "metrics.json").write_text(json.dumps({"splits": {"calibration": {"pairs": 90, "queries": 32}}}))
+    check_calibration_queries(judge, 32, RankConfig())
+    with pytest.raises(ConfigError, match=r"rank.calibration_fraction 0.25 gives 30 calibration queries, but the judge "
+                                          r"ce-x was calibrated on 32: set it to judge.calibration_fraction"):
+        check_calibration_queries(judge, 30, RankConfig())
+    check_calibration_queries(judge, 30, RankConfig(train_queries=["train"]))  # not used: nothing to check
