@@ -19,6 +19,8 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
+SAVE_EVERY = 2000  # pairs scored between two writes of the cache
+
 
 def cache_folder(cache_root: Path) -> Path:
     """Where tier-1 scores are kept under a cache root (`<warehouse>/cache`)."""
@@ -63,11 +65,16 @@ class Tier1Scores:
         todo = {k: (q, t) for k, q, t in zip(keys, queries, texts) if k not in known}
         if todo:
             log.info("tier 1: scoring %d new pairs (%d cached)", len(todo), len(keys) - len(todo))
-            pairs = list(todo.values())
-            probs = self.model.predict_proba([q for q, _ in pairs], [t for _, t in pairs], batch_size=self.batch_size)
-            known.update(zip(todo, np.asarray(probs, dtype=float)))
-            self.scored += len(todo)
+        pending = list(todo.items())
+        for start in range(0, len(pending), SAVE_EVERY):  # saved as it goes: an interrupted run keeps its scores
+            chunk = pending[start:start + SAVE_EVERY]
+            probs = self.model.predict_proba([q for _, (q, _) in chunk], [t for _, (_, t) in chunk],
+                                             batch_size=self.batch_size)
+            known.update(zip((k for k, _ in chunk), np.asarray(probs, dtype=float)))
+            self.scored += len(chunk)
             self._save()
+            if len(pending) > SAVE_EVERY:
+                log.info("tier 1: %d of %d new pairs scored", min(start + SAVE_EVERY, len(pending)), len(pending))
         if not keys:
             return np.zeros((0, len(self.grades)))
         return np.stack([known[k] for k in keys])
