@@ -49,13 +49,16 @@ crowdflower: install crowdflower-models
 # the host of 2026-12-03; its members are published as curriculum_seed14 and _seed15).
 FOLD_VARIANTS := curriculum human human_plus_curriculum curriculum_with_human curriculum_merged_human curriculum_soup_uniform
 CF := --conf conf/crowdflower.yaml
+# The rank stage's lists (the pipeline runs `rank` in fold 0; fold 1 runs it below) beside the free baselines.
+RANKED := minilm+bm25,best+ce,ranked,ranked-raw,ranked-no-ce
 crowdflower-folds: crowdflower
 	# fold 0: the pipeline trained the curriculum; the variants a user with labels would compare it with
 	for v in $(filter-out curriculum,$(FOLD_VARIANTS)); do $(BIN)/annomine train $(CF) --set train.variant=$$v || exit 1; done
-	$(BIN)/annomine evaluate $(CF) --models bm25,minilm,variants --set evaluate.register=false
+	$(BIN)/annomine evaluate $(CF) --models bm25,minilm,variants,$(RANKED) --set evaluate.register=false
 	$(BIN)/annomine curriculum $(CF) --set project.fold=1
 	for v in $(FOLD_VARIANTS); do $(BIN)/annomine train $(CF) --set project.fold=1 --set train.variant=$$v || exit 1; done
-	$(BIN)/annomine evaluate $(CF) --models bm25,minilm,variants --set project.fold=1
+	$(BIN)/annomine rank $(CF) --set project.fold=1
+	$(BIN)/annomine evaluate $(CF) --models bm25,minilm,variants,$(RANKED) --set project.fold=1
 	$(BIN)/annomine evaluate $(CF) --pool-folds
 
 # Another rotation (annomine/splits.py): another block of the open labelled queries held out, the judge, its
@@ -69,10 +72,11 @@ RCF = $(CF) --set project.rotation=$(ROTATION)
 crowdflower-rotation: install crowdflower-models
 	$(BIN)/annomine pipeline $(RCF)
 	for v in $(filter-out curriculum,$(ROTATION_VARIANTS)); do $(BIN)/annomine train $(RCF) --set train.variant=$$v || exit 1; done
-	$(BIN)/annomine evaluate $(RCF) --models bm25,minilm,variants
+	$(BIN)/annomine evaluate $(RCF) --models bm25,minilm,variants,$(RANKED)
 	$(BIN)/annomine curriculum $(RCF) --set project.fold=1
 	for v in $(ROTATION_VARIANTS); do $(BIN)/annomine train $(RCF) --set project.fold=1 --set train.variant=$$v || exit 1; done
-	$(BIN)/annomine evaluate $(RCF) --models bm25,minilm,variants --set project.fold=1
+	$(BIN)/annomine rank $(RCF) --set project.fold=1
+	$(BIN)/annomine evaluate $(RCF) --models bm25,minilm,variants,$(RANKED) --set project.fold=1
 	$(BIN)/annomine evaluate $(RCF) --pool-folds
 	$(BIN)/annomine evaluate $(CF) --pool-rotations
 
