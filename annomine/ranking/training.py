@@ -7,6 +7,7 @@ annotations and the human labels go in; rankers and the dev figures that chose a
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import pandas as pd
 from annomine.evaluation.metrics import per_query_metrics
 from annomine.ranking.labels import relevance
 from annomine.ranking.model import Ranker, RankerParams, fit_ranker, rerank
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ def fit_and_select(train: pd.DataFrame, dev: pd.DataFrame, dev_labels: pd.DataFr
         ranker = fit_one(train, columns, choice, params, min_grade, max_grade, seed)
         score = dev_ndcg(dev, ranker.score(dev), dev_labels, min_grade, max_grade)
         results.append({"choice": choice.name, **choice.as_dict(), "dev_ndcg@10": score})
+        log.info("ranker on %d queries, label %s: dev NDCG@10 %.4f", train["query_id"].nunique(), choice.name, score)
         if best is None or (not math.isnan(score) and (math.isnan(best[0]) or score > best[0])):
             best = (score, ranker, choice)
     return best[1], best[2], results
