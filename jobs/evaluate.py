@@ -300,7 +300,8 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     ranked = [s.label for s in specs if s.kind == "ranked"]
     if ranked and per_query_rows:  # the rank stage's lists against every other list, paired
         report["comparisons"] += metrics_lib.ranked_comparisons(pd.DataFrame(per_query_rows), ranked, [s.label for s in specs],
-                                                                cfg.bootstrap_resamples, cfg.confidence, project.seed)
+                                                                cfg.bootstrap_resamples, cfg.confidence, project.seed,
+                                                                known=report["comparisons"])
     out = report_path(project, cfg)
     report_lib.write_json(report, out)
     md = out.with_suffix(".md")

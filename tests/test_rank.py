@@ -229,3 +229,16 @@ def test_calibration_fraction_must_match_the_judge_s_calibration_queries(tmp_pat
                                           r"ce-x was calibrated on 32: set it to judge.calibration_fraction"):
         check_calibration_queries(judge, 30, RankConfig())
     check_calibration_queries(judge, 30, RankConfig(train_queries=["train"]))  # not used: nothing to check
+
+
+def test_a_ranked_list_is_compared_with_every_other_list_once():
+    from annomine.evaluation.metrics import compare_to_baselines, ranked_comparisons
+
+    rows = pd.DataFrame([{"model": m, "query_id": q, "ndcg@10": v, "lowest_share@10": 0.0}
+                         for q, values in {"a": (0.5, 0.6, 0.9), "b": (0.4, 0.7, 0.8), "c": (0.6, 0.5, 0.7)}.items()
+                         for m, v in zip(("minilm", "best+ce", "ranked"), values)])
+    known = compare_to_baselines(rows, ["minilm"], ["best+ce", "ranked"], 100)
+    extra = ranked_comparisons(rows, ["ranked"], ["minilm", "best+ce", "ranked"], 100, known=known)
+    assert {(c["against"], c["metric"]) for c in extra} == {("best+ce", "ndcg@10"), ("best+ce", "lowest_share@10")}
+    against_ce = next(c for c in extra if c["metric"] == "ndcg@10")
+    assert against_ce["model_mean"] == pytest.approx(0.8) and against_ce["baseline_mean"] == pytest.approx(0.6)

@@ -297,16 +297,18 @@ def compare_to_baselines(per_query: pd.DataFrame, baselines: list[str], models: 
 
 
 def ranked_comparisons(per_query: pd.DataFrame, ranked: list[str], references: list[str], n_resamples: int = 1000,
-                       confidence: float = 0.95, seed: int = 13) -> list[dict]:
+                       confidence: float = 0.95, seed: int = 13, known: list[dict] = ()) -> list[dict]:
     """Each ranked list (the rank stage's) against every other evaluated model (zero-shot MiniLM, the retriever
     alone, the RRF hybrid, the cross-encoder rerank, ...), on NDCG@10 and the lowest-grade share, paired over
-    the same queries; the same rows as `compare_to_baselines`."""
+    the same queries; the same rows as `compare_to_baselines`, leaving out those already in `known`."""
+    seen = {(c["model"], c["against"], c["metric"]) for c in known}
     out = []
     for reference in references:
         if reference in ranked:
             continue
-        out += compare_to_baselines(per_query, [reference], [m for m in ranked if m != reference], n_resamples,
-                                    confidence, seed, reference_for_lowest=reference)
+        out += [c for c in compare_to_baselines(per_query, [reference], [m for m in ranked if m != reference],
+                                                n_resamples, confidence, seed, reference_for_lowest=reference)
+                if (c["model"], c["against"], c["metric"]) not in seen]
     return out
 
 
