@@ -33,12 +33,13 @@ def main() -> None:
     parser.add_argument("--products", required=True)
     parser.add_argument("--queries", required=True)
     parser.add_argument("--n", type=int, default=20, help="queries ranked one at a time")
+    parser.add_argument("--cache", default="/tmp/annomine-bench-rank", help="catalog embeddings cache (not the warehouse's)")
     args = parser.parse_args()
     warehouse = Path(args.warehouse).resolve()
     published = load_published(warehouse, warehouse)
     catalog, _ = catalog_from_file(args.products)
     texts = queries_from_file(args.queries)["query"].tolist()[: args.n + 1]
-    lists = RankedLists(published, "ranked", catalog, EncodeSettings(), warehouse / "cache" / "eval_embeddings", None)
+    lists = RankedLists(published, "ranked", catalog, EncodeSettings(), Path(args.cache), None)
     lists.rank(texts[:1])  # warm-up: models loaded, catalog embeddings read, BM25 and lexical indexes built
     text_of = dict(zip(catalog.ids, catalog.texts))
     total, tier1, ranker = [], [], []
