@@ -16,6 +16,8 @@ TRAINING = [
     # Inference (catalog and query encoding) through ONNX Runtime; torch stays for training and as the fallback.
     "onnxruntime==1.32.0",
     "onnx==1.23.2",
+    # The rank stage's LambdaMART ranker (annomine/ranking/model.py).
+    "lightgbm==4.7.0",
 ]
 DEV = ["pytest>=8", "pytest-timeout>=2.3", "databricks-bundles==1.22.1"]
 # The local LLM tier (annomine/judges/local_server.py): llama.cpp's OpenAI-compatible server. An sdist on CPU-only

@@ -38,6 +38,8 @@ Not everything is a table. Under `project.warehouse` (on Databricks: the bundle'
 | `shards/<variant>/run-<tag>/stage<k>_<name>/*.parquet`, `shards/<variant>/manifest.json` | curriculum | training shards read by `train` (the `train_set_*` tables hold the same rows); each run writes a new `run-<tag>/` (with its dev check) and publishes it by rewriting the manifest last |
 | `judges/<version>.<tag>/`, `judges/current.json` | judge | tier-1 cross-encoder, per-tier calibration, the current judge version (written under `judges/_staging/`, then moved into place) |
 | `models/<variant>/model-<tag>/`, `models/<variant>.json`, `models/best.json` | train | trained two-tower models and pointers to them (also in MLflow) |
+| `rankers/rank-<tag>/`, `rankers/current.json` | rank | LightGBM rankers (and ablations) over the retriever's top-K, the pointer to the current one |
+| `cache/rank_tier1/<judge version>.parquet` | rank, evaluate | tier-1 grade distributions of the pairs scored so far |
 | `_scratch/mine-<tag>/` | mine | the run's Parquet checkpoints, removed when it ends (a killed run's, by the next `mine`) |
 | `pipeline_state.json` | pipeline | fingerprints that let `annomine pipeline` skip current stages |
 | `mlflow.db` | every job (embedded only) | the local MLflow store; on Databricks runs go to the workspace |

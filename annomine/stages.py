@@ -22,6 +22,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("annotate", "jobs.annotate", "grade mined candidates with the judge cascade"),
     Stage("curriculum", "jobs.curriculum", "per-stage training sets as Delta tables and Parquet shards"),
     Stage("train", "jobs.train", "train the two-tower retriever through the curriculum"),
+    Stage("rank", "jobs.rank", "a LambdaMART ranker over the retriever's top-K, labelled by the judge, chosen on dev"),
     Stage("evaluate", "jobs.evaluate", "FAISS retrieval + NDCG@10 on human labels, against baselines"),
     Stage("pipeline", "jobs.pipeline", "every stage in order, skipping those whose outputs are current", has_section=False),
     Stage("fake-llm-server", "jobs.fake_llm_server", "a fake OpenAI-compatible rule server, no model (the LLM tiers' test double)", has_section=False),

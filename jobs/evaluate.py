@@ -8,7 +8,10 @@
 M is `bm25`, `minilm` (zero-shot), a model folder, `best` / a variant name (<warehouse>/models/*.json),
 `variants` (all of them), or an MLflow model URI (runs:/..., models:/...); any dense one suffixed with `+bm25`
 (`minilm+bm25`, `variants+bm25`) is a hybrid, its ranking fused with BM25's by reciprocal rank fusion
-(`minilm+bm25` is then a zero-shot baseline too). Without files, the
+(`minilm+bm25` is then a zero-shot baseline too); suffixed with `+ce` (`best+ce`) its top-k is reordered by the
+current judge's tier-1 expected grade. `ranked` is the rank stage's ranker over its retriever's top-K (`ranked-raw`,
+`ranked-no-ce`: its ablations), built for each query from the query text alone, so outside files work too; a
+ranked list is compared, paired, with every other evaluated list. Without files, the
 ingested tables are used (products, queries, human_labels). Writes the JSON report (NDCG@10 with
 unjudged = 0 and judged-only, lowest-grade share of the judged top 10, Recall@100 of top-grade
 items, per query segment, with bootstrap CIs, plus per-query rows), a markdown report and PNG
@@ -240,7 +243,8 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     for spec in specs:
         t0 = time.time()
         ranked_lists, info = retrieve(spec, catalog, query_texts + [text_of[q] for q in dev_ids], cfg.top_k, settings,
-                                      cache_dir, spark=ctx.spark, stored=stored_vectors(ctx))
+                                      cache_dir, spark=ctx.spark, stored=stored_vectors(ctx),
+                                      segments=[segments.get(q) for q in eval_ids + dev_ids])
         ranked = dict(zip(eval_ids, ranked_lists[:len(eval_ids)]))
         per_query = metrics_lib.per_query_metrics(ranked, labels, project.min_grade, project.max_grade, k=10, recall_k=cfg.top_k)
         summary = metrics_lib.summarise(per_query, segments, cfg.bootstrap_resamples, cfg.confidence, project.seed)
@@ -283,6 +287,11 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     report["comparisons"] = metrics_lib.compare_to_baselines(
         pd.DataFrame(per_query_rows), [s.label for s in specs if s.baseline], [s.label for s in specs],
         cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=tuple(cfg.compare_with)) if per_query_rows else []
+    ranked = [s.label for s in specs if s.kind == "ranked"]
+    if ranked and per_query_rows:  # the rank stage's lists against every other list, paired
+        report["comparisons"] += metrics_lib.ranked_comparisons(pd.DataFrame(per_query_rows), ranked, [s.label for s in specs],
+                                                                cfg.bootstrap_resamples, cfg.confidence, project.seed,
+                                                                known=report["comparisons"])
     out = report_path(project, cfg)
     report_lib.write_json(report, out)
     md = out.with_suffix(".md")
@@ -301,7 +310,7 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
             if project.catalog and "." not in name:  # Unity Catalog models live in catalog.schema
                 name = f"{project.catalog}.{project.schema}.{name}"
             report["registration"] = report_lib.register_best(report, by_label, project.tracking_uri, project.mlflow_experiment,
-                                                              name, out)
+                                                              name, out, catalog=catalog)
         report_lib.write_json(report, out)
         md.write_text(report_lib.markdown(report))
     # The table itself is printed once: by `main` when evaluate runs alone, by the pipeline's closing summary.

@@ -35,6 +35,8 @@ STAGES: list[StageSpec] = [
     StageSpec("curriculum", ["mined_candidates", "annotations", "human_labels", "products", "queries"], [],
               output_files=files.curriculum_outputs),
     StageSpec("train", [], [], input_files=files.train_inputs, output_files=files.train_outputs),
+    StageSpec("rank", ["human_labels", "products", "queries", "annotations"], [], input_files=files.rank_inputs,
+              output_files=files.rank_outputs),
     StageSpec("evaluate", ["human_labels", "products", "queries"], [], input_files=files.evaluate_inputs),
 ]
 

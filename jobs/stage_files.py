@@ -80,10 +80,24 @@ def _model_files(project, spec: str) -> list[Path]:
     return []
 
 
+def ranker_pointer(project, cfg=None) -> list[Path]:
+    """The current ranker's pointer: `rank` writes it, evaluate reads it (the `ranked` lists)."""
+    return [project.outputs_path / "rankers" / "current.json"]
+
+
+def rank_inputs(project, cfg) -> list[Path]:
+    """The judge whose grades and tier-1 scores the ranker learns from, and the retriever it reranks."""
+    return [*judge_pointer(project), _models(project) / "best.json"]
+
+
+def rank_outputs(project, cfg) -> list[Path]:
+    return ranker_pointer(project)
+
+
 def evaluate_inputs(project, cfg) -> list[Path]:
-    """The model pointers of `evaluate.models`, the judge pointer (its teacher check) and any input files;
+    """The model pointers of `evaluate.models`, the judge and ranker pointers and any input files;
     `best.json` always, as the closing summary names it."""
-    files = [_models(project) / "best.json", *judge_pointer(project)]
+    files = [_models(project) / "best.json", *judge_pointer(project), *ranker_pointer(project)]
     files += [Path(p) for p in (cfg.products, cfg.queries, cfg.labels) if p]
     for spec in cfg.models:
         files += _model_files(project, spec.strip())

@@ -132,6 +132,14 @@ def _pooled_spec(specs: list[dict], keys: list[int], key: str) -> dict:
     return spec
 
 
+def _comparisons(rows: pd.DataFrame, models: list[dict], baselines: list[str], labels: list[str], n_resamples: int,
+                 confidence: float, seed: int, also_against: tuple[str, ...]) -> list[dict]:
+    """Against the baselines, then each ranked list against every other list."""
+    found = metrics_lib.compare_to_baselines(rows, baselines, labels, n_resamples, confidence, seed, also_against=also_against)
+    ranked = [m["label"] for m in models if m["spec"].get("kind") == "ranked"]
+    return found + metrics_lib.ranked_comparisons(rows, ranked, labels, n_resamples, confidence, seed, known=found)
+
+
 def _pooled_report(reports: dict[int, dict], rows: pd.DataFrame, labels: list[str], skipped: list[dict], key: str,
                    dev_field: str, n_resamples: int, confidence: float, seed: int, also_against: tuple[str, ...]) -> dict:
     """The fields a pooled report shares with a single one, computed afresh over the pooled per-query rows.
@@ -164,6 +172,5 @@ def _pooled_report(reports: dict[int, dict], rows: pd.DataFrame, labels: list[st
                    "n_queries_evaluated": n_queries, "n_labels": sum(r["inputs"].get("n_labels", 0) for r in reports.values())},
         "models": models, "skipped_models": skipped,
         "per_query": rows.to_dict("records"),
-        "comparisons": metrics_lib.compare_to_baselines(rows, baselines, labels, n_resamples, confidence, seed,
-                                                        also_against=also_against),
+        "comparisons": _comparisons(rows, models, baselines, labels, n_resamples, confidence, seed, also_against),
     }

@@ -8,6 +8,8 @@ LAB_CF := --conf lab/conf/crowdflower.yaml
 LAB_TRAINED := human_plus_curriculum curriculum_with_human
 # Not trained: merged from trained variants, or a variant trained once per seed and averaged (lab/train_merges.py).
 LAB_MERGED := curriculum_merged_human curriculum_soup_uniform
+# Every evaluation lists the trained variants beside the free baselines and the rank stage's lists (its ablations too).
+LAB_MODELS := bm25,minilm,minilm+bm25,variants,best+ce,ranked,ranked-raw,ranked-no-ce
 
 .PHONY: lab-folds lab-rotation lab-rotations
 
@@ -19,11 +21,13 @@ lab-folds: crowdflower
 	$(BIN)/annomine curriculum $(LAB_CF)
 	for v in $(LAB_TRAINED); do $(BIN)/annomine train $(LAB_CF) --set train.variant=$$v || exit 1; done
 	for m in $(LAB_MERGED); do $(BIN)/python -m lab.train_merges $(LAB_CF) $$m || exit 1; done
-	$(BIN)/annomine evaluate $(LAB_CF) --models bm25,minilm,variants --set evaluate.register=false
+	$(BIN)/annomine rank $(LAB_CF)
+	$(BIN)/annomine evaluate $(LAB_CF) --models $(LAB_MODELS) --set evaluate.register=false
 	$(BIN)/annomine curriculum $(LAB_CF) --set project.fold=1
 	for v in curriculum human $(LAB_TRAINED); do $(BIN)/annomine train $(LAB_CF) --set project.fold=1 --set train.variant=$$v || exit 1; done
 	for m in $(LAB_MERGED); do $(BIN)/python -m lab.train_merges $(LAB_CF) --set project.fold=1 $$m || exit 1; done
-	$(BIN)/annomine evaluate $(LAB_CF) --models bm25,minilm,variants --set project.fold=1
+	$(BIN)/annomine rank $(LAB_CF) --set project.fold=1
+	$(BIN)/annomine evaluate $(LAB_CF) --models $(LAB_MODELS) --set project.fold=1
 	$(BIN)/python -m lab.pool $(LAB_CF)
 
 # Another rotation (annomine/splits.py): another block of the open labelled queries held out, the judge, its
@@ -37,11 +41,12 @@ lab-rotation: install crowdflower-models
 	$(BIN)/annomine pipeline $(LAB_RCF)
 	$(BIN)/annomine train $(LAB_RCF) --set train.variant=human
 	$(BIN)/python -m lab.train_merges $(LAB_RCF) curriculum_soup_uniform
-	$(BIN)/annomine evaluate $(LAB_RCF) --models bm25,minilm,variants
+	$(BIN)/annomine evaluate $(LAB_RCF) --models $(LAB_MODELS)
 	$(BIN)/annomine curriculum $(LAB_RCF) --set project.fold=1
 	for v in curriculum human; do $(BIN)/annomine train $(LAB_RCF) --set project.fold=1 --set train.variant=$$v || exit 1; done
 	$(BIN)/python -m lab.train_merges $(LAB_RCF) --set project.fold=1 curriculum_soup_uniform
-	$(BIN)/annomine evaluate $(LAB_RCF) --models bm25,minilm,variants --set project.fold=1
+	$(BIN)/annomine rank $(LAB_RCF) --set project.fold=1
+	$(BIN)/annomine evaluate $(LAB_RCF) --models $(LAB_MODELS) --set project.fold=1
 	$(BIN)/python -m lab.pool $(LAB_RCF)
 	$(BIN)/python -m lab.pool $(LAB_CF) --rotations
 

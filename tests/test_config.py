@@ -114,7 +114,8 @@ def test_a_rotation_lives_in_a_warehouse_of_its_own(tmp_path):
 @pytest.mark.parametrize("name", ["local", "crowdflower", "databricks"])
 def test_shipped_configs_train_the_curriculum_and_the_human_baseline(name):
     """The product's question: did the pipeline's model beat fine-tuning on the labels (`human`), BM25, zero-shot
-    MiniLM and their fusion? The shipped configs build those two variants only and evaluate against the rest."""
+    MiniLM and their fusion? The shipped configs build those two variants only and evaluate against the rest, beside
+    the reranked lists (the cross-encoder's rerank and the rank stage's) without the rank stage's ablations."""
     from pathlib import Path
 
     from jobs.curriculum import CurriculumConfig
@@ -128,4 +129,8 @@ def test_shipped_configs_train_the_curriculum_and_the_human_baseline(name):
     assert list(curriculum.variants) == ["curriculum", "human"]
     assert [s.name for s in curriculum.variant_stages("human")] == ["human"]
     assert train.variant == "curriculum" and train.baselines == ["human"]
-    assert evaluate.models == ["bm25", "minilm", "minilm+bm25", "variants"]
+    assert evaluate.models == ["bm25", "minilm", "minilm+bm25", "variants", "best+ce", "ranked"]
+    from jobs.rank import RankConfig
+
+    _, rank = load_job_config(conf, "rank", RankConfig)
+    assert rank.ablations is False

@@ -296,6 +296,22 @@ def compare_to_baselines(per_query: pd.DataFrame, baselines: list[str], models: 
     return out
 
 
+def ranked_comparisons(per_query: pd.DataFrame, ranked: list[str], references: list[str], n_resamples: int = 1000,
+                       confidence: float = 0.95, seed: int = 13, known: list[dict] = ()) -> list[dict]:
+    """Each ranked list (the rank stage's) against every other evaluated model (zero-shot MiniLM, the retriever
+    alone, the RRF hybrid, the cross-encoder rerank, ...), on NDCG@10 and the lowest-grade share, paired over
+    the same queries; the same rows as `compare_to_baselines`, leaving out those already in `known`."""
+    seen = {(c["model"], c["against"], c["metric"]) for c in known}
+    out = []
+    for reference in references:
+        if reference in ranked:
+            continue
+        out += [c for c in compare_to_baselines(per_query, [reference], [m for m in ranked if m != reference],
+                                                n_resamples, confidence, seed, reference_for_lowest=reference)
+                if (c["model"], c["against"], c["metric"]) not in seen]
+    return out
+
+
 def grade_distribution(per_query: pd.DataFrame, min_grade: int, max_grade: int) -> dict[str, int]:
     """Counts of each grade (and 'unjudged') over all top-10 positions of all queries."""
     counts = {str(g): 0 for g in range(min_grade, max_grade + 1)}

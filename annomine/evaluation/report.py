@@ -398,8 +398,9 @@ def _two_tower_pyfunc():
 
 
 def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str, registered_name: str,
-                  report_file: Path | None = None) -> dict:
-    """Register the two-tower with the best dev NDCG@10 in the MLflow model registry.
+                  report_file: Path | None = None, catalog=None) -> dict:
+    """Register the two-tower with the best dev NDCG@10 in the MLflow model registry, or the rank stage's ranked
+    list (`ranked`: retriever + ranker + the `catalog`, annomine/ranking/serving.py) when its dev NDCG@10 is higher.
 
     The candidates are the evaluated two-towers (baselines and hybrids never). Their dev NDCG@10 is the mean over
     the evaluated queries whose split is `dev`; without dev queries nothing is registered. A model
@@ -411,7 +412,7 @@ def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str,
     candidates = []
     for model in report["models"]:
         spec = specs.get(model["label"])
-        if spec is None or spec.baseline or not spec.two_tower or spec.fusion:
+        if spec is None or spec.baseline or not spec.two_tower or spec.fusion or spec.rerank:
             continue
         dev = model.get("dev_ndcg@10")
         if dev is not None:
@@ -419,6 +420,11 @@ def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str,
     if not candidates:
         return {"registered": False, "reason": "no two-tower with dev queries among the evaluated models"}
     dev, model, spec = max(candidates, key=lambda c: c[0])
+    ranked = [(m["dev_ndcg@10"], m, specs[m["label"]]) for m in report["models"] if m["label"] in specs
+              and specs[m["label"]].kind == "ranked" and specs[m["label"]].source == "ranked"
+              and m.get("dev_ndcg@10") is not None and m["dev_ndcg@10"] > dev]
+    if ranked and catalog is not None:  # the ranked list beats every two-tower (its retriever among them) on dev
+        dev, model, spec = max(ranked, key=lambda c: c[0])
     _use_tracking(tracking_uri)
     mlflow.set_experiment(experiment)
     nested = mlflow.active_run() is not None
@@ -427,7 +433,12 @@ def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str,
             mlflow.log_artifact(str(report_file), artifact_path="evaluation")
         mlflow.log_metric("dev_ndcg_at_10", dev)
         uri = spec.model_uri
-        if not uri or not uri.startswith(("runs:/", "models:/")):
+        if spec.kind == "ranked":
+            from annomine.ranking.serving import log_ranked_model
+            from annomine.ranking.store import from_folder
+
+            uri = log_ranked_model(from_folder(Path(spec.path)), catalog).model_uri
+        elif not uri or not uri.startswith(("runs:/", "models:/")):
             info = mlflow.pyfunc.log_model(name="two_tower", python_model=_two_tower_pyfunc(),
                                            artifacts={"model": spec.path}, pip_requirements=["annomine"])
             uri = info.model_uri

@@ -12,6 +12,10 @@ Any spec may be prefixed with a label: `mine=/path/to/model`.
 Any dense spec may be suffixed with `+bm25` (`minilm+bm25`, `curriculum+bm25`, `variants+bm25`): a hybrid that fuses
 the dense model's and BM25's top-k by reciprocal rank fusion (Cormack et al. 2009, rank constant 60; nothing is
 tuned). `minilm+bm25` is a baseline: the hybrid a user could run without training anything.
+Any dense or hybrid spec may be suffixed with `+ce` (`best+ce`): its top-k reordered by the current judge's tier-1
+expected grade, the cross-encoder rerank a sentence-transformers user would run.
+- `ranked`: the rank stage's ranker (`<outputs>/rankers/current.json`, annomine/ranking/) over its retriever's top-K;
+  `ranked-raw` and `ranked-no-ce` are its ablations (the judge's raw grade as the label; no cross-encoder features).
 
 Dense models encode the catalog with the item tower (queries with the query tower), batched on the
 driver for small catalogs, or in Spark (`mapInPandas`, encoder loaded once per worker process) for a
@@ -46,6 +50,8 @@ from annomine.evaluation.metrics import HYBRID_SUFFIX
 log = logging.getLogger(__name__)
 
 BASELINES = ("bm25", "minilm")
+CE_SUFFIX = "+ce"
+RANKED_SPECS = ("ranked", "ranked-raw", "ranked-no-ce")  # = annomine.ranking.store.VARIANT_FILES
 RRF_RANK_CONSTANT = 60
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "dbfs:/")
 TWO_TOWER_META = "twotower.json"
@@ -66,10 +72,12 @@ class ModelSpec:
     training_pairs: dict | None = None
     # "rrf:bm25": the dense model's ranking fused with BM25's (a hybrid, not a model of its own).
     fusion: str | None = None
+    # A judge folder: the list is reordered by that judge's tier-1 expected grade (`+ce`).
+    rerank: str | None = None
 
     @property
     def baseline(self) -> bool:
-        return self.kind in BASELINES
+        return self.kind in BASELINES and not self.rerank
 
     @property
     def two_tower(self) -> bool:
@@ -78,7 +86,7 @@ class ModelSpec:
     def as_dict(self) -> dict:
         return {"label": self.label, "kind": self.kind, "source": self.source, "path": self.path,
                 "model_uri": self.model_uri, "baseline": self.baseline, "two_tower": self.two_tower,
-                "training_pairs": self.training_pairs, "fusion": self.fusion}
+                "training_pairs": self.training_pairs, "fusion": self.fusion, "rerank": self.rerank}
 
 
 @dataclass
@@ -152,6 +160,10 @@ def resolve_specs(spec: str, warehouse: str | os.PathLike, tracking_uri: str | N
     match = re.match(r"^([A-Za-z0-9_.\-]+)=(.+)$", spec)
     if match and "://" not in match.group(1):
         label, spec = match.group(1), match.group(2)
+    if spec.endswith(CE_SUFFIX) and spec != CE_SUFFIX and not Path(spec).expanduser().is_dir():
+        return _cross_encoder_reranked(spec, label, warehouse, tracking_uri, registry)
+    if spec in RANKED_SPECS:
+        return [_ranked(spec, label, warehouse, registry)]
     if spec.endswith(HYBRID_SUFFIX) and spec != HYBRID_SUFFIX and not Path(spec).expanduser().is_dir():
         dense = resolve_specs(spec[:-len(HYBRID_SUFFIX)], warehouse, tracking_uri, registry)
         if any(d.kind == "bm25" for d in dense):
@@ -178,6 +190,32 @@ def resolve_specs(spec: str, warehouse: str | os.PathLike, tracking_uri: str | N
     raise ModelSpecError(
         f"unknown model {spec!r}: expected bm25, minilm, a model folder, runs:/ or models:/ URI, 'variants', "
         f"or a name in {registry} (known: {known or 'none yet'})")
+
+
+def _cross_encoder_reranked(spec: str, label: str | None, warehouse, tracking_uri, registry) -> list[ModelSpec]:
+    from annomine.judges.store import resolve_judge
+
+    listed = resolve_specs(spec[:-len(CE_SUFFIX)], warehouse, tracking_uri, registry)
+    if any(s.kind == "ranked" or s.rerank for s in listed):
+        raise ModelSpecError(f"{spec!r}: only a retriever's list can be reranked by the cross-encoder")
+    try:
+        judge = resolve_judge(warehouse, None)
+    except FileNotFoundError as exc:
+        raise ModelSpecError(f"{spec!r}: {exc}") from exc
+    return [dataclasses.replace(s, label=label or s.label + CE_SUFFIX, rerank=str(judge)) for s in listed]
+
+
+def _ranked(spec: str, label: str | None, warehouse, registry: Path | None) -> ModelSpec:
+    from annomine.errors import MissingInputError
+    from annomine.ranking.store import load_published
+
+    outputs = registry.parent if registry is not None else Path(warehouse).expanduser().resolve()
+    try:
+        published = load_published(outputs, Path(warehouse).expanduser().resolve())
+        published.model(spec)
+    except MissingInputError as exc:
+        raise ModelSpecError(str(exc)) from exc
+    return ModelSpec(label or spec, "ranked", spec, path=str(published.folder))
 
 
 # ---- dense encoders ----------------------------------------------------------------------
@@ -386,11 +424,33 @@ def reciprocal_rank_fusion(rankings: list[list[str]], k: int, rank_constant: int
     return sorted(scores, key=lambda pid: -scores[pid])[:k]
 
 
+def _reranked(spec: ModelSpec, catalog: Catalog, queries: list[str], k: int, settings: EncodeSettings,
+              cache_dir: Path | None, spark, stored, segments) -> tuple[list[list[str]], dict]:
+    from annomine.ranking import apply
+    from annomine.ranking.tier1 import cache_folder
+
+    tier1_cache = cache_folder(cache_dir.parent) if cache_dir is not None else None
+    if spec.kind == "ranked":
+        from annomine.ranking.store import from_folder
+
+        published = from_folder(Path(spec.path))
+        lists, info = apply.rank_with(published, spec.source, catalog, list(queries), settings, cache_dir, tier1_cache,
+                                      segments, spark, stored)
+        return [ids[:k] for ids in lists], info
+    lists, info = retrieve(dataclasses.replace(spec, rerank=None), catalog, queries, k, settings, cache_dir, spark, stored)
+    reranked, ce_info = apply.ce_rerank(lists, catalog, list(queries), Path(spec.rerank), tier1_cache)
+    return reranked, {**info, **ce_info, "retriever": f"{info.get('retriever')}, reranked by tier 1 ({CE_SUFFIX})"}
+
+
 def retrieve(spec: ModelSpec, catalog: Catalog, queries: list[str], k: int, settings: EncodeSettings,
-             cache_dir: Path | None = None, spark=None, stored=None) -> tuple[list[list[str]], dict]:
-    """Top-k product ids (best first) per query over the whole catalog, and facts about the run."""
+             cache_dir: Path | None = None, spark=None, stored=None, segments: list | None = None) -> tuple[list[list[str]], dict]:
+    """Top-k product ids (best first) per query over the whole catalog, and facts about the run. `segments`: each
+    query's segment (head/torso/tail or None), a feature of the `ranked` specs. Tier-1 scores (`+ce`, `ranked`) are
+    cached beside `cache_dir`."""
     if not len(catalog):
         raise ValueError("the catalog is empty")
+    if spec.kind == "ranked" or spec.rerank:
+        return _reranked(spec, catalog, queries, k, settings, cache_dir, spark, stored, segments)
     if spec.fusion:
         dense, info = retrieve(dataclasses.replace(spec, fusion=None), catalog, queries, k, settings, cache_dir, spark, stored)
         lexical, lexical_info = retrieve(ModelSpec("bm25", "bm25", "bm25"), catalog, queries, k, settings)

@@ -42,6 +42,13 @@ class BM25Retriever:
     def __len__(self) -> int:
         return len(self.product_ids)
 
+    def scores(self, query: str) -> np.ndarray:
+        """The BM25 score of every product (in `product_ids` order) for one query; zeros when no term is known."""
+        toks = [t for t in analyze(query) if t in self.vocab]
+        if not toks:
+            return np.zeros(len(self.product_ids))
+        return np.asarray(self.model.get_scores(toks), dtype=float)
+
     def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
         out: list[list[tuple[str, float]]] = [[] for _ in queries]
         token_lists, positions = [], []

@@ -43,8 +43,11 @@ def test_the_lab_config_is_the_product_s_plus_the_research_keys():
     lab, product = yaml.safe_load(LAB.read_text()), yaml.safe_load(PRODUCT.read_text())
     assert set(lab) - set(product) == {SECTION} and not set(product) - set(lab)
     for section in product:
-        if section not in ("curriculum", "train"):
+        if section not in ("curriculum", "train", "rank", "evaluate"):
             assert lab[section] == product[section], section
+    assert lab["rank"] == {**product["rank"], "ablations": True}, "the lab also fits the rank stage's ablations"
+    assert {**lab["evaluate"], "models": product["evaluate"]["models"]} == product["evaluate"]
+    assert lab["evaluate"]["models"] == product["evaluate"]["models"] + ["ranked-raw", "ranked-no-ce"]
     assert {**lab["train"], "baselines": product["train"]["baselines"]} == product["train"]
     assert lab["train"]["baselines"] == [], "the lab trains one variant per command"
     lab_cur, product_cur = dict(lab["curriculum"]), dict(product["curriculum"])

@@ -1,0 +1,244 @@
+"""The rank stage: polarized labels by hand, features for an unseen query, train + apply on a tiny shop, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from annomine.evaluation.retrievers import Catalog, EncodeSettings, ModelSpec
+from annomine.ranking.features import FeatureSettings, FeatureSources, build_features, columns_of
+from annomine.ranking.labels import POLARIZED_LEVELS, polarize, quantise, relevance
+from annomine.ranking.tier1 import Tier1Scores
+from tests.test_evaluate import LABELS, PRODUCTS, QUERIES, _conf, tiny_model  # noqa: F401 - fixtures reused
+
+GRADES = [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory):
+    import torch
+
+    from annomine.judges.cross_encoder import CrossEncoderModel, build_encoder
+
+    torch.manual_seed(0)
+    tok, bert = build_encoder("tiny")
+    folder = tmp_path_factory.mktemp("judges") / "ce-ranktest"
+    CrossEncoderModel(tok, bert, GRADES, max_length=32, version="ce-ranktest").save(folder)
+    return folder
+
+
+# ---- labels ------------------------------------------------------------------------------------------------
+def test_polarization_by_hand():
+    # expected grades 1, 2.5, 4 on the 1..4 scale are x = 0, 0.5, 1; steepness 8, centre 0.5:
+    # 1 / (1 + e^4) = 0.017986, 1 / (1 + e^0) = 0.5, 1 / (1 + e^-4) = 0.982014
+    s = polarize([1.0, 2.5, 4.0], 1, 4, steepness=8, centre=0.5)
+    assert s == pytest.approx([0.017986, 0.5, 0.982014], abs=1e-6)
+    # a centre at grade 3 (x = 2/3) pushes a 2.5 down: 1 / (1 + e^(8 * (2/3 - 1/2))) = 1 / (1 + e^(4/3)) = 0.208609
+    assert polarize([2.5], 1, 4, 8, 2 / 3)[0] == pytest.approx(0.208609, abs=1e-6)
+    # levels: s * 30 rounded: 0.54 -> 1, 15 -> 15, 29.46 -> 29
+    assert quantise(s).tolist() == [1, 15, 29]
+    frame = pd.DataFrame({"judge_grade": [1, 4, 3], "judge_expected": [1.0, 2.5, 4.0], "human_grade": [np.nan, 2, np.nan]})
+    levels, gains = relevance(frame, "polarized", 1, 4, 8, 0.5)
+    assert levels.tolist() == [1, 15, 29] and gains == [float(g) for g in range(POLARIZED_LEVELS + 1)]
+    assert relevance(frame, "raw", 1, 4)[0].tolist() == [0, 3, 2]
+    assert relevance(frame, "human", 1, 4)[0].tolist() == [0, 1, 2]  # the human grade where the pair has one
+    assert relevance(frame, "raw", 1, 4)[1] == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="steepness and a centre"):
+        relevance(frame, "polarized", 1, 4)
+
+
+# ---- features ----------------------------------------------------------------------------------------------
+def test_features_of_an_unseen_query_come_from_the_catalog_and_the_models(tmp_path, tiny_model, tiny_judge):
+    from annomine.evaluation.inputs import file_product_text
+
+    ids = [p[0] for p in PRODUCTS]
+    texts = [file_product_text(p[1], p[2])[1] for p in PRODUCTS]
+    catalog = Catalog(ids, texts)
+    tier1 = Tier1Scores(tiny_judge, tmp_path / "tier1")
+    sources = FeatureSources(catalog, ModelSpec("tower", "folder", str(tiny_model), path=str(tiny_model)), tier1,
+                             EncodeSettings(), tmp_path / "emb")
+    settings = FeatureSettings(top_k=10, channel_k=3)
+    # a query that is in no table, no log and no label file
+    frame = build_features(sources, ["new"], ["blue ceramic teapot"], settings, segments={"new": "tail"})
+    assert len(frame) == 10 and frame["retriever_rank"].tolist() == list(range(1, 11))
+    assert sorted(frame["product_id"]) == sorted(ids)
+    assert set(columns_of(settings.groups, GRADES)) <= set(frame.columns)
+    by_id = frame.set_index("product_id")
+    bm25 = dict(zip(ids, catalog.bm25.scores("blue ceramic teapot")))
+    assert by_id["bm25_score"].to_dict() == pytest.approx(bm25)
+    # ranks only within each channel's top 3; a product BM25 scores 0 is not retrieved by it
+    assert by_id["bm25_rank"].notna().sum() == 3 and math.isnan(by_id.loc["p10", "bm25_rank"])
+    assert by_id["ann_rank"].dropna().sort_values().tolist() == [1.0, 2.0, 3.0]
+    assert by_id.loc["p1", "lexical_rank"] == 1.0   # the only title with every term (blue, ceramic, teapot)
+    # coverage by hand: p1's title "Zanzibar teapot, blue ceramic" has all 3 terms, p3's "Glass teapot" 1 of 3
+    assert by_id.loc["p1", "title_coverage"] == 1.0 and by_id.loc["p3", "title_coverage"] == pytest.approx(1 / 3)
+    assert (frame["query_terms"] == 3).all() and (frame["query_segment"] == 2).all()
+    probs = frame[[f"ce_p{j}" for j in range(1, 5)]].to_numpy()
+    assert probs.sum(axis=1) == pytest.approx(np.ones(10))
+    assert frame["ce_expected"].to_numpy() == pytest.approx(probs @ np.array(GRADES))
+    assert frame[["tier2_expected", "tier3_expected"]].isna().all().all()   # no LLM grade for an unseen pair
+    assert tier1.scored == 10
+    # tier 1 scores only what it has not scored: a second process reads the cache
+    again = Tier1Scores(tiny_judge, tmp_path / "tier1")
+    assert np.allclose(again.probs(frame["query"].tolist(), frame["text"].tolist()), probs) and again.scored == 0
+
+
+# ---- train + apply, the CLI --------------------------------------------------------------------------------
+def _shop(folder):
+    from tests.conftest import write_tsv
+
+    write_tsv(folder / "products.tsv", ["product_id", "title", "description"], PRODUCTS)
+    write_tsv(folder / "queries.tsv", ["query_id", "query", "frequency"], QUERIES)
+    write_tsv(folder / "labels.tsv", ["query_id", "product_id", "grade", "variance"], LABELS)
+    return folder
+
+
+def _rank_conf(tmp_path, project) -> str:
+    conf = tmp_path / "rank.yaml"
+    conf.write_text(open(_conf(tmp_path, project)).read() + (
+        "rank:\n  features: {top_k: 10, channel_k: 5}\n  steepness: [8]\n  centres: [0.5, 0.67]\n"
+        "  calibration_fraction: 0.8\n"  # q3, the one train query, is then also the judge's calibration query
+        "  ranker: {n_estimators: 20, min_child_samples: 1, num_leaves: 4, threads: 1}\n"))
+    return str(conf)
+
+
+def test_rank_trains_publishes_and_evaluate_ranks_outside_files(ctx, tmp_path, tiny_model, tiny_judge, capsys):
+    from annomine.judges.store import set_current
+    from jobs import evaluate, ingest, rank
+
+    shop = _shop(tmp_path / "shop")
+    sources = ingest.crowdflower_sources(str(shop))
+    ingest.run(ctx, ingest.IngestConfig(products=sources["products"], queries=sources["queries"], labels=sources["labels"]))
+    warehouse = ctx.project.warehouse_path
+    import shutil
+
+    shutil.copytree(tiny_judge, warehouse / "judges" / "ce-ranktest")
+    set_current(warehouse, "ce-ranktest")
+    (warehouse / "models").mkdir(parents=True)
+    (warehouse / "models" / "best.json").write_text(json.dumps({"variant": "curriculum", "path": str(tiny_model)}))
+    conf = _rank_conf(tmp_path, ctx.project)
+
+    assert rank.main(["--conf", conf, "--set", "rank.mlflow=false"]) == 0
+    out = capsys.readouterr().out
+    assert "rank: chose" in out and "dev NDCG@10 ranked-no-ce" in out
+    pointer = json.loads((warehouse / "rankers" / "current.json").read_text())
+    assert pointer["path"] == f"rankers/{pointer['version']}"   # relative to the warehouse
+    folder = warehouse / pointer["path"]
+    meta = json.loads((folder / "rank.json").read_text())
+    assert meta["judge_path"] == "judges/ce-ranktest" and meta["selection"]["n_train_queries"] == 1
+    # raw, human and polarized at two centres, trained on the train and on the calibration queries, compared on dev
+    labels = ["raw", "polarized(steepness=8,centre=0.5)", "polarized(steepness=8,centre=0.67)", "human"]
+    assert [(c["train_queries"], c["choice"]) for c in meta["selection"]["choices"]] == [
+        *(("train", label) for label in labels), *(("calibration", label) for label in labels)]
+    assert {p.name for p in folder.iterdir()} >= {"ranker.txt", "ablation_raw.txt", "ablation_no_ce.txt",
+                                                  "feature_importance.png", "rank.json"}
+    no_ce = json.loads((folder / "ablation_no_ce.json").read_text())["columns"]
+    assert not any(c.startswith("ce_") for c in no_ce) and "bm25_score" in no_ce
+
+    report_file = tmp_path / "out" / "report.json"
+    rc = evaluate.main(["--conf", conf, "--models", "best,best+ce,ranked,ranked-no-ce",
+                        "--products", str(shop / "products.tsv"), "--queries", str(shop / "queries.tsv"),
+                        "--labels", str(shop / "labels.tsv"), "--split", "all", "--out", str(report_file), "--no-mlflow"])
+    assert rc == 0
+    report = json.loads(report_file.read_text())
+    assert [m["label"] for m in report["models"]] == ["best", "best+ce", "ranked", "ranked-no-ce"]
+    rows = pd.DataFrame(report["per_query"])
+    for query_id in ("q1", "q27", "q3", "q4"):
+        lists = rows[rows["query_id"] == query_id].set_index("model")["top10_ids"]
+        # the reranked lists reorder the retriever's own top 10 (the whole tiny catalog)
+        assert sorted(lists["ranked"]) == sorted(lists["best"]) == sorted(lists["best+ce"])
+    against = {(c["model"], c["against"], c["metric"]) for c in report["comparisons"]}
+    assert {("ranked", "best", "ndcg@10"), ("ranked", "best+ce", "ndcg@10"), ("ranked", "best", "lowest_share@10"),
+            ("ranked-no-ce", "best+ce", "ndcg@10")} <= against
+    assert report["models"][2]["retrieval"]["retriever"].startswith("ranked: ranked (LambdaMART")
+
+
+def test_rank_without_a_judge_is_one_line_naming_the_pointer(ctx, tmp_path, tiny_model, capsys):
+    from annomine.cli import guarded
+    from jobs import ingest, rank
+
+    shop = _shop(tmp_path / "shop")
+    sources = ingest.crowdflower_sources(str(shop))
+    ingest.run(ctx, ingest.IngestConfig(products=sources["products"], queries=sources["queries"], labels=sources["labels"]))
+    (ctx.project.warehouse_path / "models").mkdir(parents=True)
+    (ctx.project.warehouse_path / "models" / "best.json").write_text(json.dumps({"path": str(tiny_model)}))
+    assert guarded("annomine rank", rank.main, ["--conf", _rank_conf(tmp_path, ctx.project)]) == 2
+    err = capsys.readouterr().err
+    assert f"annomine rank: error: no trained judge: {ctx.project.warehouse_path / 'judges' / 'current.json'}" in err
+
+
+def test_an_unknown_label_choice_is_a_config_error_naming_the_key(tmp_path, project, capsys):
+    from annomine.cli import guarded
+    from jobs import rank
+
+    conf = _rank_conf(tmp_path, project)
+    assert guarded("annomine rank", rank.main, ["--conf", conf, "--set", "rank.labels=[clicks]"]) == 2
+    assert f"annomine rank: error: {conf}:rank: labels must name one or more of ['raw', 'polarized', 'human'], " \
+           "got ['clicks']" in capsys.readouterr().err
+
+
+def test_the_registered_pyfunc_serves_retriever_and_ranker_together(tmp_path, tiny_model, tiny_judge):
+    import mlflow
+
+    from annomine.evaluation.inputs import catalog_from_file
+    from annomine.ranking import store
+    from annomine.ranking.apply import rank_with
+    from annomine.ranking.serving import log_ranked_model
+    from annomine.ranking.training import LabelChoice, fit_one
+    from annomine.ranking.model import RankerParams
+
+    catalog, _ = catalog_from_file(str(_shop(tmp_path / "shop") / "products.tsv"))
+    settings = FeatureSettings(top_k=10, channel_k=5)
+    tier1 = Tier1Scores(tiny_judge)
+    sources = FeatureSources(catalog, ModelSpec("tower", "folder", str(tiny_model), path=str(tiny_model)), tier1)
+    frame = build_features(sources, ["q3", "q27"], ["16 gb memory card", "red kettle"], settings)
+    frame["judge_grade"] = tier1.decide(frame[[f"ce_p{j}" for j in range(1, 5)]].to_numpy())
+    ranker = fit_one(frame, columns_of(settings.groups, GRADES), LabelChoice("raw"),
+                     RankerParams(n_estimators=10, min_child_samples=1, num_leaves=4, threads=1), 1, 4, seed=13)
+    warehouse = tmp_path / "wh"
+    folder = store.rankers_dir(warehouse) / "rank-test"
+    ranker.save(folder, store.VARIANT_FILES["ranked"])
+    (folder / store.META).write_text(json.dumps({
+        "folder": "rankers/rank-test", "retriever": {"label": "tower", "kind": "folder", "source": str(tiny_model)},
+        "retriever_path": str(tiny_model), "judge_path": str(tiny_judge), "features": {"top_k": 10, "channel_k": 5}}))
+    published = store.from_folder(folder)
+    expected, _ = rank_with(published, "ranked", catalog, ["zanzibar teapot", "wool socks"], EncodeSettings(), None, None)
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("rank-serving")
+    with mlflow.start_run():
+        uri = log_ranked_model(published, catalog).model_uri
+    served = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"query": ["zanzibar teapot", "wool socks"]}),
+                                                   params={"k": 5})
+    assert [list(ids) for ids in served] == [ids[:5] for ids in expected]
+
+
+def test_calibration_fraction_must_match_the_judge_s_calibration_queries(tmp_path):
+    from annomine.config import ConfigError
+    from jobs.rank import RankConfig, check_calibration_queries
+
+    judge = tmp_path / "ce-x"
+    judge.mkdir()
+    (judge / "metrics.json").write_text(json.dumps({"splits": {"calibration": {"pairs": 90, "queries": 32}}}))
+    check_calibration_queries(judge, 32, RankConfig())
+    with pytest.raises(ConfigError, match=r"rank.calibration_fraction 0.25 gives 30 calibration queries, but the judge "
+                                          r"ce-x was calibrated on 32: set it to judge.calibration_fraction"):
+        check_calibration_queries(judge, 30, RankConfig())
+    check_calibration_queries(judge, 30, RankConfig(train_queries=["train"]))  # not used: nothing to check
+
+
+def test_a_ranked_list_is_compared_with_every_other_list_once():
+    from annomine.evaluation.metrics import compare_to_baselines, ranked_comparisons
+
+    rows = pd.DataFrame([{"model": m, "query_id": q, "ndcg@10": v, "lowest_share@10": 0.0}
+                         for q, values in {"a": (0.5, 0.6, 0.9), "b": (0.4, 0.7, 0.8), "c": (0.6, 0.5, 0.7)}.items()
+                         for m, v in zip(("minilm", "best+ce", "ranked"), values)])
+    known = compare_to_baselines(rows, ["minilm"], ["best+ce", "ranked"], 100)
+    extra = ranked_comparisons(rows, ["ranked"], ["minilm", "best+ce", "ranked"], 100, known=known)
+    assert {(c["against"], c["metric"]) for c in extra} == {("best+ce", "ndcg@10"), ("best+ce", "lowest_share@10")}
+    against_ce = next(c for c in extra if c["metric"] == "ndcg@10")
+    assert against_ce["model_mean"] == pytest.approx(0.8) and against_ce["baseline_mean"] == pytest.approx(0.6)
