@@ -193,10 +193,22 @@ def teacher_check(warehouse, fold: int = 0) -> dict | None:
                for split, r in found.items()}}
 
 
-def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, command: str | None = None) -> dict:
-    started = time.time()
+@dataclass
+class _Queries:
+    """The evaluated queries and their labels, and the dev queries ranked beside them for selection only."""
+    labels: pd.DataFrame
+    dev_labels: pd.DataFrame
+    eval_ids: list
+    dev_ids: list
+    text_of: dict
+    segments: pd.Series
+    split_of_query: object
+
+
+def _queries(ctx: JobContext, cfg: EvaluateConfig, queries: pd.DataFrame, raw_labels: pd.DataFrame, sources: dict):
+    """The report's queries and labels (the split's), the dev queries for selection, the rejected label rows and
+    the labelled queries missing from the queries file."""
     project = ctx.project
-    catalog, catalog_facts, queries, raw_labels, sources = load_inputs(ctx, cfg)
     labels, rejected = metrics_lib.merge_labels(raw_labels, project.min_grade, project.max_grade, sources["labels"])
     if len(rejected):
         log.warning("%s: %d label rows rejected, e.g. %s", sources["labels"], len(rejected), rejected.head(3).to_dict("records"))
@@ -215,83 +227,77 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
     eval_ids = sorted(labels["query_id"].unique())
     if not eval_ids:
         raise ValueError(f"no labelled queries in split '{cfg.split}' (labels: {sources['labels']}, queries: {sources['queries']})")
-    text_of = dict(zip(queries["query_id"], queries["query"]))
-    query_texts = [text_of[q] for q in eval_ids]
-    catalog_ids = set(catalog.ids)
-    unknown_products = int((~labels["product_id"].isin(catalog_ids)).sum())
-    if unknown_products:
-        log.warning("%d labels name products that are not in the catalog (they count as not retrieved)", unknown_products)
-    specs, skipped = resolve_models(ctx, cfg, strict_models)
-    settings = cfg.encode
-    cache_dir = project.warehouse_path / "cache" / "eval_embeddings"
-    eval_segments = segments.reindex(eval_ids)
-    seg_counts = {s: int((eval_segments == s).sum()) for s in metrics_lib.SEGMENTS}
-    dev_ids = sorted(dev_labels["query_id"].unique())
+    chosen = _Queries(labels, dev_labels, eval_ids, sorted(dev_labels["query_id"].unique()),
+                      dict(zip(queries["query_id"], queries["query"])), segments, split_of_query)
+    return chosen, rejected, orphan, segment_rule
+
+
+def _selection(q: _Queries, cfg: EvaluateConfig, n_products: int, specs) -> tuple[dict, dict]:
+    """Segment counts of the report's queries and of the dev queries that select; prints what is evaluated."""
+    seg_counts = {s: int((q.segments.reindex(q.eval_ids) == s).sum()) for s in metrics_lib.SEGMENTS}
     # the dev queries: ranked beside the report's split for selection only, or inside it (split dev or all)
-    selection_ids = dev_ids or [q for q in eval_ids if split_of_query(q) == "dev"]
-    n_selection = len(selection_ids)
-    selection_counts = {s: int((segments.reindex(selection_ids) == s).sum()) for s in metrics_lib.SEGMENTS}
+    selection_ids = q.dev_ids or [i for i in q.eval_ids if q.split_of_query(i) == "dev"]
+    selection_counts = {s: int((q.segments.reindex(selection_ids) == s).sum()) for s in metrics_lib.SEGMENTS}
     unseen = [s for s in metrics_lib.SEGMENTS if seg_counts[s] and not selection_counts[s]] if selection_ids else []
-    print(f"evaluate: {len(eval_ids)} queries (split {cfg.split}: {SPLIT_ROLES[cfg.split]}), {len(labels)} labels, "
-          f"{len(catalog)} products, models {[s.label for s in specs]}"
-          + (f"; {len(dev_ids)} dev queries ranked for the registration's dev NDCG@10 only" if dev_ids else ""))
+    print(f"evaluate: {len(q.eval_ids)} queries (split {cfg.split}: {SPLIT_ROLES[cfg.split]}), {len(q.labels)} labels, "
+          f"{n_products} products, models {[s.label for s in specs]}"
+          + (f"; {len(q.dev_ids)} dev queries ranked for the registration's dev NDCG@10 only" if q.dev_ids else ""))
     if unseen:  # the selection never saw this kind of query: its choices say nothing about them
         print(f"evaluate: note: the dev split (every training-time choice) holds no {'/'.join(unseen)} queries; this "
               f"report has {', '.join(f'{seg_counts[s]} {s}' for s in unseen)}")
+    return seg_counts, {"split": "dev", "n_dev_queries": len(selection_ids), "segment_counts": selection_counts,
+                        "note": "registration and every training-time choice use dev NDCG@10; " + SELECTION_NOTES[cfg.split]}
 
-    models, per_query_rows = [], []
-    for spec in specs:
-        t0 = time.time()
-        ranked_lists, info = retrieve(spec, catalog, query_texts + [text_of[q] for q in dev_ids], cfg.top_k, settings,
-                                      cache_dir, spark=ctx.spark, stored=stored_vectors(ctx),
-                                      segments=[segments.get(q) for q in eval_ids + dev_ids])
-        ranked = dict(zip(eval_ids, ranked_lists[:len(eval_ids)]))
-        per_query = metrics_lib.per_query_metrics(ranked, labels, project.min_grade, project.max_grade, k=10, recall_k=cfg.top_k)
-        summary = metrics_lib.summarise(per_query, segments, cfg.bootstrap_resamples, cfg.confidence, project.seed)
-        per_query["split"] = per_query["query_id"].map(split_of_query)
-        if dev_ids:  # selection only: the dev queries' metrics stay out of the report's tables
-            dev_ranked = dict(zip(dev_ids, ranked_lists[len(eval_ids):]))
-            dev_rows = metrics_lib.per_query_metrics(dev_ranked, dev_labels, project.min_grade, project.max_grade, k=10,
-                                                     recall_k=cfg.top_k)
-            dev_values = dev_rows["ndcg@10"].dropna()
-        else:
-            dev_values = per_query.loc[per_query["split"] == "dev", "ndcg@10"].dropna()
-        info["total_s"] = round(time.time() - t0, 1)
-        models.append({"label": spec.label, "spec": spec.as_dict(), "retrieval": info, "metrics": summary,
-                       "dev_ndcg@10": float(dev_values.mean()) if len(dev_values) else None,
-                       "grade_distribution@10": metrics_lib.grade_distribution(per_query, project.min_grade, project.max_grade)})
-        for row in per_query.to_dict("records"):
-            row.update({"model": spec.label, "query": text_of[row["query_id"]], "segment": segments.get(row["query_id"])})
-            per_query_rows.append(row)
-        print(f"evaluate: {spec.label} ranked in {info['total_s']}s", flush=True)
 
-    report = {
-        "created_at": pd.Timestamp.now("UTC").isoformat(),
-        "split": cfg.split, "split_role": SPLIT_ROLES[cfg.split], "fold": project.fold, "rotation": project.rotation,
-        "selection": {"split": "dev", "n_dev_queries": n_selection, "segment_counts": selection_counts,
-                      "note": "registration and every training-time choice use dev NDCG@10; " + SELECTION_NOTES[cfg.split]},
-        "k": 10, "recall_k": cfg.top_k, "index": cfg.encode.index.kind,
-        "grade_scale": {"min": project.min_grade, "max": project.max_grade, "gain": "grade - min_grade"},
-        "metrics": metrics_lib.METRICS,
-        "bootstrap": {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": project.seed},
-        "segment_rule": segment_rule, "segment_counts": seg_counts,
-        "inputs": {**sources, "n_products": len(catalog), "catalog": catalog_facts, "n_queries_in_file": len(queries),
-                   "n_queries_evaluated": len(eval_ids), "n_label_rows": len(raw_labels), "n_labels": len(labels),
-                   "n_rejected_label_rows": len(rejected), "rejected_label_rows": rejected.head(100).to_dict("records"),
-                   "labels_for_unknown_products": unknown_products,
-                   "labelled_queries_not_in_queries_file": len(orphan)},
-        "teacher": teacher_check(project.warehouse_path, project.fold),
-        "models": models, "skipped_models": skipped, "command": command,
-        "per_query": per_query_rows,
-    }
-    report["comparisons"] = metrics_lib.compare_to_baselines(
-        pd.DataFrame(per_query_rows), [s.label for s in specs if s.baseline], [s.label for s in specs],
-        cfg.bootstrap_resamples, cfg.confidence, project.seed, also_against=tuple(cfg.compare_with)) if per_query_rows else []
+def _evaluate_model(ctx: JobContext, cfg: EvaluateConfig, spec: ModelSpec, catalog, q: _Queries) -> tuple[dict, list]:
+    """One model's report entry (metrics with CIs, dev NDCG@10, grade distribution) and its per-query rows."""
+    project = ctx.project
+    t0 = time.time()
+    ranked_lists, info = retrieve(spec, catalog, [q.text_of[i] for i in q.eval_ids + q.dev_ids], cfg.top_k, cfg.encode,
+                                  project.warehouse_path / "cache" / "eval_embeddings", spark=ctx.spark,
+                                  stored=stored_vectors(ctx), segments=[q.segments.get(i) for i in q.eval_ids + q.dev_ids])
+    ranked = dict(zip(q.eval_ids, ranked_lists[:len(q.eval_ids)]))
+    per_query = metrics_lib.per_query_metrics(ranked, q.labels, project.min_grade, project.max_grade, k=10, recall_k=cfg.top_k)
+    summary = metrics_lib.summarise(per_query, q.segments, cfg.bootstrap_resamples, cfg.confidence, project.seed)
+    per_query["split"] = per_query["query_id"].map(q.split_of_query)
+    if q.dev_ids:  # selection only: the dev queries' metrics stay out of the report's tables
+        dev_ranked = dict(zip(q.dev_ids, ranked_lists[len(q.eval_ids):]))
+        dev_rows = metrics_lib.per_query_metrics(dev_ranked, q.dev_labels, project.min_grade, project.max_grade, k=10,
+                                                 recall_k=cfg.top_k)
+        dev_values = dev_rows["ndcg@10"].dropna()
+    else:
+        dev_values = per_query.loc[per_query["split"] == "dev", "ndcg@10"].dropna()
+    info["total_s"] = round(time.time() - t0, 1)
+    model = {"label": spec.label, "spec": spec.as_dict(), "retrieval": info, "metrics": summary,
+             "dev_ndcg@10": float(dev_values.mean()) if len(dev_values) else None,
+             "grade_distribution@10": metrics_lib.grade_distribution(per_query, project.min_grade, project.max_grade)}
+    rows = []
+    for row in per_query.to_dict("records"):
+        row.update({"model": spec.label, "query": q.text_of[row["query_id"]], "segment": q.segments.get(row["query_id"])})
+        rows.append(row)
+    print(f"evaluate: {spec.label} ranked in {info['total_s']}s", flush=True)
+    return model, rows
+
+
+def _comparisons(specs, per_query_rows: list, cfg: EvaluateConfig, seed: int) -> list:
+    """Each model paired with the better baseline and with `compare_with`; the rank stage's lists with every list."""
+    if not per_query_rows:
+        return []
+    rows = pd.DataFrame(per_query_rows)
+    labels = [s.label for s in specs]
+    comparisons = metrics_lib.compare_to_baselines(rows, [s.label for s in specs if s.baseline], labels,
+                                                   cfg.bootstrap_resamples, cfg.confidence, seed,
+                                                   also_against=tuple(cfg.compare_with))
     ranked = [s.label for s in specs if s.kind == "ranked"]
-    if ranked and per_query_rows:  # the rank stage's lists against every other list, paired
-        report["comparisons"] += metrics_lib.ranked_comparisons(pd.DataFrame(per_query_rows), ranked, [s.label for s in specs],
-                                                                cfg.bootstrap_resamples, cfg.confidence, project.seed,
-                                                                known=report["comparisons"])
+    if ranked:  # the rank stage's lists against every other list, paired
+        comparisons += metrics_lib.ranked_comparisons(rows, ranked, labels, cfg.bootstrap_resamples, cfg.confidence,
+                                                      seed, known=comparisons)
+    return comparisons
+
+
+def _write_report(ctx: JobContext, cfg: EvaluateConfig, report: dict, specs, catalog) -> tuple[Path, Path, list]:
+    """The report as JSON and markdown with its plots; logged to MLflow and the final model registered when asked."""
+    project = ctx.project
     out = report_path(project, cfg)
     report_lib.write_json(report, out)
     md = out.with_suffix(".md")
@@ -305,14 +311,50 @@ def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, comma
             print(f"evaluate: rotation {project.rotation}, fold {project.fold}: nothing registered "
                   "(the pipeline's final model is rotation 0's, fold 0's)")
         elif cfg.register:
-            by_label = {s.label: s for s in specs}
             name = cfg.registered_model_name
             if project.catalog and "." not in name:  # Unity Catalog models live in catalog.schema
                 name = f"{project.catalog}.{project.schema}.{name}"
-            report["registration"] = report_lib.register_best(report, by_label, project.tracking_uri, project.mlflow_experiment,
-                                                              name, out, catalog=catalog)
+            report["registration"] = report_lib.register_best(report, {s.label: s for s in specs}, project.tracking_uri,
+                                                              project.mlflow_experiment, name, out, catalog=catalog)
         report_lib.write_json(report, out)
         md.write_text(report_lib.markdown(report))
+    return out, md, plots
+
+
+def run(ctx: JobContext, cfg: EvaluateConfig, strict_models: bool = False, command: str | None = None) -> dict:
+    started = time.time()
+    project = ctx.project
+    catalog, catalog_facts, queries, raw_labels, sources = load_inputs(ctx, cfg)
+    q, rejected, orphan, segment_rule = _queries(ctx, cfg, queries, raw_labels, sources)
+    unknown_products = int((~q.labels["product_id"].isin(set(catalog.ids))).sum())
+    if unknown_products:
+        log.warning("%d labels name products that are not in the catalog (they count as not retrieved)", unknown_products)
+    specs, skipped = resolve_models(ctx, cfg, strict_models)
+    seg_counts, selection = _selection(q, cfg, len(catalog), specs)
+    models, per_query_rows = [], []
+    for spec in specs:
+        model, rows = _evaluate_model(ctx, cfg, spec, catalog, q)
+        models.append(model)
+        per_query_rows += rows
+    report = {
+        "created_at": pd.Timestamp.now("UTC").isoformat(),
+        "split": cfg.split, "split_role": SPLIT_ROLES[cfg.split], "fold": project.fold, "rotation": project.rotation,
+        "selection": selection, "k": 10, "recall_k": cfg.top_k, "index": cfg.encode.index.kind,
+        "grade_scale": {"min": project.min_grade, "max": project.max_grade, "gain": "grade - min_grade"},
+        "metrics": metrics_lib.METRICS,
+        "bootstrap": {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": project.seed},
+        "segment_rule": segment_rule, "segment_counts": seg_counts,
+        "inputs": {**sources, "n_products": len(catalog), "catalog": catalog_facts, "n_queries_in_file": len(queries),
+                   "n_queries_evaluated": len(q.eval_ids), "n_label_rows": len(raw_labels), "n_labels": len(q.labels),
+                   "n_rejected_label_rows": len(rejected), "rejected_label_rows": rejected.head(100).to_dict("records"),
+                   "labels_for_unknown_products": unknown_products,
+                   "labelled_queries_not_in_queries_file": len(orphan)},
+        "teacher": teacher_check(project.warehouse_path, project.fold),
+        "models": models, "skipped_models": skipped, "command": command,
+        "per_query": per_query_rows,
+    }
+    report["comparisons"] = _comparisons(specs, per_query_rows, cfg, project.seed)
+    out, md, plots = _write_report(ctx, cfg, report, specs, catalog)
     # The table itself is printed once: by `main` when evaluate runs alone, by the pipeline's closing summary.
     print(f"evaluate: report {out} (+ {md.name}, {', '.join(p.name for p in plots)}) in {time.time() - started:.0f}s")
     return report

@@ -122,7 +122,7 @@ def test_rank_trains_publishes_and_evaluate_ranks_outside_files(ctx, tmp_path, t
     (warehouse / "models" / "best.json").write_text(json.dumps({"variant": "curriculum", "path": str(tiny_model)}))
     conf = _rank_conf(tmp_path, ctx.project)
 
-    assert rank.main(["--conf", conf, "--set", "rank.mlflow=false"]) == 0
+    assert rank.main(["--conf", conf, "--set", "rank.mlflow=false", "--set", "rank.ablations=true"]) == 0
     out = capsys.readouterr().out
     assert "rank: chose" in out and "dev NDCG@10 ranked-no-ce" in out
     pointer = json.loads((warehouse / "rankers" / "current.json").read_text())
