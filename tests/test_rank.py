@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -182,7 +183,13 @@ def test_an_unknown_label_choice_is_a_config_error_naming_the_key(tmp_path, proj
 
 
 def test_the_registered_pyfunc_serves_retriever_and_ranker_together(tmp_path, tiny_model, tiny_judge):
+    import gc
+    import tempfile
+    import time
+
     import mlflow
+
+    started = time.time() - 1
 
     from annomine.evaluation.inputs import catalog_from_file
     from annomine.ranking import store
@@ -212,9 +219,13 @@ def test_the_registered_pyfunc_serves_retriever_and_ranker_together(tmp_path, ti
     mlflow.set_experiment("rank-serving")
     with mlflow.start_run():
         uri = log_ranked_model(published, catalog).model_uri
-    served = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"query": ["zanzibar teapot", "wool socks"]}),
-                                                   params={"k": 5})
+    model = mlflow.pyfunc.load_model(uri)
+    served = model.predict(pd.DataFrame({"query": ["zanzibar teapot", "wool socks"]}), params={"k": 5})
     assert [list(ids) for ids in served] == [ids[:5] for ids in expected]
+    del model
+    gc.collect()
+    left = [p for p in Path(tempfile.gettempdir()).glob("annomine-ranked-*") if p.stat().st_mtime >= started]
+    assert not left, f"the served model's catalog cache outlived it: {left}"
 
 
 def test_calibration_fraction_must_match_the_judge_s_calibration_queries(tmp_path):

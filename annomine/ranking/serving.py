@@ -40,8 +40,10 @@ def _pyfunc(variant: str):
             published = PublishedRanker(Path(art["ranker"]), meta, Path(art["ranker"]))
             rows = pd.read_parquet(art["catalog"])
             catalog = Catalog(rows["product_id"].astype(str).tolist(), rows["text"].astype(str).tolist())
-            cache = Path(tempfile.mkdtemp(prefix="annomine-ranked-"))  # the catalog is encoded once per process
-            self.lists = RankedLists(published, variant, catalog, EncodeSettings(), cache / "embeddings", None)
+            # the catalog is encoded once per process, into a folder removed when the model or the process goes
+            self._cache = tempfile.TemporaryDirectory(prefix="annomine-ranked-")
+            self.lists = RankedLists(published, variant, catalog, EncodeSettings(), Path(self._cache.name) / "embeddings",
+                                     None)
 
         def predict(self, context, model_input, params=None):
             frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"query": list(model_input)})
