@@ -315,7 +315,8 @@ def _write_report(ctx: JobContext, cfg: EvaluateConfig, report: dict, specs, cat
             if project.catalog and "." not in name:  # Unity Catalog models live in catalog.schema
                 name = f"{project.catalog}.{project.schema}.{name}"
             report["registration"] = report_lib.register_best(report, {s.label: s for s in specs}, project.tracking_uri,
-                                                              project.mlflow_experiment, name, out, catalog=catalog)
+                                                              project.mlflow_experiment, name, out, catalog=catalog,
+                                                              references=tuple(cfg.compare_with))
         report_lib.write_json(report, out)
         md.write_text(report_lib.markdown(report))
     return out, md, plots

@@ -398,11 +398,12 @@ def _two_tower_pyfunc():
 
 
 def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str, registered_name: str,
-                  report_file: Path | None = None, catalog=None) -> dict:
+                  report_file: Path | None = None, catalog=None, references: tuple = ()) -> dict:
     """Register the two-tower with the best dev NDCG@10 in the MLflow model registry, or the rank stage's ranked
     list (`ranked`: retriever + ranker + the `catalog`, annomine/ranking/serving.py) when its dev NDCG@10 is higher.
 
-    The candidates are the evaluated two-towers (baselines and hybrids never). Their dev NDCG@10 is the mean over
+    The candidates are the evaluated two-towers (baselines, hybrids and the `references` the others are compared
+    with, `evaluate.compare_with` such as `human`, never). Their dev NDCG@10 is the mean over
     the evaluated queries whose split is `dev`; without dev queries nothing is registered. A model
     with an MLflow URI is registered from it; a local folder is first logged as a pyfunc model. The
     version carries the evaluation as tags and the report JSON as an artifact of its run.
@@ -412,7 +413,7 @@ def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str,
     candidates = []
     for model in report["models"]:
         spec = specs.get(model["label"])
-        if spec is None or spec.baseline or not spec.two_tower or spec.fusion or spec.rerank:
+        if spec is None or spec.baseline or not spec.two_tower or spec.fusion or spec.rerank or model["label"] in references:
             continue
         dev = model.get("dev_ndcg@10")
         if dev is not None:
