@@ -81,3 +81,14 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> Path:
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def run_concurrently(work, n: int) -> None:
+    """Run `work(i)` for i in 0..n-1, each in its own thread, and wait for all of them."""
+    import threading
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

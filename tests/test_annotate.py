@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -25,6 +24,7 @@ from annomine.schemas import TABLES
 from annomine.locks import LockHeld, lock_path
 from jobs.annotate import AnnotateConfig, EndpointRefusedKey, TierFailureError, run
 from annomine.judges.loopback_server import LoopbackLLMServer, rule_grade
+from tests.conftest import run_concurrently
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRADES = [1, 2, 3, 4]
@@ -389,11 +389,7 @@ def test_concurrent_merges_into_annotations_all_land(ctx):
             except Exception as exc:  # noqa: BLE001 - collected and reported below
                 errors.append(str(exc)[:200])
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(writer, 3)
     assert errors == []
     assert len(annotations(ctx)) == 3 * 4 * 5
 

@@ -48,7 +48,11 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def shop(tmp_path):
-    folder = tmp_path / "shop"
+    return write_shop(tmp_path / "shop")
+
+
+def write_shop(folder):
+    """The tiny shop's products, queries and labels as TSV files in `folder`."""
     write_tsv(folder / "products.tsv", ["product_id", "title", "description"], PRODUCTS)
     write_tsv(folder / "queries.tsv", ["query_id", "query", "frequency"], QUERIES)
     write_tsv(folder / "labels.tsv", ["query_id", "product_id", "grade", "variance"], LABELS)

@@ -11,6 +11,7 @@ from annomine.judges.llm import LLMTier, TierResult
 from annomine.judges.loopback_server import LoopbackLLMServer
 from annomine.judges.response_cache import response_key
 from jobs.annotate import TierFailureError, run
+from tests.conftest import run_concurrently
 from tests.test_annotate import GRADES, annotations, llm_cascade_conf, make_cfg, seed_tables
 
 
@@ -150,31 +151,39 @@ def test_max_cost_stops_the_run_at_its_budget(ctx, tmp_path):
                                          "max_cost": 1.0})
 
 
-def test_judge_eval_follows_the_spending_rule(tmp_path, monkeypatch, capsys):
-    """`judge eval --split all` on outside label files: no request when calibration kept no combination with the LLM
-    tier; with `escalate: always` at most `--llm-budget` calls, and the forecast is printed before the first one."""
+def judge_on_label_files(tmp_path, n_queries: int, seed: int, version: str):
+    """Label files of a small shop and a tiny tier-1 judge saved with a median-confidence calibration: the judge
+    CLI's `--queries/--labels/--products` arguments and the judge folder."""
     import numpy as np
     import torch
 
-    from annomine.judges import spending
     from annomine.judges.calibration import Calibrator
-    from annomine.judges.cascade import Cascade
-    from annomine.judges.combiner import Combiner
     from annomine.judges.cross_encoder import CrossEncoderModel, build_encoder
     from annomine.judges.data import load_pairs_from_files
-    from jobs import judge
-    from jobs.judge import JudgeConfig
     from tests.test_judge import _shop
 
-    shop = _shop(tmp_path / "shop", n_queries=6, per_query=8)
+    shop = _shop(tmp_path / "shop", n_queries=n_queries, per_query=8)
     files = ["--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv"), "--products", str(shop / "products.tsv")]
     pairs = load_pairs_from_files(shop / "queries.tsv", shop / "labels.tsv", shop / "products.tsv")
-    torch.manual_seed(5)
-    model = CrossEncoderModel(*build_encoder("tiny"), GRADES, max_length=32, version="ce-eval")
+    torch.manual_seed(seed)
+    model = CrossEncoderModel(*build_encoder("tiny"), GRADES, max_length=32, version=version)
     folder = tmp_path / "judge"
     model.save(folder)
     conf = model.predict_proba(pairs["query"].tolist(), pairs["text"].tolist()).max(axis=1)
     Calibrator.uncalibrated(GRADES, float(np.median(conf))).save(folder / "calibration_tier1.json")
+    return files, folder
+
+
+def test_judge_eval_follows_the_spending_rule(tmp_path, monkeypatch, capsys):
+    """`judge eval --split all` on outside label files: no request when calibration kept no combination with the LLM
+    tier; with `escalate: always` at most `--llm-budget` calls, and the forecast is printed before the first one."""
+    from annomine.judges import spending
+    from annomine.judges.cascade import Cascade
+    from annomine.judges.combiner import Combiner
+    from jobs import judge
+    from jobs.judge import JudgeConfig
+
+    files, folder = judge_on_label_files(tmp_path, n_queries=6, seed=5, version="ce-eval")
     seen = []
     monkeypatch.setattr(spending, "announce", lambda command, fc: seen.append((command, srv.stats["completions"], fc)))
     with LoopbackLLMServer() as srv:
@@ -335,25 +344,10 @@ def test_judge_pilot_without_labelled_candidates_is_one_line_naming_the_tables(c
 
 
 def test_judge_calibrate_prints_its_forecast_first_and_grades_only_what_max_cost_pays_for(tmp_path, monkeypatch, capsys):
-    import numpy as np
-    import torch
-
     from annomine.judges import spending
-    from annomine.judges.calibration import Calibrator
-    from annomine.judges.cross_encoder import CrossEncoderModel, build_encoder
-    from annomine.judges.data import load_pairs_from_files
     from jobs import judge
-    from tests.test_judge import _shop
 
-    shop = _shop(tmp_path / "shop", n_queries=16, per_query=8)
-    files = ["--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv"), "--products", str(shop / "products.tsv")]
-    pairs = load_pairs_from_files(shop / "queries.tsv", shop / "labels.tsv", shop / "products.tsv")
-    torch.manual_seed(8)
-    model = CrossEncoderModel(*build_encoder("tiny"), GRADES, max_length=32, version="ce-cal")
-    folder = tmp_path / "judge"
-    model.save(folder)
-    conf = model.predict_proba(pairs["query"].tolist(), pairs["text"].tolist()).max(axis=1)
-    Calibrator.uncalibrated(GRADES, float(np.median(conf))).save(folder / "calibration_tier1.json")
+    files, folder = judge_on_label_files(tmp_path, n_queries=16, seed=8, version="ce-cal")
     seen = []
     monkeypatch.setattr(spending, "announce", lambda command, fc: seen.append((command, srv.stats["requests"], fc)))
     with LoopbackLLMServer() as srv:
@@ -375,7 +369,6 @@ def test_judge_calibrate_prints_its_forecast_first_and_grades_only_what_max_cost
 
 def test_concurrent_writers_store_each_answer_once_and_keep_the_first(ctx):
     """Tasks that paid for the same answers at once (a retried task, two commands): one row per key, the first kept."""
-    import threading
 
     from annomine.judges.response_cache import answer_row, store_answers
 
@@ -391,11 +384,7 @@ def test_concurrent_writers_store_each_answer_once_and_keep_the_first(ctx):
         except Exception as exc:  # noqa: BLE001 - collected and reported below
             errors.append(str(exc)[:200])
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(writer, 3)
     stored = ctx.tables.read("llm_responses").toPandas()
     assert errors == [] and len(stored) == 12 and stored.response_key.is_unique and set(stored.response_key) == set(keys)
     before = stored.set_index("response_key").answer

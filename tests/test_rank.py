@@ -14,7 +14,7 @@ from annomine.evaluation.retrievers import Catalog, EncodeSettings, ModelSpec
 from annomine.ranking.features import FeatureSettings, FeatureSources, build_features, columns_of
 from annomine.ranking.labels import POLARIZED_LEVELS, polarize, quantise, relevance
 from annomine.ranking.tier1 import Tier1Scores
-from tests.test_evaluate import LABELS, PRODUCTS, QUERIES, _conf, tiny_model  # noqa: F401 - fixtures reused
+from tests.test_evaluate import PRODUCTS, _conf, tiny_model, write_shop  # noqa: F401 - fixtures reused
 
 GRADES = [1, 2, 3, 4]
 
@@ -89,15 +89,6 @@ def test_features_of_an_unseen_query_come_from_the_catalog_and_the_models(tmp_pa
 
 
 # ---- train + apply, the CLI --------------------------------------------------------------------------------
-def _shop(folder):
-    from tests.conftest import write_tsv
-
-    write_tsv(folder / "products.tsv", ["product_id", "title", "description"], PRODUCTS)
-    write_tsv(folder / "queries.tsv", ["query_id", "query", "frequency"], QUERIES)
-    write_tsv(folder / "labels.tsv", ["query_id", "product_id", "grade", "variance"], LABELS)
-    return folder
-
-
 def _rank_conf(tmp_path, project) -> str:
     conf = tmp_path / "rank.yaml"
     conf.write_text(open(_conf(tmp_path, project)).read() + (
@@ -111,7 +102,7 @@ def test_rank_trains_publishes_and_evaluate_ranks_outside_files(ctx, tmp_path, t
     from annomine.judges.store import set_current
     from jobs import evaluate, ingest, rank
 
-    shop = _shop(tmp_path / "shop")
+    shop = write_shop(tmp_path / "shop")
     sources = ingest.crowdflower_sources(str(shop))
     ingest.run(ctx, ingest.IngestConfig(products=sources["products"], queries=sources["queries"], labels=sources["labels"]))
     warehouse = ctx.project.warehouse_path
@@ -162,7 +153,7 @@ def test_rank_without_a_judge_is_one_line_naming_the_pointer(ctx, tmp_path, tiny
     from annomine.cli import guarded
     from jobs import ingest, rank
 
-    shop = _shop(tmp_path / "shop")
+    shop = write_shop(tmp_path / "shop")
     sources = ingest.crowdflower_sources(str(shop))
     ingest.run(ctx, ingest.IngestConfig(products=sources["products"], queries=sources["queries"], labels=sources["labels"]))
     (ctx.project.warehouse_path / "models").mkdir(parents=True)
@@ -198,7 +189,7 @@ def test_the_registered_pyfunc_serves_retriever_and_ranker_together(tmp_path, ti
     from annomine.ranking.training import LabelChoice, fit_one
     from annomine.ranking.model import RankerParams
 
-    catalog, _ = catalog_from_file(str(_shop(tmp_path / "shop") / "products.tsv"))
+    catalog, _ = catalog_from_file(str(write_shop(tmp_path / "shop") / "products.tsv"))
     settings = FeatureSettings(top_k=10, channel_k=5)
     tier1 = Tier1Scores(tiny_judge)
     sources = FeatureSources(catalog, ModelSpec("tower", "folder", str(tiny_model), path=str(tiny_model)), tier1)
