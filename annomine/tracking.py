@@ -51,14 +51,21 @@ def artifact_root(project: ProjectConfig) -> str | None:
     return None
 
 
+def use_tracking_store(tracking_uri: str) -> None:
+    """Tracking and registry on the project's store. The registry is named outright: left unset, MLflow asks the
+    active Spark session for it, and a Connect session the embedded engine has ended turns every MLflow call into
+    a crash."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri("databricks-uc" if tracking_uri.startswith("databricks") else tracking_uri)
+
+
 def ensure_experiment(tracking_uri: str, experiment: str, artifact_root: str | None = None) -> None:
     """Create the experiment with its artifacts under `artifact_root` (the warehouse), not ./mlruns."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    # Named outright: left unset, MLflow asks the active Spark session for it, and a Connect session the
-    # embedded engine has ended turns every MLflow call into a crash.
-    mlflow.set_registry_uri("databricks-uc" if tracking_uri.startswith("databricks") else tracking_uri)
+    use_tracking_store(tracking_uri)
     if artifact_root and mlflow.get_experiment_by_name(experiment) is None:
         Path(artifact_root).mkdir(parents=True, exist_ok=True)
         try:

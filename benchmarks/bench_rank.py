@@ -24,7 +24,7 @@ from common import emit  # noqa: E402
 
 def main() -> None:
     from annomine.evaluation.inputs import catalog_from_file, queries_from_file
-    from annomine.evaluation.retrievers import EncodeSettings
+    from annomine.evaluation.catalog import EncodeSettings
     from annomine.ranking.apply import RankedLists
     from annomine.ranking.store import load_published
 

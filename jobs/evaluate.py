@@ -15,7 +15,9 @@ ranked list is compared, paired, with every other evaluated list. Without files,
 ingested tables are used (products, queries, human_labels). Writes the JSON report (NDCG@10 with
 unjudged = 0 and judged-only, lowest-grade share of the judged top 10, Recall@100 of top-grade
 items, per query segment, with bootstrap CIs, plus per-query rows), a markdown report and PNG
-plots next to it, logs them to MLflow, and registers the best two-tower by dev NDCG@10.
+plots next to it, logs them to MLflow, and registers the final model: the list with the best dev NDCG@10 among the
+pipeline's two-towers, a two-tower reranked by the judge (`best+ce`) and the rank stage's list
+(annomine/registration.py).
 
 Splits (annomine.splits): `test` (the default) is for reporting only: no stage, epoch, setting or
 registration was chosen on it. `dev` is the selection split: the trainer's checks and the model
@@ -46,7 +48,8 @@ from annomine.config import SegmentsConfig
 from annomine.evaluation import inputs as inputs_lib
 from annomine.evaluation import metrics as metrics_lib
 from annomine.evaluation import report as report_lib
-from annomine.evaluation.retrievers import EncodeSettings, ModelSpec, ModelSpecError, resolve_specs, retrieve
+from annomine.model_specs import EncodeSettings, ModelSpec, ModelSpecError, resolve_specs, retrieve
+from annomine.registration import register_best
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 from annomine.splits import SPLITS as QUERY_SPLITS
 from annomine.splits import split_of
@@ -314,7 +317,7 @@ def _write_report(ctx: JobContext, cfg: EvaluateConfig, report: dict, specs, cat
             name = cfg.registered_model_name
             if project.catalog and "." not in name:  # Unity Catalog models live in catalog.schema
                 name = f"{project.catalog}.{project.schema}.{name}"
-            report["registration"] = report_lib.register_best(report, {s.label: s for s in specs}, project.tracking_uri,
+            report["registration"] = register_best(report, {s.label: s for s in specs}, project.tracking_uri,
                                                               project.mlflow_experiment, name, out, catalog=catalog,
                                                               references=tuple(cfg.compare_with))
         report_lib.write_json(report, out)

@@ -36,7 +36,8 @@ from annomine.config import ConfigError
 from annomine.errors import MissingInputError
 from annomine.evaluation import inputs as inputs_lib
 from annomine.evaluation import metrics as metrics_lib
-from annomine.evaluation.retrievers import EncodeSettings, ModelSpecError, model_key, resolve_specs
+from annomine.evaluation.catalog import EncodeSettings, ModelSpecError, model_key
+from annomine.model_specs import resolve_specs
 from annomine.ranking import store
 from annomine.ranking.features import FeatureSettings, FeatureSources, build_features, columns_of
 from annomine.ranking.labels import LABEL_CHOICES

@@ -13,7 +13,7 @@ from pathlib import Path
 from annomine.evaluation.metrics import HYBRID_SUFFIX
 from training.shards import MANIFEST
 
-# The files under a model folder that say what the model is (annomine.evaluation.retrievers).
+# The files under a model folder that say what the model is (annomine/model_specs.py).
 MODEL_FOLDER_MARKERS = ("twotower.json", "config.json")
 _REGISTRY_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _LABELLED = re.compile(r"^([A-Za-z0-9_.\-]+)=(.+)$")

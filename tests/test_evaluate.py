@@ -10,7 +10,8 @@ import pytest
 
 from annomine.evaluation import metrics as M
 from annomine.evaluation.inputs import InputError, catalog_from_file, catalog_from_table
-from annomine.evaluation.retrievers import EncodeSettings, ModelSpecError, catalog_embeddings, resolve_specs
+from annomine.evaluation.catalog import EncodeSettings, ModelSpecError, catalog_embeddings
+from annomine.model_specs import resolve_specs
 from tests.conftest import write_tsv
 
 PRODUCTS = [
@@ -79,7 +80,7 @@ def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, ti
     report = json.loads(out.read_text())
     assert [m["label"] for m in report["models"]] == ["bm25", "tower", "hybrid"]
     # the hybrid's list is the fusion of the two others' lists
-    from annomine.evaluation.retrievers import reciprocal_rank_fusion
+    from annomine.model_specs import reciprocal_rank_fusion
     by = {(r["model"], r["query_id"]): r["top10_ids"] for r in report["per_query"]}
     assert report["models"][2]["retrieval"]["retriever"].startswith("hybrid: rrf:bm25")
     assert any(by[("hybrid", q)] != by[("tower", q)] for q in ("q1", "q27", "q3", "q4"))
@@ -192,7 +193,7 @@ def test_default_split_is_test_and_registration_selects_on_dev(spark, project, t
 
 
 def test_reciprocal_rank_fusion_by_hand():
-    from annomine.evaluation.retrievers import reciprocal_rank_fusion
+    from annomine.model_specs import reciprocal_rank_fusion
 
     # a: 1/61 + 1/62; b: 1/62 + 1/61 (a tie, first seen first); c: 1/63; d: 1/61 alone
     assert reciprocal_rank_fusion([["a", "b", "c"], ["b", "a"], ["d"]], k=3) == ["a", "b", "d"]
@@ -201,7 +202,7 @@ def test_reciprocal_rank_fusion_by_hand():
 
 
 def test_bm25_and_its_hybrids_search_one_index_per_catalog():
-    from annomine.evaluation.retrievers import Catalog, ModelSpec, retrieve
+    from annomine.model_specs import Catalog, ModelSpec, retrieve
 
     catalog = Catalog(["p1", "p2", "p3"], ["red teapot", "blue teapot", "garden hose"])
     first, _ = retrieve(ModelSpec("bm25", "bm25", "bm25"), catalog, ["teapot", "hose"], 2, EncodeSettings())

@@ -202,7 +202,7 @@ def test_a_train_killed_at_any_write_leaves_every_pointer_on_a_complete_model(pr
 def test_pointers_in_a_copied_warehouse_point_into_the_copy(project, tmp_path):
     """models/best.json and judges/current.json store paths relative to themselves: `evaluate` in a copy evaluates
     the copy's model, and the cascade there loads the copy's judge."""
-    from annomine.evaluation.retrievers import resolve_specs
+    from annomine.model_specs import resolve_specs
     from annomine.judges.store import judges_root, resolve_judge, set_current
 
     publish_model(project, "new")
@@ -233,7 +233,7 @@ def test_a_pointer_of_an_older_version_with_an_absolute_path_is_read_while_that_
 @pytest.mark.parametrize("text", ['{"version": "ce-1", "pa', "[1, 2]"])
 def test_a_broken_pointer_is_one_line_naming_the_file(project, capsys, text):
     """A truncated or wrong-shaped judges/current.json or models/best.json: exit 2 and one line naming it."""
-    from annomine.evaluation.retrievers import resolve_specs
+    from annomine.model_specs import resolve_specs
     from annomine.judges.store import judges_root, resolve_judge
 
     wh = project.warehouse_path

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from annomine.evaluation.retrievers import Catalog, EncodeSettings, ModelSpec
+from annomine.evaluation.catalog import Catalog, EncodeSettings, ModelSpec
 from annomine.ranking.features import FeatureSettings, FeatureSources, build_features, columns_of
 from annomine.ranking.labels import POLARIZED_LEVELS, polarize, quantise, relevance
 from annomine.ranking.tier1 import Tier1Scores
@@ -217,6 +217,57 @@ def test_the_registered_pyfunc_serves_retriever_and_ranker_together(tmp_path, ti
     gc.collect()
     left = [p for p in Path(tempfile.gettempdir()).glob("annomine-ranked-*") if p.stat().st_mtime >= started]
     assert not left, f"the served model's catalog cache outlived it: {left}"
+
+
+def test_the_two_tower_reranked_by_tier_1_is_served_as_one_model(tmp_path, tiny_model, tiny_judge):
+    import mlflow
+
+    from annomine.evaluation.inputs import catalog_from_file
+    from annomine.model_specs import retrieve
+    from annomine.registration import log_reranked_model
+
+    catalog, _ = catalog_from_file(str(write_shop(tmp_path / "shop") / "products.tsv"))
+    spec = ModelSpec("tower+ce", "folder", str(tiny_model), path=str(tiny_model), rerank=str(tiny_judge))
+    queries = ["zanzibar teapot", "wool socks"]
+    expected, _ = retrieve(spec, catalog, queries, 10, EncodeSettings(), tmp_path / "emb")
+    plain, _ = retrieve(ModelSpec("tower", "folder", str(tiny_model), path=str(tiny_model)), catalog, queries, 10,
+                        EncodeSettings(), tmp_path / "emb")
+    assert [sorted(a) for a in expected] == [sorted(b) for b in plain]  # the same top 10, reordered by tier 1
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("rerank-serving")
+    with mlflow.start_run():
+        uri = log_reranked_model(spec, catalog, top_k=10).model_uri
+    served = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"query": queries}), params={"k": 5})
+    assert [list(ids) for ids in served] == [ids[:5] for ids in expected]
+
+
+def test_the_final_model_is_the_list_with_the_best_dev_score(tiny_model, tiny_judge):
+    from annomine.registration import final_choice, registration_candidates
+
+    tower = ModelSpec("curriculum", "folder", "models/curriculum.json", path=str(tiny_model))
+    specs = {"minilm": ModelSpec("minilm", "minilm", "minilm"), "curriculum": tower,
+             "human": ModelSpec("human", "folder", "models/human.json", path=str(tiny_model)),
+             "curriculum+bm25": ModelSpec("curriculum+bm25", "folder", "x", path=str(tiny_model), fusion="rrf:bm25"),
+             "curriculum+ce": ModelSpec("curriculum+ce", "folder", "x", path=str(tiny_model), rerank=str(tiny_judge)),
+             "minilm+ce": ModelSpec("minilm+ce", "minilm", "minilm", rerank=str(tiny_judge)),
+             "ranked": ModelSpec("ranked", "ranked", "ranked", path="rankers/r"),
+             "ranked-raw": ModelSpec("ranked-raw", "ranked", "ranked-raw", path="rankers/r")}
+
+    def report(**dev):
+        return {"models": [{"label": label, "dev_ndcg@10": dev.get(label.replace("+", "_").replace("-", "_"), 0.5)}
+                           for label in specs]}
+
+    def chosen(rep, with_lists=True):
+        dev, kind, model, _ = final_choice(registration_candidates(rep, specs, ("human",), with_lists))
+        return model["label"], kind
+
+    # baselines, hybrids, references (human) and ablations never compete, however well they score on dev
+    assert chosen(report(minilm=0.9, human=0.9, curriculum_bm25=0.9, minilm_ce=0.9, ranked_raw=0.9,
+                         curriculum=0.6, curriculum_ce=0.5, ranked=0.5)) == ("curriculum", "two_tower")
+    assert chosen(report(curriculum=0.6, curriculum_ce=0.7, ranked=0.65)) == ("curriculum+ce", "reranked")
+    assert chosen(report(curriculum=0.6, curriculum_ce=0.7, ranked=0.75)) == ("ranked", "ranked")
+    assert chosen(report(curriculum=0.7, curriculum_ce=0.7, ranked=0.7)) == ("curriculum", "two_tower")  # a tie: simpler
+    assert chosen(report(curriculum=0.7, curriculum_ce=0.8, ranked=0.75), with_lists=False) == ("curriculum", "two_tower")
 
 
 def test_calibration_fraction_must_match_the_judge_s_calibration_queries(tmp_path):

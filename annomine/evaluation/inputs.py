@@ -16,7 +16,7 @@ import pandas as pd
 
 from annomine import text as textlib
 from annomine.errors import AnnomineError
-from annomine.evaluation.retrievers import Catalog
+from annomine.evaluation.catalog import Catalog
 
 log = logging.getLogger(__name__)
 

@@ -249,7 +249,7 @@ def summarise(per_query: pd.DataFrame, segment: pd.Series | None = None, n_resam
     return result
 
 
-HYBRID_SUFFIX = "+bm25"  # a dense spec fused with BM25 (annomine.evaluation.retrievers)
+HYBRID_SUFFIX = "+bm25"  # a dense spec fused with BM25 (annomine/model_specs.py)
 
 
 def _same_kind(model: str, reference: str, evaluated) -> str:

@@ -8,8 +8,8 @@ import math
 import re
 from pathlib import Path
 
-from annomine import quiet
 from annomine.evaluation.metrics import METRICS, SEGMENTS
+from annomine.tracking import use_tracking_store
 
 log = logging.getLogger(__name__)
 
@@ -338,19 +338,11 @@ def metric_key(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", text)[:250]
 
 
-def _use_tracking(tracking_uri: str) -> None:
-    """Tracking and registry on the project's store (never looked up from a Spark session's conf)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri("databricks-uc" if tracking_uri.startswith("databricks") else tracking_uri)
-
-
 def log_to_mlflow(report: dict, files: list[Path], tracking_uri: str, experiment: str, run_name: str = "evaluate") -> str:
     """Log params, per-model/segment metrics and the report files; returns the run id."""
     import mlflow
 
-    _use_tracking(tracking_uri)
+    use_tracking_store(tracking_uri)
     mlflow.set_experiment(experiment)
     nested = mlflow.active_run() is not None
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
@@ -375,84 +367,3 @@ def log_to_mlflow(report: dict, files: list[Path], tracking_uri: str, experiment
         for f in files:
             mlflow.log_artifact(str(f), artifact_path="evaluation")
         return run.info.run_id
-
-
-def _two_tower_pyfunc():
-    import mlflow.pyfunc
-
-    class TwoTowerPyfunc(mlflow.pyfunc.PythonModel):
-        """Encodes a DataFrame column `text` with the query (default) or item tower (`side` param)."""
-
-        def load_context(self, context):
-            from annomine.two_tower import TwoTower
-
-            self.model = TwoTower.load(context.artifacts["model"])
-
-        def predict(self, context, model_input, params=None):
-            side = (params or {}).get("side", "query")
-            texts = model_input["text"].astype(str).tolist()
-            emb = self.model.encode_queries(texts) if side == "query" else self.model.encode_items(texts)
-            return [row.tolist() for row in emb]
-
-    return TwoTowerPyfunc()
-
-
-def register_best(report: dict, specs: dict, tracking_uri: str, experiment: str, registered_name: str,
-                  report_file: Path | None = None, catalog=None, references: tuple = ()) -> dict:
-    """Register the two-tower with the best dev NDCG@10 in the MLflow model registry, or the rank stage's ranked
-    list (`ranked`: retriever + ranker + the `catalog`, annomine/ranking/serving.py) when its dev NDCG@10 is higher.
-
-    The candidates are the evaluated two-towers (baselines, hybrids and the `references` the others are compared
-    with, `evaluate.compare_with` such as `human`, never). Their dev NDCG@10 is the mean over
-    the evaluated queries whose split is `dev`; without dev queries nothing is registered. A model
-    with an MLflow URI is registered from it; a local folder is first logged as a pyfunc model. The
-    version carries the evaluation as tags and the report JSON as an artifact of its run.
-    """
-    import mlflow
-
-    candidates = []
-    for model in report["models"]:
-        spec = specs.get(model["label"])
-        if spec is None or spec.baseline or not spec.two_tower or spec.fusion or spec.rerank or model["label"] in references:
-            continue
-        dev = model.get("dev_ndcg@10")
-        if dev is not None:
-            candidates.append((dev, model, spec))
-    if not candidates:
-        return {"registered": False, "reason": "no two-tower with dev queries among the evaluated models"}
-    dev, model, spec = max(candidates, key=lambda c: c[0])
-    ranked = [(m["dev_ndcg@10"], m, specs[m["label"]]) for m in report["models"] if m["label"] in specs
-              and specs[m["label"]].kind == "ranked" and specs[m["label"]].source == "ranked"
-              and m.get("dev_ndcg@10") is not None and m["dev_ndcg@10"] > dev]
-    if ranked and catalog is not None:  # the ranked list beats every two-tower (its retriever among them) on dev
-        dev, model, spec = max(ranked, key=lambda c: c[0])
-    _use_tracking(tracking_uri)
-    mlflow.set_experiment(experiment)
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=f"register {model['label']}", nested=nested) as run:
-        if report_file is not None:
-            mlflow.log_artifact(str(report_file), artifact_path="evaluation")
-        mlflow.log_metric("dev_ndcg_at_10", dev)
-        uri = spec.model_uri
-        if spec.kind == "ranked":
-            from annomine.ranking.serving import log_ranked_model
-            from annomine.ranking.store import from_folder
-
-            uri = log_ranked_model(from_folder(Path(spec.path)), catalog).model_uri
-        elif not uri or not uri.startswith(("runs:/", "models:/")):
-            info = mlflow.pyfunc.log_model(name="two_tower", python_model=_two_tower_pyfunc(),
-                                           artifacts={"model": spec.path}, pip_requirements=["annomine"])
-            uri = info.model_uri
-        all_metrics = model["metrics"]["all"]
-        tags = {"dev_ndcg_at_10": f"{dev:.4f}", "evaluation_run_id": run.info.run_id, "evaluation_split": report["split"],
-                "evaluation_json": f"runs:/{run.info.run_id}/evaluation/{report_file.name}" if report_file else "",
-                "model_label": model["label"]}
-        for metric in METRICS:
-            mean = (all_metrics.get(metric) or {}).get("mean")
-            if mean is not None:
-                tags[metric_key(metric)] = f"{mean:.4f}"
-        with quiet.mlflow_prints_muted():  # the registration is reported once, by the summary
-            version = mlflow.register_model(uri, registered_name, tags=tags)
-    log.info("registered %s as %s version %s (dev NDCG@10 %.4f)", model["label"], registered_name, version.version, dev)
-    return {"registered": True, "name": registered_name, "version": str(version.version), "model": model["label"],
-            "source_uri": uri, "dev_ndcg@10": dev, "run_id": run.info.run_id}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from annomine.evaluation.retrievers import Catalog, EncodeSettings, ModelSpec
+from annomine.evaluation.catalog import Catalog, EncodeSettings, ModelSpec
 from annomine.ranking.features import FeatureSettings, FeatureSources, build_features
 from annomine.ranking.model import rerank
 from annomine.ranking.store import PublishedRanker

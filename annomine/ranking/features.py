@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from annomine.evaluation.retrievers import Catalog, EncodeSettings, ModelSpec, catalog_embeddings, worker_encoder
+from annomine.evaluation.catalog import Catalog, EncodeSettings, ModelSpec, catalog_embeddings, worker_encoder
 from annomine.judges.stack import coverage, title_of, tokens
 
 log = logging.getLogger(__name__)

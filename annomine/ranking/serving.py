@@ -3,7 +3,7 @@
 The model carries everything it needs as artifacts: the ranker folder, the retriever, the judge (tier 1) and the
 catalog (product ids and texts, Parquet). `predict` takes a DataFrame with a `query` column (and optionally
 `segment`: head / torso / tail) and returns, per row, the product ids of the ranked list (`params={"k": N}` cuts
-it, default 10). The pipeline registers it as its final model when the ranked list beats the retriever on dev.
+it, default 10). The pipeline registers it as its final model when the ranked list has the best dev score (annomine/registration.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from annomine.evaluation.retrievers import Catalog
+from annomine.evaluation.catalog import Catalog
 from annomine.ranking.store import PublishedRanker
 
 DEFAULT_K = 10
@@ -27,7 +27,7 @@ def _pyfunc(variant: str):
         """Retriever + ranker over the packaged catalog."""
 
         def load_context(self, context):
-            from annomine.evaluation.retrievers import EncodeSettings
+            from annomine.evaluation.catalog import EncodeSettings
             from annomine.ranking.store import META
 
             art = context.artifacts
@@ -68,10 +68,10 @@ def log_ranked_model(published: PublishedRanker, catalog: Catalog, variant: str 
         if retriever is not None:
             artifacts["retriever"] = str(retriever)
         return mlflow.pyfunc.log_model(name=name, python_model=_pyfunc(variant), artifacts=artifacts,
-                                       signature=_signature(), pip_requirements=["annomine"])
+                                       signature=request_signature(), pip_requirements=["annomine"])
 
 
-def _signature():
+def request_signature():
     """A `query` column (and an optional `segment`) in; the parameter `k` (list length, default 10)."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema

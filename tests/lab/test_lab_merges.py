@@ -59,7 +59,7 @@ def test_a_merged_variant_is_chosen_on_dev_published_and_tracked(ctx):
     import mlflow
 
     from annomine.errors import MissingInputError
-    from annomine.evaluation.retrievers import resolve_specs
+    from annomine.model_specs import resolve_specs
     from annomine.publish import PointerError
     from jobs.train import TrainConfig
     from lab.merging import MergeSpec
