@@ -14,6 +14,7 @@ import urllib.request
 import openai
 import pytest
 
+from annomine.errors import DamagedInputError
 from annomine.judges import batch_store as bs
 from annomine.judges.config import LLMTierConfig
 from annomine.judges.llm import LLMTier
@@ -97,3 +98,96 @@ def test_failed_lines_are_recorded_and_sent_again_by_the_next_submit(ctx, tmp_pa
     assert (req.state == "answered").all()
     assert all(seen[k] == req.attempts[k] for k in req.index) and set(seen) == set(req.index)   # failed ones twice, the rest once
     assert sorted(set(seen.values())) == [1, 2]
+
+
+def start_fake_server(*args):
+    """`annomine fake-llm-server --port 0` in its own process; (process, base URL)."""
+    proc = subprocess.Popen([sys.executable, "-m", "annomine", "fake-llm-server", "--port", "0", *args], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    line = proc.stdout.readline()
+    found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
+    assert found, f"fake-llm-server printed {line!r}"
+    return proc, found.group(1)
+
+
+def server_stats(base_url):
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def annotate_killed_at(conf, step, *args):
+    """`annomine annotate` in a subprocess with the batch kill hook at `step`; its exit code."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ANNOMINE_TEST_KILL_AT_BATCH=step)
+    proc = subprocess.run([sys.executable, "-m", "annomine", "annotate", "--conf", str(conf), *args], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+    return proc.returncode, proc.stderr[-2000:]
+
+
+def test_submit_kill_collect_kill_grades_every_pair_exactly_once(ctx, tmp_path):
+    """Killed right after the endpoint created the batch (not yet recorded), then killed while collecting (answers
+    stored, requests not yet marked): the next runs adopt the batch and finish it; no request reaches the server twice."""
+    expected = seed_tables(ctx, n_queries=3, per_query=8, missing_product=False)
+    judge = _tiny_judge(tmp_path / "judge", ctx)
+    proc, base_url = start_fake_server()
+    try:
+        conf, cfg = batch_conf(tmp_path, ctx, base_url, judge)
+        code, err = annotate_killed_at(conf, "created")
+        assert code == 137, err
+        ctx.tables.register_all()
+        assert set(ctx.tables.read(bs.BATCHES).toPandas().state) == {"submitting"}
+        assert server_stats(base_url)["batch"]["batches"] == 1
+        resumed = run(ctx, cfg)                           # adopts the endpoint's batch: nothing is submitted again
+        assert resumed["batch"]["adopted"] == 1 and resumed["batch"]["submitted_requests"] == 0 and resumed["missing"] == 0
+        assert server_stats(base_url)["batch"]["batches"] == 1
+        code, err = annotate_killed_at(conf, "stored", "--collect")
+        assert code == 137, err
+        ctx.tables.register_all()
+        assert (requests_table(ctx).state == "pending").all()
+        done = run(ctx, cfg, collect=True)                # the answers are stored already; they are not asked again
+        assert done["batch"]["answered"] == done["escalation"]["escalated_pairs"] > 0
+        assert done["escalation"]["waiting_for_batch"] == 0 and done["batch"]["submitted_requests"] == 0
+        stats = server_stats(base_url)
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    escalated = check_all_answered_once(ctx, expected, done["judge_version"])
+    req = requests_table(ctx)
+    assert (req.state == "answered").all() and (req.attempts == 1).all()
+    assert stats["batch"]["by_custom_id"] == {k: 1 for k in req.index}       # no request sent twice
+    assert stats["completions"] == len(req) <= len(escalated) and stats["requests"] == 0
+    assert ctx.tables.read("llm_responses").count() == len(req)
+
+
+def run_batch_like_vllm(requests_path, out_path, base_url):
+    """What `python -m vllm.entrypoints.openai.run_batch -i in.jsonl -o out.jsonl` does, over the loopback server's
+    online endpoint: each request line answered, one output line per custom_id."""
+    with open(requests_path) as src, open(out_path, "w") as out:
+        for line in src:
+            req = json.loads(line)
+            http = urllib.request.Request(base_url + "/chat/completions", data=json.dumps(req["body"]).encode(),
+                                          headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(http, timeout=10) as resp:
+                body = json.loads(resp.read())
+            out.write(json.dumps({"id": f"vllm-{req['custom_id'][:8]}", "custom_id": req["custom_id"],
+                                  "response": {"status_code": 200, "request_id": "r", "body": body}, "error": None}) + "\n")
+
+
+def test_requests_written_for_vllm_run_batch_are_collected_from_its_output_file(ctx, tmp_path):
+    expected = seed_tables(ctx, n_queries=2, per_query=8, missing_product=False)
+    judge = _tiny_judge(tmp_path / "judge", ctx)
+    with LoopbackLLMServer() as srv:
+        _, cfg = batch_conf(tmp_path, ctx, srv.base_url, judge, target="file")
+        first = run(ctx, cfg)
+        batches = ctx.tables.read(bs.BATCHES).toPandas()
+        assert list(batches.state) == ["written"] and srv.stats["requests"] == 0 and srv.stats["batch"]["files"] == 0
+        out = tmp_path / "out.jsonl"
+        run_batch_like_vllm(batches.input_file.iloc[0], out, srv.base_url)
+        out.write_text(out.read_text() + "not json\n")
+        with pytest.raises(DamagedInputError, match=r"out\.jsonl: line \d+ is not JSON"):
+            run(ctx, cfg, collect=True, batch_results=str(out))
+        out.write_text("".join(out.read_text().splitlines(keepends=True)[:-1]))
+        done = run(ctx, cfg, collect=True, batch_results=str(out))
+        assert done["batch"]["answered"] == first["batch"]["submitted_requests"] == srv.stats["completions"]
+    check_all_answered_once(ctx, expected, done["judge_version"])
+    assert list(ctx.tables.read(bs.BATCHES).toPandas().state) == ["collected"]
