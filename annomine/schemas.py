@@ -159,8 +159,10 @@ ANNOTATIONS = _register(TableSpec(
     description="Graded relevance from the judge cascade. `error` is set (and grade null) when a tier the pair reached "
                 "failed, naming the tier and why; `attempts` counts the annotate runs that tried the pair (a failed pair "
                 "is retried while it is below `annotate.max_attempts`); `escalation` is null (settled by the first tier), "
-                "'escalated' (the later tiers it needed were consulted) or 'budget' (it needed an LLM tier but "
-                "`annotate.llm_budget` was spent: it keeps the first tier's grade until a later run escalates it). "
+                "'escalated' (the later tiers it needed were consulted), 'budget' (it needed an LLM tier but "
+                "`annotate.llm_budget` was spent: it keeps the first tier's grade until a later run escalates it) or "
+                "'batch' (`annotate.mode: batch`: its LLM request waits in a batch, `llm_batch_requests`; it keeps the "
+                "first tier's grade until a later run collects the answer). "
                 "`content_hash` is the SHA-256 of the query text and product text the grade was given for "
                 "(annomine/graded_content.py): annotate grades a pair again, and curriculum ignores its grade, once "
                 "that content changed.",

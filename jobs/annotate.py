@@ -25,6 +25,11 @@ response cache (`llm_responses`) what it was asked before; each chunk's new answ
 grades, and the run's tokens and money go to `llm_ledger`. When `judge calibrate` kept no combination with an
 LLM tier, nothing escalates (the LLM's grades would decide nothing; `escalate: always` overrides).
 `--dry-run` prints the forecast and makes no request and no write.
+
+With `mode: batch` the requests of the escalated pairs go to the endpoint's batch API instead (annomine/judges/batch.py):
+the pairs keep tier 1's grade with `escalation = 'batch'` until a later run (or `--collect`, which grades no new pair)
+collects the answers into `llm_responses` and grades them again from there; `--batch-results` collects the output
+file of `vllm run-batch` for requests written with `batch.target: file`.
 """
 
 from __future__ import annotations
@@ -557,19 +562,7 @@ def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False, collect: b
                  cascade.tier_names, cfg.chunk_size, "unlimited" if cfg.llm_budget is None else cfg.llm_budget)
         ctx.tables.ensure("annotations")
         job.passes(pairs, n)
-        stats["escalation"]["deferred_by_budget"] = count_deferred(ctx, version)
-        stats["escalation"]["max_cost"] = cfg.max_cost
-        if job.batch is not None:
-            from annomine.judges.costs import add_usage
-
-            stats["escalation"]["waiting_for_batch"] = count_deferred(ctx, version, "batch")
-            add_usage(job.usage, job.batch.usage)
-        record_spend(ctx, stats, job.usage, cascade, batch=job.batch is not None)
-        stats["escalation"]["combiner"] = cascade.kept_combinations
-        stats["escalation"]["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
-        _tally_outcomes(stats, list(job.decided.values()))
-        if cascade.server is not None:
-            stats["llm_server"] = cascade.server.stats
+        summarise(ctx, cfg, job)
         failure = job.failure
     elapsed = time.time() - started
     stats["seconds"] = round(elapsed, 2)
@@ -582,6 +575,24 @@ def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False, collect: b
     if failure:
         raise TierFailureError(failure, stats)
     return stats
+
+
+def summarise(ctx: JobContext, cfg: AnnotateConfig, job: _Run) -> None:
+    """The run's summary after its passes: deferred and waiting pairs, spend (and its ledger rows), outcomes."""
+    stats, cascade, version = job.stats, job.cascade, job.version
+    stats["escalation"]["deferred_by_budget"] = count_deferred(ctx, version)
+    stats["escalation"]["max_cost"] = cfg.max_cost
+    if job.batch is not None:
+        from annomine.judges.costs import add_usage
+
+        stats["escalation"]["waiting_for_batch"] = count_deferred(ctx, version, "batch")
+        add_usage(job.usage, job.batch.usage)
+    record_spend(ctx, stats, job.usage, cascade, batch=job.batch is not None)
+    stats["escalation"]["combiner"] = cascade.kept_combinations
+    stats["escalation"]["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
+    _tally_outcomes(stats, list(job.decided.values()))
+    if cascade.server is not None:
+        stats["llm_server"] = cascade.server.stats
 
 
 def record_spend(ctx: JobContext, stats: dict, usage: dict, cascade, batch: bool = False) -> None:
