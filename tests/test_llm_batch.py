@@ -191,3 +191,25 @@ def test_requests_written_for_vllm_run_batch_are_collected_from_its_output_file(
         assert done["batch"]["answered"] == first["batch"]["submitted_requests"] == srv.stats["completions"]
     check_all_answered_once(ctx, expected, done["judge_version"])
     assert list(ctx.tables.read(bs.BATCHES).toPandas().state) == ["collected"]
+
+
+def test_a_line_failing_max_attempts_times_fails_its_pair_and_a_later_run_tries_again(ctx, tmp_path):
+    seed_tables(ctx, n_queries=3, per_query=8, missing_product=False)
+    judge = _tiny_judge(tmp_path / "judge", ctx)
+    with LoopbackLLMServer(batch_fail="oak", batch_fail_times=10) as srv:
+        _, cfg = batch_conf(tmp_path, ctx, srv.base_url, judge, wait_s=10)
+        cfg.cascade.tier2.max_attempts = 2
+        cfg.max_tier_failure_share = 1.0
+        run(ctx, cfg)                                       # submitted
+        run(ctx, cfg, collect=True)                         # oak lines fail once, sent again
+        last = run(ctx, cfg, collect=True)                  # fail twice: their pairs get the error
+        df = annotations(ctx)
+        failed = df[df.error.notna()]
+        assert len(failed) == last["batch"]["gave_up"] > 0 and last["batch"]["submitted_requests"] == 0
+        assert failed.error.str.fullmatch(r"tier2: batch: HTTP 500: server error \(chosen line\) \(after 2 batch attempt\(s\)\)").all()
+        req = requests_table(ctx)
+        assert (req.state == "gave_up").sum() == last["batch"]["gave_up"]
+        again = run(ctx, cfg)                               # annotate.max_attempts: the failed pairs are tried again
+        assert again["missing"] == len(failed) and again["batch"]["submitted_requests"] == last["batch"]["gave_up"]
+        req = requests_table(ctx)
+        assert (req[req.state == "pending"].attempts == 1).all() and (req.state == "pending").sum() == last["batch"]["gave_up"]

@@ -33,6 +33,7 @@ import pandas as pd
 from annomine.errors import MissingInputError
 from annomine.judges import batch_jsonl as jl
 from annomine.judges import batch_store as bs
+from annomine.judges.llm import redact
 from annomine.judges.prompt import MalformedAnswer
 from annomine.judges.response_cache import answer_of, answer_row, prompt_chars, response_key, store_answers, tier_settings_key
 
@@ -196,6 +197,8 @@ class BatchRun:
                 self._answer(tier, cid, body, bodies.get(cid), answers, failures)
         for cid in set(settings) - set(answers) - set(failures):
             failures[cid] = f"no result: {missing_why}"
+        keys = [getattr(t, "_api_key", None) for t in self.tiers]
+        failures = {c: redact(e, *keys) for c, e in failures.items()}  # an endpoint may echo the key
         store_answers(self.tables, list(answers.values()), self.tiers)
         kill_point("stored")
         stamp = bs.now()
