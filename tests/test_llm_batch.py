@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 
 import openai
@@ -18,8 +17,8 @@ from annomine.errors import DamagedInputError
 from annomine.judges import batch_store as bs
 from annomine.judges.config import LLMTierConfig
 from annomine.judges.llm import LLMTier
-from annomine.judges.loopback_server import LoopbackLLMServer, rule_grade
-from jobs.annotate import AnnotateConfig, run
+from annomine.judges.loopback_server import LoopbackLLMServer
+from jobs.annotate import run
 from tests.test_annotate import GRADES, KEY, ROOT, _tiny_judge, annotations, check_exactly_once, llm_cascade_conf, make_cfg, seed_tables
 
 
