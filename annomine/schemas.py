@@ -159,8 +159,10 @@ ANNOTATIONS = _register(TableSpec(
     description="Graded relevance from the judge cascade. `error` is set (and grade null) when a tier the pair reached "
                 "failed, naming the tier and why; `attempts` counts the annotate runs that tried the pair (a failed pair "
                 "is retried while it is below `annotate.max_attempts`); `escalation` is null (settled by the first tier), "
-                "'escalated' (the later tiers it needed were consulted) or 'budget' (it needed an LLM tier but "
-                "`annotate.llm_budget` was spent: it keeps the first tier's grade until a later run escalates it). "
+                "'escalated' (the later tiers it needed were consulted), 'budget' (it needed an LLM tier but "
+                "`annotate.llm_budget` was spent: it keeps the first tier's grade until a later run escalates it) or "
+                "'batch' (`annotate.mode: batch`: its LLM request waits in a batch, `llm_batch_requests`; it keeps the "
+                "first tier's grade until a later run collects the answer). "
                 "`content_hash` is the SHA-256 of the query text and product text the grade was given for "
                 "(annomine/graded_content.py): annotate grades a pair again, and curriculum ignores its grade, once "
                 "that content changed.",
@@ -189,6 +191,35 @@ LLM_LEDGER = _register(TableSpec(
     description="What each run spent per LLM tier: requests made, answers taken from `llm_responses` instead, the "
                 "tokens the endpoint reported and their price from the tier's `input_usd_per_mtok` / "
                 "`output_usd_per_mtok` (`usd` null for an unpriced hosted tier).",
+))
+
+LLM_BATCHES = _register(TableSpec(
+    "llm_batches",
+    "submission_id string, batch_id string, tier string, target string, state string, input_file string, "
+    "input_file_id string, output_file_id string, error_file_id string, request_count bigint, created_at timestamp, "
+    "updated_at timestamp",
+    key=("submission_id",),
+    written_by="annotate (annotate.mode: batch)",
+    description="One row per batch of LLM requests (annomine/judges/batch.py): `target` 'openai' (uploaded and created "
+                "through the Files and Batches API; `batch_id`, `input_file_id`, `output_file_id`, `error_file_id` are "
+                "the endpoint's) or 'file' (JSONL written for `vllm run-batch`, collected from its output file); "
+                "`input_file` is the request JSONL under the warehouse. `state`: 'submitting' (recorded before the upload; "
+                "a run that finds it adopts the endpoint's batch carrying its `submission_id` in metadata, or submits "
+                "the file again), 'written', the endpoint's status while it runs, then 'collected' (its answers are in "
+                "`llm_responses`) or the endpoint's final 'failed' / 'expired' / 'cancelled'.",
+))
+
+LLM_BATCH_REQUESTS = _register(TableSpec(
+    "llm_batch_requests",
+    "custom_id string, submission_id string, tier string, settings_key string, state string, attempts int, "
+    "error string, updated_at timestamp",
+    key=("custom_id",),
+    written_by="annotate (annotate.mode: batch)",
+    description="One row per batched request: `custom_id` is the request's `response_key` in `llm_responses`, so an "
+                "answer is stored once and a key waiting in a live batch is never submitted again. `state`: 'pending' "
+                "(in batch `submission_id`), 'answered', 'failed' (its line failed, `error` says why: submitted again by "
+                "the next run until it failed the tier's `max_attempts` times), 'gave_up' (the pair got the error; a "
+                "later annotate retrying the pair starts again at 0). `attempts`: batches the request was sent in.",
 ))
 
 # ---- curriculum (jobs/curriculum.py): one training-set table per model variant -------------------

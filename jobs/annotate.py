@@ -25,6 +25,11 @@ response cache (`llm_responses`) what it was asked before; each chunk's new answ
 grades, and the run's tokens and money go to `llm_ledger`. When `judge calibrate` kept no combination with an
 LLM tier, nothing escalates (the LLM's grades would decide nothing; `escalate: always` overrides).
 `--dry-run` prints the forecast and makes no request and no write.
+
+With `mode: batch` the requests of the escalated pairs go to the endpoint's batch API instead (annomine/judges/batch.py):
+the pairs keep tier 1's grade with `escalation = 'batch'` until a later run (or `--collect`, which grades no new pair)
+collects the answers into `llm_responses` and grades them again from there; `--batch-results` collects the output
+file of `vllm run-batch` for requests written with `batch.target: file`.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from pyspark.sql import functions as F
 from annomine.bounds import bounded
 from annomine.errors import AnnomineError
 from annomine.graded_content import content_hash
-from annomine.judges.config import CascadeConfig
+from annomine.judges.config import BatchConfig, CascadeConfig
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 
 log = logging.getLogger("annomine.annotate")
@@ -96,11 +101,23 @@ class AnnotateConfig:
     max_cost: float | None = bounded(None, ge=0)
     # Log the run's summary numbers (LLM calls, response-cache hits and misses) to MLflow.
     log_mlflow: bool = True
+    # `online`: LLM requests are sent one by one as pairs escalate. `batch`: they go to the endpoint's batch API
+    # (annomine/judges/batch.py); their pairs keep tier 1's grade (escalation 'batch') until a later run collects them.
+    mode: str = "online"
+    # Batch mode: where the batches go and how they are collected.
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def validate(self) -> None:
         from annomine.judges.spending import check_escalate
 
         check_escalate(self.escalate)
+        if self.mode not in ("online", "batch"):
+            raise ValueError(f"mode must be 'online' or 'batch', got {self.mode!r}")
+        if self.mode == "batch" and not (self.cascade.tier1 and (self.cascade.tier2 or self.cascade.tier3)):
+            raise ValueError("mode: batch needs tier 1 and an LLM tier (cascade.tier1, cascade.tier2/3): a pair waits "
+                             "for its batch answer with tier 1's grade")
+        if self.mode == "batch" and self.max_cost is not None:
+            raise ValueError("mode: batch takes llm_budget, not max_cost (batch answers are priced when collected)")
         if self.max_cost is not None:
             from annomine.judges.costs import price
 
@@ -118,7 +135,8 @@ CONFIG_CLASS = AnnotateConfig
 ADDED_COLUMNS = {"attempts": F.lit(1).cast("int"), "escalation": F.lit(None).cast("string"),
                  "content_hash": F.lit(None).cast("string")}
 # A row a later run may replace: a failed one, one whose escalation the budget deferred, or one graded for other content.
-REPLACEABLE = "t.error IS NOT NULL OR t.escalation = 'budget' OR NOT (t.content_hash <=> s.content_hash)"
+REPLACEABLE = ("t.error IS NOT NULL OR t.escalation IN ('budget', 'batch') "
+               "OR NOT (t.content_hash <=> s.content_hash)")
 
 
 def add_missing_columns(ctx: JobContext) -> None:
@@ -190,11 +208,26 @@ def deferred_pairs(ctx: JobContext, cfg: AnnotateConfig, judge_version: str, lim
     return source_pairs(ctx, cfg).join(keys, KEY, "inner")
 
 
-def count_deferred(ctx: JobContext, judge_version: str) -> int:
+def count_deferred(ctx: JobContext, judge_version: str, escalation: str = "budget") -> int:
     if not ctx.tables.exists("annotations"):
         return 0
     return int(ctx.tables.read("annotations").filter((F.col("judge_version") == judge_version)
-                                                     & (F.col("escalation") == "budget")).count())
+                                                     & (F.col("escalation") == escalation)).count())
+
+
+def waiting_pairs(ctx: JobContext, judge_version: str, pending: set[str]) -> pd.DataFrame:
+    """(query_id, product_id, prior_attempts) of this judge version's pairs waiting for batch answers (escalation
+    'batch') none of whose queued requests waits in a live batch: answered, failed, or never sent."""
+    empty = pd.DataFrame({"query_id": [], "product_id": [], "prior_attempts": []})
+    if not ctx.tables.exists("annotations"):
+        return empty
+    rows = (ctx.tables.read("annotations")
+            .filter((F.col("judge_version") == judge_version) & (F.col("escalation") == "batch") & F.col("error").isNull())
+            .select(*KEY, "tier_outputs", (F.coalesce(F.col("attempts"), F.lit(1)) - 1).cast("int").alias("prior_attempts"))
+            .toPandas())
+    ready = [not any(o.get("batch") == "queued" and o.get("response_key") in pending for o in json.loads(t or "{}").values())
+             for t in rows["tier_outputs"]]
+    return rows[ready][KEY + ["prior_attempts"]] if len(rows) else empty
 
 
 def whole_queries(ctx: JobContext, pairs, limit: int):
@@ -209,10 +242,13 @@ def whole_queries(ctx: JobContext, pairs, limit: int):
 
 
 def tier_counts(tier_outputs: pd.Series) -> dict[str, dict]:
-    """Per tier: pairs sent to it, pairs it failed on, its first error and whether that error is fatal."""
+    """Per tier: pairs sent to it, pairs it failed on, its first error and whether that error is fatal (a pair queued
+    for a batch is counted when its answer is collected)."""
     counts: dict[str, dict] = {}
     for text in tier_outputs:
         for name, out in json.loads(text or "{}").items():
+            if out.get("batch") == "queued":
+                continue
             c = counts.setdefault(name, {"pairs": 0, "failed": 0, "first_error": None, "fatal": False})
             c["pairs"] += 1
             if out.get("grade") is None:
@@ -251,12 +287,15 @@ def refused_key(cascade, chunk_tiers: dict) -> EndpointRefusedKey | None:
     return None
 
 
-def run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
-    """Grade what is missing; with `dry_run`, only forecast what that would send to the LLM tiers and cost."""
+def run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False, collect: bool = False,
+        batch_results: str | None = None) -> dict:
+    """Grade what is missing; with `dry_run`, only forecast what that would send to the LLM tiers and cost. Batch mode
+    (`cfg.mode`): `collect` only finishes the pairs waiting for batches (no new pair is graded); `batch_results` is a
+    `vllm run-batch` output file to collect."""
     from annomine.locks import warehouse_lock
 
     with warehouse_lock(ctx.project, "annotate", wait_s=cfg.lock_wait_s):
-        return _run(ctx, cfg, dry_run)
+        return _run(ctx, cfg, dry_run, collect, batch_results)
 
 
 class _Run:
@@ -283,6 +322,7 @@ class _Run:
         self.decided: dict[tuple, tuple] = {}
         self.failure = None
         self.history = None  # tokens per request of each LLM tier, for max_cost (costs.history)
+        self.batch = None  # annotate.mode: batch (annomine/judges/batch.py)
         skipped = skip_reason(cascade, cfg.escalate)
         self.escalating = bool(self.llm_names) and skipped is None
         # tier 1 first: it grades every pair before any request, so the forecast can be printed first
@@ -305,6 +345,8 @@ class _Run:
         refused = refused_key(self.cascade, chunk_tiers)
         if refused is not None:
             raise refused
+        if self.batch is not None:  # the requests queued for a batch, read before the chunk's rows change
+            self.batch.note(graded, chunk)
         # the answers paid for are stored before the grades: a run killed between the two pays for none again
         cache = self.stats["llm_cache"]
         cache["stored"] += store_answers(self.ctx.tables, new_answers_from_outputs(graded["tier_outputs"], self.cascade.tiers),
@@ -397,7 +439,24 @@ class _Run:
         self.first_pass(pairs, n)
         if self.tier1_first and not self.failure:
             self.announce(None, first_tier_done=True)
+        if self.batch is not None and self.escalating and not self.failure:
+            self.regrade_waiting()
         self.escalate_deferred()
+        if self.batch is not None and not self.failure:
+            self.batch.submit()
+
+    def regrade_waiting(self) -> None:
+        """Batch mode: grade again the pairs waiting for batch answers that are no longer in a live batch: answered
+        ones are decided from the response cache, failed or unsent ones are queued again."""
+        ready = waiting_pairs(self.ctx, self.version, self.batch.pending)
+        self.stats["batch"]["regraded"] = len(ready)
+        size = self.cfg.chunk_size
+        for start in range(0, len(ready), size):
+            part = ready.iloc[start:start + size]
+            keys = self.ctx.spark.createDataFrame(part, "query_id string, product_id string, prior_attempts int")
+            self.grade(source_pairs(self.ctx, self.cfg).join(keys, KEY, "inner"), None, self.partitions, self.per_partition)
+            if self.failure:
+                return
 
     def escalate_deferred(self) -> None:
         """Spend the budgets on the deferred pairs, least confident first (unlimited without a budget)."""
@@ -452,7 +511,19 @@ def _tally_outcomes(stats: dict, outcomes: list) -> None:
         stats["by_tier"][tier] = int(count)
 
 
-def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
+def start_batch(ctx: JobContext, cfg: AnnotateConfig, job: _Run, results: str | None) -> None:
+    """Batch mode: finish the earlier runs' batches (recover, collect) and put the LLM tiers in batch mode."""
+    from annomine.judges.batch import BatchRun
+
+    if cfg.mode != "batch" or not job.escalating:
+        return
+    job.batch = BatchRun(ctx.tables, cfg.batch, job.cascade.tiers, ctx.project.warehouse_path / "llm_batches")
+    job.stats["batch"] = job.batch.stats
+    job.batch.start(results or cfg.batch.results)
+
+
+def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False, collect: bool = False,
+         batch_results: str | None = None) -> dict:
     from annomine.judges.cascade import Cascade
     from annomine.judges.store import resolve_judge
 
@@ -478,6 +549,9 @@ def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
             stats["llm_cache"]["loaded"] = load_answers(ctx.tables, cascade.tiers)
         if dry_run:
             return forecast_run(ctx, cfg, cascade, job, pairs)
+        start_batch(ctx, cfg, job, batch_results)
+        if collect:
+            pairs, n = pairs.limit(0), 0
         stats["judge_version"] = version
         stats["missing"] = n
         stats["content_changed"] = pairs.filter(F.col("content_changed")).count() if n else 0
@@ -488,14 +562,7 @@ def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
                  cascade.tier_names, cfg.chunk_size, "unlimited" if cfg.llm_budget is None else cfg.llm_budget)
         ctx.tables.ensure("annotations")
         job.passes(pairs, n)
-        stats["escalation"]["deferred_by_budget"] = count_deferred(ctx, version)
-        stats["escalation"]["max_cost"] = cfg.max_cost
-        record_spend(ctx, stats, job.usage, cascade)
-        stats["escalation"]["combiner"] = cascade.kept_combinations
-        stats["escalation"]["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
-        _tally_outcomes(stats, list(job.decided.values()))
-        if cascade.server is not None:
-            stats["llm_server"] = cascade.server.stats
+        summarise(ctx, cfg, job)
         failure = job.failure
     elapsed = time.time() - started
     stats["seconds"] = round(elapsed, 2)
@@ -510,14 +577,33 @@ def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False) -> dict:
     return stats
 
 
-def record_spend(ctx: JobContext, stats: dict, usage: dict, cascade) -> None:
-    """Cache hits and misses, tokens and money per tier in the summary, and one `llm_ledger` row per tier."""
+def summarise(ctx: JobContext, cfg: AnnotateConfig, job: _Run) -> None:
+    """The run's summary after its passes: deferred and waiting pairs, spend (and its ledger rows), outcomes."""
+    stats, cascade, version = job.stats, job.cascade, job.version
+    stats["escalation"]["deferred_by_budget"] = count_deferred(ctx, version)
+    stats["escalation"]["max_cost"] = cfg.max_cost
+    if job.batch is not None:
+        from annomine.judges.costs import add_usage
+
+        stats["escalation"]["waiting_for_batch"] = count_deferred(ctx, version, "batch")
+        add_usage(job.usage, job.batch.usage)
+    record_spend(ctx, stats, job.usage, cascade, batch=job.batch is not None)
+    stats["escalation"]["combiner"] = cascade.kept_combinations
+    stats["escalation"]["escalated_pairs_decided_by"] = cascade.escalated_pairs_decided_by
+    _tally_outcomes(stats, list(job.decided.values()))
+    if cascade.server is not None:
+        stats["llm_server"] = cascade.server.stats
+
+
+def record_spend(ctx: JobContext, stats: dict, usage: dict, cascade, batch: bool = False) -> None:
+    """Cache hits and misses, tokens and money per tier in the summary (batch answers at the batch price), and one
+    `llm_ledger` row per tier."""
     import uuid
 
     from annomine.judges.costs import spend, write_ledger
 
     stats["llm_cache"]["per_tier"] = {n: {"hits": u["hits"], "misses": u["misses"]} for n, u in usage.items()}
-    stats["cost"] = spend(usage, cascade.tiers)
+    stats["cost"] = spend(usage, cascade.tiers, batch=batch)
     stats["run_id"] = uuid.uuid4().hex
     write_ledger(ctx.tables, stats["run_id"], "annotate", stats["judge_version"], stats["cost"])
 
@@ -548,12 +634,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="grade whole queries up to this many pairs")
     parser.add_argument("--dry-run", action="store_true",
                         help="forecast the pairs to escalate, requests, tokens and money per LLM tier; no request, no write")
+    parser.add_argument("--collect", action="store_true",
+                        help="batch mode: collect finished batches and grade only the pairs waiting for them")
+    parser.add_argument("--batch-results", metavar="PATH",
+                        help="batch mode: a `vllm run-batch` output JSONL answering the requests written with batch.target: file")
     args = parser.parse_args(argv)
     project, cfg = load(args, "annotate", AnnotateConfig)
     if args.limit is not None:
         cfg.limit = args.limit
+    if (args.collect or args.batch_results) and cfg.mode != "batch":
+        parser.error("--collect and --batch-results need annotate.mode: batch")
     ctx = open_context(project)
-    run(ctx, cfg, dry_run=args.dry_run)
+    run(ctx, cfg, dry_run=args.dry_run, collect=args.collect, batch_results=args.batch_results)
     return 0
 
 

@@ -9,6 +9,9 @@ found in the product text), obeys an "answer N" written outside the prompt's dat
 careless model, and injects faults drawn per request from a seeded generator: `429` (with
 Retry-After), `500`, `slow` (sleeps `--slow-ms`, stops when the client hangs up), `malformed`,
 `truncated`, `garbage` (a body that is not JSON) and `401` (the key is refused and echoed back).
+It also speaks OpenAI's Files and Batches protocol (`/v1/files`, `/v1/batches`): each retrieve of a batch moves
+it validating -> in_progress -> completed, its lines answered like online requests; `--batch-fail TEXT` makes
+the lines whose request contains TEXT fail (`--batch-fail-times` times each).
 `GET /stats` returns request and fault counters; `GET /v1/models` lists models.
 Only 127.0.0.1 by default; stdlib `http.server` only.
 """
@@ -34,11 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-grade", type=int, default=1)
     parser.add_argument("--max-grade", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-fail", action="append", default=[],
+                        help="batch lines whose request contains this text fail with a 500 (repeatable)")
+    parser.add_argument("--batch-fail-times", type=int, default=1, help="how many times each such line fails")
     parser.add_argument("--no-logprobs", action="store_true", help="behave like an endpoint without log-probabilities")
     args = parser.parse_args(argv)
     try:
         server = LoopbackLLMServer(args.host, args.port, args.latency_ms, args.faults, list(range(args.min_grade, args.max_grade + 1)),
-                                   args.seed, args.slow_ms, args.retry_after, not args.no_logprobs)
+                                   args.seed, args.slow_ms, args.retry_after, not args.no_logprobs,
+                                   tuple(args.batch_fail), args.batch_fail_times)
     except ValueError as exc:
         parser.error(str(exc))
     print(f"loopback OpenAI-compatible server on {server.base_url} (latency {args.latency_ms:g} ms, faults {args.faults or 'none'})",

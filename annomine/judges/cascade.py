@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 RESULT_COLUMNS = ["grade", "confidence", "deciding_tier", "tier_outputs", "latency_ms", "prompt_tokens",
                   "completion_tokens", "error", "escalation"]
 # escalation: None (the first tier settled it, or there is no later tier), 'escalated' (every tier it
-# needed was consulted), 'budget' (it needed a later tier but the LLM call budget was spent).
-ESCALATED, BUDGET = "escalated", "budget"
+# needed was consulted), 'budget' (it needed a later tier but the LLM call budget was spent), 'batch' (a later
+# tier's answer was queued for a batch: the pair keeps the grade of the tiers before it until the answer is collected).
+ESCALATED, BUDGET, BATCH = "escalated", "budget", "batch"
 COMBINED = "combined"
 
 
@@ -311,7 +312,9 @@ class Cascade:
             still = []
             for i, r in zip(pending, results):
                 outputs[i][tier.name] = r
-                if not r.sure and r.grade is not None and k < last:  # a failed tier ends the pair's climb
+                if r.extra.get("batch") == "queued":  # waits for its batch answer (annomine/judges/batch.py)
+                    escalation[i] = BATCH
+                elif not r.sure and r.grade is not None and k < last:  # a failed tier ends the pair's climb
                     still.append(i)
             log.log(logging.INFO if progress else logging.DEBUG, "%s: %d pairs in %.1fs, %d escalate", tier.name,
                     len(pending), time.time() - t0, len(still))
@@ -337,6 +340,7 @@ class Cascade:
         row["llm_requests"] = int(sum(r.attempts for name, r in outs.items() if name != "tier1"))
         row["llm_calls"] = int(sum(1 for name, r in outs.items() if name != "tier1" and not r.extra.get("deduplicated")
                                    and r.extra.get("cache") != "hit"))
+        outs = {name: r for name, r in outs.items() if r.extra.get("batch") != "queued"}  # decided without them
         failed = [(name, r) for name, r in outs.items() if r.grade is None]
         if failed or not outs:
             row["error"] = "; ".join(f"{name}: {r.error or 'no grade'}" for name, r in failed) or "no tier ran"

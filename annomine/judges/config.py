@@ -136,3 +136,24 @@ class CascadeConfig:
             tier = getattr(self, name)
             if tier is not None and not tier.base_url and tier.server != "local" and not self.loopback.embedded:
                 raise ValueError(f"{name}.base_url is empty, {name}.server is not 'local' and loopback.embedded is not true")
+
+
+@dataclass
+class BatchConfig:
+    """How `annotate.mode: batch` sends and collects its requests (annomine/judges/batch.py)."""
+
+    # `openai`: upload the request JSONL and create the batch through the endpoint's Files and Batches API;
+    # `file`: only write it under <warehouse>/llm_batches/ (for `vllm run-batch`), collected from `results`.
+    target: str = "openai"
+    # Output JSONL of `vllm run-batch` (result lines of the `file` batches) to collect; also `annotate --batch-results`.
+    results: str | None = None
+    # Poll unfinished batches this long before the run returns (0: look once).
+    wait_s: float = bounded(0.0, ge=0)
+    # Seconds between two polls while waiting.
+    poll_s: float = bounded(30.0, gt=0)
+    # The batch's completion window (OpenAI accepts 24h).
+    completion_window: str = "24h"
+
+    def validate(self) -> None:
+        if self.target not in ("openai", "file"):
+            raise ValueError(f"batch.target must be 'openai' or 'file', got {self.target!r}")

@@ -56,15 +56,19 @@ def add_usage(total: dict, chunk: dict) -> None:
             t[k] += v
 
 
-def spend(usage: dict[str, dict], tiers: list) -> dict:
-    """Tokens and USD per tier and in all (`usd` None when a tier that made requests is unpriced)."""
+def spend(usage: dict[str, dict], tiers: list, batch: bool = False) -> dict:
+    """Tokens and USD per tier and in all (`usd` None when a tier that made requests is unpriced); with `batch` the
+    requests went through the endpoint's batch API and are priced with its `batch_discount`."""
     cfgs = {t.name: t.cfg for t in tiers if hasattr(t, "cfg")}
     per_tier, total, unpriced = {}, 0.0, []
     for name, u in usage.items():
         usd = cost_usd(cfgs[name], u["prompt_tokens"], u["completion_tokens"])
+        if batch:
+            usd = batch_usd(cfgs[name], usd)
         per_tier[name] = {"model": cfgs[name].model, "requests": u["misses"], "cache_hits": u["hits"],
                           "prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-                          "usd": None if usd is None else round(usd, 6), "usd_if_batch": batch_usd(cfgs[name], usd)}
+                          "usd": None if usd is None else round(usd, 6),
+                          "usd_if_batch": usd if batch else batch_usd(cfgs[name], usd)}
         if usd is None:
             unpriced.append(name)
         else:

@@ -159,6 +159,32 @@ def post_chat_completion(client, body: dict):
     return answer
 
 
+def read_completion(resp, result: TierResult, grades: list[int], fallback_confidence: float) -> TierResult:
+    """Fill `result` from a chat completion (attributes as in the SDK's objects): tokens, grade, reason, the grade
+    distribution from the log-probabilities (or the fallback confidence). Raises MalformedAnswer for an answer that
+    is cut off or not the grade JSON."""
+    usage = getattr(resp, "usage", None)
+    if usage is not None:
+        result.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+        result.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+    choices = getattr(resp, "choices", None)
+    if not choices:
+        raise MalformedAnswer("response is not a chat completion")
+    choice = choices[0]
+    if getattr(choice, "finish_reason", None) == "length":
+        raise MalformedAnswer("answer truncated (finish_reason=length)")
+    grade, reason = parse_answer(choice.message.content, grades)
+    conf, probs = logprob_confidence(choice, grade, grades)
+    result.grade, result.reason, result.probs = grade, reason, probs
+    result.expected_grade = expected_grade(probs)
+    if conf is None:
+        result.raw_confidence, result.confidence_source = fallback_confidence, "fallback"
+    else:
+        result.raw_confidence, result.confidence_source = conf, "logprobs"
+    result.error = None
+    return result
+
+
 def _grade_token(token: str, wanted: set[str]) -> str | None:
     t = (token or "").strip().strip('"')
     return t if t in wanted else None
@@ -331,6 +357,10 @@ class LLMTier:
         self.answered: list[tuple] = []
         # answers from the cache, requests made and their tokens, in this process
         self.cache_counts = {"hits": 0, "misses": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        # Batch mode (annomine/judges/batch.py): a pair without a stored answer is queued for a batch, not requested;
+        # `batch_failed` holds the failed batch lines by response key: (batch attempts, error).
+        self.batch = False
+        self.batch_failed: dict[str, tuple[int, str]] = {}
 
     def __getstate__(self):  # picklable for pandas-UDF closures: no client, no lock
         state = dict(self.__dict__)
@@ -400,23 +430,8 @@ class LLMTier:
         timeout = self.cfg.timeout_for(job.timeouts)
         try:
             client = self.client if job.timeouts == 0 else self.client.with_options(timeout=timeout)
-            resp = post_chat_completion(client, self.request_kwargs(job.messages))
-            usage = getattr(resp, "usage", None)
-            if usage is not None:
-                result.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
-                result.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
-            choice = resp.choices[0]
-            if getattr(choice, "finish_reason", None) == "length":
-                raise MalformedAnswer("answer truncated (finish_reason=length)")
-            grade, reason = parse_answer(choice.message.content, self.grades)
-            conf, probs = logprob_confidence(choice, grade, self.grades)
-            result.grade, result.reason, result.probs = grade, reason, probs
-            result.expected_grade = expected_grade(probs)
-            if conf is None:
-                result.raw_confidence, result.confidence_source = self.cfg.fallback_confidence, "fallback"
-            else:
-                result.raw_confidence, result.confidence_source = conf, "logprobs"
-            result.error = None
+            read_completion(post_chat_completion(client, self.request_kwargs(job.messages)), result, self.grades,
+                            self.cfg.fallback_confidence)
             return self._settle(job)
         except openai.RateLimitError as exc:
             error, retry_after = "429 rate limited", _retry_after_seconds(exc)
@@ -471,6 +486,15 @@ class LLMTier:
                           expected_grade=answer.get("expected_grade"), reason=answer.get("reason"),
                           extra={"cache": "hit", "response_key": key})
 
+    def queued_result(self, job: _Pending) -> TierResult:
+        """Batch mode: the pair waits for its batch answer (`batch: queued`), or fails like an online pair once its
+        batch line failed `max_attempts` times (`batch: failed`)."""
+        attempts, error = self.batch_failed.get(job.key, (0, None))
+        if attempts >= self.cfg.max_attempts:
+            return TierResult(error=redact(f"batch: {error} (after {attempts} batch attempt(s))", self._api_key),
+                              attempts=0, extra={"batch": "failed", "response_key": job.key})
+        return TierResult(extra={"batch": "queued", "response_key": job.key, "prompt_chars": prompt_chars(job.messages)})
+
     def grade_many(self, pairs: list[tuple[str, str]], concurrency: int) -> list[TierResult]:
         """Grade de-duplicated (query, text) pairs with at most `concurrency` requests in flight.
 
@@ -478,7 +502,8 @@ class LLMTier:
         (`cache: hit` in its output); every other pair is requested (`cache: miss`, with its `response_key`).
         `concurrency` workers each send one request at a time, so the cap holds; a pair that must back off waits
         in a timer queue rather than in a worker, so while it waits its worker sends another pair's request:
-        the slots stay busy as long as any pair is ready. Pairs whose backoff is over go before new ones."""
+        the slots stay busy as long as any pair is ready. Pairs whose backoff is over go before new ones.
+        In batch mode (`batch`) no request is made: every other pair is queued for a batch (`queued_result`)."""
         unique = list(dict.fromkeys(pairs))
         if not unique:
             return []
@@ -494,6 +519,9 @@ class LLMTier:
             else:
                 jobs.append(_Pending(q, t, messages, key=key))
         self.cache_counts["hits"] += len(unique) - len(jobs)
+        if self.batch:
+            by_pair.update({(job.query, job.text): self.queued_result(job) for job in jobs})
+            jobs = []
         self.cache_counts["misses"] += len(jobs)
         if jobs:
             _Scheduler(self._attempt, jobs, self.name).run(min(max(1, concurrency), len(jobs)))
@@ -512,7 +540,7 @@ class LLMTier:
             r = by_pair[pair]
             if pair in seen:  # a duplicate shares the answer but not the cost
                 r = TierResult(**{**r.__dict__, "latency_ms": 0.0, "prompt_tokens": 0, "completion_tokens": 0, "attempts": 0,
-                                  "extra": {"deduplicated": True}})
+                                  "extra": {"deduplicated": True, **{k: v for k, v in r.extra.items() if k == "batch"}}})
             seen.add(pair)
             out.append(r)
         return out

@@ -19,7 +19,10 @@ those some client is still waiting for; `abandoned` counts those that were cut s
 arrives first looks at the connections of the others in flight: one its client has already closed is not
 counted in `in_flight_max` (its handler may not have woken up to the hang-up yet), so the figure is the
 number of requests clients held open at once.
-`GET /stats` returns request and fault counters; `GET /v1/models` lists models.
+It also speaks OpenAI's Files and Batches protocol (annomine/judges/loopback_batches.py): a batch's lines are
+answered by the same completion function and faults as online requests, and `batch_fail` names texts whose lines
+fail the first `batch_fail_times` times (per-line errors).
+`GET /stats` returns request and fault counters (`batch`: lines answered per custom_id); `GET /v1/models` lists models.
 Only 127.0.0.1 by default; stdlib `http.server` only.
 """
 
@@ -35,6 +38,8 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from annomine.judges.loopback_batches import BatchStore, parse_multipart
 
 FAULT_KINDS = ("429", "500", "slow", "malformed", "truncated", "garbage", "401")
 _WORD = re.compile(r"[a-z0-9]+")
@@ -154,7 +159,7 @@ def _closed_by_peer(conn: socket.socket) -> bool:
 
 class _State:
     def __init__(self, latency_ms: float, faults: dict[str, float], grades: list[int], seed: int, slow_ms: float,
-                 retry_after_s: float, logprobs_supported: bool):
+                 retry_after_s: float, logprobs_supported: bool, fail_texts: tuple[str, ...] = (), fail_times: int = 1):
         self.latency_ms = latency_ms
         self.faults = faults
         self.grades = grades
@@ -169,6 +174,13 @@ class _State:
                             # busy_seconds / (window x cap) is the share of a client's allowed concurrency kept busy
                             "busy_seconds": 0.0, "first_request_at": None, "last_response_at": None}
         self.open_connections: dict[int, socket.socket] = {}  # handler id -> connection of a request in flight
+        self.batches = BatchStore(lambda body: batch_line_answer(self, body), fail_texts, fail_times)
+
+    def count_fault(self, fault: str | None) -> str | None:
+        if fault:
+            with self.lock:
+                self.stats["faults"][fault] += 1
+        return fault
 
     def draw_fault(self) -> str | None:
         with self.lock:
@@ -224,7 +236,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         if self.path.rstrip("/") == "/stats":
             with self.state.lock:
-                return self._json(200, json.loads(json.dumps(self.state.stats)))
+                stats = json.loads(json.dumps(self.state.stats))
+            return self._json(200, {**stats, "batch": self.state.batches.stats()})
+        if self._batch_get():
+            return None
         if self.path.rstrip("/") == "/v1/models":
             return self._json(200, {"object": "list", "data": [{"id": "rule-small", "object": "model"},
                                                                {"id": "rule-large", "object": "model"}]})
@@ -233,6 +248,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if self._batch_post(raw):
+            return
         st = self.state
         arrived = time.time()
         with st.lock:
@@ -275,60 +292,108 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
-    def _grade(self, text: str) -> tuple[int, float, float, str]:
-        """The grade, word overlap, position on the grade scale and reason for a prompt."""
-        st = self.state
-        data, outside = _data_block(text)
-        obey = _OBEY.search(outside)
-        if obey and int(obey.group(1)) in st.grades:
-            grade, overlap, position = int(obey.group(1)), float("nan"), float(int(obey.group(1)) - min(st.grades))
-            reason = "followed an instruction in the prompt"
-            with st.lock:
-                st.stats["obeyed_instruction"] += 1
-        elif data:
-            grade, overlap, position = rule_grade(str(data.get("query", "")), str(data.get("product", "")), st.grades)
-            reason = f"{overlap:.0%} of query words in product"
-        else:
-            # No data block: grade the whole prompt against itself is meaningless; answer the lowest grade.
-            grade, overlap, position = min(st.grades), 0.0, 0.0
-            reason = "no data block found"
-        return grade, overlap, position, reason
-
     def _complete(self, raw: bytes):
         st = self.state
         if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
             return self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
         try:
             body = json.loads(raw or b"{}")
-            messages = body["messages"]
-            model = str(body.get("model") or "rule-small")
+            body["messages"]  # noqa: B018 - a request without messages is a bad request
         except (ValueError, KeyError, TypeError) as exc:
             return self._json(400, {"error": {"message": f"bad request: {exc}", "type": "invalid_request_error"}})
         if st.latency_ms:
             time.sleep(st.latency_ms / 1000.0)
-        fault = st.draw_fault()
-        if fault:
-            with st.lock:
-                st.stats["faults"][fault] += 1
+        fault = st.count_fault(st.draw_fault())
         if self._answer_fault(fault):
             return None
-        text = "\n".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
-        grade, overlap, position, reason = self._grade(text)
-        dist = rule_distribution(position, st.grades, "large" in model.lower())
-        # a response schema without `reason` (LLMTierConfig.reason false) closes the object after the grade
-        answer = {"grade": grade} if _schema_omits_reason(body.get("response_format")) else {"grade": grade, "reason": reason}
-        content, finish = _content(answer, grade, fault)
-        choice: dict = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
-                        "logprobs": None}
-        if body.get("logprobs") and st.logprobs_supported:
-            choice["logprobs"] = _logprobs(content, grade, dist, int(body.get("top_logprobs") or 5), fault)
-        usage = {"prompt_tokens": len(words(text)) + 4 * len(messages), "completion_tokens": len(_tokens(content))}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return self._json(200, completion(st, body, fault))
+
+    def _batch_post(self, raw: bytes) -> bool:
+        """The Files and Batches endpoints (annomine/judges/loopback_batches.py); False for another path."""
+        path, batches = self.path.split("?")[0].rstrip("/"), self.state.batches
+        if path == "/v1/files":
+            fields = parse_multipart(self.headers.get("Content-Type", ""), raw)
+            if "file" not in fields:
+                return self._json(400, {"error": {"message": "no file field", "type": "invalid_request_error"}}) or True
+            filename, data = fields["file"]
+            purpose = fields.get("purpose", (None, b"batch"))[1].decode()
+            return self._json(200, batches.add_file(filename, purpose, data)) or True
+        if path == "/v1/batches":
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError as exc:
+                return self._json(400, {"error": {"message": f"bad request: {exc}", "type": "invalid_request_error"}}) or True
+            return self._json(*batches.create(body)) or True
+        if path.startswith("/v1/batches/") and path.endswith("/cancel"):
+            return self._json(*batches.cancel(path.split("/")[3])) or True
+        return False
+
+    def _batch_get(self) -> bool:
+        path, batches = self.path.split("?")[0].rstrip("/"), self.state.batches
+        parts = path.split("/")
+        if path == "/v1/batches":
+            return self._json(200, batches.listing()) or True
+        if len(parts) == 4 and path.startswith("/v1/batches/"):
+            return self._json(*batches.retrieve(parts[3])) or True
+        if path.startswith("/v1/files/") and len(parts) in (4, 5):
+            fid = parts[3]
+            if fid not in batches.files or (len(parts) == 5 and parts[4] != "content"):
+                return self._json(404, {"error": {"message": f"no file {fid!r}", "type": "not_found"}}) or True
+            if len(parts) == 5:
+                return self._send(200, batches.content[fid], content_type="application/octet-stream") or True
+            return self._json(200, batches.files[fid]) or True
+        return False
+
+
+def completion(st: _State, body: dict, fault: str | None) -> dict:
+    """The chat completion answering `body` (the rule's grade, its log-probabilities, spoilt as a content fault says)."""
+    messages = body["messages"]
+    model = str(body.get("model") or "rule-small")
+    text = "\n".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
+    grade, overlap, position, reason = _rule_answer(st, text)
+    dist = rule_distribution(position, st.grades, "large" in model.lower())
+    # a response schema without `reason` (LLMTierConfig.reason false) closes the object after the grade
+    answer = {"grade": grade} if _schema_omits_reason(body.get("response_format")) else {"grade": grade, "reason": reason}
+    content, finish = _content(answer, grade, fault)
+    choice: dict = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
+                    "logprobs": None}
+    if body.get("logprobs") and st.logprobs_supported:
+        choice["logprobs"] = _logprobs(content, grade, dist, int(body.get("top_logprobs") or 5), fault)
+    usage = {"prompt_tokens": len(words(text)) + 4 * len(messages), "completion_tokens": len(_tokens(content))}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    with st.lock:
+        st.stats["completions"] += 1
+        st.stats["by_model"][model] = st.stats["by_model"].get(model, 0) + 1
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
+            "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
+
+
+def batch_line_answer(st: _State, body: dict) -> tuple[int, object]:
+    """(status code, body) of one batch line: the online answer, the same faults drawn (a 'slow' one only answers)."""
+    if not isinstance(body.get("messages"), list):
+        return 400, {"error": {"message": "bad request: no messages", "type": "invalid_request_error"}}
+    fault = st.count_fault(st.draw_fault())
+    if fault in ("429", "500", "401"):
+        kind = {"429": "rate_limit_error", "500": "server_error", "401": "invalid_request_error"}[fault]
+        return int(fault), {"error": {"message": f"{fault} (injected)", "type": kind}}
+    if fault == "garbage":
+        return 200, "<html>upstream proxy error</html>{not json"
+    return 200, completion(st, body, fault)
+
+
+def _rule_answer(st: _State, text: str) -> tuple[int, float, float, str]:
+    """The grade, word overlap, position on the grade scale and reason for a prompt."""
+    data, outside = _data_block(text)
+    obey = _OBEY.search(outside)
+    if obey and int(obey.group(1)) in st.grades:
         with st.lock:
-            st.stats["completions"] += 1
-            st.stats["by_model"][model] = st.stats["by_model"].get(model, 0) + 1
-        return self._json(200, {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
-                                "created": int(time.time()), "model": model, "choices": [choice], "usage": usage})
+            st.stats["obeyed_instruction"] += 1
+        return int(obey.group(1)), float("nan"), float(int(obey.group(1)) - min(st.grades)), "followed an instruction in the prompt"
+    if data:
+        grade, overlap, position = rule_grade(str(data.get("query", "")), str(data.get("product", "")), st.grades)
+        return grade, overlap, position, f"{overlap:.0%} of query words in product"
+    # No data block: grading the whole prompt against itself is meaningless; answer the lowest grade.
+    return min(st.grades), 0.0, 0.0, "no data block found"
 
 
 class LoopbackLLMServer:
@@ -336,13 +401,14 @@ class LoopbackLLMServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0, faults: str | dict | None = None,
                  grades: list[int] | None = None, seed: int = 0, slow_ms: float = 3000.0, retry_after_s: float = 1.0,
-                 logprobs: bool = True):
+                 logprobs: bool = True, batch_fail: str | tuple[str, ...] = (), batch_fail_times: int = 1):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"the loopback LLM server only listens on loopback addresses, not {host!r}")
         fault_map = parse_faults(faults) if isinstance(faults, (str, type(None))) else dict(faults)
         self._httpd = ThreadingHTTPServer((host, port), _Handler)
         self._httpd.daemon_threads = True
-        self._httpd.state = _State(latency_ms, fault_map, list(grades or [1, 2, 3, 4]), seed, slow_ms, retry_after_s, logprobs)  # type: ignore[attr-defined]
+        self._httpd.state = _State(latency_ms, fault_map, list(grades or [1, 2, 3, 4]), seed, slow_ms, retry_after_s, logprobs,  # type: ignore[attr-defined]
+                                    tuple([batch_fail] if isinstance(batch_fail, str) else batch_fail), batch_fail_times)
         self._thread: threading.Thread | None = None
 
     @property
@@ -357,7 +423,8 @@ class LoopbackLLMServer:
     def stats(self) -> dict:
         st = self._httpd.state  # type: ignore[attr-defined]
         with st.lock:
-            return json.loads(json.dumps(st.stats))
+            stats = json.loads(json.dumps(st.stats))
+        return {**stats, "batch": st.batches.stats()}
 
     def start(self) -> "LoopbackLLMServer":
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="loopback-llm", daemon=True)
