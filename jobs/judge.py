@@ -593,20 +593,40 @@ def labelled_candidates(tables):
     return df.sort_values(["query_id", "product_id"]).reset_index(drop=True)
 
 
+def pilot_population(project: ProjectConfig, cfg: JudgeConfig) -> tuple:
+    """The labelled mined candidates a pilot may grade (`annomine.judges.pilot.unseen_by_teacher`), the judge splits
+    their queries come from, and how many mined candidates a full annotate run grades."""
+    from annomine.judges.data import assign_splits
+    from annomine.judges.pilot import unseen_by_teacher
+    from annomine.runtime import open_context
+
+    tables = open_context(project).tables
+    labelled = labelled_candidates(tables)
+    splits = assign_splits(labelled, cfg.calibration_fraction, project.seed, project.fold, project.rotation)
+    population = unseen_by_teacher(labelled, splits, learned_tier=cfg.cascade.tier1)
+    if population.empty:
+        from annomine.errors import MissingInputError
+
+        raise MissingInputError("judge pilot: no labelled mined candidate of a query the teacher never learned from "
+                                "(the judge's calibration and dev queries; test queries are for reporting only): "
+                                "label more queries")
+    kept = sorted(set(splits[labelled["query_id"].isin(set(population["query_id"])).to_numpy()]))
+    return population, kept, int(tables.read("mined_candidates").count())
+
+
 def pilot(project: ProjectConfig, cfg: JudgeConfig, judge: str | None = None, n_pairs: int | None = None) -> dict:
     """Grade a stratified sample of the labelled mined candidates with the configured cascade: agreement with the
     humans, the ranking check against the zero-shot encoder, a verdict, and the full annotate run's forecast."""
     from annomine.judges.cascade import Cascade, cascade_metrics
     from annomine.judges.pilot import STRATA, scale_forecast, stratified_sample, teacher_scores, verdict
     from annomine.judges.store import resolve_judge
-    from annomine.runtime import open_context
 
     if not cfg.ranking_baseline:
         from annomine.config import ConfigError
 
         raise ConfigError("judge pilot needs judge.ranking_baseline: the zero-shot encoder whose order the teacher must beat")
     grades = grades_of(project)
-    population = labelled_candidates(open_context(project).tables)
+    population, kept_splits, mined = pilot_population(project, cfg)
     sample = stratified_sample(population, n_pairs or cfg.pilot_pairs, project.seed)
     folder = resolve_judge(project.warehouse_path, judge or cfg.cascade.judge) if cfg.cascade.tier1 else None
     cache: dict = {}
@@ -620,12 +640,13 @@ def pilot(project: ProjectConfig, cfg: JudgeConfig, judge: str | None = None, n_
     ok = ~np.isnan(scores)
     ranking = _ranking(sample[ok].reset_index(drop=True), scores[ok], _ranking_baseline(cfg), grades, project.seed)
     result = {"sample": {"pairs": len(sample), "queries": int(sample.query_id.nunique()), "population_pairs": len(population),
+                         "query_splits": kept_splits, "mined_candidates": mined,
                          "strata": sample.groupby(STRATA).size().rename("pairs").reset_index().to_dict("records")},
               "tiers": tiers, "agreement": {k: metrics[k] for k in ("exact_agreement", "quadratic_weighted_kappa", "n_graded",
                                                                     "escalation_rate", "first_tier_alone", "llm_calls")
                                             if k in metrics},
               "ranking": ranking, "verdict": verdict(ranking),
-              "full_run_forecast": scale_forecast(fc, len(population) / len(sample)) if fc else None, "llm_cache": cache}
+              "full_run_forecast": scale_forecast(fc, mined / len(sample)) if fc else None, "llm_cache": cache}
     full = result["full_run_forecast"]
     print(f"judge pilot: {result['verdict']['verdict']} ({result['verdict']['reason']}); full run: "
           + (f"{full['escalate']} pairs to escalate, {sum(t['requests'] for t in full['tiers'].values()):.0f} requests, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from annomine.judges.config import LLMTierConfig
@@ -297,7 +298,9 @@ def seed_labelled(ctx, n_queries=8, per_query=6):
 def test_judge_pilot_grades_a_stratified_sample_and_gives_a_verdict_beside_the_forecast(ctx, tmp_path, capsys):
     from jobs import judge
 
-    seed_labelled(ctx)
+    from annomine.judges.data import assign_splits
+
+    seed_labelled(ctx, n_queries=24)
     folder = tiny_judge(tmp_path / "judge", ctx, 7)
     with LoopbackLLMServer() as srv:
         path = tmp_path / "conf.yaml"
@@ -311,15 +314,20 @@ def test_judge_pilot_grades_a_stratified_sample_and_gives_a_verdict_beside_the_f
         out = json.loads(captured.out)
         paid = srv.stats["completions"]
     sample = out["sample"]
-    assert sample["population_pairs"] == 48 and sample["queries"] >= 6
+    # only the queries tier 1 never trained on: the judge's calibration and dev queries, never a test query
+    splits = assign_splits(pd.DataFrame({"query_id": [f"q{q}" for q in range(24)]}), 0.25, ctx.project.seed)
+    unseen = int(splits.isin(["calibration", "dev"]).sum())
+    assert 4 <= unseen < 24 and sample["population_pairs"] == 6 * unseen
+    assert sample["query_splits"] == sorted(set(splits[splits.isin(["calibration", "dev"])]))
     strata = {(s["level"], s["segment"], s["channels"]) for s in sample["strata"]}
-    assert strata == {(lvl, seg, ch) for lvl in (1, 2, 3) for seg in ("head", "tail") for ch in ("ann", "lexical+ann")}
-    assert sample["pairs"] == 24 and all(s["pairs"] == 2 for s in sample["strata"])     # 12 strata of 4 pairs each
+    assert {lvl for lvl, _, _ in strata} == {1, 2, 3} and {ch for _, _, ch in strata} == {"ann", "lexical+ann"}
+    assert sample["pairs"] == min(24, 6 * unseen) and sample["queries"] <= unseen
     assert out["agreement"]["n_graded"] == sample["pairs"] and 0 < paid == out["agreement"]["llm_calls"]
-    assert out["ranking"]["n_queries"] >= 6 and out["verdict"]["verdict"] in ("expected to help", "cannot help",
+    assert out["ranking"]["n_queries"] >= 2 and out["verdict"]["verdict"] in ("expected to help", "cannot help",
                                                                               "not enough evidence")
-    full = out["full_run_forecast"]
-    assert full["extrapolated_from_sample_by"] == pytest.approx(48 / sample["pairs"], abs=1e-3)
+    full = out["full_run_forecast"]  # scaled to every mined candidate: what a full annotate run grades
+    assert sample["mined_candidates"] == 24 * 6
+    assert full["extrapolated_from_sample_by"] == pytest.approx(24 * 6 / sample["pairs"], abs=1e-3)
     assert full["tiers"]["tier2"]["usd"] is not None and full["escalate"] >= out["agreement"]["llm_calls"]
     assert f"judge pilot: {out['verdict']['verdict']}" in captured.err and "full run:" in captured.err
 

@@ -1,7 +1,8 @@
 """The teacher pilot: is the configured cascade worth a full annotate run? (`annomine judge pilot`)
 
 It grades a stratified sample of the mined candidates that humans labelled (strata: difficulty level, query
-segment and the channels that found the pair), measures agreement with the human grades (exact, QWK) and the
+segment and the channels that found the pair) among the queries the teacher never learned from
+(`unseen_by_teacher`: with tier 1, the judge's calibration and dev queries; never a test query), measures agreement with the human grades (exact, QWK) and the
 `ranking` check (annomine/judges/ranking.py): each sampled query's products ordered by the teacher's score
 against the zero-shot encoder's order, NDCG@10 paired with a bootstrap CI. The verdict follows from that CI:
 above 0, the teacher is expected to help; at or below 0, it cannot help; across 0, there is not enough evidence,
@@ -20,6 +21,9 @@ import pandas as pd
 from annomine.vocabulary import CHANNELS
 
 STRATA = ["level", "segment", "channels"]
+# The judge's query splits (annomine.judges.data.assign_splits) whose labels a pilot may grade.
+UNSEEN_BY_TIER1 = ("calibration", "dev")
+UNSEEN_BY_LLM = ("train", "calibration", "dev")
 EXPECTED, CANNOT, UNSURE = "expected to help", "cannot help", "not enough evidence"
 
 
@@ -31,6 +35,14 @@ def channels_of(pdf: pd.DataFrame) -> pd.Series:
         hit = pdf[f"rank_{ch}"].notna()
         found[hit] = found[hit].map(lambda s, c=ch: f"{s}+{c}" if s else c)
     return found.replace("", "none")
+
+
+def unseen_by_teacher(pdf: pd.DataFrame, splits: pd.Series, learned_tier: bool) -> pd.DataFrame:
+    """The candidates of the queries whose labels the teacher never learned from: with a learned tier (tier 1 trains
+    on the judge's train queries) its calibration and dev queries, else every non-test query. Test queries are for
+    reporting only, so a pilot, which decides whether to pay, never reads them."""
+    keep = UNSEEN_BY_TIER1 if learned_tier else UNSEEN_BY_LLM
+    return pdf[splits.isin(keep).to_numpy()].reset_index(drop=True)
 
 
 def stratified_sample(pdf: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
