@@ -41,7 +41,7 @@ from annomine.model_specs import resolve_specs
 from annomine.ranking import store
 from annomine.ranking.features import FeatureSettings, FeatureSources, build_features, columns_of
 from annomine.ranking.labels import LABEL_CHOICES
-from annomine.ranking.model import RankerParams
+from annomine.ranking.model import START_COLUMNS, RankerParams
 from annomine.ranking.plots import plot_importance
 from annomine.ranking.tier1 import Tier1Scores, cache_folder
 from annomine.ranking.training import LabelChoice, attach_targets, dev_ndcg, fit_and_select, fit_one, label_choices
@@ -66,6 +66,9 @@ class RankConfig:
     # Label choices compared on the dev queries: raw (the judge's grade), polarized (sigmoid of its expected
     # grade), human (human grade where the pair has one, else the judge's).
     labels: list[str] = field(default_factory=lambda: list(LABEL_CHOICES))
+    # What the ranker's score starts from, each listed start compared on dev: `zero` (plain LambdaMART) or `ce`
+    # (tier 1's expected grade: the trees learn corrections to the cross-encoder's order).
+    start_from: list[str] = field(default_factory=lambda: ["zero"])
     # Sigmoid steepnesses and centres tried for `polarized` (centre on the expected grade scaled to [0, 1]).
     steepness: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])
     centres: list[float] = field(default_factory=lambda: [0.5, 0.67, 0.83])
@@ -94,6 +97,8 @@ class RankConfig:
             raise ValueError("the polarized label needs at least one steepness and one centre")
         if not self.train_queries or sorted(set(self.train_queries) - set(TRAIN_QUERY_CHOICES)):
             raise ValueError(f"train_queries must name one or more of {list(TRAIN_QUERY_CHOICES)}, got {self.train_queries}")
+        if not self.start_from or sorted(set(self.start_from) - set(START_COLUMNS)):
+            raise ValueError(f"start_from must name one or more of {list(START_COLUMNS)}, got {self.start_from}")
         if not 0 < self.calibration_fraction < 1:
             raise ValueError("calibration_fraction must be in (0, 1) (= judge.calibration_fraction)")
         if any(s <= 0 for s in self.steepness) or any(not 0 < c < 1 for c in self.centres):
@@ -203,7 +208,11 @@ def train_rankers(frame: pd.DataFrame, ids: dict, dev_labels: pd.DataFrame, cfg:
     """{variant: Ranker} (ranked and, with ablations, ranked-raw / ranked-no-ce) and the selection record: every
     (train queries, label) choice is fitted and the best dev NDCG@10 wins (ties: the earlier)."""
     dev = frame[frame["query_id"].isin(ids["dev"])].reset_index(drop=True)
-    choices = label_choices(cfg.labels, cfg.steepness, cfg.centres)
+    starts = tuple(s for s in cfg.start_from if START_COLUMNS[s] is None or START_COLUMNS[s] in frame.columns)
+    if not starts:
+        raise ValueError(f"rank.start_from {cfg.start_from}: no start whose column the features have "
+                         f"(rank.features.groups {cfg.features.groups})")
+    choices = label_choices(cfg.labels, cfg.steepness, cfg.centres, starts)
     g = (project.min_grade, project.max_grade)
     best, results = None, []
     for queries in cfg.train_queries:
@@ -225,10 +234,11 @@ def train_rankers(frame: pd.DataFrame, ids: dict, dev_labels: pd.DataFrame, cfg:
               "n_train_queries": int(train["query_id"].nunique()), "n_train_rows": len(train),
               "n_dev_queries": int(dev["query_id"].nunique())}
     if cfg.ablations:
-        raw = LabelChoice("raw")
+        raw = LabelChoice("raw", start=chosen.start)
         rankers["ranked-raw"] = fit_one(train, columns, raw, cfg.ranker, *g, project.seed)
         no_ce = [c for c in columns if not c.startswith(CE_PREFIX)]
-        rankers["ranked-no-ce"] = fit_one(train, no_ce, chosen, cfg.ranker, *g, project.seed)
+        rankers["ranked-no-ce"] = fit_one(train, no_ce, dataclasses.replace(chosen, start="zero"), cfg.ranker, *g,
+                                          project.seed)
         for name in ("ranked-raw", "ranked-no-ce"):
             record["dev_ndcg@10"][name] = dev_ndcg(dev, rankers[name].score(dev), dev_labels, *g)
     return rankers, record

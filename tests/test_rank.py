@@ -52,6 +52,32 @@ def test_polarization_by_hand():
         relevance(frame, "polarized", 1, 4)
 
 
+def test_a_ranker_started_from_the_cross_encoder_corrects_its_order(tmp_path):
+    from annomine.ranking.model import Ranker, RankerParams
+    from annomine.ranking.training import LabelChoice, fit_one, label_choices
+
+    rng = np.random.default_rng(0)
+    rows = [(f"q{q}", f"p{q}_{i}", rng.uniform(1, 4), rng.normal()) for q in range(30) for i in range(8)]
+    frame = pd.DataFrame(rows, columns=["query_id", "product_id", "ce_expected", "noise"])
+    frame["judge_grade"] = np.clip(np.rint(frame["ce_expected"]), 1, 4)
+    params = RankerParams(n_estimators=1, learning_rate=1e-6, min_child_samples=1, num_leaves=2, subsample=1.0,
+                          colsample_bytree=1.0, threads=1)
+    started = fit_one(frame, ["noise"], LabelChoice("raw", start="ce"), params, 1, 4, seed=0)
+    plain = fit_one(frame, ["noise"], LabelChoice("raw"), params, 1, 4, seed=0)
+    trees = np.asarray(started.booster.predict(frame[["noise"]].to_numpy()))
+    # the score is the cross-encoder's expected grade plus the trees' (here nearly zero) correction
+    assert started.score(frame) == pytest.approx(frame["ce_expected"].to_numpy() + trees)
+    assert np.abs(trees).max() < 1e-3 and np.corrcoef(started.score(frame), frame["ce_expected"])[0, 1] > 0.9999
+    assert abs(np.corrcoef(plain.score(frame), frame["ce_expected"])[0, 1]) < 0.5  # a noise-only ranker does not
+    started.save(tmp_path, "ranker")
+    loaded = Ranker.load(tmp_path, "ranker")
+    assert loaded.start == "ce" and loaded.score(frame) == pytest.approx(started.score(frame))
+    with pytest.raises(ValueError, match="needs the feature column 'ce_expected'"):
+        loaded.score(frame.drop(columns=["ce_expected"]))
+    names = [c.name for c in label_choices(["raw", "polarized"], [8.0], [0.5], ("zero", "ce"))]
+    assert names == ["raw", "polarized(steepness=8,centre=0.5)", "raw from ce", "polarized(steepness=8,centre=0.5) from ce"]
+
+
 # ---- features ----------------------------------------------------------------------------------------------
 def test_features_of_an_unseen_query_come_from_the_catalog_and_the_models(tmp_path, tiny_model, tiny_judge):
     from annomine.evaluation.inputs import file_product_text

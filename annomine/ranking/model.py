@@ -2,6 +2,10 @@
 
 A `Ranker` is a LightGBM booster plus the feature columns it was fitted on; it is saved as LightGBM's own text
 model (`<name>.txt`) with a JSON side file (`<name>.json`: columns, label choice, gains, parameters).
+
+A ranker may start from a score instead of zero (`START_COLUMNS`): started from the tier-1 cross-encoder's expected
+grade (`ce`), its trees learn corrections to the cross-encoder's order rather than an order of their own, and the
+score is that column plus the trees' sum.
 """
 
 from __future__ import annotations
@@ -12,6 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+
+# What a ranker's score starts from: zero (plain LambdaMART) or a feature column.
+START_COLUMNS = {"zero": None, "ce": "ce_expected"}
+
+
+def start_scores(frame: pd.DataFrame, start: str) -> np.ndarray | None:
+    """The starting score of each row (None: zero)."""
+    column = START_COLUMNS[start]
+    if column is None:
+        return None
+    if column not in frame.columns:
+        raise ValueError(f"a ranker started from {start!r} needs the feature column {column!r}")
+    return frame[column].to_numpy(dtype=float)
 
 
 @dataclass
@@ -47,7 +65,13 @@ class Ranker:
         missing = [c for c in self.columns if c not in frame.columns]
         if missing:
             raise ValueError(f"the feature frame lacks the ranker's column(s) {missing}")
-        return np.asarray(self.booster.predict(frame[self.columns].to_numpy(dtype=float)), dtype=float)
+        scores = np.asarray(self.booster.predict(frame[self.columns].to_numpy(dtype=float)), dtype=float)
+        start = start_scores(frame, self.start)
+        return scores if start is None else scores + start
+
+    @property
+    def start(self) -> str:
+        return (self.info.get("label") or {}).get("start") or "zero"
 
     def importance(self) -> dict[str, float]:
         """Total gain per feature."""
@@ -79,8 +103,9 @@ def group_sizes(query_ids: pd.Series) -> list[int]:
 
 
 def fit_ranker(frame: pd.DataFrame, columns: list[str], levels: np.ndarray, gains: list[float], params: RankerParams,
-               seed: int, info: dict | None = None) -> Ranker:
-    """Fit LambdaMART on `frame`'s `columns` with integer relevance `levels` and a gain per level."""
+               seed: int, info: dict | None = None, start: str = "zero") -> Ranker:
+    """Fit LambdaMART on `frame`'s `columns` with integer relevance `levels` and a gain per level, its score starting
+    from `start` (START_COLUMNS)."""
     import lightgbm
 
     model = lightgbm.LGBMRanker(
@@ -89,7 +114,8 @@ def fit_ranker(frame: pd.DataFrame, columns: list[str], levels: np.ndarray, gain
         subsample_freq=1 if params.subsample < 1 else 0, colsample_bytree=params.colsample_bytree,
         reg_lambda=params.reg_lambda, label_gain=list(gains), lambdarank_truncation_level=params.truncation_level,
         random_state=seed, n_jobs=params.threads, verbose=-1)
-    model.fit(frame[columns].to_numpy(dtype=float), np.asarray(levels, dtype=int), group=group_sizes(frame["query_id"]))
+    model.fit(frame[columns].to_numpy(dtype=float), np.asarray(levels, dtype=int), group=group_sizes(frame["query_id"]),
+              init_score=start_scores(frame, start))
     return Ranker(model.booster_, list(columns), dict(info or {}, params=asdict(params)))
 
 

@@ -26,25 +26,28 @@ class LabelChoice:
     label: str  # raw | polarized | human
     steepness: float | None = None
     centre: float | None = None
+    start: str = "zero"  # what the score starts from (annomine.ranking.model.START_COLUMNS)
 
     @property
     def name(self) -> str:
-        if self.label == "polarized":
-            return f"polarized(steepness={self.steepness:g},centre={self.centre:g})"
-        return self.label
+        name = f"polarized(steepness={self.steepness:g},centre={self.centre:g})" if self.label == "polarized" else self.label
+        return name if self.start == "zero" else f"{name} from {self.start}"
 
     def as_dict(self) -> dict:
-        return {"label": self.label, "steepness": self.steepness, "centre": self.centre}
+        return {"label": self.label, "steepness": self.steepness, "centre": self.centre, "start": self.start}
 
 
-def label_choices(labels: list[str], steepness: list[float], centres: list[float]) -> list[LabelChoice]:
-    """Every choice to compare on dev: each plain label once, `polarized` once per (steepness, centre)."""
+def label_choices(labels: list[str], steepness: list[float], centres: list[float],
+                  starts: tuple[str, ...] = ("zero",)) -> list[LabelChoice]:
+    """Every choice to compare on dev: each plain label once, `polarized` once per (steepness, centre), each from
+    every start."""
     out = []
-    for label in labels:
-        if label == "polarized":
-            out += [LabelChoice(label, float(s), float(c)) for s in steepness for c in centres]
-        else:
-            out.append(LabelChoice(label))
+    for start in starts:
+        for label in labels:
+            if label == "polarized":
+                out += [LabelChoice(label, float(s), float(c), start) for s in steepness for c in centres]
+            else:
+                out.append(LabelChoice(label, start=start))
     return out
 
 
@@ -106,4 +109,4 @@ def fit_and_select(train: pd.DataFrame, dev: pd.DataFrame, dev_labels: pd.DataFr
 def fit_one(train: pd.DataFrame, columns: list[str], choice: LabelChoice, params: RankerParams, min_grade: int,
             max_grade: int, seed: int) -> Ranker:
     levels, gains = relevance(train, choice.label, min_grade, max_grade, choice.steepness, choice.centre)
-    return fit_ranker(train, columns, levels, gains, params, seed, info={"label": choice.as_dict()})
+    return fit_ranker(train, columns, levels, gains, params, seed, info={"label": choice.as_dict()}, start=choice.start)

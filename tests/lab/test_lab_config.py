@@ -45,7 +45,8 @@ def test_the_lab_config_is_the_product_s_plus_the_research_keys():
     for section in product:
         if section not in ("curriculum", "train", "rank", "evaluate"):
             assert lab[section] == product[section], section
-    assert lab["rank"] == {**product["rank"], "ablations": True}, "the lab also fits the rank stage's ablations"
+    assert lab["rank"] == {**product["rank"], "ablations": True, "start_from": ["zero", "ce"]}, \
+        "the lab also fits the rank stage's ablations and a ranker started from the cross-encoder's order"
     assert {**lab["evaluate"], "models": product["evaluate"]["models"]} == product["evaluate"]
     assert lab["evaluate"]["models"] == product["evaluate"]["models"] + ["ranked-raw", "ranked-no-ce"]
     assert {**lab["train"], "baselines": product["train"]["baselines"]} == product["train"]
