@@ -19,6 +19,9 @@ expected grade between the two, and the share of pairs whose arg-max grade agree
 Rounds alternate the two sides (`--repeats`), so machine load hits both alike; the medians are reported
 and each ratio is of the medians of the same run.
 
+Both sides run in one process, under the OpenMP wait policy `annomine` sets (OMP_WAIT_POLICY=PASSIVE unless
+set; benchmarks/bench_threads.py measures it on its own).
+
 Pairs: demo-shop queries and products (grade from what query and product share), or with `--warehouse`
 the human-labelled CrowdFlower pairs of a warehouse (Delta tables human_labels, queries, products).
 """
@@ -32,11 +35,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import annomine  # noqa: E402,F401 - first: its OpenMP wait policy applies to torch in this process (both sides)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from annomine.bert import minilm_path  # noqa: E402
 from annomine.demo_shop import generate_products  # noqa: E402
