@@ -154,6 +154,31 @@ def training_rounds(df: pd.DataFrame, settings: CrossEncoderSettings, args) -> d
     return {"ours": ours, "theirs": theirs, "judge": judge}
 
 
+def padding_figures(df: pd.DataFrame, settings: CrossEncoderSettings, grade_batch_size: int) -> None:
+    """Padded tokens per real token: training batches bucketed by character length (what the judge trains on)
+    and by token count, and grading batches in character-length and in token-count order."""
+    from annomine.bert import build_encoder
+    from annomine.judges.cross_encoder import _batches
+
+    tokenizer, bert = build_encoder("minilm")
+    judge = CrossEncoderModel(tokenizer, bert, GRADES, settings.max_length, max_text_chars=settings.max_text_chars)
+    tokens = judge.tokens(df["query"].tolist(), df["text"].tolist())
+    n_tokens = tokens.lengths()
+    chars = np.array([len(q) + len(t) for q, t in zip(df["query"], cut(df["text"], settings))])
+
+    def padded(batches) -> float:
+        return round(sum(len(b) * int(n_tokens[b].max()) for b in batches) / int(n_tokens.sum()), 3)
+
+    for key, lengths in (("characters (the judge's training)", chars), ("tokens", n_tokens)):
+        batches = _batches(np.random.default_rng(settings.seed), lengths, settings.batch_size, True)
+        emit(f"training batches of {settings.batch_size} bucketed by {key}, {len(df)} pairs: padded tokens per real token",
+             padded(batches), "x")
+    for key, order in (("character-length order (CrossEncoder.predict)", np.argsort(chars, kind="stable")),
+                       ("token-count order (the judge's grading)", tokens.by_length())):
+        batches = [order[s:s + grade_batch_size] for s in range(0, len(order), grade_batch_size)]
+        emit(f"grading batches of {grade_batch_size} in {key}, {len(df)} pairs: padded tokens per real token", padded(batches), "x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-pairs", type=int, default=200)
@@ -166,11 +191,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds per comparison (medians reported)")
     parser.add_argument("--warehouse", help="take human-labelled pairs from this warehouse's Delta tables")
+    parser.add_argument("--padding-only", action="store_true", help="only the padding figures (no model is run)")
     args = parser.parse_args()
     settings = settings_of(args)
     torch.set_num_threads(args.threads)
     n = args.train_pairs + args.grade_pairs
     df = warehouse_pairs(args.warehouse, n) if args.warehouse else demo_pairs(n)
+    if args.padding_only:
+        return padding_figures(df, settings, args.grade_batch_size)
     train_df, grade_df = df.iloc[: args.train_pairs].reset_index(drop=True), df.iloc[args.train_pairs:].reset_index(drop=True)
     source = "CrowdFlower pairs" if args.warehouse else "demo-shop pairs"
     with tempfile.TemporaryDirectory(prefix="bench-judge-") as tmp:
