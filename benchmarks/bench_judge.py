@@ -169,9 +169,11 @@ def padding_figures(df: pd.DataFrame, settings: CrossEncoderSettings, grade_batc
     def padded(batches) -> float:
         return round(sum(len(b) * int(n_tokens[b].max()) for b in batches) / int(n_tokens.sum()), 3)
 
-    for key, lengths in (("characters (the judge's training)", chars), ("tokens", n_tokens)):
-        batches = _batches(np.random.default_rng(settings.seed), lengths, settings.batch_size, True)
-        emit(f"training batches of {settings.batch_size} bucketed by {key}, {len(df)} pairs: padded tokens per real token",
+    for key, lengths, bucketing in (("drawn at random (CrossEncoder.old_fit's shuffled DataLoader)", chars, False),
+                                    ("bucketed by characters (the judge's training)", chars, True),
+                                    ("bucketed by tokens", n_tokens, True)):
+        batches = _batches(np.random.default_rng(settings.seed), lengths, settings.batch_size, bucketing)
+        emit(f"training batches of {settings.batch_size} {key}, {len(df)} pairs: padded tokens per real token",
              padded(batches), "x")
     for key, order in (("character-length order (CrossEncoder.predict)", np.argsort(chars, kind="stable")),
                        ("token-count order (the judge's grading)", tokens.by_length())):
