@@ -406,8 +406,8 @@ def test_cutpoint_decision_is_saved_loaded_and_selected(tmp_path):
     assert model.decide(probs).tolist() == [1, 3, 4]
     assert model.decide(probs, "argmax").tolist() == [1, 3, 4] and model.decide(probs, "expected").tolist() == np.rint(expected).astype(int).tolist()
     # the text is cut before tokenising, so a long description does not change the input
-    a = model._encode(["red shoes"], ["Red shoes | " + "x" * 500])["input_ids"]
-    b = model._encode(["red shoes"], ["Red shoes | " + "y" * 500])["input_ids"]
+    a = model.tokens(["red shoes"], ["Red shoes | " + "x" * 500]).batch([0])["input_ids"]
+    b = model.tokens(["red shoes"], ["Red shoes | " + "y" * 500]).batch([0])["input_ids"]
     assert a.tolist() == b.tolist()
     model.save(tmp_path / "j")
     meta = json.loads((tmp_path / "j" / "judge.json").read_text())
