@@ -35,4 +35,20 @@ def _prefer_spark_connect() -> None:
         os.environ.setdefault("SPARK_CONNECT_MODE_ENABLED", "1")
 
 
+
+def _passive_openmp_waits() -> None:
+    """Idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE` unless already set).
+
+    torch (and FAISS, LightGBM) run their CPU kernels on OpenMP, which reads the policy when the library loads,
+    so it is set here, before any of them is imported. With GNU OpenMP's default a thread spins after each
+    parallel region; on cores shared with other processes (Spark workers, a second job) the spinning thread
+    takes the core from the one with work: on 2 loaded cores the tier-1 judge graded about half as fast with
+    2 threads as with PASSIVE (benchmarks/bench_threads.py, docs/benchmarks.md). Results do not change.
+    """
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 _prefer_spark_connect()
+_passive_openmp_waits()

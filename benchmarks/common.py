@@ -19,7 +19,7 @@ def machine() -> str:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     except Exception:  # noqa: BLE001
         gpu = "no GPU"
-    return f"{platform.machine()} {cores} cores {mem_gib:.0f} GiB, {gpu}"
+    return f"{platform.machine()} {cores} cores {mem_gib:.0f} GiB, {gpu}, load average {os.getloadavg()[0]:.1f} at the figure"
 
 
 def peak_rss_mib() -> float:

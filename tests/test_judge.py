@@ -192,6 +192,76 @@ def test_tiny_cross_encoder_learns_saves_and_loads(tmp_path):
     assert all(not p.requires_grad for p in m2.bert.embeddings.parameters())
 
 
+def _varied_pairs(tmp_path):
+    """The tiny shop's pairs with product texts of varied length (some past the judge's 32 tokens)."""
+    shop = _shop(tmp_path)
+    pairs = load_pairs_from_files(shop / "queries.tsv", shop / "labels.tsv", shop / "products.tsv")
+    extra = np.random.default_rng(3).integers(0, 30, len(pairs))
+    return pairs.assign(text=[t + " extra" * int(k) for t, k in zip(pairs["text"], extra)])
+
+
+def _tokenised_per_batch(model: CrossEncoderModel, queries: list[str], texts: list[str]):
+    """The straightforward encoding: the tokenizer called on each batch with padding=True."""
+    texts = [t[: model.max_text_chars] for t in texts] if model.max_text_chars else texts
+    return model.tokenizer(queries, texts, padding=True, truncation="only_second", max_length=model.max_length,
+                           return_tensors="pt")
+
+
+def test_pairs_tokenised_once_pad_to_the_tokenizers_own_batches(tmp_path):
+    pairs = _varied_pairs(tmp_path)
+    tok, bert = build_encoder("tiny")
+    model = CrossEncoderModel(tok, bert, GRADES, max_length=32, max_text_chars=150)
+    queries, texts = pairs["query"].tolist(), pairs["text"].tolist()
+    tokens = model.tokens(queries, texts)
+    assert tokens.lengths().max() == 32 and tokens.lengths().min() < 20
+    assert np.all(np.diff(tokens.lengths()[tokens.by_length()]) >= 0)
+    rng = np.random.default_rng(0)
+    for size in (1, 5, 16, len(pairs)):
+        idx = rng.permutation(len(pairs))[:size]
+        fast = tokens.batch(idx)
+        plain = _tokenised_per_batch(model, [queries[i] for i in idx], [texts[i] for i in idx])
+        assert set(fast) == set(plain)
+        for name in plain:
+            assert fast[name].dtype == plain[name].dtype and fast[name].tolist() == plain[name].tolist(), name
+
+
+def test_fast_judge_paths_give_the_straightforward_grades(tmp_path, monkeypatch):
+    """Training on pairs tokenised once equals training that tokenises every batch; grading in token-length
+    order equals grading each batch in input order: same probabilities (1e-5), grades and QWK."""
+    import torch
+
+    from annomine.judges import cross_encoder
+
+    pairs = _varied_pairs(tmp_path)
+    queries, texts, truth = pairs["query"].tolist(), pairs["text"].tolist(), pairs["grade"].to_numpy()
+    settings = CrossEncoderSettings(base_model="tiny", max_length=32, max_text_chars=150, epochs=2, batch_size=8,
+                                    learning_rate=2e-3, head_learning_rate=5e-3, threads=1)
+    fast, _ = train_cross_encoder(pairs, GRADES, settings, progress=False)
+
+    class PerBatch:  # tokenises each training batch again, every epoch
+        def __init__(self, model, q, t):
+            self.model, self.q, self.t = model, q, t
+
+        def batch(self, idx):
+            return _tokenised_per_batch(self.model, [self.q[i] for i in idx], [self.t[i] for i in idx])
+
+    with monkeypatch.context() as m:
+        m.setattr(cross_encoder.CrossEncoderModel, "tokens", lambda self, q, t: PerBatch(self, q, t))
+        plain, _ = train_cross_encoder(pairs, GRADES, settings, progress=False)
+    for a, b in zip(fast.bert.parameters(), plain.bert.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    with torch.inference_mode():
+        straight = np.concatenate([torch.softmax(fast.logits(_tokenised_per_batch(fast, queries[s:s + 7], texts[s:s + 7])), -1).numpy()
+                                   for s in range(0, len(pairs), 7)])
+    probs = fast.ce_proba(queries, texts, batch_size=16)
+    assert np.abs(probs - straight).max() < 1e-5
+    assert np.abs(plain.ce_proba(queries, texts) - probs).max() < 1e-5
+    for rule in ("argmax", "expected"):
+        assert fast.decide(probs, rule).tolist() == fast.decide(straight, rule).tolist()
+        assert quadratic_weighted_kappa(truth, fast.decide(probs, rule), GRADES) == quadratic_weighted_kappa(
+            truth, fast.decide(straight, rule), GRADES)
+
+
 def test_judge_train_and_eval_cli(tmp_path, capsys):
     from jobs import judge
 
@@ -336,8 +406,8 @@ def test_cutpoint_decision_is_saved_loaded_and_selected(tmp_path):
     assert model.decide(probs).tolist() == [1, 3, 4]
     assert model.decide(probs, "argmax").tolist() == [1, 3, 4] and model.decide(probs, "expected").tolist() == np.rint(expected).astype(int).tolist()
     # the text is cut before tokenising, so a long description does not change the input
-    a = model._encode(["red shoes"], ["Red shoes | " + "x" * 500])["input_ids"]
-    b = model._encode(["red shoes"], ["Red shoes | " + "y" * 500])["input_ids"]
+    a = model.tokens(["red shoes"], ["Red shoes | " + "x" * 500]).batch([0])["input_ids"]
+    b = model.tokens(["red shoes"], ["Red shoes | " + "y" * 500]).batch([0])["input_ids"]
     assert a.tolist() == b.tolist()
     model.save(tmp_path / "j")
     meta = json.loads((tmp_path / "j" / "judge.json").read_text())

@@ -28,6 +28,7 @@ import numpy as np
 from annomine.bert import TINY, build_encoder, load_bert, mean_pool, per_process  # noqa: F401 - TINY: the judge's API
 from annomine.bounds import bounded
 from annomine.errors import DamagedInputError
+from annomine.judges.pair_tokens import PairTokens
 from annomine.progress import progress as progress_bar, progress_iter
 
 log = logging.getLogger(__name__)
@@ -99,11 +100,9 @@ class CrossEncoderModel:
         self._lock = threading.Lock()
 
     # ---- forward -----------------------------------------------------------------------
-    def _encode(self, queries: list[str], texts: list[str]):
-        if self.max_text_chars > 0:
-            texts = [t[: self.max_text_chars] for t in texts]
-        return self.tokenizer(list(queries), list(texts), padding=True, truncation="only_second",
-                              max_length=self.max_length, return_tensors="pt")
+    def tokens(self, queries: list[str], texts: list[str]) -> PairTokens:
+        """The pairs tokenised once, as the judge reads them (text cut to max_text_chars, max_length tokens)."""
+        return PairTokens.of(self.tokenizer, queries, texts, self.max_length, self.max_text_chars)
 
     def logits(self, enc):
         hidden = self.bert(**enc).last_hidden_state
@@ -121,13 +120,14 @@ class CrossEncoderModel:
         return self.stack.predict_proba(feats, self.grades)
 
     def ce_proba(self, queries: list[str], texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """The cross-encoder's own grade distribution."""
+        """The cross-encoder's own grade distribution: the pairs tokenised once, graded in batches of similar
+        token counts (each padded to its longest), returned in input order."""
         torch = _torch()
         out = np.zeros((len(queries), len(self.grades)), dtype=np.float64)
         if not len(queries):
             return out
-        # Sort by length so batches pad little; restore the order at the end.
-        order = np.argsort([len(q) + len(t) for q, t in zip(queries, texts)])
+        tokens = self.tokens(queries, texts)
+        order = tokens.by_length()
         starts = range(0, len(order), batch_size)
         if progress:
             starts = progress_iter(starts, desc="tier1 grading", unit="batch")
@@ -135,9 +135,7 @@ class CrossEncoderModel:
             self.bert.eval()
             for s in starts:
                 idx = order[s:s + batch_size]
-                enc = self._encode([queries[i] for i in idx], [texts[i] for i in idx])
-                probs = torch.softmax(self.logits(enc).float(), dim=-1).numpy()
-                out[idx] = probs
+                out[idx] = torch.softmax(self.logits(tokens.batch(idx)).float(), dim=-1).numpy()
         return out
 
     def decide(self, probs: np.ndarray, rule: str | None = None, cutpoints: list[float] | None = None) -> np.ndarray:
@@ -264,7 +262,8 @@ def _frozen_outputs(model: CrossEncoderModel, queries: list[str], texts: list[st
     torch = _torch()
     layers = model.bert.encoder.layer
     out: list = [None] * len(queries)
-    order = np.argsort([len(q) + len(t) for q, t in zip(queries, texts)])
+    tokens = model.tokens(queries, texts)
+    order = tokens.by_length()
     starts = range(0, len(order), batch_size)
     if progress:
         starts = progress_iter(starts, desc="tier1 frozen layers", unit="batch")
@@ -274,7 +273,7 @@ def _frozen_outputs(model: CrossEncoderModel, queries: list[str], texts: list[st
         with torch.inference_mode():
             for s in starts:
                 idx = order[s:s + batch_size]
-                enc = model._encode([queries[i] for i in idx], [texts[i] for i in idx])
+                enc = tokens.batch(idx)
                 hidden = model.bert(**enc).last_hidden_state
                 lengths = enc["attention_mask"].sum(dim=1).tolist()
                 for row, i in enumerate(idx):
@@ -386,43 +385,45 @@ def train_cross_encoder(train_df, grades: list[int], settings: CrossEncoderSetti
 
     Returns the model and a history dict (loss per epoch, pairs/s, validation metrics per rule).
     """
-    torch = _torch()
-
     _seed(settings)
     tokenizer, bert = build_encoder(settings.base_model)
     model = CrossEncoderModel(tokenizer, bert, grades, settings.max_length, max_text_chars=settings.max_text_chars)
     df = _training_pairs(train_df, settings)
+    _freeze(model, settings.freeze_layers)
+    history = _fit(model, df, grades, settings, progress)
+    model.bert.eval()
+    if valid_df is not None and len(valid_df):
+        probs = model.predict_proba(valid_df["query"].tolist(), valid_df["text"].tolist(), progress=progress)
+        groups = valid_df["query_id"] if "query_id" in valid_df.columns else None
+        history.update(select_decision(model, probs, valid_df["grade"], groups, settings.decision, settings.cutpoint_objective))
+    return model, history
+
+
+def _fit(model: CrossEncoderModel, df, grades: list[int], settings: CrossEncoderSettings, progress: bool) -> dict:
+    """The training loop over `df`'s pairs: tokenised once (or their frozen layers run once), then per epoch
+    length-bucketed batches, each padded to its longest pair. Returns the history (loss per epoch, pairs/s)."""
+    torch = _torch()
     labels, weights = _targets(df, grades, settings)
     grade_values = torch.tensor([float(g) for g in grades])
     span = float(max(grades) - min(grades)) or 1.0
-    _freeze(model, settings.freeze_layers)
-    steps_per_epoch = math.ceil(len(df) / settings.batch_size)
-    total = max(1, steps_per_epoch * settings.epochs)
+    total = max(1, math.ceil(len(df) / settings.batch_size) * settings.epochs)
     optimizer, scheduler = _optimizer(model, settings, total)
     queries, texts = df["query"].tolist(), df["text"].tolist()
     started = time.time()
     frozen = settings.freeze_layers if settings.freeze_layers > 0 and settings.cache_frozen else 0
     cached = _frozen_outputs(model, queries, texts, frozen, progress=progress) if frozen else None
+    tokens = None if cached is not None else model.tokens(queries, texts)
     history: dict = {"epochs": [], "train_pairs": len(df)}
     rng = np.random.default_rng(settings.seed)
-    bar = None
-    if progress:
-        bar = progress_bar(total, desc="train tier1", unit="step", mininterval=10)
+    bar = progress_bar(total, desc="train tier1", unit="step", mininterval=10) if progress else None
     lengths = np.array([len(q) + min(len(t), settings.max_text_chars or len(t)) for q, t in zip(queries, texts)])
     for epoch in range(settings.epochs):
         model.bert.train()
         losses = []
         for idx in _batches(rng, lengths, settings.batch_size, settings.length_bucketing):
-            if cached is not None:
-                logits = _top_logits(model, [cached[i] for i in idx], frozen)
-            else:
-                logits = model.logits(model._encode([queries[i] for i in idx], [texts[i] for i in idx]))
+            logits = _top_logits(model, [cached[i] for i in idx], frozen) if cached is not None else model.logits(tokens.batch(idx))
             loss = _batch_loss(logits, labels[idx], weights[idx], grade_values, span, settings.ordinal_weight)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.bert.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            scheduler.step()
+            _step(model, optimizer, scheduler, loss)
             losses.append(float(loss.detach()))
             if bar is not None:
                 bar.update(1)
@@ -431,15 +432,18 @@ def train_cross_encoder(train_df, grades: list[int], settings: CrossEncoderSetti
         log.info("epoch %d: loss %.4f", epoch + 1, np.mean(losses))
     if bar is not None:
         bar.close()
-    elapsed = time.time() - started
-    history["train_seconds"] = elapsed
-    history["train_pairs_per_s"] = len(df) * settings.epochs / max(elapsed, 1e-9)
-    model.bert.eval()
-    if valid_df is not None and len(valid_df):
-        probs = model.predict_proba(valid_df["query"].tolist(), valid_df["text"].tolist(), progress=progress)
-        groups = valid_df["query_id"] if "query_id" in valid_df.columns else None
-        history.update(select_decision(model, probs, valid_df["grade"], groups, settings.decision, settings.cutpoint_objective))
-    return model, history
+    history["train_seconds"] = time.time() - started
+    history["train_pairs_per_s"] = len(df) * settings.epochs / max(history["train_seconds"], 1e-9)
+    return history
+
+
+def _step(model: CrossEncoderModel, optimizer, scheduler, loss) -> None:
+    """One optimiser step on `loss` (gradients of the trainable encoder clipped to norm 1)."""
+    optimizer.zero_grad()
+    loss.backward()
+    _torch().nn.utils.clip_grad_norm_([p for p in model.bert.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    scheduler.step()
 
 
 DECISION_RULES = ("argmax", "expected", "cutpoints")
