@@ -252,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         sizes = STAGES[args.stage][2 if args.quick else 1] if args.stage in STAGES else []
         print("SCALE " + json.dumps(measure(args.stage, sizes, mode)), flush=True)
         return 0
-    result = sheet(mode, args.stages, partial=Path(args.json).with_suffix(".partial.json"))
+    partial = Path(args.json).with_suffix(".partial.json")
+    result = sheet(mode, args.stages, partial=partial)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    partial.unlink(missing_ok=True)
     print(render(result))
     return 0
 

@@ -94,3 +94,14 @@ def test_the_committed_spec_names_known_sizes_and_placements():
     for how in spec["stages"].values():
         assert how["size"] in sizes
         assert how["runs_on"] in ("spark", "gpu", "shards", "shard_search")
+
+
+def test_the_sheet_replaces_its_own_block_only():
+    spec = importlib.util.spec_from_file_location("bench_scale_render", ROOT / "benchmarks" / "scale_render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    first = render.write_section("# Benchmarks\n\nintro\n", "SHEET 1")
+    assert first.count(render.START) == 1 and "## Scale sheet" in first and "SHEET 1" in first
+    second = render.write_section(first + "\n## Later\n", "SHEET 2")
+    assert "SHEET 1" not in second and "SHEET 2" in second
+    assert second.index("SHEET 2") < second.index("## Later") and second.count("## Scale sheet") == 1
