@@ -11,7 +11,9 @@ def _n(x: float) -> str:
 
 
 def _h(hours: float) -> str:
-    return f"{hours:,.1f} h" if hours >= 1 else f"{hours * 60:,.1f} min"
+    if hours >= 1:
+        return f"{hours:,.1f} h"
+    return f"{hours * 60:,.1f} min" if hours * 60 >= 1 else f"{hours * 3600:,.1f} s"
 
 
 def points_table(measured: dict) -> list[str]:
@@ -49,7 +51,7 @@ def projection_table(rows: list[dict]) -> list[str]:
         gpu = f"{r['gpu_hours']:,.1f}" if "gpu_hours" in r else "-"
         cpu = _h(r["cpu_cluster_hours"]) if "cpu_cluster_hours" in r and r["runs_on"] == "gpu" else "-"
         lines.append(f"| {r['stage']} | {_n(r['paper_size'])} | {r['resources']} | {max(r['b'], 1.0):.2f} | "
-                     f"{r['core_hours']:,.0f} | {_h(r['hours'])} | {gpu} | {cpu} |")
+                     f"{_n(r['core_hours'])} | {_h(r['hours'])} | {gpu} | {cpu} |")
     lines.append(f"| **all stages above, one after another** | | | | | **{_h(total)}** | | |")
     return lines
 
