@@ -2,7 +2,7 @@
 
     python benchmarks/run.py --quick      # < 10 minutes on the 2-core dev machine
     python benchmarks/run.py              # full sizes (mining on 1M/10M/50M log rows: long)
-    python benchmarks/run.py --scale      # the scale sheet only (benchmarks/scale.py, ~25 min), into its section
+    python benchmarks/run.py --scale      # the scale sheet only (benchmarks/scale.py, ~30 min), into its section
 
 Each script prints `BENCH {json}` lines (benchmarks/common.py). The table between the
 `<!-- bench:start -->` / `<!-- bench:end -->` markers is replaced; before that, every figure that

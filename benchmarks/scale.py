@@ -1,6 +1,6 @@
 """The scale sheet: each stage at three sizes of generated data, its growth fitted, the paper's scale projected.
 
-    python benchmarks/scale.py            # full sizes (~25 min on 2 cores at load 10-15)
+    python benchmarks/scale.py            # full sizes (31 min on 2 cores at load 10-14, 2026-12-06)
     python benchmarks/scale.py --quick    # smaller sizes, for a check
     python benchmarks/run.py --scale      # the same, and the sheet written into docs/benchmarks.md
 
@@ -49,7 +49,7 @@ STAGES = {
     "train": ("examples", [8, 80, 800], [2, 20, 200]),
     "faiss": ("products", [1_000, 10_000, 100_000], [500, 5_000, 50_000]),
 }
-# Sizes fit ~25 minutes on 2 cores shared with other jobs (load 10-15: this run gets about a third of a core).
+# Sizes chosen for ~30 minutes on 2 cores shared with other jobs (load 10-14: this run gets about a third of a core).
 TRAIN_BATCH = {"full": 8, "quick": 2}
 SEARCH_QUERIES = 1_000
 
