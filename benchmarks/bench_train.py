@@ -22,17 +22,20 @@ def pairs(n: int) -> list[tuple[str, str]]:
     return [(f"{p.brand.lower()} {p.ptype}", product_text(p.title, None, p.description)) for p in products]
 
 
-def examples_per_second(batches, step, steps_warmup: int) -> float:
-    """Run `step` over the batches; examples/s after the warm-up steps."""
+def examples_per_second(batches, step, steps_warmup: int, timings: dict | None = None) -> float:
+    """Run `step` over the batches; examples/s after the warm-up steps (`timings` gets the timed steps' wall and CPU
+    seconds)."""
     for b in batches[:steps_warmup]:
         step(b)
     with Timer() as t:
         for b in batches[steps_warmup:]:
             step(b)
+    if timings is not None:
+        timings.update(seconds=t.seconds, cpu_seconds=t.cpu_seconds)
     return sum(len(b) for b in batches[steps_warmup:]) / t.seconds
 
 
-def train_annomine(data, batch_size: int, steps_warmup: int = 1) -> float:
+def train_annomine(data, batch_size: int, steps_warmup: int = 1, timings: dict | None = None) -> float:
     from annomine.two_tower import TwoTower
     from training.losses import MNRLoss
 
@@ -49,7 +52,7 @@ def train_annomine(data, batch_size: int, steps_warmup: int = 1) -> float:
         loss.backward()
         opt.step()
 
-    return examples_per_second(batches, step, steps_warmup)
+    return examples_per_second(batches, step, steps_warmup, timings)
 
 
 def train_sentence_transformers(data, batch_size: int, steps_warmup: int = 1) -> float:

@@ -37,9 +37,13 @@ def emit(figure: str, value: float, unit: str, **extra) -> None:
 
 
 class Timer:
+    """Wall seconds (`seconds`) and this process's CPU seconds, all its threads (`cpu_seconds`), of the block."""
+
     def __enter__(self):
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --quick      # < 10 minutes on the 2-core dev machine
     python benchmarks/run.py              # full sizes (mining on 1M/10M/50M log rows: long)
+    python benchmarks/run.py --scale      # the scale sheet only (benchmarks/scale.py, ~30 min), into its section
 
 Each script prints `BENCH {json}` lines (benchmarks/common.py). The table between the
 `<!-- bench:start -->` / `<!-- bench:end -->` markers is replaced; before that, every figure that
@@ -82,6 +83,22 @@ def render(rows: list[dict], mode: str) -> str:
     return "\n".join(lines)
 
 
+def scale_sheet(quick: bool, from_json: str | None, no_write: bool) -> int:
+    """benchmarks/scale.py in its own process (unless `from_json`), its markdown into docs/benchmarks.md."""
+    from scale_render import render, write_section
+
+    path = Path(from_json) if from_json else HERE / "scale_sheet.json"
+    if not from_json:
+        subprocess.run([sys.executable, str(HERE / "scale.py"), *(["--quick"] if quick else []), "--json", str(path)],
+                       cwd=HERE, check=True)
+    markdown = render(json.loads(path.read_text()))
+    print(markdown)
+    if not no_write:
+        DOC.write_text(write_section(DOC.read_text(), markdown))
+        print(f"[bench] wrote the scale sheet into {DOC}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 10 minutes here")
@@ -89,7 +106,12 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print, do not rewrite docs/benchmarks.md")
     parser.add_argument("--mine-rows", nargs="+", help="log sizes for the mining benchmark (full run default: 1M 10M 50M; "
                         "50M needs ~18 GiB of memory on one machine)")
+    parser.add_argument("--scale", action="store_true", help="run the scale sheet (benchmarks/scale.py; with --quick its "
+                        "small sizes) and write it between the scale markers; the benchmark rows are not run")
+    parser.add_argument("--scale-json", help="with --scale: write this scale.py result instead of measuring again")
     args = parser.parse_args()
+    if args.scale:
+        return scale_sheet(args.quick, args.scale_json, args.no_write)
     rows = []
     for script, quick, full in SUITE:
         if args.only and script not in args.only:
