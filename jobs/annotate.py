@@ -336,17 +336,19 @@ class _Run:
 
     def first_pass(self, pairs, n: int) -> None:
         """Every pair to grade, chunk by chunk; with a budget, tier 1 only (unsure pairs deferred)."""
-        from tqdm import tqdm
+        from annomine.progress import progress
 
         n_chunks = max(1, math.ceil(n / self.cfg.chunk_size))
         keyed = pairs.withColumn("_chunk", F.pmod(F.hash("query_id", "product_id"), F.lit(n_chunks)))
         budget = 0 if self.budgeted or not self.escalating else None
-        for c in tqdm(range(n_chunks if n else 0), desc="annotate", unit="chunk", mininterval=5):
-            chunk = keyed.filter(F.col("_chunk") == c).drop("_chunk")
-            # Materialise the graded chunk once (each pair is sent to the LLMs exactly once), then MERGE it.
-            self.grade(chunk, budget, self.partitions, self.per_partition)
-            if self.failure:
-                return
+        with progress(n, desc="annotate", unit="pair") as bar:  # a bar on a terminal, else a line with the rate
+            for c in range(n_chunks if n else 0):
+                chunk = keyed.filter(F.col("_chunk") == c).drop("_chunk")
+                # Materialise the graded chunk once (each pair is sent to the LLMs exactly once), then MERGE it.
+                done = self.grade(chunk, budget, self.partitions, self.per_partition)
+                bar.update(done["pairs"] if done else 0)
+                if self.failure:
+                    return
 
     @property
     def budgeted(self) -> bool:
