@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from annomine.evaluation.metrics import bootstrap_ci
+from annomine.evaluation.report import registration_line
 from annomine.judges import lines as judge_lines
 from annomine.run_summary import read_summary, summary_path
 
@@ -77,7 +78,7 @@ def results_lines(report: dict, final_label: str | None) -> list[str]:
         if label != REFERENCE and not per_query.empty:
             d = paired_with(per_query, label, REFERENCE, "ndcg@10", boot)
             cell = _fmt(d["mean"], d["ci_low"], d["ci_high"], signed=True) if d else "n/a (no minilm)"
-        role = _role(m, final_label)
+        role = _role(m, final_label, (report.get("registration") or {}).get("model"))
         row = f"  {label:<16} {_fmt(nd.get('mean'), nd.get('ci_low'), nd.get('ci_high')):<24} {cell:<26}"
         if lowest:
             row += f" {100 * (all_['lowest_share@10'].get('mean') or 0):5.1f}%"
@@ -88,17 +89,19 @@ def results_lines(report: dict, final_label: str | None) -> list[str]:
     return out
 
 
-def _role(model: dict, final_label: str | None) -> str:
+def _role(model: dict, final_label: str | None, registered: str | None) -> str:
     spec = model.get("spec") or {}
-    if model["label"] == final_label:
-        return "<- the pipeline's model"
+    roles = ["the pipeline's retriever"] if model["label"] == final_label else []
+    if model["label"] == registered:
+        roles.append("registered (best on dev)")
     if spec.get("baseline"):
-        return "free baseline"
-    return ""
+        roles.append("free baseline")
+    return ("<- " if roles and not spec.get("baseline") else "") + ", ".join(roles)
 
 
 def verdict_line(report: dict, final_label: str | None) -> str | None:
-    """Whether the pipeline's model beats the best model a team has without training, paired over the same queries."""
+    """Whether a list of the pipeline's (its retriever, the registered list) beats the best model a team has without
+    training, paired over the same queries."""
     models = {m["label"]: m for m in report.get("models") or []}
     free = [label for label, m in models.items() if (m.get("spec") or {}).get("baseline")]
     per_query = pd.DataFrame(report.get("per_query") or [])
@@ -144,22 +147,29 @@ def closing_summary(project, stages: list[str], state: dict, ran: dict[str, str]
                     report_file: Path, best: dict | None) -> list[str]:
     """The whole closing screen."""
     total = sum((state.get(s) or {}).get("seconds", 0) for s in stages)
-    out = ["", f"== annomine pipeline: {len(stages)} stages, {total / 60:.0f} min of stage time =="]
+    took = f"{total:.0f} s" if total < 90 else f"{total / 60:.0f} min"
+    out = ["", f"== annomine pipeline: {len(stages)} stages, {took} of stage time =="]
     out += stage_lines(state, stages, ran)
     final_label = (best or {}).get("variant")
     if report:
         inputs = report.get("inputs", {})
-        out += ["", f"Results on the {report.get('split')} split ({inputs.get('n_queries_evaluated')} queries, "
-                    f"{report.get('split_role', 'reporting only')}):"]
+        role = str(report.get("split_role") or "").split(",")[0]
+        out += ["", f"Results on {inputs.get('n_queries_evaluated')} {report.get('split')} queries"
+                    + (f" ({role})" if role else "") + ":"]
         out += results_lines(report, final_label)
-        verdict = verdict_line(report, final_label)
-        if verdict:
-            out.append(verdict)
+        registered = (report.get("registration") or {}).get("model")
+        for label in dict.fromkeys([final_label, registered]):  # the retriever, then the registered list
+            verdict = verdict_line(report, label)
+            if verdict:
+                out.append(verdict)
     out += ["", "LLM step:", *(f"  {line}" for line in llm_lines(project))]
     out += ["", f"report: {report_file.with_suffix('.md')} (JSON beside it; plot "
                 f"{report_file.with_name(report_file.stem + '_metrics.png').name})" if report else "report: not written yet"]
+    registered = registration_line((report or {}).get("registration"))
+    if registered:
+        out.append(registered)
     if best:
-        out.append(f"final model ({best.get('variant')}): {best.get('path')}"
+        out.append(f"pipeline's retriever ({best.get('variant')}): {best.get('path')}"
                    + (f", MLflow {best['model_uri']}" if best.get("model_uri") else "")
                    + "; `annomine evaluate --model best` resolves it")
     out.append(f"stage summaries: {summary_path(project, 'STAGE').parent}/")

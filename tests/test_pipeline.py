@@ -146,7 +146,7 @@ def test_the_closing_summary_is_one_screen_read_back_from_the_files(tmp_path, pr
     rows = {line.split()[0]: line for line in lines if line.startswith("  ") and "[" in line}
     assert "reference" in rows["minilm"] and "+0.300 [+0.300, +0.300]" in rows["curriculum"]  # paired, per query
     assert "+0.100 [+0.100, +0.100]" in rows["bm25"] and "free baseline" in rows["bm25"]
-    assert "the pipeline's model" in rows["curriculum"] and f"final model (curriculum): {model}" in out
+    assert "the pipeline's retriever" in rows["curriculum"] and f"pipeline's retriever (curriculum): {model}" in out
     assert "curriculum beats the best baseline without training (bm25): NDCG@10 +0.200" in out
     assert "lowest-grade share@10 left out: 0.0% for every model" in out  # no information, so no column
     assert "teacher pilot: not run" in out
