@@ -123,6 +123,18 @@ def verdict_line(report: dict, final_label: str | None) -> str | None:
                                                            " (the CI includes 0)"))
 
 
+def teacher_line(teacher: dict | None) -> str | None:
+    """The judge's order of each dev query's labelled products against zero-shot MiniLM's: a retriever trained on
+    the judge's grades learns at best the judge's order, so this bounds what training can gain."""
+    r = (teacher or {}).get("dev")
+    if not r or (r.get("diff") or {}).get("mean") is None:
+        return None
+    d = r["diff"]
+    return (f"the judge as a teacher ({r['n_queries']} dev queries): NDCG@10 of its order "
+            f"{r['judge_ndcg@10']['mean']:.3f} vs {r['baseline']} {r['baseline_ndcg@10']['mean']:.3f}, paired "
+            f"{_fmt(d['mean'], d['ci_low'], d['ci_high'], signed=True)}; training on its grades gains at most that order")
+
+
 def llm_lines(project) -> list[str]:
     """The teacher pilot's verdict (or why it did not run) and, per LLM tier, the last annotate run's spending."""
     pilot = read_summary(project, "judge_pilot")
@@ -162,6 +174,9 @@ def closing_summary(project, stages: list[str], state: dict, ran: dict[str, str]
             verdict = verdict_line(report, label)
             if verdict:
                 out.append(verdict)
+        teacher = teacher_line(report.get("teacher"))
+        if teacher:
+            out.append(teacher)
     out += ["", "LLM step:", *(f"  {line}" for line in llm_lines(project))]
     out += ["", f"report: {report_file.with_suffix('.md')} (JSON beside it; plot "
                 f"{report_file.with_name(report_file.stem + '_metrics.png').name})" if report else "report: not written yet"]

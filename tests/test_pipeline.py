@@ -41,6 +41,7 @@ def test_ingest_is_skipped_when_current_and_rerun_when_its_input_changes(tmp_pat
     assert "ingest: running" in capsys.readouterr().out
     state = PipelineState(project.warehouse_path / "pipeline_state.json")
     assert state.state["ingest"]["outputs"]["products"] >= 1
+    assert state.state["ingest"]["outcome"] == "products 3, queries 1 rows loaded"  # the closing summary's line
 
 
 def test_a_missing_output_makes_a_stage_run_again(tmp_path, project, spark, capsys):
@@ -127,6 +128,8 @@ def test_the_closing_summary_is_one_screen_read_back_from_the_files(tmp_path, pr
               "models": [{"label": "bm25", "spec": {"baseline": True}, "metrics": {"all": metrics}},
                          {"label": "minilm", "spec": {"baseline": True}, "metrics": {"all": metrics}},
                          {"label": "curriculum", "spec": {"baseline": False}, "metrics": {"all": metrics}}]}
+    report["teacher"] = {"dev": {"n_queries": 5, "baseline": "minilm", "judge_ndcg@10": {"mean": 0.9},
+                                 "baseline_ndcg@10": {"mean": 0.8}, "diff": {"mean": 0.1, "ci_low": 0.05, "ci_high": 0.15}}}
     report_file.write_text(json.dumps(report))
     write_summary(project, "annotate", {"pairs": 500, "errors": 0, "seconds": 12, "by_tier": {"tier1": 490, "tier2": 10},
                                         "escalation": {"llm_calls": 10, "deferred_by_budget": 40},
@@ -149,6 +152,7 @@ def test_the_closing_summary_is_one_screen_read_back_from_the_files(tmp_path, pr
     assert "the pipeline's retriever" in rows["curriculum"] and f"pipeline's retriever (curriculum): {model}" in out
     assert "curriculum beats the best baseline without training (bm25): NDCG@10 +0.200" in out
     assert "lowest-grade share@10 left out: 0.0% for every model" in out  # no information, so no column
+    assert "the judge as a teacher (5 dev queries): NDCG@10 of its order 0.900 vs minilm 0.800, paired +0.100" in out
     assert "teacher pilot: not run" in out
     assert "tier2 (m): 7 requests, 3 cache hits, 2,100 prompt + 70 completion tokens, USD 0.0000" in out
 
