@@ -11,7 +11,7 @@ from annomine.judges.llm import LLMTier, TierResult
 from annomine.judges.loopback_server import LoopbackLLMServer
 from annomine.judges.response_cache import response_key
 from jobs.annotate import TierFailureError, run
-from tests.conftest import run_concurrently
+from tests.conftest import printed_summary, run_concurrently
 from tests.test_annotate import GRADES, annotations, llm_cascade_conf, make_cfg, seed_tables
 
 
@@ -198,19 +198,19 @@ def test_judge_eval_follows_the_spending_rule(tmp_path, monkeypatch, capsys):
         with Cascade.open(cfg.cascade, folder, GRADES, tmp_path / "wh") as cascade:
             Combiner(GRADES, {}, {}).save(cascade.combiner_path())   # calibration kept no combination with tier 2
         assert judge.main(["eval", "--conf", str(path), *files, "--judge", str(folder), "--split", "all"]) == 0
-        out = json.loads(capsys.readouterr().out)
+        out = printed_summary(capsys, tmp_path / "wh", "judge_eval")
         assert srv.stats["requests"] == 0 and out["llm_calls"] == 0 and out["n_pairs"] == 48
         assert "kept no combination" in out["forecast"]["skipped"] and out["forecast"]["tiers"]["tier2"]["requests"] == 0
         assert out["deferred_by_budget_rate"] > 0 and seen[-1][:2] == ("judge eval", 0)
 
         always = ["--set", "judge.escalate=always", "--llm-budget", "5"]
         assert judge.main(["eval", "--conf", str(path), *files, "--judge", str(folder), *always]) == 0
-        out = json.loads(capsys.readouterr().out)
+        out = printed_summary(capsys, tmp_path / "wh", "judge_eval")
         assert srv.stats["completions"] == out["llm_calls"] == 5 == out["forecast"]["tiers"]["tier2"]["requests"]
         assert seen[-1][1] == 0 and seen[-1][2]["escalate"] > 5          # printed before the first request
         assert out["llm_cache"]["cost"]["per_tier"]["tier2"]["requests"] == 5
         assert judge.main(["eval", "--conf", str(path), *files, "--judge", str(folder), *always]) == 0
-        again = json.loads(capsys.readouterr().out)                     # the same 5 from the cache, 5 more paid for
+        again = printed_summary(capsys, tmp_path / "wh", "judge_eval")                     # the same 5 from the cache, 5 more paid for
         assert again["llm_cache"]["per_tier"]["tier2"] == {"hits": 5, "misses": 5} and srv.stats["completions"] == 10
 
 
@@ -358,7 +358,7 @@ def test_judge_calibrate_prints_its_forecast_first_and_grades_only_what_max_cost
                                     "judge": {"ranking_baseline": None, "max_cost": 2.0, "llm_calibration_pairs": 30,
                                               "target_agreement": 0.8, "cascade": {"tier1": True, "tier2": tier}}}))
         assert judge.main(["calibrate", "--conf", str(path), *files, "--judge", str(folder)]) == 0
-        out = json.loads(capsys.readouterr().out)
+        out = printed_summary(capsys, tmp_path / "wh", "judge_calibrate")
         command, before, fc = seen[-1]
         assert command == "judge calibrate" and before == 0                   # the forecast came before any request
         planned = fc["llm_calibration_pairs_under_max_cost"]
