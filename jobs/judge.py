@@ -454,7 +454,7 @@ def plan_eval(cascade, tables, pdf, cfg: JudgeConfig, llm_budget: int | None, as
     return fc, 0 if skipped else call_budget(fc, llm_budget, cfg.max_cost)
 
 
-def plan_calibration(cascade, tables, cal, cfg: JudgeConfig) -> int | None:
+def plan_calibration(cascade, tables, cal, cfg: JudgeConfig, report: dict | None = None) -> int | None:
     """The LLM calibration pairs after the forecast (printed) and `max_cost`; local servers started only for a
     request. The LLM tiers grade the pairs tier 1 is least sure of, so the forecast scales the average pair."""
     from annomine.judges.costs import history
@@ -476,6 +476,8 @@ def plan_calibration(cascade, tables, cal, cfg: JudgeConfig) -> int | None:
         k = int(k * cfg.max_cost / fc["usd"])
         fc["llm_calibration_pairs_under_max_cost"] = k
     announce("judge calibrate", fc)
+    if report is not None:
+        report["forecast"] = fc
     if needs_requests(fc) and k > 0:
         cascade.start_local_servers()
     return k
@@ -496,9 +498,12 @@ def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None
     cache: dict = {}
     with (Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, start_local=False) as cascade,
           response_cache(project, cascade, cache, "judge calibrate") as tables):
-        llm_pairs = plan_calibration(cascade, tables, cal, cfg)
+        planned: dict = {}
+        llm_pairs = plan_calibration(cascade, tables, cal, cfg, planned)
         stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only, llm_pairs=llm_pairs,
                                   combine=cfg.cascade.combine, min_gain=cfg.combiner_min_gain)
+    if planned:
+        stats["forecast"] = planned["forecast"]
     if cache:
         stats["llm_cache"] = cache
     report("judge_calibrate", project, stats, lines.calibrate_line(stats))
