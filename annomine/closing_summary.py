@@ -144,15 +144,13 @@ def llm_lines(project) -> list[str]:
     calibrated = read_summary(project, "judge_calibrate")
     if calibrated:
         out.append(f"judge calibrate: {judge_lines.combiner_outcome(calibrated)}")
+        out += [f"  {line}" for line in judge_lines.tier_usage_lines((calibrated.get("llm_cache") or {}).get("cost"))]
     annotated = read_summary(project, "annotate")
     if annotated is None:
         return out + ["annotate: no summary (it has not run in this warehouse)"]
     usage = judge_lines.tier_usage_lines(annotated.get("cost"))
-    skipped = (annotated.get("escalation") or {}).get("skipped")
     out.append(judge_lines.annotate_line(annotated))
-    if skipped:
-        out.append(f"no LLM escalation: {skipped}")
-    return out + (usage or ["no LLM tier configured: tier 1 graded every pair"])
+    return out + ([f"  {line}" for line in usage] or ["  no LLM tier configured: tier 1 graded every pair"])
 
 
 def closing_summary(project, stages: list[str], state: dict, ran: dict[str, str], report: dict | None,

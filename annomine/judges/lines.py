@@ -64,6 +64,8 @@ def tier_usage_lines(cost: dict | None) -> list[str]:
 def annotate_line(stats: dict) -> str:
     by_tier = ", ".join(f"{k} {v:,}" for k, v in sorted((stats.get("by_tier") or {}).items())) or "none"
     esc = stats.get("escalation") or {}
-    return (f"annotate: {stats.get('pairs', 0):,} pairs graded ({stats.get('errors', 0)} failed) in "
-            f"{stats.get('seconds', 0):.0f}s, decided by {by_tier}; {esc.get('llm_calls', 0)} LLM calls, "
-            f"{esc.get('deferred_by_budget', 0):,} pairs left for a later run's LLM budget")
+    line = (f"annotate: {stats.get('pairs', 0):,} pairs graded ({stats.get('errors', 0)} failed) in "
+            f"{stats.get('seconds', 0):.0f}s, decided by {by_tier}; {esc.get('llm_calls', 0)} LLM calls")
+    if esc.get("skipped"):  # nothing escalates, so no pair waits for a budget either
+        return line + f" (no escalation: {esc['skipped'].split(',')[0]})"
+    return line + f", {esc.get('deferred_by_budget', 0):,} pairs left for a later run's LLM budget"
