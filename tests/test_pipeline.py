@@ -80,6 +80,33 @@ def test_default_output_has_no_engine_noise_and_verbose_brings_it_back(tmp_path,
     assert "INFO sail" in loud.stderr and "No Partition Defined" in loud.stderr
 
 
+def test_pyfunc_definitions_hide_mlflow_s_type_hint_advice_and_nothing_else():
+    import warnings
+
+    import mlflow.pyfunc
+
+    from annomine import quiet
+
+    def define():
+        class Model(mlflow.pyfunc.PythonModel):
+            def predict(self, context, model_input, params=None):
+                return model_input
+
+    quiet.apply(False)
+    warnings.onceregistry.clear()  # MLflow shows its advice once per process
+    with warnings.catch_warnings(record=True) as bare:
+        warnings.simplefilter("always")
+        define()
+    assert any("Add type hints to the `predict` method" in str(w.message) for w in bare)  # what MLflow does
+    warnings.onceregistry.clear()
+    with warnings.catch_warnings(record=True) as muted:
+        warnings.simplefilter("always")
+        with quiet.pyfunc_definition_muted():
+            define()
+            warnings.warn("another warning", UserWarning)
+    assert [str(w.message) for w in muted] == ["another warning"]
+
+
 def test_verbose_flag_restores_library_settings(monkeypatch):
     import os
     import warnings
