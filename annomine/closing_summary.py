@@ -1,12 +1,14 @@
 """The pipeline's closing summary: one screen, read back from what the stages wrote (also when they were skipped).
 
 - one line per stage: what it produced and how long it took (`pipeline_state.json`);
-- the results table of the evaluation report: every model's NDCG@10 with its CI and its paired difference
-  with zero-shot MiniLM over the same queries, then one sentence on whether the pipeline's model beats the
-  best baseline a team has without training (BM25, MiniLM, their fusion);
+- the results table of the evaluation report: every model's NDCG@10 with its CI, its paired difference with
+  zero-shot MiniLM over the same queries and the lowest-grade share (left out, with a line saying so, when it
+  is the same for every model); one sentence each on whether the pipeline's retriever and the registered list
+  beat the best baseline a team has without training (BM25, MiniLM, their fusion); the judge's order against
+  MiniLM's (the teacher check);
 - the LLM step: the teacher pilot's verdict (or why it did not run), and per LLM tier the requests,
-  response-cache hits, tokens and money of the last annotate run (`runs/annotate_summary.json`);
-- where the report, its plot and the final model are.
+  response-cache hits, tokens and money of judge calibrate and of the last annotate run (`runs/*_summary.json`);
+- where the report, the registered model and the pipeline's retriever are.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def stage_lines(state: dict, stages: list[str], ran: dict[str, str]) -> list[str
             out.append(f"  {name:<11} {'-':>6}  not run")
             continue
         took = f"{rec.get('seconds', 0):.0f}s"
-        note = "" if ran.get(name) != "skipped" else " (current: skipped this time)"
+        note = "" if ran.get(name) != "skipped" else " (current, not re-run)"
         out.append(f"  {name:<11} {took:>6}  {rec.get('outcome') or 'done'}{note}")
     return out
 
@@ -124,15 +126,15 @@ def verdict_line(report: dict, final_label: str | None) -> str | None:
 
 
 def teacher_line(teacher: dict | None) -> str | None:
-    """The judge's order of each dev query's labelled products against zero-shot MiniLM's: a retriever trained on
-    the judge's grades learns at best the judge's order, so this bounds what training can gain."""
+    """The judge's order of each dev query's labelled products against zero-shot MiniLM's: how good a teacher the
+    judge is, and what its rerank (`best+ce`) and the ranker's cross-encoder features can be worth."""
     r = (teacher or {}).get("dev")
     if not r or (r.get("diff") or {}).get("mean") is None:
         return None
     d = r["diff"]
     return (f"the judge as a teacher ({r['n_queries']} dev queries): NDCG@10 of its order "
             f"{r['judge_ndcg@10']['mean']:.3f} vs {r['baseline']} {r['baseline_ndcg@10']['mean']:.3f}, paired "
-            f"{_fmt(d['mean'], d['ci_low'], d['ci_high'], signed=True)}; training on its grades gains at most that order")
+            f"{_fmt(d['mean'], d['ci_low'], d['ci_high'], signed=True)} (what best+ce reranks with)")
 
 
 def llm_lines(project) -> list[str]:

@@ -171,7 +171,7 @@ def test_the_closing_summary_is_one_screen_read_back_from_the_files(tmp_path, pr
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert len(lines) <= 40
-    assert "  ingest          4s  products 2 rows loaded (current: skipped this time)" in lines
+    assert "  ingest          4s  products 2 rows loaded (current, not re-run)" in lines
     assert sum(line.endswith("-  not run") for line in lines) == len(pipeline.STAGES) - 1
     rows = {line.split()[0]: line for line in lines if line.startswith("  ") and "[" in line}
     assert "reference" in rows["minilm"] and "+0.300 [+0.300, +0.300]" in rows["curriculum"]  # paired, per query
