@@ -6,14 +6,19 @@ and `labels.tsv` (query_id, product_id, grade 1-4, variance) into one folder.
 
 Products have brands, types, materials, colours and sizes; queries are type, brand + type,
 attribute + type and misspelt forms with Zipf-like frequencies, so head, torso and tail exist.
+About 40% of queries name their type the way shoppers do rather than the way the catalog does
+(`SHOPPER_WORDS`: 'sneakers' for running shoes, 'gamepad' for a game controller): no product text
+holds those words, so a lexical retriever finds nothing of the type for them, while a dense model can
+learn the mapping from mined, graded pairs. That vocabulary gap is what the pipeline is for.
 Grades follow a simple, documented rule (4 = type and every constraint match, 3 = type matches
 but one constraint does not, 2 = a related type of the same department, 1 = unrelated), with
 rater noise. A few deliberately bad rows exercise the quarantine.
 
 Each labelled query is judged on what a retriever could plausibly put in its top 10 (`judged_pool`):
 every product of its type, every product of its department sharing a type or brand word with it, some
-products of other departments sharing a word (lexical distractors, grade 1) and a random sample, so
-evaluation scores retrieved products instead of counting most of them as unjudged.
+products of other departments sharing a word (lexical distractors, grade 1; every product sharing a
+word for a query in shopper words, whose lexical matches are nothing but such) and a random sample,
+so evaluation scores retrieved products instead of counting most of them as unjudged.
 """
 
 from __future__ import annotations
@@ -63,6 +68,31 @@ DEPARTMENTS: dict[str, dict[str, list[str]]] = {
         "features": ["ages 3 and up", "batteries included", "over 500 pieces", "a storage box", "non-toxic paint"],
     },
 }
+
+# What shoppers type for each product type. None of these words (after the lexical channels' stemming) occurs
+# in any product's title or description: tests/test_demo_shop.py checks it.
+SHOPPER_WORDS: dict[str, list[str]] = {
+    "coffee maker": ["drip brewer", "percolator"], "rice cooker": ["grain steamer"], "blender": ["smoothie jug", "liquidizer"],
+    "cast iron skillet": ["frying pan", "griddle pan"], "chef knife": ["cleaver", "santoku"], "mixing bowl": ["batter basin"],
+    "toaster": ["bread browner"], "kettle": ["tea boiler", "teakettle"],
+    "headphones": ["earphones", "earbuds"], "memory card": ["microsd", "sdxc"], "hard drive": ["hdd", "external disk"],
+    "phone case": ["smartphone cover", "mobile cover"], "projector": ["beamer"], "bluetooth speaker": ["boombox"],
+    "usb charger": ["plug adapter", "power brick"], "game controller": ["gamepad", "joystick"],
+    "running shoes": ["sneakers", "trainers"], "jeans": ["dungarees"], "dress shirt": ["button down"],
+    "sports bra": ["athletic bralette"], "rain jacket": ["raincoat", "anorak"], "wool socks": ["winter stockings"],
+    "cargo shorts": ["utility trunks", "bermudas"], "sweater dress": ["knit frock", "jumper frock"],
+    "comforter set": ["duvet", "quilt"], "wall mirror": ["vanity reflector"], "table runner": ["tablecloth"],
+    "decorative pillow": ["throw cushion", "accent cushion"], "storage drawer": ["dresser", "organizer bin"],
+    "floor lamp": ["torchiere", "standing light"], "area rug": ["carpet"], "candle holder": ["candlestick", "votive stand"],
+    "yoga mat": ["pilates roll", "workout roll"], "bike lock": ["bicycle padlock", "cycle padlock"],
+    "golf clubs": ["putter"], "sleeping bag": ["bedroll", "slumber sack"], "baseball cleats": ["ballpark spikes"],
+    "gym gloves": ["lifting mitts", "weightlifting mitts"], "water bottle": ["hydration flask", "canteen"],
+    "camping tent": ["bivouac", "backpacking shelter"],
+    "action figure": ["figurine", "superhero doll"], "dollhouse": ["doll mansion"], "building blocks": ["stacking bricks", "construction bricks"],
+    "board game": ["tabletop strategy"], "plush toy": ["stuffed animal", "teddy"], "remote control car": ["rc racer"],
+    "puzzle": ["jigsaw"], "play kitchen": ["pretend stove", "pretend oven"],
+}
+SHOPPER_WORDS_SHARE = 0.4  # of queries name their type in shopper words
 
 COLORS = ["black", "white", "red", "blue", "green", "grey", "pink", "navy", "silver", "brown"]
 SIZES = ["small", "medium", "large", "xl", "twin", "queen", "king", "32 gb", "64 gb", "2tb", "10 inch", "12 inch"]
@@ -164,21 +194,23 @@ def generate_queries(n: int, rng: random.Random) -> list[dict]:
         ptype = rng.choice(spec["types"])
         form = rng.random()
         q = {"department": dept, "ptype": ptype, "brand": None, "color": None, "material": None}
+        name = rng.choice(SHOPPER_WORDS[ptype]) if rng.random() < SHOPPER_WORDS_SHARE else ptype
+        q["shopper_words"] = name != ptype
         if form < 0.3:
-            text = ptype
+            text = name
         elif form < 0.55:
             q["brand"] = rng.choice(spec["brands"])
-            text = f"{q['brand'].lower()} {ptype}"
+            text = f"{q['brand'].lower()} {name}"
         elif form < 0.75:
             q["color"] = rng.choice(COLORS)
-            text = f"{q['color']} {ptype}"
+            text = f"{q['color']} {name}"
         elif form < 0.88:
             q["material"] = rng.choice(spec["materials"])
-            text = f"{q['material']} {ptype}"
+            text = f"{q['material']} {name}"
         else:
             q["brand"] = rng.choice(spec["brands"])
             q["color"] = rng.choice(COLORS)
-            text = f"{q['brand'].lower()} {q['color']} {ptype}"
+            text = f"{q['brand'].lower()} {q['color']} {name}"
         if rng.random() < 0.12:
             text = _misspell(text, rng)
         if text in seen:
@@ -232,14 +264,19 @@ def judged_pool(query: dict, products: list[Product], vocab: list[set[str]], rng
       type's own products),
     - up to n_sampled // 3 products of other departments sharing any word with the query (lexical
       distractors, grade 1),
+    - for a query in shopper words, every product sharing any word with it: a lexical retriever
+      returns nothing else for it,
     - n_sampled // 6 random products of the department and n_sampled // 6 of the whole catalog.
     `vocab[i]` is `product_words(products[i])`. Misspelt query words match nothing, as in a retriever.
     """
     q_words = words(query["query"])
     key_words = q_words & (words(query["ptype"]) | words(query.get("brand") or ""))
     chosen, distractors, dept_rest = set(), [], []
+    every_match = bool(query.get("shopper_words"))
     for i, p in enumerate(products):
         if p.ptype == query["ptype"] or (p.department == query["department"] and key_words & vocab[i]):
+            chosen.add(i)
+        elif every_match and q_words & vocab[i]:
             chosen.add(i)
         elif p.department == query["department"]:
             dept_rest.append(i)

@@ -86,12 +86,15 @@ class PipelineState:
                 return False, f"inputs changed: {changed}"
         return True, f"current (ran {recorded['finished_at']})"
 
-    def record(self, stage: StageSpec, tables: TableStore, project, cfg, config_doc: dict, seconds: float) -> None:
+    def record(self, stage: StageSpec, tables: TableStore, project, cfg, config_doc: dict, seconds: float,
+               outcome: str | None = None) -> None:
+        """Record a finished run of `stage`; `outcome`: its one-line account for the closing summary."""
         self.state[stage.name] = {
             "fingerprint": fingerprint(stage, tables, project, cfg, config_doc),
             # The output tables this run produced (a stage may skip an optional one, e.g. no labels file).
             "outputs": {name: tables.version(name) for name in stage.output_tables if tables.exists(name)},
             "seconds": round(seconds, 1),
+            "outcome": outcome,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)

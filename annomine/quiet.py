@@ -12,8 +12,9 @@ brings everything back. `apply(verbose)` sets:
 - Python loggers of libraries that log at INFO or below (faiss' loader, MLflow, alembic, bm25s)
   and annomine's engine-start line;
 - warning filters for warnings that say nothing actionable (pyspark's 'No Partition Defined for
-  Window' on a deliberately global window). MLflow's 'Add type hints to the `predict` method' is
-  not one: MLflow raises it under its own `simplefilter("once")`, past any filter set here;
+  Window' on a deliberately global window). MLflow's 'Add type hints to the `predict` method',
+  raised when a PythonModel subclass is defined, is muted where annomine defines its pyfuncs
+  (`pyfunc_definition_muted()`): they take a DataFrame or a list and check it themselves;
 - `mlflow_prints_muted()`, for MLflow calls that print instead of logging (model registration).
 
 A variable the user set themselves (RUST_LOG=info, TRANSFORMERS_VERBOSITY=...) is never overridden.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -43,6 +45,7 @@ ALWAYS_QUIET_LOGGERS = ("py4j", "urllib3", "httpx", "httpx2", "openai", "fileloc
 QUIET_WARNINGS = (
     (r".*No Partition Defined for Window operation", UserWarning, ""),
 )
+_TYPE_HINT_ADVICE = re.compile(r"Add type hints to the `predict` method")
 ENGINE_LOG = {"quiet": "error", "verbose": "info"}
 
 _state = {"verbose": False}
@@ -81,6 +84,22 @@ def _is_tty(stream) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+@contextlib.contextmanager
+def pyfunc_definition_muted():
+    """While quiet, MLflow's advice to add type hints to `predict` is off for the PythonModel classes defined inside
+    this block (MLflow warns once per class definition; annomine's pyfuncs check their own input)."""
+    if _state["verbose"]:
+        yield
+        return
+    # MLflow raises it under its own catch_warnings + simplefilter("once"), past any filter: the warnings of the block
+    # are recorded instead of shown (that inner block keeps the recorder), and every other one is shown afterwards.
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for w in caught:
+        if not _TYPE_HINT_ADVICE.search(str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @contextlib.contextmanager

@@ -21,19 +21,20 @@ log = logging.getLogger(__name__)
 def _two_tower_pyfunc():
     import mlflow.pyfunc
 
-    class TwoTowerPyfunc(mlflow.pyfunc.PythonModel):
-        """Encodes a DataFrame column `text` with the query (default) or item tower (`side` param)."""
+    with quiet.pyfunc_definition_muted():
+        class TwoTowerPyfunc(mlflow.pyfunc.PythonModel):
+            """Encodes a DataFrame column `text` with the query (default) or item tower (`side` param)."""
 
-        def load_context(self, context):
-            from annomine.two_tower import TwoTower
+            def load_context(self, context):
+                from annomine.two_tower import TwoTower
 
-            self.model = TwoTower.load(context.artifacts["model"])
+                self.model = TwoTower.load(context.artifacts["model"])
 
-        def predict(self, context, model_input, params=None):
-            side = (params or {}).get("side", "query")
-            texts = model_input["text"].astype(str).tolist()
-            emb = self.model.encode_queries(texts) if side == "query" else self.model.encode_items(texts)
-            return [row.tolist() for row in emb]
+            def predict(self, context, model_input, params=None):
+                side = (params or {}).get("side", "query")
+                texts = model_input["text"].astype(str).tolist()
+                emb = self.model.encode_queries(texts) if side == "query" else self.model.encode_items(texts)
+                return [row.tolist() for row in emb]
 
     return TwoTowerPyfunc()
 
@@ -41,35 +42,36 @@ def _two_tower_pyfunc():
 def _reranked_pyfunc():
     import mlflow.pyfunc
 
-    class RerankedListPyfunc(mlflow.pyfunc.PythonModel):
-        """The two-tower's top-K over the packaged catalog, reordered by the judge's tier-1 expected grade."""
+    with quiet.pyfunc_definition_muted():
+        class RerankedListPyfunc(mlflow.pyfunc.PythonModel):
+            """The two-tower's top-K over the packaged catalog, reordered by the judge's tier-1 expected grade."""
 
-        def load_context(self, context):
-            import tempfile
+            def load_context(self, context):
+                import tempfile
 
-            import pandas as pd
+                import pandas as pd
 
-            from annomine.evaluation.catalog import Catalog, ModelSpec
+                from annomine.evaluation.catalog import Catalog, ModelSpec
 
-            art, config = context.artifacts, context.model_config
-            rows = pd.read_parquet(art["catalog"])
-            self.catalog = Catalog(rows["product_id"].astype(str).tolist(), rows["text"].astype(str).tolist())
-            self.spec = ModelSpec("reranked", "folder", "registry", path=str(Path(art["retriever"]).resolve()),
-                                  rerank=str(Path(art["judge"]).resolve()))
-            self.top_k = int(config["top_k"])
-            self._cache = tempfile.TemporaryDirectory(prefix="annomine-reranked-")  # the catalog's embeddings
+                art, config = context.artifacts, context.model_config
+                rows = pd.read_parquet(art["catalog"])
+                self.catalog = Catalog(rows["product_id"].astype(str).tolist(), rows["text"].astype(str).tolist())
+                self.spec = ModelSpec("reranked", "folder", "registry", path=str(Path(art["retriever"]).resolve()),
+                                      rerank=str(Path(art["judge"]).resolve()))
+                self.top_k = int(config["top_k"])
+                self._cache = tempfile.TemporaryDirectory(prefix="annomine-reranked-")  # the catalog's embeddings
 
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
+            def predict(self, context, model_input, params=None):
+                import pandas as pd
 
-            from annomine.evaluation.catalog import EncodeSettings
-            from annomine.model_specs import retrieve
+                from annomine.evaluation.catalog import EncodeSettings
+                from annomine.model_specs import retrieve
 
-            frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"query": list(model_input)})
-            k = int((params or {}).get("k", 10))
-            lists, _ = retrieve(self.spec, self.catalog, frame["query"].astype(str).tolist(), self.top_k,
-                                EncodeSettings(), Path(self._cache.name) / "embeddings")
-            return [ids[:k] for ids in lists]
+                frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"query": list(model_input)})
+                k = int((params or {}).get("k", 10))
+                lists, _ = retrieve(self.spec, self.catalog, frame["query"].astype(str).tolist(), self.top_k,
+                                    EncodeSettings(), Path(self._cache.name) / "embeddings")
+                return [ids[:k] for ids in lists]
 
     return RerankedListPyfunc()
 

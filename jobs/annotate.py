@@ -24,7 +24,8 @@ replaced). What is left keeps tier 1's grade and is escalated by a later run. An
 response cache (`llm_responses`) what it was asked before; each chunk's new answers are stored before its
 grades, and the run's tokens and money go to `llm_ledger`. When `judge calibrate` kept no combination with an
 LLM tier, nothing escalates (the LLM's grades would decide nothing; `escalate: always` overrides).
-`--dry-run` prints the forecast and makes no request and no write.
+`--dry-run` prints the forecast and makes no request and writes no table (the forecast is kept in
+`<warehouse>/runs/annotate_forecast_summary.json`).
 
 With `mode: batch` the requests of the escalated pairs go to the endpoint's batch API instead (annomine/judges/batch.py):
 the pairs keep tier 1's grade with `escalation = 'batch'` until a later run (or `--collect`, which grades no new pair)
@@ -47,7 +48,9 @@ from pyspark.sql import functions as F
 from annomine.bounds import bounded
 from annomine.errors import AnnomineError
 from annomine.graded_content import content_hash
+from annomine.judges import lines
 from annomine.judges.config import BatchConfig, CascadeConfig
+from annomine.run_summary import write_summary
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 
 log = logging.getLogger("annomine.annotate")
@@ -375,17 +378,19 @@ class _Run:
 
     def first_pass(self, pairs, n: int) -> None:
         """Every pair to grade, chunk by chunk; with a budget, tier 1 only (unsure pairs deferred)."""
-        from tqdm import tqdm
+        from annomine.progress import progress
 
         n_chunks = max(1, math.ceil(n / self.cfg.chunk_size))
         keyed = pairs.withColumn("_chunk", F.pmod(F.hash("query_id", "product_id"), F.lit(n_chunks)))
         budget = 0 if self.budgeted or not self.escalating else None
-        for c in tqdm(range(n_chunks if n else 0), desc="annotate", unit="chunk", mininterval=5):
-            chunk = keyed.filter(F.col("_chunk") == c).drop("_chunk")
-            # Materialise the graded chunk once (each pair is sent to the LLMs exactly once), then MERGE it.
-            self.grade(chunk, budget, self.partitions, self.per_partition)
-            if self.failure:
-                return
+        with progress(n, desc="annotate", unit="pair") as bar:  # a bar on a terminal, else a line with the rate
+            for c in range(n_chunks if n else 0):
+                chunk = keyed.filter(F.col("_chunk") == c).drop("_chunk")
+                # Materialise the graded chunk once (each pair is sent to the LLMs exactly once), then MERGE it.
+                done = self.grade(chunk, budget, self.partitions, self.per_partition)
+                bar.update(done["pairs"] if done else 0)
+                if self.failure:
+                    return
 
     @property
     def budgeted(self) -> bool:
@@ -497,7 +502,8 @@ def forecast_run(ctx: JobContext, cfg: AnnotateConfig, cascade, job: _Run, pairs
     fc = forecast(cascade, pdf, history(ctx.tables, cascade.tiers), tier_shares(ctx.tables, cascade.llm_tier_names),
                   job.escalating, cfg.llm_budget, cfg.max_cost)
     out = {"dry_run": True, "judge_version": job.version, "forecast": fc}
-    print(json.dumps(out, indent=2))
+    path = write_summary(ctx.project, "annotate_forecast", out)
+    print(f"annotate --dry-run: {len(pdf):,} pairs forecast, nothing graded or written (forecast: {path})", flush=True)
     return out
 
 
@@ -568,9 +574,11 @@ def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False, collect: b
     stats["seconds"] = round(elapsed, 2)
     stats["pairs_per_s"] = round(stats["pairs"] / elapsed, 2) if elapsed > 0 else None
     stats["llm_requests_per_pair"] = round(stats["llm_requests"] / stats["pairs"], 3) if stats["pairs"] else 0.0
-    print(json.dumps(stats, indent=2))
     if cfg.log_mlflow:
         track(ctx, stats)
+    path = write_summary(ctx.project, "annotate", stats)
+    print("\n".join([lines.annotate_line(stats), *lines.tier_usage_lines(stats.get("cost"))])
+          + f"\nannotate: summary {path}", flush=True)
     failure = failure or tier_failure(stats["tiers"], cfg.max_tier_failure_share, 1)
     if failure:
         raise TierFailureError(failure, stats)
@@ -624,6 +632,12 @@ def track(ctx: JobContext, stats: dict) -> None:
     with Tracker(ctx.project).run("annotate", {"judge_version": stats["judge_version"]}) as tracked:
         tracked.metrics(metrics)
     stats["mlflow_run_id"] = tracked.run_id
+
+
+def outcome(stats: dict) -> str:
+    """The pipeline's one-line account of a run."""
+    return (f"{stats.get('pairs', 0):,} pairs graded, {(stats.get('escalation') or {}).get('llm_calls', 0)} LLM calls, "
+            f"{stats.get('errors', 0)} failed")
 
 
 def main(argv: list[str] | None = None) -> int:

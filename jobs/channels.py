@@ -280,6 +280,17 @@ def _run_logs(ctx: JobContext, run_id: str, queries: pd.DataFrame, stats: dict):
     return logs
 
 
+def overlap_line(summary: dict) -> str:
+    """One line of the overlap report: how much the channels agree and what only one of them finds."""
+    if not summary.get("queries"):
+        return "channel overlap: no results"
+    only = ", ".join(f"{c} {summary[f'mean_only_{c}']:.1f}" for c in sorted(k[len("mean_only_"):] for k in summary
+                     if k.startswith("mean_only_") and k not in ("mean_only_one", "mean_only_one_share")))
+    return (f"channel overlap (top {summary['k']}, {summary['queries']} queries): Jaccard of all channels "
+            f"{summary['mean_jaccard_all']:.2f}; {summary['mean_only_one_share']:.0%} of a query's union is found by "
+            f"one channel only ({only} products per query)")
+
+
 def run(ctx: JobContext, cfg: ChannelsConfig) -> dict:
     t0 = time.time()
     run_id = cfg.run_id()
@@ -296,17 +307,23 @@ def run(ctx: JobContext, cfg: ChannelsConfig) -> dict:
     k = min(cfg.report_k, cfg.top_k)
     per_query = overlap_per_query(logs, k, tuple(cfg.channels)).merge(queries[["query_id", "origin"]], on="query_id", how="left")
     summary = summarise(per_query, k)
-    print(format_summary(summary, f"channel overlap, run {run_id}"))
+    log.debug("%s", format_summary(summary, f"channel overlap, run {run_id}"))
     for origin, part in per_query.groupby("origin"):
-        print(format_summary(summarise(part, k), f"  of which origin={origin}"))
         summary[f"by_origin_{origin}"] = summarise(part, k)
     folder = Path(cfg.report_dir) if cfg.report_dir else ctx.project.warehouse_path / "reports"
     files = save_report(per_query, {**summary, "run_id": run_id, "stats": stats}, folder, f"channel_overlap_{run_id}")
-    print(f"overlap report: {', '.join(str(f) for f in files)}")
+    print(overlap_line(summary) + f" (report: {files[1]})")
     stats["total_seconds"] = round(time.time() - t0, 1)
     _track(ctx, cfg, run_id, stats, summary, files)
     print(f"channels done in {stats['total_seconds']}s")
     return {"run_id": run_id, "stats": stats, "summary": summary, "report_files": files, "per_query": per_query}
+
+
+def outcome(result: dict) -> str:
+    """The pipeline's one-line account of a run: queries and retrieval-log rows per channel."""
+    stats = result["stats"]
+    rows = ", ".join(f"{k[:-len('_rows')]} {v:,}" for k, v in sorted(stats.items()) if k.endswith("_rows"))
+    return f"{stats['queries']:,} queries, {stats['products']:,} products; log rows: {rows}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from annomine import curriculum as cur
 from annomine.bounds import bounded
 from annomine.errors import MissingInputError
 from annomine.publish import run_folder, write_atomically
+from annomine.run_summary import write_summary
 from annomine.runtime import JobContext, run_job
 from annomine.schemas import train_set_table
 from annomine.splits import DEV_FRACTION, SEED, TEST_FRACTION, split_of
@@ -198,17 +199,23 @@ def _write_stage_sets(variant: str, stages: list, data, seeds: list[int], cfg: C
                       "source": "+".join(src for src, n in by_source.items() if n) or stage.source, "source_rows": by_source,
                       "composition": comp.astype(object).where(comp.notna(), None).to_dict(orient="records")})
         entries.append(entry)
-        print(f"[{variant}] stage {k} {stage.name} ({stage.loss}): {entry['rows']} rows in {len(entry['files'])} files")
-        by = comp[comp["side"] == "item"].groupby(["level", "candidate_class", "grade", "label"], dropna=False)["rows"].sum()
-        for (level, cls, grade, label), n in by.items():
-            print(f"    item L{_level(level):<3} {cls:<24} grade={grade!s:<4} label={label!s:<4} rows={n}")
-        neg = comp[comp["side"] == "negative"].groupby(["level", "candidate_class", "grade"], dropna=False)["rows"].sum()
-        for (level, cls, grade), n in neg.items():
-            print(f"    neg  L{_level(level):<3} {cls:<24} grade={grade!s:<4} rows={n}")
-        grades = comp[comp["side"] == "list_item"]
-        for _, r in grades.iterrows():
-            print(f"    list item grade={r['grade']!s:<4} rows={r['rows']}")
+        print(f"[{variant}] stage {k} {stage.name} ({stage.loss}): {entry['rows']:,} rows in {len(entry['files'])} files")
+        log.debug("[%s] stage %d composition:\n%s", variant, k, _composition_text(comp))
     return entries, skipped
+
+
+def _composition_text(comp) -> str:
+    """A stage's rows by side, level, mined class, grade and label (the manifest keeps the same as records)."""
+    lines = []
+    by = comp[comp["side"] == "item"].groupby(["level", "candidate_class", "grade", "label"], dropna=False)["rows"].sum()
+    for (level, cls, grade, label), n in by.items():
+        lines.append(f"    item L{_level(level):<3} {cls:<24} grade={grade!s:<4} label={label!s:<4} rows={n}")
+    neg = comp[comp["side"] == "negative"].groupby(["level", "candidate_class", "grade"], dropna=False)["rows"].sum()
+    for (level, cls, grade), n in neg.items():
+        lines.append(f"    neg  L{_level(level):<3} {cls:<24} grade={grade!s:<4} rows={n}")
+    for _, r in comp[comp["side"] == "list_item"].iterrows():
+        lines.append(f"    list item grade={r['grade']!s:<4} rows={r['rows']}")
+    return "\n".join(lines)
 
 
 def publish_variant(root: Path, stages: list, data, seeds: list[int], cfg: CurriculumConfig, manifest: dict,
@@ -313,7 +320,17 @@ def run(ctx: JobContext, cfg: CurriculumConfig) -> dict:
         if human_counts is not None:
             manifest["human_label_status"] = human_counts
         summary["variants"][variant] = publish_variant(root, stages, data, seeds, cfg, manifest, dev_frames)
+    path = write_summary(ctx.project, "curriculum", summary)
+    print(f"curriculum: each stage's rows by mined class, grade and label: the manifests under {root} "
+          f"(summary: {path})", flush=True)
     return summary
+
+
+def outcome(summary: dict) -> str:
+    """The pipeline's one-line account of a run: training rows per variant."""
+    rows = ", ".join(f"{variant} {sum(s['rows'] for s in manifest.get('stages', [])):,}"
+                     for variant, manifest in summary["variants"].items())
+    return f"training rows: {rows}; {summary['splits'].get('train', 0)} train queries"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -370,6 +370,12 @@ def report_path(project, cfg: EvaluateConfig) -> Path:
     return out.expanduser().resolve()
 
 
+def outcome(report: dict) -> str:
+    """The pipeline's one-line account of a run."""
+    return (f"{len(report['models'])} models on {report['inputs']['n_queries_evaluated']} {report['split']} queries, "
+            f"{report['inputs']['n_labels']:,} labels")
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = job_parser("annomine evaluate", __doc__)

@@ -13,6 +13,7 @@ error. Ingest never writes a file a user points at.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,12 @@ def run(ctx: JobContext, cfg: IngestConfig) -> list[str]:
     for line in lines:
         print(line)
     return lines
+
+
+def outcome(lines: list[str]) -> str:
+    """The pipeline's one-line account of a run: rows loaded per table ('products 2,999, queries 400, ...')."""
+    loaded = [re.match(r"(\w+): \d+ rows read, (\d+) loaded", line) for line in lines]
+    return ", ".join(f"{m.group(1)} {int(m.group(2)):,}" for m in loaded if m) + " rows loaded"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,9 @@ bi-encoder (`ranking_baseline`, the retriever's start) and scores both orders wi
 (annomine/judges/ranking.py): a judge that orders products no better than the retriever cannot teach it to.
 `calibrate` (re)fits the calibration of every
 enabled tier (the LLM tiers included) on the calibration split. `eval` grades the pairs of any
-files in the CrowdFlower layout with the configured cascade and prints JSON: exact agreement,
-quadratic weighted kappa, confusion matrix, escalation rate, the share settled per tier and the same ranking check
-for the first tier's expected grade. `pilot` grades a stratified sample of the labelled mined candidates with the
+files in the CrowdFlower layout with the configured cascade: exact agreement, quadratic weighted kappa,
+confusion matrix, escalation rate, the share settled per tier and the same ranking check for the first tier's
+expected grade. Each action prints a line and writes its whole summary to `<warehouse>/runs/judge_<action>_summary.json`. `pilot` grades a stratified sample of the labelled mined candidates with the
 cascade and says whether it is worth a full annotate run (annomine/judges/pilot.py), beside that run's forecast.
 """
 
@@ -40,7 +40,9 @@ from annomine.bounds import bounded
 from annomine.config import ProjectConfig
 from annomine.judges.cascade import CascadeConfig
 from annomine.encoders import MINILM
+from annomine.judges import lines
 from annomine.judges.cross_encoder import TINY, CrossEncoderSettings
+from annomine.run_summary import write_summary
 from annomine.runtime import job_parser, load, setup_logging
 from annomine.tracking import Tracker
 
@@ -392,11 +394,15 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
                                                       cutpoints=model.cutpoints, refit_on_all=cfg.refit_on_all,
                                                       target_agreement=cfg.target_agreement),
                _flat_train_metrics(metrics, history, calibrator), artifacts)
-    print(json.dumps({"version": version, "path": str(folder), "decision": model.decision, "cutpoints": model.cutpoints,
-                      "dev_tier1": {k: v for k, v in metrics.get("dev_tier1", {}).items() if k != "confusion_matrix"},
-                      "test_tier1": {k: v for k, v in metrics.get("test_tier1", {}).items() if k != "confusion_matrix"},
-                      "train_seconds": round(history["train_seconds"], 1)}, indent=2, default=float))
+    metrics["path"], metrics["decision"], metrics["cutpoints"] = str(folder), model.decision, model.cutpoints
+    report("judge_train", project, metrics, lines.train_line(metrics))
     return metrics
+
+
+def report(name: str, project: ProjectConfig, summary: dict, line: str) -> None:
+    """The command's line for a person on stdout; its whole summary in `<outputs>/runs/<name>_summary.json`."""
+    path = write_summary(project, name, summary)
+    print(f"{line} (summary: {path})", flush=True)
 
 
 @contextlib.contextmanager
@@ -448,7 +454,7 @@ def plan_eval(cascade, tables, pdf, cfg: JudgeConfig, llm_budget: int | None, as
     return fc, 0 if skipped else call_budget(fc, llm_budget, cfg.max_cost)
 
 
-def plan_calibration(cascade, tables, cal, cfg: JudgeConfig) -> int | None:
+def plan_calibration(cascade, tables, cal, cfg: JudgeConfig, report: dict | None = None) -> int | None:
     """The LLM calibration pairs after the forecast (printed) and `max_cost`; local servers started only for a
     request. The LLM tiers grade the pairs tier 1 is least sure of, so the forecast scales the average pair."""
     from annomine.judges.costs import history
@@ -470,6 +476,8 @@ def plan_calibration(cascade, tables, cal, cfg: JudgeConfig) -> int | None:
         k = int(k * cfg.max_cost / fc["usd"])
         fc["llm_calibration_pairs_under_max_cost"] = k
     announce("judge calibrate", fc)
+    if report is not None:
+        report["forecast"] = fc
     if needs_requests(fc) and k > 0:
         cascade.start_local_servers()
     return k
@@ -490,12 +498,15 @@ def calibrate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None
     cache: dict = {}
     with (Cascade.open(cfg.cascade, folder, grades, project.warehouse_path, start_local=False) as cascade,
           response_cache(project, cascade, cache, "judge calibrate") as tables):
-        llm_pairs = plan_calibration(cascade, tables, cal, cfg)
+        planned: dict = {}
+        llm_pairs = plan_calibration(cascade, tables, cal, cfg, planned)
         stats = calibrate_cascade(cascade, cal, cfg.target_agreement, only, llm_pairs=llm_pairs,
                                   combine=cfg.cascade.combine, min_gain=cfg.combiner_min_gain)
+    if planned:
+        stats["forecast"] = planned["forecast"]
     if cache:
         stats["llm_cache"] = cache
-    print(json.dumps(stats, indent=2, default=float))
+    report("judge_calibrate", project, stats, lines.calibrate_line(stats))
     return stats
 
 
@@ -569,7 +580,7 @@ def evaluate(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None,
     result["split"] = split
     result["n_queries"] = int(pairs.query_id.nunique())
     result["pairs_per_s"] = round(len(pairs) / max(result["seconds"], 1e-9), 1)  # the cascade's own pass
-    print(json.dumps(result, indent=2, default=float))
+    report("judge_eval", project, result, lines.eval_line(result))
     return result
 
 
@@ -648,10 +659,9 @@ def pilot(project: ProjectConfig, cfg: JudgeConfig, judge: str | None = None, n_
               "ranking": ranking, "verdict": verdict(ranking),
               "full_run_forecast": scale_forecast(fc, mined / len(sample)) if fc else None, "llm_cache": cache}
     full = result["full_run_forecast"]
-    print(f"judge pilot: {result['verdict']['verdict']} ({result['verdict']['reason']}); full run: "
-          + (f"{full['escalate']} pairs to escalate, {sum(t['requests'] for t in full['tiers'].values()):.0f} requests, "
-             f"USD {full['usd']}" if full else "no LLM tier"), file=sys.stderr, flush=True)
-    print(json.dumps(result, indent=2, default=float))
+    report("judge_pilot", project, result, lines.pilot_line(result) + "; full run: "
+           + (f"{full['escalate']} pairs to escalate, {sum(t['requests'] for t in full['tiers'].values()):.0f} requests, "
+              f"USD {full['usd']}" if full else "no LLM tier"))
     return result
 
 
@@ -663,6 +673,14 @@ def run(ctx, cfg: JudgeConfig) -> dict:
     if llm_tiers:
         metrics["llm_calibration"] = calibrate(ctx.project, cfg, only=llm_tiers)
     return metrics
+
+
+def outcome(metrics: dict) -> str:
+    """The pipeline's one-line account of a run: the tier-1 judge's dev agreement and what calibration kept."""
+    line = f"tier 1 {metrics.get('version')}: dev " + lines.agreement(metrics.get("dev_tier1"))
+    if metrics.get("llm_calibration"):
+        line += "; " + lines.combiner_outcome(metrics["llm_calibration"])
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

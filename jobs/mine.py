@@ -123,15 +123,23 @@ def run(ctx: JobContext, cfg: MineConfig) -> dict:
              "seconds": round(time.time() - started, 1)}
     if cfg.write_report_table:
         ctx.tables.overwrite("mined_report", report)
-    print(mining.format_report(rows))
+    log.debug("%s", mining.format_report(rows))
+    by_class = ", ".join(f"{r['candidate_class']} {r['n_candidates']:,}" for r in sorted(rows, key=lambda r: r["level"] or 0)
+                         if r["dimension"] == "class")
     print(f"mined_candidates: {stats['n_candidates']:,} candidates for {stats['n_queries']:,} queries "
-          f"in {stats['seconds']}s ({n_bad} log rows quarantined)")
+          f"in {stats['seconds']}s ({n_bad} log rows quarantined): {by_class}; by channel and segment: "
+          + ("table mined_report" if cfg.write_report_table else "`annomine sql` over mined_candidates"))
     missing = [c for c in mining.CLASSES if not any(r["dimension"] == "class" and r["candidate_class"] == c for r in rows)]
     if missing:
         print(f"warning: no candidates of class(es) {missing}; check the thresholds in the mine: section")
     stats["mlflow_run_id"] = _track(ctx, cfg, rules, rows, stats)
     stats["report"] = rows
     return stats
+
+
+def outcome(stats: dict) -> str:
+    """The pipeline's one-line account of a run."""
+    return f"{stats['n_candidates']:,} candidates for {stats['n_queries']:,} queries"
 
 
 def main(argv: list[str] | None = None) -> int:

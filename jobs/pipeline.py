@@ -82,31 +82,39 @@ def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_
         started = time.time()
         results[spec.name] = module.run(ctx, cfg)
         seconds = time.time() - started
-        state.record(spec, ctx.tables, project, cfg, config_doc, seconds)
-        summary[spec.name] = f"{seconds:.0f}s"
+        state.record(spec, ctx.tables, project, cfg, config_doc, seconds, _outcome(module, results[spec.name]))
+        summary[spec.name] = "ran"
         print(f"[pipeline] {spec.name}: done in {seconds:.1f}s", flush=True)
-    print("[pipeline] " + ", ".join(f"{k}: {v}" for k, v in summary.items()), flush=True)
-    print_outcome(project, conf, overrides)
+    print_outcome(project, conf, overrides, summary, state.state)
     return results
 
 
-def print_outcome(project, conf: str, overrides: list[str]) -> None:
-    """The closing summary, read back from what the stages wrote (also when they were skipped): the
-    evaluation table, the paired comparison, one plot, and the final model."""
-    from annomine.evaluation import report as report_lib
+def _outcome(module, result) -> str | None:
+    """The stage's one-line account of its run (its module's `outcome`), for the closing summary."""
+    describe = getattr(module, "outcome", None)
+    try:
+        return describe(result) if describe else None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a summary must never fail a finished stage
+        log.warning("%s: no one-line outcome (%s)", module.__name__, exc)
+        return None
+
+
+def print_outcome(project, conf: str, overrides: list[str], ran: dict[str, str] | None = None,
+                  state: dict | None = None) -> None:
+    """The closing summary (annomine/closing_summary.py), read back from what the stages wrote, also when they
+    were skipped: one line per stage, the results table, the LLM step, the report and the final model."""
+    from annomine.closing_summary import closing_summary
     from jobs import evaluate
 
     _, eval_cfg = load_job_config(conf, "evaluate", evaluate.CONFIG_CLASS, overrides)
     report_file = evaluate.report_path(project, eval_cfg)
-    if report_file.is_file():
-        report = json.loads(report_file.read_text())
-        print("\n" + "\n".join(report_lib.summary(report, report_file)), flush=True)
+    report = json.loads(report_file.read_text()) if report_file.is_file() else None
     pointer = project.warehouse_path / "models" / "best.json"
-    if pointer.is_file():
-        best = read_pointer(pointer)
-        print(f"[pipeline] final model ({best.get('variant')}): {best.get('path')}"
-              + (f", MLflow {best['model_uri']}" if best.get("model_uri") else "")
-              + "; `annomine evaluate --model best` resolves it", flush=True)
+    best = read_pointer(pointer) if pointer.is_file() else None
+    if state is None:
+        state = PipelineState(project.warehouse_path / "pipeline_state.json").state
+    lines = closing_summary(project, [s.name for s in STAGES], state, ran or {}, report, report_file, best)
+    print("\n".join(lines), flush=True)
 
 
 CONFIG_CLASS = None  # the pipeline has no section of its own

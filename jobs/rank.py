@@ -324,6 +324,13 @@ def _track(ctx: JobContext, cfg: RankConfig, record: dict, folder: Path, plot: P
     return tracked.run_id
 
 
+def outcome(stats: dict) -> str:
+    """The pipeline's one-line account of a run: the label choice the dev queries preferred."""
+    record = stats["selection"]
+    return (f"ranker on {record['chosen']['name']} labels, {record['n_train_queries']} train queries, "
+            f"{record['n_train_rows']:,} candidates")
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_job("rank", __doc__, RankConfig, run, argv)
 

@@ -296,6 +296,13 @@ def _train_on(ctx: JobContext, cfg: TrainConfig, spec: TrainSpec, manifest: dict
                                        "wall": time.time() - started, "manifest": manifest}, name)
 
 
+def outcome(pointer: dict) -> str:
+    """The pipeline's one-line account of a run: the final model's examples and last kept stage's dev NDCG@10."""
+    kept = [s["best_metric"] for s in pointer.get("stages", []) if s.get("best_metric") is not None]
+    dev = f", dev NDCG@10 {kept[-1]:.3f}" if kept else ""
+    return f"{pointer['variant']}: {pointer.get('examples', 0):,} examples{dev} (baselines beside it: models/)"
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_job("train", __doc__, TrainConfig, run, argv)
 

@@ -92,3 +92,14 @@ def run_concurrently(work, n: int) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+def printed_summary(capsys, warehouse: Path, name: str) -> dict:
+    """What a judge / annotate command wrote to `<warehouse>/runs/<name>_summary.json`, after checking that the
+    terminal got a few lines for a person naming that file rather than the summary itself."""
+    import json
+
+    out = capsys.readouterr().out
+    path = Path(warehouse).resolve() / "runs" / f"{name}_summary.json"
+    assert str(path) in out and len(out.splitlines()) <= 4 and not out.lstrip().startswith("{"), out
+    return json.loads(path.read_text())

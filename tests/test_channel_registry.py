@@ -138,4 +138,5 @@ def test_a_new_channel_runs_through_the_job_and_the_report(ctx, tmp_path, toy_ch
     assert {"n_title_length", "only_title_length", "jaccard_lexical_title_length"} <= set(result["per_query"].columns)
     assert "mean_jaccard_lexical_title_length" in result["summary"]
     out = capsys.readouterr().out
-    assert "Jaccard lexical vs title_length" in out and "title_length: index built" in out
+    overlap = next(line for line in out.splitlines() if line.startswith("channel overlap"))
+    assert "title_length" in overlap and "title_length: index built" in out  # the new channel in the overlap line

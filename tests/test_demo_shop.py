@@ -8,6 +8,7 @@ import pytest
 
 from annomine import demo_shop
 from annomine.evaluation.inputs import catalog_from_file
+from annomine.retrievers.analysis import analyze
 from annomine.retrievers.bm25 import BM25Retriever
 
 # conf/local.yaml's demo shop: the BM25 check is about the catalog the demo really searches
@@ -64,7 +65,8 @@ def test_labels_cover_every_product_of_the_type_or_sharing_a_type_or_brand_word_
         q = queries[int(qid)]
         key_words = demo_shop.words(q["query"]) & demo_shop.words(f"{q['ptype']} {q.get('brand') or ''}")
         for p, p_words in zip(products[1:], vocab[1:]):  # products[0] is quarantined (conflicting copy)
-            plausible = p.ptype == q["ptype"] or (p.department == q["department"] and key_words & p_words)
+            plausible = p.ptype == q["ptype"] or (p.department == q["department"] and key_words & p_words) \
+                or (q["shopper_words"] and demo_shop.words(q["query"]) & p_words)
             if plausible:
                 assert p.product_id in labels, (q["query"], p.title)
     grades = Counter(g for labels in judged.values() for g in labels.values())
@@ -85,3 +87,19 @@ def test_labels_cover_what_the_demo_bm25_channel_puts_in_the_top_10(shop):
     assert len(top10) > 8 * len(qids)
     unjudged = [(text_of[q], pid) for q, pid in top10 if pid not in judged[q]]
     assert not unjudged, unjudged[:5]
+
+
+def test_shopper_words_name_every_type_and_occur_in_no_product_text():
+    products, queries = _generated()
+    types = {t for spec in demo_shop.DEPARTMENTS.values() for t in spec["types"]}
+    assert set(demo_shop.SHOPPER_WORDS) == types
+    catalog_terms = set()
+    for p in products:
+        catalog_terms.update(analyze(f"{p.title} {p.description}"))
+    for ptype, names in demo_shop.SHOPPER_WORDS.items():
+        for name in names:
+            assert not set(analyze(name)) & catalog_terms, (ptype, name)
+    # a real share of the traffic, and each such query names its type only in shopper words
+    shopper = [q for q in queries if q["shopper_words"]]
+    assert 0.3 < len(shopper) / len(queries) < 0.5
+    assert not any(demo_shop.words(q["ptype"]) & demo_shop.words(q["query"]) for q in shopper)

@@ -16,7 +16,7 @@ from annomine.judges.cascade import Cascade
 from annomine.judges.cross_encoder import CrossEncoderModel, CrossEncoderSettings, build_encoder, train_cross_encoder
 from annomine.judges.data import assign_splits, grading_metrics, load_pairs_from_files, quadratic_weighted_kappa
 from annomine.judges.llm import TierResult
-from tests.conftest import write_tsv
+from tests.conftest import printed_summary, write_tsv
 
 GRADES = [1, 2, 3, 4]
 
@@ -280,7 +280,7 @@ judge:
 """)
     files = ["--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv"), "--products", str(shop / "products.tsv")]
     assert judge.main(["train", "--conf", str(conf), *files]) == 0
-    trained = json.loads(capsys.readouterr().out)
+    trained = printed_summary(capsys, tmp_path / "wh", "judge_train")
     folder = Path(trained["path"])  # a new folder of this run, published by current.json
     assert folder.parent == tmp_path / "wh" / "judges" and folder.name.startswith(trained["version"] + ".")
     assert json.loads((folder.parent / "current.json").read_text())["path"] == folder.name  # relative
@@ -311,7 +311,7 @@ judge:
     assert run.data.metrics["dev_ranking_ndcg10_diff"] == pytest.approx(ranking["diff"]["mean"])
     assert json.loads((tmp_path / "wh" / "judges" / "current.json").read_text())["version"] == trained["version"]
     assert judge.main(["eval", "--conf", str(conf), *files, "--judge", str(folder)]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = printed_summary(capsys, tmp_path / "wh", "judge_eval")
     for key in ("exact_agreement", "quadratic_weighted_kappa", "confusion_matrix", "escalation_rate", "share_per_tier",
                 "positive_precision", "negative_recall", "pairs_per_s"):
         assert key in out
@@ -321,13 +321,13 @@ judge:
     llm = ["--set", "judge.cascade.loopback.embedded=true", "--set", "judge.cascade.tier2={model: rule-small}",
            "--set", "judge.cascade.tier3={model: rule-large}"]
     assert judge.main(["eval", "--conf", str(conf), *files, *llm]) == 0
-    casc = json.loads(capsys.readouterr().out)
+    casc = printed_summary(capsys, tmp_path / "wh", "judge_eval")
     assert casc["n_graded"] == 128 and casc["escalation_rate"] > 0 and casc["llm_calls"] > 0
     assert sum(casc["share_per_tier"].values()) == pytest.approx(1.0) and casc["share_per_tier"]["tier1"] == 1.0
     assert casc["quadratic_weighted_kappa"] == pytest.approx(casc["first_tier_alone"]["quadratic_weighted_kappa"])
     # an LLM as the first tier: the ranking check measures its order (its expected grade from the log-probabilities)
     assert judge.main(["eval", "--conf", str(conf), *files, *llm[:4], "--set", "judge.cascade.tier1=false"]) == 0
-    alone = json.loads(capsys.readouterr().out)
+    alone = printed_summary(capsys, tmp_path / "wh", "judge_eval")
     assert alone["tiers"] == ["tier2"] and alone["ranking"]["judge_score"] == "tier2 expected grade"
     # calibrate fits the LLM tiers on at most llm_calibration_pairs pairs, the least sure first, and the combiner:
     # the loopback rule (word overlap) is what the toy grades follow, so the combination beats tier 1 and is used
@@ -336,12 +336,12 @@ judge:
     big_files = ["--queries", str(big / "queries.tsv"), "--labels", str(big / "labels.tsv"), "--products", str(big / "products.tsv")]
     assert judge.main(["calibrate", "--conf", str(conf), *big_files, "--judge", str(folder), *llm,
                        "--set", "judge.llm_calibration_pairs=48"]) == 0
-    cal = json.loads(capsys.readouterr().out)
+    cal = printed_summary(capsys, tmp_path / "wh", "judge_calibrate")
     assert cal["tier2"]["graded"] == cal["tier3"]["graded"] == 48 and "least sure" in cal["tier2"]["pairs"]
     assert "tier1+tier2" in cal["combiner"]["kept"], cal["combiner"]
     assert json.loads(open(cal["combiner"]["path"]).read())["paths"]
     assert judge.main(["eval", "--conf", str(conf), *big_files, "--judge", str(folder), *llm, "--llm-alone", "20"]) == 0
-    fitted = json.loads(capsys.readouterr().out)
+    fitted = printed_summary(capsys, tmp_path / "wh", "judge_eval")
     assert fitted["share_per_tier"]["combined"] > 0 and fitted["judge_version"] != casc["judge_version"]
     assert fitted["tiers_alone_on_sample"]["tier2"]["pairs"] == 20 and "tier1" in fitted["tiers_alone_on_sample"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ from annomine.judges.llm import LLMTier, TierResult
 from annomine.judges.loopback_server import LoopbackLLMServer
 from annomine.judges.response_cache import response_key
 from jobs.annotate import TierFailureError, run
-from tests.conftest import run_concurrently
+from tests.conftest import printed_summary, run_concurrently
 from tests.test_annotate import GRADES, annotations, llm_cascade_conf, make_cfg, seed_tables
 
 
@@ -199,19 +200,19 @@ def test_judge_eval_follows_the_spending_rule(tmp_path, monkeypatch, capsys):
         with Cascade.open(cfg.cascade, folder, GRADES, tmp_path / "wh") as cascade:
             Combiner(GRADES, {}, {}).save(cascade.combiner_path())   # calibration kept no combination with tier 2
         assert judge.main(["eval", "--conf", str(path), *files, "--judge", str(folder), "--split", "all"]) == 0
-        out = json.loads(capsys.readouterr().out)
+        out = printed_summary(capsys, tmp_path / "wh", "judge_eval")
         assert srv.stats["requests"] == 0 and out["llm_calls"] == 0 and out["n_pairs"] == 48
         assert "kept no combination" in out["forecast"]["skipped"] and out["forecast"]["tiers"]["tier2"]["requests"] == 0
         assert out["deferred_by_budget_rate"] > 0 and seen[-1][:2] == ("judge eval", 0)
 
         always = ["--set", "judge.escalate=always", "--llm-budget", "5"]
         assert judge.main(["eval", "--conf", str(path), *files, "--judge", str(folder), *always]) == 0
-        out = json.loads(capsys.readouterr().out)
+        out = printed_summary(capsys, tmp_path / "wh", "judge_eval")
         assert srv.stats["completions"] == out["llm_calls"] == 5 == out["forecast"]["tiers"]["tier2"]["requests"]
         assert seen[-1][1] == 0 and seen[-1][2]["escalate"] > 5          # printed before the first request
         assert out["llm_cache"]["cost"]["per_tier"]["tier2"]["requests"] == 5
         assert judge.main(["eval", "--conf", str(path), *files, "--judge", str(folder), *always]) == 0
-        again = json.loads(capsys.readouterr().out)                     # the same 5 from the cache, 5 more paid for
+        again = printed_summary(capsys, tmp_path / "wh", "judge_eval")                     # the same 5 from the cache, 5 more paid for
         assert again["llm_cache"]["per_tier"]["tier2"] == {"hits": 5, "misses": 5} and srv.stats["completions"] == 10
 
 
@@ -311,7 +312,8 @@ def test_judge_pilot_grades_a_stratified_sample_and_gives_a_verdict_beside_the_f
                                         "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0}}}}))
         assert judge.main(["pilot", "--conf", str(path), "--judge", str(folder), "--pairs", "24"]) == 0
         captured = capsys.readouterr()
-        out = json.loads(captured.out)
+        summary = Path(ctx.project.warehouse).resolve() / "runs" / "judge_pilot_summary.json"
+        out = json.loads(summary.read_text())
         paid = srv.stats["completions"]
     sample = out["sample"]
     # only the queries tier 1 never trained on: the judge's calibration and dev queries, never a test query
@@ -329,7 +331,8 @@ def test_judge_pilot_grades_a_stratified_sample_and_gives_a_verdict_beside_the_f
     assert sample["mined_candidates"] == 24 * 6
     assert full["extrapolated_from_sample_by"] == pytest.approx(24 * 6 / sample["pairs"], abs=1e-3)
     assert full["tiers"]["tier2"]["usd"] is not None and full["escalate"] >= out["agreement"]["llm_calls"]
-    assert f"judge pilot: {out['verdict']['verdict']}" in captured.err and "full run:" in captured.err
+    line = captured.out.strip()  # one line for a person, naming the summary file
+    assert line.startswith(f"teacher pilot: {out['verdict']['verdict']}") and "full run:" in line and str(summary) in line
 
 
 def test_judge_pilot_without_labelled_candidates_is_one_line_naming_the_tables(ctx, tmp_path):
@@ -366,7 +369,7 @@ def test_judge_calibrate_prints_its_forecast_first_and_grades_only_what_max_cost
                                     "judge": {"ranking_baseline": None, "max_cost": 2.0, "llm_calibration_pairs": 30,
                                               "target_agreement": 0.8, "cascade": {"tier1": True, "tier2": tier}}}))
         assert judge.main(["calibrate", "--conf", str(path), *files, "--judge", str(folder)]) == 0
-        out = json.loads(capsys.readouterr().out)
+        out = printed_summary(capsys, tmp_path / "wh", "judge_calibrate")
         command, before, fc = seen[-1]
         assert command == "judge calibrate" and before == 0                   # the forecast came before any request
         planned = fc["llm_calibration_pairs_under_max_cost"]

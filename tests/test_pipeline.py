@@ -41,6 +41,7 @@ def test_ingest_is_skipped_when_current_and_rerun_when_its_input_changes(tmp_pat
     assert "ingest: running" in capsys.readouterr().out
     state = PipelineState(project.warehouse_path / "pipeline_state.json")
     assert state.state["ingest"]["outputs"]["products"] >= 1
+    assert state.state["ingest"]["outcome"] == "products 3, queries 1 rows loaded"  # the closing summary's line
 
 
 def test_a_missing_output_makes_a_stage_run_again(tmp_path, project, spark, capsys):
@@ -79,6 +80,33 @@ def test_default_output_has_no_engine_noise_and_verbose_brings_it_back(tmp_path,
     assert "INFO sail" in loud.stderr and "No Partition Defined" in loud.stderr
 
 
+def test_pyfunc_definitions_hide_mlflow_s_type_hint_advice_and_nothing_else():
+    import warnings
+
+    import mlflow.pyfunc
+
+    from annomine import quiet
+
+    def define():
+        class Model(mlflow.pyfunc.PythonModel):
+            def predict(self, context, model_input, params=None):
+                return model_input
+
+    quiet.apply(False)
+    warnings.onceregistry.clear()  # MLflow shows its advice once per process
+    with warnings.catch_warnings(record=True) as bare:
+        warnings.simplefilter("always")
+        define()
+    assert any("Add type hints to the `predict` method" in str(w.message) for w in bare)  # what MLflow does
+    warnings.onceregistry.clear()
+    with warnings.catch_warnings(record=True) as muted:
+        warnings.simplefilter("always")
+        with quiet.pyfunc_definition_muted():
+            define()
+            warnings.warn("another warning", UserWarning)
+    assert [str(w.message) for w in muted] == ["another warning"]
+
+
 def test_verbose_flag_restores_library_settings(monkeypatch):
     import os
     import warnings
@@ -107,9 +135,11 @@ def test_verbose_flag_restores_library_settings(monkeypatch):
         quiet.apply(False)
 
 
-def test_the_closing_summary_prints_the_table_once_with_one_plot(tmp_path, project, capsys):
+def test_the_closing_summary_is_one_screen_read_back_from_the_files(tmp_path, project, capsys):
     import json
 
+    from annomine.publish import write_pointer
+    from annomine.run_summary import write_summary
     from jobs import evaluate
 
     conf = _conf(tmp_path, project)
@@ -117,23 +147,41 @@ def test_the_closing_summary_prints_the_table_once_with_one_plot(tmp_path, proje
     report_file = evaluate.report_path(project, cfg)
     report_file.parent.mkdir(parents=True)
     est = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}
-    metrics = {"ndcg@10": est, "ndcg@10_judged": est, "lowest_share@10": est, "recall@100_top": est, "n_queries": 3,
-               "judged_share@10": 0.99, "n_queries_without_judged_top10": 0}
-    diff = {"mean": 0.1, "ci_low": 0.05, "ci_high": 0.15, "n": 3}
-    report = {"split": "dev", "inputs": {"n_queries_evaluated": 3, "n_labels": 30, "n_products": 9},
-              "models": [{"label": "bm25", "metrics": {"all": metrics}}, {"label": "curriculum", "metrics": {"all": metrics}}],
-              "comparisons": [{"model": "curriculum", "against": "bm25", "metric": "ndcg@10", "model_mean": 0.6,
-                               "baseline_mean": 0.5, "ratio": 1.2, "diff": diff}],
-              "registration": {"registered": False, "reason": "no two-tower"}}
+    metrics = {"ndcg@10": est, "lowest_share@10": {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}}
+    per_query = [{"model": m, "query_id": f"q{i}", "ndcg@10": base + 0.01 * i}
+                 for m, base in (("bm25", 0.5), ("minilm", 0.4), ("curriculum", 0.7)) for i in range(6)]
+    report = {"split": "test", "split_role": "reporting only", "inputs": {"n_queries_evaluated": 6, "n_labels": 60},
+              "bootstrap": {"resamples": 200, "confidence": 0.95, "seed": 1}, "per_query": per_query,
+              "models": [{"label": "bm25", "spec": {"baseline": True}, "metrics": {"all": metrics}},
+                         {"label": "minilm", "spec": {"baseline": True}, "metrics": {"all": metrics}},
+                         {"label": "curriculum", "spec": {"baseline": False}, "metrics": {"all": metrics}}]}
+    report["teacher"] = {"dev": {"n_queries": 5, "baseline": "minilm", "judge_ndcg@10": {"mean": 0.9},
+                                 "baseline_ndcg@10": {"mean": 0.8}, "diff": {"mean": 0.1, "ci_low": 0.05, "ci_high": 0.15}}}
     report_file.write_text(json.dumps(report))
-    (report_file.parent / f"{report_file.stem}_metrics.png").write_bytes(b"png")
-    pipeline.print_outcome(project, str(conf), [])
+    write_summary(project, "annotate", {"pairs": 500, "errors": 0, "seconds": 12, "by_tier": {"tier1": 490, "tier2": 10},
+                                        "escalation": {"llm_calls": 10, "deferred_by_budget": 40},
+                                        "cost": {"per_tier": {"tier2": {"model": "m", "requests": 7, "cache_hits": 3,
+                                                                        "prompt_tokens": 2100, "completion_tokens": 70,
+                                                                        "usd": 0.0}}}})
+    model = project.warehouse_path / "models" / "curriculum" / "model-1"
+    model.mkdir(parents=True)
+    write_pointer(project.warehouse_path / "models" / "best.json", {"path": str(model), "variant": "curriculum"})
+    state = {"ingest": {"seconds": 4.0, "outcome": "products 2 rows loaded"}}
+    pipeline.print_outcome(project, str(conf), [], {"ingest": "skipped"}, state)
     out = capsys.readouterr().out
-    assert out.count("| model | NDCG@10") == 1 and "| bm25 |" in out and "| curriculum | ndcg@10 | bm25 |" in out
-    assert "99.0%" in out  # the judged share of the top 10
-    plots = [line for line in out.splitlines() if line.startswith("plot: ")]
-    assert plots == [f"plot: {report_file.parent / (report_file.stem + '_metrics.png')}"]
-    assert "not registered: no two-tower" in out
+    lines = out.splitlines()
+    assert len(lines) <= 40
+    assert "  ingest          4s  products 2 rows loaded (current, not re-run)" in lines
+    assert sum(line.endswith("-  not run") for line in lines) == len(pipeline.STAGES) - 1
+    rows = {line.split()[0]: line for line in lines if line.startswith("  ") and "[" in line}
+    assert "reference" in rows["minilm"] and "+0.300 [+0.300, +0.300]" in rows["curriculum"]  # paired, per query
+    assert "+0.100 [+0.100, +0.100]" in rows["bm25"] and "free baseline" in rows["bm25"]
+    assert "the pipeline's retriever" in rows["curriculum"] and f"pipeline's retriever (curriculum): {model}" in out
+    assert "curriculum beats the best baseline without training (bm25): NDCG@10 +0.200" in out
+    assert "lowest-grade share@10 left out: 0.0% for every model" in out  # no information, so no column
+    assert "the judge as a teacher (5 dev queries): NDCG@10 of its order 0.900 vs minilm 0.800, paired +0.100" in out
+    assert "teacher pilot: not run" in out
+    assert "tier2 (m): 7 requests, 3 cache hits, 2,100 prompt + 70 completion tokens, USD 0.0000" in out
 
 
 class _Versions:

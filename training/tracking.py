@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from annomine import quiet
 from annomine.tracking import ensure_experiment, safe_params
 
 try:
@@ -41,28 +42,29 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, r
         return run.info.run_id
 
 
-class TwoTowerPyfunc(_PythonModel):
-    """pyfunc wrapper: input DataFrame with `text` and optional `side` ('query' default, or 'item')."""
+with quiet.pyfunc_definition_muted():
+    class TwoTowerPyfunc(_PythonModel):
+        """pyfunc wrapper: input DataFrame with `text` and optional `side` ('query' default, or 'item')."""
 
-    def load_context(self, context):
-        from annomine.two_tower import TwoTower
+        def load_context(self, context):
+            from annomine.two_tower import TwoTower
 
-        # 'auto': ONNX Runtime where it imports (CPU serving), torch otherwise
-        self.model = TwoTower.load(context.artifacts["model"], backend="auto")
+            # 'auto': ONNX Runtime where it imports (CPU serving), torch otherwise
+            self.model = TwoTower.load(context.artifacts["model"], backend="auto")
 
-    def predict(self, context, model_input, params=None):
-        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"text": list(model_input)})
-        texts = df["text"].fillna("").astype(str).tolist()
-        sides = df["side"].fillna("query").tolist() if "side" in df else ["query"] * len(texts)
-        out = np.zeros((len(texts), self.model.dim), dtype=np.float32)
-        for side, fn in (("query", self.model.encode_queries), ("item", self.model.encode_items)):
-            idx = [i for i, s in enumerate(sides) if s == side]
-            if idx:
-                out[idx] = fn([texts[i] for i in idx])
-        bad = sorted({s for s in sides if s not in ("query", "item")})
-        if bad:
-            raise ValueError(f"column 'side' must be 'query' or 'item', got {bad}")
-        return pd.DataFrame(out, columns=[f"e{i}" for i in range(out.shape[1])])
+        def predict(self, context, model_input, params=None):
+            df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"text": list(model_input)})
+            texts = df["text"].fillna("").astype(str).tolist()
+            sides = df["side"].fillna("query").tolist() if "side" in df else ["query"] * len(texts)
+            out = np.zeros((len(texts), self.model.dim), dtype=np.float32)
+            for side, fn in (("query", self.model.encode_queries), ("item", self.model.encode_items)):
+                idx = [i for i, s in enumerate(sides) if s == side]
+                if idx:
+                    out[idx] = fn([texts[i] for i in idx])
+            bad = sorted({s for s in sides if s not in ("query", "item")})
+            if bad:
+                raise ValueError(f"column 'side' must be 'query' or 'item', got {bad}")
+            return pd.DataFrame(out, columns=[f"e{i}" for i in range(out.shape[1])])
 
 
 def pip_requirements() -> list[str]:

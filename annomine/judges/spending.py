@@ -48,8 +48,23 @@ def call_budget(fc: dict, llm_budget: int | None, max_cost: float | None) -> int
     return affordable if llm_budget is None else min(llm_budget, affordable)
 
 
+def forecast_line(command: str, fc: dict) -> str:
+    """The forecast for a person: pairs to escalate, then per LLM tier the requests, tokens and money expected."""
+    def n(value) -> str:
+        return "?" if value is None else f"{value:,.0f}"
+
+    tiers = "; ".join(f"{name} ({t.get('model')}): ~{n(t.get('requests'))} requests, {n(t.get('cache_hits'))} from the "
+                      f"cache, ~{n(t.get('prompt_tokens'))} + {n(t.get('completion_tokens'))} tokens, "
+                      + ("unpriced" if t.get("usd") is None else f"USD {t['usd']:.4f}")
+                      for name, t in sorted(fc.get("tiers", {}).items()))
+    line = f"{command}: forecast before any LLM request: {n(fc.get('escalate'))} pairs to escalate"
+    if fc.get("skipped"):
+        line += f" (none sent: {fc['skipped']})"
+    return line + (f"; {tiers}" if tiers else "")
+
+
 def announce(command: str, fc: dict) -> None:
-    """The forecast, one line on stderr (stdout carries the command's JSON result), before any request."""
-    line = f"{command}: forecast before any LLM request: {json.dumps(fc, sort_keys=True, default=float)}"
-    print(line, file=sys.stderr, flush=True)
-    log.info("%s", line)
+    """The forecast, one line on stderr before any request; the whole forecast goes to the debug log and the
+    command's summary file."""
+    print(forecast_line(command, fc), file=sys.stderr, flush=True)
+    log.debug("%s forecast: %s", command, json.dumps(fc, sort_keys=True, default=float))

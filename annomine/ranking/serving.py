@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from annomine import quiet
 from annomine.evaluation.catalog import Catalog
 from annomine.ranking.store import PublishedRanker
 
@@ -23,34 +24,35 @@ DEFAULT_K = 10
 def _pyfunc(variant: str):
     import mlflow.pyfunc
 
-    class RankedListPyfunc(mlflow.pyfunc.PythonModel):
-        """Retriever + ranker over the packaged catalog."""
+    with quiet.pyfunc_definition_muted():
+        class RankedListPyfunc(mlflow.pyfunc.PythonModel):
+            """Retriever + ranker over the packaged catalog."""
 
-        def load_context(self, context):
-            from annomine.evaluation.catalog import EncodeSettings
-            from annomine.ranking.store import META
+            def load_context(self, context):
+                from annomine.evaluation.catalog import EncodeSettings
+                from annomine.ranking.store import META
 
-            art = context.artifacts
-            meta = json.loads((Path(art["ranker"]) / META).read_text())
-            meta["judge_path"] = str(Path(art["judge"]).resolve())
-            if "retriever" in art:
-                meta["retriever_path"] = str(Path(art["retriever"]).resolve())
-            from annomine.ranking.apply import RankedLists
+                art = context.artifacts
+                meta = json.loads((Path(art["ranker"]) / META).read_text())
+                meta["judge_path"] = str(Path(art["judge"]).resolve())
+                if "retriever" in art:
+                    meta["retriever_path"] = str(Path(art["retriever"]).resolve())
+                from annomine.ranking.apply import RankedLists
 
-            published = PublishedRanker(Path(art["ranker"]), meta, Path(art["ranker"]))
-            rows = pd.read_parquet(art["catalog"])
-            catalog = Catalog(rows["product_id"].astype(str).tolist(), rows["text"].astype(str).tolist())
-            # the catalog is encoded once per process, into a folder removed when the model or the process goes
-            self._cache = tempfile.TemporaryDirectory(prefix="annomine-ranked-")
-            self.lists = RankedLists(published, variant, catalog, EncodeSettings(), Path(self._cache.name) / "embeddings",
-                                     None)
+                published = PublishedRanker(Path(art["ranker"]), meta, Path(art["ranker"]))
+                rows = pd.read_parquet(art["catalog"])
+                catalog = Catalog(rows["product_id"].astype(str).tolist(), rows["text"].astype(str).tolist())
+                # the catalog is encoded once per process, into a folder removed when the model or the process goes
+                self._cache = tempfile.TemporaryDirectory(prefix="annomine-ranked-")
+                self.lists = RankedLists(published, variant, catalog, EncodeSettings(), Path(self._cache.name) / "embeddings",
+                                         None)
 
-        def predict(self, context, model_input, params=None):
-            frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"query": list(model_input)})
-            k = int((params or {}).get("k", DEFAULT_K))
-            segments = frame["segment"].tolist() if "segment" in frame.columns else None
-            lists, _ = self.lists.rank(frame["query"].astype(str).tolist(), segments)
-            return [ids[:k] for ids in lists]
+            def predict(self, context, model_input, params=None):
+                frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({"query": list(model_input)})
+                k = int((params or {}).get("k", DEFAULT_K))
+                segments = frame["segment"].tolist() if "segment" in frame.columns else None
+                lists, _ = self.lists.rank(frame["query"].astype(str).tolist(), segments)
+                return [ids[:k] for ids in lists]
 
     return RankedListPyfunc()
 
