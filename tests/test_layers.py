@@ -90,3 +90,79 @@ def test_the_product_does_not_import_the_lab():
              if name.split(".")[0] == "lab"]
     assert not found, "the product imports the lab:\n" + "\n".join(found)
     assert (ROOT / "lab" / "__init__.py").is_file() and len(product) > 40
+
+
+def module_graph(tops: tuple[str, ...] = ("annomine", "spark_udfs", "training", "jobs")) -> dict[str, set[str]]:
+    """module -> the product modules it imports (at module level or in a function; `from p import m` names the
+    module p.m when m is one, else p)."""
+    files = {_module_of(p): p for top in tops for p in (ROOT / top).rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            graph[module] |= {t for t in targets if t in files and t != module}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_no_circle_of_imports_in_the_product():
+    graph = module_graph()
+    assert len(graph) > 40 and any(graph.values())
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    circles = import_circles(graph)
+    assert not circles, "import circles (a function-level import counts too):\n" + "\n".join(map(" <-> ".join, circles))
+
+
+def test_the_repository_tracks_no_environment_or_output():
+    """A tracked `.venv` link would replace a checkout's own virtual environment on the next merge."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        import pytest
+
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "--", ".venv", "venv", "warehouse", "mlruns"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert not tracked, f"tracked environment or output paths: {tracked}"
