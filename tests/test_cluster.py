@@ -40,6 +40,7 @@ GRADES = [1, 2, 3, 4]
 CAP = 4            # cascade.max_concurrency_total in the unbudgeted run: 2 partitions x 2 requests each
 BUDGET = 6         # annotate.llm_budget of the first run
 LATENCY_MS = 250   # the fake LLM's answer time: long enough for the two executors' requests to overlap
+CHUNK = 25         # annotate.chunk_size: the most graded rows the driver may collect at once
 VOLATILE = {"ingested_at", "quarantined_at", "mined_at", "logged_at", "annotated_at", "latency_ms", "tier_outputs"}
 TABLES = ["products", "queries", "human_labels", "quarantine", "retrieval_logs", "mined_candidates", "annotations"]
 
@@ -55,16 +56,99 @@ pytestmark = pytest.mark.skipif(not (_java() and Path(SPARK_SUBMIT).is_file()),
                                 reason="a standalone cluster needs Java 17 and pyspark's spark-submit")
 
 
+def _daemons(master_port: int) -> list[str]:
+    """Command lines of standalone masters and workers of the master on `master_port` (pgrep)."""
+    found = subprocess.run(["pgrep", "-af", rf"deploy\.(master\.Master|worker\.Worker) .*:?{master_port}\b"],
+                           capture_output=True, text=True).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
+
+
+def assert_all_gone(groups: list[int], master_port: int, timeout_s: float = 60.0) -> None:
+    """No process of the daemons' groups (executors and Python workers included) and no master or worker of
+    this cluster runs any more (waits up to `timeout_s` for them to exit)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [pid for g in groups for pid in group_members(g)]
+        daemons = _daemons(master_port)
+        if not left and not daemons:
+            return
+        assert time.monotonic() < deadline, f"processes of the cluster left running: {left} {daemons}"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     started = StandaloneCluster.start(workers=2, cores=1, memory="2g")
-    groups = started.groups
     try:
         yield started
     finally:
         started.stop()
-        left = [pid for g in groups for pid in group_members(g)]
-        assert not left, f"processes of the cluster left running: {left}"
+        assert_all_gone(started.groups, started.master_port, timeout_s=5)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_killed_launcher_leaves_no_spark_process(how, tmp_path):
+    """`python -m tests.cluster` killed by SIGTERM (its handler stops the cluster) or SIGKILL (the kernel's
+    parent-death signal reaches every daemon): nothing of the cluster is left."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "tests.cluster", "--workers", "1"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("{"), f"the launcher did not start a cluster: {line}{proc.stderr.read()}"
+        started = json.loads(line)
+        port = int(started["master"].rsplit(":", 1)[1])
+        assert len(_daemons(port)) == 2   # the master and the worker run
+        proc.send_signal(getattr(signal, how))
+        proc.wait(timeout=60)
+        assert_all_gone(started["groups"], port)
+        if how == "SIGTERM":
+            assert not Path(started["root"]).exists()   # its folder is removed too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(started["root"], ignore_errors=True) if "started" in dir() else None
+
+
+def test_job_modules_import_in_a_classic_driver_before_its_session():
+    """spark-submit runs a job file before any SparkContext exists: no module builds a Column at import."""
+    from annomine.stages import STAGES
+
+    modules = [s.module for s in STAGES] + ["spark_udfs.annotation", "spark_udfs.retrieval"]
+    env = _env() | {"ANNOMINE_SPARK_MODE": "classic"}
+    code = f"import importlib\nfor m in {modules!r}:\n    importlib.import_module(m)\nprint('imported')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_annotate_chunks_are_bounded_and_fixed(ctx):
+    """Chunks of at most `size` rows that cover every row once and keep their rows while rows leave the
+    source between evaluations (as committed pairs leave the pairs to grade)."""
+    from annomine.chunks import chunks
+    from annomine.schemas import TABLES as SPECS
+
+    key = ["query_id", "product_id"]
+    rows = [(f"q{i % 5}", f"p{i}") for i in range(41)]
+
+    def write(keep):
+        full = [tuple({"query_id": q, "product_id": p, "query": q, "level": 1}.get(c) for c in SPECS["mined_candidates"].columns)
+                for q, p in keep]
+        ctx.tables.overwrite("mined_candidates", ctx.spark.createDataFrame(full, SPECS["mined_candidates"].schema))
+
+    def collect(df):
+        return sorted(map(tuple, df.toPandas().values.tolist()))
+
+    write(rows)
+    source = ctx.tables.read("mined_candidates").select(*key)
+    expected = [collect(c) for c in chunks(source, key, 7)]
+    assert [len(c) for c in expected] == [7, 7, 7, 7, 7, 6] and sorted(r for c in expected for r in c) == sorted(rows)
+    lazy = chunks(source, key, 7)
+    assert collect(next(lazy)) == expected[0]
+    write([r for r in rows if r not in expected[0]])   # the first chunk is done: it leaves the source
+    assert [collect(c) for c in lazy] == expected[1:]   # renumbering the rest would have shifted every chunk
+    assert list(chunks(source.limit(0), key, 7)) == []
 
 
 class FakeLLM:
@@ -159,7 +243,7 @@ def _conf(folder: Path, inputs: dict, table_format: str, llm_url: str, budget: i
                     "max_negatives": 6, "log_mlflow": False},
            "annotate": {"cascade": {"judge": inputs["judge"], "tier1": True, "tier2": tier, "tier3": None,
                                     "max_concurrency_total": cap},
-                        "chunk_size": 40, "partitions": 2, "llm_budget": budget, "log_mlflow": False},
+                        "chunk_size": CHUNK, "partitions": 2, "llm_budget": budget, "log_mlflow": False},
            "curriculum": {"num_files": 2, "row_group_size": 8, "dev_pool_size": 20}}
     path = folder / f"conf_{'budget' if budget is not None else 'open'}.yaml"
     folder.mkdir(parents=True, exist_ok=True)
@@ -260,7 +344,7 @@ def _grading_executors(events: Path) -> dict[int, set[str]]:
 
 def test_pipeline_on_a_standalone_cluster_matches_the_embedded_engine(cluster, inputs, spark, tmp_path):
     started = time.time()
-    servers, stats = {}, {}
+    servers, stats, outs = {}, {}, {}
     try:
         for engine in ("cluster", "embedded"):
             for step, only in STEPS:
@@ -271,7 +355,7 @@ def test_pipeline_on_a_standalone_cluster_matches_the_embedded_engine(cluster, i
                 if engine == "cluster":
                     events = tmp_path / "events" / step
                     events.mkdir(parents=True)
-                    out = _submit(cluster, conf, only, events)
+                    outs[step] = out = _submit(cluster, conf, only, events)
                     assert "[pipeline] annotate: done" in out, out[-3000:]
                 else:
                     _run_embedded(conf, only)
@@ -289,6 +373,11 @@ def test_pipeline_on_a_standalone_cluster_matches_the_embedded_engine(cluster, i
     assert min(counts.values()) > 0, counts
     ann = pd.read_parquet(b / "annotations.parquet")
     assert ann["grade"].notna().all() and (ann["escalation"] == "escalated").sum() > BUDGET, ann["escalation"].value_counts()
+
+    # the driver collected one chunk at a time, never more than chunk_size graded rows
+    held = [int(n) for out in outs.values() for n in re.findall(r'"max_chunk_rows": (\d+)', out)]
+    chunks = [int(n) for out in outs.values() for n in re.findall(r'"chunks": (\d+)', out)]
+    assert len(held) == 2 and 0 < max(held) <= CHUNK and sum(chunks) > 2, (held, chunks)
 
     # the LLM budget and the job-wide cap hold across executors, measured at the servers
     budget_run, open_run = stats["cluster", "budget"], stats["cluster", "open"]
