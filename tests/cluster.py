@@ -20,7 +20,6 @@ executor whose worker is gone exits on its own (Spark's WorkerWatcher).
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import os
 import shutil
@@ -58,12 +57,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started it dies (even by SIGKILL)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: atexit and the signal handlers still stop the cluster
+# Run as `python -c _DIE_WITH_PARENT <parent pid> <command...>`: asks the kernel for SIGTERM when the parent
+# dies (even by SIGKILL), then execs the command (the request survives exec). A wrapper process, not a
+# `preexec_fn`: that would make subprocess fork() the whole test process and run the fork handlers of
+# gRPC (Spark Connect's client), which abort the child.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    f"    ctypes.CDLL('libc.so.6', use_errno=True).prctl({_PR_SET_PDEATHSIG}, signal.SIGTERM)\n"
+    "except OSError:\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n")
 
 
 def group_members(pgid: int) -> list[int]:
@@ -132,9 +138,10 @@ class StandaloneCluster:
     def _spawn(self, name: str, main_class: str, *args: str) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed once the process is started
         try:
-            proc = subprocess.Popen([str(spark_home() / "bin" / "spark-class"), main_class, *args], env=self._env(name),
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+            cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), str(spark_home() / "bin" / "spark-class"),
+                   main_class, *args]
+            proc = subprocess.Popen(cmd, env=self._env(name), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
         finally:
             log.close()
         self.procs.append(proc)
