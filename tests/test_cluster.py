@@ -252,6 +252,10 @@ def _conf(folder: Path, inputs: dict, table_format: str, llm_url: str, budget: i
     return path
 
 
+# Small plans: one shuffle partition per executor; the event log plain JSON in one file.
+SUBMIT_CONF = {"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "2", "spark.default.parallelism": "2",
+               "spark.sql.adaptive.enabled": "false", "spark.eventLog.enabled": "true", "spark.eventLog.compress": "false",
+               "spark.eventLog.rolling.enabled": "false"}
 STEPS = [("budget", ["ingest", "channels", "mine", "annotate"]), ("open", ["annotate", "curriculum"])]
 
 
@@ -259,11 +263,10 @@ STEPS = [("budget", ["ingest", "channels", "mine", "annotate"]), ("open", ["anno
 def _submit(cluster: StandaloneCluster, conf: Path, only: list[str], events: Path) -> str:
     env = _env()
     executor_env = {k: env[k] for k in ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")}
+    settings = {**SUBMIT_CONF, "spark.eventLog.dir": events.as_uri(), "spark.sql.warehouse.dir": str(events.parent / "spark-warehouse"),
+            **{f"spark.executorEnv.{k}": v for k, v in executor_env.items()}}
     cmd = [SPARK_SUBMIT, "--master", cluster.master_url, "--executor-memory", "1g",
-           "--conf", "spark.ui.enabled=false", "--conf", "spark.sql.shuffle.partitions=4",
-           "--conf", "spark.eventLog.enabled=true", "--conf", f"spark.eventLog.dir={events.as_uri()}",
-           "--conf", "spark.eventLog.compress=false", "--conf", "spark.eventLog.rolling.enabled=false",
-           *[a for k, v in executor_env.items() for a in ("--conf", f"spark.executorEnv.{k}={v}")],
+           *[a for k, v in settings.items() for a in ("--conf", f"{k}={v}")],
            "jobs/pipeline.py", "--conf", str(conf), "--only", *only]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
