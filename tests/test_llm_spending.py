@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -259,6 +260,30 @@ def test_pilot_verdict_from_the_paired_ci():
     assert unsure["verdict"] == UNSURE and unsure["more_labelled_queries"] == 120
     assert verdict(ranking(0.0, -0.01, 0.01))["more_labelled_queries"] is None
     assert verdict(ranking(None, None, None, n=0))["verdict"] == UNSURE
+
+
+def test_pilot_says_a_teacher_with_the_encoder_s_order_cannot_help_and_one_from_the_human_labels_can():
+    """The pilot's decision path (its ranking check and verdict) on a labelled sample: a teacher whose scores are the
+    zero-shot encoder's own cosines adds nothing; one that knows the human grades orders the products better."""
+    from annomine.judges.pilot import CANNOT, EXPECTED, verdict
+    from annomine.judges.stack import BiEncoder
+    from jobs.judge import _ranking
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for q in range(40):
+        thing = f"item{q}"
+        for j in range(8):
+            grade = int(rng.integers(1, 5))  # the human grade; the texts share words with the query at random
+            text = f"{thing} {'blue ' * int(rng.integers(0, 3))}product {j}" if rng.random() < 0.6 else f"other {j}"
+            rows.append((f"q{q}", f"{thing} blue", f"p{q}_{j}", text, grade))
+    sample = pd.DataFrame(rows, columns=["query_id", "query", "product_id", "text", "grade"])
+    encoder = BiEncoder("tiny")
+    own_order = encoder.cosine(sample["query"].tolist(), sample["text"].tolist())
+    same = _ranking(sample, np.asarray(own_order, dtype=float), encoder, [1, 2, 3, 4], seed=13)
+    assert same["diff"]["mean"] == pytest.approx(0.0) and verdict(same)["verdict"] == CANNOT
+    knows = _ranking(sample, sample["grade"].to_numpy(dtype=float), encoder, [1, 2, 3, 4], seed=13)
+    assert knows["diff"]["ci_low"] > 0 and verdict(knows)["verdict"] == EXPECTED
 
 
 def test_stratified_sample_keeps_every_stratum():
