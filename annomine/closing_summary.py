@@ -140,9 +140,12 @@ def teacher_line(teacher: dict | None) -> str | None:
 def llm_lines(project) -> list[str]:
     """The teacher pilot's verdict (or why it did not run) and, per LLM tier, the last annotate run's spending."""
     pilot = read_summary(project, "judge_pilot")
-    out = [judge_lines.pilot_line(pilot) if pilot else
-           "teacher pilot: not run (the pipeline does not run it; `annomine judge pilot` grades a sample of the "
-           "labelled mined pairs and says whether the cascade is worth a full annotate run)"]
+    if pilot and "not_run" in pilot:
+        out = [f"teacher pilot: not run: {pilot['not_run']}"]
+    else:
+        out = [judge_lines.pilot_line(pilot) if pilot else
+               "teacher pilot: not run (`judge.pilot_in_pipeline` is off; `annomine judge pilot` grades a sample of "
+               "the labelled mined pairs and says whether the cascade is worth a full annotate run)"]
     calibrated = read_summary(project, "judge_calibrate")
     if calibrated:
         out.append(f"judge calibrate: {judge_lines.combiner_outcome(calibrated)}")

@@ -175,7 +175,7 @@ def stored_vectors(ctx: JobContext):
 
 def teacher_check(warehouse, fold: int = 0) -> dict | None:
     """The current judge's order of the dev/test queries' labelled products against the zero-shot bi-encoder's
-    (`annomine judge train` writes it to the judge's metrics.json; annomine/judges/ranking.py). It bounds what a
+    (`annomine judge train` writes it to the judge's metrics.json; annomine/judges/ranking.py). A guide to what a
     retriever trained on the judge's grades can learn; None without a judge or without the check. The halves are
     named as in `fold`: a judge trained in the other fold measured the same queries under the swapped names."""
     import json

@@ -89,6 +89,10 @@ class JudgeConfig:
     max_cost: float | None = bounded(None, ge=0)
     # `judge pilot`: labelled mined candidates graded, a sample stratified by level, segment and channels.
     pilot_pairs: int = bounded(300, ge=1)
+    # `annomine pipeline` runs the pilot before annotate and shows its verdict in the closing summary. A report, not a
+    # gate: annotate grades whatever it says (a judge that orders labelled products worse than the zero-shot encoder
+    # can still teach a retriever words the encoder does not know).
+    pilot_in_pipeline: bool = True
     log_mlflow: bool = True
 
     def validate(self) -> None:
@@ -663,6 +667,19 @@ def pilot(project: ProjectConfig, cfg: JudgeConfig, judge: str | None = None, n_
            + (f"{full['escalate']} pairs to escalate, {sum(t['requests'] for t in full['tiers'].values()):.0f} requests, "
               f"USD {full['usd']}" if full else "no LLM tier"))
     return result
+
+
+def pilot_step(project: ProjectConfig, cfg: JudgeConfig) -> dict | None:
+    """The pipeline's teacher pilot (before annotate): its result, or None with one line saying why it did not run."""
+    from annomine.config import ConfigError
+    from annomine.errors import MissingInputError
+
+    try:
+        return pilot(project, cfg)
+    except (MissingInputError, ConfigError) as exc:
+        write_summary(project, "judge_pilot", {"not_run": str(exc)})
+        print(f"judge pilot: not run: {exc}", flush=True)
+        return None
 
 
 def run(ctx, cfg: JudgeConfig) -> dict:

@@ -80,6 +80,7 @@ def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_
         print(f"[pipeline] {spec.name}: running ({why})", flush=True)
         ctx = open_context(project)  # the same session, or a new one if the engine ended an idle session
         started = time.time()
+        _before(spec.name, project, configs)
         results[spec.name] = module.run(ctx, cfg)
         seconds = time.time() - started
         state.record(spec, ctx.tables, project, cfg, config_doc, seconds, _outcome(module, results[spec.name]))
@@ -87,6 +88,15 @@ def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_
         print(f"[pipeline] {spec.name}: done in {seconds:.1f}s", flush=True)
     print_outcome(project, conf, overrides, summary, state.state)
     return results
+
+
+def _before(stage: str, project, configs: dict) -> None:
+    """What the pipeline does before a stage runs: the teacher pilot before annotate (`judge.pilot_in_pipeline`),
+    whose verdict the closing summary shows."""
+    if stage == "annotate" and configs["judge"].pilot_in_pipeline:
+        from jobs.judge import pilot_step
+
+        pilot_step(project, configs["judge"])
 
 
 def _outcome(module, result) -> str | None:

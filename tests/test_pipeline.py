@@ -271,3 +271,18 @@ def test_annotate_reruns_when_the_table_its_config_names_changes(tmp_path, proje
     assert state.is_current(spec, tables, project, cfg, {})[0]
     tables.versions["my_pairs"] = 2
     assert state.is_current(spec, tables, project, cfg, {}) == (False, "inputs changed: ['my_pairs']")
+
+
+def test_the_pipeline_runs_the_teacher_pilot_before_annotate_and_says_why_when_it_cannot(project, capsys):
+    from annomine.closing_summary import llm_lines
+    from annomine.run_summary import read_summary
+    from jobs.judge import JudgeConfig
+
+    cfg = JudgeConfig(ranking_baseline=None)  # the pilot needs the encoder whose order the teacher must beat
+    pipeline._before("mine", project, {"judge": cfg})
+    assert read_summary(project, "judge_pilot") is None  # only annotate is preceded by the pilot
+    pipeline._before("annotate", project, {"judge": cfg})
+    assert "judge pilot: not run: judge pilot needs judge.ranking_baseline" in capsys.readouterr().out
+    assert llm_lines(project)[0].startswith("teacher pilot: not run: judge pilot needs judge.ranking_baseline")
+    pipeline._before("annotate", project, {"judge": JudgeConfig(ranking_baseline=None, pilot_in_pipeline=False)})
+    assert capsys.readouterr().out == ""

@@ -137,8 +137,8 @@ def teacher_lines(teacher: dict | None, rotation: str | None = None) -> list[str
         return []
     lines = ["", "## The judge as a teacher" + (f" (rotation {rotation})" if rotation is not None else ""), "",
              f"Judge `{teacher.get('judge_version')}`: each query's labelled products ordered by its expected grade and by "
-             "the zero-shot bi-encoder, NDCG@10 against the human grades, paired. A retriever trained on the judge's "
-             "grades learns at best the judge's order.", ""]
+             "the zero-shot bi-encoder, NDCG@10 against the human grades, paired. A guide to what training on the judge's "
+             "grades can add, not a bound.", ""]
     for split in ("dev", "test"):
         r = teacher.get(split)
         if r and r["diff"].get("mean") is not None:
