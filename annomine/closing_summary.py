@@ -144,8 +144,8 @@ def llm_lines(project) -> list[str]:
         out = [f"teacher pilot: not run: {pilot['not_run']}"]
     else:
         out = [judge_lines.pilot_line(pilot) if pilot else
-               "teacher pilot: not run (`judge.pilot_in_pipeline` is off; `annomine judge pilot` grades a sample of "
-               "the labelled mined pairs and says whether the cascade is worth a full annotate run)"]
+               "teacher pilot: not run in this warehouse (the pipeline runs it before annotate unless "
+               "`judge.pilot_in_pipeline` is off; `annomine judge pilot` runs it alone)"]
     calibrated = read_summary(project, "judge_calibrate")
     if calibrated:
         out.append(f"judge calibrate: {judge_lines.combiner_outcome(calibrated)}")
@@ -168,7 +168,7 @@ def closing_summary(project, stages: list[str], state: dict, ran: dict[str, str]
     final_label = (best or {}).get("variant")
     if report:
         inputs = report.get("inputs", {})
-        role = str(report.get("split_role") or "").split(",")[0]
+        role = str(report.get("split_role") or "").split(" (")[0].split(",")[0]
         out += ["", f"Results on {inputs.get('n_queries_evaluated')} {report.get('split')} queries"
                     + (f" ({role})" if role else "") + ":"]
         out += results_lines(report, final_label)

@@ -148,8 +148,11 @@ def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, ti
 
     pipeline.print_outcome(project, _conf(tmp_path, project), [f"evaluate.out={out}", "evaluate.split=all"])
     printed = capsys.readouterr().out
-    assert "| bm25 |" in printed and "| tower | ndcg@10 | bm25 |" in printed
-    assert f"final model (None): {tiny_model}" in printed and "annomine evaluate --model best" in printed
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.startswith("  ") and "[" in line}
+    assert "free baseline" in rows["bm25"] and "<- registered (best on dev)" in rows["tower"] and "hybrid" in rows
+    assert "Results on 4 all queries (every labelled query):" in printed
+    assert "tower loses to the best baseline without training (bm25): NDCG@10 -" in printed
+    assert f"pipeline's retriever (None): {tiny_model}" in printed and "annomine evaluate --model best" in printed
 
 
 def test_default_split_is_test_and_registration_selects_on_dev(spark, project, tmp_path, shop, tiny_model, capsys):
