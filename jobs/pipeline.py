@@ -91,12 +91,15 @@ def run_pipeline(conf: str, overrides: list[str], *, force: bool = False, start_
 
 
 def _before(stage: str, project, configs: dict) -> None:
-    """What the pipeline does before a stage runs: the teacher pilot before annotate (`judge.pilot_in_pipeline`),
-    whose verdict the closing summary shows."""
+    """What the pipeline does before a stage runs: the teacher pilot before annotate (`judge.pilot_in_pipeline`), on
+    the cascade annotate will pay for; the closing summary shows its verdict."""
     if stage == "annotate" and configs["judge"].pilot_in_pipeline:
+        import dataclasses
+
         from jobs.judge import pilot_step
 
-        pilot_step(project, configs["judge"])
+        cascade = getattr(configs.get("annotate"), "cascade", None) or configs["judge"].cascade
+        pilot_step(project, dataclasses.replace(configs["judge"], cascade=cascade))
 
 
 def _outcome(module, result) -> str | None:
