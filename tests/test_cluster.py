@@ -261,14 +261,13 @@ STEPS = [("budget", ["ingest", "channels", "mine", "annotate"]), ("open", ["anno
 
 
 # ---- running the steps -------------------------------------------------------------------------------
-def _submit(cluster: StandaloneCluster, conf: Path, only: list[str], events: Path) -> str:
+def spark_submit(cluster: StandaloneCluster, args: list[str], settings: dict, executor_env: tuple[str, ...]) -> str:
+    """`spark-submit --master <cluster> ... <args>` from the repository root with the test environment (and
+    `executor_env` of it on the executors); its stdout. The submit's process group is killed if it outlives us."""
     env = _env()
-    executor_env = {k: env[k] for k in ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")}
-    settings = {**SUBMIT_CONF, "spark.eventLog.dir": events.as_uri(), "spark.sql.warehouse.dir": str(events.parent / "spark-warehouse"),
-            **{f"spark.executorEnv.{k}": v for k, v in executor_env.items()}}
+    settings = {**SUBMIT_CONF, **settings, **{f"spark.executorEnv.{k}": env[k] for k in executor_env}}
     cmd = [SPARK_SUBMIT, "--master", cluster.master_url, "--executor-memory", "1g",
-           *[a for k, v in settings.items() for a in ("--conf", f"{k}={v}")],
-           "jobs/pipeline.py", "--conf", str(conf), "--only", *only]
+           *[a for k, v in settings.items() for a in ("--conf", f"{k}={v}")], *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -279,6 +278,12 @@ def _submit(cluster: StandaloneCluster, conf: Path, only: list[str], events: Pat
             proc.wait()
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}\n{err[-5000:]}"
     return out
+
+
+def _submit(cluster: StandaloneCluster, conf: Path, only: list[str], events: Path) -> str:
+    settings = {"spark.eventLog.dir": events.as_uri(), "spark.sql.warehouse.dir": str(events.parent / "spark-warehouse")}
+    return spark_submit(cluster, ["jobs/pipeline.py", "--conf", str(conf), "--only", *only], settings,
+                        ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"))
 
 
 def _run_embedded(conf: Path, only: list[str]) -> None:
@@ -314,22 +319,9 @@ def _dump(conf: Path, out: Path, spark) -> None:
 
 
 def _same_rows(a: Path, b: Path, name: str, ordered: bool = False) -> int:
-    from tests.test_engine_parity import _canonical, _plain
+    from tests.test_engine_parity import assert_same_rows
 
-    x, y = pd.read_parquet(a / name), pd.read_parquet(b / name)
-    assert list(x.columns) == list(y.columns), name
-    assert len(x) == len(y), f"{name}: {len(x)} rows on the embedded engine, {len(y)} on the cluster"
-    if not ordered:
-        x, y = _canonical(x), _canonical(y)
-    for col in x.columns:
-        left, right = x[col].map(_plain).tolist(), y[col].map(_plain).tolist()
-        if any(isinstance(v, float) for v in left) and all(isinstance(v, float) or v is None for v in left + right):
-            np.testing.assert_allclose(np.array(right, dtype=float), np.array(left, dtype=float), rtol=1e-5, atol=1e-7,
-                                       equal_nan=True, err_msg=f"{name}.{col}")
-        else:
-            assert left == right, f"{name}.{col}: first difference at row " \
-                f"{next(i for i, (p, q) in enumerate(zip(left, right)) if p != q)}"
-    return len(x)
+    return assert_same_rows(a, b, name, ordered, rtol=1e-5, atol=1e-7, engines=("the embedded engine", "the cluster"))
 
 
 def _executors_by_stage(events: Path) -> dict[str, set[str]]:

@@ -7,8 +7,6 @@ event log: one per executor, on both executors."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 
 from annomine.two_tower import TwoTower
 from tests.cluster import StandaloneCluster
-from tests.test_cluster import SPARK_SUBMIT, SUBMIT_CONF, _env, _executors_by_stage, _java, assert_all_gone
+from tests.test_cluster import SPARK_SUBMIT, _executors_by_stage, _java, assert_all_gone, spark_submit
 from tests.test_horovod import _history
 from tests.test_training import make_shards
 from training.launchers import launch
@@ -67,21 +65,9 @@ def _submit_training(cluster: StandaloneCluster, spec, launcher: str, folder: Pa
     (folder / "spec.json").write_text(run_spec.to_json())
     events = folder / "events"
     events.mkdir()
-    env = _env()
-    settings = {**SUBMIT_CONF, "spark.eventLog.dir": events.as_uri(), "spark.task.maxFailures": "1",
-                **{f"spark.executorEnv.{k}": env[k] for k in ("PYTHONPATH", "TOKENIZERS_PARALLELISM")}}
-    cmd = [SPARK_SUBMIT, "--master", cluster.master_url, "--executor-memory", "1g",
-           *[a for k, v in settings.items() for a in ("--conf", f"{k}={v}")],
-           "tests/cluster_train.py", str(folder / "spec.json"), launcher, str(folder / "result.json")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}\n{err[-5000:]}"
+    spark_submit(cluster, ["tests/cluster_train.py", str(folder / "spec.json"), launcher, str(folder / "result.json")],
+                 {"spark.eventLog.dir": events.as_uri(), "spark.task.maxFailures": "1"},
+                 ("PYTHONPATH", "TOKENIZERS_PARALLELISM"))
     return json.loads((folder / "result.json").read_text()), Path(run_spec.output_dir), events
 
 

@@ -166,16 +166,19 @@ def _canonical(df: pd.DataFrame) -> pd.DataFrame:
     return df.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
 
 
-def assert_same_rows(sail: Path, jvm: Path, name: str, ordered: bool = False) -> int:
+def assert_same_rows(sail: Path, jvm: Path, name: str, ordered: bool = False, rtol: float = 1e-12, atol: float = 0.0,
+                     engines: tuple[str, str] = ("Sail", "the JVM")) -> int:
+    """The same rows in table file `name` under both folders (in any order unless `ordered`), floats within
+    `rtol`/`atol`; the number of rows."""
     a, b = pd.read_parquet(sail / name), pd.read_parquet(jvm / name)
     assert list(a.columns) == list(b.columns), name
-    assert len(a) == len(b), f"{name}: {len(a)} rows on Sail, {len(b)} on the JVM"
+    assert len(a) == len(b), f"{name}: {len(a)} rows on {engines[0]}, {len(b)} on {engines[1]}"
     if not ordered:
         a, b = _canonical(a), _canonical(b)
     for col in a.columns:
         left, right = a[col].map(_plain).tolist(), b[col].map(_plain).tolist()
         if all(isinstance(v, float) or v is None for v in left + right) and any(isinstance(v, float) for v in left):
-            np.testing.assert_allclose(np.array(right, dtype=float), np.array(left, dtype=float), rtol=1e-12, atol=0,
+            np.testing.assert_allclose(np.array(right, dtype=float), np.array(left, dtype=float), rtol=rtol, atol=atol,
                                        equal_nan=True, err_msg=f"{name}.{col}")
         else:
             assert left == right, f"{name}.{col}: first difference at row " \
