@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from annomine.encoders import MINILM, encode_sorted, load_bert, mean_pool, onnx_or_none, resolve_backend, resolve_model_path
+from annomine.packed_bert import packed_last_hidden, supports_packing
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -58,6 +59,10 @@ def parse_tiny(name: str) -> dict | None:
 
 class TwoTower(nn.Module):
     """Query and item towers over BERT, returning unit vectors (cosine = dot product)."""
+
+    # Training's forward runs BERT's dense layers on real tokens only (annomine/packed_bert.py): the same hidden
+    # states as the padded forward, a quarter to a third less work. False: the model's own padded forward.
+    packed_training = True
 
     def __init__(self, tokenizer, query_encoder: nn.Module, item_encoder: nn.Module | None = None, *,
                  query_max_len: int = 16, item_max_len: int = 64, base: str = MINILM, backend: str = "torch",
@@ -155,7 +160,11 @@ class TwoTower(nn.Module):
         """Token tensors -> L2-normalised embeddings (float32), differentiable."""
         device = self.device
         tokens = {k: v.to(device) for k, v in tokens.items()}
-        hidden = self._encoder(side)(**tokens).last_hidden_state
+        encoder = self._encoder(side)
+        if self.packed_training and encoder.training and torch.is_grad_enabled() and supports_packing(encoder):
+            hidden = packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"])
+        else:
+            hidden = encoder(**tokens).last_hidden_state
         pooled = mean_pool(hidden.float(), tokens["attention_mask"])
         return nn.functional.normalize(pooled, dim=-1)
 

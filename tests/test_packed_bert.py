@@ -1,0 +1,60 @@
+"""The packed forward (annomine/packed_bert.py) gives the model's own hidden states and gradients, dropout included."""
+
+import pytest
+import torch
+
+from annomine.bert import mean_pool
+from annomine.packed_bert import packed_last_hidden, supports_packing
+from annomine.two_tower import TwoTower
+
+TEXTS = ["red running shoes", "a waterproof hiking jacket with a hood and two zipped pockets", "usb cable",
+         "noise cancelling over-ear headphones, black, with a carrying case and a long description of it"]
+
+
+def _pooled_and_grads(model, encoder, tokens, packed: bool):
+    torch.manual_seed(7)
+    model.packed_training = packed
+    pooled = model.embed(tokens, "item")
+    (pooled * torch.arange(pooled.size(1), dtype=pooled.dtype)).sum().backward()
+    grads = {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return pooled.detach(), grads
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_packed_hidden_states_equal_the_models_own(train):
+    model = TwoTower.tiny(item_max_len=32)
+    encoder = model.query_encoder.train(train)
+    tokens = model.tokenize(TEXTS, "item")
+    assert tokens["attention_mask"].float().mean() < 0.8  # the batch carries padding
+    torch.manual_seed(3)
+    own = encoder(**tokens).last_hidden_state
+    torch.manual_seed(3)
+    packed = packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"])
+    real = tokens["attention_mask"].unsqueeze(-1).bool()
+    assert torch.equal(own.masked_fill(~real, 0), packed)
+
+
+def test_training_forward_packs_and_keeps_pooled_vectors_and_gradients():
+    model = TwoTower.tiny(item_max_len=32).train()
+    encoder = model.query_encoder
+    assert supports_packing(encoder)
+    tokens = model.tokenize(TEXTS, "item")
+    padded, padded_grads = _pooled_and_grads(model, encoder, tokens, packed=False)
+    packed, packed_grads = _pooled_and_grads(model, encoder, tokens, packed=True)
+    assert torch.equal(padded, packed)
+    assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 10
+    for name, grad in padded_grads.items():
+        assert torch.allclose(grad, packed_grads[name], rtol=1e-5, atol=1e-6), name
+    # dropout is live: another seed gives other vectors
+    torch.manual_seed(8)
+    assert not torch.equal(model.embed(tokens, "item").detach(), packed)
+
+
+def test_pooling_ignores_padding_rows_that_come_back_as_zeros():
+    model = TwoTower.tiny(item_max_len=32).eval()
+    tokens = model.tokenize(TEXTS, "item")
+    hidden = packed_last_hidden(model.query_encoder, tokens["input_ids"], tokens["attention_mask"])
+    assert torch.count_nonzero(hidden[~tokens["attention_mask"].bool()]) == 0
+    assert torch.allclose(mean_pool(hidden, tokens["attention_mask"]),
+                          mean_pool(model.query_encoder(**tokens).last_hidden_state, tokens["attention_mask"]), atol=1e-6)
