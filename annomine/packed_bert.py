@@ -1,7 +1,7 @@
 """A BERT forward pass that computes the dense layers on real tokens only (training's forward).
 
-A batch padded to its longest text spends a quarter to a third of its work on padding (product texts of 10 to 64
-tokens, queries of 3 to 16). Every linear layer, layer norm and activation of BERT acts on each token alone, so
+A batch padded to its longest text spends a fifth to a third of its work on padding (product texts of 10 to 64
+tokens, queries of 3 to 16; the judge's query-product pairs of 20 to 128, in batches bucketed by length). Every linear layer, layer norm and activation of BERT acts on each token alone, so
 here they run on the batch's real tokens packed into one (tokens, width) matrix; only attention, which mixes the
 tokens of a text, runs on the padded (batch, heads, length, head width) layout, through the model's own attention
 function and mask. Dropout draws its masks on the padded shape, in the order the model's own forward draws them, so
@@ -46,13 +46,14 @@ def supports_packing(encoder: nn.Module) -> bool:
             and not getattr(config, "add_cross_attention", False) and hasattr(encoder, "embeddings"))
 
 
-def packed_last_hidden(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """`encoder(input_ids, attention_mask).last_hidden_state` on the real tokens (zeros elsewhere), the dense
-    layers computed on real tokens only."""
+def packed_last_hidden(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`encoder(input_ids, attention_mask, token_type_ids).last_hidden_state` on the real tokens (zeros elsewhere),
+    the dense layers computed on real tokens only."""
     packing = _Packing(attention_mask)
     embeddings = encoder.embeddings
-    hidden = embeddings.LayerNorm(embeddings.word_embeddings(input_ids)
-                                  + embeddings.token_type_embeddings(torch.zeros_like(input_ids))
+    types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+    hidden = embeddings.LayerNorm(embeddings.word_embeddings(input_ids) + embeddings.token_type_embeddings(types)
                                   + embeddings.position_embeddings(embeddings.position_ids[:, :input_ids.size(1)]))
     hidden = packing.pack(hidden)
     hidden = packing.dropout(hidden, embeddings.dropout)

@@ -58,3 +58,18 @@ def test_pooling_ignores_padding_rows_that_come_back_as_zeros():
     assert torch.count_nonzero(hidden[~tokens["attention_mask"].bool()]) == 0
     assert torch.allclose(mean_pool(hidden, tokens["attention_mask"]),
                           mean_pool(model.query_encoder(**tokens).last_hidden_state, tokens["attention_mask"]), atol=1e-6)
+
+
+def test_pairs_with_token_types_pack_like_the_models_own_forward():
+    from annomine.bert import build_encoder
+
+    tokenizer, encoder = build_encoder("tiny")
+    encoder.train()
+    pairs = tokenizer(["running shoes", "usb cable"], TEXTS[:2], padding=True, return_tensors="pt")
+    assert pairs["token_type_ids"].max() == 1
+    torch.manual_seed(4)
+    own = encoder(**pairs).last_hidden_state
+    torch.manual_seed(4)
+    packed = packed_last_hidden(encoder, pairs["input_ids"], pairs["attention_mask"], pairs["token_type_ids"])
+    real = pairs["attention_mask"].unsqueeze(-1).bool()
+    assert torch.equal(own.masked_fill(~real, 0), packed)

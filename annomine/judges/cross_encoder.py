@@ -80,6 +80,9 @@ def _torch():
 class CrossEncoderModel:
     """BERT + linear head; `predict_proba(queries, texts)` -> (n, n_grades) probabilities."""
 
+    # Training's forward runs BERT's dense layers on real tokens only (annomine/packed_bert.py); False: the padded one.
+    packed_training = True
+
     def __init__(self, tokenizer, bert, grades: list[int], max_length: int = 128, decision: str = "argmax",
                  version: str | None = None, meta: dict | None = None, max_text_chars: int = 0,
                  cutpoints: list[float] | None = None):
@@ -105,7 +108,14 @@ class CrossEncoderModel:
         return PairTokens.of(self.tokenizer, queries, texts, self.max_length, self.max_text_chars)
 
     def logits(self, enc):
-        hidden = self.bert(**enc).last_hidden_state
+        """Grade logits of a batch of pair tensors; in training, BERT's dense layers run on real tokens only
+        (annomine/packed_bert.py: the same hidden states as the padded forward)."""
+        from annomine.packed_bert import packed_last_hidden, supports_packing
+
+        if self.packed_training and self.bert.training and _torch().is_grad_enabled() and supports_packing(self.bert):
+            hidden = packed_last_hidden(self.bert, enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+        else:
+            hidden = self.bert(**enc).last_hidden_state
         return self.head(mean_pool(hidden, enc["attention_mask"]))
 
     def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
