@@ -202,17 +202,22 @@ def pivot_channels(logs: DataFrame) -> DataFrame:
     front half is this one hash aggregation on string keys): rank_<ch> is the channel's best rank,
     score_<ch> the score of its best-ranked row (`min_by` over `_dedupe_key`, the key of the other
     channels' rows being +inf so they never win; a channel without rows gets null). A window, or a min over a
-    struct, is 10x slower and far hungrier on Sail than `min_by` on this numeric key. `query` is the
-    greatest logged text of the pair (`mine_candidates` uses it only for a query the queries table lacks).
+    struct, is 10x slower and far hungrier on Sail than `min_by` on this numeric key. The logged query text is
+    not carried (a string in every group of this aggregation): `logged_query_texts` reads it per query.
     """
     key = _dedupe_key()
-    aggs = [F.max("query").alias("query")]
+    aggs = []
     for ch in CHANNELS:
         mine = F.col("channel") == ch
         aggs.append(F.min(F.when(mine, F.col("rank"))).cast("int").alias(f"rank_{ch}"))
         aggs.append(F.min_by(F.when(mine, F.col("score")), F.when(mine, key).otherwise(F.lit(float("inf"))))
                     .cast("double").alias(f"score_{ch}"))
     return logs.groupBy("query_id", "product_id").agg(*aggs)
+
+
+def logged_query_texts(logs: DataFrame) -> DataFrame:
+    """(query_id, _lq): the greatest logged text of each query (used only for a query the queries table lacks)."""
+    return logs.groupBy("query_id").agg(F.max("query").alias("_lq"))
 
 
 def with_rank_metadata(pivoted: DataFrame) -> DataFrame:
@@ -476,15 +481,14 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     returned = pivoted.select("query_id", "product_id")
 
     q_info = queries.select("query_id", F.col("query").alias("_qtext"), "segment")
-    mined_queries = (pivoted.groupBy("query_id").agg(F.max("query").alias("_lq"))
-                            .join(q_info, on="query_id", how="left")
+    mined_queries = (logged_query_texts(selected).join(q_info, on="query_id", how="left")
                             .select("query_id", F.coalesce("_qtext", "_lq").alias("query"), "segment"))
     mined_queries = checkpoint(mined_queries, "queries")
     product_terms, query_terms = tfidf_tables(products.select("product_id", "text"), mined_queries, n_products,
                                               checkpoint)
 
     channel = classify_channel_candidates(with_rank_metadata(pivoted), rules)
-    channel = channel.where(F.col("candidate_class").isNotNull()).drop("query")
+    channel = channel.where(F.col("candidate_class").isNotNull())
     channel = score_pairs(channel, product_terms, query_terms)
 
     token = token_similar_pairs(product_terms, query_terms, returned, rules, n_products)
