@@ -14,10 +14,13 @@ rows, and pooling the rotations reports every open query held out in some rotati
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pandas as pd
 
 from annomine.errors import AnnomineError
 from annomine.evaluation import metrics as metrics_lib
+from annomine.registration import final_choice, registration_candidates
 from annomine.splits import FOLDS
 
 
@@ -65,12 +68,35 @@ def pooled_rows(reports: dict[int, dict], key: str = "fold") -> tuple[pd.DataFra
     return pd.concat(frames, ignore_index=True), common, skipped
 
 
+REGISTERED = "registered"
+
+
+def with_registered(report: dict, references: tuple[str, ...] = ()) -> dict:
+    """A fold's report plus the list `annomine evaluate` registers for that fold (annomine/registration.py: the best
+    dev NDCG@10 among the pipeline's two-towers, `best+ce` and `ranked`) under the label `registered`, its per-query
+    rows those of the chosen list; `chosen` names it. Unchanged when no evaluated list can be registered."""
+    specs = {m["label"]: SimpleNamespace(**m["spec"]) for m in report["models"]}
+    candidates = registration_candidates(report, specs, references)
+    if not candidates:
+        return report
+    chosen = final_choice(candidates)[2]
+    model = {**chosen, "label": REGISTERED, "spec": {**chosen["spec"], "label": REGISTERED}, "chosen": chosen["label"]}
+    rows = [{**r, "model": REGISTERED} for r in report["per_query"] if r["model"] == chosen["label"]]
+    return {**report, "models": [*report["models"], model], "per_query": [*report["per_query"], *rows]}
+
+
 def pool(reports: dict[int, dict], n_resamples: int, confidence: float, seed: int,
          also_against: tuple[str, ...] = ()) -> dict:
-    """One report in the layout of a single fold's (markdown and plots read it the same way)."""
+    """One report in the layout of a single fold's (markdown and plots read it the same way), with the list each
+    fold registers pooled as `registered` (`with_registered`: the product's final output)."""
     check_reports(reports)
+    reports = {fold: with_registered(report, also_against) for fold, report in reports.items()}
     rows, labels, skipped = pooled_rows(reports)
     report = _pooled_report(reports, rows, labels, skipped, "fold", "dev_ndcg@10", n_resamples, confidence, seed, also_against)
+    for model in report["models"]:
+        if model["label"] == REGISTERED:
+            model["chosen_by_fold"] = {str(f): next(m["chosen"] for m in r["models"] if m["label"] == REGISTERED)
+                                       for f, r in sorted(reports.items())}
     report.update({
         "split": "test (both folds)",
         "split_role": "every held-out query once, each reported by the model selected on the other half (annomine.splits)",
@@ -102,6 +128,10 @@ def pool_rotations(reports: dict[int, dict], n_resamples: int, confidence: float
     rows, labels, skipped = pooled_rows(reports, key="rotation")
     report = _pooled_report(reports, rows, labels, skipped, "rotation", "dev_ndcg@10_by_fold", n_resamples, confidence, seed,
                             also_against)
+    for model in report["models"]:
+        if model["label"] == REGISTERED:
+            model["chosen_by_rotation"] = {str(r): next(m.get("chosen_by_fold") for m in rep["models"] if m["label"] == REGISTERED)
+                                           for r, rep in sorted(reports.items())}
     report.update({
         "split": "test (every rotation, both folds)",
         "split_role": ("every open labelled query held out in some rotation once, each reported by a model selected on "

@@ -40,7 +40,11 @@ def test_the_other_fold_swaps_dev_and_test_and_the_two_pool_into_one_report(spar
     assert pool_job.main(["--conf", conf, "--no-mlflow"]) == 0
     assert "pooled the test reports of folds [0, 1] (3 queries)" in capsys.readouterr().out
     pooled = json.loads((project.warehouse_path / "evaluation" / "report_test_folds.json").read_text())
-    assert [m["label"] for m in pooled["models"]] == ["bm25", "tower"]
+    # the list each fold registers (here the one trained model) is pooled as `registered`
+    assert [m["label"] for m in pooled["models"]] == ["bm25", "tower", "registered"]
+    registered = next(m for m in pooled["models"] if m["label"] == "registered")
+    assert registered["chosen_by_fold"] == {"0": "tower", "1": "tower"}
+    assert registered["metrics"]["all"]["ndcg@10"] == next(m for m in pooled["models"] if m["label"] == "tower")["metrics"]["all"]["ndcg@10"]
     assert [(f["fold"], f["n_queries"]) for f in pooled["folds"]] == [(0, 2), (1, 1)]
     rows = [r for r in fold0["per_query"] + fold1["per_query"] if r["model"] == "tower"]
     tower = next(m for m in pooled["models"] if m["label"] == "tower")
@@ -71,6 +75,8 @@ def test_the_other_fold_swaps_dev_and_test_and_the_two_pool_into_one_report(spar
     assert both["rotations_missing"] == [2, 3] and both["inputs"]["n_queries_evaluated"] == 6
     tower = next(m for m in both["models"] if m["label"] == "tower")
     assert tower["metrics"]["all"]["ndcg@10"]["mean"] == pytest.approx(np.mean([r["ndcg@10"] for r in rows]))
+    assert next(m for m in both["models"] if m["label"] == "registered")["chosen_by_rotation"] == {
+        "0": {"0": "tower", "1": "tower"}, "1": {"0": "tower", "1": "tower"}}
     by_fold = next(m for m in pooled["models"] if m["label"] == "tower")["dev_ndcg@10_by_fold"]
     assert by_fold and tower["dev_ndcg@10_by_rotation"] == {"0": by_fold, "1": by_fold}  # each rotation's fold figures
     assert next(c for c in both["comparisons"] if c["model"] == "tower" and c["metric"] == "ndcg@10")["diff"]["n"] == 6
@@ -108,3 +114,32 @@ def test_a_pooled_model_says_what_each_of_its_models_was_trained_on():
     row = model_table({"models": [{"label": "curriculum", "spec": spec, "metrics": {"all": {
         **metrics, "n_queries": 3, "judged_share@10": 0.5, "n_queries_without_judged_top10": 0}}}]})[-1]
     assert row.endswith("| 1910 / 200 (mean of 2 models) |")
+
+
+def test_each_fold_pools_the_list_its_registration_would_choose():
+    from lab.folds import REGISTERED, with_registered
+
+    def spec(label, **kw):
+        base = {"label": label, "kind": "dense", "source": label, "path": None, "model_uri": None, "baseline": False,
+                "two_tower": False, "training_pairs": None, "fusion": None, "rerank": None}
+        return {**base, **kw}
+
+    models = [{"label": "bm25", "spec": spec("bm25", kind="bm25", baseline=True), "dev_ndcg@10": 0.95},
+              {"label": "curriculum", "spec": spec("curriculum", two_tower=True), "dev_ndcg@10": 0.80},
+              {"label": "human", "spec": spec("human", two_tower=True), "dev_ndcg@10": 0.99},
+              {"label": "best+ce", "spec": spec("best+ce", two_tower=True, rerank="ce"), "dev_ndcg@10": 0.86},
+              {"label": "ranked", "spec": spec("ranked", kind="ranked"), "dev_ndcg@10": 0.85},
+              {"label": "minilm+bm25", "spec": spec("minilm+bm25", baseline=True, fusion="rrf"), "dev_ndcg@10": 0.97}]
+    per_query = [{"model": m["label"], "query_id": q, "ndcg@10": i / 10 + j / 100}
+                 for i, m in enumerate(models) for j, q in enumerate(["q1", "q2"])]
+    report = {"models": models, "per_query": per_query}
+    out = with_registered(report, references=("human",))   # `human` is a reference, never registered
+    chosen = next(m for m in out["models"] if m["label"] == REGISTERED)
+    assert chosen["chosen"] == "best+ce" and chosen["dev_ndcg@10"] == 0.86
+    assert [r["ndcg@10"] for r in out["per_query"] if r["model"] == REGISTERED] == [0.3, 0.31]
+    assert len(report["models"]) == 6  # the fold's own report is left as it was
+    # with `ranked` ahead on dev the ranked list is the fold's final output; nothing to register: no such row
+    models[4]["dev_ndcg@10"] = 0.90
+    assert next(m for m in with_registered(report, ("human",))["models"] if m["label"] == REGISTERED)["chosen"] == "ranked"
+    only_baselines = {"models": models[:1], "per_query": per_query[:2]}
+    assert with_registered(only_baselines) == only_baselines
