@@ -111,6 +111,10 @@ def bench(data: Path, args) -> None:
         ours = mine_annomine(data, out, rules, n_products)
         ours_peak = peak_rss_mib()  # before anything else grows this process
         stop_embedded()
+        if args.annomine_only:
+            print(json.dumps({"log_rows": n_rows, "seconds": round(ours["seconds"], 1), "peak_rss_mib": round(ours_peak),
+                              "stages": ours["stages"], "per_class": ours["per_class"]}, indent=1), flush=True)
+            return
         duck = mine_duckdb(data, work / "duckdb.parquet", rules, args.threads)
         diff = compare(out, work / "duckdb.parquet")
         result = {"log_rows": n_rows, "products": n_products,
@@ -144,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-negatives", type=int, default=50)
     ap.add_argument("--blocking-max-df", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=2, help="DuckDB threads")
+    ap.add_argument("--annomine-only", action="store_true",
+                    help="time annomine's mining alone (its stage profile and peak memory; no DuckDB side, no figures "
+                         "for benchmarks/run.py): to compare two versions of the code on the same log")
     args = ap.parse_args(argv)
     if args.data is not None:
         bench(Path(args.data), args)
