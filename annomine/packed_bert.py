@@ -46,6 +46,14 @@ def supports_packing(encoder: nn.Module) -> bool:
             and not getattr(config, "add_cross_attention", False) and hasattr(encoder, "embeddings"))
 
 
+def last_hidden_state(encoder: nn.Module, tokens: dict, packed: bool = True) -> torch.Tensor:
+    """`encoder(**tokens).last_hidden_state`: through `packed_last_hidden` while the encoder trains (grad enabled,
+    a plain BERT, `packed`), else through the model's own padded forward."""
+    if packed and encoder.training and torch.is_grad_enabled() and supports_packing(encoder):
+        return packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids"))
+    return encoder(**tokens).last_hidden_state
+
+
 def packed_last_hidden(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
     """`encoder(input_ids, attention_mask, token_type_ids).last_hidden_state` on the real tokens (zeros elsewhere),
@@ -61,23 +69,24 @@ def packed_last_hidden(encoder: nn.Module, input_ids: torch.Tensor, attention_ma
     mask = encoder._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
                                            embedding_output=shape_only, encoder_hidden_states=None, cache=None,
                                            position_ids=None)[0]
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(encoder.config._attn_implementation, eager_attention_forward)
     for layer in encoder.encoder.layer:
-        hidden = _layer(layer, hidden, mask, packing)
+        hidden = _layer(layer, hidden, mask, packing, attend)
     return packing.unpack(hidden)
 
 
-def _layer(layer: nn.Module, hidden: torch.Tensor, mask, packing: _Packing) -> torch.Tensor:
-    """One BertLayer on packed tokens: self-attention (padded for the attention product), then the feed-forward."""
+def _layer(layer: nn.Module, hidden: torch.Tensor, mask, packing: _Packing, attend) -> torch.Tensor:
+    """One BertLayer on packed tokens: self-attention (padded for the attention product, through the model's own
+    attention function `attend`), then the feed-forward."""
     attention = layer.attention.self
     heads, head_width = attention.num_attention_heads, attention.attention_head_size
 
     def split_heads(packed: torch.Tensor) -> torch.Tensor:
         return packing.unpack(packed).view(packing.batch, packing.length, heads, head_width).transpose(1, 2)
 
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.bert.modeling_bert import eager_attention_forward
-
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
     context, _ = attend(attention, split_heads(attention.query(hidden)), split_heads(attention.key(hidden)),
                         split_heads(attention.value(hidden)), mask,
                         dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from annomine.encoders import MINILM, encode_sorted, load_bert, mean_pool, onnx_or_none, resolve_backend, resolve_model_path
-from annomine.packed_bert import packed_last_hidden, supports_packing
+from annomine.packed_bert import last_hidden_state
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -160,11 +160,7 @@ class TwoTower(nn.Module):
         """Token tensors -> L2-normalised embeddings (float32), differentiable."""
         device = self.device
         tokens = {k: v.to(device) for k, v in tokens.items()}
-        encoder = self._encoder(side)
-        if self.packed_training and encoder.training and torch.is_grad_enabled() and supports_packing(encoder):
-            hidden = packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"])
-        else:
-            hidden = encoder(**tokens).last_hidden_state
+        hidden = last_hidden_state(self._encoder(side), tokens, self.packed_training)
         pooled = mean_pool(hidden.float(), tokens["attention_mask"])
         return nn.functional.normalize(pooled, dim=-1)
 

@@ -110,12 +110,9 @@ class CrossEncoderModel:
     def logits(self, enc):
         """Grade logits of a batch of pair tensors; in training, BERT's dense layers run on real tokens only
         (annomine/packed_bert.py: the same hidden states as the padded forward)."""
-        from annomine.packed_bert import packed_last_hidden, supports_packing
+        from annomine.packed_bert import last_hidden_state
 
-        if self.packed_training and self.bert.training and _torch().is_grad_enabled() and supports_packing(self.bert):
-            hidden = packed_last_hidden(self.bert, enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
-        else:
-            hidden = self.bert(**enc).last_hidden_state
+        hidden = last_hidden_state(self.bert, enc, self.packed_training)
         return self.head(mean_pool(hidden, enc["attention_mask"]))
 
     def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
