@@ -54,12 +54,12 @@ lab-rotation: install crowdflower-models
 lab-rotations: lab-folds
 	for r in 1 2 3; do $(MAKE) lab-rotation ROTATION=$$r || exit 1; done
 
-# The rank stage's lists over every open query (docs/experiments.md, "the rank stage pooled over the rotations"):
+# The rank stage's lists over every open query (docs/experiments.md, "the rank stage's lists in both halves of rotation 0"):
 # rotation r's pipeline (its own judge, grades, curriculum and rankers with their ablations), `human` beside the
 # curriculum, both folds evaluated with every list and pooled, then every rotation run so far pooled into
 # <warehouse>/evaluation/report_test_rotations.md. ROTATION=0 continues from `make crowdflower`'s warehouse (its
 # stages up to annotate stay current: the same project and judge settings); rotations 1-3 skip the pilot (a report
-# that changes nothing). About 30-40 minutes a rotation on 2 cores.
+# that changes nothing). Measured on 2 cores: 31 minutes for rotation 0 after `make crowdflower`, 62 for rotation 1.
 LAB_RANK_RCF = $(LAB_CF)$(if $(filter-out 0,$(ROTATION)), --set project.rotation=$(ROTATION) --set judge.pilot_in_pipeline=false)
 lab-rank-rotation: install crowdflower-models
 	$(BIN)/annomine pipeline $(LAB_RANK_RCF)
