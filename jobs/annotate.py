@@ -234,9 +234,11 @@ def waiting_pairs(ctx: JobContext, judge_version: str, pending: set[str]) -> pd.
     return rows[ready][KEY + ["prior_attempts"]] if len(rows) else empty
 
 
-def whole_queries(ctx: JobContext, pairs, limit: int):
-    """The pairs of the first queries (query_id order) whose pairs add up to at most `limit`; at least one query."""
-    counts = pairs.groupBy("query_id").count().orderBy("query_id").toPandas()
+def whole_queries(ctx: JobContext, pairs, source, limit: int):
+    """The `pairs` of the first source queries (query_id order) whose source pairs add up to at most `limit`; at least
+    one query. The selection counts every source pair, graded or not, so a resumed run grades what one uninterrupted
+    run would have graded, not `limit` more."""
+    counts = source.groupBy("query_id").count().orderBy("query_id").toPandas()
     n_queries = int((counts["count"].cumsum() <= limit).sum()) or (1 if limit > 0 else 0)
     chosen = counts["query_id"].astype(str).iloc[:n_queries]
     if chosen.empty:
@@ -546,7 +548,7 @@ def _run(ctx: JobContext, cfg: AnnotateConfig, dry_run: bool = False, collect: b
         version = cascade.version
         pairs = pairs_to_grade(ctx, cfg, version)
         if cfg.limit is not None:
-            pairs = whole_queries(ctx, pairs, cfg.limit)
+            pairs = whole_queries(ctx, pairs, source_pairs(ctx, cfg), cfg.limit)
         n = pairs.count()
         job = _Run(ctx, cfg, cascade, version, partitions, per_partition)
         stats = job.stats

@@ -264,12 +264,14 @@ def kill_after_first_commit(proc, location, timeout_s: float, on_poll=lambda: No
 def test_limit_takes_whole_queries_in_query_id_order(ctx, tmp_path):
     seed_tables(ctx, n_queries=4, per_query=8, missing_product=False)
     _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf(), "chunk_size": 4, "limit": 20})
-    first = run(ctx, cfg)   # 8 + 8 fit in 20, a third query would not: two whole queries, never 20 pairs
-    df = annotations(ctx)
-    assert first["pairs"] == 16 and df.groupby("query_id").size().to_dict() == {"q0": 8, "q1": 8}
     cfg.limit = 5           # smaller than one query: that query whole
+    first = run(ctx, cfg)
+    assert first["pairs"] == 8 and annotations(ctx).groupby("query_id").size().to_dict() == {"q0": 8}
+    cfg.limit = 20          # 8 + 8 fit in 20, a third query would not; q0 is graded already, so only q1
     second = run(ctx, cfg)
-    assert second["pairs"] == 8 and annotations(ctx).groupby("query_id").size().to_dict() == {"q0": 8, "q1": 8, "q2": 8}
+    assert second["pairs"] == 8 and annotations(ctx).groupby("query_id").size().to_dict() == {"q0": 8, "q1": 8}
+    again = run(ctx, cfg)   # the limit counts graded pairs too: a resumed run stops where one whole run would have
+    assert again["pairs"] == 0 and len(annotations(ctx)) == 16
 
 
 # ---- issue 14: an outage, a refused key, retries across runs, one run per warehouse, the concurrency cap ----
