@@ -3,6 +3,7 @@
     python benchmarks/bench_llm_local.py --model smollm2-135m --pairs 40 --n-threads 2
     python benchmarks/bench_llm_local.py --model qwen2.5-coder-1.5b --pairs 40 --n-threads 2 --labels ../shared/data/crowdflower
     python benchmarks/bench_llm_local.py ... --reason yes   # ask for the reason too (a local tier's default: no)
+    python benchmarks/bench_llm_local.py ... --compare-stock  # and the same pairs on the stock llama_cpp.server
 
 The call path of a `server: local` tier (annomine/judges/local_server.py + `LLMTier.grade_many`: the prompt,
 the JSON-schema constraint, log-probabilities), one request at a time (the server answers one at a time).
@@ -11,7 +12,10 @@ the human grade is reported too), else generated demo-shop pairs. Reports server
 after the first request (whose prompt prefix is not cached yet), tokens per pair and the confidence sources,
 and the share of llama.cpp's own throughput the client reaches: the same request bodies sent back to back
 with plain urllib (no client, no parsing) give the server's pairs/s for these prompts; the tier client's
-pairs/s over that is the share of the server's one slot the client keeps busy.
+pairs/s over that is the share of the server's one slot the client keeps busy. With `--compare-stock`, the same
+pairs go through llama-cpp-python's stock server too (it computes the logits of every prompt token, annomine's
+those of the tokens whose log-probabilities are read: annomine/judges/llama_server.py): pairs/s of each, their
+ratio, and whether the grades and distributions agree.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from annomine.judges.config import LLMTierConfig  # noqa: E402
 from annomine.judges.llm import LOOPBACK_KEY, LLMTier  # noqa: E402
 from annomine.judges.local_models import resolve_model  # noqa: E402
-from annomine.judges.local_server import LocalLLMServer  # noqa: E402
+from annomine.judges.local_server import SERVER_MODULE, LocalLLMServer  # noqa: E402
 from common import emit  # noqa: E402
 
 
@@ -72,18 +76,12 @@ def main() -> None:
     parser.add_argument("--labels", help="folder with queries.tsv, labels.tsv, products.tsv (CrowdFlower layout)")
     parser.add_argument("--reason", choices=["auto", "yes", "no"], default="auto",
                         help="ask for the reason after the grade (LLMTierConfig.reason; auto: no for a local server)")
+    parser.add_argument("--compare-stock", action="store_true",
+                        help="grade the same pairs on llama-cpp-python's stock server too and compare")
     args = parser.parse_args()
     reason = {"auto": None, "yes": True, "no": False}[args.reason]
     pairs, truth = labelled_pairs(Path(args.labels), args.pairs + 1) if args.labels else demo_pairs(args.pairs + 1)
-    started = time.perf_counter()
-    with LocalLLMServer(resolve_model(args.model), args.model, n_threads=args.n_threads, startup_timeout_s=600) as srv:
-        startup = time.perf_counter() - started
-        tier = LLMTier("tier2", LLMTierConfig(model=args.model, server="local", timeout_s=300, reason=reason), [1, 2, 3, 4], srv.base_url, LOOPBACK_KEY)
-        first = tier.grade(*pairs[0])  # fills the prompt-prefix cache (the system prompt)
-        t0 = time.perf_counter()
-        results = tier.grade_many(pairs[1:], 1)
-        seconds = time.perf_counter() - t0
-        raw_seconds = raw_throughput_seconds(srv.base_url, tier, pairs[1:])
+    startup, tier, first, results, seconds, raw_seconds = serve_and_grade(LocalLLMServer, args, reason, pairs)
     ok = [r for r in results if r.grade is not None]
     sources = dict(Counter(str(r.confidence_source) for r in results))
     extra = {"pairs": len(results), "graded": len(ok), "confidence_sources": sources, "n_threads": args.n_threads,
@@ -100,6 +98,38 @@ def main() -> None:
     emit(f"local LLM tier {args.model}: client pairs/s over llama.cpp's own for the same requests (one slot)",
          round(raw_seconds / seconds, 3), "ratio", raw_pairs_per_s=round(len(pairs[1:]) / raw_seconds, 3))
     emit(f"local LLM server start-up ({args.model}, model load included)", round(startup, 1), "s")
+    if args.compare_stock:
+        compare_stock(args, reason, pairs, results, seconds)
+
+
+class StockServer(LocalLLMServer):
+    """llama-cpp-python's own server module in place of annomine's (the same arguments)."""
+
+    def command(self) -> list[str]:
+        return ["llama_cpp.server" if part == SERVER_MODULE else part for part in super().command()]
+
+
+def serve_and_grade(server_class, args, reason, pairs):
+    """(start-up s, tier, first result, results, seconds, raw seconds): the pairs graded on a fresh server."""
+    started = time.perf_counter()
+    with server_class(resolve_model(args.model), args.model, n_threads=args.n_threads, startup_timeout_s=600) as srv:
+        startup = time.perf_counter() - started
+        tier = LLMTier("tier2", LLMTierConfig(model=args.model, server="local", timeout_s=300, reason=reason), [1, 2, 3, 4], srv.base_url, LOOPBACK_KEY)
+        first = tier.grade(*pairs[0])  # fills the prompt-prefix cache (the system prompt)
+        t0 = time.perf_counter()
+        results = tier.grade_many(pairs[1:], 1)
+        seconds = time.perf_counter() - t0
+        raw_seconds = raw_throughput_seconds(srv.base_url, tier, pairs[1:])
+    return startup, tier, first, results, seconds, raw_seconds
+
+
+def compare_stock(args, reason, pairs, results, seconds) -> None:
+    _, _, _, stock, stock_seconds, _ = serve_and_grade(StockServer, args, reason, pairs)
+    diffs = [abs(a.probs[g] - b.probs[g]) for a, b in zip(results, stock) if a.probs and b.probs for g in a.probs]
+    emit(f"local LLM tier {args.model}, {args.n_threads} threads: annomine's server over the stock llama_cpp.server",
+         round(stock_seconds / seconds, 3), "x", stock_pairs_per_s=round(len(stock) / stock_seconds, 3),
+         pairs_per_s=round(len(results) / seconds, 3), same_grades=[a.grade for a in results] == [b.grade for b in stock],
+         max_prob_difference=max(diffs, default=None))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from annomine.errors import AnnomineError, MissingInputError
 from annomine.judges import local_models
 from annomine.judges.local_models import (LocalModel, ModelHashMismatch, ModelPackageMissing, PackagedFile, UnknownModel,
                                           resolve_model)
-from annomine.judges.local_server import LocalLLMServer, LocalServerError, llama_cpp_available, remove_stale_log_dirs
+from annomine.judges.local_server import (SERVER_MODULE, LocalLLMServer, LocalServerError, llama_cpp_available,
+                                          remove_stale_log_dirs)
 
 ROOT = Path(__file__).resolve().parents[1]
 GRADES = [1, 2, 3, 4]
@@ -71,7 +72,7 @@ def _pids_with_env(marker: str) -> list[int]:
             cmd = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if f"ANNOMINE_TEST_MARK={marker}".encode() in env and b"llama_cpp.server" in cmd and _alive(int(entry.name)):
+        if f"ANNOMINE_TEST_MARK={marker}".encode() in env and b"annomine.judges.llama_server" in cmd and _alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -247,6 +248,40 @@ def test_real_model_grades_with_logprob_distributions(smol):
     # an endpoint that gives no log-probabilities: the stated fallback confidence, no distribution
     plain = _tier(smol, logprobs=False, fallback_confidence=0.6).grade("oak table", "oak table")
     assert plain.confidence_source == "fallback" and plain.raw_confidence == 0.6 and plain.probs is None
+
+
+@needs_llama
+def test_logits_of_the_last_token_only_give_the_stock_servers_answers_and_logprobs():
+    """annomine.judges.llama_server computes the logits of each batch's last token only: the answers and the top
+    log-probabilities of every answer token are the stock llama_cpp.server's, request after request (the second
+    request of each pair reuses the first one's cached prompt prefix)."""
+    import openai
+
+    from annomine.judges.llm import response_format
+    from annomine.judges.prompt import build_messages
+
+    class Stock(LocalLLMServer):
+        def command(self):
+            return [("llama_cpp.server" if part == SERVER_MODULE else part) for part in super().command()]
+
+    pairs = [("oak dining table", "Solid oak dining table, seats six"), ("usb cable", "Wool winter socks, pack of three"),
+             ("usb cable", "USB-C to USB-A cable, 1 m, braided")]
+    answers = []
+    for server in (Stock, LocalLLMServer):
+        with server(resolve_model(MODEL), MODEL, n_threads=1, n_ctx=2048) as srv:
+            client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=60)
+            answers.append([])
+            for query, text in pairs:
+                choice = client.chat.completions.create(
+                    model=MODEL, messages=build_messages(query, text, GRADES), temperature=0, max_tokens=48, logprobs=True,
+                    top_logprobs=5, response_format=response_format("json_object", GRADES)).choices[0]
+                answers[-1].append((choice.message.content, [[(t.token, t.logprob) for t in c.top_logprobs]
+                                                             for c in choice.logprobs.content]))
+    stock, ours = answers
+    assert [content for content, _ in ours] == [content for content, _ in stock]
+    for (_, ours_lp), (_, stock_lp) in zip(ours, stock):
+        assert [[t for t, _ in row] for row in ours_lp] == [[t for t, _ in row] for row in stock_lp]
+        assert all(np.allclose([lp for _, lp in a], [lp for _, lp in b], atol=1e-4) for a, b in zip(ours_lp, stock_lp))
 
 
 # ---- SmolLM2 in the annotate job ----------------------------------------------------------------------
