@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--labels", help="folder with queries.tsv, labels.tsv, products.tsv (CrowdFlower layout)")
     parser.add_argument("--reason", choices=["auto", "yes", "no"], default="auto",
                         help="ask for the reason after the grade (LLMTierConfig.reason; auto: no for a local server)")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (the pipeline's: max_concurrency_total)")
     parser.add_argument("--compare-stock", action="store_true",
                         help="grade the same pairs on llama-cpp-python's stock server too and compare")
     args = parser.parse_args()
@@ -117,7 +118,7 @@ def serve_and_grade(server_class, args, reason, pairs):
         tier = LLMTier("tier2", LLMTierConfig(model=args.model, server="local", timeout_s=300, reason=reason), [1, 2, 3, 4], srv.base_url, LOOPBACK_KEY)
         first = tier.grade(*pairs[0])  # fills the prompt-prefix cache (the system prompt)
         t0 = time.perf_counter()
-        results = tier.grade_many(pairs[1:], 1)
+        results = tier.grade_many(pairs[1:], args.concurrency)
         seconds = time.perf_counter() - t0
         raw_seconds = raw_throughput_seconds(srv.base_url, tier, pairs[1:])
     return startup, tier, first, results, seconds, raw_seconds

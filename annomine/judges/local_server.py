@@ -6,7 +6,7 @@
 The server runs as a child process, `python -m annomine.judges.llama_server --model M --model_alias NAME
 --host 127.0.0.1 --port P --n_threads N --n_ctx C --logits_all true`: llama-cpp-python's own server (`llama_cpp.server`)
 with log-probabilities on, computing logits only where an answer's log-probabilities are read
-(annomine/judges/llama_server.py: 1.57x faster grading requests for Qwen2.5-1.5B on 2 cores). It serves `/v1/models` and `/v1/chat/completions` with the
+(annomine/judges/llama_server.py; docs/benchmarks.md has its speed). It serves `/v1/models` and `/v1/chat/completions` with the
 model's own chat template and honours `response_format: {type: json_object, schema: ...}` by
 compiling the schema into a grammar.
 
