@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from annomine.judges.config import LLMTierConfig  # noqa: E402
 from annomine.judges.llm import LOOPBACK_KEY, LLMTier  # noqa: E402
 from annomine.judges.local_models import resolve_model  # noqa: E402
-from annomine.judges.local_server import SERVER_MODULE, LocalLLMServer  # noqa: E402
+from annomine.judges.local_server import SERVER_MODULE, STOCK_SERVER_MODULE, LocalLLMServer  # noqa: E402
 from common import emit  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     reason = {"auto": None, "yes": True, "no": False}[args.reason]
     pairs, truth = labelled_pairs(Path(args.labels), args.pairs + 1) if args.labels else demo_pairs(args.pairs + 1)
-    startup, tier, first, results, seconds, raw_seconds = serve_and_grade(LocalLLMServer, args, reason, pairs)
+    startup, tier, first, results, seconds, raw_seconds = serve_and_grade(SERVER_MODULE, args, reason, pairs)
     ok = [r for r in results if r.grade is not None]
     sources = dict(Counter(str(r.confidence_source) for r in results))
     extra = {"pairs": len(results), "graded": len(ok), "confidence_sources": sources, "n_threads": args.n_threads,
@@ -103,17 +103,11 @@ def main() -> None:
         compare_stock(args, reason, pairs, results, seconds)
 
 
-class StockServer(LocalLLMServer):
-    """llama-cpp-python's own server module in place of annomine's (the same arguments)."""
-
-    def command(self) -> list[str]:
-        return ["llama_cpp.server" if part == SERVER_MODULE else part for part in super().command()]
-
-
-def serve_and_grade(server_class, args, reason, pairs):
+def serve_and_grade(server_module: str, args, reason, pairs):
     """(start-up s, tier, first result, results, seconds, raw seconds): the pairs graded on a fresh server."""
     started = time.perf_counter()
-    with server_class(resolve_model(args.model), args.model, n_threads=args.n_threads, startup_timeout_s=600) as srv:
+    with LocalLLMServer(resolve_model(args.model), args.model, n_threads=args.n_threads, startup_timeout_s=600,
+                        server_module=server_module) as srv:
         startup = time.perf_counter() - started
         tier = LLMTier("tier2", LLMTierConfig(model=args.model, server="local", timeout_s=300, reason=reason), [1, 2, 3, 4], srv.base_url, LOOPBACK_KEY)
         first = tier.grade(*pairs[0])  # fills the prompt-prefix cache (the system prompt)
@@ -125,7 +119,7 @@ def serve_and_grade(server_class, args, reason, pairs):
 
 
 def compare_stock(args, reason, pairs, results, seconds) -> None:
-    _, _, _, stock, stock_seconds, _ = serve_and_grade(StockServer, args, reason, pairs)
+    _, _, _, stock, stock_seconds, _ = serve_and_grade(STOCK_SERVER_MODULE, args, reason, pairs)
     diffs = [abs(a.probs[g] - b.probs[g]) for a, b in zip(results, stock) if a.probs and b.probs for g in a.probs]
     emit(f"local LLM tier {args.model}, {args.n_threads} threads: annomine's server over the stock llama_cpp.server",
          round(stock_seconds / seconds, 3), "x", stock_pairs_per_s=round(len(stock) / stock_seconds, 3),

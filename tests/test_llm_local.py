@@ -26,8 +26,8 @@ from annomine.errors import AnnomineError, MissingInputError
 from annomine.judges import local_models
 from annomine.judges.local_models import (LocalModel, ModelHashMismatch, ModelPackageMissing, PackagedFile, UnknownModel,
                                           resolve_model)
-from annomine.judges.local_server import (SERVER_MODULE, LocalLLMServer, LocalServerError, llama_cpp_available,
-                                          remove_stale_log_dirs)
+from annomine.judges.local_server import (SERVER_MODULE, STOCK_SERVER_MODULE, LocalLLMServer, LocalServerError,
+                                          llama_cpp_available, remove_stale_log_dirs)
 
 ROOT = Path(__file__).resolve().parents[1]
 GRADES = [1, 2, 3, 4]
@@ -72,7 +72,7 @@ def _pids_with_env(marker: str) -> list[int]:
             cmd = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if f"ANNOMINE_TEST_MARK={marker}".encode() in env and b"annomine.judges.llama_server" in cmd and _alive(int(entry.name)):
+        if f"ANNOMINE_TEST_MARK={marker}".encode() in env and SERVER_MODULE.encode() in cmd and _alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -260,15 +260,11 @@ def test_logits_of_the_last_token_only_give_the_stock_servers_answers_and_logpro
     from annomine.judges.llm import response_format
     from annomine.judges.prompt import build_messages
 
-    class Stock(LocalLLMServer):
-        def command(self):
-            return [("llama_cpp.server" if part == SERVER_MODULE else part) for part in super().command()]
-
     pairs = [("oak dining table", "Solid oak dining table, seats six"), ("usb cable", "Wool winter socks, pack of three"),
              ("usb cable", "USB-C to USB-A cable, 1 m, braided")]
     answers = []
-    for server in (Stock, LocalLLMServer):
-        with server(resolve_model(MODEL), MODEL, n_threads=1, n_ctx=2048) as srv:
+    for module in (STOCK_SERVER_MODULE, SERVER_MODULE):
+        with LocalLLMServer(resolve_model(MODEL), MODEL, n_threads=1, n_ctx=2048, server_module=module) as srv:
             client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=60)
             answers.append([])
             for query, text in pairs:

@@ -40,6 +40,7 @@ from annomine.errors import AnnomineError
 log = logging.getLogger(__name__)
 
 SERVER_MODULE = "annomine.judges.llama_server"  # llama_cpp.server with logits computed only where they are read
+STOCK_SERVER_MODULE = "llama_cpp.server"  # llama-cpp-python's own (every prompt token's logits), for comparisons
 
 
 class LocalServerError(AnnomineError):
@@ -105,8 +106,9 @@ def remove_stale_log_dirs(root: str | Path | None = None, unowned_after_s: float
 class LocalLLMServer:
     def __init__(self, model_path: str | Path, alias: str, n_threads: int = 2, n_ctx: int = 2048, host: str = "127.0.0.1",
                  port: int | None = None, startup_timeout_s: float = 180.0, stop_grace_s: float = 10.0,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, server_module: str = SERVER_MODULE):
         self.model_path = Path(model_path)
+        self.server_module = server_module
         self.alias = alias
         self.n_threads = int(n_threads)
         self.n_ctx = int(n_ctx)
@@ -132,7 +134,7 @@ class LocalLLMServer:
         return self._log_dir / "server.log" if self._log_dir else None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", SERVER_MODULE, "--model", str(self.model_path), "--model_alias", self.alias,
+        return [sys.executable, "-m", self.server_module, "--model", str(self.model_path), "--model_alias", self.alias,
                 "--host", self.host, "--port", str(self.port), "--n_threads", str(self.n_threads),
                 "--n_threads_batch", str(self.n_threads), "--n_ctx", str(self.n_ctx), "--logits_all", "true",
                 *self.extra_args]
