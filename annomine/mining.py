@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -477,15 +478,18 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     selected = select_runs(logs, run_ids)
     if rules.max_rank is not None:
         selected = selected.where(F.col("rank") <= rules.max_rank)
-    pivoted = checkpoint(pivot_channels(selected), "pivoted")
-    returned = pivoted.select("query_id", "product_id")
-
     q_info = queries.select("query_id", F.col("query").alias("_qtext"), "segment")
     mined_queries = (logged_query_texts(selected).join(q_info, on="query_id", how="left")
                             .select("query_id", F.coalesce("_qtext", "_lq").alias("query"), "segment"))
-    mined_queries = checkpoint(mined_queries, "queries")
-    product_terms, query_terms = tfidf_tables(products.select("product_id", "text"), mined_queries, n_products,
-                                              checkpoint)
+    # The pivot and the term tables do not depend on each other: materialised at once, each fills the
+    # cores the other leaves idle (its scans, shuffles and writes).
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        pivot_job = beside.submit(checkpoint, pivot_channels(selected), "pivoted")
+        mined_queries = checkpoint(mined_queries, "queries")
+        product_terms, query_terms = tfidf_tables(products.select("product_id", "text"), mined_queries, n_products,
+                                                  checkpoint)
+        pivoted = pivot_job.result()
+    returned = pivoted.select("query_id", "product_id")
 
     channel = classify_channel_candidates(with_rank_metadata(pivoted), rules)
     channel = channel.where(F.col("candidate_class").isNotNull())

@@ -1,15 +1,17 @@
 """Mining throughput on a generated log (benchmarks/gen_logs.py): annomine next to DuckDB, back to back.
 
-annomine: the whole `annomine.mining.mine_candidates` pipeline (run selection, dedupe, pivot, set
+annomine: the whole `annomine.mining.mine_candidates` pipeline, in a subprocess per round (run selection, dedupe, pivot, set
 logic, TF-IDF blocking + scoring, random negatives, precedence, caps) through the embedded engine,
 writing the candidates to Parquet and materialising shared intermediates like the job does; its
-peak RSS is this process's (the embedded Sail engine runs in-process). DuckDB: the same set logic
+peak RSS is that process's (the embedded Sail engine runs in-process). DuckDB: the same set logic
 as SQL (benchmarks/mine_duckdb.py, 2 threads) in a subprocess, so its peak RSS is its own. Then the
 deterministic classes (1-4; random negatives hash differently) are compared pair for pair.
 
     python benchmarks/gen_logs.py --rows 10000000 --products 1000000 --out /tmp/mine/gen10m
     python benchmarks/bench_mine.py /tmp/mine/gen10m
     python benchmarks/bench_mine.py --rows 1000000 10000000     # generate (catalog = rows / 10), mine, remove
+
+Each side runs `--repeats` times (default 3), alternating, and the figures are the medians.
 """
 
 from __future__ import annotations
@@ -99,6 +101,41 @@ def compare(annomine_out: Path, duckdb_out: Path) -> dict:
             "max_similarity_diff": float((same.token_similarity_a - same.token_similarity_d).abs().max() if len(same) else 0.0)}
 
 
+def median_round(runs: list[dict]) -> dict:
+    """The round of median seconds (its stage profile goes with it)."""
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
+def alternate(data: Path, work: Path, rules: MiningRules, n_products: int, args) -> tuple[list, list, float]:
+    """`args.repeats` rounds of annomine then DuckDB, so the machine's load hits both alike; annomine's peak
+    RSS is read before this process reads any output back."""
+    ours, duck = [], []
+    for r in range(args.repeats):
+        ours.append(annomine_round(data, work / f"candidates{r}", args))
+        if not args.annomine_only:
+            duck.append(mine_duckdb(data, work / f"duckdb{r}.parquet", rules, args.threads))
+    return ours, duck, max(r["peak_rss_mib"] for r in ours)
+
+
+def annomine_round(data: Path, out: Path, args) -> dict:
+    """One annomine round in a fresh process (its peak RSS is that round's, like DuckDB's)."""
+    cmd = [sys.executable, __file__, str(data), "--round-out", str(out), "--max-positives", str(args.max_positives),
+           "--max-negatives", str(args.max_negatives), "--blocking-max-df", str(args.blocking_max_df)]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def one_round(data: Path, out: Path, args) -> None:
+    """The child of `annomine_round`: mine once, print seconds, stages, classes and peak RSS as one JSON line."""
+    n_products = pq.ParquetFile(data / "products.parquet").metadata.num_rows
+    rules = MiningRules(max_positives=args.max_positives, max_negatives=args.max_negatives,
+                        blocking_max_df=args.blocking_max_df)
+    result = mine_annomine(data, out, rules, n_products)
+    result["peak_rss_mib"] = round(peak_rss_mib())
+    stop_embedded()
+    print(json.dumps(result), flush=True)
+
+
 def bench(data: Path, args) -> None:
     n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((data / "logs").glob("*.parquet")))
     n_products = pq.ParquetFile(data / "products.parquet").metadata.num_rows
@@ -106,38 +143,49 @@ def bench(data: Path, args) -> None:
                         blocking_max_df=args.blocking_max_df)
     rules.validate()
     work = Path(tempfile.mkdtemp(prefix="bench_mine_"))
-    out = work / "candidates"
     try:
-        ours = mine_annomine(data, out, rules, n_products)
-        ours_peak = peak_rss_mib()  # before anything else grows this process
-        stop_embedded()
+        rounds, duck_rounds, ours_peak = alternate(data, work, rules, n_products, args)
+        ours = median_round(rounds)
+        seconds = [round(r["seconds"], 1) for r in rounds]
         if args.annomine_only:
-            print(json.dumps({"log_rows": n_rows, "seconds": round(ours["seconds"], 1), "peak_rss_mib": round(ours_peak),
-                              "stages": ours["stages"], "per_class": ours["per_class"]}, indent=1), flush=True)
+            print(json.dumps({"log_rows": n_rows, "seconds": round(ours["seconds"], 1), "rounds": seconds,
+                              "peak_rss_mib": round(ours_peak), "stages": ours["stages"], "per_class": ours["per_class"]},
+                             indent=1), flush=True)
             return
-        duck = mine_duckdb(data, work / "duckdb.parquet", rules, args.threads)
-        diff = compare(out, work / "duckdb.parquet")
-        result = {"log_rows": n_rows, "products": n_products,
-                  "annomine": {"seconds": round(ours["seconds"], 1), "log_rows_per_s": round(n_rows / ours["seconds"]),
+        duck = median_round(duck_rounds)
+        last = args.repeats - 1
+        diff = compare(work / f"candidates{last}", work / f"duckdb{last}.parquet")
+        result = {"log_rows": n_rows, "products": n_products, "rounds": args.repeats,
+                  "annomine": {"seconds": round(ours["seconds"], 1), "rounds": seconds,
+                               "log_rows_per_s": round(n_rows / ours["seconds"]),
                                "peak_rss_mib": round(ours_peak), "stages": ours["stages"], "per_class": ours["per_class"]},
-                  "duckdb": {**duck, "log_rows_per_s": round(n_rows / duck["seconds"])},
+                  "duckdb": {**duck, "rounds": [r["seconds"] for r in duck_rounds],
+                             "peak_rss_mib": max(r["peak_rss_mib"] for r in duck_rounds),
+                             "log_rows_per_s": round(n_rows / duck["seconds"])},
                   "comparison": diff}
         result["ratio"] = round(result["annomine"]["log_rows_per_s"] / result["duckdb"]["log_rows_per_s"], 3)
         print(json.dumps(result, indent=1), flush=True)
-        from common import emit
-
-        size = f"{n_rows:,} log rows, {n_products:,} products, caps {rules.max_positives}/{rules.max_negatives}"
-        a, d = result["annomine"], result["duckdb"]
-        emit(f"mining throughput, {size}", a["log_rows_per_s"], "log rows/s", seconds=a["seconds"],
-             candidates=sum(a["per_class"].values()))
-        emit(f"mining peak memory (driver + embedded engine), {n_rows:,} log rows", a["peak_rss_mib"], "MiB")
-        emit(f"mining throughput, DuckDB {args.threads} threads, {size}", d["log_rows_per_s"], "log rows/s", seconds=d["seconds"])
-        emit(f"mining peak memory, DuckDB {args.threads} threads (subprocess), {n_rows:,} log rows", d["peak_rss_mib"], "MiB")
-        emit(f"mining throughput ratio annomine/DuckDB, {n_rows:,} log rows", result["ratio"], "x")
-        emit(f"mining classes 1-4 pairs differing from DuckDB, {n_rows:,} log rows", diff["differing_pairs"], "pairs",
-             compared=diff["compared_pairs"], max_similarity_diff=diff["max_similarity_diff"])
+        emit_figures(result, rules, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def emit_figures(result: dict, rules: MiningRules, args) -> None:
+    from common import emit
+
+    n_rows, n_products, n = result["log_rows"], result["products"], result["rounds"]
+    size = f"{n_rows:,} log rows, {n_products:,} products, caps {rules.max_positives}/{rules.max_negatives}"
+    of = f", median of {n} alternating rounds" if n > 1 else ""
+    a, d, diff = result["annomine"], result["duckdb"], result["comparison"]
+    emit(f"mining throughput, {size}{of}", a["log_rows_per_s"], "log rows/s", seconds=a["seconds"],
+         rounds=a["rounds"], candidates=sum(a["per_class"].values()))
+    emit(f"mining peak memory (driver + embedded engine), {n_rows:,} log rows", a["peak_rss_mib"], "MiB")
+    emit(f"mining throughput, DuckDB {args.threads} threads, {size}{of}", d["log_rows_per_s"], "log rows/s",
+         seconds=d["seconds"], rounds=d["rounds"])
+    emit(f"mining peak memory, DuckDB {args.threads} threads (subprocess), {n_rows:,} log rows", d["peak_rss_mib"], "MiB")
+    emit(f"mining throughput ratio annomine/DuckDB, {n_rows:,} log rows (medians of the same run)", result["ratio"], "x")
+    emit(f"mining classes 1-4 pairs differing from DuckDB, {n_rows:,} log rows", diff["differing_pairs"], "pairs",
+         compared=diff["compared_pairs"], max_similarity_diff=diff["max_similarity_diff"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,10 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-negatives", type=int, default=50)
     ap.add_argument("--blocking-max-df", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=2, help="DuckDB threads")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="alternating rounds of each side; the figures are their medians (a shared machine's load varies)")
     ap.add_argument("--annomine-only", action="store_true",
                     help="time annomine's mining alone (its stage profile and peak memory; no DuckDB side, no figures "
                          "for benchmarks/run.py): to compare two versions of the code on the same log")
+    ap.add_argument("--round-out", help=argparse.SUPPRESS)  # one annomine round, in the child process
     args = ap.parse_args(argv)
+    if args.round_out:
+        one_round(Path(args.data), Path(args.round_out), args)
+        return 0
     if args.data is not None:
         bench(Path(args.data), args)
         return 0

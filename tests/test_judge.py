@@ -262,6 +262,28 @@ def test_fast_judge_paths_give_the_straightforward_grades(tmp_path, monkeypatch)
             truth, fast.decide(straight, rule), GRADES)
 
 
+def test_biencoder_in_token_length_order_gives_the_input_order_embeddings(tmp_path):
+    """The stack's cosine feature encodes its texts in batches of similar token counts: each text's embedding
+    is the one of batches in input order padded by the tokenizer (1e-6), cached texts included."""
+    import torch
+
+    from annomine.bert import mean_pool
+    from annomine.judges.stack import BiEncoder
+
+    texts = _varied_pairs(tmp_path)["text"].tolist()[:40]
+    bi = BiEncoder("tiny", max_length=32, batch_size=8)
+    with torch.inference_mode():
+        straight = []
+        for s in range(0, len(texts), 8):
+            enc = bi.tokenizer(texts[s:s + 8], padding=True, truncation=True, max_length=32, return_tensors="pt")
+            pooled = mean_pool(bi.bert(**enc).last_hidden_state, enc["attention_mask"])
+            straight.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+    straight = np.concatenate(straight)
+    assert len({len(bi.tokenizer(t)["input_ids"]) for t in texts}) > 3  # lengths vary: the order matters
+    assert np.abs(bi.encode(texts[:25]) - straight[:25]).max() < 1e-6
+    assert np.abs(bi.encode(texts) - straight).max() < 1e-6  # 25 from the cache, 15 new
+
+
 def test_judge_train_and_eval_cli(tmp_path, capsys):
     from jobs import judge
 

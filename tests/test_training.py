@@ -114,6 +114,26 @@ def test_ndcg_hand_computed():
     assert ndcg_at_k(scores, gains, [np.array([3.0, 1.0])], k=10) == pytest.approx(dcg / idcg)
 
 
+def test_rank_zero_evaluates_with_the_threads_of_the_ranks_waiting_for_it(monkeypatch):
+    """Dev evaluation runs on rank 0 alone while the node's other ranks wait: on CPU it takes their torch
+    threads for the evaluation and goes back to its own share after (an error included)."""
+    from training.runner import Dist
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist = Dist("auto")
+    own = torch.get_num_threads()
+    with dist.alone_on_node():
+        assert torch.get_num_threads() == own  # a world of one: nothing to take
+    dist.local_world_size = 2
+    try:
+        with dist.alone_on_node():
+            assert torch.get_num_threads() == own * 2
+            raise RuntimeError("evaluation failed")
+    except RuntimeError:
+        pass
+    assert torch.get_num_threads() == own
+
+
 def test_stages_checkpoints_and_resume_after_crash(tmp_path):
     spec = make_shards(tmp_path, n=16)
     with pytest.raises(RuntimeError, match="injected failure"):

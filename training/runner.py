@@ -27,6 +27,7 @@ model; `Callback`s (training.callbacks) hook into every step and epoch end.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -58,13 +59,14 @@ class Dist:
 
     def __init__(self, backend: str = "auto"):
         self.kind = "none"
-        self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self.rank, self.world_size, self.local_rank, self.local_world_size = 0, 1, 0, 1
         if backend == "horovod":
             import horovod.torch as hvd  # noqa: PLC0415 - optional extra, imported lazily
 
             hvd.init()
             self.hvd, self.kind = hvd, "horovod"
             self.rank, self.world_size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+            self.local_world_size = hvd.local_size()
             if torch.cuda.is_available():  # one GPU per local rank (Horovod's own convention)
                 torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -76,6 +78,7 @@ class Dist:
             self.dist, self.kind = dist, "ddp"
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
             self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world_size)))
 
     @property
     def is_main(self) -> bool:
@@ -128,6 +131,18 @@ class Dist:
             return
         torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
         optimizer.step()
+
+    @contextlib.contextmanager
+    def alone_on_node(self):
+        """Rank 0's dev evaluation: the node's other ranks wait for it at a barrier, so on CPU it runs with
+        their torch threads too (each rank has cores / ranks), then goes back to its own share."""
+        own = torch.get_num_threads()
+        if self.device.type == "cpu" and self.local_world_size > 1:
+            torch.set_num_threads(own * self.local_world_size)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(own)
 
     def barrier(self) -> None:
         if self.kind == "ddp":
@@ -349,6 +364,11 @@ class RunState:
         self.global_step = int(self.progress.get("global_step", 0))
         self.examples_this_run = 0
 
+    def evaluate(self, model: TwoTower, progress: bool = False) -> float:
+        """Dev NDCG@10 of `model` (rank 0, with the threads of the ranks waiting for it)."""
+        with self.dist.alone_on_node():
+            return self.dev.evaluate(model, progress=progress)
+
     def commit(self, key: str, state: dict) -> None:
         """Rank 0: record a stage's state (after its checkpoint is complete on every rank)."""
         self.progress["stages"][key] = state
@@ -417,7 +437,7 @@ class StageTrainer:
                           best_dir=str(self.best_dir), last_epoch=0, done=False)
         if run.dev is not None and spec.keep_start_if_better:
             # a stage that makes the model worse on dev is dropped (its best is the starting model)
-            self.best = self.prev_best if self.prev_best is not None else run.dev.evaluate(
+            self.best = self.prev_best if self.prev_best is not None else run.evaluate(
                 self.model, progress=spec.progress)
             self.model.save(self.best_dir)
             self.state.update(start_metric=self.best, best_epoch=0)
@@ -490,7 +510,7 @@ class StageTrainer:
         run, spec, dist = self.run, self.run.spec, self.run.dist
         mean_loss = dist.mean(float(np.mean(losses)) if losses else float("nan"))
         if dist.is_main:
-            ndcg = run.dev.evaluate(self.model, progress=spec.progress) if run.dev is not None else None
+            ndcg = run.evaluate(self.model, progress=spec.progress) if run.dev is not None else None
             if self.best is None or ndcg is None or (not math.isnan(ndcg) and ndcg > self.best):
                 self.best = ndcg if ndcg is not None else self.best
                 self.state["best_epoch"] = epoch
@@ -553,7 +573,7 @@ def _finish(run: RunState, stages: list[dict]) -> dict:
     last = states[-1]
     if run.spec.interpolate_alphas and run.dev is not None and last.get("best_metric") is not None:
         chosen = interpolate_final(_start_model(run.spec), last["best_dir"], last["best_metric"], run.spec.interpolate_alphas,
-                                   run.dev.evaluate, final)
+                                   run.evaluate, final)
         result["interpolation"] = {"alpha": chosen["alpha"], "dev_metric": chosen["metric"],
                                    "dev": {f"{a:g}": m for a, m in chosen["dev"].items()}}
         log.info("final model: %.2f of the way from the starting weights (dev NDCG@10 %.4f)", chosen["alpha"], chosen["metric"])

@@ -218,20 +218,27 @@ class BiEncoder:
         self._cache: dict[str, np.ndarray] = {}
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised embeddings of `texts`; the ones not cached are encoded in batches of similar token
+        counts (each padded to its longest), so a batch of short texts does not pay for one long text."""
         import torch
 
         from annomine.bert import mean_pool
+        from annomine.encoders import length_sorted_batches
 
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        fresh = np.zeros((len(todo), int(self.bert.config.hidden_size)), dtype=np.float32)
         with torch.inference_mode():
-            for s in range(0, len(todo), self.batch_size):
-                batch = todo[s:s + self.batch_size]
-                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-                pooled = torch.nn.functional.normalize(mean_pool(self.bert(**enc).last_hidden_state, enc["attention_mask"]), dim=-1)
-                if len(self._cache) + len(batch) > self.cache_size:
-                    self._cache.clear()
-                self._cache.update(zip(batch, pooled.float().numpy()))
-        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, int(self.bert.config.hidden_size)), np.float32)
+            for positions, input_ids, attention_mask in length_sorted_batches(self.tokenizer, todo, self.max_length,
+                                                                               self.batch_size):
+                mask = torch.from_numpy(attention_mask)
+                hidden = self.bert(input_ids=torch.from_numpy(input_ids), attention_mask=mask).last_hidden_state
+                fresh[positions] = torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1).float().numpy()
+        known = {**self._cache, **dict(zip(todo, fresh))} if todo else self._cache
+        out = np.stack([known[t] for t in texts]) if texts else np.zeros((0, fresh.shape[1]), np.float32)
+        if len(self._cache) + len(todo) > self.cache_size:
+            self._cache.clear()
+        self._cache.update(zip(todo[-self.cache_size:], fresh[-self.cache_size:]))
+        return out
 
     def cosine(self, queries: list[str], texts: list[str]) -> np.ndarray:
         if not len(queries):
