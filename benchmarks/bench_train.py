@@ -1,13 +1,16 @@
 """Two-tower training throughput vs sentence-transformers' MultipleNegativesRankingLoss.
 
 Same model (all-MiniLM-L6-v2), same (query, product) pairs, same batch size and threads, measured
-in one run, so the ratio is meaningful even when absolute speed moves with the machine's load.
+in one run, so the ratio is meaningful even when absolute speed moves with the machine's load. The three
+trainings (packed, padded, sentence-transformers) run in turn `--repeats` times, and the figures are the
+medians, so a change of the machine's speed within the run hits every side alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 
 import torch
 
@@ -84,12 +87,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the three trainings; medians reported")
     args = parser.parse_args()
     data = pairs(args.examples + args.batch_size)
     packed_run, padded_run = {}, {}
-    ours = train_annomine(data, args.batch_size, timings=packed_run)
-    padded = train_annomine(data, args.batch_size, timings=padded_run, packed=False)
-    st = train_sentence_transformers(data, args.batch_size)
+    rates = {"ours": [], "padded": [], "st": []}
+    for r in range(args.repeats):
+        rates["ours"].append(train_annomine(data, args.batch_size, timings=packed_run if r == 0 else None))
+        rates["padded"].append(train_annomine(data, args.batch_size, timings=padded_run if r == 0 else None,
+                                              packed=False))
+        rates["st"].append(train_sentence_transformers(data, args.batch_size))
+    ours, padded, st = (statistics.median(rates[k]) for k in ("ours", "padded", "st"))
+    print({k: [round(v, 1) for v in vs] for k, vs in rates.items()}, flush=True)
     threads = torch.get_num_threads()
     emit(f"two-tower MNR training, MiniLM, batch {args.batch_size}, q16/i64 tokens, {threads} threads", round(ours, 1), "examples/s")
     emit(f"the same with BERT's own padded forward, {threads} threads", round(padded, 1), "examples/s")

@@ -32,7 +32,7 @@ SUITE = [
     ("bench_mine.py", ["--rows", "1000000"], ["--rows", "1000000", "10000000", "50000000"]),
     ("bench_annotate.py", ["--pairs", "2000", "--latency-ms", "200"], ["--pairs", "4000", "--latency-ms", "200"]),
     ("bench_llm_local.py", ["--model", "smollm2-135m", "--pairs", "12"], ["--model", "smollm2-135m", "--pairs", "40"]),
-    ("bench_train.py", ["--examples", "512"], ["--examples", "2048"]),
+    ("bench_train.py", ["--examples", "512", "--repeats", "1"], ["--examples", "1024", "--repeats", "3"]),
     ("bench_judge.py", ["--train-pairs", "96", "--grade-pairs", "256"],
      ["--train-pairs", "256", "--grade-pairs", "1024", "--repeats", "3"]),
     ("bench_threads.py", ["--pairs", "128", "--repeats", "1"], ["--pairs", "512", "--repeats", "3"]),
