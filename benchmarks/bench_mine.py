@@ -1,9 +1,9 @@
 """Mining throughput on a generated log (benchmarks/gen_logs.py): annomine next to DuckDB, back to back.
 
-annomine: the whole `annomine.mining.mine_candidates` pipeline, in a subprocess per round (run selection, dedupe, pivot, set
+annomine: the whole `annomine.mining.mine_candidates` pipeline (run selection, dedupe, pivot, set
 logic, TF-IDF blocking + scoring, random negatives, precedence, caps) through the embedded engine,
-writing the candidates to Parquet and materialising shared intermediates like the job does; its
-peak RSS is that process's (the embedded Sail engine runs in-process). DuckDB: the same set logic
+writing the candidates to Parquet and materialising shared intermediates like the job does, in a
+fresh process per round; its peak RSS is that process's (the embedded Sail engine runs in-process). DuckDB: the same set logic
 as SQL (benchmarks/mine_duckdb.py, 2 threads) in a subprocess, so its peak RSS is its own. Then the
 deterministic classes (1-4; random negatives hash differently) are compared pair for pair.
 
@@ -106,9 +106,9 @@ def median_round(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
 
 
-def alternate(data: Path, work: Path, rules: MiningRules, n_products: int, args) -> tuple[list, list, float]:
-    """`args.repeats` rounds of annomine then DuckDB, so the machine's load hits both alike; annomine's peak
-    RSS is read before this process reads any output back."""
+def alternate(data: Path, work: Path, rules: MiningRules, args) -> tuple[list, list, float]:
+    """`args.repeats` rounds of annomine then DuckDB, so the machine's load hits both alike; the largest peak RSS
+    of annomine's rounds."""
     ours, duck = [], []
     for r in range(args.repeats):
         ours.append(annomine_round(data, work / f"candidates{r}", args))
@@ -144,7 +144,7 @@ def bench(data: Path, args) -> None:
     rules.validate()
     work = Path(tempfile.mkdtemp(prefix="bench_mine_"))
     try:
-        rounds, duck_rounds, ours_peak = alternate(data, work, rules, n_products, args)
+        rounds, duck_rounds, ours_peak = alternate(data, work, rules, args)
         ours = median_round(rounds)
         seconds = [round(r["seconds"], 1) for r in rounds]
         if args.annomine_only:
@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is not None:
         bench(Path(args.data), args)
         return 0
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.isdigit() and a != "--rows"]
+    passthrough = ["--max-positives", str(args.max_positives), "--max-negatives", str(args.max_negatives),
+                   "--blocking-max-df", str(args.blocking_max_df), "--threads", str(args.threads),
+                   "--repeats", str(args.repeats), *(["--annomine-only"] if args.annomine_only else [])]
     for rows in args.rows or [1_000_000]:
         folder = Path(tempfile.mkdtemp(prefix=f"gen_{rows}_"))
         try:

@@ -233,8 +233,9 @@ class BiEncoder:
                 mask = torch.from_numpy(attention_mask)
                 hidden = self.bert(input_ids=torch.from_numpy(input_ids), attention_mask=mask).last_hidden_state
                 fresh[positions] = torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1).float().numpy()
-        known = {**self._cache, **dict(zip(todo, fresh))} if todo else self._cache
-        out = np.stack([known[t] for t in texts]) if texts else np.zeros((0, fresh.shape[1]), np.float32)
+        row = {t: i for i, t in enumerate(todo)}
+        out = np.stack([fresh[row[t]] if t in row else self._cache[t] for t in texts]) if texts \
+            else np.zeros((0, fresh.shape[1]), np.float32)
         if len(self._cache) + len(todo) > self.cache_size:
             self._cache.clear()
         self._cache.update(zip(todo[-self.cache_size:], fresh[-self.cache_size:]))
