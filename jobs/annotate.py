@@ -197,6 +197,18 @@ def pairs_to_grade(ctx: JobContext, cfg: AnnotateConfig, judge_version: str):
                         "content_changed")
 
 
+def with_text_vectors(ctx: JobContext, pairs, vector_key: str | None):
+    """`pairs` with the cascade's `text_vector` column: each product's current `vector_key` vector from
+    `product_embeddings` (null where it has none, and the text is encoded); `pairs` unchanged without a key or table."""
+    from annomine.judges.cascade import TEXT_VECTOR
+    from annomine.retrievers.embeddings import current_vectors
+
+    vectors = current_vectors(ctx, vector_key) if vector_key else None
+    if vectors is None:
+        return pairs
+    return pairs.join(vectors.withColumnRenamed("embedding", TEXT_VECTOR), "product_id", "left")
+
+
 def deferred_pairs(ctx: JobContext, cfg: AnnotateConfig, judge_version: str, limit: int):
     """The `limit` pairs of this judge version whose escalation a budget deferred, least confident first, as
     (query_id, product_id, query, text, content_hash, prior_attempts); a budget escalation is not a new attempt."""
@@ -338,6 +350,10 @@ class _Run:
         if skipped:
             self.stats["escalation"]["skipped"] = skipped
             log.info("annotate: no escalation: %s", skipped)
+        self.vector_key = cascade.text_vector_key
+        if self.vector_key:
+            log.info("annotate: tier 1's bi-encoder takes the products' %s vectors from product_embeddings where they "
+                     "are current", self.vector_key)
 
     def grade(self, chunk, llm_budget: int | None, partitions: int, concurrency: int) -> dict | None:
         """Grade and commit one chunk; its per-tier counts (None when it was empty)."""
@@ -346,6 +362,7 @@ class _Run:
         from spark_udfs.annotation import make_annotator
 
         annotator = make_annotator(self.cascade, self.version, concurrency, llm_budget)
+        chunk = with_text_vectors(self.ctx, chunk, self.vector_key)
         graded = chunk.repartition(partitions).mapInPandas(annotator, self.schema).toPandas()
         if graded.empty:
             return None

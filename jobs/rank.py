@@ -268,6 +268,7 @@ def write_rankers(ctx: JobContext, cfg: RankConfig, rankers: dict, record: dict,
 
 
 def run(ctx: JobContext, cfg: RankConfig) -> dict:
+    from annomine.retrievers.embeddings import vectors_by_text
     from jobs.evaluate import stored_vectors
 
     started = time.time()
@@ -279,6 +280,8 @@ def run(ctx: JobContext, cfg: RankConfig) -> dict:
     cache_dir = project.warehouse_path / "cache"
     catalog, _ = inputs_lib.catalog_from_table(ctx.tables)
     tier1 = Tier1Scores(judge, cache_folder(cache_dir))
+    if tier1.text_vector_key:  # the stack's cosine feature reads the ANN channel's vectors of the same model
+        tier1.remember_text_vectors(vectors_by_text(ctx, tier1.text_vector_key))
     sources = FeatureSources(catalog, retriever, tier1, cfg.encode, cache_dir / "eval_embeddings", ctx.spark,
                              stored_vectors(ctx))
     wanted = ids["train"] + ids["dev"]

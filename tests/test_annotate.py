@@ -482,3 +482,43 @@ def test_a_pair_whose_query_or_product_text_changed_is_graded_again_alone(ctx, t
         "annotate: the annotations table records no content hash: its grades count as stale and every pair is graded again"]
     assert stats["missing"] == 8 and stats["content_changed"] == 8
     assert annotations(ctx)["content_hash"].notna().all() and len(annotations(ctx)) == 8
+
+
+def test_pairs_carry_the_current_product_vectors_of_tier_1_s_bi_encoder(ctx, tmp_path):
+    """`with_text_vectors` adds each pair's product vector under the judge's key from `product_embeddings`: null for
+    a product whose text changed since it was encoded, for one without a vector and under another model's key;
+    `vectors_by_text` gives the same current vectors by product text."""
+    import pandas as pd
+
+    from jobs.annotate import source_pairs, with_text_vectors
+
+    seed_tables(ctx, n_queries=2, per_query=4)
+    table = ctx.tables.read("products").toPandas()
+    table["content_hash"] = "hash of " + table["text"]
+    ctx.tables.overwrite("products", ctx.spark.createDataFrame(table, ctx.tables.spec("products").schema))
+    products = sorted(table["product_id"])
+    vectors = {pid: [float(i), 1.0, 0.0] for i, pid in enumerate(products)}
+    stale, absent = products[0], products[1]
+    rows = table[table.product_id != absent][["product_id", "content_hash"]].assign(model="minilm@64")
+    rows.loc[rows.product_id == stale, "content_hash"] = "hash of its old text"
+    rows["embedding"] = [vectors[p] for p in rows["product_id"]]
+    rows = rows[["product_id", "model", "content_hash", "embedding"]]
+    other = rows.assign(model="minilm@128", embedding=[[9.0, 9.0, 9.0]] * len(rows))
+    schema = ctx.tables.spec("product_embeddings").schema
+    ctx.tables.merge("product_embeddings", ctx.spark.createDataFrame(pd.concat([rows, other], ignore_index=True), schema))
+    _, cfg = make_cfg(tmp_path, ctx.project, {"cascade": llm_cascade_conf()})
+    pairs = source_pairs(ctx, cfg)
+    assert with_text_vectors(ctx, pairs, None).columns == pairs.columns
+    got = with_text_vectors(ctx, pairs, "minilm@64").toPandas()
+    assert len(got) == pairs.count()
+    for pid, vec in zip(got["product_id"], got["text_vector"]):
+        if pid in (stale, absent, "ghost"):
+            assert vec is None, pid
+        else:
+            assert list(vec) == vectors[pid], pid
+    # the driver-side stages (judge train, rank) read the same vectors keyed by the product text
+    from annomine.retrievers.embeddings import vectors_by_text
+
+    by_text = vectors_by_text(ctx, "minilm@64")
+    text_of = dict(zip(table["product_id"], table["text"]))
+    assert {t: list(v) for t, v in by_text.items()} == {text_of[p]: vectors[p] for p in products if p not in (stale, absent)}

@@ -534,6 +534,51 @@ def test_stacked_tier1_features_save_and_load(tmp_path):
     assert loaded.decide(probs).tolist() == model.decide(probs).tolist()
 
 
+def test_tier1_takes_given_product_vectors_instead_of_encoding_the_texts(tmp_path):
+    """`grade_frame`'s `text_vector` column (the ANN channel's vectors, in the annotate job) goes to the stack's
+    bi-encoder: the texts given a vector are not encoded, a row without one is, and the grades and probabilities
+    are those of encoding every text. Only the bundled model's vectors are shared with product_embeddings."""
+    from annomine.judges.cascade import TEXT_VECTOR, Cascade, Tier1
+    from annomine.judges.cross_encoder import attach_stack, load_cached
+    from annomine.judges.stack import BiEncoder, shared_vector_key
+
+    shop = _shop(tmp_path)
+    pairs = load_pairs_from_files(shop / "queries.tsv", shop / "labels.tsv", shop / "products.tsv")
+    tok, bert = build_encoder("tiny")
+    model = CrossEncoderModel(tok, bert, GRADES, max_length=32, version="ce-vectors")
+    queries, texts = pairs["query"].tolist(), pairs["text"].tolist()
+    attach_stack(model, pairs, model.ce_proba(queries, texts), CrossEncoderSettings(base_model="tiny", stack=True,
+                                                                                     stack_biencoder="tiny"))
+    model.save(tmp_path / "judge")
+    Calibrator.uncalibrated(GRADES, 0.5).save(tmp_path / "judge" / "calibration_tier1.json")
+    expected = Cascade(GRADES, [Tier1(tmp_path / "judge", GRADES)], {"tier1": Calibrator.uncalibrated(GRADES, 0.5)}, 1)
+    plain = expected.grade_frame(pairs[["query", "text"]])
+    bi = load_cached(tmp_path / "judge").biencoder
+    vectors = [v for v in bi.encode(texts)]
+    bi._cache.clear()
+    encoded: list[str] = []
+    real_encode = BiEncoder.encode
+
+    def spy(self, batch):
+        encoded.extend(t for t in batch if t not in self._cache)
+        return real_encode(self, batch)
+
+    missing = texts[0]  # every row of this text comes without a vector
+    frame = pairs[["query", "text"]].assign(**{TEXT_VECTOR: [None if t == missing else v for t, v in zip(texts, vectors)]})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BiEncoder, "encode", spy)
+        given = expected.grade_frame(frame)
+    assert missing in encoded and not (set(texts) - {missing}) & set(encoded)
+    assert given["grade"].tolist() == plain["grade"].tolist()
+    for a, b in zip(given["tier_outputs"], plain["tier_outputs"]):
+        pa, pb = json.loads(a)["tier1"]["probs"], json.loads(b)["tier1"]["probs"]
+        assert max(abs(pa[k] - pb[k]) for k in pa) <= 1e-4
+    assert expected.text_vector_key is None  # the random 'tiny' bi-encoder is saved with the judge: its own weights
+    assert shared_vector_key({"base_model": "minilm", "max_length": 64}) == "minilm@64"
+    assert shared_vector_key({"base_model": "minilm", "folder": "biencoder", "max_length": 64}) is None
+    assert shared_vector_key(None) is None
+
+
 def test_ranking_headroom_scores_both_orders_of_the_same_products():
     from annomine.judges.ranking import order_by_score, ranking_headroom
 

@@ -44,6 +44,9 @@ RESULT_COLUMNS = ["grade", "confidence", "deciding_tier", "tier_outputs", "laten
 # tier's answer was queued for a batch: the pair keeps the grade of the tiers before it until the answer is collected).
 ESCALATED, BUDGET, BATCH = "escalated", "budget", "batch"
 COMBINED = "combined"
+# An optional input column of `grade_frame`: the product text's vector under tier 1's `text_vector_key` (the ANN
+# channel's, from `product_embeddings`), used instead of encoding the text again; a missing vector is encoded.
+TEXT_VECTOR = "text_vector"
 
 
 class Tier1:
@@ -65,10 +68,26 @@ class Tier1:
         if list(meta["grades"]) != list(grades):
             raise ValueError(f"judge {folder} grades {meta['grades']} but the project scale is {grades}")
         self.version = meta.get("version") or Path(folder).name
+        self.biencoder_info = (meta.get("stack") or {}).get("biencoder")
         self.grades = list(grades)
         self.batch_size = 64
         # (query, text) -> result, when a command grades the same pairs twice (its forecast, then the run); None: off
         self.memo: dict | None = None
+
+    @property
+    def text_vector_key(self) -> str | None:
+        """The `product_embeddings` key of product vectors this tier can use instead of encoding the texts (its
+        stack's bi-encoder cosine feature), or None."""
+        from annomine.judges.stack import shared_vector_key
+
+        return shared_vector_key(self.biencoder_info)
+
+    def remember_text_vectors(self, texts: list, vectors) -> int:
+        """Give the stack's bi-encoder these texts' vectors (of `text_vector_key`); how many it had not cached."""
+        from annomine.judges.cross_encoder import load_cached
+
+        model = load_cached(self.folder)
+        return model.biencoder.remember(texts, vectors) if model.stack is not None and model.biencoder is not None else 0
 
     def grade_many(self, pairs: list[tuple[str, str]], concurrency: int = 1) -> list[TierResult]:
         if self.memo is None:
@@ -152,6 +171,11 @@ class Cascade:
     @property
     def tier_names(self) -> list[str]:
         return [t.name for t in self.tiers]
+
+    @property
+    def text_vector_key(self) -> str | None:
+        """The `product_embeddings` key whose vectors `grade_frame` can take in its `text_vector` column, or None."""
+        return next((t.text_vector_key for t in self.tiers if isinstance(t, Tier1)), None)
 
     @property
     def kept_combinations(self) -> list[str]:
@@ -274,6 +298,10 @@ class Cascade:
         concurrency = concurrency or self.concurrency
         queries = ["" if q is None or (isinstance(q, float) and np.isnan(q)) else str(q) for q in pdf["query"]]
         texts = [None if t is None or (isinstance(t, float) and np.isnan(t)) else str(t) for t in pdf["text"]]
+        if TEXT_VECTOR in pdf.columns:
+            for tier in self.tiers:
+                if isinstance(tier, Tier1):
+                    tier.remember_text_vectors(texts, pdf[TEXT_VECTOR].tolist())
         outputs: list[dict[str, TierResult]] = [dict() for _ in range(n)]
         input_error: list[str | None] = [None] * n
         escalation: list[str | None] = [None] * n

@@ -484,13 +484,18 @@ def select_decision(model: CrossEncoderModel, probs: np.ndarray, truth, groups=N
             "cutpoints_scored": "out-of-fold by query" if groups is not None and len(set(groups)) >= 2 else "in-sample"}
 
 
-def attach_stack(model: CrossEncoderModel, df, ce_probs: np.ndarray, settings: CrossEncoderSettings, weights=None) -> dict:
+def attach_stack(model: CrossEncoderModel, df, ce_probs: np.ndarray, settings: CrossEncoderSettings, weights=None,
+                 known_vectors: dict | None = None) -> dict:
     """Fit the stack on held-out pairs (`df`: the calibration split, with the cross-encoder's `ce_probs` on it)
-    and attach it to `model`. Returns the out-of-fold stacked probabilities (by query) and the fit's figures."""
+    and attach it to `model`. `known_vectors`: {text: vector} of the stack's bi-encoder model and token limit (the
+    ANN channel's, `stack.shared_vector_key`), cached so those texts are not encoded. Returns the out-of-fold
+    stacked probabilities (by query) and the fit's figures."""
     from annomine.judges.stack import JUDGE_FEATURES, BiEncoder, fit_logistic_stack, pair_features
 
     columns = list(settings.stack_columns or JUDGE_FEATURES)
     model.biencoder = BiEncoder(settings.stack_biencoder) if "cosine" in columns else None
+    if model.biencoder is not None and known_vectors:
+        model.biencoder.remember(list(known_vectors), list(known_vectors.values()))
     started = time.time()
     feats = pair_features(df["query"].tolist(), df["text"].tolist(), ce_probs, model.grades, model.biencoder, columns)
     stack, oof = fit_logistic_stack(feats, df["grade"], df["query_id"], model.grades, columns, weights, seed=settings.seed,

@@ -202,6 +202,18 @@ JUDGE_FEATURES = ["ce_p1", "ce_p2", "ce_p3", "ce_p4", "ce_expected", "title_cove
 BIENCODER_MAX_LENGTH = 64  # tokens per text of the cosine feature (and of the judge's ranking check)
 
 
+def shared_vector_key(info: dict | None) -> str | None:
+    """The `product_embeddings` model key (annomine/retrievers/embeddings.py) of the vectors a judge's saved
+    bi-encoder (judge.json's `stack.biencoder`) computes: the bundled model's only, as one saved with the judge
+    (such as the random 'tiny') has weights of its own; None without a bi-encoder."""
+    from annomine.bert import MINILM
+    from annomine.retrievers.embeddings import vector_key
+
+    if not info or "folder" in info or info.get("base_model") != MINILM:
+        return None
+    return vector_key(info["base_model"], int(info.get("max_length", BIENCODER_MAX_LENGTH)))
+
+
 class BiEncoder:
     """Mean-pooled, L2-normalised sentence embeddings (as `annomine.encoders.TextEncoder`, same weights and
     pooling from `annomine.bert`), with a per-process
@@ -240,6 +252,17 @@ class BiEncoder:
             self._cache.clear()
         self._cache.update(zip(todo[-self.cache_size:], fresh[-self.cache_size:]))
         return out
+
+    def remember(self, texts, vectors) -> int:
+        """Cache given embeddings of `texts` (rows of `vectors`), e.g. the ANN channel's
+        product vectors of the same model and token limit, so those texts are not encoded again (a row that is not
+        a vector, such as a missing one, is skipped). Returns how many were new to the cache."""
+        fresh = {t: np.asarray(v, dtype=np.float32) for t, v in zip(texts, vectors)
+                 if isinstance(v, (list, tuple, np.ndarray)) and isinstance(t, str) and t not in self._cache}
+        if len(self._cache) + len(fresh) > self.cache_size:
+            self._cache.clear()
+        self._cache.update(list(fresh.items())[-self.cache_size:])
+        return len(fresh)
 
     def cosine(self, queries: list[str], texts: list[str]) -> np.ndarray:
         if not len(queries):

@@ -4,7 +4,7 @@
 without a current one (new, or changed since they were encoded) and MERGEing those. Rows are keyed by
 `vector_key(encoder, max_length)`; a stage that needs the same model's vectors of the same product text
 reads them through `current_vectors` instead of encoding the catalog again (evaluate's zero-shot MiniLM
-baseline).
+baseline; `vectors_by_text` for tier 1's bi-encoder cosine feature, which is the same model).
 """
 
 from __future__ import annotations
@@ -32,6 +32,17 @@ def current_vectors(ctx, model_key: str):
     vectors = ctx.tables.read("product_embeddings").where(F.col("model") == model_key).select("product_id", "content_hash", "embedding")
     products = ctx.tables.read("products").select("product_id", "content_hash")
     return vectors.join(products, ["product_id", "content_hash"], "inner").select("product_id", "embedding")
+
+
+def vectors_by_text(ctx, model_key: str) -> dict[str, np.ndarray]:
+    """{product text: its current `model_key` vector} (`current_vectors` keyed by the text the vector was encoded
+    from); empty without the tables."""
+    vectors = current_vectors(ctx, model_key)
+    if vectors is None:
+        return {}
+    rows = vectors.join(ctx.tables.read("products").select("product_id", "text"), "product_id").select("text", "embedding")
+    pdf = rows.toPandas()
+    return {t: np.asarray(e, dtype=np.float32) for t, e in zip(pdf["text"], pdf["embedding"]) if isinstance(t, str)}
 
 
 def _cached(ctx, model_key: str) -> dict[str, tuple[str, np.ndarray]]:
