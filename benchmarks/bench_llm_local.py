@@ -4,6 +4,7 @@
     python benchmarks/bench_llm_local.py --model qwen2.5-coder-1.5b --pairs 40 --n-threads 2 --labels ../shared/data/crowdflower
     python benchmarks/bench_llm_local.py ... --reason yes   # ask for the reason too (a local tier's default: no)
     python benchmarks/bench_llm_local.py ... --compare-stock  # and the same pairs on the stock llama_cpp.server
+    python benchmarks/bench_llm_local.py ... --logprobs no     # without log-probabilities (what they cost)
 
 The call path of a `server: local` tier (annomine/judges/local_server.py + `LLMTier.grade_many`: the prompt,
 the JSON-schema constraint, log-probabilities), one request at a time (the server answers one at a time).
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--labels", help="folder with queries.tsv, labels.tsv, products.tsv (CrowdFlower layout)")
     parser.add_argument("--reason", choices=["auto", "yes", "no"], default="auto",
                         help="ask for the reason after the grade (LLMTierConfig.reason; auto: no for a local server)")
+    parser.add_argument("--logprobs", choices=["yes", "no"], default="yes",
+                        help="ask for the answer tokens' log-probabilities (LLMTierConfig.logprobs; the tier's default: yes)")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (the pipeline's: max_concurrency_total)")
     parser.add_argument("--compare-stock", action="store_true",
                         help="grade the same pairs on llama-cpp-python's stock server too and compare")
@@ -86,7 +89,7 @@ def main() -> None:
     ok = [r for r in results if r.grade is not None]
     sources = dict(Counter(str(r.confidence_source) for r in results))
     extra = {"pairs": len(results), "graded": len(ok), "confidence_sources": sources, "n_threads": args.n_threads,
-             "reason": tier.cfg.effective_reason, "grade_per_pair": [r.grade for r in results],
+             "reason": tier.cfg.effective_reason, "logprobs": tier.cfg.logprobs, "grade_per_pair": [r.grade for r in results],
              "first_request_s": round(first.latency_ms / 1000.0, 2),
              "prompt_tokens_per_pair": round(sum(r.prompt_tokens for r in ok) / max(len(ok), 1), 1),
              "completion_tokens_per_pair": round(sum(r.completion_tokens for r in ok) / max(len(ok), 1), 1),
@@ -109,7 +112,8 @@ def serve_and_grade(server_module: str, args, reason, pairs):
     with LocalLLMServer(resolve_model(args.model), args.model, n_threads=args.n_threads, startup_timeout_s=600,
                         server_module=server_module) as srv:
         startup = time.perf_counter() - started
-        tier = LLMTier("tier2", LLMTierConfig(model=args.model, server="local", timeout_s=300, reason=reason), [1, 2, 3, 4], srv.base_url, LOOPBACK_KEY)
+        cfg = LLMTierConfig(model=args.model, server="local", timeout_s=300, reason=reason, logprobs=args.logprobs == "yes")
+        tier = LLMTier("tier2", cfg, [1, 2, 3, 4], srv.base_url, LOOPBACK_KEY)
         first = tier.grade(*pairs[0])  # fills the prompt-prefix cache (the system prompt)
         t0 = time.perf_counter()
         results = tier.grade_many(pairs[1:], args.concurrency)

@@ -289,6 +289,26 @@ class Cascade:
                 srv.stop()
 
     # ---- grading ------------------------------------------------------------------------
+    def _inputs(self, pdf: pd.DataFrame) -> tuple[list, list, list, list[int]]:
+        """The frame's queries and texts, the input error of each row (a missing query or product text) and the rows
+        to grade; the `text_vector` column's vectors go to tier 1 first."""
+        queries = ["" if q is None or (isinstance(q, float) and np.isnan(q)) else str(q) for q in pdf["query"]]
+        texts = [None if t is None or (isinstance(t, float) and np.isnan(t)) else str(t) for t in pdf["text"]]
+        if TEXT_VECTOR in pdf.columns:
+            for tier in self.tiers:
+                if isinstance(tier, Tier1):
+                    tier.remember_text_vectors(texts, pdf[TEXT_VECTOR].tolist())
+        input_error: list[str | None] = [None] * len(pdf)
+        pending = []
+        for i, (query, text) in enumerate(zip(queries, texts)):
+            if text is None or not text.strip():
+                input_error[i] = "product text missing (product not in products table?)"
+            elif not query.strip():
+                input_error[i] = "query text missing"
+            else:
+                pending.append(i)
+        return queries, texts, input_error, pending
+
     def grade_frame(self, pdf: pd.DataFrame, progress: bool = False, concurrency: int | None = None,
                     llm_budget: int | None = None) -> pd.DataFrame:
         """Grade a frame with columns query, text (and any keys); returns it with RESULT_COLUMNS added
@@ -296,24 +316,10 @@ class Cascade:
         attempts). `llm_budget`: at most this many LLM tier calls, spent on the least confident pairs first."""
         n = len(pdf)
         concurrency = concurrency or self.concurrency
-        queries = ["" if q is None or (isinstance(q, float) and np.isnan(q)) else str(q) for q in pdf["query"]]
-        texts = [None if t is None or (isinstance(t, float) and np.isnan(t)) else str(t) for t in pdf["text"]]
-        if TEXT_VECTOR in pdf.columns:
-            for tier in self.tiers:
-                if isinstance(tier, Tier1):
-                    tier.remember_text_vectors(texts, pdf[TEXT_VECTOR].tolist())
+        queries, texts, input_error, pending = self._inputs(pdf)
         outputs: list[dict[str, TierResult]] = [dict() for _ in range(n)]
-        input_error: list[str | None] = [None] * n
         escalation: list[str | None] = [None] * n
         remaining = None if llm_budget is None else max(0, int(llm_budget))
-        pending = []
-        for i in range(n):
-            if texts[i] is None or not texts[i].strip():
-                input_error[i] = "product text missing (product not in products table?)"
-            elif not queries[i].strip():
-                input_error[i] = "query text missing"
-            else:
-                pending.append(i)
         last = len(self.tiers) - 1
         for k, tier in enumerate(self.tiers):
             if not pending:
