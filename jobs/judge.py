@@ -269,21 +269,22 @@ def _judge_version(tr, cal, cfg: JudgeConfig, grades: list[int]) -> str:
     return version_id(cfg.model, grades, keys)
 
 
-def _catalog_vectors(project: ProjectConfig, cfg: JudgeConfig) -> dict:
-    """{product text: vector} of the stack's bi-encoder that the ANN channel already computed (`product_embeddings`,
-    the same model and token limit), so the labelled products' texts are not encoded again; empty when there are none."""
+def _labelled_vectors(project: ProjectConfig, cfg: JudgeConfig, product_ids) -> dict:
+    """{product text: vector} of the labelled products (`product_ids`) that the ANN channel already computed for the
+    stack's bi-encoder (`product_embeddings`, the same model and token limit), so their texts are not encoded again;
+    empty when there are none."""
     from annomine.judges.stack import BIENCODER_MAX_LENGTH, shared_vector_key
     from annomine.retrievers.embeddings import vectors_by_text
     from annomine.runtime import open_context
 
     key = shared_vector_key({"base_model": cfg.model.stack_biencoder, "max_length": BIENCODER_MAX_LENGTH}) if cfg.model.stack else None
-    return vectors_by_text(open_context(project), key) if key else {}
+    return vectors_by_text(open_context(project), key, list(product_ids)) if key else {}
 
 
 def _fit_on_calibration(model, history: dict, cal, cfg: JudgeConfig, grades: list[int], known_vectors: dict | None = None) -> tuple:
     """The calibration part's probabilities and decisions and the tier-1 calibrator, after fitting the stack and the
     decision rule on it (history gets their fits). `known_vectors`: the bi-encoder's vectors already computed
-    (`_catalog_vectors`)."""
+    (`_labelled_vectors`)."""
     from annomine.judges.calibration import fit_calibrator
     from annomine.judges.cross_encoder import attach_stack, select_decision
 
@@ -376,7 +377,7 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     version = _judge_version(tr, cal, cfg, grades)
     model, history = train_cross_encoder(tr, grades, cfg.model)
     model.version = version
-    known = _catalog_vectors(project, cfg) if not (files or cfg.labels) else None
+    known = _labelled_vectors(project, cfg, pairs["product_id"].unique()) if not (files or cfg.labels) else None
     cal_probs, cal_pred, calibrator = _fit_on_calibration(model, history, cal, cfg, grades, known)
     if cfg.refit_on_all:
         model = _refit_on_all(model, history, tr, cal, cfg, grades)

@@ -522,3 +522,13 @@ def test_pairs_carry_the_current_product_vectors_of_tier_1_s_bi_encoder(ctx, tmp
     by_text = vectors_by_text(ctx, "minilm@64")
     text_of = dict(zip(table["product_id"], table["text"]))
     assert {t: list(v) for t, v in by_text.items()} == {text_of[p]: vectors[p] for p in products if p not in (stale, absent)}
+    some = [products[2], products[3], stale]
+    assert set(vectors_by_text(ctx, "minilm@64", some)) == {text_of[products[2]], text_of[products[3]]}
+    # judge train reads those of its labelled products for a stacked judge whose bi-encoder is the bundled MiniLM
+    from annomine.judges.cross_encoder import CrossEncoderSettings
+    from jobs.judge import JudgeConfig, _labelled_vectors
+
+    stacked = JudgeConfig(model=CrossEncoderSettings(stack=True, stack_biencoder="minilm"))
+    assert {t: list(v) for t, v in _labelled_vectors(ctx.project, stacked, some).items()} == {
+        text_of[p]: vectors[p] for p in products[2:4]}
+    assert _labelled_vectors(ctx.project, JudgeConfig(model=CrossEncoderSettings(stack=True, stack_biencoder="tiny")), some) == {}

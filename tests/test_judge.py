@@ -573,6 +573,14 @@ def test_tier1_takes_given_product_vectors_instead_of_encoding_the_texts(tmp_pat
     for a, b in zip(given["tier_outputs"], plain["tier_outputs"]):
         pa, pb = json.loads(a)["tier1"]["probs"], json.loads(b)["tier1"]["probs"]
         assert max(abs(pa[k] - pb[k]) for k in pa) <= 1e-4
+    # attach_stack caches the known vectors before it computes the calibration pairs' features
+    encoded.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BiEncoder, "encode", spy)
+        again = CrossEncoderModel(tok, bert, GRADES, max_length=32, version="ce-vectors")
+        attach_stack(again, pairs, model.ce_proba(queries, texts), CrossEncoderSettings(
+            base_model="tiny", stack=True, stack_biencoder="tiny"), known_vectors=dict(zip(texts, vectors)))
+    assert encoded and not set(texts) & set(encoded)  # the queries only
     assert expected.text_vector_key is None  # the random 'tiny' bi-encoder is saved with the judge: its own weights
     assert shared_vector_key({"base_model": "minilm", "max_length": 64}) == "minilm@64"
     assert shared_vector_key({"base_model": "minilm", "folder": "biencoder", "max_length": 64}) is None

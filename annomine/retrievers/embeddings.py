@@ -34,12 +34,15 @@ def current_vectors(ctx, model_key: str):
     return vectors.join(products, ["product_id", "content_hash"], "inner").select("product_id", "embedding")
 
 
-def vectors_by_text(ctx, model_key: str) -> dict[str, np.ndarray]:
+def vectors_by_text(ctx, model_key: str, product_ids: list[str] | None = None) -> dict[str, np.ndarray]:
     """{product text: its current `model_key` vector} (`current_vectors` keyed by the text the vector was encoded
-    from); empty without the tables."""
+    from), of every product or of `product_ids` only; empty without the tables."""
     vectors = current_vectors(ctx, model_key)
     if vectors is None:
         return {}
+    if product_ids is not None:
+        wanted = ctx.spark.createDataFrame(pd.DataFrame({"product_id": sorted(set(map(str, product_ids)))}), "product_id string")
+        vectors = vectors.join(wanted, "product_id", "left_semi")
     rows = vectors.join(ctx.tables.read("products").select("product_id", "text"), "product_id").select("text", "embedding")
     pdf = rows.toPandas()
     return {t: np.asarray(e, dtype=np.float32) for t, e in zip(pdf["text"], pdf["embedding"]) if isinstance(t, str)}
