@@ -281,7 +281,8 @@ def run(ctx: JobContext, cfg: RankConfig) -> dict:
     catalog, _ = inputs_lib.catalog_from_table(ctx.tables)
     tier1 = Tier1Scores(judge, cache_folder(cache_dir))
     if tier1.text_vector_key:  # the stack's cosine feature reads the ANN channel's vectors of the same model
-        tier1.remember_text_vectors(vectors_by_text(ctx, tier1.text_vector_key))
+        by_text = vectors_by_text(ctx, tier1.text_vector_key)
+        tier1.model.remember_text_vectors(list(by_text), list(by_text.values()))
     sources = FeatureSources(catalog, retriever, tier1, cfg.encode, cache_dir / "eval_embeddings", ctx.spark,
                              stored_vectors(ctx))
     wanted = ids["train"] + ids["dev"]

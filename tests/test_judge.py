@@ -536,8 +536,8 @@ def test_stacked_tier1_features_save_and_load(tmp_path):
 
 def test_tier1_takes_given_product_vectors_instead_of_encoding_the_texts(tmp_path):
     """`grade_frame`'s `text_vector` column (the ANN channel's vectors, in the annotate job) goes to the stack's
-    bi-encoder: the texts given a vector are not encoded, a row without one is, and the grades and probabilities
-    are those of encoding every text. Only the bundled model's vectors are shared with product_embeddings."""
+    bi-encoder: the texts given a vector are not encoded, a row without one (or with one of another width) is, and
+    the grades and probabilities are those of encoding every text. Only the bundled model's vectors are shared with product_embeddings."""
     from annomine.judges.cascade import TEXT_VECTOR, Cascade, Tier1
     from annomine.judges.cross_encoder import attach_stack, load_cached
     from annomine.judges.stack import BiEncoder, shared_vector_key
@@ -563,12 +563,13 @@ def test_tier1_takes_given_product_vectors_instead_of_encoding_the_texts(tmp_pat
         encoded.extend(t for t in batch if t not in self._cache)
         return real_encode(self, batch)
 
-    missing = texts[0]  # every row of this text comes without a vector
-    frame = pairs[["query", "text"]].assign(**{TEXT_VECTOR: [None if t == missing else v for t, v in zip(texts, vectors)]})
+    missing, damaged = texts[0], next(t for t in texts if t != texts[0])  # rows without a vector / a vector too short
+    given_vectors = [None if t == missing else v[:3] if t == damaged else v for t, v in zip(texts, vectors)]
+    frame = pairs[["query", "text"]].assign(**{TEXT_VECTOR: given_vectors})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BiEncoder, "encode", spy)
         given = expected.grade_frame(frame)
-    assert missing in encoded and not (set(texts) - {missing}) & set(encoded)
+    assert {missing, damaged} <= set(encoded) and not (set(texts) - {missing, damaged}) & set(encoded)
     assert given["grade"].tolist() == plain["grade"].tolist()
     for a, b in zip(given["tier_outputs"], plain["tier_outputs"]):
         pa, pb = json.loads(a)["tier1"]["probs"], json.loads(b)["tier1"]["probs"]

@@ -34,6 +34,7 @@ from annomine.judges.calibration import Calibrator, fit_calibrator
 from annomine.judges.combiner import Combiner, distribution, fit_path
 from annomine.judges.config import CascadeConfig, LLMTierConfig  # noqa: F401 - re-exported
 from annomine.judges.llm import LOOPBACK_KEY, LLMTier, TierResult, expected_grade, resolve_api_key
+from annomine.judges.stack import judge_vector_key
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +69,18 @@ class Tier1:
         if list(meta["grades"]) != list(grades):
             raise ValueError(f"judge {folder} grades {meta['grades']} but the project scale is {grades}")
         self.version = meta.get("version") or Path(folder).name
-        self.biencoder_info = (meta.get("stack") or {}).get("biencoder")
+        # the `product_embeddings` key of product vectors tier 1 can take instead of encoding the texts, or None
+        self.text_vector_key = judge_vector_key(meta)
         self.grades = list(grades)
         self.batch_size = 64
         # (query, text) -> result, when a command grades the same pairs twice (its forecast, then the run); None: off
         self.memo: dict | None = None
 
-    @property
-    def text_vector_key(self) -> str | None:
-        """The `product_embeddings` key of product vectors this tier can use instead of encoding the texts (its
-        stack's bi-encoder cosine feature), or None."""
-        from annomine.judges.stack import shared_vector_key
-
-        return shared_vector_key(self.biencoder_info)
-
     def remember_text_vectors(self, texts: list, vectors) -> int:
-        """Give the stack's bi-encoder these texts' vectors (of `text_vector_key`); how many it had not cached."""
+        """`CrossEncoderModel.remember_text_vectors` of this process's model."""
         from annomine.judges.cross_encoder import load_cached
 
-        model = load_cached(self.folder)
-        return model.biencoder.remember(texts, vectors) if model.stack is not None and model.biencoder is not None else 0
+        return load_cached(self.folder).remember_text_vectors(texts, vectors)
 
     def grade_many(self, pairs: list[tuple[str, str]], concurrency: int = 1) -> list[TierResult]:
         if self.memo is None:

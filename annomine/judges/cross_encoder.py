@@ -115,6 +115,13 @@ class CrossEncoderModel:
         hidden = last_hidden_state(self.bert, enc, self.packed_training)
         return self.head(mean_pool(hidden, enc["attention_mask"]))
 
+    def remember_text_vectors(self, texts: list, vectors) -> int:
+        """Give the stack's bi-encoder these texts' vectors (the ANN channel's of the same model and token limit,
+        `stack.judge_vector_key`), so they are not encoded; how many it had not cached (0 without a stack)."""
+        if self.stack is None or self.biencoder is None:
+            return 0
+        return self.biencoder.remember(texts, vectors)
+
     def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """(n, n_grades) probabilities: the cross-encoder's, or the stack's over them when there is one."""
         probs = self.ce_proba(queries, texts, batch_size, progress)

@@ -214,6 +214,11 @@ def shared_vector_key(info: dict | None) -> str | None:
     return vector_key(info["base_model"], int(info.get("max_length", BIENCODER_MAX_LENGTH)))
 
 
+def judge_vector_key(meta: dict) -> str | None:
+    """`shared_vector_key` of a judge from its judge.json (None without a stack or its bi-encoder)."""
+    return shared_vector_key((meta.get("stack") or {}).get("biencoder"))
+
+
 class BiEncoder:
     """Mean-pooled, L2-normalised sentence embeddings (as `annomine.encoders.TextEncoder`, same weights and
     pooling from `annomine.bert`), with a per-process
@@ -248,20 +253,24 @@ class BiEncoder:
         row = {t: i for i, t in enumerate(todo)}
         out = np.stack([fresh[row[t]] if t in row else self._cache[t] for t in texts]) if texts \
             else np.zeros((0, fresh.shape[1]), np.float32)
-        if len(self._cache) + len(todo) > self.cache_size:
-            self._cache.clear()
-        self._cache.update(zip(todo[-self.cache_size:], fresh[-self.cache_size:]))
+        self._keep(todo, fresh)
         return out
+
+    def _keep(self, texts: list[str], rows) -> None:
+        """Cache `rows` by text, at most `cache_size` texts (a full cache is emptied first)."""
+        if len(self._cache) + len(texts) > self.cache_size:
+            self._cache.clear()
+        self._cache.update(zip(texts[-self.cache_size:], rows[-self.cache_size:]))
 
     def remember(self, texts, vectors) -> int:
         """Cache given embeddings of `texts` (rows of `vectors`), e.g. the ANN channel's
         product vectors of the same model and token limit, so those texts are not encoded again (a row that is not
-        a vector, such as a missing one, is skipped). Returns how many were new to the cache."""
+        a vector of the model's width, such as a missing one, is skipped: that text is encoded). Returns how many
+        were new to the cache."""
+        width = int(self.bert.config.hidden_size)
         fresh = {t: np.asarray(v, dtype=np.float32) for t, v in zip(texts, vectors)
-                 if isinstance(v, (list, tuple, np.ndarray)) and isinstance(t, str) and t not in self._cache}
-        if len(self._cache) + len(fresh) > self.cache_size:
-            self._cache.clear()
-        self._cache.update(list(fresh.items())[-self.cache_size:])
+                 if isinstance(v, (list, tuple, np.ndarray)) and len(v) == width and isinstance(t, str) and t not in self._cache}
+        self._keep(list(fresh), list(fresh.values()))
         return len(fresh)
 
     def cosine(self, queries: list[str], texts: list[str]) -> np.ndarray:

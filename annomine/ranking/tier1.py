@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from annomine.judges.stack import judge_vector_key
+
 log = logging.getLogger(__name__)
 
 SAVE_EVERY = 2000  # pairs scored between two writes of the cache
@@ -39,7 +41,8 @@ class Tier1Scores:
         meta = json.loads((self.folder / "judge.json").read_text())
         self.grades = [int(g) for g in meta["grades"]]
         self.version = str(meta.get("version") or self.folder.name)
-        self.biencoder_info = (meta.get("stack") or {}).get("biencoder")
+        # the `product_embeddings` key of product vectors the judge's stack can take instead of encoding the texts
+        self.text_vector_key = judge_vector_key(meta)
         self.batch_size = batch_size
         self.file = Path(cache) / f"{self.version}.parquet" if cache is not None else None
         self._known: dict[str, np.ndarray] | None = None
@@ -50,20 +53,6 @@ class Tier1Scores:
         from annomine.judges.cross_encoder import load_cached
 
         return load_cached(self.folder)
-
-    @property
-    def text_vector_key(self) -> str | None:
-        """The `product_embeddings` key of product vectors the judge's stack can take instead of encoding the texts."""
-        from annomine.judges.stack import shared_vector_key
-
-        return shared_vector_key(self.biencoder_info)
-
-    def remember_text_vectors(self, by_text: dict) -> int:
-        """Give the stack's bi-encoder {text: vector} of `text_vector_key`; how many texts it had not cached."""
-        model = self.model
-        if not by_text or model.stack is None or model.biencoder is None:
-            return 0
-        return model.biencoder.remember(list(by_text), list(by_text.values()))
 
     def _cache(self) -> dict[str, np.ndarray]:
         if self._known is None:
