@@ -280,6 +280,52 @@ def test_logits_of_the_last_token_only_give_the_stock_servers_answers_and_logpro
         assert all(np.allclose([lp for _, lp in a], [lp for _, lp in b], atol=1e-4) for a, b in zip(ours_lp, stock_lp))
 
 
+def test_top_alternatives_keep_the_sorted_order_ties_included():
+    from annomine.judges.llama_server import top_alternatives
+
+    rng = np.random.default_rng(3)
+    row = rng.integers(-6, 0, size=500).astype(np.float32)  # many ties, at the cut too
+    for k in (1, 5, 20, 500, 600):
+        assert top_alternatives(row, k) == sorted(zip(row, range(len(row))), reverse=True)[:k]
+    assert top_alternatives(row, 0) == []
+
+
+@needs_llama
+def test_answer_logprobs_equal_the_librarys_own_in_the_same_process(monkeypatch):
+    """The server's completion log-probabilities (answer rows only, a partial top-k) are exactly the ones
+    llama-cpp-python's own `_create_completion` builds on the same model and context: stops by length, by a stop
+    sequence, by the end token right away and after a JSON answer; echo requests take the library's path."""
+    import llama_cpp
+
+    from annomine.judges import llama_server
+    from annomine.judges.llm import response_format
+    from annomine.judges.prompt import build_messages
+
+    for name in ("eval", "_create_completion"):  # restored after the test
+        monkeypatch.setattr(llama_cpp.Llama, name, getattr(llama_cpp.Llama, name))
+    llama_server.install()
+    llm = llama_cpp.Llama(str(resolve_model(MODEL)), n_ctx=1024, n_threads=1, logits_all=True, verbose=False)
+    colours = "A list of colours: red, green,"
+    requests = [dict(prompt=colours, max_tokens=3), dict(prompt=colours, max_tokens=40, stop=["."]),
+                dict(prompt="Question: is a wool sock a usb cable? Answer yes or no.\nAnswer:", max_tokens=8)]
+    for request in requests:
+        request.update(temperature=0.0, logprobs=7, seed=1)
+        ours = next(llama_cpp.Llama._create_completion(llm, **request))
+        theirs = next(llama_server._stock_create_completion(llm, **request))
+        assert ours["choices"][0]["text"] == theirs["choices"][0]["text"]
+        assert ours["choices"][0]["logprobs"] == theirs["choices"][0]["logprobs"]
+    assert "generate" not in vars(llm)  # the recording wrapper is gone after each request
+    chat = dict(messages=build_messages("oak dining table", "Solid oak dining table, seats six", GRADES), temperature=0,
+                max_tokens=48, logprobs=True, top_logprobs=5, response_format=response_format("json_object", GRADES))
+    ours = llm.create_chat_completion(**chat)["choices"][0]
+    monkeypatch.setattr(llama_cpp.Llama, "_create_completion", llama_server._stock_create_completion)
+    theirs = llm.create_chat_completion(**chat)["choices"][0]
+    assert ours["message"] == theirs["message"] and ours["logprobs"] == theirs["logprobs"]
+    assert ours["logprobs"]["content"] and ours["finish_reason"] == "stop"
+    echoed = llm.create_completion(colours, max_tokens=2, temperature=0.0, logprobs=3, echo=True)
+    assert echoed["choices"][0]["logprobs"]["token_logprobs"][0] is None
+
+
 # ---- SmolLM2 in the annotate job ----------------------------------------------------------------------
 def _local_tier(**kw) -> dict:
     return {"model": MODEL, "server": "local", "n_threads": 1, "n_ctx": 2048, "timeout_s": 90, "max_attempts": 2,
