@@ -2,7 +2,8 @@
 
 Training: `train_cross_encoder` (annomine) against sentence-transformers' CrossEncoder fit loop
 (`CrossEncoder.old_fit`: `fit` and `CrossEncoderTrainer` need the `datasets` package, which this environment
-lacks; `old_fit` is the same forward/backward/AdamW/linear-warm-up loop without it) on `CrossEncoder(MiniLM,
+lacks; `old_fit` is the same forward/backward/AdamW/linear-warm-up loop without it, given the fused AdamW that
+`fit`'s trainer uses by default, as annomine's judge does) on `CrossEncoder(MiniLM,
 num_labels=len(grades), max_length=...)` with cross-entropy (the user's pick): same base weights (the bundled
 all-MiniLM-L6-v2), same pairs (product text cut to `--max-text-chars` for both), same max token length,
 batch size, epochs, learning rate and warm-up share, same threads. annomine's figure is its training loop
@@ -105,7 +106,7 @@ def train_sentence_transformers(df: pd.DataFrame, settings: CrossEncoderSettings
     steps = len(loader) * settings.epochs
     with Timer() as t:
         model.old_fit(loader, epochs=settings.epochs, warmup_steps=int(steps * settings.warmup_share),
-                      optimizer_params={"lr": settings.learning_rate}, weight_decay=0.01, max_grad_norm=1.0,
+                      optimizer_params={"lr": settings.learning_rate, "fused": True}, weight_decay=0.01, max_grad_norm=1.0,
                       show_progress_bar=False)
     return len(df) * settings.epochs / t.seconds
 

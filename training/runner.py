@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from annomine.optim import adamw
 from annomine.progress import progress_iter
 from annomine.two_tower import TwoTower
 from training.callbacks import Callback, CallbackList
@@ -415,7 +416,7 @@ class StageTrainer:
         loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if loss_params:
             groups.append({"params": loss_params, "lr": spec.loss_lr, "weight_decay": 0.0})
-        self.optimizer = dist.optimizer(torch.optim.AdamW(groups), self.module)
+        self.optimizer = dist.optimizer(adamw(groups), self.module)
         self.scheduler = _scheduler(self.optimizer, self.steps * self.epochs, spec.warmup_ratio)
         self.wrapped = None
 

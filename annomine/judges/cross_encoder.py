@@ -29,6 +29,7 @@ from annomine.bert import TINY, build_encoder, load_bert, mean_pool, per_process
 from annomine.bounds import bounded
 from annomine.errors import DamagedInputError
 from annomine.judges.pair_tokens import PairTokens
+from annomine.optim import adamw
 from annomine.progress import progress as progress_bar, progress_iter
 
 log = logging.getLogger(__name__)
@@ -376,7 +377,7 @@ def _optimizer(model: CrossEncoderModel, settings: CrossEncoderSettings, total: 
         {"params": [p for p in model.bert.parameters() if p.requires_grad], "lr": settings.learning_rate},
         {"params": list(model.head.parameters()), "lr": settings.head_learning_rate},
     ]
-    optimizer = torch.optim.AdamW(params, weight_decay=0.01)
+    optimizer = adamw(params, weight_decay=0.01)
     warmup = int(total * settings.warmup_share)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
