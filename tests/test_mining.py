@@ -320,3 +320,14 @@ def test_a_query_is_mined_with_its_text_in_the_queries_table_not_a_stale_logged_
     # the token-similar band is the new text's: garden products, not leather ones
     token = {r["product_id"] for r in rows if r["candidate_class"] == "token_similar_negative"}
     assert token and not token & {"pA", "pB", "pE", "pM", "pU"}
+
+
+def test_a_query_the_queries_table_lacks_is_mined_with_its_greatest_logged_text(spark, checkpoint):
+    logs = spark.createDataFrame([log("r1", "q9", "lexical", "pO", 1, query="garden hose"),
+                                  log("r1", "q9", "bm25", "pO", 1, query="garden hose reel"),
+                                  log("r1", "q1", "lexical", "pA", 1, query="stale logged text")], LOG_SCHEMA)
+    products = spark.createDataFrame(list(PRODUCTS.items()), "product_id string, text string")
+    queries = spark.createDataFrame(QUERIES, "query_id string, query string, segment string")
+    rows = mining.mine_candidates(logs, products, queries, MiningRules(**OPEN), checkpoint=checkpoint).collect()
+    texts = {(r["query_id"], r["query"], r["segment"]) for r in rows}
+    assert texts == {("q9", "garden hose reel", None), ("q1", "red leather sofa", "head")}
