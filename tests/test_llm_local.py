@@ -324,6 +324,9 @@ def test_answer_logprobs_equal_the_librarys_own_in_the_same_process(monkeypatch)
     assert ours["logprobs"]["content"] and ours["finish_reason"] == "stop"
     echoed = llm.create_completion(colours, max_tokens=2, temperature=0.0, logprobs=3, echo=True)
     assert echoed["choices"][0]["logprobs"]["token_logprobs"][0] is None
+    plain = llama_cpp.Llama(str(resolve_model(MODEL)), n_ctx=512, n_threads=1, logits_all=False, verbose=False)
+    with pytest.raises(ValueError, match="logits_all"):  # no rows to read: the library's own error, not numbers
+        plain.create_completion(colours, max_tokens=2, logprobs=3)
 
 
 # ---- SmolLM2 in the annotate job ----------------------------------------------------------------------

@@ -86,8 +86,8 @@ _stock_create_completion = None
 def create_completion_answer_logprobs(self, *args, **kwargs) -> Iterator[dict]:
     """`llama_cpp.Llama._create_completion`, with a request's log-probabilities built by `completion_logprobs`."""
     top_k = kwargs.get("logprobs")
-    if args or top_k is None or kwargs.get("stream") or kwargs.get("echo"):
-        yield from _stock_create_completion(self, *args, **kwargs)
+    if args or top_k is None or kwargs.get("stream") or kwargs.get("echo") or not self._logits_all:
+        yield from _stock_create_completion(self, *args, **kwargs)  # (without logits_all: the library's error)
         return
     import llama_cpp
 
