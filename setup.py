@@ -1,4 +1,13 @@
-from setuptools import find_packages, setup
+import os
+
+from setuptools import Extension, find_packages, setup
+
+# Dropout masks drawn as PyTorch draws them, faster (annomine/dropout_draws.py). Optional: where no C compiler is
+# at hand the package installs without it and the masks come from PyTorch itself. ANNOMINE_PURE_PYTHON=1 builds a
+# pure-Python wheel (py3-none-any) that installs on any platform: the Databricks bundle's artifact (databricks.yml).
+TORCH_BERNOULLI = Extension("annomine._torch_bernoulli", ["annomine/_torch_bernoulli.c"], optional=True,
+                            extra_compile_args=["-O3"])
+EXTENSIONS = [] if os.environ.get("ANNOMINE_PURE_PYTHON") == "1" else [TORCH_BERNOULLI]
 
 ENGINE = ["pysail==0.7.2", "pyspark[connect]==4.2.0", "pandas<3", "deltalake>=1.0", "pyyaml>=6"]
 TRAINING = [
@@ -36,6 +45,7 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["annomine", "annomine.*", "jobs", "jobs.*", "spark_udfs", "spark_udfs.*", "training", "training.*"]),
     package_data={"annomine": ["py.typed"]},
+    ext_modules=EXTENSIONS,
     install_requires=["pyyaml>=6", "numpy>=1.26"],
     extras_require={
         "engine": ENGINE,

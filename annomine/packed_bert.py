@@ -7,12 +7,20 @@ tokens of a text, runs on the padded (batch, heads, length, head width) layout, 
 function and mask. Dropout draws its masks on the padded shape, in the order the model's own forward draws them, so
 for a given seed the packed forward drops the same units: its hidden states equal the model's own on every real
 token, up to the rounding of matrix products of another height. Padding positions come back as zeros.
+
+On CPU the masks come from annomine/dropout_draws.py (PyTorch's own draws, drawn faster), and attention with dropout
+is computed as PyTorch's math kernel computes it (the kernel scaled-dot-product attention takes on CPU when dropout
+is on), with the attention weights' mask from there too.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from annomine.dropout_draws import bernoulli_mask, dropout_multiplier
 
 
 class _Packing:
@@ -34,6 +42,9 @@ class _Packing:
         """`module` applied as on the padded layout: the same random draws, kept for the real tokens."""
         if not module.training or module.p == 0:
             return packed
+        if packed.device.type == "cpu":
+            mask = bernoulli_mask((self.batch * self.length, packed.size(-1)), 1 - module.p)
+            return packed * dropout_multiplier(mask.index_select(0, self.rows), module.p, packed.dtype)
         keep = module(torch.ones(self.batch * self.length, 1, dtype=packed.dtype, device=packed.device)
                       .expand(-1, packed.size(-1)).contiguous())
         return packed * keep.index_select(0, self.rows)
@@ -87,11 +98,30 @@ def _layer(layer: nn.Module, hidden: torch.Tensor, mask, packing: _Packing, atte
     def split_heads(packed: torch.Tensor) -> torch.Tensor:
         return packing.unpack(packed).view(packing.batch, packing.length, heads, head_width).transpose(1, 2)
 
+    dropout = attention.dropout.p if attention.training else 0.0
+    if dropout > 0 and hidden.device.type == "cpu":
+        attend = _math_attention
     context, _ = attend(attention, split_heads(attention.query(hidden)), split_heads(attention.key(hidden)),
-                        split_heads(attention.value(hidden)), mask,
-                        dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling)
+                        split_heads(attention.value(hidden)), mask, dropout=dropout, scaling=attention.scaling)
     context = packing.pack(context.reshape(packing.batch, packing.length, -1))
     out = layer.attention.output
     hidden = out.LayerNorm(packing.dropout(out.dense(context), out.dropout) + hidden)
     feed = layer.output
     return feed.LayerNorm(packing.dropout(feed.dense(layer.intermediate(hidden)), feed.dropout) + hidden)
+
+
+def _math_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    mask: torch.Tensor | None, dropout: float, scaling: float) -> tuple[torch.Tensor, None]:
+    """Scaled-dot-product attention with dropout, step for step as PyTorch's math kernel computes it on CPU (query and
+    key each scaled by the root of `scaling`, the mask added, a softmax that gives fully masked rows zeros), the
+    dropout mask from `bernoulli_mask`; returned as the model's attention functions return it: (batch, length,
+    heads, head width)."""
+    root = math.sqrt(scaling)
+    scores = torch.matmul(query * root, key.transpose(-2, -1) * root)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(mask.logical_not(), float("-inf"))
+        scores.add_(mask)
+    weights = torch._safe_softmax(scores, -1)
+    weights = weights * dropout_multiplier(bernoulli_mask(tuple(weights.shape), 1 - dropout), dropout, weights.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None

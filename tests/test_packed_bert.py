@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from annomine import dropout_draws
 from annomine.bert import mean_pool
 from annomine.packed_bert import packed_last_hidden, supports_packing
 from annomine.two_tower import TwoTower
@@ -21,8 +22,10 @@ def _pooled_and_grads(model, encoder, tokens, packed: bool):
     return pooled.detach(), grads
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_packed_hidden_states_equal_the_models_own(train):
+@pytest.mark.parametrize("train,compiled_draws", [(True, True), (True, False), (False, True)])
+def test_packed_hidden_states_equal_the_models_own(train, compiled_draws, monkeypatch):
+    if not compiled_draws:  # dropout masks from PyTorch's own kernel (annomine/dropout_draws.py's fallback)
+        monkeypatch.setitem(dropout_draws._CHECKED, "draw", None)
     model = TwoTower.tiny(item_max_len=32)
     encoder = model.query_encoder.train(train)
     tokens = model.tokenize(TEXTS, "item")
@@ -73,3 +76,14 @@ def test_pairs_with_token_types_pack_like_the_models_own_forward():
     packed = packed_last_hidden(encoder, pairs["input_ids"], pairs["attention_mask"], pairs["token_type_ids"])
     real = pairs["attention_mask"].unsqueeze(-1).bool()
     assert torch.equal(own.masked_fill(~real, 0), packed)
+
+
+def test_a_batch_without_padding_packs_like_the_models_own_forward():
+    model = TwoTower.tiny(item_max_len=32)
+    encoder = model.query_encoder.train()
+    tokens = model.tokenize(["red running shoes", "blue hiking boots"], "item")
+    assert bool(tokens["attention_mask"].all())  # no padding: the model's attention runs without a mask
+    torch.manual_seed(6)
+    own = encoder(**tokens).last_hidden_state
+    torch.manual_seed(6)
+    assert torch.equal(own, packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"]))
