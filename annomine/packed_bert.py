@@ -99,7 +99,7 @@ def _layer(layer: nn.Module, hidden: torch.Tensor, mask, packing: _Packing, atte
         return packing.unpack(packed).view(packing.batch, packing.length, heads, head_width).transpose(1, 2)
 
     dropout = attention.dropout.p if attention.training else 0.0
-    if dropout > 0 and hidden.device.type == "cpu":
+    if dropout > 0 and hidden.device.type == "cpu" and _is_sdpa(attend):
         attend = _math_attention
     context, _ = attend(attention, split_heads(attention.query(hidden)), split_heads(attention.key(hidden)),
                         split_heads(attention.value(hidden)), mask, dropout=dropout, scaling=attention.scaling)
@@ -108,6 +108,13 @@ def _layer(layer: nn.Module, hidden: torch.Tensor, mask, packing: _Packing, atte
     hidden = out.LayerNorm(packing.dropout(out.dense(context), out.dropout) + hidden)
     feed = layer.output
     return feed.LayerNorm(packing.dropout(feed.dense(layer.intermediate(hidden)), feed.dropout) + hidden)
+
+
+def _is_sdpa(attend) -> bool:
+    """Whether `attend` is transformers' scaled-dot-product attention (the one `_math_attention` reproduces)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return attend is sdpa_attention_forward
 
 
 def _math_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

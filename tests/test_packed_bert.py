@@ -87,3 +87,17 @@ def test_a_batch_without_padding_packs_like_the_models_own_forward():
     own = encoder(**tokens).last_hidden_state
     torch.manual_seed(6)
     assert torch.equal(own, packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"]))
+
+
+def test_eager_attention_packs_like_the_models_own_forward():
+    """A model on transformers' eager attention keeps it (its own dropout), and still matches its own forward."""
+    model = TwoTower.tiny(item_max_len=32)
+    encoder = model.query_encoder.train()
+    encoder.config._attn_implementation = "eager"
+    tokens = model.tokenize(TEXTS, "item")
+    torch.manual_seed(12)
+    own = encoder(**tokens).last_hidden_state
+    torch.manual_seed(12)
+    packed = packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"])
+    real = tokens["attention_mask"].unsqueeze(-1).bool()
+    assert torch.equal(own.masked_fill(~real, 0), packed)
