@@ -80,10 +80,13 @@ def packed_last_hidden(encoder: nn.Module, input_ids: torch.Tensor, attention_ma
     mask = encoder._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
                                            embedding_output=shape_only, encoder_hidden_states=None, cache=None,
                                            position_ids=None)[0]
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.bert.modeling_bert import eager_attention_forward
 
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(encoder.config._attn_implementation, eager_attention_forward)
+    if attend is sdpa_attention_forward and hidden.device.type == "cpu":
+        attend = _cpu_sdpa_attention
     for layer in encoder.encoder.layer:
         hidden = _layer(layer, hidden, mask, packing, attend)
     return packing.unpack(hidden)
@@ -98,11 +101,9 @@ def _layer(layer: nn.Module, hidden: torch.Tensor, mask, packing: _Packing, atte
     def split_heads(packed: torch.Tensor) -> torch.Tensor:
         return packing.unpack(packed).view(packing.batch, packing.length, heads, head_width).transpose(1, 2)
 
-    dropout = attention.dropout.p if attention.training else 0.0
-    if dropout > 0 and hidden.device.type == "cpu" and _is_sdpa(attend):
-        attend = _math_attention
     context, _ = attend(attention, split_heads(attention.query(hidden)), split_heads(attention.key(hidden)),
-                        split_heads(attention.value(hidden)), mask, dropout=dropout, scaling=attention.scaling)
+                        split_heads(attention.value(hidden)), mask,
+                        dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling)
     context = packing.pack(context.reshape(packing.batch, packing.length, -1))
     out = layer.attention.output
     hidden = out.LayerNorm(packing.dropout(out.dense(context), out.dropout) + hidden)
@@ -110,19 +111,16 @@ def _layer(layer: nn.Module, hidden: torch.Tensor, mask, packing: _Packing, atte
     return feed.LayerNorm(packing.dropout(feed.dense(layer.intermediate(hidden)), feed.dropout) + hidden)
 
 
-def _is_sdpa(attend) -> bool:
-    """Whether `attend` is transformers' scaled-dot-product attention (the one `_math_attention` reproduces)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def _cpu_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        mask: torch.Tensor | None, dropout: float, scaling: float) -> tuple[torch.Tensor, None]:
+    """transformers' scaled-dot-product attention on CPU. Without dropout: that function itself. With dropout: step
+    for step as PyTorch's math kernel (the one it takes on CPU with dropout) computes it (query and key each scaled by
+    the root of `scaling`, the mask added, a softmax that gives fully masked rows zeros), the dropout mask from
+    `bernoulli_mask`; returned as the model's attention functions return it: (batch, length, heads, head width)."""
+    if dropout == 0:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return attend is sdpa_attention_forward
-
-
-def _math_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    mask: torch.Tensor | None, dropout: float, scaling: float) -> tuple[torch.Tensor, None]:
-    """Scaled-dot-product attention with dropout, step for step as PyTorch's math kernel computes it on CPU (query and
-    key each scaled by the root of `scaling`, the mask added, a softmax that gives fully masked rows zeros), the
-    dropout mask from `bernoulli_mask`; returned as the model's attention functions return it: (batch, length,
-    heads, head width)."""
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
     root = math.sqrt(scaling)
     scores = torch.matmul(query * root, key.transpose(-2, -1) * root)
     if mask is not None:

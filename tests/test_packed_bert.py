@@ -22,6 +22,16 @@ def _pooled_and_grads(model, encoder, tokens, packed: bool):
     return pooled.detach(), grads
 
 
+def _packs_like_own(encoder, tokens, seed):
+    """Whether the packed forward gives the model's own hidden states (zeros at padding) for the same seed."""
+    torch.manual_seed(seed)
+    own = encoder(**tokens).last_hidden_state
+    torch.manual_seed(seed)
+    packed = packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids"))
+    real = tokens["attention_mask"].unsqueeze(-1).bool()
+    return torch.equal(own.masked_fill(~real, 0), packed)
+
+
 @pytest.mark.parametrize("train,compiled_draws", [(True, True), (True, False), (False, True)])
 def test_packed_hidden_states_equal_the_models_own(train, compiled_draws, monkeypatch):
     if not compiled_draws:  # dropout masks from PyTorch's own kernel (annomine/dropout_draws.py's fallback)
@@ -30,12 +40,7 @@ def test_packed_hidden_states_equal_the_models_own(train, compiled_draws, monkey
     encoder = model.query_encoder.train(train)
     tokens = model.tokenize(TEXTS, "item")
     assert tokens["attention_mask"].float().mean() < 0.8  # the batch carries padding
-    torch.manual_seed(3)
-    own = encoder(**tokens).last_hidden_state
-    torch.manual_seed(3)
-    packed = packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"])
-    real = tokens["attention_mask"].unsqueeze(-1).bool()
-    assert torch.equal(own.masked_fill(~real, 0), packed)
+    assert _packs_like_own(encoder, tokens, seed=3)
 
 
 def test_training_forward_packs_and_keeps_pooled_vectors_and_gradients():
@@ -70,12 +75,7 @@ def test_pairs_with_token_types_pack_like_the_models_own_forward():
     encoder.train()
     pairs = tokenizer(["running shoes", "usb cable"], TEXTS[:2], padding=True, return_tensors="pt")
     assert pairs["token_type_ids"].max() == 1
-    torch.manual_seed(4)
-    own = encoder(**pairs).last_hidden_state
-    torch.manual_seed(4)
-    packed = packed_last_hidden(encoder, pairs["input_ids"], pairs["attention_mask"], pairs["token_type_ids"])
-    real = pairs["attention_mask"].unsqueeze(-1).bool()
-    assert torch.equal(own.masked_fill(~real, 0), packed)
+    assert _packs_like_own(encoder, pairs, seed=4)
 
 
 def test_a_batch_without_padding_packs_like_the_models_own_forward():
@@ -83,10 +83,7 @@ def test_a_batch_without_padding_packs_like_the_models_own_forward():
     encoder = model.query_encoder.train()
     tokens = model.tokenize(["red running shoes", "blue hiking boots"], "item")
     assert bool(tokens["attention_mask"].all())  # no padding: the model's attention runs without a mask
-    torch.manual_seed(6)
-    own = encoder(**tokens).last_hidden_state
-    torch.manual_seed(6)
-    assert torch.equal(own, packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"]))
+    assert _packs_like_own(encoder, tokens, seed=6)
 
 
 def test_eager_attention_packs_like_the_models_own_forward():
@@ -94,10 +91,4 @@ def test_eager_attention_packs_like_the_models_own_forward():
     model = TwoTower.tiny(item_max_len=32)
     encoder = model.query_encoder.train()
     encoder.config._attn_implementation = "eager"
-    tokens = model.tokenize(TEXTS, "item")
-    torch.manual_seed(12)
-    own = encoder(**tokens).last_hidden_state
-    torch.manual_seed(12)
-    packed = packed_last_hidden(encoder, tokens["input_ids"], tokens["attention_mask"])
-    real = tokens["attention_mask"].unsqueeze(-1).bool()
-    assert torch.equal(own.masked_fill(~real, 0), packed)
+    assert _packs_like_own(encoder, model.tokenize(TEXTS, "item"), seed=12)
