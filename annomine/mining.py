@@ -8,9 +8,9 @@ Pipeline (`mine_candidates`):
 2. `select_runs`: (ranks up to `max_rank`, the mining depth) the latest run per channel (greatest `logged_at`, then greatest `run_id`) or
    the configured `run_ids`.
 3. `pivot_channels`: one row per (query, product) with rank/score per channel (null where the
-   channel missed it), `n_channels`, `best_rank`, `worst_rank`, `rank_spread`. One aggregation that
-   also deduplicates: per channel the best rank, and the score of the best-ranked row (the highest
-   among equal ranks): duplicate log rows count once.
+   channel missed it), `n_channels`, `best_rank`, `worst_rank`, `rank_spread`. It also deduplicates:
+   per channel the best rank, and the score of the best-ranked row (the highest among equal ranks):
+   duplicate log rows count once.
 4. `classify_channel_candidates`: rules 1-3 below on the pivoted rows.
 5. `token_similar_pairs`: TF-IDF cosine of `products.text` vs the query over blocked pairs (rule 4).
 6. `random_negative_pairs`: seeded sample from a fixed product pool (rule 5).
@@ -196,16 +196,44 @@ def _dedupe_key() -> Column:
 
 # ---- 3-4. rank metadata and channel classes ---------------------------------------------------
 
-def pivot_channels(logs: DataFrame) -> DataFrame:
+def pivot_channels(logs: DataFrame, checkpoint: Callable[[DataFrame, str], DataFrame] | None = None) -> DataFrame:
     """Selected log rows (duplicates allowed) -> one row per (query_id, product_id) with per-channel ranks.
 
-    A single aggregation over the raw rows deduplicates and pivots at once (the cost of mining's
-    front half is this one hash aggregation on string keys): rank_<ch> is the channel's best rank,
-    score_<ch> the score of its best-ranked row (`min_by` over `_dedupe_key`, the key of the other
-    channels' rows being +inf so they never win; a channel without rows gets null). A window, or a min over a
-    struct, is 10x slower and far hungrier on Sail than `min_by` on this numeric key. The logged query text is
-    not carried (a string in every group of this aggregation): `logged_query_texts` reads it per query.
+    rank_<ch> is the channel's best rank for the pair, score_<ch> the score of its best-ranked row (the
+    highest among equal ranks, a null or NaN score last); a channel without rows gets null.
+
+    Most cells (a pair in one channel) hold one log row, and their rank and score are plain `min` and
+    `max` in one aggregation over the rows (`channel_cells`). Only the pairs with a repeated row are
+    resolved by the tie rule (`pivot_best_rows`, `min_by` on the rows of those pairs alone): Sail's `min_by`
+    keeps a boxed accumulator per group and reads row by row, 4x the time and twice the memory of the
+    whole pivot when it runs on every pair. `checkpoint` materialises the cells and the repeated pairs
+    (each is read twice).
     """
+    checkpoint = checkpoint or _no_checkpoint
+    cells = checkpoint(channel_cells(logs), "pivot_cells")
+    one_row_each = F.col("_rows") == _channels_found()
+    repeated = cells.where(~one_row_each).select("query_id", "product_id")
+    resolved = checkpoint(pivot_best_rows(logs.join(repeated, on=["query_id", "product_id"], how="left_semi")),
+                          "pivot_repeated")
+    return cells.where(one_row_each).drop("_rows").unionByName(resolved)
+
+
+def channel_cells(logs: DataFrame) -> DataFrame:
+    """One row per (query_id, product_id): per channel the least rank and the greatest score, and `_rows`
+    the number of log rows. Where `_rows` equals the channels found, each channel has one row, whose
+    score the `max` is (a NaN or null one included)."""
+    aggs = [F.count(F.lit(1)).alias("_rows")]
+    for ch in CHANNELS:
+        mine = F.col("channel") == ch
+        aggs.append(F.min(F.when(mine, F.col("rank"))).cast("int").alias(f"rank_{ch}"))
+        aggs.append(F.max(F.when(mine, F.col("score"))).cast("double").alias(f"score_{ch}"))
+    return logs.groupBy("query_id", "product_id").agg(*aggs)
+
+
+def pivot_best_rows(logs: DataFrame) -> DataFrame:
+    """The pivot by the tie rule on any rows: score_<ch> by `min_by` over `_dedupe_key` (the key of the
+    other channels' rows being +inf so they never win). A window, or a min over a struct, is 10x slower
+    and far hungrier on Sail than `min_by` on this numeric key."""
     key = _dedupe_key()
     aggs = []
     for ch in CHANNELS:
@@ -214,6 +242,11 @@ def pivot_channels(logs: DataFrame) -> DataFrame:
         aggs.append(F.min_by(F.when(mine, F.col("score")), F.when(mine, key).otherwise(F.lit(float("inf"))))
                     .cast("double").alias(f"score_{ch}"))
     return logs.groupBy("query_id", "product_id").agg(*aggs)
+
+
+def _channels_found() -> Column:
+    """The number of channels with a rank in a pivoted row."""
+    return sum((F.when(F.col(f"rank_{ch}").isNotNull(), 1).otherwise(0) for ch in CHANNELS), F.lit(0))
 
 
 def logged_query_texts(logs: DataFrame) -> DataFrame:
@@ -225,8 +258,7 @@ def with_rank_metadata(pivoted: DataFrame) -> DataFrame:
     """Pivoted ranks + `n_channels`, `best_rank`, `worst_rank`, `rank_spread` (derived after the
     checkpoint: row-wise, so cheaper to recompute than to write and read back)."""
     ranks = [F.col(f"rank_{ch}") for ch in CHANNELS]
-    n = sum((F.when(r.isNotNull(), 1).otherwise(0) for r in ranks), F.lit(0))
-    return (pivoted.withColumn("n_channels", n.cast("int"))
+    return (pivoted.withColumn("n_channels", _channels_found().cast("int"))
                    .withColumn("best_rank", F.least(*ranks).cast("int"))
                    .withColumn("worst_rank", F.greatest(*ranks).cast("int"))
                    .withColumn("rank_spread", (F.col("worst_rank") - F.col("best_rank")).cast("int")))
@@ -404,12 +436,12 @@ RANK_COLUMNS = [f"{kind}_{ch}" for ch in CHANNELS for kind in ("rank", "score")]
     "n_channels", "best_rank", "worst_rank", "rank_spread"]
 
 
-def _with_nulls_for_channels(df: DataFrame) -> DataFrame:
-    for col in RANK_COLUMNS:
-        if col not in df.columns:
-            dtype = "double" if col.startswith("score_") else "int"
-            df = df.withColumn(col, F.lit(0 if col == "n_channels" else None).cast(dtype))
-    return df
+def with_rank_columns(capped: DataFrame, pivoted: DataFrame) -> DataFrame:
+    """Capped candidates + the pivot's ranks and scores of their pair and its rank metadata. A pair no
+    channel returned (classes 4-5) gets null ranks and scores, and `n_channels` 0. The caps sort narrow
+    rows and only the rows they keep carry the channel columns."""
+    ranks = pivoted.select("query_id", "product_id", *[f"{kind}_{ch}" for ch in CHANNELS for kind in ("rank", "score")])
+    return with_rank_metadata(capped.join(ranks, on=["query_id", "product_id"], how="left"))
 
 
 def apply_caps(candidates: DataFrame, rules: MiningRules) -> DataFrame:
@@ -467,7 +499,7 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     logs: retrieval_logs rows already validated. products: product_id, text. queries: query_id,
     query, segment. `n_products` (the catalog size, for IDF and the df cap) is counted when omitted.
     `checkpoint(df, name) -> df` may materialise the intermediates used by several branches (the
-    pivoted logs, the mined queries, the term tables, the token-similar pairs, the random pool):
+    pivot's cells and its repeated pairs, the mined queries, the term tables, the token-similar pairs, the random pool):
     Spark Connect engines without caching (Sail) would otherwise recompute them once per branch.
     The job passes one that writes Parquet; the default is none. Only the pivot and the catalog's
     term table are large (the latter holds only the queries' terms, see `tfidf_tables`).
@@ -484,7 +516,7 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     # The pivot and the term tables do not depend on each other: materialised at once, each fills the
     # cores the other leaves idle (its scans, shuffles and writes).
     with ThreadPoolExecutor(max_workers=1) as beside:
-        pivot_job = beside.submit(checkpoint, pivot_channels(selected), "pivoted")
+        pivot_job = beside.submit(pivot_channels, selected, checkpoint)
         mined_queries = checkpoint(mined_queries, "queries")
         product_terms, query_terms = tfidf_tables(products.select("product_id", "text"), mined_queries, n_products,
                                                   checkpoint)
@@ -492,7 +524,8 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     returned = pivoted.select("query_id", "product_id")
 
     channel = classify_channel_candidates(with_rank_metadata(pivoted), rules)
-    channel = channel.where(F.col("candidate_class").isNotNull())
+    channel = channel.where(F.col("candidate_class").isNotNull()).select(
+        "query_id", "product_id", _level_of(F.col("candidate_class")).alias("level"), "_priority")
     channel = score_pairs(channel, product_terms, query_terms)
 
     token = token_similar_pairs(product_terms, query_terms, returned, rules, n_products)
@@ -505,16 +538,19 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     rand = rand.join(token.select("query_id", "product_id"), on=["query_id", "product_id"], how="left_anti")
     rand = score_pairs(rand, product_terms, query_terms)
     rand = rand.where(F.col("token_similarity") < rules.random_max_similarity).withColumn("level", F.lit(CLASSES[RANDOM_NEGATIVE]))
+    return _capped_output(channel, token, rand, pivoted, mined_queries, rules)
 
-    # The union carries the class as its integer level (narrower rows through the caps' sorts); the
-    # names come back after the caps.
-    cols = ["query_id", "product_id", *RANK_COLUMNS, "token_similarity", "level", "_priority"]
-    union = (_with_nulls_for_channels(channel.withColumn("level", _level_of(F.col("candidate_class")))).select(*cols)
-             .unionByName(_with_nulls_for_channels(token).select(*cols))
-             .unionByName(_with_nulls_for_channels(rand).select(*cols)))
+
+def _capped_output(channel: DataFrame, token: DataFrame, rand: DataFrame, pivoted: DataFrame, mined_queries: DataFrame,
+                   rules: MiningRules) -> DataFrame:
+    """The classes' candidates, capped, as mined_candidates rows. The union carries the class as its integer
+    level and no channel columns (narrow rows through the caps' sorts); the names, the pivot's columns and
+    the query text come back after the caps."""
+    cols = ["query_id", "product_id", "token_similarity", "level", "_priority"]
+    union = channel.select(*cols).unionByName(token.select(*cols)).unionByName(rand.select(*cols))
     # Classes 1-3 come from pairs some channel returned, 4-5 from pairs none did (anti-joins above),
     # and 5 excludes 4: each (query, product) has exactly one class.
-    capped = apply_caps(union, rules)
+    capped = with_rank_columns(apply_caps(union, rules), pivoted)
     capped = capped.withColumn("candidate_class", _class_of(F.col("level"))).withColumn(
         "polarity", F.when(F.col("level").isin(*POSITIVE_LEVELS), F.lit("positive")).otherwise(F.lit("negative")))
     out = capped.join(mined_queries, on="query_id", how="left").withColumn("mined_at", F.current_timestamp())

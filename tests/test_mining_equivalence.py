@@ -120,3 +120,30 @@ def test_one_aggregation_keeps_the_dedupe_rule(spark):
     assert (row["n_channels"], row["best_rank"], row["worst_rank"], row["rank_spread"]) == (3, 2, 7, 5)
     ref = reference.pivot_channels(reference.dedupe_logs(logs)).collect()[0]
     assert {k: ref[k] for k in row.asDict()} == row.asDict()
+
+
+def _by_pair(rows) -> dict:
+    """Pivoted rows by (query_id, product_id), NaN written as the string "nan" so that it compares equal."""
+    def plain(v):
+        return "nan" if isinstance(v, float) and v != v else v
+    return {(r["query_id"], r["product_id"]): {k: plain(v) for k, v in r.asDict().items()} for r in rows}
+
+
+def test_one_row_cells_and_repeated_cells_pivot_as_the_tie_rule_alone(spark):
+    """The pivot reads one-row cells by min/max and resolves only pairs with a repeated row by the tie rule:
+    the result equals the tie rule's pivot on every row, a NaN, null or equal score of a one-row cell
+    included, and a pair whose repeat sits in another channel than its one-row cells."""
+    t = dt.datetime(2026, 1, 1)
+    nan = float("nan")
+    rows = [("q", "a", "ann", 3, nan), ("q", "a", "lexical", 1, None), ("q", "a", "bm25", 2, -1e300),
+            ("q", "b", "ann", 5, 0.2), ("q", "b", "ann", 5, nan), ("q", "b", "lexical", 4, 0.7),
+            ("q", "c", "bm25", 8, None), ("q", "c", "bm25", 8, 1.5), ("q", "c", "bm25", 6, 0.1),
+            ("r", "a", "lexical", 2, 0.4), ("r", "b", "ann", 1, 0.3), ("r", "b", "ann", 1, 0.3)]
+    logs = spark.createDataFrame([("run", q, "query", ch, p, rank, score, t, "t") for q, p, ch, rank, score in rows],
+                                 TABLES["retrieval_logs"].schema)
+    pivoted = _by_pair(mining.pivot_channels(logs).collect())
+    assert pivoted == _by_pair(mining.pivot_best_rows(logs).collect())
+    assert len(pivoted) == 5
+    assert (pivoted["q", "a"]["score_ann"], pivoted["q", "a"]["score_lexical"]) == ("nan", None)
+    assert (pivoted["q", "b"]["rank_ann"], pivoted["q", "b"]["score_ann"]) == (5, 0.2)
+    assert (pivoted["q", "c"]["rank_bm25"], pivoted["q", "c"]["score_bm25"]) == (6, 0.1)
