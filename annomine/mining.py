@@ -176,14 +176,24 @@ def quarantine_rows(bad: DataFrame, target: str = "mined_candidates", source: st
 
 
 def select_runs(logs: DataFrame, run_ids: list[str] | None = None) -> DataFrame:
-    """Rows of the configured `run_ids`, or of the latest run of each channel."""
+    """Rows of the configured `run_ids`, or of the latest run of each channel.
+
+    The latest runs (one per channel) are looked up once and become a filter on the rows, which the
+    scan applies: each branch that reads the selected rows scans them without aggregating them again.
+    """
     if run_ids:
         return logs.where(F.col("run_id").isin(*run_ids))
+    latest = F.lit(False)
+    for run in latest_runs(logs).collect():
+        latest = latest | ((F.col("channel") == run["channel"]) & (F.col("run_id") == run["run_id"]))
+    return logs.where(latest)
+
+
+def latest_runs(logs: DataFrame) -> DataFrame:
+    """(channel, run_id): per channel, the run of the greatest `logged_at`, then the greatest `run_id`."""
     runs = logs.groupBy("channel", "run_id").agg(F.max("logged_at").alias("_at"))
     w = Window.partitionBy("channel").orderBy(F.col("_at").desc_nulls_last(), F.col("run_id").desc())
-    latest = runs.withColumn("_n", F.row_number().over(w)).where(F.col("_n") == 1).select("channel", "run_id")
-    # One row per channel: broadcast it, so the log rows are filtered where they are read, not shuffled.
-    return logs.join(F.broadcast(latest), on=["channel", "run_id"], how="inner")
+    return runs.withColumn("_n", F.row_number().over(w)).where(F.col("_n") == 1).select("channel", "run_id")
 
 
 def _dedupe_key() -> Column:
