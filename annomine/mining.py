@@ -442,16 +442,14 @@ def random_negative_pairs(query_ids: DataFrame, products: DataFrame, returned: D
 
 # ---- 7. precedence, caps, output ------------------------------------------------------------------
 
-RANK_COLUMNS = [f"{kind}_{ch}" for ch in CHANNELS for kind in ("rank", "score")] + [
-    "n_channels", "best_rank", "worst_rank", "rank_spread"]
+CHANNEL_COLUMNS = [f"{kind}_{ch}" for ch in CHANNELS for kind in ("rank", "score")]
+RANK_COLUMNS = CHANNEL_COLUMNS + ["n_channels", "best_rank", "worst_rank", "rank_spread"]
 
 
-def with_rank_columns(capped: DataFrame, pivoted: DataFrame) -> DataFrame:
-    """Capped candidates + the pivot's ranks and scores of their pair and its rank metadata. A pair no
-    channel returned (classes 4-5) gets null ranks and scores, and `n_channels` 0. The caps sort narrow
-    rows and only the rows they keep carry the channel columns."""
-    ranks = pivoted.select("query_id", "product_id", *[f"{kind}_{ch}" for ch in CHANNELS for kind in ("rank", "score")])
-    return with_rank_metadata(capped.join(ranks, on=["query_id", "product_id"], how="left"))
+def _with_null_channel_columns(df: DataFrame) -> DataFrame:
+    """A pair no channel returned (classes 4-5): null ranks and scores."""
+    return df.select("*", *[F.lit(None).cast("double" if c.startswith("score_") else "int").alias(c)
+                            for c in CHANNEL_COLUMNS])
 
 
 def apply_caps(candidates: DataFrame, rules: MiningRules) -> DataFrame:
@@ -535,7 +533,7 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
 
     channel = classify_channel_candidates(with_rank_metadata(pivoted), rules)
     channel = channel.where(F.col("candidate_class").isNotNull()).select(
-        "query_id", "product_id", _level_of(F.col("candidate_class")).alias("level"), "_priority")
+        "query_id", "product_id", *CHANNEL_COLUMNS, _level_of(F.col("candidate_class")).alias("level"), "_priority")
     channel = score_pairs(channel, product_terms, query_terms)
 
     token = token_similar_pairs(product_terms, query_terms, returned, rules, n_products)
@@ -548,19 +546,20 @@ def mine_candidates(logs: DataFrame, products: DataFrame, queries: DataFrame, ru
     rand = rand.join(token.select("query_id", "product_id"), on=["query_id", "product_id"], how="left_anti")
     rand = score_pairs(rand, product_terms, query_terms)
     rand = rand.where(F.col("token_similarity") < rules.random_max_similarity).withColumn("level", F.lit(CLASSES[RANDOM_NEGATIVE]))
-    return _capped_output(channel, token, rand, pivoted, mined_queries, rules)
+    return _capped_output(channel, token, rand, mined_queries, rules)
 
 
-def _capped_output(channel: DataFrame, token: DataFrame, rand: DataFrame, pivoted: DataFrame, mined_queries: DataFrame,
+def _capped_output(channel: DataFrame, token: DataFrame, rand: DataFrame, mined_queries: DataFrame,
                    rules: MiningRules) -> DataFrame:
     """The classes' candidates, capped, as mined_candidates rows. The union carries the class as its integer
-    level and no channel columns (narrow rows through the caps' sorts); the names, the pivot's columns and
-    the query text come back after the caps."""
-    cols = ["query_id", "product_id", "token_similarity", "level", "_priority"]
-    union = channel.select(*cols).unionByName(token.select(*cols)).unionByName(rand.select(*cols))
+    level and the channels' ranks and scores alone (narrow rows through the caps' sorts); the class names,
+    the rank metadata and the query text come after the caps."""
+    cols = ["query_id", "product_id", *CHANNEL_COLUMNS, "token_similarity", "level", "_priority"]
+    union = (channel.select(*cols).unionByName(_with_null_channel_columns(token).select(*cols))
+             .unionByName(_with_null_channel_columns(rand).select(*cols)))
     # Classes 1-3 come from pairs some channel returned, 4-5 from pairs none did (anti-joins above),
     # and 5 excludes 4: each (query, product) has exactly one class.
-    capped = with_rank_columns(apply_caps(union, rules), pivoted)
+    capped = with_rank_metadata(apply_caps(union, rules))
     capped = capped.withColumn("candidate_class", _class_of(F.col("level"))).withColumn(
         "polarity", F.when(F.col("level").isin(*POSITIVE_LEVELS), F.lit("positive")).otherwise(F.lit("negative")))
     out = capped.join(mined_queries, on="query_id", how="left").withColumn("mined_at", F.current_timestamp())
