@@ -104,16 +104,33 @@ def test_same_candidates_as_the_reference(world, name, tmp_path):
             pd.testing.assert_series_equal(new[col], ref[col], check_dtype=False, obj=col)
 
 
-def test_one_aggregation_keeps_the_dedupe_rule(spark):
+def test_without_a_checkpoint_the_same_candidates(world, tmp_path):
+    """The job's path on Unity Catalog (no checkpoint: the pivot is the tie rule's one aggregation) mines the
+    candidates of the checkpointed path (the pivot by cells)."""
+    logs, products, queries, n = world
+    rules = RULE_SETS["defaults"]
+    plain = mining.mine_candidates(logs, products, queries, rules, n_products=n).drop("mined_at").toPandas()
+    plain = plain.sort_values(KEY).reset_index(drop=True)
+    checked = _mine(mining.mine_candidates, world, rules, tmp_path / "checkpointed")
+    assert len(plain) == len(checked) > 0
+    diff = (plain["token_similarity"] - checked["token_similarity"]).abs().max()
+    assert diff <= SIMILARITY_TOLERANCE, f"token_similarity differs by up to {diff}"
+    pd.testing.assert_frame_equal(plain.drop(columns="token_similarity"), checked.drop(columns="token_similarity"),
+                                  check_dtype=False)
+
+
+@pytest.mark.parametrize("checkpoint", [None, lambda df, name: df], ids=["tie-rule-aggregation", "cells"])
+def test_one_aggregation_keeps_the_dedupe_rule(spark, checkpoint):
     """`pivot_channels` over raw rows = `dedupe_logs` then the old per-channel pivot: best rank, then the
-    highest score among equal ranks, null scores last, a channel without rows null."""
+    highest score among equal ranks, null scores last, a channel without rows null; with a checkpoint (the
+    pivot by cells) and without (the tie rule's one aggregation)."""
     t = dt.datetime(2026, 1, 1)
     rows = [("r", "q", "query", "ann", "p", 7, 0.5, t, "t"), ("r", "q", "query", "ann", "p", 7, 0.9, t, "t"),
             ("r", "q", "query", "ann", "p", 9, 5.0, t, "t"), ("r", "q", "query", "lexical", "p", 2, None, t, "t"),
             ("r", "q", "query", "lexical", "p", 2, 0.1, t, "t"), ("r", "q", "query", "lexical", "p", 3, 9.0, t, "t"),
             ("r", "q", "query", "bm25", "p", 4, None, t, "t")]
     logs = spark.createDataFrame(rows, TABLES["retrieval_logs"].schema)
-    row = mining.with_rank_metadata(mining.pivot_channels(logs)).collect()[0]
+    row = mining.with_rank_metadata(mining.pivot_channels(logs, checkpoint)).collect()[0]
     assert (row["rank_ann"], row["score_ann"]) == (7, 0.9)
     assert (row["rank_lexical"], row["score_lexical"]) == (2, 0.1)
     assert (row["rank_bm25"], row["score_bm25"]) == (4, None)
@@ -130,8 +147,8 @@ def _by_pair(rows) -> dict:
 
 
 def test_one_row_cells_and_repeated_cells_pivot_as_the_tie_rule_alone(spark):
-    """The pivot reads one-row cells by min/max and resolves only pairs with a repeated row by the tie rule:
-    the result equals the tie rule's pivot on every row, a NaN, null or equal score of a one-row cell
+    """The pivot with a checkpoint reads one-row cells by min/max and resolves only pairs with a repeated row by
+    the tie rule: the result equals the tie rule's pivot on every row, a NaN, null or equal score of a one-row cell
     included, and a pair whose repeat sits in another channel than its one-row cells."""
     t = dt.datetime(2026, 1, 1)
     nan = float("nan")
@@ -141,7 +158,7 @@ def test_one_row_cells_and_repeated_cells_pivot_as_the_tie_rule_alone(spark):
             ("r", "a", "lexical", 2, 0.4), ("r", "b", "ann", 1, 0.3), ("r", "b", "ann", 1, 0.3)]
     logs = spark.createDataFrame([("run", q, "query", ch, p, rank, score, t, "t") for q, p, ch, rank, score in rows],
                                  TABLES["retrieval_logs"].schema)
-    pivoted = _by_pair(mining.pivot_channels(logs).collect())
+    pivoted = _by_pair(mining.pivot_channels(logs, checkpoint=lambda df, name: df).collect())
     assert pivoted == _by_pair(mining.pivot_best_rows(logs).collect())
     assert len(pivoted) == 5
     assert (pivoted["q", "a"]["score_ann"], pivoted["q", "a"]["score_lexical"]) == ("nan", None)
