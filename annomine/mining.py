@@ -217,8 +217,8 @@ def pivot_channels(logs: DataFrame, checkpoint: Callable[[DataFrame, str], DataF
     resolved by the tie rule (`pivot_best_rows`, `min_by` on the rows of those pairs alone): Sail's `min_by`
     keeps a boxed accumulator per group and reads row by row, and on every pair of a 10M-row log it takes
     2.3x the time and the memory of this pivot. `checkpoint` materialises the cells and the repeated pairs
-    (each is read twice). Without one (Unity Catalog, where Spark's own `min_by` is compiled), the cells would
-    be aggregated again for each reader, and the tie rule's single aggregation is taken instead.
+    (each is read twice). Without one (the job on Unity Catalog, whose engine is Spark's, not Sail), the cells
+    would be aggregated again for each reader, and the tie rule's single aggregation is taken instead.
     """
     if checkpoint is None:
         return pivot_best_rows(logs)
@@ -234,12 +234,8 @@ def channel_cells(logs: DataFrame) -> DataFrame:
     """One row per (query_id, product_id): per channel the least rank and the greatest score, and `_rows`
     the number of log rows. Where `_rows` equals the channels found, each channel has one row, whose
     score the `max` is (a NaN or null one included)."""
-    aggs = [F.count(F.lit(1)).alias("_rows")]
-    for ch in CHANNELS:
-        mine = F.col("channel") == ch
-        aggs.append(F.min(F.when(mine, F.col("rank"))).cast("int").alias(f"rank_{ch}"))
-        aggs.append(F.max(F.when(mine, F.col("score"))).cast("double").alias(f"score_{ch}"))
-    return logs.groupBy("query_id", "product_id").agg(*aggs)
+    aggs = _per_channel(lambda mine: F.max(F.when(mine, F.col("score"))))
+    return logs.groupBy("query_id", "product_id").agg(F.count(F.lit(1)).alias("_rows"), *aggs)
 
 
 def pivot_best_rows(logs: DataFrame) -> DataFrame:
@@ -247,13 +243,20 @@ def pivot_best_rows(logs: DataFrame) -> DataFrame:
     other channels' rows being +inf so they never win). A window, or a min over a struct, is 10x slower
     and far hungrier on Sail than `min_by` on this numeric key."""
     key = _dedupe_key()
+    aggs = _per_channel(lambda mine: F.min_by(F.when(mine, F.col("score")),
+                                              F.when(mine, key).otherwise(F.lit(float("inf")))))
+    return logs.groupBy("query_id", "product_id").agg(*aggs)
+
+
+def _per_channel(score_of: Callable[[Column], Column]) -> list[Column]:
+    """rank_<ch> (the least rank) and score_<ch> (`score_of(the channel's rows)`) for each channel, in the
+    order of CHANNEL_COLUMNS."""
     aggs = []
     for ch in CHANNELS:
         mine = F.col("channel") == ch
         aggs.append(F.min(F.when(mine, F.col("rank"))).cast("int").alias(f"rank_{ch}"))
-        aggs.append(F.min_by(F.when(mine, F.col("score")), F.when(mine, key).otherwise(F.lit(float("inf"))))
-                    .cast("double").alias(f"score_{ch}"))
-    return logs.groupBy("query_id", "product_id").agg(*aggs)
+        aggs.append(score_of(mine).cast("double").alias(f"score_{ch}"))
+    return aggs
 
 
 def _channels_found() -> Column:
@@ -267,8 +270,8 @@ def logged_query_texts(logs: DataFrame) -> DataFrame:
 
 
 def with_rank_metadata(pivoted: DataFrame) -> DataFrame:
-    """Pivoted ranks + `n_channels`, `best_rank`, `worst_rank`, `rank_spread` (derived after the
-    checkpoint: row-wise, so cheaper to recompute than to write and read back)."""
+    """Pivoted ranks + `n_channels`, `best_rank`, `worst_rank`, `rank_spread` (row-wise: derived where they
+    are needed, before the classes and after the caps, cheaper than writing or sorting them)."""
     ranks = [F.col(f"rank_{ch}") for ch in CHANNELS]
     return (pivoted.withColumn("n_channels", _channels_found().cast("int"))
                    .withColumn("best_rank", F.least(*ranks).cast("int"))
