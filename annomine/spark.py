@@ -202,6 +202,7 @@ def get_spark(project: ProjectConfig | None = None):
 
 
 def is_embedded() -> bool:
+    """Whether this process runs the embedded Sail server (its Python UDFs then run in this process)."""
     return _embedded_server is not None
 
 

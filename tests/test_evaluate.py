@@ -261,7 +261,8 @@ def test_table_mode_after_ingest(ctx, shop, tiny_model, tmp_path):
     report = evaluate.run(ctx, cfg)
     assert report["inputs"]["products"].startswith("table ")
     assert report["segment_rule"] == "frequency (segments of the queries table)"
-    assert report["models"][0]["retrieval"]["how"] == "spark"  # a products table is encoded in Spark
+    # the embedded engine runs its UDFs in this process: a products table below the threshold is encoded on the driver
+    assert report["models"][0]["retrieval"]["how"] == "driver"
     # The table and the file it came from are the same content: they share cached embeddings.
     assert catalog_from_table(ctx.tables)[0].content_key == catalog_from_file(str(shop / "products.tsv"))[0].content_key
     assert report["inputs"]["n_queries_evaluated"] == 4
@@ -306,7 +307,31 @@ def test_table_mode_minilm_reads_the_ann_channel_s_vectors(ctx, shop, tmp_path):
     stale = rows.iloc[:1].assign(content_hash="an older text")
     ctx.tables.merge("product_embeddings", ctx.spark.createDataFrame(stale, ctx.tables.spec("product_embeddings").schema))
     report = evaluate.run(ctx, cfg)
-    assert report["models"][0]["retrieval"]["how"] == "spark"
+    assert report["models"][0]["retrieval"]["how"] == "driver"
+
+
+def test_a_products_table_is_encoded_in_spark_on_a_cluster_and_above_the_threshold(spark, ctx, shop, tiny_model,
+                                                                                   monkeypatch):
+    """A products table goes through Spark where its UDFs run elsewhere (a cluster, a local JVM's Python workers) or
+    when it is above the threshold; on the embedded engine, below the threshold, on the driver: the same vectors."""
+    from annomine.evaluation import catalog as catalog_module
+    from jobs import ingest
+
+    sources = ingest.crowdflower_sources(str(shop))
+    ingest.run(ctx, ingest.IngestConfig(products=sources["products"], queries=sources["queries"], labels=sources["labels"]))
+    table, _ = catalog_from_table(ctx.tables)
+    spec = resolve_specs(f"t={tiny_model}", ctx.project.warehouse)[0]
+    assert catalog_module.is_embedded()
+    driver, info = catalog_embeddings(spec, table, EncodeSettings(cache=False), None, spark=spark)
+    assert info["how"] == "driver"
+    above, info = catalog_embeddings(spec, table, EncodeSettings(cache=False, spark_threshold=len(table) - 1), None,
+                                     spark=spark)
+    assert info["how"] == "spark"
+    monkeypatch.setattr(catalog_module, "is_embedded", lambda: False)  # the same session, as a cluster's
+    cluster, info = catalog_embeddings(spec, table, EncodeSettings(cache=False), None, spark=spark)
+    assert info["how"] == "spark"
+    np.testing.assert_allclose(above, driver, atol=1e-5)
+    np.testing.assert_allclose(cluster, driver, atol=1e-5)
 
 
 def test_file_errors_name_the_file_and_column(tmp_path):
