@@ -283,12 +283,12 @@ def _labelled_vectors(project: ProjectConfig, cfg: JudgeConfig, product_ids) -> 
 
 def _fit_on_calibration(model, history: dict, cal, cfg: JudgeConfig, grades: list[int], known_vectors: dict | None = None) -> tuple:
     """The calibration part's probabilities and decisions and the tier-1 calibrator, after fitting the stack and the
-    decision rule on it (history gets their fits). `known_vectors`: the bi-encoder's vectors already computed
-    (`_labelled_vectors`)."""
+    decision rule on it (history gets their fits), and the fitted judge's own distribution on these pairs.
+    `known_vectors`: the bi-encoder's vectors already computed (`_labelled_vectors`)."""
     from annomine.judges.calibration import fit_calibrator
     from annomine.judges.cross_encoder import attach_stack, select_decision
 
-    cal_probs = model.predict_proba(cal["query"].tolist(), cal["text"].tolist(), progress=True)
+    cal_probs = ce_probs = model.predict_proba(cal["query"].tolist(), cal["text"].tolist(), progress=True)
     if cfg.model.stack:
         # the stack is fitted on the calibration queries; what follows sees its out-of-fold distribution there
         weights = 1.0 / (1.0 + cal["variance"].astype(float).fillna(0.0).to_numpy()) if cfg.model.weight_by_variance else None
@@ -301,7 +301,22 @@ def _fit_on_calibration(model, history: dict, cal, cfg: JudgeConfig, grades: lis
     cal_pred = model.decide(cal_probs)
     cal_conf = cal_probs[np.arange(len(cal_pred)), [grades.index(int(g)) for g in cal_pred]]
     calibrator = fit_calibrator(cal_pred, cal_conf, cal["grade"], grades, cfg.target_agreement)
-    return cal_probs, cal_pred, calibrator
+    return cal_probs, cal_pred, calibrator, model.stacked(cal["query"].tolist(), cal["text"].tolist(), ce_probs)
+
+
+def _keep_for_rank(project: ProjectConfig, folder: Path, graded: list) -> None:
+    """What the published judge gave the labelled pairs it graded here ((pairs, probabilities) in `graded`), kept in
+    the tier-1 score cache that the rank stage and `best+ce` read (annomine/ranking/tier1.py), so they are not
+    graded again there."""
+    from annomine.ranking.tier1 import Tier1Scores, cache_folder
+
+    scores = Tier1Scores(folder, cache_folder(project.warehouse_path / "cache"))
+    try:
+        added = sum(scores.remember(part["query"].tolist(), part["text"].tolist(), probs) for part, probs in graded)
+    except OSError as exc:  # a cache: the rank stage grades these pairs itself
+        log.warning("judge: tier-1 distributions not kept for the rank stage (%s: %s)", scores.file, exc)
+        return
+    log.info("judge: %d labelled pairs' tier-1 distributions kept for the rank stage (%s)", added, scores.file)
 
 
 def _refit_on_all(model, history: dict, tr, cal, cfg: JudgeConfig, grades: list[int]):
@@ -343,7 +358,7 @@ def _evaluate_part(model, calibrator, part, name: str, version: str, baseline, g
                                       f"tier 1 {version} on {name} (decision: {model.decision})"))
     _predictions_frame(part, probs, pred, grades).to_parquet(folder / f"predictions_{name}.parquet")
     artifacts.append(folder / f"predictions_{name}.parquet")
-    return part_metrics
+    return part_metrics, probs
 
 
 def _flat_train_metrics(metrics: dict, history: dict, calibrator) -> dict:
@@ -378,9 +393,10 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     model, history = train_cross_encoder(tr, grades, cfg.model)
     model.version = version
     known = _labelled_vectors(project, cfg, pairs["product_id"].unique()) if not (files or cfg.labels) else None
-    cal_probs, cal_pred, calibrator = _fit_on_calibration(model, history, cal, cfg, grades, known)
+    cal_probs, cal_pred, calibrator, cal_final = _fit_on_calibration(model, history, cal, cfg, grades, known)
+    graded = [(cal, cal_final)]  # the labelled pairs graded by the published judge, with its distributions
     if cfg.refit_on_all:
-        model = _refit_on_all(model, history, tr, cal, cfg, grades)
+        model, graded = _refit_on_all(model, history, tr, cal, cfg, grades), []
     metrics: dict = {"version": version, "fold": project.fold, "rotation": project.rotation, "history": history, "calibration": calibrator.stats,
                      "splits": {s: {"pairs": int((pairs.split == s).sum()), "queries": int(pairs[pairs.split == s].query_id.nunique())}
                                 for s in ("train", "calibration", "dev")},
@@ -398,8 +414,9 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
         # dev: the judge's validation figures; test (when the split exists): reported only, nothing is chosen on it
         for name, part in (("dev", dev), ("test", pairs[pairs.split == "test"].reset_index(drop=True))):
             if len(part):
-                metrics[f"{name}_tier1"] = _evaluate_part(model, calibrator, part, name, version, baseline, grades,
-                                                          project.seed, folder, artifacts)
+                metrics[f"{name}_tier1"], probs = _evaluate_part(model, calibrator, part, name, version, baseline,
+                                                                 grades, project.seed, folder, artifacts)
+                graded.append((part, probs))
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         artifacts.append(folder / "metrics.json")
         published = publish_judge(project.warehouse_path, folder)
@@ -407,6 +424,7 @@ def train(project: ProjectConfig, cfg: JudgeConfig, files: LabelFiles | None = N
     folder = published
     if set_current:
         point_current(project.warehouse_path, version, folder)
+    _keep_for_rank(project, folder, graded)
     if cfg.log_mlflow:
         _track(project, f"judge-train-{version}", dict(asdict(cfg.model), version=version, decision=model.decision,
                                                       cutpoints=model.cutpoints, refit_on_all=cfg.refit_on_all,

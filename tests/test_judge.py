@@ -368,6 +368,38 @@ judge:
     assert fitted["tiers_alone_on_sample"]["tier2"]["pairs"] == 20 and "tier1" in fitted["tiers_alone_on_sample"]
 
 
+def test_judge_train_keeps_its_labelled_pairs_distributions_for_the_rank_stage(tmp_path, capsys):
+    """The judge stage stores what the published judge gives its calibration, dev and test pairs in the tier-1 score cache
+    that rank and `best+ce` read: the published judge's own distributions there, so rank scores none of them again."""
+    from annomine.ranking.tier1 import Tier1Scores, cache_folder, pair_key
+    from jobs import judge
+
+    shop = _shop(tmp_path / "shop", n_queries=16, per_query=8)
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(f"""
+project: {{warehouse: {tmp_path / 'wh'}, mlflow_experiment: test-judge-keep, schema: t_{tmp_path.name.replace('-', '_')}}}
+judge:
+  model: {{base_model: tiny, max_length: 32, epochs: 1, batch_size: 16, threads: 1, stack: true, stack_biencoder: tiny}}
+  calibration_fraction: 0.3
+  log_mlflow: false
+  cascade: {{tier1: true}}
+""")
+    files = ["--queries", str(shop / "queries.tsv"), "--labels", str(shop / "labels.tsv"), "--products", str(shop / "products.tsv")]
+    assert judge.main(["train", "--conf", str(conf), *files]) == 0
+    folder = Path(printed_summary(capsys, tmp_path / "wh", "judge_train")["path"])
+    cache = cache_folder(tmp_path / "wh" / "cache")
+    kept = pd.read_parquet(next(cache.glob("*.parquet")))
+    pairs = load_pairs_from_files(shop / "queries.tsv", shop / "labels.tsv", shop / "products.tsv")
+    seen = pd.concat([pd.read_parquet(f) for f in folder.glob("predictions_*.parquet")])  # calibration, dev, test
+    part = pairs.merge(seen[["query_id", "product_id"]], on=["query_id", "product_id"])
+    assert len(part) == len(seen) and len(kept) == len({pair_key(q, t) for q, t in zip(part["query"], part["text"])})
+    scores = Tier1Scores(folder, cache)
+    from_cache = scores.probs(part["query"].tolist(), part["text"].tolist())
+    assert scores.scored == 0  # every pair the judge stage graded is found
+    np.testing.assert_allclose(from_cache, scores.model.predict_proba(part["query"].tolist(), part["text"].tolist()),
+                               atol=1e-6)
+
+
 def test_pairs_from_tables(ctx):
     from annomine.judges.data import load_pairs_from_tables
     from annomine.schemas import TABLES

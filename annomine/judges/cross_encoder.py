@@ -125,13 +125,17 @@ class CrossEncoderModel:
 
     def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """(n, n_grades) probabilities: the cross-encoder's, or the stack's over them when there is one."""
-        probs = self.ce_proba(queries, texts, batch_size, progress)
+        return self.stacked(queries, texts, self.ce_proba(queries, texts, batch_size, progress))
+
+    def stacked(self, queries: list[str], texts: list[str], ce_probs: np.ndarray) -> np.ndarray:
+        """The judge's distribution given the cross-encoder's own on these pairs (`ce_proba`): the stack's over it
+        when there is one, else `ce_probs` itself."""
         if self.stack is None or not len(queries):
-            return probs
+            return ce_probs
         from annomine.judges.stack import pair_features
 
         with self._lock:
-            feats = pair_features(list(queries), list(texts), probs, self.grades, self.biencoder, self.stack.columns)
+            feats = pair_features(list(queries), list(texts), ce_probs, self.grades, self.biencoder, self.stack.columns)
         return self.stack.predict_proba(feats, self.grades)
 
     def ce_proba(self, queries: list[str], texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:

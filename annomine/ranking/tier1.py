@@ -3,7 +3,8 @@
 The distribution is the judge's own (`CrossEncoderModel.predict_proba`: the stacked one when the judge has a
 stack), as the annotate job sees it. Scores are kept per judge version in
 `<warehouse>/cache/rank_tier1/<version>.parquet` (`cache_folder`), keyed by a hash of the query and the product text, so training, the
-ablations and every evaluation of the same pairs score each pair once.
+ablations and every evaluation of the same pairs score each pair once. The judge stage stores there what the published judge gave
+the labelled pairs it graded (`remember`): rank and `best+ce` find most labelled pairs scored.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ class Tier1Scores:
         if not keys:
             return np.zeros((0, len(self.grades)))
         return np.stack([known[k] for k in keys])
+
+    def remember(self, queries: list[str], texts: list[str], probs) -> int:
+        """Keep distributions this judge gave these pairs elsewhere (the judge stage's labelled pairs), so they are
+        not scored again; pairs already kept stay as they are. How many were added."""
+        known = self._cache()
+        before = len(known)
+        for query, text, row in zip(queries, texts, np.asarray(probs, dtype=float)):
+            known.setdefault(pair_key(query, text), row)
+        if len(known) > before:
+            self._save()
+        return len(known) - before
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Tier 1's grades under its decision rule."""
