@@ -74,7 +74,8 @@ class EncodeSettings:
     query_max_len: int = bounded(16, ge=1)
     item_max_len: int = bounded(64, ge=1)
     batch_size: int = bounded(128, ge=1)
-    # Catalogs larger than this are encoded in Spark (a products table always is).
+    # Catalogs larger than this are encoded in Spark (a products table always is on a cluster; on the embedded engine
+    # its UDFs run in this process, so there only above this size).
     spark_threshold: int = bounded(50000, ge=0)
     spark_partitions: int = bounded(4, ge=1)
     cache: bool = True
