@@ -313,7 +313,7 @@ def _keep_for_rank(project: ProjectConfig, folder: Path, graded: list) -> None:
     scores = Tier1Scores(folder, cache_folder(project.warehouse_path / "cache"))
     try:
         added = sum(scores.remember(part["query"].tolist(), part["text"].tolist(), probs) for part, probs in graded)
-    except OSError as exc:  # a cache: the rank stage grades these pairs itself
+    except (OSError, ValueError) as exc:  # an unwritable or damaged cache: the rank stage grades these pairs itself
         log.warning("judge: tier-1 distributions not kept for the rank stage (%s: %s)", scores.file, exc)
         return
     log.info("judge: %d labelled pairs' tier-1 distributions kept for the rank stage (%s)", added, scores.file)

@@ -398,6 +398,9 @@ judge:
     assert scores.scored == 0  # every pair the judge stage graded is found
     np.testing.assert_allclose(from_cache, scores.model.predict_proba(part["query"].tolist(), part["text"].tolist()),
                                atol=1e-6)
+    # a damaged cache is the rank stage's to rebuild: the judge stage still publishes its judge
+    next(cache.glob("*.parquet")).write_bytes(b"not parquet")
+    assert judge.main(["train", "--conf", str(conf), *files]) == 0
 
 
 def test_pairs_from_tables(ctx):
