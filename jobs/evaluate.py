@@ -52,6 +52,7 @@ from annomine.model_specs import EncodeSettings, ModelSpec, ModelSpecError, reso
 from annomine.registration import register_best
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 from annomine.splits import SPLITS as QUERY_SPLITS
+from annomine.tracking import use_experiment
 from annomine.splits import split_of
 
 log = logging.getLogger("annomine.evaluate")
@@ -309,6 +310,7 @@ def _write_report(ctx: JobContext, cfg: EvaluateConfig, report: dict, specs, cat
              report_lib.plot_data_curve(report, plot_files["data"])]
     md.write_text(report_lib.markdown(report))
     if cfg.mlflow:
+        use_experiment(project)  # created with its artifacts in the warehouse, not in ./mlruns of the working directory
         report["mlflow_run_id"] = report_lib.log_to_mlflow(report, [out, md, *plots], project.tracking_uri, project.mlflow_experiment)
         if cfg.register and (project.fold != 0 or project.rotation != 0):
             print(f"evaluate: rotation {project.rotation}, fold {project.fold}: nothing registered "

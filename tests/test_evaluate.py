@@ -67,11 +67,12 @@ def _conf(tmp_path, project) -> str:
     return str(path)
 
 
-def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, tiny_model, capsys):
+def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, tiny_model, capsys, monkeypatch):
     import mlflow
 
     from jobs import evaluate
 
+    monkeypatch.chdir(tmp_path)  # the experiment's artifacts go to the warehouse, never to ./mlruns
     out = tmp_path / "out" / "report.json"
     rc = evaluate.main(["--conf", _conf(tmp_path, project), "--models", f"bm25,tower={tiny_model},hybrid={tiny_model}+bm25",
                         "--products", str(shop / "products.tsv"), "--queries", str(shop / "queries.tsv"),
@@ -118,6 +119,8 @@ def test_cli_on_files_with_bm25_and_two_tower(spark, project, tmp_path, shop, ti
     mlflow.set_tracking_uri(project.tracking_uri)
     run = mlflow.get_run(report["mlflow_run_id"])
     assert run.data.metrics["bm25/all/ndcg_at_10"] == pytest.approx(bm25["all"]["ndcg@10"]["mean"])
+    assert not (tmp_path / "mlruns").exists() and run.info.artifact_uri.startswith(
+        (project.warehouse_path / "mlartifacts").resolve().as_uri())
     version = mlflow.MlflowClient().get_model_version(reg["name"], reg["version"])
     assert version.tags["evaluation_json"].endswith("report.json")
     assert float(version.tags["ndcg_at_10"]) == pytest.approx(tower["metrics"]["all"]["ndcg@10"]["mean"], abs=1e-4)
