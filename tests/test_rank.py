@@ -14,6 +14,7 @@ from annomine.evaluation.catalog import Catalog, EncodeSettings, ModelSpec
 from annomine.ranking.features import FeatureSettings, FeatureSources, build_features, columns_of
 from annomine.ranking.labels import POLARIZED_LEVELS, polarize, quantise, relevance
 from annomine.ranking.tier1 import Tier1Scores
+from annomine.tracking import ensure_experiment
 from tests.test_evaluate import PRODUCTS, _conf, tiny_model, write_shop  # noqa: F401 - fixtures reused
 
 GRADES = [1, 2, 3, 4]
@@ -233,7 +234,7 @@ def test_the_registered_pyfunc_serves_retriever_and_ranker_together(tmp_path, ti
     expected, _ = rank_with(published, "ranked", catalog, ["zanzibar teapot", "wool socks"], EncodeSettings(), None, None)
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("rank-serving")
+    ensure_experiment(mlflow.get_tracking_uri(), "rank-serving", str(tmp_path / "mlartifacts"))  # not ./mlruns
     with mlflow.start_run():
         uri = log_ranked_model(published, catalog).model_uri
     model = mlflow.pyfunc.load_model(uri)
@@ -260,7 +261,7 @@ def test_the_two_tower_reranked_by_tier_1_is_served_as_one_model(tmp_path, tiny_
                         EncodeSettings(), tmp_path / "emb")
     assert [sorted(a) for a in expected] == [sorted(b) for b in plain]  # the same top 10, reordered by tier 1
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("rerank-serving")
+    ensure_experiment(mlflow.get_tracking_uri(), "rerank-serving", str(tmp_path / "mlartifacts"))  # not ./mlruns
     with mlflow.start_run():
         uri = log_reranked_model(spec, catalog, top_k=10).model_uri
     served = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"query": queries}), params={"k": 5})
