@@ -288,12 +288,12 @@ def _fit_on_calibration(model, history: dict, cal, cfg: JudgeConfig, grades: lis
     from annomine.judges.calibration import fit_calibrator
     from annomine.judges.cross_encoder import attach_stack, select_decision
 
-    cal_probs = ce_probs = model.predict_proba(cal["query"].tolist(), cal["text"].tolist(), progress=True)
+    cal_probs = final = model.predict_proba(cal["query"].tolist(), cal["text"].tolist(), progress=True)
     if cfg.model.stack:
         # the stack is fitted on the calibration queries; what follows sees its out-of-fold distribution there
         weights = 1.0 / (1.0 + cal["variance"].astype(float).fillna(0.0).to_numpy()) if cfg.model.weight_by_variance else None
         fitted = attach_stack(model, cal, cal_probs, cfg.model, weights, known_vectors)
-        cal_probs = fitted.pop("oof_probs")
+        cal_probs, final = fitted.pop("oof_probs"), fitted.pop("fitted_probs")
         history["stack"] = fitted
     # decision rule and cut-points chosen on the calibration queries (never on dev)
     history.update(select_decision(model, cal_probs, cal["grade"], cal["query_id"], cfg.model.decision,
@@ -301,7 +301,7 @@ def _fit_on_calibration(model, history: dict, cal, cfg: JudgeConfig, grades: lis
     cal_pred = model.decide(cal_probs)
     cal_conf = cal_probs[np.arange(len(cal_pred)), [grades.index(int(g)) for g in cal_pred]]
     calibrator = fit_calibrator(cal_pred, cal_conf, cal["grade"], grades, cfg.target_agreement)
-    return cal_probs, cal_pred, calibrator, model.stacked(cal["query"].tolist(), cal["text"].tolist(), ce_probs)
+    return cal_probs, cal_pred, calibrator, final
 
 
 def _keep_for_rank(project: ProjectConfig, folder: Path, graded: list) -> None:

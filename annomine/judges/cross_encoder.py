@@ -125,17 +125,13 @@ class CrossEncoderModel:
 
     def predict_proba(self, queries: list[str], texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """(n, n_grades) probabilities: the cross-encoder's, or the stack's over them when there is one."""
-        return self.stacked(queries, texts, self.ce_proba(queries, texts, batch_size, progress))
-
-    def stacked(self, queries: list[str], texts: list[str], ce_probs: np.ndarray) -> np.ndarray:
-        """The judge's distribution given the cross-encoder's own on these pairs (`ce_proba`): the stack's over it
-        when there is one, else `ce_probs` itself."""
+        probs = self.ce_proba(queries, texts, batch_size, progress)
         if self.stack is None or not len(queries):
-            return ce_probs
+            return probs
         from annomine.judges.stack import pair_features
 
         with self._lock:
-            feats = pair_features(list(queries), list(texts), ce_probs, self.grades, self.biencoder, self.stack.columns)
+            feats = pair_features(list(queries), list(texts), probs, self.grades, self.biencoder, self.stack.columns)
         return self.stack.predict_proba(feats, self.grades)
 
     def ce_proba(self, queries: list[str], texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
@@ -501,7 +497,8 @@ def attach_stack(model: CrossEncoderModel, df, ce_probs: np.ndarray, settings: C
     """Fit the stack on held-out pairs (`df`: the calibration split, with the cross-encoder's `ce_probs` on it)
     and attach it to `model`. `known_vectors`: {text: vector} of the stack's bi-encoder model and token limit (the
     ANN channel's, `stack.shared_vector_key`), cached so those texts are not encoded. Returns the out-of-fold
-    stacked probabilities (by query) and the fit's figures."""
+    stacked probabilities (by query), the fitted stack's own on `df` (what `predict_proba` gives these pairs) and
+    the fit's figures."""
     from annomine.judges.stack import JUDGE_FEATURES, BiEncoder, fit_logistic_stack, pair_features
 
     columns = list(settings.stack_columns or JUDGE_FEATURES)
@@ -513,5 +510,6 @@ def attach_stack(model: CrossEncoderModel, df, ce_probs: np.ndarray, settings: C
     stack, oof = fit_logistic_stack(feats, df["grade"], df["query_id"], model.grades, columns, weights, seed=settings.seed,
                                     C=settings.stack_c)
     model.stack = stack
-    return {"oof_probs": oof, "columns": columns, "features_seconds": time.time() - started,
+    return {"oof_probs": oof, "fitted_probs": stack.predict_proba(feats, model.grades), "columns": columns,
+            "features_seconds": time.time() - started,
             "coefficients": dict(zip(columns, np.round(np.asarray(stack.coef)[-1] - np.asarray(stack.coef)[0], 4).tolist()))}
