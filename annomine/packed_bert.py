@@ -86,7 +86,7 @@ def packed_last_hidden(encoder: nn.Module, input_ids: torch.Tensor, attention_ma
 
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(encoder.config._attn_implementation, eager_attention_forward)
     if attend is sdpa_attention_forward and hidden.device.type == "cpu":
-        attend = _cpu_sdpa_attention
+        attend = _CpuSdpaAttention(mask)
     for layer in encoder.encoder.layer:
         hidden = _layer(layer, hidden, mask, packing, attend)
     return packing.unpack(hidden)
@@ -111,22 +111,41 @@ def _layer(layer: nn.Module, hidden: torch.Tensor, mask, packing: _Packing, atte
     return feed.LayerNorm(packing.dropout(feed.dense(layer.intermediate(hidden)), feed.dropout) + hidden)
 
 
-def _cpu_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        mask: torch.Tensor | None, dropout: float, scaling: float) -> tuple[torch.Tensor, None]:
-    """transformers' scaled-dot-product attention on CPU. Without dropout: that function itself. With dropout: step
-    for step as PyTorch's math kernel (the one it takes on CPU with dropout) computes it (query and key each scaled by
-    the root of `scaling`, the mask added, a softmax that gives fully masked rows zeros), the dropout mask from
-    `bernoulli_mask`; returned as the model's attention functions return it: (batch, length, heads, head width)."""
-    if dropout == 0:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+class _CpuSdpaAttention:
+    """transformers' scaled-dot-product attention on CPU, for the layers of one forward sharing `mask`. Without
+    dropout: that function itself. With dropout: step for step as PyTorch's math kernel (the one it takes on CPU with
+    dropout) computes it (query and key each scaled by the root of `scaling`, the mask added, a softmax that gives
+    fully masked rows zeros), the dropout mask from `bernoulli_mask`; returned as the model's attention functions
+    return it: (batch, length, heads, head width). The additive mask and its fully masked rows are worked out once
+    per forward, not once per layer."""
 
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
-    root = math.sqrt(scaling)
-    scores = torch.matmul(query * root, key.transpose(-2, -1) * root)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(mask.logical_not(), float("-inf"))
-        scores.add_(mask)
-    weights = torch._safe_softmax(scores, -1)
-    weights = weights * dropout_multiplier(bernoulli_mask(tuple(weights.shape), 1 - dropout), dropout, weights.dtype)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+    def __init__(self, mask: torch.Tensor | None):
+        self.mask = mask
+        self.additive = mask
+        self.fully_masked = None  # rows whose every key is masked (the math kernel's softmax gives them zeros)
+        if mask is not None and mask.dtype == torch.bool:
+            self.additive = torch.zeros(mask.shape).masked_fill_(mask.logical_not(), float("-inf"))
+            rows = mask.logical_not().all(dim=-1, keepdim=True)
+        elif mask is not None:
+            rows = torch.isneginf(mask).all(dim=-1, keepdim=True)
+        self.fully_masked = rows if mask is not None and bool(rows.any()) else None
+
+    def __call__(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 mask: torch.Tensor | None, dropout: float, scaling: float) -> tuple[torch.Tensor, None]:
+        if mask is not self.mask:
+            raise ValueError("_CpuSdpaAttention called with another mask than the one it was built for")
+        if dropout == 0:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
+        root = math.sqrt(scaling)
+        scores = torch.matmul(query * root, key.transpose(-2, -1) * root)
+        if self.additive is not None:
+            scores.add_(self.additive.to(scores.dtype))
+        # torch._safe_softmax(scores, -1), without looking for fully masked rows in every layer's scores: the
+        # same softmax kernel, and zeros in the rows the mask masks whole
+        weights = torch.softmax(scores, -1)
+        if self.fully_masked is not None:
+            weights = weights.masked_fill(self.fully_masked, 0.0)
+        weights = weights * dropout_multiplier(bernoulli_mask(tuple(weights.shape), 1 - dropout), dropout, weights.dtype)
+        return torch.matmul(weights, value).transpose(1, 2).contiguous(), None

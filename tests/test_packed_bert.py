@@ -92,3 +92,23 @@ def test_eager_attention_packs_like_the_models_own_forward():
     encoder = model.query_encoder.train()
     encoder.config._attn_implementation = "eager"
     assert _packs_like_own(encoder, model.tokenize(TEXTS, "item"), seed=12)
+
+
+def test_cpu_attention_gives_fully_masked_rows_zeros_as_pytorchs_math_kernel_does():
+    from annomine.packed_bert import _CpuSdpaAttention
+
+    gen = torch.Generator().manual_seed(5)
+    query, key, value = (torch.randn(2, 2, 5, 4, generator=gen) for _ in range(3))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[0, :, :, 3:] = False  # padding keys
+    mask[1, :, 2, :] = False   # a row whose every key is masked
+    attend = _CpuSdpaAttention(mask)
+    assert attend.fully_masked is not None and int(attend.fully_masked.sum()) == 1  # one row, for every head
+    torch.manual_seed(11)
+    ours, _ = attend(torch.nn.Module(), query, key, value, mask, dropout=0.2, scaling=0.5)
+    torch.manual_seed(11)
+    theirs = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.2, scale=0.5)
+    assert torch.equal(ours, theirs.transpose(1, 2))
+    assert torch.equal(ours[1, 2], torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="another mask"):
+        attend(torch.nn.Module(), query, key, value, mask.clone(), dropout=0.2, scaling=0.5)
