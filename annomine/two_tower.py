@@ -114,6 +114,18 @@ class TwoTower(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def fingerprint(self) -> str:
+        """A hash of what the model's vectors depend on: each tower's config and weights, the token limits, the
+        inference backend and the device."""
+        import hashlib
+
+        from annomine.onnx_encoder import weights_key
+
+        settings = {"shared": self.shared, "query_max_len": self.query_max_len, "item_max_len": self.item_max_len,
+                    "backend": self.backend, "device": str(self.device)}
+        towers = [weights_key(encoder) for encoder in (self.query_encoder, self.item_encoder) if encoder is not None]
+        return hashlib.sha256(json.dumps([settings, towers], sort_keys=True).encode()).hexdigest()[:32]
+
     # ---- persistence ---------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         out = Path(directory)

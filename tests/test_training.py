@@ -217,6 +217,33 @@ def test_a_stage_that_does_not_beat_its_starting_weights_is_dropped(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_starting_weights_scored_on_a_dev_set_are_not_evaluated_again(tmp_path, monkeypatch, caplog):
+    """A second variant from the same base reads its start score from <dev dir>/start_scores.json; another dev set,
+    or a damaged file, evaluates again."""
+    spec = make_shards(tmp_path, n=16, stages=[("hard", "mnr")])
+    spec = replace(spec, epochs_per_stage=1, max_steps_per_epoch=1)
+    calls = []
+    evaluate = DevSet.evaluate
+    monkeypatch.setattr(DevSet, "evaluate", lambda self, model, *a, **kw: calls.append(1) or evaluate(self, model, *a, **kw))
+
+    def start_metric(out: str) -> float:
+        return launch("inprocess", replace(spec, output_dir=str(tmp_path / out)))["stages"][0]["start_metric"]
+
+    first = start_metric("a")
+    assert len(calls) == 2  # the starting weights, then the epoch
+    assert start_metric("b") == first and len(calls) == 3  # the epoch only
+    scores = tmp_path / "start_scores.json"
+    assert list(json.loads(scores.read_text()).values()) == [first]
+    scores.write_text("{not json")
+    with caplog.at_level("WARNING", logger="training.runner"):
+        assert start_metric("c") == first and len(calls) == 5
+    assert "ignoring unreadable" in caplog.text
+    pd.DataFrame({"query_id": ["q1", "q2"], "query": ["red shoe 1", "red shoe 2"], "product_id": ["p1", "p2"],
+                  "grade": [4, 1]}).to_parquet(tmp_path / "dev_eval.parquet")  # another dev set
+    start_metric("d")
+    assert len(calls) == 7 and len(json.loads(scores.read_text())) == 2
+
+
 def test_a_stage_of_the_manifest_with_its_own_lr_overrides_the_loss_lr(tmp_path):
     """The human stage's lr (the `lr` of a curriculum stage definition) reaches the trainer through the manifest entry."""
     spec = make_shards(tmp_path, n=16, stages=[("easy", "bce"), ("hard", "mnr")])

@@ -233,6 +233,7 @@ class DevSet:
         keep = pool["product_id"].astype(str).isin(set(labels["product_id"].astype(str))) | \
             ~pool["product_id"].astype(str).isin(judged_elsewhere)
         pool = pool[keep]
+        self.folder = folder
         self.queries = labels.drop_duplicates("query_id").set_index("query_id").loc[qids, "query"].tolist()
         self.pool_ids = pool["product_id"].astype(str).tolist()
         self.pool_texts = pool["text"].fillna("").astype(str).tolist()
@@ -253,6 +254,19 @@ class DevSet:
         items = model.encode_items(self.pool_texts, batch_size=128, progress=progress)
         queries = model.encode_queries(self.queries, batch_size=128)
         return ndcg_at_k(queries @ items.T, self.gains, self.ideal, k)
+
+    def fingerprint(self, k: int = 10) -> str:
+        """A hash of what `evaluate` reads besides the model: the queries, the pool's texts, the gains and k."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps([k, self.queries, self.pool_texts]).encode())
+        h.update(self.gains.tobytes())
+        for ideal in self.ideal:
+            h.update(np.asarray(ideal, dtype=np.float64).tobytes() + b"|")
+        return h.hexdigest()[:32]
+
+
+START_SCORES = "start_scores.json"  # in the dev set's folder: dev NDCG@10 of starting weights, by fingerprint
 
 
 # ---- the runner ----------------------------------------------------------------------------
@@ -370,6 +384,27 @@ class RunState:
         with self.dist.alone_on_node():
             return self.dev.evaluate(model, progress=progress)
 
+    def start_metric(self, model: TwoTower, progress: bool = False) -> float:
+        """Dev NDCG@10 of a stage's starting weights. Scores are kept in `<dev set folder>/start_scores.json` by the
+        dev set's and the model's fingerprints: a variant that starts from weights scored before (another variant's
+        base model) reads the score instead of evaluating them again."""
+        path = Path(self.dev.folder) / START_SCORES
+        key = f"{self.dev.fingerprint()}:{model.fingerprint()}"
+        try:
+            known = _read_json(path, {})
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s (%s): the starting weights are evaluated", path, exc)
+            known = {}
+        if key in known:
+            log.info("starting weights scored on this dev set before (%s)", path)
+            return float(known[key])
+        value = self.evaluate(model, progress)
+        try:
+            _write_json(path, {**known, key: value})
+        except OSError as exc:
+            log.warning("could not keep the starting weights' dev score in %s: %s", path, exc)
+        return value
+
     def commit(self, key: str, state: dict) -> None:
         """Rank 0: record a stage's state (after its checkpoint is complete on every rank)."""
         self.progress["stages"][key] = state
@@ -438,7 +473,7 @@ class StageTrainer:
                           best_dir=str(self.best_dir), last_epoch=0, done=False)
         if run.dev is not None and spec.keep_start_if_better:
             # a stage that makes the model worse on dev is dropped (its best is the starting model)
-            self.best = self.prev_best if self.prev_best is not None else run.evaluate(
+            self.best = self.prev_best if self.prev_best is not None else run.start_metric(
                 self.model, progress=spec.progress)
             self.model.save(self.best_dir)
             self.state.update(start_metric=self.best, best_epoch=0)
