@@ -112,7 +112,7 @@ def build_spec(ctx: JobContext, cfg: TrainConfig, name: str | None = None) -> Tr
     losses = {f.name: getattr(cfg.losses, f.name) for f in dataclasses.fields(cfg.losses)}
     return TrainSpec.of(cfg, shards_root=str(shards / cfg.variant), dev_dir=str(shards),
                         output_dir=str(models_root(ctx) / (name or cfg.variant) / "run"), min_grade=ctx.project.min_grade,
-                        losses=losses)
+                        losses=losses, score_cache_dir=str(ctx.project.warehouse_path / "cache" / "train"))
 
 
 def fingerprint(spec: TrainSpec, manifest: dict, num_proc: int) -> str:

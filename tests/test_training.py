@@ -242,6 +242,9 @@ def test_starting_weights_scored_on_a_dev_set_are_not_evaluated_again(tmp_path, 
                   "grade": [4, 1]}).to_parquet(tmp_path / "dev_eval.parquet")  # another dev set
     start_metric("d")
     assert len(calls) == 7 and len(json.loads(scores.read_text())) == 2
+    shared = tmp_path / "cache"  # the warehouse's folder (`annomine train` sets it), for variants with their own dev copies
+    launch("inprocess", replace(spec, output_dir=str(tmp_path / "e"), score_cache_dir=str(shared)))
+    assert len(calls) == 9 and len(json.loads((shared / "start_scores.json").read_text())) == 1
 
 
 def test_a_stage_of_the_manifest_with_its_own_lr_overrides_the_loss_lr(tmp_path):

@@ -266,7 +266,7 @@ class DevSet:
         return h.hexdigest()[:32]
 
 
-START_SCORES = "start_scores.json"  # in the dev set's folder: dev NDCG@10 of starting weights, by fingerprint
+START_SCORES = "start_scores.json"  # dev NDCG@10 of starting weights, by fingerprint (RunState.start_metric)
 
 
 # ---- the runner ----------------------------------------------------------------------------
@@ -385,10 +385,11 @@ class RunState:
             return self.dev.evaluate(model, progress=progress)
 
     def start_metric(self, model: TwoTower, progress: bool = False) -> float:
-        """Dev NDCG@10 of a stage's starting weights. Scores are kept in `<dev set folder>/start_scores.json` by the
-        dev set's and the model's fingerprints: a variant that starts from weights scored before (another variant's
-        base model) reads the score instead of evaluating them again."""
-        path = Path(self.dev.folder) / START_SCORES
+        """Dev NDCG@10 of a stage's starting weights. Scores are kept in `start_scores.json` (in the spec's
+        `score_cache_dir`, else the dev set's folder) by the dev set's and the model's fingerprints: a variant that
+        starts from weights scored before (another variant's base model) reads the score instead of evaluating them
+        again."""
+        path = Path(self.spec.score_cache_dir or self.dev.folder) / START_SCORES
         key = f"{self.dev.fingerprint()}:{model.fingerprint()}"
         try:
             known = _read_json(path, {})

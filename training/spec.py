@@ -79,6 +79,9 @@ class TrainSpec(TrainSettings):
     init_from: str | None = None  # TwoTower folder the first stage starts from (None: base_model)
     losses: dict[str, Any] = field(default_factory=dict)  # loss name -> its Params (absent: the defaults)
     tracking: Tracking | None = field(default=None, metadata=VOLATILE)
+    # where the dev scores of starting weights are kept for every training that shares it (start_scores.json;
+    # None: the dev set's folder)
+    score_cache_dir: str | None = field(default=None, metadata=VOLATILE)
 
     @classmethod
     def of(cls, settings: TrainSettings, **placement) -> TrainSpec:
