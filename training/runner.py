@@ -44,6 +44,7 @@ from torch import nn
 
 from annomine.optim import adamw
 from annomine.progress import progress_iter
+from annomine.publish import write_atomically
 from annomine.two_tower import TwoTower
 from training.callbacks import Callback, CallbackList
 from training.interpolation import check_alphas, interpolate_final
@@ -400,8 +401,8 @@ class RunState:
             log.info("starting weights scored on this dev set before (%s)", path)
             return float(known[key])
         value = self.evaluate(model, progress)
-        try:
-            _write_json(path, {**known, key: value})
+        try:  # a unique temporary file, renamed: trainings sharing the folder never see a half-written one
+            write_atomically(path, lambda tmp: tmp.write_text(json.dumps({**known, key: value}, indent=2)))
         except OSError as exc:
             log.warning("could not keep the starting weights' dev score in %s: %s", path, exc)
         return value
