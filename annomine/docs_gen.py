@@ -39,7 +39,8 @@ Not everything is a table. Under `project.warehouse` (on Databricks: the bundle'
 | `judges/<version>.<tag>/`, `judges/current.json` | judge | tier-1 cross-encoder, per-tier calibration, the current judge version (written under `judges/_staging/`, then moved into place) |
 | `models/<variant>/model-<tag>/`, `models/<variant>.json`, `models/best.json` | train | trained two-tower models and pointers to them (also in MLflow) |
 | `rankers/rank-<tag>/`, `rankers/current.json` | rank | LightGBM rankers (and ablations) over the retriever's top-K, the pointer to the current one |
-| `cache/rank_tier1/<judge version>.parquet` | rank, evaluate | tier-1 grade distributions of the pairs scored so far |
+| `cache/rank_tier1/<judge version>.parquet` | judge, rank, evaluate | tier-1 grade distributions of the pairs scored so far (the judge stage adds its calibration, dev and test pairs') |
+| `cache/train/start_scores.json` | train | dev NDCG@10 of each variant's starting weights, by the dev set's and the model's fingerprints: a variant starting from weights scored before reads it |
 | `_scratch/mine-<tag>/` | mine | the run's Parquet checkpoints, removed when it ends (a killed run's, by the next `mine`) |
 | `pipeline_state.json` | pipeline | fingerprints that let `annomine pipeline` skip current stages |
 | `mlflow.db` | every job (embedded only) | the local MLflow store; on Databricks runs go to the workspace |
