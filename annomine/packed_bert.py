@@ -123,12 +123,14 @@ class _CpuSdpaAttention:
         self.mask = mask
         self.additive = mask
         self.fully_masked = None  # rows whose every key is masked (the math kernel's softmax gives them zeros)
-        if mask is not None and mask.dtype == torch.bool:
-            self.additive = torch.zeros(mask.shape).masked_fill_(mask.logical_not(), float("-inf"))
-            rows = mask.logical_not().all(dim=-1, keepdim=True)
-        elif mask is not None:
-            rows = torch.isneginf(mask).all(dim=-1, keepdim=True)
-        self.fully_masked = rows if mask is not None and bool(rows.any()) else None
+        if mask is None:
+            return
+        masked = mask.logical_not() if mask.dtype == torch.bool else torch.isneginf(mask)
+        if mask.dtype == torch.bool:
+            self.additive = torch.zeros(mask.shape).masked_fill_(masked, float("-inf"))
+        rows = masked.all(dim=-1, keepdim=True)
+        if bool(rows.any()):
+            self.fully_masked = rows
 
     def __call__(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  mask: torch.Tensor | None, dropout: float, scaling: float) -> tuple[torch.Tensor, None]:

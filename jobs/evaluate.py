@@ -52,8 +52,8 @@ from annomine.model_specs import EncodeSettings, ModelSpec, ModelSpecError, reso
 from annomine.registration import register_best
 from annomine.runtime import JobContext, job_parser, load, open_context, setup_logging
 from annomine.splits import SPLITS as QUERY_SPLITS
-from annomine.tracking import use_experiment
 from annomine.splits import split_of
+from annomine.tracking import use_experiment
 
 log = logging.getLogger("annomine.evaluate")
 
