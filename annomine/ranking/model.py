@@ -44,11 +44,15 @@ class RankerParams:
     reg_lambda: float = 1.0
     # NDCG position lambdarank optimises (the evaluation's cut-off).
     truncation_level: int = 10
+    # LightGBM threads of one fit, and how many label choices are fitted at once (LightGBM releases the GIL; each
+    # fit keeps `threads`, so the rankers are those of fits made one at a time).
     threads: int = 2
+    fits_at_once: int = 2
 
     def validate(self) -> None:
-        if self.n_estimators < 1 or self.num_leaves < 2 or self.min_child_samples < 1:
-            raise ValueError("n_estimators >= 1, num_leaves >= 2 and min_child_samples >= 1 are required")
+        if self.n_estimators < 1 or self.num_leaves < 2 or self.min_child_samples < 1 or self.fits_at_once < 1:
+            raise ValueError("n_estimators >= 1, num_leaves >= 2, min_child_samples >= 1 and fits_at_once >= 1 are "
+                             "required")
         if not 0 < self.learning_rate <= 1 or not 0 < self.subsample <= 1 or not 0 < self.colsample_bytree <= 1:
             raise ValueError("learning_rate, subsample and colsample_bytree must be in (0, 1]")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,15 +95,21 @@ def fit_and_select(train: pd.DataFrame, dev: pd.DataFrame, dev_labels: pd.DataFr
                    choices: list[LabelChoice], params: RankerParams, min_grade: int, max_grade: int,
                    seed: int) -> tuple[Ranker, LabelChoice, list[dict]]:
     """One ranker per label choice on `train`; the one with the best dev NDCG@10 (ties: the earlier choice), and
-    every choice's dev figure."""
-    results, best = [], None
-    for choice in choices:
+    every choice's dev figure. `params.fits_at_once` choices are fitted at a time; the dev figures are worked out
+    here, in the choices' order (ranx's compiled metrics are not called from two threads at once)."""
+    def fit_and_score(choice: LabelChoice) -> tuple[Ranker, np.ndarray]:
         ranker = fit_one(train, columns, choice, params, min_grade, max_grade, seed)
-        score = dev_ndcg(dev, ranker.score(dev), dev_labels, min_grade, max_grade)
-        results.append({"choice": choice.name, **choice.as_dict(), "dev_ndcg@10": score})
-        log.info("ranker on %d queries, label %s: dev NDCG@10 %.4f", train["query_id"].nunique(), choice.name, score)
-        if best is None or (not math.isnan(score) and (math.isnan(best[0]) or score > best[0])):
-            best = (score, ranker, choice)
+        return ranker, ranker.score(dev)
+
+    results, best = [], None
+    with ThreadPoolExecutor(max_workers=params.fits_at_once) as pool:
+        for choice, (ranker, dev_scores) in zip(choices, pool.map(fit_and_score, choices)):
+            score = dev_ndcg(dev, dev_scores, dev_labels, min_grade, max_grade)
+            results.append({"choice": choice.name, **choice.as_dict(), "dev_ndcg@10": score})
+            log.info("ranker on %d queries, label %s: dev NDCG@10 %.4f", train["query_id"].nunique(), choice.name,
+                     score)
+            if best is None or (not math.isnan(score) and (math.isnan(best[0]) or score > best[0])):
+                best = (score, ranker, choice)
     return best[1], best[2], results
 
 
