@@ -36,19 +36,25 @@ def _prefer_spark_connect() -> None:
 
 
 
-def _passive_openmp_waits() -> None:
-    """Idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE` unless already set).
+def _openmp_waits() -> None:
+    """Idle OpenMP threads spin briefly, then sleep (`OMP_WAIT_POLICY=PASSIVE` with `GOMP_SPINCOUNT=3000`), unless
+    the environment sets a wait policy of its own.
 
-    torch (and FAISS, LightGBM) run their CPU kernels on OpenMP, which reads the policy when the library loads,
-    so it is set here, before any of them is imported. With GNU OpenMP's default a thread spins after each
-    parallel region; on cores shared with other processes (Spark workers, a second job) the spinning thread
+    torch (and FAISS, LightGBM) run their CPU kernels on OpenMP, which reads these when the library loads, so they
+    are set here, before any of them is imported. With GNU OpenMP's default a thread spins about 300,000 times after
+    each parallel region; on cores shared with other processes (Spark workers, a second job) the spinning thread
     takes the core from the one with work: on 2 loaded cores the tier-1 judge graded about half as fast with
-    2 threads as with PASSIVE (benchmarks/bench_threads.py, docs/benchmarks.md). Results do not change.
+    2 threads as with PASSIVE (benchmarks/bench_threads.py). Sleeping at once costs a wake-up at every region
+    instead: the judge's training step, thousands of small regions, ran 1.08x faster with 3,000 spins first on idle
+    cores, grading as fast as PASSIVE on loaded ones, and a 2-thread LightGBM fit 2.7x faster (docs/benchmarks.md).
+    Results do not change.
     """
     import os
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 
 _prefer_spark_connect()
-_passive_openmp_waits()
+_openmp_waits()

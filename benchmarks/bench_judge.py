@@ -20,8 +20,8 @@ expected grade between the two, and the share of pairs whose arg-max grade agree
 Rounds alternate the two sides (`--repeats`), so machine load hits both alike; the medians are reported
 and each ratio is of the medians of the same run.
 
-Both sides run in one process, under the OpenMP wait policy `annomine` sets (OMP_WAIT_POLICY=PASSIVE unless
-set; benchmarks/bench_threads.py measures it on its own).
+Both sides run in one process, under the OpenMP waits `annomine` sets (OMP_WAIT_POLICY=PASSIVE and
+GOMP_SPINCOUNT=3000 unless set; benchmarks/bench_threads.py measures the policy on its own).
 
 Pairs: demo-shop queries and products (grade from what query and product share), or with `--warehouse`
 the human-labelled CrowdFlower pairs of a warehouse (Delta tables human_labels, queries, products).

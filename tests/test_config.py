@@ -134,3 +134,20 @@ def test_shipped_configs_train_the_curriculum_and_the_human_baseline(name):
 
     _, rank = load_job_config(conf, "rank", RankConfig)
     assert rank.ablations is False
+
+
+def test_importing_annomine_sets_short_openmp_spins_unless_the_environment_sets_a_wait_policy():
+    import os
+    import subprocess
+    import sys
+
+    def waits(**extra) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | extra
+        code = "import os, annomine; print(os.environ['OMP_WAIT_POLICY'], os.environ.get('GOMP_SPINCOUNT'))"
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert waits() == "PASSIVE 3000"
+    assert waits(GOMP_SPINCOUNT="0") == "PASSIVE 0"          # a spin count of the environment's own
+    assert waits(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE None"  # its own policy: no spin count is added
