@@ -1,8 +1,9 @@
 """Tier-1 judge grading speed under torch thread settings: threads and OpenMP's wait policy.
 
 torch's CPU kernels run on OpenMP (GNU libgomp). Between parallel regions its idle threads spin (the
-default, OMP_WAIT_POLICY unset: about 300,000 spins) or sleep at once (PASSIVE). On cores shared with other
-processes a spinning thread takes the core from the thread with work. Each setting grades the same pairs
+default, OMP_WAIT_POLICY unset: about 300,000 spins), sleep at once (PASSIVE), or spin GOMP_SPINCOUNT times and
+then sleep (what `annomine` sets: PASSIVE with 3,000 spins). On cores shared with other processes a spinning
+thread takes the core from the thread with work. Each setting grades the same pairs
 (`CrossEncoderModel.ce_proba`, MiniLM, untrained head: speed only) in a fresh process, since libgomp reads
 the policy when torch loads; the settings alternate round by round so machine load hits them alike, and
 the medians and their ratios to the first setting are reported.
@@ -19,9 +20,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# (label, torch threads, OMP_WAIT_POLICY or None for libgomp's default)
-SETTINGS = [("2 threads, OpenMP default wait (spin)", 2, None), ("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, "PASSIVE"),
-            ("1 thread", 1, None)]
+# (label, torch threads, OpenMP wait settings; none: libgomp's default)
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+SETTINGS = [("2 threads, OpenMP default wait (spin)", 2, {}), ("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, PASSIVE),
+            ("2 threads, PASSIVE after 3,000 spins (GOMP_SPINCOUNT)", 2, PASSIVE | {"GOMP_SPINCOUNT": "3000"}),
+            ("1 thread", 1, {})]
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def grade_once(pairs: int, threads: int) -> float:
@@ -45,10 +49,8 @@ def grade_once(pairs: int, threads: int) -> float:
     return len(df) / t.seconds
 
 
-def child(pairs: int, threads: int, policy: str | None) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+def child(pairs: int, threads: int, waits: dict) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_SETTINGS} | waits
     out = subprocess.run([sys.executable, __file__, "--child", "--pairs", str(pairs), "--threads", str(threads)],
                          cwd=HERE, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["pairs_per_s"]
@@ -68,8 +70,8 @@ def main() -> None:
 
     speeds: dict[str, list[float]] = {label: [] for label, _, _ in SETTINGS}
     for _ in range(args.repeats):
-        for label, threads, policy in SETTINGS:
-            speeds[label].append(child(args.pairs, threads, policy))
+        for label, threads, waits in SETTINGS:
+            speeds[label].append(child(args.pairs, threads, waits))
     base = statistics.median(speeds[SETTINGS[0][0]])
     for label, _, _ in SETTINGS:
         median = statistics.median(speeds[label])
