@@ -125,9 +125,11 @@ class _CpuSdpaAttention:
         self.fully_masked = None  # rows whose every key is masked (the math kernel's softmax gives them zeros)
         if mask is None:
             return
-        masked = mask.logical_not() if mask.dtype == torch.bool else torch.isneginf(mask)
         if mask.dtype == torch.bool:
+            masked = mask.logical_not()
             self.additive = torch.zeros(mask.shape).masked_fill_(masked, float("-inf"))
+        else:
+            masked = torch.isneginf(mask)
         rows = masked.all(dim=-1, keepdim=True)
         if bool(rows.any()):
             self.fully_masked = rows

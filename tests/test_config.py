@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -137,10 +140,6 @@ def test_shipped_configs_train_the_curriculum_and_the_human_baseline(name):
 
 
 def test_importing_annomine_sets_short_openmp_spins_unless_the_environment_sets_a_wait_policy():
-    import os
-    import subprocess
-    import sys
-
     def waits(**extra) -> str:
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | extra
         code = "import os, annomine; print(os.environ['OMP_WAIT_POLICY'], os.environ.get('GOMP_SPINCOUNT'))"

@@ -79,7 +79,6 @@ def test_a_ranker_started_from_the_cross_encoder_corrects_its_order(tmp_path):
     assert names == ["raw", "polarized(steepness=8,centre=0.5)", "raw from ce", "polarized(steepness=8,centre=0.5) from ce"]
 
 
-
 def test_label_choices_fitted_at_once_are_the_rankers_fitted_one_at_a_time():
     from annomine.ranking.model import RankerParams
     from annomine.ranking.training import fit_and_select, label_choices
@@ -104,6 +103,7 @@ def test_label_choices_fitted_at_once_are_the_rankers_fitted_one_at_a_time():
     assert np.array_equal(many.score(frame), one.score(frame))
     with pytest.raises(ValueError, match="fits_at_once >= 1"):
         RankerParams(fits_at_once=0).validate()
+
 
 # ---- features ----------------------------------------------------------------------------------------------
 def test_features_of_an_unseen_query_come_from_the_catalog_and_the_models(tmp_path, tiny_model, tiny_judge):
